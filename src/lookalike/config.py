@@ -1,0 +1,253 @@
+"""The one schema of a study (DESIGN.md), loading from TOML/JSON/YAML, and `--set section.key=value` overrides.
+
+Unknown keys and bad values are errors that name the key: every model forbids extra fields, and
+validation errors are turned into one line that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from lookalike.errors import LookalikeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = "flux-dev"
+    """flux-dev | flux-schnell | tiny | a local diffusers folder."""
+    revision: str | None = None
+    max_sequence_length: int | None = Field(None, ge=1, le=512)
+    """T5 tokens per prompt; None takes the base model's own default (512 for dev, 256 for schnell)."""
+
+
+class SubjectConfig(Section):
+    token: str = Field(min_length=1)
+    class_word: str = "person"
+    images: Path
+    real_name: str | None = None
+    caption: str = "a photo of {token}"
+    """Caption of every photo without a .txt caption beside it; {token} and {class_word} are filled in."""
+
+    @field_validator("token")
+    @classmethod
+    def _one_word(cls, token: str) -> str:
+        if any(c.isspace() for c in token):
+            raise ValueError("must be one word without spaces")
+        return token
+
+
+class DataConfig(Section):
+    resolution: int = Field(1024, ge=16)
+    crop: Literal["face", "center"] = "face"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_16(cls, resolution: int) -> int:
+        # FLUX packs 2x2 latent patches and the VAE downsamples 8x.
+        if resolution % 16:
+            raise ValueError(f"must be a multiple of 16 (got {resolution})")
+        return resolution
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(5e-4, gt=0)
+    rank: int = Field(16, ge=1)
+    alpha: float | None = Field(None, gt=0)
+    """LoRA alpha; None means alpha = rank (scale 1). The study's script had it stuck at rank."""
+    max_train_steps: int = Field(1000, ge=1)
+    lr_scheduler: Literal["constant", "cosine"] = "cosine"
+    lr_warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    checkpoint_every: int = Field(250, ge=0)
+    """Steps between checkpoints; 0 turns them off. --resume continues from the latest."""
+    checkpoints_keep: int = Field(2, ge=1)
+    sample_every: int = Field(250, ge=0)
+    """Steps between fixed-seed sample images; 0 turns them off."""
+    sample_prompts: list[str] = ["a photo of {token}"]
+    sample_steps: int = Field(20, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto: bf16 on a GPU that supports it, full precision on the CPU."""
+    gradient_checkpointing: bool = False
+    target_modules: Literal["attention", "attention+mlp"] = "attention"
+    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call
+    'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale."""
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    timestep_shift: float = Field(1.0, gt=0)
+    """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
+    guidance: float = Field(1.0, ge=0)
+    """Guidance fed to guidance-distilled models (FLUX.1-dev) while training: 1.0, as FLUX trainers advise."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+
+class GenerateConfig(Section):
+    prompts: list[str] = Field(["a photo of {token}"], min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    guidance_scales: list[float] = Field([5.0], min_length=1)
+    num_inference_steps: int = Field(28, ge=1)
+    resolution: int | None = Field(None, ge=16)
+    """Image side in pixels; None uses [data].resolution."""
+
+
+class EvaluateConfig(Section):
+    face_backend: Literal["facenet", "dlib"] = "facenet"
+    clip_model: str = "openai/clip-vit-large-patch14"
+
+
+def _experiment_model() -> type[BaseModel]:
+    """An experiment is a name plus any [train] keys, each optional (it overrides the [train] defaults)."""
+    fields: dict[str, Any] = {name: (info.annotation | None, None) for name, info in TrainConfig.model_fields.items()}
+    return create_model("Experiment", __base__=Section, name=(str, Field(min_length=1)), **fields)
+
+
+Experiment = _experiment_model()
+
+
+class SweepConfig(Section):
+    experiments: list[Experiment] = []  # type: ignore[valid-type]
+
+    @field_validator("experiments")
+    @classmethod
+    def _unique_names(cls, experiments: list[Any]) -> list[Any]:
+        names = [e.name for e in experiments]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"experiment names must be unique (repeated: {', '.join(duplicates)})")
+        return experiments
+
+
+class StudyConfig(Section):
+    name: str = Field(min_length=1)
+    workspace: Path
+    model: ModelConfig = ModelConfig()
+    subject: SubjectConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "StudyConfig":
+        if self.train.lr_warmup_steps >= self.train.max_train_steps:
+            raise ValueError("train.lr_warmup_steps must be smaller than train.max_train_steps")
+        return self
+
+    def fill(self, text: str) -> str:
+        """A prompt or caption template with the subject's token and class word filled in."""
+        # str.replace, not str.format: a caption may hold other braces.
+        return text.replace("{token}", self.subject.token).replace("{class_word}", self.subject.class_word)
+
+    def for_experiment(self, name: str) -> "StudyConfig":
+        """This config with the [train] overrides of the named sweep experiment applied."""
+        for experiment in self.sweep.experiments:
+            if experiment.name == name:
+                overrides = experiment.model_dump(exclude={"name"}, exclude_none=True)
+                train = TrainConfig.model_validate({**self.train.model_dump(), **overrides})
+                return self.model_copy(update={"train": train})
+        known = ", ".join(e.name for e in self.sweep.experiments) or "none"
+        raise LookalikeError(f"no experiment named {name!r} in [sweep] (known: {known})")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LookalikeError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+            return data if data is not None else {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise LookalikeError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
+    except Exception as error:  # yaml's errors all derive from yaml.YAMLError; keep yaml an optional import
+        raise LookalikeError(f"{path}: not valid YAML: {error}") from None
+    raise LookalikeError(f"{path}: unknown config format {path.suffix!r} (use .toml, .json or .yaml)")
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value as TOML reads it (numbers, booleans, lists, quoted strings); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to raw config data (validation happens afterwards)."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise LookalikeError(f"--set {override!r}: expected section.key=value")
+        *sections, leaf = key.strip().split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise LookalikeError(f"--set {override!r}: {section} is not a section")
+        node[leaf] = _parse_value(value.strip())
+    return data
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key}")
+        elif item["type"] == "missing":
+            problems.append(f"missing key {key}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+    return f"{source}: " + "; ".join(problems)
+
+
+def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
+    """Validate raw config data; relative paths are taken relative to `base_dir` (the config file's folder)."""
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as error:
+        raise LookalikeError(_format_errors(source, error)) from None
+    from lookalike.models.base import KNOWN_BASES
+
+    subject = config.subject.model_copy(update={"images": (base_dir / config.subject.images).resolve()})
+    model = config.model
+    if model.base not in KNOWN_BASES:  # a local diffusers folder, relative to the config file like every path
+        model = model.model_copy(update={"base": str((base_dir / model.base).resolve())})
+    return config.model_copy(
+        update={"workspace": (base_dir / config.workspace).resolve(), "subject": subject, "model": model}
+    )
+
+
+def load_config(path: Path | str, overrides: list[str] = ()) -> StudyConfig:
+    """Load a study config, apply --set overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    data = apply_overrides(_read_file(path), list(overrides))
+    return validate(data, str(path), path.parent.resolve())

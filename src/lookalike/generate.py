@@ -1,0 +1,123 @@
+"""Images for prompts x seeds x guidance scales, from a run's LoRA, a given LoRA file, or the base model.
+
+Each image is saved with a JSON sidecar (prompt, seed, guidance, steps, size, LoRA, base); images already
+there are skipped, so an interrupted generation continues where it stopped. The same settings and seed
+give the same image: the starting noise comes from a CPU generator seeded per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from lookalike.config import StudyConfig
+from lookalike.errors import LookalikeError
+from lookalike.workspace import Workspace, atomic_path, write_json
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    prompt_index: int
+    prompt: str
+    seed: int
+    guidance: float
+
+    @property
+    def stem(self) -> str:
+        return f"p{self.prompt_index:02d}_s{self.seed}_g{self.guidance:g}"
+
+
+def render(pipe, *, seed: int, guidance: float, steps: int, size: int, max_sequence_length: int,
+           prompt: str | None = None, prompt_embeds=None, pooled_prompt_embeds=None, output_type: str = "pil"):
+    """One image from a FluxPipeline: by prompt, or by precomputed embeddings (training samples)."""
+    import torch
+
+    result = pipe(
+        prompt=prompt,
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        max_sequence_length=max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type=output_type,
+    )
+    return result.images[0]
+
+
+def output_folder(config: StudyConfig, run: str | None, lora_file: Path | None) -> Path:
+    workspace = Workspace(config.workspace)
+    if run is not None:
+        return workspace.run(run).images
+    if lora_file is not None:
+        digest = hashlib.sha256(str(Path(lora_file).resolve()).encode()).hexdigest()[:8]
+        return workspace.generated / f"{Path(lora_file).stem}-{digest}"
+    return workspace.generated / "base"
+
+
+def image_jobs(config: StudyConfig) -> list[ImageJob]:
+    g = config.generate
+    return [
+        ImageJob(i, config.fill(prompt), seed, guidance)
+        for (i, prompt), seed, guidance in itertools.product(enumerate(g.prompts), g.seeds, g.guidance_scales)
+    ]
+
+
+def generate(config: StudyConfig, run: str | None = None, lora_file: Path | None = None,
+             console: Console | None = None) -> Path:
+    """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder."""
+    from lookalike.models.base import base_info, inference_dtype, load_pipeline, pick_device, resolve_base
+    from lookalike.models.lora import check_lora_file, load_lora_into
+    from lookalike.progress import progress_bar
+
+    console = console or Console()
+    if run is not None and lora_file is not None:
+        raise LookalikeError("give --run or --lora, not both")
+    if run is not None:
+        lora_file = Workspace(config.workspace).run(run).lora
+        if not lora_file.is_file():
+            raise LookalikeError(f"run {run!r} has no trained LoRA yet ({lora_file}); train it first")
+    if lora_file is not None:
+        check_lora_file(lora_file)  # refuse a bad file before loading a multi-GB model
+    folder = output_folder(config, run, lora_file)
+    jobs = [job for job in image_jobs(config) if not (folder / f"{job.stem}.png").exists()]
+    if not jobs:
+        console.print(f"generate: all images already in {folder}")
+        return folder
+
+    # 1. The pipeline, with the LoRA fused into the transformer's weights (no adapter cost per step).
+    device = pick_device()
+    base_folder = resolve_base(config.model.base, config.model.revision)
+    pipe = load_pipeline(base_folder, dtype=inference_dtype(device)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    lora_info = {}
+    if lora_file is not None:
+        lora_info = load_lora_into(pipe, lora_file)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+
+    # 2. One image per job, each with its sidecar, written atomically.
+    size = config.generate.resolution or config.data.resolution
+    steps = config.generate.num_inference_steps
+    max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
+    with progress_bar(console, "generate", total=len(jobs)) as bar:
+        for job in jobs:
+            image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=steps, size=size,
+                           max_sequence_length=max_len)
+            write_json(folder / f"{job.stem}.json", {
+                "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
+                "guidance_scale": job.guidance, "steps": steps, "size": size, "base_model": config.model.base,
+                "lora": str(lora_file) if lora_file else None, "run": run, "lora_metadata": lora_info,
+            })
+            # The image last: its presence is what marks the job done.
+            with atomic_path(folder / f"{job.stem}.png") as tmp:
+                image.save(tmp, format="PNG")
+            bar.update()
+    console.print(f"generate: {len(jobs)} images in {folder}")
+    return folder

@@ -1,0 +1,140 @@
+"""Base models: FLUX.1-dev, FLUX.1-schnell, a local diffusers folder, or the tiny model built offline.
+
+Every base resolves to a local diffusers folder first (downloading from the hub where needed), and each
+component is then loaded on its own, so that a stage loads only what it needs (training with cached text
+embeddings never constructs the text encoders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.errors import LookalikeError
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    repo: str | None  # hub repository, None for models built or stored locally
+    max_sequence_length: int  # T5 tokens per prompt
+    default_steps: int  # inference steps this model is made for
+
+
+KNOWN_BASES = {
+    "flux-dev": BaseModelInfo("black-forest-labs/FLUX.1-dev", 512, 28),
+    "flux-schnell": BaseModelInfo("black-forest-labs/FLUX.1-schnell", 256, 4),
+    "tiny": BaseModelInfo(None, 32, 28),
+}
+LOCAL_FOLDER = BaseModelInfo(None, 512, 28)
+
+# Only the diffusers-format folders: FLUX repos also hold single-file checkpoints of the same weights.
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                 "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
+
+
+def base_info(base: str) -> BaseModelInfo:
+    return KNOWN_BASES.get(base, LOCAL_FOLDER)
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except GatedRepoError:
+        raise LookalikeError(
+            f"{repo} is gated: accept its licence at https://huggingface.co/{repo} while logged in, then run "
+            "`hf auth login` (or set HF_TOKEN) with a token of that account"
+        ) from None
+    except RepositoryNotFoundError:
+        raise LookalikeError(
+            f"{repo} was not found or needs a token: run `hf auth login` (or set HF_TOKEN); for a gated model, "
+            f"accept its licence at https://huggingface.co/{repo} first"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise LookalikeError(
+            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached (offline?): download it "
+            f"once with network access (`hf download {repo}`), or set model.base to a local diffusers folder"
+        ) from None
+
+
+def resolve_base(base: str, revision: str | None = None) -> Path:
+    """The local diffusers folder of a base model, downloading or building it where needed."""
+    if base == "tiny":
+        from lookalike.models.tiny import ensure_tiny_model
+
+        return ensure_tiny_model()
+    info = KNOWN_BASES.get(base)
+    if info is not None and info.repo is not None:
+        return _download(info.repo, revision)
+    folder = Path(base)
+    if not (folder / "model_index.json").is_file():
+        raise LookalikeError(
+            f"model.base: {base!r} is neither a known model ({', '.join(KNOWN_BASES)}) "
+            "nor a diffusers folder with a model_index.json"
+        )
+    return folder
+
+
+def component_fingerprint(folder: Path, component: str) -> str:
+    """A short hash naming a component's configuration, for cache keys (cheap: reads config files only)."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for config_file in sorted((folder / component).glob("*.json")):
+        digest.update(config_file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def pick_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def inference_dtype(device):
+    """bfloat16 on GPUs that have it, full precision elsewhere (the CPU is slow and inexact in half precision)."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_component(folder: Path, component: str, dtype=None):
+    """Load one component of a FLUX folder (transformer, vae, text_encoder, ...) with its own class."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    loaders = {
+        "transformer": FluxTransformer2DModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": T5EncoderModel,
+    }
+    if component in ("tokenizer", "tokenizer_2"):
+        return AutoTokenizer.from_pretrained(folder, subfolder=component)
+    if component == "scheduler":
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=component)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return loaders[component].from_pretrained(folder, subfolder=component, **kwargs)
+
+
+def load_pipeline(folder: Path, dtype=None, **components):
+    """A FluxPipeline from a folder; components given (e.g. transformer=..., text_encoder=None) replace its own."""
+    from diffusers import FluxPipeline
+
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return FluxPipeline.from_pretrained(folder, **components, **kwargs)
+
+
+def vae_normalisation(folder: Path) -> tuple[float, float]:
+    """(shift_factor, scaling_factor) of the VAE, read from its config without loading it."""
+    import json
+
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    return float(config.get("shift_factor") or 0.0), float(config["scaling_factor"])

@@ -1,0 +1,100 @@
+"""LoRA adapters of the FLUX transformer: which layers, how they are added, saved and checked on loading.
+
+Saved files use diffusers' own layout (keys `transformer.<module>.lora_A.weight`, the peft config under the
+`lora_adapter_metadata` header), so `FluxPipeline.load_lora_weights` loads them unchanged, alpha included.
+Only safetensors files are ever read: a pickle can run code on loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lookalike.errors import LookalikeError
+
+_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out"
+# A regex (peft matches it against full module names) so that the transformer's final proj_out is left out:
+# only layers inside the double-stream and single-stream blocks are adapted.
+TARGET_MODULES = {
+    "attention": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION})",
+    "attention+mlp": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION}|{_MLP})",
+}
+METADATA_PREFIX = "lookalike."
+
+
+def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0) -> None:
+    """Add a trainable LoRA adapter to the (frozen) transformer."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=TARGET_MODULES[target],
+    )
+    transformer.add_adapter(config)
+
+
+def lora_state_dict(transformer) -> dict[str, Any]:
+    """The adapter's tensors with diffusers' key names (prefix `transformer.`), detached and on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        f"transformer.{key}": tensor.detach().to("cpu").contiguous()
+        for key, tensor in get_peft_model_state_dict(transformer).items()
+    }
+
+
+def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any]) -> None:
+    """Write a LoRA file atomically: tensors, diffusers' adapter metadata, and our own `lookalike.*` facts."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors.torch import save_file
+
+    from lookalike.workspace import atomic_path
+
+    adapter = {f"transformer.{k}": v for k, v in peft_config.to_dict().items()}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True)}
+    metadata.update({METADATA_PREFIX + key: str(value) for key, value in info.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _jsonable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set) else str(value)
+
+
+def check_lora_file(path: Path) -> dict[str, str]:
+    """Refuse anything but a readable safetensors LoRA file; return its header metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LookalikeError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise LookalikeError(f"{path}: only .safetensors LoRA files are loaded (a pickled file can run code)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LookalikeError(f"{path}: not a valid safetensors file ({error})") from None
+    if not any("lora" in key for key in keys):
+        raise LookalikeError(f"{path}: holds no LoRA weights (no key contains 'lora')")
+    return metadata
+
+
+def lookalike_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Our own facts from a LoRA file's header (base model, trigger word, rank, alpha, ...)."""
+    return {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
+
+
+def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:
+    """Load a checked LoRA file into a FluxPipeline with diffusers' own loader; return its metadata."""
+    metadata = check_lora_file(path)
+    path = Path(path)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name, use_safetensors=True)
+    return lookalike_metadata(metadata)

@@ -1,0 +1,123 @@
+"""Text embeddings and VAE latents, computed once and cached on disk, keyed by what produced them.
+
+A key hashes the component's configuration and the exact input (image bytes, crop and size; caption and
+token length), so a changed photo, caption or model gets a new entry and an unchanged one is never redone.
+The encoders are loaded only when something is missing, and released as soon as the encoding is done.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lookalike.data.dataset import TrainingImage, load_training_image
+from lookalike.models.base import component_fingerprint, load_component, load_pipeline
+from lookalike.workspace import atomic_path
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """The VAE's posterior for one image: a latent is drawn as mean + std * noise at every step."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    prompt_embeds: torch.Tensor  # T5, (tokens, joint_attention_dim)
+    pooled: torch.Tensor  # CLIP pooled, (pooled_projection_dim,)
+
+
+def _key(*parts: object) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(str(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _release(*modules) -> None:
+    del modules
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class EmbeddingCache:
+    """The cache folder of a workspace for one base model folder."""
+
+    def __init__(self, cache_dir: Path, model_folder: Path, device: torch.device, dtype: torch.dtype):
+        self.cache_dir = cache_dir
+        self.model_folder = model_folder
+        self.device = device
+        self.dtype = dtype
+
+    def latent_path(self, image: TrainingImage, resolution: int) -> Path:
+        key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), image.crop, resolution)
+        return self.cache_dir / "latents" / f"{key}.safetensors"
+
+    def text_path(self, caption: str, max_sequence_length: int) -> Path:
+        fingerprints = [component_fingerprint(self.model_folder, c) for c in ("text_encoder", "text_encoder_2")]
+        tokenizers = [component_fingerprint(self.model_folder, c) for c in ("tokenizer", "tokenizer_2")]
+        key = _key(*fingerprints, *tokenizers, caption, max_sequence_length)
+        return self.cache_dir / "text" / f"{key}.safetensors"
+
+    def latents(self, images: list[TrainingImage], resolution: int) -> list[LatentStats]:
+        """Posterior mean and std for every image; the VAE is loaded only if one is missing."""
+        paths = [self.latent_path(image, resolution) for image in images]
+        missing = [(image, path) for image, path in zip(images, paths) if not path.exists()]
+        if missing:
+            vae = load_component(self.model_folder, "vae", dtype=self.dtype).to(self.device)
+            for image, path in missing:
+                pixels = _to_tensor(load_training_image(image, resolution)).to(self.device, self.dtype)
+                with torch.no_grad():
+                    posterior = vae.encode(pixels[None]).latent_dist
+                _save(path, {"mean": posterior.mean[0].float().cpu(), "std": posterior.std[0].float().cpu()})
+            _release(vae)
+        return [LatentStats(**_load(path)) for path in paths]
+
+    def texts(self, captions: list[str], max_sequence_length: int) -> dict[str, TextEmbedding]:
+        """Embeddings of every caption; the two text encoders are loaded only if one is missing."""
+        paths = {caption: self.text_path(caption, max_sequence_length) for caption in dict.fromkeys(captions)}
+        missing = [caption for caption, path in paths.items() if not path.exists()]
+        if missing:
+            encoder = load_pipeline(self.model_folder, dtype=self.dtype, transformer=None, vae=None).to(self.device)
+            for caption in missing:
+                with torch.no_grad():
+                    prompt_embeds, pooled, _ = encoder.encode_prompt(
+                        caption, prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+                    )
+                _save(paths[caption], {"prompt_embeds": prompt_embeds[0].float().cpu(),
+                                       "pooled": pooled[0].float().cpu()})
+            _release(encoder)
+        return {caption: TextEmbedding(**_load(path)) for caption, path in paths.items()}
+
+
+def _to_tensor(image) -> torch.Tensor:
+    """A PIL RGB image as a (3, H, W) tensor in [-1, 1], as the VAE expects."""
+    import numpy as np
+
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return array.permute(2, 0, 1)

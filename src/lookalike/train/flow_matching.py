@@ -1,0 +1,32 @@
+"""Rectified-flow training targets for FLUX, as pure functions of tensors and a random generator.
+
+A clean latent x0 and noise e are mixed as x_t = (1 - sigma) x0 + sigma e; the transformer predicts the
+velocity e - x0, fed sigma as its timestep (FLUX's pipeline divides its 0..1000 timesteps by 1000).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_sigmas(
+    batch: int, sampling: str, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """Noise levels in (0, 1), one per example: uniform or logit-normal, then shifted towards noise if shift > 1."""
+    if sampling == "uniform":
+        sigmas = torch.rand(batch, generator=generator)
+    elif sampling == "logit_normal":
+        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator))
+    else:
+        raise ValueError(f"unknown timestep sampling {sampling!r}")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    sigmas = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+    return (1 - sigmas) * latents + sigmas * noise
+
+
+def velocity_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - latents

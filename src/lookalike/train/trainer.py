@@ -1,0 +1,321 @@
+"""The flow-matching LoRA trainer of the FLUX transformer, on accelerate.
+
+`train()` reads top to bottom: check the run folder, encode (cached), build the LoRA, optimizer and
+schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, latent
+draws, noise, timesteps) comes from one CPU generator whose state is saved in every checkpoint, so a
+resumed run ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from lookalike import __version__
+from lookalike.config import StudyConfig
+from lookalike.errors import LookalikeError
+from lookalike.workspace import RunPaths, Workspace, atomic_path, read_json, write_json
+
+
+@dataclass
+class BatchOrder:
+    """Which examples each step sees: a new permutation every epoch, drawn from the run's generator."""
+
+    size: int
+    batch_size: int
+    order: list[int] = field(default_factory=list)
+    position: int = 0
+    epoch: int = 0
+
+    def next(self, generator: torch.Generator) -> list[int]:
+        picked: list[int] = []
+        while len(picked) < self.batch_size:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.size, generator=generator).tolist()
+                self.position, self.epoch = 0, self.epoch + 1
+            take = min(self.batch_size - len(picked), len(self.order) - self.position)
+            picked += self.order[self.position:self.position + take]
+            self.position += take
+        return picked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": torch.tensor(self.order, dtype=torch.long), "position": self.position, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.position, self.epoch = state["order"].tolist(), state["position"], state["epoch"]
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' is bf16 on a GPU that has it and full precision elsewhere; half precision needs a GPU."""
+    cuda = torch.cuda.is_available()
+    if setting == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if setting == "fp16" and not cuda:
+        raise LookalikeError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16' on the CPU")
+    return setting
+
+
+def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            bitsandbytes = None
+        if bitsandbytes is None or not torch.cuda.is_available():
+            raise LookalikeError("train.optimizer = 'adamw8bit' needs bitsandbytes and a CUDA GPU; use 'adamw'")
+        return bitsandbytes.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
+    """True if the run is already done. A started run continues only with --resume and the same config."""
+    status = run.read_status()
+    if status is None and not run.config.exists():
+        return False
+    if not resume:
+        if status and status["state"] == "done" and run.lora.is_file():
+            return True
+        raise LookalikeError(f"run {run.name!r} already exists in {run.root}: add --resume to continue it, "
+                             "or choose another --run name")
+    if run.config.exists():
+        before, now = _flatten(read_json(run.config)), _flatten(config.to_json_dict())
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            raise LookalikeError(f"cannot resume run {run.name!r}: its config differs in {', '.join(changed)} "
+                                 "(start a new --run instead)")
+    return bool(status and status["state"] == "done" and run.lora.is_file())
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON line per optimizer step, flushed as it is written."""
+
+    def __init__(self, path: Path, resume_step: int):
+        kept = []
+        if path.exists() and resume_step:
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        with atomic_path(path) as tmp:  # drop steps a resumed run will do again
+            tmp.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
+          console: Console | None = None) -> Path:
+    """Train one LoRA run; return the path of its lora.safetensors."""
+    console = console or Console()
+    run = Workspace(config.workspace).run(run_name)
+    if _check_run_folder(run, config, resume):
+        console.print(f"train: run {run_name!r} is already done: {run.lora}")
+        return run.lora
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json(run.config, config.to_json_dict())
+    run.write_status("running", pid=os.getpid())
+    started = time.time()
+    try:
+        final_loss = _train(config, run, resume, console)
+    except KeyboardInterrupt:
+        run.write_status("failed", reason="interrupted", resumable=True)
+        raise
+    except BaseException as error:
+        run.write_status("failed", reason=f"{type(error).__name__}: {error}", resumable=True)
+        raise
+    run.write_status("done", seconds=round(time.time() - started, 2), final_loss=final_loss)
+    console.print(f"train: run {run_name!r} done: {run.lora}")
+    return run.lora
+
+
+def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> float:
+    from accelerate import Accelerator
+    from diffusers import FluxPipeline
+    from diffusers.optimization import get_scheduler
+    from peft.utils import set_peft_model_state_dict
+
+    from lookalike.data.dataset import training_images
+    from lookalike.models.base import base_info, load_component, resolve_base, vae_normalisation
+    from lookalike.models.lora import add_lora, lora_state_dict, save_lora
+    from lookalike.progress import progress_bar
+    from lookalike.train.cache import EmbeddingCache
+    from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
+
+    t = config.train
+    precision = resolve_mixed_precision(t.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    device = accelerator.device
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    folder = resolve_base(config.model.base, config.model.revision)
+    max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
+
+    # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
+    images = training_images(config)
+    cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
+    latents = cache.latents(images, config.data.resolution)
+    sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
+    texts = cache.texts([image.caption for image in images] + sample_prompts, max_len)
+    vae_shift, vae_scale = vae_normalisation(folder)
+
+    # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision.
+    transformer = load_component(folder, "transformer", dtype=weight_dtype).to(device)
+    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    optimizer = make_optimizer(config, params)
+    # accelerate steps a prepared scheduler once per process, hence the scaling by the number of processes.
+    schedule = {"cosine": "cosine", "constant": "constant_with_warmup"}[t.lr_scheduler]
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=t.max_train_steps * accelerator.num_processes)
+    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    model = accelerator.unwrap_model(transformer)
+
+    # 3. Continue from the latest checkpoint, restoring every piece of state the loop depends on.
+    generator = torch.Generator("cpu").manual_seed(t.seed)
+    order = BatchOrder(len(images), t.batch_size)
+    start_step = 0
+    checkpoints = list_checkpoints(run.checkpoints) if resume else []
+    if checkpoints:
+        lora, state = load_checkpoint(checkpoints[-1])
+        set_peft_model_state_dict(model, {k.removeprefix("transformer."): v for k, v in lora.items()})
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        order.load_state_dict(state["order"])
+        start_step = state["step"]
+        console.print(f"train: resuming {run.name!r} from step {start_step} ({checkpoints[-1].name})")
+    metrics = MetricsLog(run.metrics, start_step)
+    vae = load_component(folder, "vae", dtype=weight_dtype).to(device) if t.sample_every else None
+
+    def training_state(step: int) -> dict[str, Any]:
+        return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "order": order.state_dict()}
+
+    guidance_embeds = model.config.guidance_embeds
+    text_ids = torch.zeros(texts[images[0].caption].prompt_embeds.shape[0], 3, device=device)
+    loss_value = float("nan")
+
+    # 4. The loop: one optimizer step per iteration, gradient accumulation inside.
+    with progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=start_step) as bar:
+        for step in range(start_step + 1, t.max_train_steps + 1):
+            step_started = time.perf_counter()
+            for _ in range(t.gradient_accumulation_steps):
+                with accelerator.accumulate(transformer):
+                    picked = order.next(generator)
+                    x0 = torch.stack([latents[i].mean + latents[i].std * torch.randn(latents[i].mean.shape,
+                                                                                     generator=generator)
+                                      for i in picked])
+                    x0 = (x0 - vae_shift) * vae_scale
+                    batch, channels, height, width = x0.shape
+                    x0 = FluxPipeline._pack_latents(x0, batch, channels, height, width)
+                    noise = torch.randn(x0.shape, generator=generator)
+                    sigmas = sample_sigmas(batch, t.timestep_sampling, generator, t.logit_mean, t.logit_std,
+                                           t.timestep_shift)
+                    captions = [images[i].caption for i in picked]
+                    prediction = transformer(
+                        hidden_states=noisy_latents(x0, noise, sigmas).to(device, weight_dtype),
+                        timestep=sigmas.to(device, weight_dtype),
+                        guidance=torch.full((batch,), t.guidance, device=device) if guidance_embeds else None,
+                        pooled_projections=torch.stack([texts[c].pooled for c in captions]).to(device, weight_dtype),
+                        encoder_hidden_states=torch.stack([texts[c].prompt_embeds for c in captions]).to(
+                            device, weight_dtype),
+                        txt_ids=text_ids,
+                        img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device,
+                                                                      weight_dtype),
+                        return_dict=False,
+                    )[0]
+                    target = velocity_target(x0, noise).to(device)
+                    loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - step_started
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            lr = scheduler.get_last_lr()[0]
+            if accelerator.is_main_process:
+                metrics.write({"step": step, "loss": loss_value, "lr": lr, "s_per_step": round(seconds, 5),
+                               "peak_memory_mb": round(peak_memory_mb(device), 1), "epoch": order.epoch})
+            bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+
+            if accelerator.is_main_process and t.checkpoint_every and step % t.checkpoint_every == 0 \
+                    and step < t.max_train_steps:
+                save_checkpoint(run.checkpoints, step, lora_state_dict(model), training_state(step),
+                                t.checkpoints_keep)
+            if accelerator.is_main_process and t.sample_every and step % t.sample_every == 0:
+                _save_samples(config, run, step, model, vae, folder, texts, sample_prompts, max_len)
+    metrics.close()
+
+    # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_lora(run.lora, lora_state_dict(model), model.peft_config["default"], {
+            "base_model": config.model.base, "trigger_word": config.subject.token,
+            "class_word": config.subject.class_word, "rank": t.rank, "alpha": t.lora_alpha,
+            "steps": t.max_train_steps, "learning_rate": t.learning_rate, "run": run.name,
+            "version": __version__,
+        })
+    return loss_value
+
+
+def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, texts,
+                  prompts: list[str], max_len: int) -> None:
+    """Fixed-seed samples of the current LoRA, made in eval mode and without gradient checkpointing."""
+    from diffusers import FluxPipeline
+
+    from lookalike.generate import render
+    from lookalike.models.base import load_component
+
+    checkpointing = transformer.is_gradient_checkpointing
+    transformer.eval()
+    if checkpointing:
+        transformer.disable_gradient_checkpointing()
+    pipe = FluxPipeline(scheduler=load_component(folder, "scheduler"), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = next(vae.parameters()).dtype
+    for index, prompt in enumerate(prompts):
+        image = render(pipe, seed=config.train.seed, guidance=config.generate.guidance_scales[0],
+                       steps=config.train.sample_steps, size=config.data.resolution, max_sequence_length=max_len,
+                       prompt_embeds=texts[prompt].prompt_embeds[None].to(vae.device, dtype),
+                       pooled_prompt_embeds=texts[prompt].pooled[None].to(vae.device, dtype))
+        with atomic_path(run.samples / f"step-{step:06d}_p{index}.png") as tmp:
+            image.save(tmp, format="PNG")
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
