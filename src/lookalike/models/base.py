@@ -120,7 +120,7 @@ def load_component(folder: Path, component: str, dtype=None):
         return AutoTokenizer.from_pretrained(folder, subfolder=component)
     if component == "scheduler":
         return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=component)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     return loaders[component].from_pretrained(folder, subfolder=component, **kwargs)
 
 
@@ -128,7 +128,7 @@ def load_pipeline(folder: Path, dtype=None, **components):
     """A FluxPipeline from a folder; components given (e.g. transformer=..., text_encoder=None) replace its own."""
     from diffusers import FluxPipeline
 
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     return FluxPipeline.from_pretrained(folder, **components, **kwargs)
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TINY_FORMAT = 1  # bump when the architecture or tokenizers below change, so old cached folders are not reused
+TINY_FORMAT = 2  # bump when the architecture or tokenizers below change, so old cached folders are not reused
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class TinySpec:
     num_layers: int = 1
     num_single_layers: int = 1
     attention_head_dim: int = 16
-    num_attention_heads: int = 2
+    num_attention_heads: int = 4
     joint_attention_dim: int = 32
     pooled_projection_dim: int = 32
     latent_channels: int = 16
@@ -104,11 +104,16 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
             latent_channels=spec.latent_channels,
             norm_num_groups=4,
             sample_size=64,
-            scaling_factor=0.3611,  # FLUX's VAE normalisation constants
-            shift_factor=0.1159,
+            # Like FLUX's constants for its VAE, these give the tiny VAE's latents of photos about unit variance.
+            scaling_factor=3.0,
+            shift_factor=0.0,
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
+        with torch.no_grad():
+            # A trained VAE's posterior is nearly deterministic; a random one's has std 1, which would bury the
+            # image under sampling noise. Set the log-variance output low, as training would.
+            vae.encoder.conv_out.bias[spec.latent_channels:] = -12.0
         torch.manual_seed(spec.seed + 2)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(

@@ -187,6 +187,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 
     # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision.
     transformer = load_component(folder, "transformer", dtype=weight_dtype).to(device)
+    torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
     add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:

@@ -1,0 +1,76 @@
+"""Shared fixtures: an isolated lookalike home (the tiny model is built once per test session), the shared
+real faces, and a writer of study configs on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lookalike_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("lookalike-home")
+    os.environ["LOOKALIKE_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no hub here; make that explicit rather than waiting for timeouts
+    return home
+
+
+@pytest.fixture(scope="session")
+def faces() -> Path:
+    folder = Path(os.environ.get("LOOKALIKE_TEST_FACES", REPO.parent / "shared" / "faces"))
+    if not (folder / "train").is_dir():
+        pytest.fail(f"real test faces not found at {folder} (set LOOKALIKE_TEST_FACES)")
+    return folder
+
+
+def toml_value(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    """Write a TOML config from {"": top-level keys, "section": {...}}."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in sections.get("", {}).items()]
+    for name, keys in sections.items():
+        if name:
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, faces):
+    """A function making a config file for the tiny model on one real person's photos; sections override."""
+
+    def make(name: str = "study.toml", **sections) -> Path:
+        base = {
+            "": {"name": "test", "workspace": str(tmp_path / "work")},
+            "model": {"base": "tiny"},
+            "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
+            "data": {"resolution": 64},
+            "train": {"max_train_steps": 20, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
+            "generate": {"seeds": [0], "num_inference_steps": 4},
+        }
+        for section, keys in sections.items():
+            base.setdefault(section, {}).update(keys)
+        return write_config(tmp_path / name, base)
+
+    return make
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m lookalike ARGS` as a user would, capturing its output."""
+    return subprocess.run([sys.executable, "-m", "lookalike", *args], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
