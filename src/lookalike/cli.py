@@ -22,8 +22,11 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 
 def _load(config: Path, overrides: list[str] | None):
     from lookalike.config import load_config
+    from lookalike.models.base import quiet_libraries
 
-    return load_config(config, overrides or [])
+    study = load_config(config, overrides or [])
+    quiet_libraries()
+    return study
 
 
 @app.command()

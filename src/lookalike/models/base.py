@@ -33,6 +33,17 @@ _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.sa
                  "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' per-load progress bars and notices off the console: our own
+    progress bars and one-line errors are what a user should read."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def base_info(base: str) -> BaseModelInfo:
     return KNOWN_BASES.get(base, LOCAL_FOLDER)
 

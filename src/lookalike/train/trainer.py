@@ -170,6 +170,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 
     t = config.train
+    images = training_images(config)  # bad photo folders fail before any model is loaded
     precision = resolve_mixed_precision(t.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
     device = accelerator.device
@@ -178,7 +179,6 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
-    images = training_images(config)
     cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
     latents = cache.latents(images, config.data.resolution)
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []

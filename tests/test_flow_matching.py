@@ -1,0 +1,59 @@
+import torch
+
+from lookalike.train.checkpoint import list_checkpoints, save_checkpoint
+from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
+from lookalike.train.trainer import BatchOrder
+
+
+def test_sigmas_lie_in_the_unit_interval_and_shift_moves_them_up():
+    for sampling in ("uniform", "logit_normal"):
+        plain = sample_sigmas(10_000, sampling, torch.Generator().manual_seed(0))
+        shifted = sample_sigmas(10_000, sampling, torch.Generator().manual_seed(0), shift=3.0)
+        assert 0 < plain.min() and plain.max() < 1
+        assert torch.all(shifted >= plain) and shifted.mean() > plain.mean() + 0.1
+    uniform = sample_sigmas(100_000, "uniform", torch.Generator().manual_seed(0))
+    assert abs(uniform.mean().item() - 0.5) < 0.01
+    logit = sample_sigmas(100_000, "logit_normal", torch.Generator().manual_seed(0), logit_mean=1.0)
+    assert abs(torch.logit(logit).mean().item() - 1.0) < 0.02
+
+
+def test_shift_formula_matches_flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sigma = torch.tensor([0.25, 0.5, 0.75])
+    ours = sample_sigmas(3, "uniform", torch.Generator().manual_seed(0), shift=3.0)
+    raw = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, 3.0 * raw / (1 + 2.0 * raw))
+    expected = scheduler.config.shift * sigma / (1 + (scheduler.config.shift - 1) * sigma)
+    torch.testing.assert_close(3.0 * sigma / (1 + 2.0 * sigma), expected)
+
+
+def test_velocity_moves_from_data_to_noise():
+    x0, noise = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    sigmas = torch.tensor([0.2, 0.7])
+    xt = noisy_latents(x0, noise, sigmas)
+    # Following the velocity for the remaining (1 - sigma) reaches pure noise.
+    torch.testing.assert_close(xt + (1 - sigmas.view(-1, 1, 1)) * velocity_target(x0, noise), noise)
+
+
+def test_batch_order_visits_every_example_each_epoch_and_restores():
+    order = BatchOrder(size=5, batch_size=2)
+    generator = torch.Generator().manual_seed(0)
+    first_epoch = order.next(generator) + order.next(generator) + order.next(generator)[:1]
+    assert sorted(first_epoch) == [0, 1, 2, 3, 4]
+    state, generator_state = order.state_dict(), generator.get_state()
+    expected = [order.next(generator) for _ in range(4)]
+    restored = BatchOrder(size=5, batch_size=2)
+    restored.load_state_dict(state)
+    generator.set_state(generator_state)
+    assert [restored.next(generator) for _ in range(4)] == expected
+
+
+def test_checkpoints_keep_the_newest_and_ignore_unfinished(tmp_path):
+    lora = {"transformer.a.lora_A.weight": torch.ones(2, 2)}
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, lora, {"step": step}, keep=2)
+    (tmp_path / ".step-000040.abc.tmp").mkdir()  # what a kill in the middle of a save leaves
+    (tmp_path / "step-000050").mkdir()  # a folder without its files
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000020", "step-000030"]

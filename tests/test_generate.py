@@ -1,0 +1,57 @@
+"""Generation: prompts x seeds x guidance scales, sidecars, determinism, resuming, LoRA or base model."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from lookalike.config import load_config
+from lookalike.generate import generate
+from lookalike.train.trainer import train
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_generate_every_combination_with_sidecars(tiny_config):
+    config = load_config(tiny_config(generate={"prompts": ["a photo of {token}", "{token} smiling"],
+                                               "seeds": [0, 1], "guidance_scales": [3.5, 5.0],
+                                               "num_inference_steps": 2}))
+    folder = generate(config)
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 8
+    sidecar = json.loads((folder / "p01_s1_g3.5.json").read_text())
+    assert sidecar["prompt"] == "sks smiling"
+    assert (sidecar["seed"], sidecar["guidance_scale"], sidecar["steps"], sidecar["size"]) == (1, 3.5, 2, 64)
+    assert sidecar["lora"] is None and sidecar["base_model"] == "tiny"
+    assert pixels(images[0]).shape == (64, 64, 3)
+
+
+def test_same_settings_and_seed_give_the_same_image(tiny_config, tmp_path):
+    first = generate(load_config(tiny_config("a.toml", **{"": {"workspace": str(tmp_path / "a")}})))
+    second = generate(load_config(tiny_config("b.toml", **{"": {"workspace": str(tmp_path / "b")}})))
+    np.testing.assert_array_equal(pixels(first / "p00_s0_g5.png"), pixels(second / "p00_s0_g5.png"))
+
+
+def test_existing_images_are_kept_and_missing_ones_made(tiny_config):
+    config = load_config(tiny_config(generate={"seeds": [0, 1], "num_inference_steps": 2}))
+    folder = generate(config)
+    kept = (folder / "p00_s0_g5.png").stat().st_mtime_ns
+    (folder / "p00_s1_g5.png").unlink()
+    generate(config)
+    assert (folder / "p00_s0_g5.png").stat().st_mtime_ns == kept
+    assert (folder / "p00_s1_g5.png").exists()
+
+
+def test_run_lora_and_lora_file_change_the_image(tiny_config):
+    config = load_config(tiny_config(train={"max_train_steps": 30, "learning_rate": 1e-2}))
+    lora = train(config, "r")
+    from_run = generate(config, run="r")
+    from_file = generate(config, lora_file=lora)
+    base = generate(config)
+    assert from_run == lora.parent / "images" and from_file != from_run
+    np.testing.assert_array_equal(pixels(from_run / "p00_s0_g5.png"), pixels(from_file / "p00_s0_g5.png"))
+    assert not np.array_equal(pixels(from_run / "p00_s0_g5.png"), pixels(base / "p00_s0_g5.png"))
+    sidecar = json.loads((from_run / "p00_s0_g5.json").read_text())
+    assert sidecar["run"] == "r" and sidecar["lora_metadata"]["trigger_word"] == "sks"
