@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/lookalike train configs/quickstart.toml
+	$(BIN)/python -m lookalike.data.sample_subject work/quickstart/photos
+	$(BIN)/lookalike train configs/quickstart.toml --resume
 	$(BIN)/lookalike generate configs/quickstart.toml --run default
 
 bench: $(STAMP)

@@ -1,0 +1,112 @@
+"""Trainer overhead: `lookalike train`'s seconds per step against a bare LoRA step of the same transformer.
+
+A tiny FLUX big enough to be compute-bound on the CPU: hidden 256, 2 double + 4 single blocks, rank 16, 512 px
+photos, which the 8x VAE and FLUX's 2x2 packing turn into 1,024 image tokens (plus 32 text tokens).
+The trainer's figure is wall time per step over its whole loop (batch assembly, metrics, progress bar
+included), read from metrics.jsonl timestamps; the bare figure is forward + backward + AdamW on one fixed
+batch. Both run in this process, one after the other, after warm-up steps.
+
+    .venv/bin/python bench/train_step.py [--steps 40] [--photos ../shared/faces/train/guido_van_rossum]
+
+Last line: overhead_ratio=<trainer / bare>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lookalike.config import load_config
+from lookalike.models.base import load_component, quiet_libraries
+from lookalike.models.lora import add_lora
+from lookalike.models.tiny import TinySpec, ensure_tiny_model
+from lookalike.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = TinySpec(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,
+                joint_attention_dim=64, pooled_projection_dim=64)
+RESOLUTION, RANK, WARMUP = 512, 16, 5
+
+
+def trainer_seconds_per_step(folder: Path, photos: Path, workdir: Path, steps: int) -> float:
+    config_file = workdir / "bench.toml"
+    config_file.write_text(f"""
+name = "bench"
+workspace = "{workdir / 'work'}"
+[model]
+base = "{folder}"
+max_sequence_length = 32
+[subject]
+token = "sks"
+images = "{photos}"
+[data]
+resolution = {RESOLUTION}
+[train]
+rank = {RANK}
+max_train_steps = {steps}
+checkpoint_every = 0
+sample_every = 0
+""")
+    config = load_config(config_file)
+    lora = train(config, "bench")
+    records = [json.loads(line) for line in (lora.parent / "metrics.jsonl").read_text().splitlines()]
+    timed = records[WARMUP:]
+    return (timed[-1]["time"] - timed[0]["time"]) / (len(timed) - 1)
+
+
+def bare_seconds_per_step(folder: Path, steps: int) -> float:
+    from diffusers import FluxPipeline
+
+    torch.manual_seed(0)
+    transformer = load_component(folder, "transformer")
+    add_lora(transformer, RANK, RANK, "attention")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    side = RESOLUTION // 8 // 2
+    latents = torch.randn(1, side * side, transformer.config.in_channels)
+    inputs = dict(
+        hidden_states=latents, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+        pooled_projections=torch.randn(1, SPEC.pooled_projection_dim),
+        encoder_hidden_states=torch.randn(1, 32, SPEC.joint_attention_dim), txt_ids=torch.zeros(32, 3),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32), return_dict=False,
+    )
+    target = torch.randn_like(latents)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(transformer(**inputs)[0], target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return statistics.mean(times[WARMUP:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "faces" / "train" / "guido_van_rossum")
+    args = parser.parse_args()
+    quiet_libraries()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        folder = ensure_tiny_model(SPEC, cache_dir=workdir / "models")
+        trainer = trainer_seconds_per_step(folder, args.photos.resolve(), workdir, args.steps)
+        bare = bare_seconds_per_step(folder, args.steps)
+    print(f"model: hidden {SPEC.attention_head_dim * SPEC.num_attention_heads}, {SPEC.num_layers} double + "
+          f"{SPEC.num_single_layers} single blocks, {RESOLUTION} px, rank {RANK}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"trainer_s_per_step={trainer:.4f}")
+    print(f"bare_s_per_step={bare:.4f}")
+    print(f"overhead_ratio={trainer / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
