@@ -26,6 +26,7 @@ def test_generate_every_combination_with_sidecars(tiny_config):
     assert (sidecar["seed"], sidecar["guidance_scale"], sidecar["steps"], sidecar["size"]) == (1, 3.5, 2, 64)
     assert sidecar["lora"] is None and sidecar["base_model"] == "tiny"
     assert pixels(images[0]).shape == (64, 64, 3)
+    assert json.loads((folder / "config.json").read_text()) == config.to_json_dict()
 
 
 def test_same_settings_and_seed_give_the_same_image(tiny_config, tmp_path):

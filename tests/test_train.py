@@ -187,3 +187,5 @@ def test_finished_run_is_not_retrained_and_started_run_needs_resume(tiny_config)
     changed = config.model_copy(update={"train": config.train.model_copy(update={"rank": 8})})
     with pytest.raises(LookalikeError, match=r"config differs in train\.rank"):
         train(changed, "once", resume=True)
+    other_prompts = config.model_copy(update={"generate": config.generate.model_copy(update={"seeds": [7]})})
+    assert train(other_prompts, "once", resume=True) == lora, "[generate] changes do not block a resume"

@@ -102,7 +102,8 @@ def generate(config: StudyConfig, run: str | None = None, lora_file: Path | None
         pipe.fuse_lora()
         pipe.unload_lora_weights()
 
-    # 2. One image per job, each with its sidecar, written atomically.
+    # 2. One image per job, each with its sidecar, written atomically; the resolved config beside them.
+    write_json(folder / "config.json", config.to_json_dict())
     size = config.generate.resolution or config.data.resolution
     steps = config.generate.num_inference_steps
     max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length

@@ -92,6 +92,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_TRAINING_SECTIONS = ("model", "subject", "data", "train")
+
+
 def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
     """True if the run is already done. A started run continues only with --resume and the same config."""
     status = run.read_status()
@@ -103,7 +106,9 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
         raise LookalikeError(f"run {run.name!r} already exists in {run.root}: add --resume to continue it, "
                              "or choose another --run name")
     if run.config.exists():
-        before, now = _flatten(read_json(run.config)), _flatten(config.to_json_dict())
+        # Only what shapes the weights must match; [generate] or [evaluate] may change between sessions.
+        before, now = ({k: v for k, v in _flatten(data).items() if k.split(".")[0] in _TRAINING_SECTIONS}
+                       for data in (read_json(run.config), config.to_json_dict()))
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
             raise LookalikeError(f"cannot resume run {run.name!r}: its config differs in {', '.join(changed)} "
