@@ -1,0 +1,50 @@
+"""CLIP Score: the raw cosine similarity of CLIP's text and image embeddings (the study reports 0.29-0.30;
+torchmetrics reports 100x that). Images and texts are embedded in batches, each once."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ClipScorer:
+    def __init__(self, model, processor, device: torch.device | None = None, batch_size: int = 16):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _tensor(output) -> torch.Tensor:
+        # transformers 5 returns output objects from get_*_features; older versions returned the tensor.
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    @torch.no_grad()
+    def image_features(self, images) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.processor(images=images[start:start + self.batch_size], return_tensors="pt")
+            chunks.append(self._tensor(self.model.get_image_features(pixels["pixel_values"].to(self.device))))
+        features = torch.cat(chunks).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.processor(text=texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                    truncation=True)
+            chunks.append(self._tensor(self.model.get_text_features(tokens["input_ids"].to(self.device),
+                                                                    tokens["attention_mask"].to(self.device))))
+        features = torch.cat(chunks).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def paired(self, images, texts: list[str]) -> list[float]:
+        """Cosine of each image with its own prompt."""
+        unique = list(dict.fromkeys(texts))
+        text = self.text_features(unique)
+        rows = torch.stack([text[unique.index(t)] for t in texts])
+        return (self.image_features(images) * rows).sum(dim=-1).cpu().tolist()
+
+    def all_pairs(self, images, texts: list[str]) -> torch.Tensor:
+        """Cosine of every image with every prompt (images x texts): the study's all-pairs average is its mean."""
+        return (self.image_features(images) @ self.text_features(texts).T).cpu()
