@@ -58,7 +58,7 @@ def test_clip_score_equals_torchmetrics_divided_by_100(clip):
     np.testing.assert_allclose(expected, -np.array(ours), rtol=1e-5, atol=1e-6)
     assert min(expected) > 0
     mean = clip_score(tensors, TEXTS, model_name_or_path=lambda: (PooledOutputs(mirrored), processor))
-    assert float(mean) / 100 == pytest.approx(np.mean(expected), rel=1e-5)
+    assert float(mean.detach()) / 100 == pytest.approx(np.mean(expected), rel=1e-5)
 
 
 def test_all_pairs_contains_the_paired_scores(clip):

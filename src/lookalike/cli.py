@@ -58,6 +58,44 @@ def generate(
     generate_images(_load(config, set_), run=run, lora_file=lora, console=console)
 
 
+@app.command()
+def evaluate(
+    images: Annotated[Path, typer.Option(help="Folder of generated images (JSON sidecars give their prompts).")],
+    references: Annotated[Path, typer.Option(help="Folder of the subject's reference photos.")],
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts, one line for all images or one per image.")] = None,
+    face_backend: Annotated[str, typer.Option(help="facenet (the study's) or dlib (offline).")] = "facenet",
+    clip_model: Annotated[str, typer.Option(help="CLIP model: hub name, local folder, or tiny.")] =
+        "openai/clip-vit-large-patch14",
+    out: Annotated[Optional[Path], typer.Option(help="Where metrics.json and scores.csv go (default: --images).")]
+        = None,
+) -> None:
+    """Score images for likeness to the references (face distance, identity), face failures and CLIP Score."""
+    from rich.table import Table
+
+    from lookalike.evaluate.clip_score import ClipScorer
+    from lookalike.evaluate.scoring import (aggregate, build_reference, image_files, prompts_for, score_images,
+                                            write_results)
+    from lookalike.faces import load_backend
+    from lookalike.models.base import quiet_libraries
+    from lookalike.models.clip import load_clip
+
+    quiet_libraries()
+    paths = image_files(images, "--images")
+    texts = prompts_for(paths, prompts)
+    backend = load_backend(face_backend)
+    reference = build_reference(backend, references, backend.default_min_score)
+    scorer = ClipScorer(*load_clip(clip_model)) if any(t is not None for t in texts) else None
+    rows = score_images(paths, texts, backend, reference, scorer)
+    metrics = {**aggregate(rows), "face_backend": backend.name, "face_backend_version": backend.version,
+               "same_person_threshold": backend.same_person_threshold, "references": reference.count,
+               "clip_model": clip_model if scorer else None}
+    write_results(out or images, rows, metrics)
+    table = Table("metric", "value", title=f"evaluate {images}")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: a user's mistake is one line on stderr and exit code 2, never a traceback."""
     try:
