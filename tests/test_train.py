@@ -189,3 +189,17 @@ def test_finished_run_is_not_retrained_and_started_run_needs_resume(tiny_config)
         train(changed, "once", resume=True)
     other_prompts = config.model_copy(update={"generate": config.generate.model_copy(update={"seeds": [7]})})
     assert train(other_prompts, "once", resume=True) == lora, "[generate] changes do not block a resume"
+
+
+def test_gpu_only_settings_are_refused_clearly_on_the_cpu(tiny_config):
+    from lookalike.errors import LookalikeError
+    from lookalike.train.trainer import make_optimizer, resolve_mixed_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = load_config(tiny_config(train={"optimizer": "adamw8bit"}))
+    with pytest.raises(LookalikeError, match="adamw8bit' needs bitsandbytes and a CUDA GPU"):
+        make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(LookalikeError, match="fp16' needs a CUDA GPU"):
+        resolve_mixed_precision("fp16")
+    assert resolve_mixed_precision("auto") == "no"
