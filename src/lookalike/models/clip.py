@@ -31,28 +31,14 @@ def build_tiny_clip(seed: int = 0):
 
 
 def _tiny_clip_folder() -> Path:
-    import shutil
-    import tempfile
+    from lookalike.models.tiny import build_once, default_cache_dir
 
-    from lookalike.models.tiny import default_cache_dir
-
-    folder = default_cache_dir() / TINY_CLIP
-    if (folder / "config.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    def save(folder: Path) -> None:
         model, processor = build_tiny_clip()
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return build_once(default_cache_dir() / TINY_CLIP, "config.json", save)
 
 
 def load_clip(name: str):

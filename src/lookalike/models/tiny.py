@@ -156,27 +156,34 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     )
 
 
-def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None) -> Path:
-    """The folder of the tiny model for `spec`, built and saved on first use, then reused.
+def build_once(folder: Path, marker: str, save) -> Path:
+    """`folder`, made by `save(tmp_folder)` on first use, then reused.
 
     It is saved into a temporary folder and renamed into place, so a crash or a second process building the
-    same model at the same time never leaves a half-written folder behind.
+    same model at the same time never leaves a half-written folder behind. `marker` is a file that only a
+    complete folder has.
     """
     import shutil
     import tempfile
 
-    folder = (cache_dir or default_cache_dir()) / spec.folder_name
-    if (folder / "model_index.json").exists():
+    if (folder / marker).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        build_tiny_pipeline(spec).save_pretrained(tmp, safe_serialization=True)
+        save(tmp)
         try:
             tmp.rename(folder)
         except OSError:
-            if not (folder / "model_index.json").exists():  # not a concurrent builder that won the race
+            if not (folder / marker).exists():  # not a concurrent builder that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None) -> Path:
+    """The folder of the tiny model for `spec`, built and saved on first use, then reused."""
+    folder = (cache_dir or default_cache_dir()) / spec.folder_name
+    return build_once(folder, "model_index.json",
+                      lambda tmp: build_tiny_pipeline(spec).save_pretrained(tmp, safe_serialization=True))
