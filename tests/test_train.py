@@ -1,7 +1,6 @@
 """The trainer on the tiny model: it learns, it resumes exactly, its LoRA loads in diffusers, it caches."""
 
 import json
-import os
 import signal
 import statistics
 import subprocess
