@@ -73,14 +73,14 @@ def evaluate(
     from rich.table import Table
 
     from lookalike.evaluate.clip_score import ClipScorer
-    from lookalike.evaluate.scoring import (aggregate, build_reference, image_files, prompts_for, score_images,
-                                            write_results)
+    from lookalike.data.images import list_images
+    from lookalike.evaluate.scoring import aggregate, build_reference, prompts_for, score_images, write_results
     from lookalike.faces import load_backend
     from lookalike.models.base import quiet_libraries
     from lookalike.models.clip import load_clip
 
     quiet_libraries()
-    paths = image_files(images, "--images")
+    paths = list_images(images, "--images")
     texts = prompts_for(paths, prompts)
     backend = load_backend(face_backend)
     reference = build_reference(backend, references, backend.default_min_score)

@@ -7,16 +7,16 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """The image files directly in `folder`, sorted by name; a clear error when there are none."""
+def list_images(folder: Path, what: str = "subject.images") -> list[Path]:
+    """The image files directly in `folder`, sorted by name; a clear error, naming `what`, when there are none."""
     from lookalike.errors import LookalikeError
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise LookalikeError(f"subject.images: folder not found: {folder}")
+        raise LookalikeError(f"{what}: folder not found: {folder}")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise LookalikeError(f"subject.images: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise LookalikeError(f"{what}: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return images
 
 

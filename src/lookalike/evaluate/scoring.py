@@ -12,7 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lookalike.data.images import IMAGE_SUFFIXES, load_rgb
+from lookalike.data.images import list_images, load_rgb
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.identity import Reference, face_distance, id_match, identity_similarity, reference_from
 from lookalike.workspace import atomic_path, write_json
@@ -30,15 +30,6 @@ class ImageScore:
     id_match: bool | None = None
     clip_score: float | None = None
     error: str | None = None
-
-
-def image_files(folder: Path, what: str) -> list[Path]:
-    if not Path(folder).is_dir():
-        raise LookalikeError(f"{what}: folder not found: {folder}")
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise LookalikeError(f"{what}: no images in {folder}")
-    return files
 
 
 def prompts_for(images: list[Path], prompts_file: Path | None) -> list[str | None]:
@@ -73,7 +64,7 @@ def _faces(backend, image, min_score: float):
 def build_reference(backend, folder: Path, min_score: float) -> Reference:
     """Mean embedding of the largest face of every reference photo that has one."""
     embeddings = []
-    for path in image_files(folder, "references"):
+    for path in list_images(folder, "references"):
         try:
             image = load_rgb(path)
         except OSError:
