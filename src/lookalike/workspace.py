@@ -49,6 +49,29 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def build_once(folder: Path, marker: str, save) -> Path:
+    """`folder`, made by `save(tmp_folder)` on first use, then reused.
+
+    It is saved into a temporary folder and renamed into place, so a crash or a second process building the
+    same folder at the same time never leaves a half-written folder behind. `marker` is a file that only a
+    complete folder has.
+    """
+    if (folder / marker).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        save(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / marker).exists():  # not a concurrent builder that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

@@ -15,9 +15,9 @@ def build_tiny_clip(seed: int = 0):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from lookalike.models.tiny import _byte_level_clip_tokenizer
+    from lookalike.models.tiny import byte_level_clip_tokenizer
 
-    tokenizer = _byte_level_clip_tokenizer()
+    tokenizer = byte_level_clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -31,7 +31,8 @@ def build_tiny_clip(seed: int = 0):
 
 
 def _tiny_clip_folder() -> Path:
-    from lookalike.models.tiny import build_once, default_cache_dir
+    from lookalike.models.tiny import default_cache_dir
+    from lookalike.workspace import build_once
 
     def save(folder: Path) -> None:
         model, processor = build_tiny_clip()

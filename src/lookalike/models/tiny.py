@@ -41,7 +41,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LOOKALIKE_HOME", Path.home() / ".cache" / "lookalike")) / "models"
 
 
-def _byte_level_clip_tokenizer():
+def byte_level_clip_tokenizer():
     """A CLIPTokenizer over a byte-level vocab.json and an empty merges.txt: every character is a token."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -73,7 +73,7 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    clip_tokenizer = _byte_level_clip_tokenizer()
+    clip_tokenizer = byte_level_clip_tokenizer()
     t5_tokenizer = _unigram_t5_tokenizer()
     rope_rest = (spec.attention_head_dim - spec.attention_head_dim // 4) // 2
     axes = (spec.attention_head_dim - 2 * rope_rest, rope_rest, rope_rest)  # sums to the head dimension
@@ -156,34 +156,10 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     )
 
 
-def build_once(folder: Path, marker: str, save) -> Path:
-    """`folder`, made by `save(tmp_folder)` on first use, then reused.
-
-    It is saved into a temporary folder and renamed into place, so a crash or a second process building the
-    same model at the same time never leaves a half-written folder behind. `marker` is a file that only a
-    complete folder has.
-    """
-    import shutil
-    import tempfile
-
-    if (folder / marker).exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        save(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / marker).exists():  # not a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None) -> Path:
     """The folder of the tiny model for `spec`, built and saved on first use, then reused."""
+    from lookalike.workspace import build_once
+
     folder = (cache_dir or default_cache_dir()) / spec.folder_name
     return build_once(folder, "model_index.json",
                       lambda tmp: build_tiny_pipeline(spec).save_pretrained(tmp, safe_serialization=True))
