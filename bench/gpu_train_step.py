@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+
+from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
 FORWARD_TFLOP_1024 = 74.4  # at 4,096 image + 512 text tokens
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
@@ -46,10 +47,6 @@ def build_transformer(architecture: dict, device: torch.device, dtype: torch.dty
 
 
 def main() -> None:
-    from diffusers import FluxPipeline
-
-    from lookalike.models.lora import add_lora
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
@@ -63,50 +60,20 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     architecture = TINY if args.tiny else FLUX_DEV
-    torch.manual_seed(0)
     transformer = build_transformer(architecture, device, dtype)
-    add_lora(transformer, args.rank, args.rank, "attention")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights and their optimizer state in fp32, as the trainer keeps them
+    params, optimizer = add_trainable_lora(transformer, args.rank)
     if args.checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.compile:
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             block.compile()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-
-    side = args.resolution // 16  # 8x VAE, then 2x2 packing
     text_tokens = 512
-    latents = torch.randn(1, side * side, architecture["in_channels"], device=device, dtype=dtype)
-    inputs = dict(
-        hidden_states=latents,
-        timestep=torch.tensor([0.5], device=device, dtype=dtype),
-        guidance=torch.tensor([1.0], device=device),
-        pooled_projections=torch.randn(1, architecture["pooled_projection_dim"], device=device, dtype=dtype),
-        encoder_hidden_states=torch.randn(1, text_tokens, architecture["joint_attention_dim"], device=device,
-                                          dtype=dtype),
-        txt_ids=torch.zeros(text_tokens, 3, device=device),
-        img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype),
-        return_dict=False,
-    )
-    target = torch.randn_like(latents)
-
-    times = []
-    for _ in range(args.warmup + args.steps):
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=not args.tiny):
-            prediction = transformer(**inputs)[0]
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+    inputs, target = random_batch(transformer.config, args.resolution, text_tokens, device, dtype)
+    times = timed_steps(transformer, params, optimizer, inputs, target, args.warmup + args.steps,
+                        autocast_dtype=None if args.tiny else dtype)
     seconds = statistics.median(times[args.warmup:])
 
+    side = args.resolution // 16
     image_tokens = side * side
     # Attention grows faster than linearly, so this scaling from 1024^2 is approximate at other sizes.
     forward_tflop = FORWARD_TFLOP_1024 * (image_tokens + text_tokens) / (4096 + text_tokens)

@@ -17,16 +17,16 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from lookalike.config import load_config
 from lookalike.models.base import load_component, quiet_libraries
-from lookalike.models.lora import add_lora
 from lookalike.models.tiny import TinySpec, ensure_tiny_model
 from lookalike.train.trainer import train
+
+from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,
@@ -61,32 +61,10 @@ sample_every = 0
 
 
 def bare_seconds_per_step(folder: Path, steps: int) -> float:
-    from diffusers import FluxPipeline
-
-    torch.manual_seed(0)
     transformer = load_component(folder, "transformer")
-    add_lora(transformer, RANK, RANK, "attention")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-    side = RESOLUTION // 8 // 2
-    latents = torch.randn(1, side * side, transformer.config.in_channels)
-    inputs = dict(
-        hidden_states=latents, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
-        pooled_projections=torch.randn(1, SPEC.pooled_projection_dim),
-        encoder_hidden_states=torch.randn(1, 32, SPEC.joint_attention_dim), txt_ids=torch.zeros(32, 3),
-        img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32), return_dict=False,
-    )
-    target = torch.randn_like(latents)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(transformer(**inputs)[0], target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return statistics.mean(times[WARMUP:])
+    params, optimizer = add_trainable_lora(transformer, RANK)
+    inputs, target = random_batch(transformer.config, RESOLUTION, 32, torch.device("cpu"), torch.float32)
+    return statistics.mean(timed_steps(transformer, params, optimizer, inputs, target, steps)[WARMUP:])
 
 
 def main() -> None:

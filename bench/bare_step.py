@@ -1,0 +1,58 @@
+"""The bare LoRA training step that the benchmarks compare against: the transformer with a LoRA, AdamW, and
+one fixed batch of random FLUX inputs (latents, cached text embeddings, position ids), nothing else."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lookalike.models.lora import add_lora
+
+
+def add_trainable_lora(transformer, rank: int) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """A LoRA in fp32 with its AdamW, as the trainer keeps them."""
+    torch.manual_seed(0)
+    add_lora(transformer, rank, rank, "attention")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+
+
+def random_batch(config, resolution: int, text_tokens: int, device, dtype) -> tuple[dict, torch.Tensor]:
+    """Transformer inputs for one image of `resolution` pixels (8x VAE, then 2x2 packing), and a target."""
+    from diffusers import FluxPipeline
+
+    side = resolution // 16
+    latents = torch.randn(1, side * side, config.in_channels, device=device, dtype=dtype)
+    inputs = dict(
+        hidden_states=latents,
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),
+        guidance=torch.tensor([1.0], device=device),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=dtype),
+        txt_ids=torch.zeros(text_tokens, 3, device=device),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype),
+        return_dict=False,
+    )
+    return inputs, torch.randn_like(latents)
+
+
+def timed_steps(transformer, params, optimizer, inputs, target, steps: int, autocast_dtype=None) -> list[float]:
+    """Seconds of each of `steps` forward + backward + clip + AdamW steps (GPU work waited for)."""
+    device = target.device
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            prediction = transformer(**inputs)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
