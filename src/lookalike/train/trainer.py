@@ -275,8 +275,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             loss_value = accelerator.gather(loss.detach()).mean().item()
             lr = scheduler.get_last_lr()[0]
             if accelerator.is_main_process:
-                metrics.write({"step": step, "time": time.time(), "loss": loss_value, "lr": lr, "s_per_step": round(seconds, 5),
-                               "peak_memory_mb": round(peak_memory_mb(device), 1), "epoch": order.epoch})
+                metrics.write({"step": step, "time": time.time(), "loss": loss_value, "lr": lr,
+                               "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
+                               "epoch": order.epoch})
             bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
 
             if accelerator.is_main_process and t.checkpoint_every and step % t.checkpoint_every == 0 \
