@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
@@ -49,3 +50,75 @@ def test_references_without_any_face_is_a_clear_error(tmp_path):
                      "--face-backend", "dlib")
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: references: no face found in any photo of {references}"
+
+
+def fake_run(workspace, faces, name="r"):
+    """A run folder as train + generate leave it, with real photos standing in for generated images."""
+    from lookalike.workspace import Workspace, write_json
+
+    run = Workspace(workspace).run(name)
+    run.images.mkdir(parents=True)
+    made = [("guido_van_rossum", "a photo of sks", 3.5), ("guido_van_rossum", "sks smiling", 5.0),
+            ("paul_allen", "sks smiling", 3.5)]
+    for index, (person, prompt, guidance) in enumerate(made):
+        stem = f"p{index:02d}_s0_g{guidance:g}"
+        Image.open(faces / "test" / f"{person}.jpg").convert("RGB").save(run.images / f"{stem}.png")
+        write_json(run.images / f"{stem}.json", {"prompt": prompt, "seed": 0, "guidance_scale": guidance})
+    write_json(run.config, {"train": {"learning_rate": 5e-4, "rank": 4, "alpha": None, "max_train_steps": 20,
+                                      "lr_scheduler": "cosine"}})
+    run.write_status("done", seconds=12.5, final_loss=0.25)
+    return run
+
+
+def test_evaluate_a_run_per_prompt_per_guidance_into_the_results_store(tiny_config, faces, tmp_path):
+    import sqlite3
+
+    config = tiny_config(evaluate={"face_backend": "dlib", "clip_model": "tiny"})
+    run = fake_run(tmp_path / "work", faces)
+
+    result = run_cli("evaluate", str(config), "--run", "r")
+    assert result.returncode == 0, result.stderr
+    assert "'sks' replaced by 'man'" in result.stdout
+    rows = list(csv.DictReader((run.root / "scores.csv").open()))
+    assert [r["clip_prompt"] for r in rows] == ["a photo of man", "man smiling", "man smiling"]
+    assert [r["id_match"] for r in rows] == ["True", "True", "False"], "guido's photos are guido, paul's is not"
+    metrics = json.loads((run.root / "metrics.json").read_text())
+    assert set(metrics["per_prompt"]) == {"a photo of sks", "sks smiling"}
+    assert metrics["per_prompt"]["sks smiling"]["images"] == 2
+    assert metrics["per_prompt"]["sks smiling"]["id_match_rate"] == 0.5
+    assert set(metrics["per_guidance_scale"]) == {"3.5", "5.0"}
+    assert metrics["references"] == 4
+
+    db = sqlite3.connect(tmp_path / "work" / "results.sqlite")
+    assert db.execute("SELECT state, rank, alpha, final_loss FROM runs WHERE name='r'").fetchone() == \
+        ("done", 4, 4.0, 0.25)
+    stored = dict(db.execute("SELECT value, id_match_rate FROM metrics WHERE run='r' AND grouping='prompt'"))
+    assert stored == {"a photo of sks": 1.0, "sks smiling": 0.5}
+    assert db.execute("SELECT face_distance FROM metrics WHERE grouping='run'").fetchone()[0] == \
+        metrics["face_distance"]
+
+    again = run_cli("evaluate", str(config))
+    assert again.returncode == 0 and "r is up to date" in again.stdout
+    (run.images / "p02_s0_g3.5.png").unlink()
+    (run.images / "p02_s0_g3.5.json").unlink()
+    changed = run_cli("evaluate", str(config), "--all-pairs")
+    assert changed.returncode == 0, changed.stderr
+    metrics = json.loads((run.root / "metrics.json").read_text())
+    assert metrics["images"] == 2 and metrics["clip_pairs"] == "all prompts x all images"
+    from lookalike.evaluate.clip_score import ClipScorer
+    from lookalike.models.clip import load_clip
+
+    images = [Image.open(p).convert("RGB") for p in sorted(run.images.glob("*.png"))]
+    study_average = ClipScorer(*load_clip("tiny")).all_pairs(images, ["a photo of man", "man smiling"]).mean()
+    assert metrics["clip_score"] == pytest.approx(float(study_average), rel=1e-5)
+
+
+def test_evaluate_a_run_without_images_says_what_to_do(tiny_config):
+    result = run_cli("evaluate", str(tiny_config()), "--run", "nope")
+    assert result.returncode == 2
+    assert "run 'nope' has no generated images yet" in result.stderr and "lookalike generate" in result.stderr
+
+
+def test_bad_evaluate_option_names_it(tmp_path):
+    result = run_cli("evaluate", "--images", str(tmp_path), "--references", str(tmp_path), "--face-backend", "x")
+    assert result.returncode == 2 and "evaluate options: face_backend" in result.stderr

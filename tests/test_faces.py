@@ -20,7 +20,7 @@ def best_face_embedding(backend, path):
     image = load_rgb(path)
     faces = [f for f in backend.find_faces(image) if f.score >= backend.default_min_score]
     assert faces, f"no face found in {path}"
-    return backend.embed(image, faces[0])
+    return backend.embed([(image, faces[0])])[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_group_photo_has_two_faces(backend_name, faces):
 def test_facenet_with_random_weights_embeds_real_faces(faces):
     backend = load_backend("facenet", pretrained=False)
     image = load_rgb(faces / "train" / "paul_allen" / "1.jpg")
-    embedding = backend.embed(image, backend.find_faces(image)[0])
+    embedding = backend.embed([(image, backend.find_faces(image)[0])])[0]
     assert embedding.shape == (512,) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-4)
     assert backend.version.endswith("+random")
 

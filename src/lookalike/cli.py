@@ -60,40 +60,40 @@ def generate(
 
 @app.command()
 def evaluate(
-    images: Annotated[Path, typer.Option(help="Folder of generated images (JSON sidecars give their prompts).")],
-    references: Annotated[Path, typer.Option(help="Folder of the subject's reference photos.")],
+    config: Annotated[Optional[Path], typer.Argument(help="The study's config: score its runs' images.")] = None,
+    set_: SetOption = None,
+    run: Annotated[Optional[str], typer.Option(help="Only this run (default: every run with images).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Without CONFIG: a folder of images to score.")] = None,
+    references: Annotated[Optional[Path], typer.Option(help="Without CONFIG: the person's reference photos.")]
+        = None,
     prompts: Annotated[Optional[Path], typer.Option(help="Prompts, one line for all images or one per image.")] = None,
-    face_backend: Annotated[str, typer.Option(help="facenet (the study's) or dlib (offline).")] = "facenet",
-    clip_model: Annotated[str, typer.Option(help="CLIP model: hub name, local folder, or tiny.")] =
-        "openai/clip-vit-large-patch14",
+    face_backend: Annotated[Optional[str], typer.Option(help="facenet (the study's) or dlib (offline).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="CLIP model: hub name, local folder, or tiny.")] = None,
+    all_pairs: Annotated[Optional[bool], typer.Option("--all-pairs/--paired",
+                         help="CLIP Score over all prompts x all images (the study's) or image by image.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where metrics.json and scores.csv go (default: --images).")]
         = None,
+    force: Annotated[bool, typer.Option(help="Score runs again even when nothing changed.")] = False,
 ) -> None:
-    """Score images for likeness to the references (face distance, identity), face failures and CLIP Score."""
-    from rich.table import Table
+    """Score images for likeness (face distance, identity), face failures and CLIP Score."""
+    from lookalike.config import evaluate_settings
+    from lookalike.evaluate import evaluate_folder, evaluate_runs
 
-    from lookalike.evaluate.clip_score import ClipScorer
-    from lookalike.data.images import list_images
-    from lookalike.evaluate.scoring import aggregate, build_reference, prompts_for, score_images, write_results
-    from lookalike.faces import load_backend
-    from lookalike.models.base import quiet_libraries
-    from lookalike.models.clip import load_clip
-
-    quiet_libraries()
-    paths = list_images(images, "--images")
-    texts = prompts_for(paths, prompts)
-    backend = load_backend(face_backend)
-    reference = build_reference(backend, references, backend.default_min_score)
-    scorer = ClipScorer(*load_clip(clip_model)) if any(t is not None for t in texts) else None
-    rows = score_images(paths, texts, backend, reference, scorer)
-    metrics = {**aggregate(rows), "face_backend": backend.name, "face_backend_version": backend.version,
-               "same_person_threshold": backend.same_person_threshold, "references": reference.count,
-               "clip_model": clip_model if scorer else None}
-    write_results(out or images, rows, metrics)
-    table = Table("metric", "value", title=f"evaluate {images}")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    chosen = {key: value for key, value in
+              {"face_backend": face_backend, "clip_model": clip_model, "all_pairs": all_pairs}.items()
+              if value is not None}
+    if config is not None:
+        if images or references or prompts or out:
+            raise LookalikeError("give CONFIG [--run NAME], or --images and --references, not both")
+        options = [f"evaluate.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                   for key, value in chosen.items()]
+        study = _load(config, (set_ or []) + options)
+        if not evaluate_runs(study, console, run=run, force=force) and run is None:
+            console.print("evaluate: nothing to score (no run has generated images yet, or all are up to date)")
+        return
+    if images is None or references is None:
+        raise LookalikeError("give CONFIG [--run NAME], or --images DIR and --references DIR")
+    evaluate_folder(images, references, evaluate_settings(chosen), console, prompts_file=prompts, out=out)
 
 
 def main() -> None:

@@ -110,6 +110,13 @@ class GenerateConfig(Section):
 class EvaluateConfig(Section):
     face_backend: Literal["facenet", "dlib"] = "facenet"
     clip_model: str = "openai/clip-vit-large-patch14"
+    min_face_score: float | None = None
+    """Detections below this confidence are no face; None: the backend's own (MTCNN 0.95, dlib 0.0)."""
+    min_face_size: float = Field(0.05, gt=0, lt=1)
+    """Faces narrower than this fraction of the image's shorter side are not counted (a speck in the background
+    says nothing about likeness, and MTCNN then searches fewer scales)."""
+    all_pairs: bool = False
+    """CLIP Score over all prompts x all images, as the study averaged it; default: each image with its prompt."""
 
 
 def _experiment_model() -> type[BaseModel]:
@@ -244,6 +251,14 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
     return config.model_copy(
         update={"workspace": (base_dir / config.workspace).resolve(), "subject": subject, "model": model}
     )
+
+
+def evaluate_settings(options: dict[str, Any]) -> EvaluateConfig:
+    """[evaluate] settings given without a config file (evaluate --images ... --face-backend ...)."""
+    try:
+        return EvaluateConfig.model_validate(options)
+    except ValidationError as error:
+        raise LookalikeError(_format_errors("evaluate options", error)) from None
 
 
 def load_config(path: Path | str, overrides: list[str] = ()) -> StudyConfig:

@@ -141,6 +141,15 @@ class Workspace:
         return self.root / "data"
 
     @property
+    def prepared_images(self) -> Path:
+        """The subject's cleaned, face-cropped photos written by prepare."""
+        return self.data / "images"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.sqlite"
+
+    @property
     def cache(self) -> Path:
         return self.root / "cache"
 

@@ -1,0 +1,143 @@
+"""lookalike evaluate: likeness (face distance, identity similarity, id-match rate), face failures and CLIP
+Score of generated images, for the runs of a study or for plain folders.
+
+The models load once per process: every run of a study is scored by the same Evaluator, against a reference
+embedding computed once from the subject's photos (the prepared ones when prepare has run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lookalike.config import EvaluateConfig, StudyConfig
+from lookalike.errors import LookalikeError
+from lookalike.workspace import Workspace, read_json
+
+SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "faceless", "several_faces",
+         "clip_score")
+
+
+def load_evaluator(settings: EvaluateConfig, with_clip: bool):
+    from lookalike.evaluate.clip_score import ClipScorer
+    from lookalike.evaluate.evaluator import Evaluator
+    from lookalike.faces import FaceRule, load_backend
+    from lookalike.models.base import quiet_libraries
+    from lookalike.models.clip import load_clip
+
+    quiet_libraries()
+    backend = load_backend(settings.face_backend)
+    rule = FaceRule.for_backend(backend, settings.min_face_score, settings.min_face_size)
+    return Evaluator(backend, rule, ClipScorer(*load_clip(settings.clip_model)) if with_clip else None)
+
+
+def _score_folder(evaluator, reference, images: Path, settings: EvaluateConfig, console: Console,
+                  prompts_file: Path | None = None, token: str | None = None, class_word: str | None = None):
+    from lookalike.data.images import list_images
+    from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images
+    from lookalike.progress import progress_bar
+
+    paths = list_images(images, "images")
+    rows = describe_images(paths, prompts_file, token, class_word)
+    with progress_bar(console, f"evaluate {images.name}", total=len(paths)) as bar:
+        evaluator.score(paths, rows, reference, all_pairs=settings.all_pairs, progress=bar)
+    backend = evaluator.backend
+    metrics = {
+        **aggregate(rows),
+        "per_prompt": aggregate_by(rows, "prompt"),
+        "per_guidance_scale": aggregate_by(rows, "guidance_scale"),
+        "face_backend": backend.name, "face_backend_version": backend.version,
+        "same_person_threshold": backend.same_person_threshold,
+        "min_face_score": evaluator.rule.min_score, "min_face_size": evaluator.rule.min_size,
+        "references": reference.count,
+        "clip_model": settings.clip_model if evaluator.clip else None,
+        "clip_pairs": "all prompts x all images" if settings.all_pairs else "each image with its own prompt",
+        "clip_prompts": (f"trigger word {token!r} replaced by the class word {class_word!r}" if token
+                         else "as given"),
+    }
+    return rows, metrics
+
+
+def print_metrics(console: Console, title: str, metrics: dict) -> None:
+    """The whole set's figures, then each prompt's."""
+    table = Table("prompt", "images", *SHOWN, title=title)
+    for label, m in [("all", metrics), *metrics.get("per_prompt", {}).items()]:
+        table.add_row(label, str(m["images"]), *(f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k])
+                                                 for k in SHOWN))
+    console.print(table)
+
+
+def evaluate_folder(images: Path, references: Path, settings: EvaluateConfig, console: Console,
+                    prompts_file: Path | None = None, out: Path | None = None) -> dict:
+    """Score a folder of images against a folder of reference photos; write scores.csv and metrics.json."""
+    from lookalike.data.images import list_images
+    from lookalike.evaluate.scoring import describe_images, write_results
+
+    with_clip = any(r.prompt for r in describe_images(list_images(images, "images"), prompts_file))
+    evaluator = load_evaluator(settings, with_clip)
+    reference = evaluator.reference(references)
+    rows, metrics = _score_folder(evaluator, reference, images, settings, console, prompts_file)
+    write_results(out or images, rows, metrics)
+    print_metrics(console, f"evaluate {images}", metrics)
+    return metrics
+
+
+def reference_folder(config: StudyConfig) -> Path:
+    """The subject's prepared photos when prepare has run (outliers and duplicates already out), else the raw."""
+    prepared = Workspace(config.workspace).prepared_images
+    return prepared if prepared.is_dir() else config.subject.images
+
+
+def _inputs_digest(config: StudyConfig, images: Path, references: Path) -> str:
+    """What the metrics of a run depend on: its images and sidecars, the references and the settings."""
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for folder in (images, references)
+             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and p.name not in ("metrics.json", "scores.csv")]
+    facts = [files, config.evaluate.model_dump(mode="json"), config.subject.token, config.subject.class_word]
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
+
+
+def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None, force: bool = False) -> list[str]:
+    """Score the generated images of one run, or of every run that has some; runs whose images, references
+    and settings have not changed since their last evaluation are skipped. Returns the runs scored."""
+    from lookalike.evaluate.scoring import write_results
+    from lookalike.store import record_run
+
+    workspace = Workspace(config.workspace)
+    if run is not None:
+        if not workspace.run(run).images.is_dir():
+            raise LookalikeError(f"run {run!r} has no generated images yet ({workspace.run(run).images}); "
+                                 f"run: lookalike generate CONFIG --run {run}")
+        names = [run]
+    else:
+        names = sorted(p.name for p in workspace.runs.glob("*") if (p / "images").is_dir())
+    references = reference_folder(config)
+    todo = []
+    for name in names:
+        paths = workspace.run(name)
+        digest = _inputs_digest(config, paths.images, references)
+        done = paths.root / "metrics.json"
+        if not force and done.is_file() and read_json(done).get("inputs_digest") == digest:
+            console.print(f"evaluate: {name} is up to date")
+            continue
+        todo.append((name, digest))
+    if not todo:
+        return []
+
+    evaluator = load_evaluator(config.evaluate, with_clip=True)
+    reference = evaluator.reference(references)
+    console.print(f"evaluate: {reference.count} reference photos from {references}; CLIP prompts have "
+                  f"{config.subject.token!r} replaced by {config.subject.class_word!r}")
+    for name, digest in todo:
+        paths = workspace.run(name)
+        rows, metrics = _score_folder(evaluator, reference, paths.images, config.evaluate, console,
+                                      token=config.subject.token, class_word=config.subject.class_word)
+        metrics["inputs_digest"] = digest
+        write_results(paths.root, rows, metrics)
+        record_run(workspace.results, paths)
+        print_metrics(console, f"evaluate run {name}", metrics)
+    return [name for name, _ in todo]

@@ -12,6 +12,7 @@ class ClipScorer:
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.batch_size = batch_size
+        self._texts: dict[str, torch.Tensor] = {}  # a prompt set is scored against chunk after chunk of images
 
     @staticmethod
     def _tensor(output) -> torch.Tensor:
@@ -29,21 +30,18 @@ class ClipScorer:
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.processor(text=texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                    truncation=True)
-            chunks.append(self._tensor(self.model.get_text_features(tokens["input_ids"].to(self.device),
-                                                                    tokens["attention_mask"].to(self.device))))
-        features = torch.cat(chunks).float()
-        return features / features.norm(dim=-1, keepdim=True)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._texts]
+        for start in range(0, len(missing), self.batch_size):
+            batch = missing[start:start + self.batch_size]
+            tokens = self.processor(text=batch, return_tensors="pt", padding=True, truncation=True)
+            features = self._tensor(self.model.get_text_features(tokens["input_ids"].to(self.device),
+                                                                 tokens["attention_mask"].to(self.device))).float()
+            self._texts.update(zip(batch, features / features.norm(dim=-1, keepdim=True)))
+        return torch.stack([self._texts[t] for t in texts])
 
     def paired(self, images, texts: list[str]) -> list[float]:
-        """Cosine of each image with its own prompt."""
-        unique = list(dict.fromkeys(texts))
-        text = self.text_features(unique)
-        rows = torch.stack([text[unique.index(t)] for t in texts])
-        return (self.image_features(images) * rows).sum(dim=-1).cpu().tolist()
+        """Cosine of each image with its own prompt (each distinct prompt embedded once)."""
+        return (self.image_features(images) * self.text_features(texts)).sum(dim=-1).cpu().tolist()
 
     def all_pairs(self, images, texts: list[str]) -> torch.Tensor:
         """Cosine of every image with every prompt (images x texts): the study's all-pairs average is its mean."""

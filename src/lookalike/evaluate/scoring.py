@@ -1,30 +1,35 @@
-"""Score a folder of generated images against reference photos: likeness, face failures and CLIP Score.
+"""Per-image scores and their aggregates: what evaluate writes to scores.csv and metrics.json.
 
-Models are loaded once per call; CLIP embeds images and prompts in batches. A file that cannot be read gets
-a row with its reason instead of stopping the evaluation.
+An image's prompt comes from its JSON sidecar (written by generate) or from a prompts file. CLIP is given the
+prompt with the trigger word replaced by the class word: CLIP has never seen the trigger word, so leaving it
+in would only add noise to the score.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lookalike.data.images import list_images, load_rgb
 from lookalike.errors import LookalikeError
-from lookalike.evaluate.identity import Reference, face_distance, id_match, identity_similarity, reference_from
 from lookalike.workspace import atomic_path, write_json
 
 
 @dataclass
 class ImageScore:
     image: str
-    prompt: str | None
+    prompt: str | None = None
+    clip_prompt: str | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
     face_found: bool = False
     n_faces: int = 0
     face_score: float | None = None
+    face_box: tuple[int, int, int, int] | None = None  # left, top, right, bottom of the scored face
     face_distance: float | None = None
     identity_similarity: float | None = None
     id_match: bool | None = None
@@ -32,11 +37,16 @@ class ImageScore:
     error: str | None = None
 
 
-def prompts_for(images: list[Path], prompts_file: Path | None) -> list[str | None]:
-    """Each image's prompt: its JSON sidecar's, else the prompts file's (one line for all, or one per image
-    in name order), else none (no CLIP Score)."""
-    import json
+def clip_prompt(prompt: str, token: str | None, class_word: str | None) -> str:
+    if not token or not class_word:
+        return prompt
+    return re.sub(rf"\b{re.escape(token)}\b", class_word, prompt)
 
+
+def describe_images(images: list[Path], prompts_file: Path | None = None, token: str | None = None,
+                    class_word: str | None = None) -> list[ImageScore]:
+    """A row per image with what is known before scoring: prompt (sidecar, else the prompts file: one line for
+    all images or one per image in name order, else none and no CLIP Score), seed and guidance scale."""
     lines = []
     if prompts_file is not None:
         if not Path(prompts_file).is_file():
@@ -45,65 +55,22 @@ def prompts_for(images: list[Path], prompts_file: Path | None) -> list[str | Non
         if len(lines) not in (1, len(images)):
             raise LookalikeError(f"{prompts_file}: {len(lines)} prompts for {len(images)} images "
                                  "(give one prompt for all, or one per image in name order)")
-    prompts = []
+    rows = []
     for index, image in enumerate(images):
+        row = ImageScore(image=image.name)
         sidecar = image.with_suffix(".json")
         if sidecar.is_file():
-            prompts.append(json.loads(sidecar.read_text())["prompt"])
+            try:
+                facts = json.loads(sidecar.read_text())
+                row.prompt, row.seed = facts["prompt"], facts.get("seed")
+                row.guidance_scale = facts.get("guidance_scale")
+            except (ValueError, KeyError) as error:
+                raise LookalikeError(f"{sidecar}: not a generate sidecar ({error})") from None
         elif lines:
-            prompts.append(lines[0] if len(lines) == 1 else lines[index])
-        else:
-            prompts.append(None)
-    return prompts
-
-
-def _faces(backend, image, min_score: float):
-    return [f for f in backend.find_faces(image) if f.score >= min_score]
-
-
-def build_reference(backend, folder: Path, min_score: float) -> Reference:
-    """Mean embedding of the largest face of every reference photo that has one."""
-    embeddings = []
-    for path in list_images(folder, "references"):
-        try:
-            image = load_rgb(path)
-        except OSError:
-            continue
-        faces = _faces(backend, image, min_score)
-        if faces:
-            embeddings.append(backend.embed(image, max(faces, key=lambda f: f.area)))
-    if not embeddings:
-        raise LookalikeError(f"references: no face found in any photo of {folder}")
-    return reference_from(embeddings)
-
-
-def score_images(paths: list[Path], prompts: list[str | None], backend, reference: Reference, clip_scorer=None,
-                 min_score: float | None = None) -> list[ImageScore]:
-    min_score = backend.default_min_score if min_score is None else min_score
-    rows, loaded = [], []
-    for path, prompt in zip(paths, prompts):
-        row = ImageScore(image=path.name, prompt=prompt)
+            row.prompt = lines[0] if len(lines) == 1 else lines[index]
+        if row.prompt is not None:
+            row.clip_prompt = clip_prompt(row.prompt, token, class_word)
         rows.append(row)
-        try:
-            image = load_rgb(path)
-        except OSError as error:
-            row.error = f"unreadable image: {error}"
-            continue
-        faces = _faces(backend, image, min_score)
-        row.n_faces, row.face_found = len(faces), bool(faces)
-        if faces:
-            face = max(faces, key=lambda f: f.area)
-            embedding = backend.embed(image, face)
-            row.face_score = face.score
-            row.face_distance = face_distance(embedding, reference)
-            row.identity_similarity = identity_similarity(embedding, reference)
-            row.id_match = id_match(embedding, reference, backend.same_person_threshold)
-        if prompt is not None:
-            loaded.append((row, image))
-    if clip_scorer is not None and loaded:
-        scores = clip_scorer.paired([image for _, image in loaded], [row.prompt for row, _ in loaded])
-        for (row, _), score in zip(loaded, scores):
-            row.clip_score = score
     return rows
 
 
@@ -113,6 +80,8 @@ def _mean(values) -> float | None:
 
 
 def aggregate(rows: list[ImageScore]) -> dict:
+    """The study's figures over a set of images: face distance and similarity over images with a face; the
+    id-match rate and the face failures over all readable images."""
     readable = [r for r in rows if r.error is None]
     with_face = [r for r in readable if r.face_found]
     clip = _mean(r.clip_score for r in readable)
@@ -129,10 +98,19 @@ def aggregate(rows: list[ImageScore]) -> dict:
     }
 
 
+def aggregate_by(rows: list[ImageScore], key: str) -> dict[str, dict]:
+    """Aggregates per value of one column (prompt, guidance_scale), for images where it is known."""
+    groups: dict[str, list[ImageScore]] = {}
+    for row in rows:
+        if getattr(row, key) is not None:
+            groups.setdefault(str(getattr(row, key)), []).append(row)
+    return {value: aggregate(group) for value, group in groups.items()}
+
+
 def write_results(folder: Path, rows: list[ImageScore], metrics: dict) -> None:
     """scores.csv (one row per image) and metrics.json (aggregates), each written atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0]).keys()))
+    writer = csv.DictWriter(buffer, fieldnames=list(ImageScore.__dataclass_fields__))
     writer.writeheader()
     writer.writerows(asdict(row) for row in rows)
     with atomic_path(folder / "scores.csv") as tmp:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -28,6 +29,7 @@ def _model_file(name: str) -> Path:
 class DlibBackend:
     name = "dlib"
     same_person_threshold = 0.6  # dlib's documented threshold for its 128-d embeddings
+    thread_safe = False
     default_min_score = 0.0
 
     def __init__(self, upsample: int = 1):
@@ -46,17 +48,21 @@ class DlibBackend:
         small = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
         return np.ascontiguousarray(np.asarray(small.convert("RGB"))), scale
 
-    def find_faces(self, image) -> list[Face]:
+    def find_faces(self, image, min_size: float = 0.0) -> list[Face]:
+        # HOG's search window is fixed (80 px, 40 px with one upsampling): min_size cannot save any work here.
         array, scale = self._array(image)
         rects, scores, _ = self.detector.run(array, self.upsample, -0.5)
         faces = [Face((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale), float(s))
                  for r, s in zip(rects, scores)]
         return sorted(faces, key=lambda f: -f.score)
 
-    def embed(self, image, face: Face) -> np.ndarray:
+    def embed(self, faces: Sequence[tuple[object, Face]]) -> np.ndarray:
         import dlib
 
-        array, scale = self._array(image)
-        left, top, right, bottom = (round(v * scale) for v in face.box)
-        shape = self.landmarks(array, dlib.rectangle(left, top, right, bottom))
-        return np.asarray(self.encoder.compute_face_descriptor(array, shape), dtype=np.float32)
+        rows = []
+        for image, face in faces:
+            array, scale = self._array(image)
+            left, top, right, bottom = (round(v * scale) for v in face.box)
+            shape = self.landmarks(array, dlib.rectangle(left, top, right, bottom))
+            rows.append(np.asarray(self.encoder.compute_face_descriptor(array, shape), dtype=np.float32))
+        return np.stack(rows) if rows else np.zeros((0, 128), dtype=np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from lookalike.errors import LookalikeError
 from lookalike.faces import Face
 
 WEIGHTS_FILE = "20180402-114759-vggface2.pt"
+MTCNN_MIN_FACE = 20.0
+EMBED_BATCH = 32
 WEIGHTS_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/" + WEIGHTS_FILE
 
 
@@ -44,6 +47,7 @@ def _load_vggface2(model) -> None:
 class FacenetBackend:
     name = "facenet"
     same_person_threshold = 1.0  # L2 between unit embeddings; VGGFace2 facenet separates identities near 1.0-1.1
+    thread_safe = True
     default_min_score = 0.95  # MTCNN probability; weaker detections are mostly not faces
 
     def __init__(self, pretrained: bool = True, device: str | None = None):
@@ -60,18 +64,36 @@ class FacenetBackend:
             _load_vggface2(self.encoder)
         self.encoder.to(self.device)
 
-    def find_faces(self, image) -> list[Face]:
-        boxes, probabilities = self.detector.detect(image)
-        if boxes is None:
-            return []
-        faces = [Face(tuple(float(v) for v in box), float(p)) for box, p in zip(boxes, probabilities)]
+    def find_faces(self, image, min_size: float = 0.0) -> list[Face]:
+        import torch
+        from facenet_pytorch.models.utils.detect_face import detect_face
+        from PIL import Image
+
+        # MTCNN searches down to 20 px faces. When only faces of min_size px count, it searches a copy shrunk
+        # so that min_size becomes 20 px: a 1024 px image with a 5% floor is searched at 400 px, 3x faster,
+        # with boxes as close to full-size detection as MTCNN's own scales are to one another. Embeddings are
+        # still cut from the full-size image.
+        scale = min(1.0, MTCNN_MIN_FACE / min_size) if min_size > 0 else 1.0
+        if scale < 1.0:
+            image = image.resize((round(image.width * scale), round(image.height * scale)),
+                                 Image.Resampling.BILINEAR, reducing_gap=2.0)
+        mtcnn = self.detector
+        with torch.no_grad():
+            boxes, _ = detect_face(image, MTCNN_MIN_FACE, mtcnn.pnet, mtcnn.rnet, mtcnn.onet, mtcnn.thresholds,
+                                   mtcnn.factor, self.device)
+        faces = [Face(tuple(float(v) / scale for v in row[:4]), float(row[4]))
+                 for row in np.asarray(boxes[0]).reshape(-1, 5)]
         return sorted(faces, key=lambda f: -f.score)
 
-    def embed(self, image, face: Face) -> np.ndarray:
+    def embed(self, faces: Sequence[tuple[object, Face]]) -> np.ndarray:
         import torch
         from facenet_pytorch.models.mtcnn import extract_face, fixed_image_standardization
 
-        crop = extract_face(image, np.asarray(face.box), image_size=160, margin=0)
+        crops = [fixed_image_standardization(extract_face(image, np.asarray(face.box), image_size=160, margin=0))
+                 for image, face in faces]
+        rows = []
         with torch.no_grad():
-            embedding = self.encoder(fixed_image_standardization(crop)[None].to(self.device))[0]
-        return embedding.cpu().numpy().astype(np.float32)
+            for start in range(0, len(crops), EMBED_BATCH):
+                batch = torch.stack(crops[start:start + EMBED_BATCH]).to(self.device)
+                rows.append(self.encoder(batch).cpu().numpy().astype(np.float32))
+        return np.concatenate(rows) if rows else np.zeros((0, 512), dtype=np.float32)

@@ -1,0 +1,100 @@
+"""The scoring engine: face backend, face rule and CLIP loaded once, images streamed through in chunks.
+
+Per chunk, two worker threads decode images and search them for faces (decoding and MTCNN's numpy steps
+overlap that way), the largest face of every image is embedded in one batch, and CLIP embeds the chunk's
+images in one batch against prompt embeddings computed once. Memory stays at one chunk of images however
+many are scored. A file that cannot be read gets a row with its reason instead of stopping the evaluation.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+from lookalike.data.images import list_images, load_rgb
+from lookalike.errors import LookalikeError
+from lookalike.evaluate.identity import Reference, face_distance, id_match, identity_similarity, reference_from
+from lookalike.evaluate.scoring import ImageScore
+from lookalike.faces import FaceBackend, FaceRule, largest
+
+CHUNK = 16  # images in memory at once; also the batch of face embeddings and of CLIP images
+WORKERS = 2
+
+
+class Evaluator:
+    def __init__(self, backend: FaceBackend, rule: FaceRule, clip_scorer=None):
+        self.backend, self.rule, self.clip = backend, rule, clip_scorer
+        # dlib's detector corrupts memory when two threads share it; MTCNN (torch modules) does not.
+        self._detecting = nullcontext() if backend.thread_safe else threading.Lock()
+
+    def _inspect(self, path: Path):
+        """(image, faces, error) of one file."""
+        try:
+            image = load_rgb(path)
+        except OSError as error:
+            return None, [], f"unreadable image: {error}"
+        with self._detecting:
+            return image, self.rule.faces(self.backend, image), None
+
+    def _chunks(self, paths: list[Path]):
+        """(paths, inspections) per chunk; while the caller embeds one chunk, the pool inspects the next."""
+        chunks = [paths[start:start + CHUNK] for start in range(0, len(paths), CHUNK)]
+        with ThreadPoolExecutor(WORKERS) as pool:
+            pending = [pool.submit(self._inspect, path) for path in chunks[0]] if chunks else []
+            for index, chunk in enumerate(chunks):
+                inspected = [future.result() for future in pending]
+                following = chunks[index + 1] if index + 1 < len(chunks) else []
+                pending = [pool.submit(self._inspect, path) for path in following]
+                yield chunk, inspected
+
+    def reference(self, folder: Path) -> Reference:
+        """Mean embedding of the largest face of every reference photo that has one."""
+        found = []
+        for _, inspected in self._chunks(list_images(folder, "references")):
+            found += [(image, largest(faces)) for image, faces, _ in inspected if faces]
+        if not found:
+            raise LookalikeError(f"references: no face found in any photo of {folder}")
+        return reference_from(list(self.backend.embed(found)))
+
+    def score(self, paths: list[Path], rows: list[ImageScore], reference: Reference, all_pairs: bool = False,
+              progress=None) -> list[ImageScore]:
+        """Fill in the face and CLIP columns of `rows` (one per path). all_pairs: each image's clip_score is
+        its mean over every prompt of the set (the study's all prompts x all images average)."""
+        by_path = dict(zip(paths, rows))
+        prompts = list(dict.fromkeys(r.clip_prompt for r in rows if r.clip_prompt is not None))
+        for chunk, inspected in self._chunks(paths):
+            with_face = []
+            for path, (image, faces, error) in zip(chunk, inspected):
+                row = by_path[path]
+                row.error, row.n_faces, row.face_found = error, len(faces), bool(faces)
+                if faces:
+                    with_face.append((row, image, largest(faces)))
+            embeddings = self.backend.embed([(image, face) for _, image, face in with_face])
+            for (row, _, face), embedding in zip(with_face, embeddings):
+                row.face_score, row.face_box = face.score, tuple(round(v) for v in face.box)
+                row.face_distance = face_distance(embedding, reference)
+                row.identity_similarity = identity_similarity(embedding, reference)
+                row.id_match = id_match(embedding, reference, self.backend.same_person_threshold)
+            self._clip(chunk, inspected, by_path, prompts if all_pairs else None)
+            (progress or _NoProgress()).update(len(chunk))
+        return rows
+
+    def _clip(self, chunk, inspected, by_path, all_prompts: list[str] | None) -> None:
+        scored = [(by_path[path], image) for path, (image, _, _) in zip(chunk, inspected)
+                  if image is not None and by_path[path].clip_prompt is not None]
+        if self.clip is None or not scored:
+            return
+        images = [image for _, image in scored]
+        if all_prompts is None:
+            scores = self.clip.paired(images, [row.clip_prompt for row, _ in scored])
+        else:
+            scores = self.clip.all_pairs(images, all_prompts).mean(dim=1).tolist()
+        for (row, _), score in zip(scored, scores):
+            row.clip_score = score
+
+
+class _NoProgress:
+    def update(self, advance: int = 1) -> None:
+        pass

@@ -1,0 +1,97 @@
+"""results.sqlite: every run's settings, state, timings, final loss and evaluation metrics, for queries and
+the report.
+
+The files of each run stay the truth (results are files first, so a person can look); `record_run` reads them
+into the store in one transaction, so the store can always be rebuilt from the workspace and is never half
+updated. Several processes may record at once (a sweep's runs): SQLite serialises their writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+from lookalike.workspace import RunPaths, read_json
+
+METRICS = ("images", "unreadable", "face_distance", "identity_similarity", "id_match_rate", "faceless",
+           "several_faces", "clip_score")
+SETTINGS = ("learning_rate", "rank", "alpha", "max_train_steps", "lr_scheduler")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    name TEXT PRIMARY KEY,
+    state TEXT, reason TEXT, exit_code INTEGER,
+    learning_rate REAL, rank INTEGER, alpha REAL, max_train_steps INTEGER, lr_scheduler TEXT,
+    train TEXT,            -- the run's whole [train] section, as JSON
+    train_seconds REAL, final_loss REAL, steps_done INTEGER,
+    recorded REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run TEXT NOT NULL,
+    grouping TEXT NOT NULL,  -- 'run' (value ''), 'prompt' or 'guidance_scale'
+    value TEXT NOT NULL,
+    {", ".join(f"{name} REAL" for name in METRICS)},
+    face_backend TEXT, clip_model TEXT,
+    PRIMARY KEY (run, grouping, value)
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=60)
+    connection.row_factory = sqlite3.Row
+    connection.executescript(SCHEMA)
+    return connection
+
+
+def _last_step(metrics_log: Path) -> int | None:
+    if not metrics_log.is_file():
+        return None
+    lines = metrics_log.read_text().splitlines()
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError):
+            continue  # a line cut short by a kill
+    return None
+
+
+def record_run(path: Path, run: RunPaths) -> None:
+    """Write (or rewrite) the run's row and its evaluation metrics from its files."""
+    config = read_json(run.config) if run.config.is_file() else {}
+    train = config.get("train", {})
+    status = run.read_status() or {"state": "pending"}
+    alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
+    evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
+    with closing(connect(path)) as db, db:
+        db.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.name, status["state"], status.get("reason"), status.get("exit_code"),
+             train.get("learning_rate"), train.get("rank"), alpha, train.get("max_train_steps"),
+             train.get("lr_scheduler"), json.dumps(train), status.get("seconds"), status.get("final_loss"),
+             _last_step(run.metrics), time.time()))
+        db.execute("DELETE FROM metrics WHERE run = ?", (run.name,))
+        if evaluation is not None:
+            groups = [("run", "", evaluation)]
+            for grouping in ("prompt", "guidance_scale"):
+                groups += [(grouping, value, m) for value, m in evaluation.get(f"per_{grouping}", {}).items()]
+            db.executemany(
+                f"INSERT INTO metrics VALUES (?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
+                [(run.name, grouping, value, *(m.get(name) for name in METRICS), evaluation.get("face_backend"),
+                  evaluation.get("clip_model")) for grouping, value, m in groups])
+
+
+def run_table(path: Path) -> list[dict]:
+    """One row per run: its settings, state, timings and whole-run metrics (None before evaluation)."""
+    if not path.is_file():
+        return []
+    with closing(connect(path)) as db:
+        rows = db.execute(
+            f"SELECT r.name, r.state, r.reason, {', '.join('r.' + s for s in SETTINGS)}, r.train_seconds,"
+            f" r.final_loss, {', '.join('m.' + name for name in METRICS)}"
+            " FROM runs r LEFT JOIN metrics m ON m.run = r.name AND m.grouping = 'run' ORDER BY r.name").fetchall()
+    return [dict(row) for row in rows]
