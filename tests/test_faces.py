@@ -110,3 +110,22 @@ def test_facenet_missing_weights_offline_says_which_file_to_put_where(tmp_path, 
     with pytest.raises(LookalikeError, match="20180402-114759-vggface2.pt") as caught:
         load_backend("facenet")
     assert expected in str(caught.value) and "dlib" in str(caught.value)
+
+
+def test_face_rule_drops_faces_below_the_size_floor(faces):
+    """The group photo's faces, pasted small into a large canvas, are 4% of its side: counted at a 2% floor,
+    not at 5%. facenet searches a shrunk copy for the 2% floor and must still find both."""
+    from PIL import Image
+
+    from lookalike.faces import FaceRule
+
+    backend = offline_backend("facenet")
+    group = load_rgb(faces / "group" / "obama_and_biden.jpg")
+    canvas = Image.new("RGB", (4000, 4000), (128, 128, 128))
+    canvas.paste(group, (1000, 1500))
+    assert len(FaceRule(0.95, 0.02).faces(backend, canvas)) == 2
+    assert FaceRule(0.95, 0.05).faces(backend, canvas) == []
+    full_size = [f for f in backend.find_faces(group) if f.score >= 0.95]
+    found = sorted(FaceRule(0.95, 0.02).faces(backend, canvas), key=lambda f: f.box[0])
+    for near, far in zip(found, sorted(full_size, key=lambda f: f.box[0])):
+        assert abs(near.box[0] - 1000 - far.box[0]) < 0.1 * far.side, "boxes mapped back to the canvas's pixels"
