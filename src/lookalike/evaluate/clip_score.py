@@ -8,8 +8,11 @@ import torch
 
 class ClipScorer:
     def __init__(self, model, processor, device: torch.device | None = None, batch_size: int = 16):
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
+        from lookalike.models.base import inference_dtype, pick_device
+
+        self.device = device or pick_device()
+        self.dtype = inference_dtype(self.device)  # as for generation: bfloat16 on a GPU, float32 on the CPU
+        self.model = model.to(self.device, self.dtype).eval()
         self.processor = processor
         self.batch_size = batch_size
         self._texts: dict[str, torch.Tensor] = {}  # a prompt set is scored against chunk after chunk of images
@@ -24,7 +27,7 @@ class ClipScorer:
         chunks = []
         for start in range(0, len(images), self.batch_size):
             pixels = self.processor(images=images[start:start + self.batch_size], return_tensors="pt")
-            chunks.append(self._tensor(self.model.get_image_features(pixels["pixel_values"].to(self.device))))
+            chunks.append(self._tensor(self.model.get_image_features(pixels["pixel_values"].to(self.device, self.dtype))))
         features = torch.cat(chunks).float()
         return features / features.norm(dim=-1, keepdim=True)
 
