@@ -76,7 +76,7 @@ def per_image_loop(evaluator, reference, paths, prompts) -> list[tuple[tuple | N
     results = []
     for path, prompt in zip(paths, prompts):
         image = load_rgb(path)
-        boxes, probabilities = backend.detector.detect(image)  # MTCNN at its defaults, the study's call
+        boxes, probabilities = backend.detector.mtcnn.detect(image)  # MTCNN at its defaults, the study's call
         boxes = [] if boxes is None else boxes
         faces = [(box, p) for box, p in zip(boxes, probabilities)
                  if p >= rule.min_score and min(box[2] - box[0], box[3] - box[1]) >= rule.min_size * min(image.size)]

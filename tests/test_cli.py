@@ -33,7 +33,7 @@ def test_empty_image_folder(tiny_config, tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("no photos here")
     assert_one_line_error(run_cli("train", str(tiny_config(subject={"images": str(empty)}))),
-                          "no images in", str(empty))
+                          "subject.images: no photos in", str(empty))
 
 
 @pytest.mark.parametrize("train, expected", [

@@ -30,6 +30,14 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 @app.command()
+def prepare(config: ConfigArg, set_: SetOption = None) -> None:
+    """Crop the subject's photos around the face, check them, and write data/ with a QA page."""
+    from lookalike.data.prepare import prepare as prepare_photos
+
+    prepare_photos(_load(config, set_), console)
+
+
+@app.command()
 def train(
     config: ConfigArg,
     set_: SetOption = None,

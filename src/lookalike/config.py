@@ -44,9 +44,32 @@ class SubjectConfig(Section):
         return token
 
 
+CheckAction = Literal["warn", "exclude", "off"]
+
+
+class DataChecks(Section):
+    """What prepare does with a photo that fails each check: keep it with a warning, leave it out, or not check."""
+
+    no_face: CheckAction = "exclude"
+    several_faces: CheckAction = "warn"
+    face_too_small: CheckAction = "warn"
+    duplicate: CheckAction = "exclude"
+    identity_outlier: CheckAction = "exclude"
+    too_few: Literal["warn", "error"] = "error"
+    """Fewer than [data].min_photos photos kept: stop with an error, or go on with a warning."""
+
+
 class DataConfig(Section):
     resolution: int = Field(1024, ge=16)
     crop: Literal["face", "center"] = "face"
+    face_scale: float = Field(0.4, gt=0, le=1)
+    """The face box's side as a share of the square crop's side (0.4: head and shoulders)."""
+    max_upscale: float = Field(2.0, ge=1)
+    """A face whose crop must be enlarged more than this to reach the resolution is too small."""
+    near_duplicate_bits: int = Field(8, ge=0, le=64)
+    """Photos whose perceptual hashes differ in at most this many of 64 bits are near duplicates."""
+    min_photos: int = Field(3, ge=1)
+    checks: DataChecks = DataChecks()
 
     @field_validator("resolution")
     @classmethod

@@ -1,10 +1,15 @@
-"""Reading photos as a person sees them: EXIF orientation applied, any mode flattened to RGB."""
+"""Reading photos as a person sees them: EXIF orientation applied, any mode flattened to 8-bit RGB.
+
+Whatever a file holds, reading it either gives an upright RGB image or raises OSError with the reason:
+corrupt, truncated, not an image, or so many pixels that decoding it could exhaust memory.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MAX_PIXELS = 64_000_000  # 8000 x 8000: beyond any camera photo worth training on, below a decompression bomb
 
 
 def list_images(folder: Path, what: str = "subject.images") -> list[Path]:
@@ -20,17 +25,38 @@ def list_images(folder: Path, what: str = "subject.images") -> list[Path]:
     return images
 
 
+def _to_rgb(image):
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: PIL's own conversion clips every value above 255 to white; scale to 8 bits instead.
+        import numpy as np
+
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")  # CMYK, palette, greyscale, 16-bit RGB
+
+
 def load_rgb(path: Path):
-    """Open an image upright (EXIF orientation) as 8-bit RGB, with transparency flattened onto white."""
+    """Open an image upright (EXIF orientation) as 8-bit RGB, with transparency flattened onto white.
+
+    Raises OSError, with the reason, for anything that does not decode to a whole image of a sane size.
+    """
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise OSError(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} read "
+                              "(a decompression bomb, or a scan far larger than a photo)")
+            image.load()  # a truncated file fails here, not later
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise OSError(str(error)) from None
 
 
 def center_square(image, size: int):

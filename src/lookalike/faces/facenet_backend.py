@@ -44,25 +44,19 @@ def _load_vggface2(model) -> None:
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-class FacenetBackend:
-    name = "facenet"
-    same_person_threshold = 1.0  # L2 between unit embeddings; VGGFace2 facenet separates identities near 1.0-1.1
+class MtcnnDetector:
+    """MTCNN alone (its weights ship with facenet-pytorch): prepare's detector, and facenet's."""
+
+    name = "mtcnn"
     thread_safe = True
     default_min_score = 0.95  # MTCNN probability; weaker detections are mostly not faces
 
-    def __init__(self, pretrained: bool = True, device: str | None = None):
-        """pretrained=False uses random embedding weights: the code path runs, the numbers mean nothing."""
-        import facenet_pytorch
+    def __init__(self, device=None):
         import torch
-        from facenet_pytorch import MTCNN, InceptionResnetV1
+        from facenet_pytorch import MTCNN
 
-        self.version = getattr(facenet_pytorch, "__version__", "2.6.0") + ("" if pretrained else "+random")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.detector = MTCNN(image_size=160, margin=0, keep_all=True, post_process=True, device=self.device)
-        self.encoder = InceptionResnetV1(pretrained=None, classify=False, num_classes=8631).eval()
-        if pretrained:
-            _load_vggface2(self.encoder)
-        self.encoder.to(self.device)
+        self.mtcnn = MTCNN(image_size=160, margin=0, keep_all=True, post_process=True, device=self.device)
 
     def find_faces(self, image, min_size: float = 0.0) -> list[Face]:
         import torch
@@ -77,13 +71,38 @@ class FacenetBackend:
         if scale < 1.0:
             image = image.resize((round(image.width * scale), round(image.height * scale)),
                                  Image.Resampling.BILINEAR, reducing_gap=2.0)
-        mtcnn = self.detector
+        if min(image.size) < MTCNN_MIN_FACE:
+            return []
+        mtcnn = self.mtcnn
         with torch.no_grad():
             boxes, _ = detect_face(image, MTCNN_MIN_FACE, mtcnn.pnet, mtcnn.rnet, mtcnn.onet, mtcnn.thresholds,
                                    mtcnn.factor, self.device)
         faces = [Face(tuple(float(v) / scale for v in row[:4]), float(row[4]))
                  for row in np.asarray(boxes[0]).reshape(-1, 5)]
         return sorted(faces, key=lambda f: -f.score)
+
+
+class FacenetBackend:
+    name = "facenet"
+    same_person_threshold = 1.0  # L2 between unit embeddings; VGGFace2 facenet separates identities near 1.0-1.1
+    thread_safe = MtcnnDetector.thread_safe
+    default_min_score = MtcnnDetector.default_min_score
+
+    def __init__(self, pretrained: bool = True, device: str | None = None):
+        """pretrained=False uses random embedding weights: the code path runs, the numbers mean nothing."""
+        import facenet_pytorch
+        from facenet_pytorch import InceptionResnetV1
+
+        self.version = getattr(facenet_pytorch, "__version__", "2.6.0") + ("" if pretrained else "+random")
+        self.detector = MtcnnDetector(device)
+        self.device = self.detector.device
+        self.encoder = InceptionResnetV1(pretrained=None, classify=False, num_classes=8631).eval()
+        if pretrained:
+            _load_vggface2(self.encoder)
+        self.encoder.to(self.device)
+
+    def find_faces(self, image, min_size: float = 0.0) -> list[Face]:
+        return self.detector.find_faces(image, min_size)
 
     def embed(self, faces: Sequence[tuple[object, Face]]) -> np.ndarray:
         import torch

@@ -75,7 +75,7 @@ class EmbeddingCache:
         self.dtype = dtype
 
     def latent_path(self, image: TrainingImage, resolution: int) -> Path:
-        key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), image.crop, resolution)
+        key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), resolution)
         return self.cache_dir / "latents" / f"{key}.safetensors"
 
     def text_path(self, caption: str, max_sequence_length: int) -> Path:

@@ -175,7 +175,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 
     t = config.train
-    images = training_images(config)  # bad photo folders fail before any model is loaded
+    images = training_images(config, console)  # bad photo folders fail before any model is loaded
     precision = resolve_mixed_precision(t.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
     device = accelerator.device

@@ -1,0 +1,306 @@
+"""lookalike prepare: a subject's raw photos -> data/: square face crops at [data].resolution, a caption per
+crop, manifest.json (every photo, what was found in it, each check's result and reason) and qa.html.
+
+It works in three passes:
+1. inspect each photo on its own: read it, hash it, find its faces (MTCNN) and embed them (the evaluation's
+   face backend). This is the slow part; its results are kept in manifest.json and reused for every photo
+   whose bytes and inspection settings are unchanged, so models load only when a photo is new or changed;
+2. decide across photos: which face is the subject's, duplicates, identity outliers, too few photos left;
+3. write the crops and captions of the kept photos (each atomically; an unchanged crop is not rewritten),
+   remove crops no longer wanted, then write the manifest, which marks the data complete, and qa.html.
+Source photos are only ever read. A run that would change nothing writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from lookalike.config import StudyConfig
+from lookalike.data import checks
+from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
+from lookalike.data.images import load_rgb
+from lookalike.errors import LookalikeError
+from lookalike.workspace import Workspace, atomic_path, read_json, write_json
+
+INSPECTION_FORMAT = 1  # bump when what inspect() records changes, so old manifests are re-inspected
+THUMBNAIL = 256
+BACKEND_PACKAGES = {"dlib": "dlib-bin", "facenet": "facenet-pytorch"}
+
+
+@dataclass
+class Photo:
+    """One source file: what inspection found (reused while its bytes and settings hold), then the decisions."""
+
+    source: str
+    sha256: str | None = None
+    inspected_with: str = ""
+    size: list[int] | None = None  # width, height after EXIF orientation
+    frames: int = 1
+    phash: str | None = None  # 64-bit perceptual hash, hex
+    faces: list[dict] = field(default_factory=list)  # {"box": [l, t, r, b], "probability": p}
+    embeddings: list[list[float]] = field(default_factory=list)  # one per face, by the identity backend
+    thumbnail: str | None = None  # qa/<file>.jpg, relative to data/
+    error: str | None = None
+    # Decided across photos:
+    face: int | None = None  # index of the subject's face in `faces`
+    crop_box: list[int] | None = None
+    upscale: float | None = None
+    checks: dict[str, dict] = field(default_factory=dict)  # name -> {"result": pass|warn|exclude, "reason"}
+    status: str = "excluded"  # kept | excluded
+    reasons: list[str] = field(default_factory=list)
+    output: str | None = None  # images/<file>.png, relative to data/
+    caption: str | None = None
+
+
+def source_files(folder: Path) -> list[Path]:
+    """Every file of the subject's folder but captions and hidden files: a file that is not a readable image
+    gets a reason in the manifest rather than being passed over in silence."""
+    if not folder.is_dir():
+        raise LookalikeError(f"subject.images: folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() != ".txt")
+    if not files:
+        raise LookalikeError(f"subject.images: no photos in {folder}")
+    return files
+
+
+def caption_for(photo: Path, default: str) -> str:
+    """A caption .txt beside the photo wins over the config's default caption."""
+    caption_file = photo.with_suffix(".txt")
+    if caption_file.is_file() and caption_file.read_text().strip():
+        return caption_file.read_text().strip()
+    return default
+
+
+def inspection_settings(config: StudyConfig) -> str:
+    """What a photo's inspection depends on besides its bytes, as a digest (no model is loaded for it)."""
+    backend = config.evaluate.face_backend
+    facts = [INSPECTION_FORMAT, config.data.crop, config.evaluate.min_face_size, metadata.version("facenet-pytorch"),
+             backend, metadata.version(BACKEND_PACKAGES[backend])]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+
+class Inspector:
+    """The detector and identity backend, loaded on first use: a re-run with nothing new loads no model."""
+
+    def __init__(self, config: StudyConfig, data: Path):
+        self.config, self.data = config, data
+        self._models = None
+
+    def _load(self):
+        if self._models is None:
+            from lookalike.faces import FaceRule, load_backend
+            from lookalike.faces.facenet_backend import MtcnnDetector
+
+            detector = MtcnnDetector()
+            identity = load_backend(self.config.evaluate.face_backend)
+            self._models = detector, FaceRule.for_backend(detector, None, self.config.evaluate.min_face_size), identity
+        return self._models
+
+    def inspect(self, path: Path, sha256: str, settings: str) -> Photo:
+        import imagehash
+        from PIL import Image
+
+        photo = Photo(source=str(path), sha256=sha256, inspected_with=settings)
+        try:
+            image = load_rgb(path)
+            with Image.open(path) as original:
+                photo.frames = getattr(original, "n_frames", 1)
+        except OSError as error:
+            photo.error = f"unreadable: {error}"
+            return photo
+        photo.size = list(image.size)
+        photo.phash = str(imagehash.phash(image))
+        thumbnail = image.copy()
+        thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
+        photo.thumbnail = f"qa/{photo.sha256[:16]}.jpg"
+        with atomic_path(self.data / photo.thumbnail) as tmp:
+            thumbnail.save(tmp, format="JPEG", quality=85)
+        if self.config.data.crop == "face":
+            detector, rule, identity = self._load()
+            faces = rule.faces(detector, image)
+            photo.faces = [{"box": [round(v, 1) for v in f.box], "probability": round(f.score, 4)} for f in faces]
+            photo.embeddings = [[round(float(v), 6) for v in row] for row in identity.embed([(image, f) for f in faces])]
+        return photo
+
+    @property
+    def same_person_threshold(self) -> float:
+        from lookalike.faces.dlib_backend import DlibBackend
+        from lookalike.faces.facenet_backend import FacenetBackend
+
+        backend = {"dlib": DlibBackend, "facenet": FacenetBackend}[self.config.evaluate.face_backend]
+        return backend.same_person_threshold
+
+
+def _check(photo: Photo, name: str, action: str, failed: bool, reason: str) -> None:
+    """Record one check's result; a failed check warns or excludes as configured ('off': not recorded)."""
+    if action == "off":
+        return
+    photo.checks[name] = {"result": action if failed else "pass", "reason": reason if failed else None}
+    if failed:
+        photo.reasons.append(reason if action == "exclude" else f"warning: {reason}")
+
+
+def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: float) -> None:
+    """Pass 2: fill in each photo's face, crop, checks and status from what inspection found in all of them."""
+    data, act = config.data, config.data.checks
+    names = [Path(p.source).name for p in photos]
+    embeddings = [np.asarray(p.embeddings, dtype=np.float32) if p.faces else None for p in photos]
+    areas = [[(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in p.faces] for p in photos]
+    chosen = checks.choose_faces(embeddings, areas)
+    anchored = checks.identity_anchor(embeddings) is not None
+    repeats = checks.duplicates([p.sha256 if p.error is None else None for p in photos],
+                                [int(p.phash, 16) if p.phash else None for p in photos], data.near_duplicate_bits)
+    candidates = {i: embeddings[i][chosen[i]] for i in range(len(photos)) if chosen[i] is not None
+                  and i not in repeats}
+    strangers = checks.identity_outliers(candidates, same_person_threshold) if act.identity_outlier != "off" else {}
+
+    for index, photo in enumerate(photos):
+        photo.checks, photo.reasons, photo.face, photo.crop_box, photo.upscale = {}, [], chosen[index], None, None
+        photo.checks["readable"] = {"result": "exclude" if photo.error else "pass", "reason": photo.error}
+        if photo.error:
+            photo.reasons.append(photo.error)
+            photo.status = "excluded"
+            continue
+        if photo.frames > 1:
+            photo.reasons.append(f"warning: animated image, the first of its {photo.frames} frames is used")
+        if data.crop == "face":
+            _check(photo, "no_face", act.no_face, photo.face is None, "no face found")
+            if len(photo.faces) > 1 and photo.face is not None:
+                box = ", ".join(str(round(v)) for v in photo.faces[photo.face]["box"])
+                why = "the one most like the other photos" if anchored else "the largest"
+                _check(photo, "several_faces", act.several_faces, True,
+                       f"{len(photo.faces)} faces; used face {photo.face + 1} at ({box}), {why}")
+            else:
+                _check(photo, "several_faces", act.several_faces, False, "")
+        if photo.face is not None:
+            photo.crop_box = list(face_crop_box(tuple(photo.faces[photo.face]["box"]), tuple(photo.size),
+                                                data.face_scale))
+        elif data.crop == "center" or act.no_face != "exclude":
+            photo.crop_box = list(center_crop_box(tuple(photo.size)))
+        if photo.crop_box is not None:
+            side = photo.crop_box[2] - photo.crop_box[0]
+            photo.upscale = round(data.resolution / side, 3)
+            what = "face crop" if photo.face is not None else "photo"
+            _check(photo, "face_too_small", act.face_too_small, photo.upscale > data.max_upscale,
+                   f"{what} is {side} px, enlarged {photo.upscale:.1f}x to {data.resolution} px "
+                   f"(limit {data.max_upscale:g}x)")
+        if index in repeats:
+            kind, earlier, bits = repeats[index]
+            detail = "same bytes" if kind == "exact" else f"perceptual hashes {bits} of 64 bits apart"
+            _check(photo, "duplicate", act.duplicate, True, f"{kind} duplicate of {names[earlier]} ({detail})")
+        else:
+            _check(photo, "duplicate", act.duplicate, False, "")
+        if data.crop == "face":
+            _check(photo, "identity_outlier", act.identity_outlier, index in strangers,
+                   f"face looks like someone else: median distance {strangers.get(index, 0):.2f} to the other "
+                   f"photos' faces, over the same-person threshold {same_person_threshold:g}")
+        excluded = photo.crop_box is None or any(c["result"] == "exclude" for c in photo.checks.values())
+        photo.status = "excluded" if excluded else "kept"
+
+
+def _output_name(photo: Photo, resolution: int) -> str:
+    digest = hashlib.sha256(f"{photo.sha256} {photo.crop_box} {resolution}".encode()).hexdigest()[:8]
+    return f"images/{Path(photo.source).stem}_{digest}.png"
+
+
+def prepare(config: StudyConfig, console: Console | None = None) -> list[Photo]:
+    """Bring data/ up to date with the subject's photos and the settings; return every photo's record."""
+    from lookalike.data.qa_report import print_summary, write_qa_page
+    from lookalike.progress import progress_bar
+
+    console = console or Console()
+    data = Workspace(config.workspace).data
+    manifest_file = data / "manifest.json"
+    previous = read_json(manifest_file) if manifest_file.is_file() else {"photos": []}
+    known = {(p["source"], p["sha256"], p["inspected_with"]): p for p in previous.get("photos", [])}
+    settings = inspection_settings(config)
+
+    # 1. Inspect new and changed photos; reuse what was found in the others.
+    inspector = Inspector(config, data)
+    photos, inspected = [], 0
+    files = source_files(config.subject.images)
+    with progress_bar(console, "prepare", total=len(files)) as bar:
+        for path in files:
+            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            old = known.get((str(path), sha256, settings))
+            if old is not None and (old["thumbnail"] is None or (data / old["thumbnail"]).is_file()):
+                photos.append(Photo(**old))
+            else:
+                photos.append(inspector.inspect(path, sha256, settings))
+                inspected += 1
+            bar.update()
+
+    # 2. Decide across photos.
+    decide(photos, config, inspector.same_person_threshold)
+    default_caption = config.fill(config.subject.caption)
+    for photo in photos:
+        if photo.status == "kept":
+            photo.output = _output_name(photo, config.data.resolution)
+            photo.caption = config.fill(caption_for(Path(photo.source), default_caption))
+        else:
+            photo.output = photo.caption = None
+    kept = [p for p in photos if p.status == "kept"]
+    manifest = json.loads(json.dumps({  # as it reads back from disk, to compare with the previous one
+        "subject": str(config.subject.images), "resolution": config.data.resolution, "kept": len(kept),
+        "excluded": len(photos) - len(kept), "photos": [asdict(p) for p in photos]}))
+
+    # 3. Write what changed.
+    complete = all((data / p.output).is_file() and (data / p.output).with_suffix(".txt").is_file() for p in kept)
+    if manifest != previous or not complete:
+        _write_crops(data, kept, config.data.resolution)
+        _remove_unused_thumbnails(data, photos)
+        write_json(manifest_file, manifest)
+        write_qa_page(data, photos)
+        console.print(f"prepare: {inspected} photos inspected, {len(kept)} kept, {len(photos) - len(kept)} excluded; "
+                      f"report {data / 'qa.html'}")
+    else:
+        console.print(f"prepare: up to date ({len(kept)} photos kept, {len(photos) - len(kept)} excluded)")
+    print_summary(console, photos)
+    if len(kept) < config.data.min_photos:
+        message = (f"only {len(kept)} usable photos in {config.subject.images} (data.min_photos is "
+                   f"{config.data.min_photos}); see {data / 'qa.html'}")
+        if config.data.checks.too_few == "error":
+            raise LookalikeError(message)
+        console.print(f"warning: {message}")
+    return photos
+
+
+def _write_crops(data: Path, kept: list[Photo], resolution: int) -> None:
+    """Each kept photo's crop and caption (a crop already there is the same: its name holds its inputs);
+    crops of photos no longer kept are removed."""
+    wanted = set()
+    for photo in kept:
+        output = data / photo.output
+        wanted |= {output.name, output.with_suffix(".txt").name}
+        if not output.is_file():
+            with atomic_path(output) as tmp:
+                crop_and_resize(load_rgb(Path(photo.source)), tuple(photo.crop_box), resolution).save(tmp, "PNG")
+        caption = output.with_suffix(".txt")
+        if not caption.is_file() or caption.read_text() != photo.caption:
+            with atomic_path(caption) as tmp:
+                tmp.write_text(photo.caption)
+    for stale in (data / "images").glob("*"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+
+def _remove_unused_thumbnails(data: Path, photos: list[Photo]) -> None:
+    used = {Path(p.thumbnail).name for p in photos if p.thumbnail}
+    for thumbnail in (data / "qa").glob("*.jpg"):
+        if thumbnail.name not in used:
+            thumbnail.unlink()
+
+
+def prepared_photos(config: StudyConfig, console: Console) -> list[tuple[Path, str]]:
+    """(crop, caption) of every kept photo, preparing the data first when it is missing or out of date."""
+    photos = prepare(config, console)
+    data = Workspace(config.workspace).data
+    return [(data / p.output, p.caption) for p in photos if p.status == "kept"]
