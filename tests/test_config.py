@@ -5,6 +5,7 @@ import yaml
 
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
+from lookalike.sweep.plan import config_for_run
 from tests.conftest import write_config
 
 MINIMAL = {"": {"name": "s", "workspace": "work"}, "subject": {"token": "sks", "images": "photos"}}
@@ -75,10 +76,9 @@ def test_experiment_overrides_train_defaults(tmp_path):
     path = tmp_path / "s.toml"
     write_config(path, {**MINIMAL, "train": {"rank": 16, "learning_rate": 5e-4}})
     path.write_text(path.read_text() + '[[sweep.experiments]]\nname = "exp1"\nrank = 8\nlearning_rate = 1e-3\n')
-    config = load_config(path).for_experiment("exp1")
+    config = config_for_run(load_config(path), "exp1")
     assert (config.train.rank, config.train.learning_rate, config.train.max_train_steps) == (8, 1e-3, 1000)
-    with pytest.raises(LookalikeError, match="no experiment named 'exp9'"):
-        load_config(path).for_experiment("exp9")
+    assert config_for_run(load_config(path), "other").train.rank == 16, "a run that is no experiment: [train]"
 
 
 def test_experiment_with_unknown_key_is_named(tmp_path):

@@ -47,10 +47,9 @@ def train(
     """Train one LoRA run."""
     from lookalike.train.trainer import train as train_run
 
-    study = _load(config, set_)
-    if any(e.name == run for e in study.sweep.experiments):
-        study = study.for_experiment(run)
-    train_run(study, run, resume=resume, console=console)
+    from lookalike.sweep.plan import config_for_run
+
+    train_run(config_for_run(_load(config, set_), run), run, resume=resume, console=console)
 
 
 @app.command()

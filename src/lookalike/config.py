@@ -153,6 +153,26 @@ Experiment = _experiment_model()
 
 class SweepConfig(Section):
     experiments: list[Experiment] = []  # type: ignore[valid-type]
+    """Experiments named one by one, each overriding [train]."""
+    design: Literal["grid", "one-at-a-time", "pairwise"] | None = None
+    factors: dict[str, list[Any]] = {}
+    """[train] key -> its levels; the design turns them into experiments, added to the listed ones."""
+
+    @field_validator("factors")
+    @classmethod
+    def _train_keys(cls, factors: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, levels in factors.items():
+            if key not in TrainConfig.model_fields:
+                raise ValueError(f"{key!r} is not a [train] key")
+            if not levels or len(set(map(repr, levels))) != len(levels):
+                raise ValueError(f"{key} needs one or more distinct levels (got {levels!r})")
+        return factors
+
+    @model_validator(mode="after")
+    def _design_and_factors(self) -> "SweepConfig":
+        if bool(self.factors) != (self.design is not None):
+            raise ValueError("sweep.design and sweep.factors go together (give both, or neither)")
+        return self
 
     @field_validator("experiments")
     @classmethod
@@ -186,15 +206,13 @@ class StudyConfig(Section):
         # str.replace, not str.format: a caption may hold other braces.
         return text.replace("{token}", self.subject.token).replace("{class_word}", self.subject.class_word)
 
-    def for_experiment(self, name: str) -> "StudyConfig":
-        """This config with the [train] overrides of the named sweep experiment applied."""
-        for experiment in self.sweep.experiments:
-            if experiment.name == name:
-                overrides = experiment.model_dump(exclude={"name"}, exclude_none=True)
-                train = TrainConfig.model_validate({**self.train.model_dump(), **overrides})
-                return self.model_copy(update={"train": train})
-        known = ", ".join(e.name for e in self.sweep.experiments) or "none"
-        raise LookalikeError(f"no experiment named {name!r} in [sweep] (known: {known})")
+    def with_train(self, overrides: dict[str, Any], source: str) -> "StudyConfig":
+        """This config with [train] keys overridden; a bad value is an error naming `source` and the key."""
+        try:
+            train = TrainConfig.model_validate({**self.train.model_dump(), **overrides})
+            return StudyConfig.model_validate({**self.model_dump(), "train": train.model_dump()})
+        except ValidationError as error:
+            raise LookalikeError(_format_errors(source, error)) from None
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
