@@ -108,7 +108,7 @@ def main() -> None:
     settings = EvaluateConfig()
     evaluator = Evaluator(backend, FaceRule.for_backend(backend, settings.min_face_score, settings.min_face_size),
                           ClipScorer(*load_clip(args.clip_model)))
-    reference = evaluator.reference(FACES / "train" / "guido_van_rossum")
+    reference = evaluator.reference(list_images(FACES / "train" / "guido_van_rossum", "references"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_images(folder, args.images)

@@ -109,7 +109,8 @@ def bad_corpus(folder, faces):
     with_alpha = portrait.convert("RGBA")
     with_alpha.putalpha(200)
     with_alpha.save(folder / "alpha.png")
-    portrait.save(folder / "animated.gif", save_all=True, append_images=[portrait.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    mirrored = portrait.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    portrait.save(folder / "animated.gif", save_all=True, append_images=[mirrored])
 
 
 def test_bad_files_each_get_a_reason_and_stop_nothing(tiny_config, faces, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,7 +15,8 @@ from lookalike.errors import LookalikeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach FLUX.1-dev one person's face with LoRA, and prove how well it learned.")
-console = Console()
+# Captured output (a sweep's log, a pipe) is read in wide editors, not an 80-column terminal.
+console = Console() if Console().is_terminal or "COLUMNS" in os.environ else Console(width=140)
 error_console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="The study's config file (TOML, JSON or YAML).")]
@@ -22,11 +25,16 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 
 def _load(config: Path, overrides: list[str] | None):
     from lookalike.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _quiet() -> None:
+    """Before loading models: diffusers and transformers notices off (importing them takes seconds, so only
+    commands that load models do)."""
     from lookalike.models.base import quiet_libraries
 
-    study = load_config(config, overrides or [])
     quiet_libraries()
-    return study
 
 
 @app.command()
@@ -49,7 +57,91 @@ def train(
 
     from lookalike.sweep.plan import config_for_run
 
+    _quiet()
     train_run(config_for_run(_load(config, set_), run), run, resume=resume, console=console)
+
+
+@app.command()
+def sweep(
+    config: ConfigArg,
+    set_: SetOption = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the experiments, one per line, and stop.")] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="Runs at once (local backend; one GPU each).")] = 1,
+    backend: Annotated[str, typer.Option(help="local (processes here) or ray (a Ray cluster).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
+        = None,
+    retry_failed: Annotated[bool, typer.Option(help="Run failed runs again (interrupted ones always resume).")]
+        = False,
+) -> None:
+    """Train every experiment of the config, each in its own process; finished runs are skipped."""
+    from lookalike.sweep.plan import experiments
+    from lookalike.sweep.runner import sweep as run_sweep
+
+    if backend not in ("local", "ray"):
+        raise LookalikeError(f"--backend: unknown backend {backend!r} (use local or ray)")
+    study = _load(config, set_)
+    planned = experiments(study)
+    if plan:
+        for experiment in planned:
+            console.print(experiment.describe(), markup=False, highlight=False)
+        return
+    outcomes = run_sweep(study, config.resolve(), planned, console, set_ or [], jobs=jobs, backend=backend,
+                         address=address, retry_failed=retry_failed)
+    if any(o.state in ("failed", "interrupted") for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command(name="run")
+def run_all(
+    config: ConfigArg,
+    set_: SetOption = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Runs trained at once (local backend; one GPU each).")] = 1,
+    backend: Annotated[str, typer.Option(help="local (processes here) or ray (a Ray cluster).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
+        = None,
+) -> None:
+    """The whole study: prepare, train every experiment, generate, evaluate; what is done is skipped."""
+    from lookalike.pipeline import run_study
+
+    problems = run_study(_load(config, set_), config.resolve(), set_ or [], console, jobs=jobs, backend=backend,
+                         address=address)
+    results(config, sort=None)
+    for problem in problems:
+        console.print(f"problem: {problem}", markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    config: ConfigArg,
+    sort: Annotated[Optional[str], typer.Option(help="Sort by this column (e.g. face_distance, clip_score).")]
+        = None,
+) -> None:
+    """Every run of the study: settings, state, time, final loss and evaluation metrics."""
+    from rich.table import Table
+
+    from lookalike.store import refresh, sort_runs
+    from lookalike.workspace import Workspace
+
+    workspace = Workspace(_load(config, None).workspace)
+    rows = refresh(workspace.runs, workspace.results)
+    if not rows:
+        console.print(f"results: no runs yet in {workspace.runs}")
+        return
+    rows = sort_runs(rows, sort) if sort else rows
+    columns = {"name": "run", "state": "state", "learning_rate": "lr", "rank": "rank", "alpha": "alpha",
+               "max_train_steps": "steps", "lr_scheduler": "sched", "train_seconds": "train s",
+               "final_loss": "loss", "face_distance": "face dist", "identity_similarity": "identity",
+               "id_match_rate": "id match", "faceless": "faceless", "clip_score": "clip"}
+    table = Table(*columns.values(), title=f"results ({workspace.results})")
+    for row in rows:
+        table.add_row(*("-" if row[k] is None else f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k])
+                        for k in columns))
+    console.print(table)
+    for row in rows:
+        if row["reason"] and row["state"] != "done":
+            console.print(f"{row['name']}: {row['state']}: {row['reason']}", markup=False, highlight=False)
 
 
 @app.command()
@@ -62,6 +154,7 @@ def generate(
     """Generate the config's prompts x seeds x guidance scales, with a LoRA or with the base model alone."""
     from lookalike.generate import generate as generate_images
 
+    _quiet()
     generate_images(_load(config, set_), run=run, lora_file=lora, console=console)
 
 
@@ -103,10 +196,32 @@ def evaluate(
     evaluate_folder(images, references, evaluate_settings(chosen), console, prompts_file=prompts, out=out)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_with_parent() -> None:
+    """Under a sweep, stop (as on Ctrl-C: status written, resumable) if the sweep itself is killed."""
+    parent = os.environ.get("LOOKALIKE_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before the line above
+        raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point: a user's mistake is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: a user's mistake is one line on stderr and exit code 2, never a traceback. SIGTERM stops
+    a command as Ctrl-C does, so an interrupted run can always be resumed."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app(standalone_mode=False)
+        _stop_with_parent()
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) from a command
+            sys.exit(code)
     except LookalikeError as error:
         error_console.print(f"error: {error}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -85,6 +85,28 @@ def record_run(path: Path, run: RunPaths) -> None:
                   evaluation.get("clip_model")) for grouping, value, m in groups])
 
 
+HIGHER_IS_BETTER = {"identity_similarity", "id_match_rate", "clip_score"}
+
+
+def refresh(runs_folder: Path, path: Path) -> list[dict]:
+    """Record every run folder of the workspace (the files are the truth), then return run_table."""
+    for folder in sorted(runs_folder.glob("*")) if runs_folder.is_dir() else []:
+        if folder.is_dir():
+            record_run(path, RunPaths(folder))
+    return run_table(path)
+
+
+def sort_runs(rows: list[dict], column: str) -> list[dict]:
+    """Best first: descending for metrics where higher is better, ascending otherwise; unknown values last."""
+    if rows and column not in rows[0]:
+        from lookalike.errors import LookalikeError
+
+        raise LookalikeError(f"--sort: no column {column!r} (columns: {', '.join(rows[0])})")
+    known = [r for r in rows if r[column] is not None]
+    known.sort(key=lambda r: r[column], reverse=column in HIGHER_IS_BETTER)
+    return known + [r for r in rows if r[column] is None]
+
+
 def run_table(path: Path) -> list[dict]:
     """One row per run: its settings, state, timings and whole-run metrics (None before evaluation)."""
     if not path.is_file():

@@ -133,7 +133,8 @@ class Inspector:
             detector, rule, identity = self.load()
             faces = rule.faces(detector, image)
             photo.faces = [{"box": [round(v, 1) for v in f.box], "probability": round(f.score, 4)} for f in faces]
-            photo.embeddings = [[round(float(v), 6) for v in row] for row in identity.embed([(image, f) for f in faces])]
+            embeddings = identity.embed([(image, face) for face in faces])
+            photo.embeddings = [[round(float(v), 6) for v in row] for row in embeddings]
         return photo
 
     @property

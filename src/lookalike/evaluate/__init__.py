@@ -79,24 +79,30 @@ def evaluate_folder(images: Path, references: Path, settings: EvaluateConfig, co
 
     with_clip = any(r.prompt for r in describe_images(list_images(images, "images"), prompts_file))
     evaluator = load_evaluator(settings, with_clip)
-    reference = evaluator.reference(references)
+    reference = evaluator.reference(list_images(references, "references"))
     rows, metrics = _score_folder(evaluator, reference, images, settings, console, prompts_file)
     write_results(out or images, rows, metrics)
     print_metrics(console, f"evaluate {images}", metrics)
     return metrics
 
 
-def reference_folder(config: StudyConfig) -> Path:
-    """The subject's prepared photos when prepare has run (outliers and duplicates already out), else the raw."""
-    prepared = Workspace(config.workspace).prepared_images
-    return prepared if prepared.is_dir() else config.subject.images
+def reference_photos(config: StudyConfig) -> list[Path]:
+    """The subject's photos that prepare kept (outliers and duplicates out), at their full size, which suits
+    face embeddings better than the training crops; all of the subject's photos before prepare has run."""
+    from lookalike.data.images import list_images
+
+    manifest = Workspace(config.workspace).data / "manifest.json"
+    if manifest.is_file():
+        kept = [Path(p["source"]) for p in read_json(manifest)["photos"] if p["status"] == "kept"]
+        if kept:
+            return kept
+    return list_images(config.subject.images)
 
 
-def _inputs_digest(config: StudyConfig, images: Path, references: Path) -> str:
+def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:
     """What the metrics of a run depend on: its images and sidecars, the references and the settings."""
-    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for folder in (images, references)
-             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
-             and p.name not in ("metrics.json", "scores.csv")]
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [*sorted(images.iterdir()), *references]
+             if p.is_file() and not p.name.startswith(".") and p.name not in ("metrics.json", "scores.csv")]
     facts = [files, config.evaluate.model_dump(mode="json"), config.subject.token, config.subject.class_word]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
@@ -115,7 +121,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         names = [run]
     else:
         names = sorted(p.name for p in workspace.runs.glob("*") if (p / "images").is_dir())
-    references = reference_folder(config)
+    references = reference_photos(config)
     todo = []
     for name in names:
         paths = workspace.run(name)
@@ -130,7 +136,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
 
     evaluator = load_evaluator(config.evaluate, with_clip=True)
     reference = evaluator.reference(references)
-    console.print(f"evaluate: {reference.count} reference photos from {references}; CLIP prompts have "
+    console.print(f"evaluate: faces of {reference.count} of the subject's photos as references; CLIP prompts have "
                   f"{config.subject.token!r} replaced by {config.subject.class_word!r}")
     for name, digest in todo:
         paths = workspace.run(name)

@@ -27,7 +27,8 @@ class ClipScorer:
         chunks = []
         for start in range(0, len(images), self.batch_size):
             pixels = self.processor(images=images[start:start + self.batch_size], return_tensors="pt")
-            chunks.append(self._tensor(self.model.get_image_features(pixels["pixel_values"].to(self.device, self.dtype))))
+            pixel_values = pixels["pixel_values"].to(self.device, self.dtype)
+            chunks.append(self._tensor(self.model.get_image_features(pixel_values)))
         features = torch.cat(chunks).float()
         return features / features.norm(dim=-1, keepdim=True)
 

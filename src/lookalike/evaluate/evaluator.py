@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
-from lookalike.data.images import list_images, load_rgb
+from lookalike.data.images import load_rgb
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.identity import Reference, face_distance, id_match, identity_similarity, reference_from
 from lookalike.evaluate.scoring import ImageScore
@@ -49,13 +49,14 @@ class Evaluator:
                 pending = [pool.submit(self._inspect, path) for path in following]
                 yield chunk, inspected
 
-    def reference(self, folder: Path) -> Reference:
+    def reference(self, photos: list[Path]) -> Reference:
         """Mean embedding of the largest face of every reference photo that has one."""
         found = []
-        for _, inspected in self._chunks(list_images(folder, "references")):
+        for _, inspected in self._chunks(photos):
             found += [(image, largest(faces)) for image, faces, _ in inspected if faces]
         if not found:
-            raise LookalikeError(f"references: no face found in any photo of {folder}")
+            folders = ", ".join(sorted({str(p.parent) for p in photos}))
+            raise LookalikeError(f"references: no face found in any photo of {folders}")
         return reference_from(list(self.backend.embed(found)))
 
     def score(self, paths: list[Path], rows: list[ImageScore], reference: Reference, all_pairs: bool = False,

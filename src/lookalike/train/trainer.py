@@ -22,6 +22,7 @@ from rich.console import Console
 from lookalike import __version__
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
+from lookalike.store import record_run
 from lookalike.workspace import RunPaths, Workspace, atomic_path, read_json, write_json
 
 
@@ -98,7 +99,7 @@ _TRAINING_SECTIONS = ("model", "subject", "data", "train")
 def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
     """True if the run is already done. A started run continues only with --resume and the same config."""
     status = run.read_status()
-    if status is None and not run.config.exists():
+    if (status is None or status["state"] == "pending") and not run.config.exists():
         return False
     if not resume:
         if status and status["state"] == "done" and run.lora.is_file():
@@ -139,7 +140,8 @@ def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
           console: Console | None = None) -> Path:
     """Train one LoRA run; return the path of its lora.safetensors."""
     console = console or Console()
-    run = Workspace(config.workspace).run(run_name)
+    workspace = Workspace(config.workspace)
+    run = workspace.run(run_name)
     if _check_run_folder(run, config, resume):
         console.print(f"train: run {run_name!r} is already done: {run.lora}")
         return run.lora
@@ -149,13 +151,16 @@ def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
     started = time.time()
     try:
         final_loss = _train(config, run, resume, console)
+        run.write_status("done", seconds=round(time.time() - started, 2), final_loss=final_loss)
     except KeyboardInterrupt:
         run.write_status("failed", reason="interrupted", resumable=True)
         raise
     except BaseException as error:
-        run.write_status("failed", reason=f"{type(error).__name__}: {error}", resumable=True)
+        reason = str(error) if isinstance(error, LookalikeError) else f"{type(error).__name__}: {error}"
+        run.write_status("failed", reason=reason, resumable=True)
         raise
-    run.write_status("done", seconds=round(time.time() - started, 2), final_loss=final_loss)
+    finally:
+        record_run(workspace.results, run)
     console.print(f"train: run {run_name!r} done: {run.lora}")
     return run.lora
 

@@ -1,0 +1,56 @@
+"""lookalike run: the whole study in order (prepare, sweep, generate, evaluate, results), each stage
+skipping what is already up to date, so running it again after an interruption continues where it stopped.
+
+A run that fails to train, or whose images fail to generate, is reported and left out of the later stages;
+the other runs go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from lookalike.config import StudyConfig
+from lookalike.errors import LookalikeError
+
+
+def run_study(config: StudyConfig, config_file: Path, overrides: list[str], console: Console, jobs: int = 1,
+              backend: str = "local", address: str | None = None) -> list[str]:
+    """Every stage of the study; returns the problems met (empty when every run went through)."""
+    from lookalike.data.prepare import prepare
+    from lookalike.evaluate import evaluate_runs
+    from lookalike.generate import generate
+    from lookalike.models.base import quiet_libraries
+    from lookalike.sweep.plan import config_for_run, experiments
+    from lookalike.sweep.runner import sweep
+
+    quiet_libraries()
+    stage = lambda name: console.rule(f"[bold]{name}")  # noqa: E731
+    stage("1/4 prepare")
+    prepare(config, console)
+
+    stage("2/4 train (sweep)")
+    outcomes = sweep(config, config_file, experiments(config), console, overrides, jobs=jobs, backend=backend,
+                     address=address)
+    problems = [f"run {o.name} {o.state}: {o.reason}" for o in outcomes if o.state in ("failed", "interrupted")]
+    trained = [o.name for o in outcomes if o.state in ("done", "skipped")]
+
+    stage("3/4 generate")
+    generated = []
+    for name in trained:
+        try:
+            generate(config_for_run(config, name), run=name, console=console)
+            generated.append(name)
+        except (LookalikeError, RuntimeError) as error:  # RuntimeError: torch, e.g. out of memory
+            problems.append(f"run {name}: generate failed: {error}")
+            console.print(f"generate: run {name} failed: {error}", markup=False)
+
+    stage("4/4 evaluate")
+    for name in generated:
+        try:
+            evaluate_runs(config, console, run=name)
+        except LookalikeError as error:
+            problems.append(f"run {name}: evaluate failed: {error}")
+            console.print(f"evaluate: run {name} failed: {error}", markup=False)
+    return problems

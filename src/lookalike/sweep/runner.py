@@ -1,0 +1,269 @@
+"""lookalike sweep: every experiment of a study as its own `python -m lookalike train` process.
+
+A run's output is streamed line by line to the console, prefixed with its name, and appended to
+runs/<name>/train.log; the trainer keeps runs/<name>/status.json. A run that fails never stops the others.
+Finished runs are skipped; interrupted ones (Ctrl-C, SIGTERM, a killed sweep, a dead process) are resumed
+from their latest checkpoint; failed ones are left alone unless retry_failed. Runs go to local processes
+(`jobs` at once, one GPU each where there are GPUs) or to a Ray cluster, one GPU per task.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lookalike.config import StudyConfig
+from lookalike.store import record_run
+from lookalike.sweep.plan import Planned
+from lookalike.workspace import RunPaths, Workspace
+
+STOP_GRACE_S = 60  # how long an interrupted run may take to write its status before it is killed
+
+
+@dataclass
+class Outcome:
+    name: str
+    state: str  # done | failed | interrupted | skipped (done earlier) | running elsewhere
+    reason: str | None = None
+    seconds: float | None = None
+    exit_code: int | None = None
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_state(run: RunPaths) -> str:
+    """done | failed | interrupted | running (by a live process) | pending, from the run's status file."""
+    status = run.read_status()
+    if status is None or status["state"] == "pending":
+        return "pending"
+    if status["state"] == "done" and run.lora.is_file():
+        return "done"
+    if status["state"] == "running":
+        return "running" if _alive(status.get("pid")) else "interrupted"
+    if status["state"] == "failed" and status.get("reason") == "interrupted":
+        return "interrupted"
+    return "failed" if status["state"] == "failed" else "interrupted"
+
+
+def train_command(config_file: Path, name: str, overrides: list[str]) -> list[str]:
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return [sys.executable, "-m", "lookalike", "train", str(config_file), "--run", name, "--resume", *sets]
+
+
+def stream_child(command: list[str], name: str, log: Path, emit, env: dict[str, str], children: dict | None = None,
+                 ) -> int:
+    """Run one child, passing each output line to emit(prefixed line) and to the log as it comes; its exit code.
+    The child gets its own session, so a Ctrl-C reaches it once, from the sweep, not also from the terminal."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "LOOKALIKE_PARENT_PID": str(os.getpid())}
+    with log.open("a") as log_file:
+        log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log_file.flush()
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                 env=env, start_new_session=True)
+        if children is not None:
+            children[name] = child
+        try:
+            for line in child.stdout:
+                log_file.write(line)
+                log_file.flush()
+                emit(f"[{name}] {line.rstrip()}")
+            return child.wait()
+        finally:
+            if children is not None:
+                children.pop(name, None)
+
+
+def _gpu_ids() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v for v in visible.split(",") if v.strip()]
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def _finish(run: RunPaths, exit_code: int, seconds: float, store: Path) -> Outcome:
+    """The run's outcome from its status file; a child that died without saying why gets a status that does."""
+    state = run_state(run)
+    status = run.read_status() or {}
+    if state != "done" and exit_code != 0:
+        reason = status.get("reason") if status.get("state") == "failed" else None
+        if reason is None:
+            last = [line for line in run.log.read_text().splitlines() if line.strip()][-1:] if run.log.is_file() else []
+            reason = f"exited with code {exit_code}" + (f": {last[0]}" if last else "")
+        interrupted = reason == "interrupted" or exit_code in (130, -signal.SIGINT, -signal.SIGTERM, 143)
+        run.write_status("failed", reason="interrupted" if interrupted else reason, exit_code=exit_code,
+                         resumable=True)
+        state = "interrupted" if interrupted else "failed"
+    record_run(store, run)
+    status = run.read_status() or {}
+    return Outcome(run.name, state, status.get("reason"), round(seconds, 1), exit_code)
+
+
+class Sweep:
+    def __init__(self, config: StudyConfig, config_file: Path, overrides: list[str], console: Console):
+        self.config, self.config_file, self.overrides, self.console = config, config_file, overrides, console
+        self.workspace = Workspace(config.workspace)
+        self.children: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    def emit(self, line: str) -> None:
+        with self.lock:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def todo(self, planned: list[Planned], retry_failed: bool) -> tuple[list[Planned], list[Outcome]]:
+        """The experiments to run now, and the outcomes of those left as they are."""
+        run, left = [], []
+        for experiment in planned:
+            paths = self.workspace.run(experiment.name)
+            state = run_state(paths)
+            if state == "done":
+                left.append(Outcome(experiment.name, "skipped", "done earlier"))
+            elif state == "running":
+                left.append(Outcome(experiment.name, "running elsewhere", f"pid {paths.read_status()['pid']}"))
+            elif state == "failed" and not retry_failed:
+                left.append(Outcome(experiment.name, "failed", (paths.read_status() or {}).get("reason")))
+            else:
+                if state == "pending":
+                    paths.write_status("pending")
+                run.append(experiment)
+        for experiment in planned:
+            record_run(self.workspace.results, self.workspace.run(experiment.name))
+        return run, left
+
+    def _run_local(self, experiment: Planned, gpus: queue.Queue | None) -> Outcome:
+        paths = self.workspace.run(experiment.name)
+        gpu = gpus.get() if gpus is not None else None
+        started = time.time()
+        try:
+            env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+            code = stream_child(train_command(self.config_file, experiment.name, self.overrides), experiment.name,
+                                paths.log, self.emit, env, self.children)
+        finally:
+            if gpu is not None:
+                gpus.put(gpu)
+        return _finish(paths, code, time.time() - started, self.workspace.results)
+
+    def run_local(self, planned: list[Planned], jobs: int) -> list[Outcome]:
+        gpus = None
+        ids = _gpu_ids()
+        if ids:
+            gpus = queue.Queue()
+            for gpu in ids:
+                gpus.put(gpu)
+            if jobs > len(ids):
+                self.console.print(f"sweep: {len(ids)} GPUs, so {len(ids)} runs at a time, not {jobs}")
+                jobs = len(ids)
+        pool = ThreadPoolExecutor(max(1, jobs))
+        futures = [pool.submit(self._run_local, experiment, gpus) for experiment in planned]
+        try:
+            return [future.result() for future in futures]
+        except KeyboardInterrupt:
+            self.console.print("sweep: stopping the running runs; they will resume where they stopped")
+            for future in futures:
+                future.cancel()
+            self._stop_children()
+            pool.shutdown(wait=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _stop_children(self) -> None:
+        for child in list(self.children.values()):
+            child.send_signal(signal.SIGINT)
+        deadline = time.time() + STOP_GRACE_S
+        for child in list(self.children.values()):
+            try:
+                child.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def run_ray(self, planned: list[Planned], address: str | None) -> list[Outcome]:
+        import ray
+
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True,
+                 logging_level="WARNING")
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(_ray_train)
+        refs = {task.remote(train_command(self.config_file, e.name, self.overrides), e.name,
+                            str(self.workspace.run(e.name).log)): e.name for e in planned}
+        outcomes = {}
+        try:
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                name = refs[ready[0]]
+                try:
+                    code, seconds = ray.get(ready[0])
+                except ray.exceptions.RayError as error:  # the task itself died (node lost, ...)
+                    code, seconds = 1, 0.0
+                    self.workspace.run(name).write_status("failed", reason=f"ray task failed: {error}".splitlines()[0])
+                outcomes[name] = _finish(self.workspace.run(name), code, seconds, self.workspace.results)
+        except KeyboardInterrupt:
+            for ref in refs:
+                ray.cancel(ref)  # sends KeyboardInterrupt to the task, which stops its child
+            raise
+        return [outcomes[e.name] for e in planned]
+
+
+def _ray_train(command: list[str], name: str, log: str) -> tuple[int, float]:
+    """A Ray task: the same child process and log as a local run (exit code, seconds); its lines reach the
+    driver through Ray's log forwarding."""
+    children: dict = {}
+    started = time.time()
+    try:
+        code = stream_child(command, name, Path(log), lambda line: print(line, flush=True), {}, children)
+        return code, time.time() - started
+    except KeyboardInterrupt:
+        for child in children.values():
+            child.send_signal(signal.SIGINT)
+            child.wait(timeout=STOP_GRACE_S)
+        raise
+
+
+def summary_table(outcomes: list[Outcome]) -> Table:
+    table = Table("run", "state", "seconds", "exit code", "reason", title="sweep")
+    for o in outcomes:
+        table.add_row(o.name, o.state, f"{o.seconds:.1f}" if o.seconds is not None else "-",
+                      "-" if o.exit_code is None else str(o.exit_code), o.reason or "")
+    return table
+
+
+def sweep(config: StudyConfig, config_file: Path, planned: list[Planned], console: Console, overrides: list[str],
+          jobs: int = 1, backend: str = "local", address: str | None = None,
+          retry_failed: bool = False) -> list[Outcome]:
+    """Run every experiment not finished yet; return every experiment's outcome, in plan order."""
+    runner = Sweep(config, config_file, overrides, console)
+    to_run, left = runner.todo(planned, retry_failed)
+    if to_run:
+        console.print(f"sweep: {len(to_run)} to run ({', '.join(e.name for e in to_run)}), {len(left)} left as "
+                      f"they are; backend {backend}" + (f", {jobs} at a time" if backend == "local" else ""))
+    ran = runner.run_ray(to_run, address) if backend == "ray" and to_run else runner.run_local(to_run, jobs)
+    by_name = {o.name: o for o in ran + left}
+    outcomes = [by_name[e.name] for e in planned]
+    console.print(summary_table(outcomes))
+    return outcomes
