@@ -23,8 +23,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m lookalike.data.sample_subject work/quickstart/photos
-	$(BIN)/lookalike train configs/quickstart.toml --resume
-	$(BIN)/lookalike generate configs/quickstart.toml --run default
+	$(BIN)/lookalike run configs/quickstart.toml
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

@@ -66,8 +66,8 @@ def print_metrics(console: Console, title: str, metrics: dict) -> None:
     """The whole set's figures, then each prompt's."""
     table = Table("prompt", "images", *SHOWN, title=title)
     for label, m in [("all", metrics), *metrics.get("per_prompt", {}).items()]:
-        table.add_row(label, str(m["images"]), *(f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k])
-                                                 for k in SHOWN))
+        table.add_row(label, str(m["images"]), *("-" if m[k] is None else f"{m[k]:.4f}" if isinstance(m[k], float)
+                                                 else str(m[k]) for k in SHOWN))
     console.print(table)
 
 
