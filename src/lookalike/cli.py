@@ -106,10 +106,22 @@ def run_all(
     problems = run_study(_load(config, set_), config.resolve(), set_ or [], console, jobs=jobs, backend=backend,
                          address=address)
     results(config, sort=None)
+    report(config)
     for problem in problems:
         console.print(f"problem: {problem}", markup=False, highlight=False)
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option(help="Rebuild even when nothing changed.")] = False,
+) -> None:
+    """Figures, best settings by rule, image grids and every run in report/index.html."""
+    from lookalike.report.build import build_report
+
+    build_report(_load(config, None), console, force=force)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""lookalike run: the whole study in order (prepare, sweep, generate, evaluate, results), each stage
+"""lookalike run: the whole study in order (prepare, sweep, generate, evaluate; the CLI then prints the results
+and builds the report), each stage
 skipping what is already up to date, so running it again after an interruption continues where it stopped.
 
 A run that fails to train, or whose images fail to generate, is reported and left out of the later stages;

@@ -1,0 +1,196 @@
+"""lookalike report: report/index.html (self-contained: everything it shows lies in report/, no network),
+report/summary.md and report/figures/*.png, from the workspace's runs and results.sqlite.
+
+Sections: a summary with the best settings chosen by rule (pareto.py, which states the rule), a table of
+every run (settings, metrics, time, state, and why a run failed), the figures, an image grid (prompts as
+rows, the best runs as columns, one seed, each column headed by its settings and scores) and the resolved
+config. The report is rebuilt only when what it shows has changed, and replaced whole (atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from lookalike.config import StudyConfig
+from lookalike.generate import image_jobs
+from lookalike.report import figures
+from lookalike.report.pareto import RANK_RULE, pareto_front
+from lookalike.store import refresh
+from lookalike.workspace import Workspace, atomic_dir, read_json
+
+GRID_RUNS = 4  # columns of the image grid
+THUMBNAIL = 384
+COLUMNS = {"name": "run", "state": "state", "learning_rate": "lr", "rank": "rank", "alpha": "alpha",
+           "max_train_steps": "steps", "lr_scheduler": "scheduler", "train_seconds": "train s", "final_loss": "loss",
+           "face_distance": "face distance", "identity_similarity": "identity", "id_match_rate": "id match",
+           "faceless": "faceless", "several_faces": "several faces", "clip_score": "CLIP"}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ccc; padding: 3px 7px; }
+th { background: #f3f3f3; } tr.failed td { background: #fff0f0; } tr.best td { background: #f0fff0; }
+img.figure { max-width: 100%; border: 1px solid #ddd; margin: 8px 0; }
+.grid img { width: 220px; height: 220px; object-fit: cover; display: block; }
+.grid th { font-weight: normal; font-size: 12px; } pre { background: #f7f7f7; padding: 1em; overflow: auto; }
+"""
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _loss_curve(metrics_log: Path) -> list[tuple[int, float]]:
+    points = []
+    if metrics_log.is_file():
+        for line in metrics_log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                points.append((record["step"], record["loss"]))
+            except (ValueError, KeyError):
+                continue  # a line cut short by a kill
+    return points
+
+
+def _digest(config: StudyConfig, workspace: Workspace, rows: list[dict]) -> str:
+    """What the report shows: the config, the runs' results, and the files of every run it reads."""
+    files = []
+    for row in rows:
+        run = workspace.run(row["name"])
+        for path in [run.metrics, run.root / "metrics.json", *sorted(run.images.glob("*.png"))]:
+            if path.is_file():
+                files.append((str(path), path.stat().st_size, path.stat().st_mtime_ns))
+    facts = [config.to_json_dict(), rows, files]
+    return hashlib.sha256(json.dumps(facts, default=str, sort_keys=True).encode()).hexdigest()
+
+
+def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder: Path) -> str:
+    """Prompts as rows, chosen runs as columns, the first seed at the middle guidance scale."""
+    from PIL import Image
+
+    generate = config.generate
+    seed, guidance = generate.seeds[0], generate.guidance_scales[len(generate.guidance_scales) // 2]
+    jobs = [job for job in image_jobs(config) if job.seed == seed and job.guidance == guidance]
+    header = "".join(
+        f"<th><b>{html.escape(r['name'])}</b><br>lr {_cell(r['learning_rate'])}, rank {_cell(r['rank'])}, "
+        f"alpha {_cell(r['alpha'])}, {_cell(r['max_train_steps'])} steps, {_cell(r['lr_scheduler'])}<br>"
+        f"CLIP {_cell(r['clip_score'])}, face distance {_cell(r['face_distance'])}, "
+        f"identity {_cell(r['identity_similarity'])}</th>" for r in chosen)
+    body = []
+    for job in jobs:
+        cells = []
+        for row in chosen:
+            source = workspace.run(row["name"]).images / f"{job.stem}.png"
+            if not source.is_file():
+                cells.append("<td>not generated</td>")
+                continue
+            name = f"grid/{row['name']}_{job.stem}.jpg"
+            with Image.open(source) as image:
+                thumbnail = image.convert("RGB")
+                thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
+                (folder / name).parent.mkdir(exist_ok=True)
+                thumbnail.save(folder / name, quality=88)
+            cells.append(f'<td><img src="{name}" alt="{html.escape(row["name"])}: {html.escape(job.prompt)}"></td>')
+        body.append(f"<tr><th>{html.escape(job.prompt)}</th>{''.join(cells)}</tr>")
+    return (f"<p>Seed {seed}, guidance scale {guidance:g}.</p><table class='grid'><tr><th>prompt</th>{header}</tr>"
+            f"{''.join(body)}</table>")
+
+
+def build_report(config: StudyConfig, console: Console, force: bool = False) -> Path:
+    """Write report/ for the study's runs as they stand; return the path of index.html."""
+    workspace = Workspace(config.workspace)
+    rows = refresh(workspace.runs, workspace.results)
+    report = workspace.root / "report"
+    digest = _digest(config, workspace, rows)
+    if not force and (report / ".inputs").is_file() and (report / ".inputs").read_text() == digest:
+        console.print(f"report: up to date: {report / 'index.html'}")
+        return report / "index.html"
+
+    done = [r for r in rows if r["state"] == "done"]
+    failed = [r for r in rows if r["state"] in ("failed", "interrupted")]
+    front, unplaced = pareto_front(done)
+    best = [r["name"] for r in front]
+    # The grid's columns: the best runs, then the other finished runs, best CLIP Score first.
+    others = sorted((r for r in done if r["name"] not in best), key=lambda r: -(r["clip_score"] or -1e9))
+    chosen = (front + others)[:GRID_RUNS]
+
+    with atomic_dir(report) as folder:
+        shown = []  # (title, file) of each figure
+        for factor, title in figures.FACTORS.items():
+            if len({r[factor] for r in done}) > 1:
+                shown.append((f"Metrics against {title}", f"figures/by_{factor}.png"))
+                figures.save(figures.factor_figure(done, factor), folder / shown[-1][1])
+        if any(r["clip_score"] is not None for r in done):
+            shown.append(("Face distance against CLIP Score", "figures/pareto.png"))
+            figures.save(figures.pareto_figure(done, best), folder / shown[-1][1])
+        per_guidance = {}
+        for row in done:
+            evaluation = workspace.run(row["name"]).root / "metrics.json"
+            if evaluation.is_file():
+                per_guidance[row["name"]] = read_json(evaluation).get("per_guidance_scale", {})
+        if any(per_guidance.values()):
+            shown.append(("Metrics against the inference guidance scale", "figures/guidance.png"))
+            figures.save(figures.guidance_figure(per_guidance), folder / shown[-1][1])
+        curves = {r["name"]: _loss_curve(workspace.run(r["name"]).metrics) for r in rows}
+        if any(curves.values()):
+            shown.append(("Training loss", "figures/loss.png"))
+            figures.save(figures.loss_figure({k: v for k, v in curves.items() if v}), folder / shown[-1][1])
+
+        grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
+        (folder / "index.html").write_text(_page(config, rows, front, unplaced, failed, shown, grid))
+        (folder / "summary.md").write_text(_summary(config, rows, front, unplaced, failed))
+        (folder / ".inputs").write_text(digest)
+    console.print(f"report: {report / 'index.html'}")
+    return report / "index.html"
+
+
+def _runs_table(rows: list[dict], best: list[str]) -> str:
+    head = "".join(f"<th>{title}</th>" for title in COLUMNS.values()) + "<th>reason</th>"
+    body = []
+    for row in rows:
+        kind = "best" if row["name"] in best else "failed" if row["state"] in ("failed", "interrupted") else ""
+        cells = "".join(f"<td>{html.escape(_cell(row[k]))}</td>" for k in COLUMNS)
+        body.append(f"<tr class='{kind}'>{cells}<td>{html.escape(row['reason'] or '')}</td></tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict]) -> list[str]:
+    lines = [f"{i}. {r['name']}: lr {_cell(r['learning_rate'])}, rank {_cell(r['rank'])}, alpha {_cell(r['alpha'])}, "
+             f"{_cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {_cell(r['identity_similarity'])}, "
+             f"CLIP {_cell(r['clip_score'])}, faceless {_cell(r['faceless'])}, face distance "
+             f"{_cell(r['face_distance'])})" for i, r in enumerate(front, 1)]
+    lines += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
+    lines += [f"failed: {r['name']} ({r['reason']})" for r in failed]
+    return lines
+
+
+def _page(config, rows, front, unplaced, failed, shown, grid) -> str:
+    best = "".join(f"<li>{html.escape(line)}</li>" for line in _best_lines(front, unplaced, failed))
+    done = sum(r["state"] == "done" for r in rows)
+    figures_html = "".join(f"<h3>{html.escape(title)}</h3><img class='figure' src='{path}' alt='{html.escape(title)}'>"
+                           for title, path in shown)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>lookalike: {html.escape(config.name)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>Study {html.escape(config.name)}</h1>"
+            f"<p>Base model {html.escape(config.model.base)}; subject {html.escape(config.subject.token)} "
+            f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed.</p>"
+            f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p><ol>{best}</ol>"
+            f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}"
+            f"<h2>Figures</h2>{figures_html or '<p>No figure yet: no run has finished.</p>'}"
+            f"<h2>Images</h2>{grid}"
+            f"<h2>Config</h2><details><summary>the resolved config of the study</summary>"
+            f"<pre>{html.escape(json.dumps(config.to_json_dict(), indent=2))}</pre></details>"
+            "</body></html>")
+
+
+def _summary(config, rows, front, unplaced, failed) -> str:
+    lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
+    lines += [f"- {line}" for line in _best_lines(front, unplaced, failed)] or ["- none yet"]
+    lines += ["", "## Every run", "", "| " + " | ".join(COLUMNS.values()) + " |",
+              "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,116 @@
+"""The report's figures (matplotlib, PNG), each a function of plain data that returns its Figure:
+
+- a metric against one factor (learning rate, rank, steps), one line per setting of the other factors
+  (the study's figures 6-9);
+- face distance against CLIP Score, the Pareto front marked;
+- each metric against the inference guidance scale, one line per run;
+- training loss curves of every run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display here, and none needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = {"face_distance": "face distance (lower is better)", "identity_similarity": "identity similarity",
+           "clip_score": "CLIP Score", "faceless": "images without a face"}
+FACTORS = {"learning_rate": "learning rate", "rank": "LoRA rank", "max_train_steps": "training steps"}
+SETTINGS = ("learning_rate", "rank", "max_train_steps", "lr_scheduler")
+
+
+def _label(row: dict, keys) -> str:
+    short = {"learning_rate": "lr", "rank": "r", "max_train_steps": "steps", "lr_scheduler": ""}
+    return " ".join(f"{short[k]}{row[k]:g}" if isinstance(row[k], float) else f"{short[k]}{row[k]}" for k in keys)
+
+
+def factor_figure(rows: list[dict], factor: str):
+    """Each metric against `factor`; one line per combination of the other settings (runs that share it)."""
+    others = [k for k in SETTINGS if k != factor]
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
+    groups = itertools.groupby(sorted(rows, key=lambda r: [str(r[k]) for k in others]),
+                               key=lambda r: tuple(r[k] for k in others))
+    for _, members in groups:
+        members = sorted(members, key=lambda r: r[factor])
+        for axis, metric in zip(axes[0], METRICS):
+            points = [(r[factor], r[metric]) for r in members if r[metric] is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=_label(members[0], others))
+    for axis, (metric, title) in zip(axes[0], METRICS.items()):
+        axis.set_xlabel(FACTORS[factor])
+        axis.set_title(title, fontsize=10)
+        if factor == "learning_rate":
+            axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+    _legend(axes[0][0])
+    figure.tight_layout()
+    return figure
+
+
+def _legend(axis) -> None:
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7, loc="best")
+
+
+def pareto_figure(rows: list[dict], front: list[str]):
+    """Face distance against CLIP Score for every evaluated run; the best runs (the Pareto front) marked."""
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    shown = [r for r in rows if r["face_distance"] is not None and r["clip_score"] is not None]
+    for row in shown:
+        best = row["name"] in front
+        axis.scatter(row["clip_score"], row["face_distance"], s=60 if best else 30,
+                     color="tab:red" if best else "tab:gray", zorder=3 if best else 2)
+        axis.annotate(row["name"], (row["clip_score"], row["face_distance"]), fontsize=7,
+                      xytext=(4, 4), textcoords="offset points")
+    axis.set_xlabel("CLIP Score (higher is better)")
+    axis.set_ylabel("face distance (lower is better)")
+    axis.set_title("red: the best runs (Pareto front of identity, CLIP, face failures)", fontsize=9)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def guidance_figure(per_guidance: dict[str, dict[str, dict]]):
+    """Each metric against the inference guidance scale; per_guidance: run -> guidance scale -> metrics."""
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
+    for run, by_scale in sorted(per_guidance.items()):
+        scales = sorted(by_scale, key=float)
+        for axis, metric in zip(axes[0], METRICS):
+            points = [(float(g), by_scale[g][metric]) for g in scales if by_scale[g].get(metric) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=run)
+    for axis, title in zip(axes[0], METRICS.values()):
+        axis.set_xlabel("inference guidance scale")
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3)
+    _legend(axes[0][0])
+    figure.tight_layout()
+    return figure
+
+
+def loss_figure(curves: dict[str, list[tuple[int, float]]]):
+    """Training loss of every run against the step, smoothed (exponential moving average, 0.9)."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run, points in sorted(curves.items()):
+        smoothed, value = [], None
+        for step, loss in points:
+            value = loss if value is None else 0.9 * value + 0.1 * loss
+            smoothed.append((step, value))
+        if smoothed:
+            axis.plot(*zip(*smoothed), label=run, linewidth=1.2)
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (smoothed)")
+    axis.grid(alpha=0.3)
+    _legend(axis)
+    figure.tight_layout()
+    return figure
+
+
+def save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
