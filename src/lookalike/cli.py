@@ -125,6 +125,15 @@ def report(
 
 
 @app.command()
+def ablate(config: ConfigArg, set_: SetOption = None) -> None:
+    """Base model against a fine-tuned run, on prompts with the trigger word, the real name and a stranger."""
+    from lookalike.report.ablate import ablate as run_ablation
+
+    _quiet()
+    run_ablation(_load(config, set_), console)
+
+
+@app.command()
 def results(
     config: ConfigArg,
     sort: Annotated[Optional[str], typer.Option(help="Sort by this column (e.g. face_distance, clip_score).")]

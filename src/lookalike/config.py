@@ -142,6 +142,14 @@ class EvaluateConfig(Section):
     """CLIP Score over all prompts x all images, as the study averaged it; default: each image with its prompt."""
 
 
+class AblateConfig(Section):
+    unknown_name: str = "Tobin Wrexley"
+    """A name no model has seen: the ablation's person the base model cannot know (made up; change it if it
+    turns out to be someone's)."""
+    run: str | None = None
+    """The fine-tuned run to compare with the base model; None: the best run by the report's rule."""
+
+
 def _experiment_model() -> type[BaseModel]:
     """An experiment is a name plus any [train] keys, each optional (it overrides the [train] defaults)."""
     fields: dict[str, Any] = {name: (info.annotation | None, None) for name, info in TrainConfig.model_fields.items()}
@@ -193,6 +201,7 @@ class StudyConfig(Section):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    ablate: AblateConfig = AblateConfig()
     sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")

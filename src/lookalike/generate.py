@@ -70,8 +70,9 @@ def image_jobs(config: StudyConfig) -> list[ImageJob]:
 
 
 def generate(config: StudyConfig, run: str | None = None, lora_file: Path | None = None,
-             console: Console | None = None) -> Path:
-    """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder."""
+             console: Console | None = None, out: Path | None = None) -> Path:
+    """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
+    (`out`, or the run's images/ or a folder under generated/)."""
     from lookalike.models.base import base_info, inference_dtype, load_pipeline, pick_device, resolve_base
     from lookalike.models.lora import check_lora_file, load_lora_into
     from lookalike.progress import progress_bar
@@ -85,7 +86,7 @@ def generate(config: StudyConfig, run: str | None = None, lora_file: Path | None
             raise LookalikeError(f"run {run!r} has no trained LoRA yet ({lora_file}); train it first")
     if lora_file is not None:
         check_lora_file(lora_file)  # refuse a bad file before loading a multi-GB model
-    folder = output_folder(config, run, lora_file)
+    folder = out or output_folder(config, run, lora_file)
     jobs = [job for job in image_jobs(config) if not (folder / f"{job.stem}.png").exists()]
     if not jobs:
         console.print(f"generate: all images already in {folder}")
