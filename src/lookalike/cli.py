@@ -134,6 +134,22 @@ def ablate(config: ConfigArg, set_: SetOption = None) -> None:
 
 
 @app.command()
+def demo(
+    config: ConfigArg,
+    set_: SetOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    share: Annotated[bool, typer.Option(help="Also publish a public gradio.live link (off by default).")] = False,
+    auth: Annotated[Optional[str], typer.Option(help="Require a login, given as user:password.")] = None,
+) -> None:
+    """The interactive app: generate with any trained LoRA and score each image at once."""
+    from lookalike.demo import launch
+
+    _quiet()
+    launch(_load(config, set_), host=host, port=port, share=share, auth=auth)
+
+
+@app.command()
 def results(
     config: ConfigArg,
     sort: Annotated[Optional[str], typer.Option(help="Sort by this column (e.g. face_distance, clip_score).")]

@@ -32,8 +32,10 @@ class ImageJob:
 
 
 def render(pipe, *, seed: int, guidance: float, steps: int, size: int, max_sequence_length: int,
-           prompt: str | None = None, prompt_embeds=None, pooled_prompt_embeds=None, output_type: str = "pil"):
-    """One image from a FluxPipeline: by prompt, or by precomputed embeddings (training samples)."""
+           prompt: str | None = None, prompt_embeds=None, pooled_prompt_embeds=None, output_type: str = "pil",
+           callback=None):
+    """One image from a FluxPipeline: by prompt, or by precomputed embeddings (training samples). callback:
+    diffusers' callback_on_step_end, called after every denoising step (progress bars)."""
     import torch
 
     result = pipe(
@@ -47,6 +49,7 @@ def render(pipe, *, seed: int, guidance: float, steps: int, size: int, max_seque
         max_sequence_length=max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
+        callback_on_step_end=callback,
     )
     return result.images[0]
 

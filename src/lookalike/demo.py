@@ -1,0 +1,296 @@
+"""lookalike demo: the interactive Gradio app. Pick a trained LoRA of the workspace (or two, with weights),
+generate, and see at once how the image scores: CLIP Score, face distance and identity similarity against
+reference photos that can be added and removed in the app.
+
+Secure by default: it binds 127.0.0.1, shares nothing publicly unless asked, can require a password, offers
+only the safetensors LoRAs of the workspace's runs (the browser sends a run's name, never a path), checks
+every upload (size, count, a readable image with a face) before use, and queues requests so that concurrent
+users take turns on the one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+from lookalike.config import StudyConfig
+from lookalike.workspace import Workspace, atomic_path, write_json
+
+NONE = "(none)"
+MAX_UPLOAD = "10mb"  # per file
+MAX_FILES_PER_UPLOAD = 8
+MAX_REFERENCES = 32
+REFRESH_S = 15  # how often the list of trained runs is read again
+
+
+class DemoError(Exception):
+    """A request the app refuses, with the message shown to the user."""
+
+
+class DemoModels:
+    """The pipeline, its loaded LoRAs and the evaluator, loaded once and shared by every user (the queue lets
+    one request run at a time, so the pipeline's adapters are never switched under another request)."""
+
+    def __init__(self, config: StudyConfig):
+        self.config = config
+        self.workspace = Workspace(config.workspace)
+        self.folder = self.workspace.root / "demo"
+        self._pipe = None
+        self._adapters: set[str] = set()
+        self._evaluator = None
+        self._references: dict[tuple[str, ...], object] = {}
+        self._lock = threading.Lock()
+
+    def lora_choices(self) -> list[str]:
+        """The runs of the workspace that have a trained LoRA: the only LoRAs the app loads."""
+        runs = self.workspace.runs
+        return sorted(p.parent.name for p in runs.glob("*/lora.safetensors")) if runs.is_dir() else []
+
+    def lora_path(self, name: str) -> Path:
+        if name not in self.lora_choices():
+            raise DemoError(f"LoRA {name!r} is not a trained run of this workspace")
+        return self.workspace.run(name).lora
+
+    def pipe(self):
+        if self._pipe is None:
+            from lookalike.models.base import inference_dtype, load_pipeline, pick_device, resolve_base
+
+            device = pick_device()
+            self._pipe = load_pipeline(resolve_base(self.config.model.base, self.config.model.revision),
+                                       dtype=inference_dtype(device)).to(device)
+        return self._pipe
+
+    def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float, steps: int,
+               size: int, progress=None):
+        """One image with the given LoRAs at their weights (diffusers' weighted adapters; none: the base)."""
+        from lookalike.generate import render
+        from lookalike.models.base import base_info
+        from lookalike.models.lora import load_lora_into
+
+        pipe = self.pipe()
+        with self._lock:
+            for name, _ in loras:
+                if name not in self._adapters:
+                    load_lora_into(pipe, self.lora_path(name), adapter_name=name)
+                    self._adapters.add(name)
+            if loras:
+                pipe.enable_lora()
+                pipe.set_adapters([name for name, _ in loras], [weight for _, weight in loras])
+            elif self._adapters:
+                pipe.disable_lora()
+            max_len = self.config.model.max_sequence_length or base_info(self.config.model.base).max_sequence_length
+            pipe.set_progress_bar_config(disable=True)
+            callback = None
+            if progress is not None:
+                def callback(_pipe, step, _timestep, kwargs):
+                    progress((step + 1) / steps, desc="generating")
+                    return kwargs
+            return render(pipe, prompt=prompt, seed=seed, guidance=guidance, steps=steps, size=size,
+                          max_sequence_length=max_len, callback=callback)
+
+    def evaluator(self):
+        if self._evaluator is None:
+            from lookalike.evaluate import load_evaluator
+
+            self._evaluator = load_evaluator(self.config.evaluate, with_clip=True)
+        return self._evaluator
+
+    def reference(self, photos: list[str]):
+        key = tuple(photos)
+        if key not in self._references:
+            self._references[key] = self.evaluator().reference([Path(p) for p in photos])
+        return self._references[key]
+
+    def score(self, image_path: Path, prompt: str, photos: list[str]) -> dict:
+        from lookalike.evaluate.scoring import ImageScore, clip_prompt
+
+        subject = self.config.subject
+        row = ImageScore(image=image_path.name, prompt=prompt,
+                         clip_prompt=clip_prompt(prompt, subject.token, subject.class_word))
+        self.evaluator().score([image_path], [row], self.reference(photos))
+        return {"clip_score": row.clip_score, "face_distance": row.face_distance,
+                "identity_similarity": row.identity_similarity, "id_match": row.id_match,
+                "faces": row.n_faces, "references": len(photos)}
+
+    def keep_image(self, image, facts: dict) -> Path:
+        """Save a generated image with its settings (sidecar first, image last), named by its settings."""
+        digest = hashlib.sha256(repr(sorted(facts.items())).encode()).hexdigest()[:12]
+        path = self.folder / "images" / f"{digest}.png"
+        write_json(path.with_suffix(".json"), facts)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        return path
+
+    def check_upload(self, path: str) -> Path:
+        """An uploaded reference photo, re-encoded into the workspace once it has proven to be a readable image
+        with a face; anything else is refused with the reason."""
+        import gradio
+
+        from lookalike.data.images import load_rgb
+        from lookalike.faces import FaceRule
+
+        source = Path(path).resolve()
+        if not source.is_relative_to(Path(gradio.utils.get_upload_folder()).resolve()):
+            raise DemoError("refused: uploads must come through the app")
+        try:
+            image = load_rgb(source)
+        except OSError as error:
+            raise DemoError(f"{Path(path).name} is not a readable image ({error})") from None
+        backend = self.evaluator().backend
+        rule = FaceRule.for_backend(backend, self.config.evaluate.min_face_score, self.config.evaluate.min_face_size)
+        if not rule.faces(backend, image):
+            raise DemoError(f"{Path(path).name}: no face found; a reference photo must show the person's face")
+        digest = hashlib.sha256(image.tobytes()).hexdigest()[:16]
+        kept = self.folder / "references" / f"{digest}.png"
+        if not kept.is_file():
+            with atomic_path(kept) as tmp:
+                image.save(tmp, format="PNG")
+        return kept
+
+
+def build_app(config: StudyConfig, models: DemoModels | None = None):
+    import gradio as gr
+
+    from lookalike.evaluate import reference_photos
+
+    models = models or DemoModels(config)
+    size = config.generate.resolution or config.data.resolution
+    starting_references = [str(p) for p in reference_photos(config)]
+
+    def loras_of(lora_a, weight_a, lora_b, weight_b) -> list[tuple[str, float]]:
+        chosen = [(name, float(weight)) for name, weight in ((lora_a, weight_a), (lora_b, weight_b))
+                  if name and name != NONE]
+        for name, _ in chosen:
+            models.lora_path(name)  # refuses anything that is not a trained run of this workspace
+        return chosen
+
+    def generate(lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, references, history,
+                 progress=gr.Progress()):
+        try:
+            loras = loras_of(lora_a, weight_a, lora_b, weight_b)
+            if not prompt or not prompt.strip():
+                raise DemoError("write a prompt first")
+            image = models.render(loras, prompt, int(seed), float(guidance), int(steps), size, progress)
+            facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": float(guidance), "steps": int(steps),
+                     "size": size, "loras": loras, "base_model": config.model.base}
+            path = models.keep_image(image, facts)
+            scores = models.score(path, prompt, references)
+        except DemoError as error:
+            raise gr.Error(str(error)) from None
+        caption = f"{' + '.join(f'{n}x{w:g}' for n, w in loras) or 'base'} | seed {int(seed)} | {_brief(scores)}"
+        history = history + [(str(path), caption)]
+        return image, scores, _shown(history), {"path": str(path), "prompt": prompt}, history
+
+    def add_references(files, references, last):
+        try:
+            files = files or []
+            if len(files) > MAX_FILES_PER_UPLOAD:
+                raise DemoError(f"at most {MAX_FILES_PER_UPLOAD} photos at a time")
+            if len(references) + len(files) > MAX_REFERENCES:
+                raise DemoError(f"at most {MAX_REFERENCES} reference photos")
+            added = [str(models.check_upload(f)) for f in files]
+        except DemoError as error:
+            raise gr.Error(str(error)) from None
+        references = references + [p for p in added if p not in references]
+        return (references, _rescore(last, references), _shown([(p, Path(p).name) for p in references]),
+                gr.update(choices=_names(references)))
+
+    def remove_references(names, references, last):
+        kept = [p for p in references if Path(p).name not in (names or [])]
+        if not kept:
+            raise gr.Error("keep at least one reference photo")
+        return (kept, _rescore(last, kept), _shown([(p, Path(p).name) for p in kept]),
+                gr.update(choices=_names(kept), value=[]))
+
+    def _rescore(last, references):
+        return models.score(Path(last["path"]), last["prompt"], references) if last else None
+
+    def refresh():
+        choices = models.lora_choices()
+        return gr.update(choices=choices), gr.update(choices=[NONE, *choices])
+
+    choices = models.lora_choices()
+    with gr.Blocks(title=f"lookalike: {config.name}") as app:
+        gr.Markdown(f"# lookalike: {config.name}\nBase model `{config.model.base}`, subject `{config.subject.token}`."
+                    " Every image is scored at once against the reference photos below.")
+        references = gr.State(starting_references)
+        history = gr.State([])
+        last = gr.State(None)
+        with gr.Row():
+            with gr.Column():
+                lora_a = gr.Dropdown(choices, value=choices[0] if choices else None, label="LoRA (a trained run)")
+                weight_a = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="its weight")
+                lora_b = gr.Dropdown([NONE, *choices], value=NONE, label="second LoRA (optional)")
+                weight_b = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="its weight")
+                refresh_button = gr.Button("Refresh the list of runs", size="sm")
+                prompt = gr.Textbox(config.fill(config.generate.prompts[0]), label="prompt")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="seed")
+                    guidance = gr.Slider(1.0, 10.0, value=config.generate.guidance_scales[0], step=0.5,
+                                         label="guidance scale")
+                    steps = gr.Slider(1, 50, value=config.generate.num_inference_steps, step=1, label="steps")
+                go = gr.Button("Generate", variant="primary")
+            with gr.Column():
+                image = gr.Image(type="pil", label="image", interactive=False, format="png", height=360)
+                scores = gr.JSON(label="scores")
+        with gr.Accordion("Reference photos", open=False):
+            reference_gallery = gr.Gallery(_shown([(p, Path(p).name) for p in starting_references]),
+                                           label="references", columns=8, height=180)
+            uploads = gr.File(file_count="multiple", file_types=["image"], label="add photos")
+            add = gr.Button("Add these photos")
+            to_remove = gr.Dropdown(_names(starting_references), multiselect=True, label="remove photos")
+            remove = gr.Button("Remove")
+        gallery = gr.Gallery(label="this session's images (with their scores and settings)", columns=6, height=280,
+                             object_fit="contain")
+
+        go.click(generate, [lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, references, history],
+                 [image, scores, gallery, last, history], api_name="generate")
+        add.click(add_references, [uploads, references, last], [references, scores, reference_gallery, to_remove],
+                  api_name="add_references")
+        remove.click(remove_references, [to_remove, references, last],
+                     [references, scores, reference_gallery, to_remove], api_name="remove_references")
+        refresh_button.click(refresh, None, [lora_a, lora_b], api_name="refresh")
+        gr.Timer(REFRESH_S).tick(refresh, None, [lora_a, lora_b], api_name=False)  # runs finishing meanwhile
+    return app.queue(default_concurrency_limit=1, max_size=32)
+
+
+def _shown(items: list[tuple[str, str]]) -> list:
+    """Images for a gallery as pictures, not paths: the browser never learns or names a file of this machine
+    (and gradio serves only files it made itself)."""
+    from PIL import Image
+
+    shown = []
+    for path, caption in items:
+        with Image.open(path) as image:
+            thumbnail = image.convert("RGB")
+        thumbnail.thumbnail((512, 512))
+        shown.append((thumbnail, caption))
+    return shown
+
+
+def _names(paths: list[str]) -> list[str]:
+    return [Path(p).name for p in paths]
+
+
+def _brief(scores: dict) -> str:
+    shown = {"clip_score": "CLIP", "face_distance": "face distance", "identity_similarity": "identity"}
+    return ", ".join(f"{label} {scores[k]:.3f}" for k, label in shown.items() if scores.get(k) is not None) or \
+        "no face"
+
+
+def launch(config: StudyConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           auth: str | None = None, block: bool = True):
+    """Start the app; returns the Blocks (with block=False, once it serves)."""
+    from lookalike.errors import LookalikeError
+
+    credentials = None
+    if auth is not None:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise LookalikeError("--auth: expected user:password")
+        credentials = (user, password)
+    app = build_app(config)
+    app.launch(server_name=host, server_port=port, share=share, auth=credentials, max_file_size=MAX_UPLOAD,
+               prevent_thread_lock=not block, show_error=True, quiet=not block)
+    return app

@@ -1,0 +1,126 @@
+"""lookalike demo, driven as a user's browser or script would: through gradio_client and headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.config import load_config
+from lookalike.demo import DemoModels, build_app
+from tests.conftest import run_cli
+
+CHROMIUM = shutil.which("chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, faces):
+    """The app on a workspace with one trained tiny run, served on 127.0.0.1."""
+    from tests.conftest import write_config
+
+    folder = tmp_path_factory.mktemp("demo")
+    config_file = write_config(folder / "study.toml", {
+        "": {"name": "demo", "workspace": str(folder / "work")},
+        "model": {"base": "tiny"},
+        "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
+        "data": {"resolution": 64},
+        "train": {"max_train_steps": 10, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
+        "generate": {"num_inference_steps": 2},
+        "evaluate": {"face_backend": "dlib", "clip_model": "tiny"},
+    })
+    assert run_cli("train", str(config_file), "--run", "r").returncode == 0
+    config = load_config(config_file)
+    models = DemoModels(config)
+    app = build_app(config, models)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="10mb")
+    yield f"http://127.0.0.1:{port}/", models, folder
+    app.close()
+
+
+def client_for(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def generate(client, lora="r", prompt="a photo of sks"):
+    return client.predict("r" if lora is None else lora, 1.0, "(none)", 1.0, prompt, 0, 5.0, 2, api_name="/generate")
+
+
+def test_generate_shows_the_image_with_its_scores(demo):
+    url, _, _ = demo
+    image, scores, gallery = generate(client_for(url))
+    assert Image.open(image).size == (64, 64)
+    assert set(scores) >= {"clip_score", "face_distance", "identity_similarity"}
+    assert isinstance(scores["clip_score"], float) and scores["references"] == 4
+    assert len(gallery) == 1 and "seed 0" in gallery[0]["caption"]
+
+
+def test_adding_a_reference_photo_changes_the_scores(demo, faces, monkeypatch):
+    """The tiny model draws no faces, so the generated image is a real photo here: what is tested is the
+    scoring against references that change."""
+    from gradio_client import handle_file
+
+    url, models, _ = demo
+    portrait = Image.open(faces / "test" / "guido_van_rossum.jpg").convert("RGB")
+    monkeypatch.setattr(models, "render", lambda *args, **kwargs: portrait)
+    client = client_for(url)
+    _, before, _ = generate(client)
+    assert before["faces"] == 1 and before["identity_similarity"] is not None
+    after, shown, _ = client.predict([handle_file(faces / "test" / "paul_allen.jpg")], api_name="/add_references")
+    assert after["references"] == 5 and len(shown) == 5
+    assert after["face_distance"] != pytest.approx(before["face_distance"])
+    assert after["identity_similarity"] < before["identity_similarity"], "another man's face joined the references"
+
+
+def test_a_bad_upload_is_refused_and_the_app_keeps_working(demo, tmp_path):
+    from gradio_client import handle_file
+
+    url, _, _ = demo
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("not an image at all")
+    client = client_for(url)
+    with pytest.raises(Exception, match="photo.jpg is not a readable image"):
+        client.predict([handle_file(fake)], api_name="/add_references")
+    image, scores, _ = generate(client)
+    assert Image.open(image).size == (64, 64) and scores["clip_score"] is not None
+
+
+def test_a_lora_outside_the_workspace_is_refused(demo, tmp_path):
+    url, models, folder = demo
+    outside = tmp_path / "evil.safetensors"
+    shutil.copy(folder / "work" / "runs" / "r" / "lora.safetensors", outside)
+    client = client_for(url)
+    for name in (str(outside), "../../evil", "r/../../evil"):
+        with pytest.raises(Exception):
+            generate(client, lora=name)
+    assert models.lora_choices() == ["r"]
+    with pytest.raises(Exception, match="is not a trained run of this workspace"):
+        models.lora_path(str(outside))
+
+
+def test_the_page_shows_its_main_controls_in_headless_chromium(demo, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium not found: `make test` installs Debian's chromium package"
+    url, _, _ = demo
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.get_by_role("button", name="Generate").wait_for(state="visible", timeout=30000)
+        assert page.get_by_label("prompt").is_visible()
+        page.screenshot(path=str(tmp_path / "demo.png"))
+        browser.close()
+    shot = np.asarray(Image.open(tmp_path / "demo.png").convert("L"), dtype=float)
+    assert shot.std() > 10, "the screenshot is not blank"
