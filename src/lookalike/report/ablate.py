@@ -11,7 +11,6 @@ prompt sets in one pipeline load; the metrics and their changes to ablation/resu
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
