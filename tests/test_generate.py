@@ -49,10 +49,10 @@ def test_run_lora_and_lora_file_change_the_image(tiny_config):
     config = load_config(tiny_config(train={"max_train_steps": 30, "learning_rate": 1e-2}))
     lora = train(config, "r")
     from_run = generate(config, run="r")
-    from_file = generate(config, lora_file=lora)
+    from_file = generate(config, loras=[lora])
     base = generate(config)
     assert from_run == lora.parent / "images" and from_file != from_run
     np.testing.assert_array_equal(pixels(from_run / "p00_s0_g5.png"), pixels(from_file / "p00_s0_g5.png"))
     assert not np.array_equal(pixels(from_run / "p00_s0_g5.png"), pixels(base / "p00_s0_g5.png"))
     sidecar = json.loads((from_run / "p00_s0_g5.json").read_text())
-    assert sidecar["run"] == "r" and sidecar["lora_metadata"]["trigger_word"] == "sks"
+    assert sidecar["run"] == "r" and sidecar["loras"][0]["trigger_word"] == "sks"

@@ -186,13 +186,41 @@ def generate(
     config: ConfigArg,
     set_: SetOption = None,
     run: Annotated[Optional[str], typer.Option(help="Use this run's LoRA.")] = None,
-    lora: Annotated[Optional[Path], typer.Option(help="Use this LoRA file (.safetensors).")] = None,
+    lora: Annotated[Optional[list[Path]], typer.Option(help="A LoRA file (.safetensors); repeat for several.")]
+        = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights of the --lora files, e.g. 1,0.5.")] = None,
 ) -> None:
-    """Generate the config's prompts x seeds x guidance scales, with a LoRA or with the base model alone."""
+    """Generate the config's prompts x seeds x guidance scales, with LoRAs or with the base model alone."""
     from lookalike.generate import generate as generate_images
 
     _quiet()
-    generate_images(_load(config, set_), run=run, lora_file=lora, console=console)
+    generate_images(_load(config, set_), run=run, loras=lora or [], weights=_weights(weights), console=console)
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise LookalikeError(f"--weights: expected numbers separated by commas, like 1,0.5 (got {text!r})") from None
+
+
+@app.command()
+def merge(
+    lora_a: Annotated[Path, typer.Argument(help="The first LoRA file.")],
+    lora_b: Annotated[Path, typer.Argument(help="The second LoRA file.")],
+    out: Annotated[Path, typer.Option(help="The merged LoRA file to write.")],
+    weights: Annotated[str, typer.Option(help="a,b: the merged weight change is a·ΔA + b·ΔB.")] = "1,1",
+) -> None:
+    """Merge two LoRAs exactly into one file (ranks concatenated, alpha included)."""
+    from lookalike.models.merge import merge_loras
+
+    pair = _weights(weights)
+    if len(pair) != 2:
+        raise LookalikeError(f"--weights: give two weights, like 1,0.5 (got {weights!r})")
+    merge_loras(lora_a, lora_b, out, (pair[0], pair[1]))
+    console.print(f"merge: {out}")
 
 
 @app.command()

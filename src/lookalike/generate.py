@@ -54,13 +54,14 @@ def render(pipe, *, seed: int, guidance: float, steps: int, size: int, max_seque
     return result.images[0]
 
 
-def output_folder(config: StudyConfig, run: str | None, lora_file: Path | None) -> Path:
+def output_folder(config: StudyConfig, run: str | None, loras: list[tuple[Path, float]]) -> Path:
     workspace = Workspace(config.workspace)
     if run is not None:
         return workspace.run(run).images
-    if lora_file is not None:
-        digest = hashlib.sha256(str(Path(lora_file).resolve()).encode()).hexdigest()[:8]
-        return workspace.generated / f"{Path(lora_file).stem}-{digest}"
+    if loras:
+        named = "|".join(f"{Path(path).resolve()}x{weight:g}" for path, weight in loras)
+        digest = hashlib.sha256(named.encode()).hexdigest()[:8]
+        return workspace.generated / f"{'+'.join(Path(path).stem for path, _ in loras)}-{digest}"
     return workspace.generated / "base"
 
 
@@ -72,38 +73,46 @@ def image_jobs(config: StudyConfig) -> list[ImageJob]:
     ]
 
 
-def generate(config: StudyConfig, run: str | None = None, lora_file: Path | None = None,
-             console: Console | None = None, out: Path | None = None) -> Path:
+def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = (),
+             weights: list[float] | None = None, console: Console | None = None, out: Path | None = None) -> Path:
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
-    (`out`, or the run's images/ or a folder under generated/)."""
+    (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
+    their weights (diffusers' weighted adapters, fused), or none: the base model."""
     from lookalike.models.base import base_info, inference_dtype, load_pipeline, pick_device, resolve_base
     from lookalike.models.lora import check_lora_file, load_lora_into
     from lookalike.progress import progress_bar
 
     console = console or Console()
-    if run is not None and lora_file is not None:
+    if run is not None and loras:
         raise LookalikeError("give --run or --lora, not both")
     if run is not None:
-        lora_file = Workspace(config.workspace).run(run).lora
-        if not lora_file.is_file():
-            raise LookalikeError(f"run {run!r} has no trained LoRA yet ({lora_file}); train it first")
-    if lora_file is not None:
-        check_lora_file(lora_file)  # refuse a bad file before loading a multi-GB model
-    folder = out or output_folder(config, run, lora_file)
+        loras = [Workspace(config.workspace).run(run).lora]
+        if not loras[0].is_file():
+            raise LookalikeError(f"run {run!r} has no trained LoRA yet ({loras[0]}); train it first")
+    weights = list(weights) if weights is not None else [1.0] * len(loras)
+    if len(weights) != len(loras):
+        raise LookalikeError(f"--weights: {len(weights)} weights for {len(loras)} LoRA files")
+    adapters = list(zip(loras, weights))
+    for path, _ in adapters:
+        check_lora_file(path)  # refuse a bad file before loading a multi-GB model
+    folder = out or output_folder(config, run, adapters)
     jobs = [job for job in image_jobs(config) if not (folder / f"{job.stem}.png").exists()]
     if not jobs:
         console.print(f"generate: all images already in {folder}")
         return folder
 
-    # 1. The pipeline, with the LoRA fused into the transformer's weights (no adapter cost per step).
+    # 1. The pipeline, with the LoRAs fused into the transformer's weights (no adapter cost per step).
     device = pick_device()
     base_folder = resolve_base(config.model.base, config.model.revision)
     pipe = load_pipeline(base_folder, dtype=inference_dtype(device)).to(device)
     pipe.set_progress_bar_config(disable=True)
-    lora_info = {}
-    if lora_file is not None:
-        lora_info = load_lora_into(pipe, lora_file)
-        pipe.fuse_lora()
+    lora_info = []
+    if adapters:
+        names = [f"lora{i}" for i in range(len(adapters))]
+        for name, (path, weight) in zip(names, adapters):
+            lora_info.append({"file": str(path), "weight": weight, **load_lora_into(pipe, path, adapter_name=name)})
+        pipe.set_adapters(names, [weight for _, weight in adapters])
+        pipe.fuse_lora(adapter_names=names)
         pipe.unload_lora_weights()
 
     # 2. One image per job, each with its sidecar, written atomically; the resolved config beside them.
@@ -118,7 +127,7 @@ def generate(config: StudyConfig, run: str | None = None, lora_file: Path | None
             write_json(folder / f"{job.stem}.json", {
                 "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
                 "guidance_scale": job.guidance, "steps": steps, "size": size, "base_model": config.model.base,
-                "lora": str(lora_file) if lora_file else None, "run": run, "lora_metadata": lora_info,
+                "run": run, "loras": lora_info,
             })
             # The image last: its presence is what marks the job done.
             with atomic_path(folder / f"{job.stem}.png") as tmp:

@@ -92,6 +92,33 @@ def lookalike_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
 
 
+def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(tensors, adapter config, lookalike facts) of a checked LoRA file in diffusers' layout. The adapter
+    config is the peft LoraConfig diffusers stored (rank `r`, `lora_alpha`, ...); a file without one gets
+    rank and alpha from its tensors, as diffusers itself assumes (alpha = rank)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors.torch import load_file
+
+    metadata = check_lora_file(path)
+    tensors = load_file(str(path))
+    if not all(key.startswith("transformer.") and (".lora_A." in key or ".lora_B." in key) for key in tensors):
+        raise LookalikeError(f"{path}: not a LoRA of the FLUX transformer in diffusers' layout "
+                             "(keys transformer.<module>.lora_A/lora_B.weight)")
+    adapter = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    config = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+    if "r" not in config:
+        rank = next(t.shape[0] for k, t in tensors.items() if ".lora_A." in k)
+        config = {"r": rank, "lora_alpha": rank}
+    return tensors, config, lookalike_metadata(metadata)
+
+
+def modules_of(tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """module name (without `transformer.`) -> (lora_A, lora_B)."""
+    names = sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors})
+    return {name: (tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"])
+            for name in names}
+
+
 def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:
     """Load a checked LoRA file into a FluxPipeline with diffusers' own loader; return its metadata."""
     metadata = check_lora_file(path)

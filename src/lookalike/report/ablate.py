@@ -66,7 +66,7 @@ def ablate(config: StudyConfig, console: Console) -> dict:
     ablation = config.model_copy(update={"generate": generate_settings})
     folders = {"base": workspace.root / "ablation" / "base", run: workspace.root / "ablation" / run}
     generate(ablation, out=folders["base"], console=console)
-    generate(ablation, lora_file=lora, out=folders[run], console=console)
+    generate(ablation, loras=[lora], out=folders[run], console=console)
 
     evaluator = load_evaluator(config.evaluate, with_clip=True)
     reference = evaluator.reference(reference_photos(config))
