@@ -224,12 +224,34 @@ def merge(
 
 
 @app.command()
+def export(
+    config: Annotated[Optional[Path], typer.Argument(help="The study's config (with --run).")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Export this run's LoRA.")] = None,
+    lora: Annotated[Optional[Path], typer.Option(help="Or export this LoRA file.")] = None,
+    format: Annotated[str, typer.Option(help="kohya, comfyui or diffusers.")] = "comfyui",
+    out: Annotated[Optional[Path], typer.Option(help="File to write (default: beside the LoRA).")] = None,
+) -> None:
+    """Write a LoRA in the layout ComfyUI, kohya's sd-scripts or diffusers read."""
+    from lookalike.models.export import export_lora
+    from lookalike.workspace import Workspace
+
+    if (config is None or run is None) == (lora is None):
+        raise LookalikeError("give CONFIG --run NAME, or --lora FILE")
+    source = lora if lora is not None else Workspace(_load(config, None).workspace).run(run).lora
+    written = export_lora(source, out or source.with_name(f"{source.stem}.{format}.safetensors"), format)
+    console.print(f"export: {written}")
+
+
+@app.command()
 def evaluate(
     config: Annotated[Optional[Path], typer.Argument(help="The study's config: score its runs' images.")] = None,
     set_: SetOption = None,
     run: Annotated[Optional[str], typer.Option(help="Only this run (default: every run with images).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Without CONFIG: a folder of images to score.")] = None,
     references: Annotated[Optional[Path], typer.Option(help="Without CONFIG: the person's reference photos.")]
+        = None,
+    person: Annotated[Optional[list[str]], typer.Option(help="Group photos: NAME=DIR of a person's photos; "
+                                                        "repeat for each person (instead of --references).")]
         = None,
     prompts: Annotated[Optional[Path], typer.Option(help="Prompts, one line for all images or one per image.")] = None,
     face_backend: Annotated[Optional[str], typer.Option(help="facenet (the study's) or dlib (offline).")] = None,
@@ -242,7 +264,7 @@ def evaluate(
 ) -> None:
     """Score images for likeness (face distance, identity), face failures and CLIP Score."""
     from lookalike.config import evaluate_settings
-    from lookalike.evaluate import evaluate_folder, evaluate_runs
+    from lookalike.evaluate import evaluate_folder, evaluate_group_folder, evaluate_runs
 
     chosen = {key: value for key, value in
               {"face_backend": face_backend, "clip_model": clip_model, "all_pairs": all_pairs}.items()
@@ -256,8 +278,19 @@ def evaluate(
         if not evaluate_runs(study, console, run=run, force=force) and run is None:
             console.print("evaluate: nothing to score (no run has generated images yet, or all are up to date)")
         return
+    if images is not None and person:
+        if references is not None:
+            raise LookalikeError("give --references (one person) or --person NAME=DIR (several), not both")
+        people = {}
+        for item in person:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                raise LookalikeError(f"--person {item!r}: expected NAME=DIR")
+            people[name] = Path(folder)
+        evaluate_group_folder(images, people, evaluate_settings(chosen), console, prompts_file=prompts, out=out)
+        return
     if images is None or references is None:
-        raise LookalikeError("give CONFIG [--run NAME], or --images DIR and --references DIR")
+        raise LookalikeError("give CONFIG [--run NAME], or --images DIR and --references DIR (or --person NAME=DIR)")
     evaluate_folder(images, references, evaluate_settings(chosen), console, prompts_file=prompts, out=out)
 
 

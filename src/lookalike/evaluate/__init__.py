@@ -86,6 +86,45 @@ def evaluate_folder(images: Path, references: Path, settings: EvaluateConfig, co
     return metrics
 
 
+def evaluate_group_folder(images: Path, people: dict[str, Path], settings: EvaluateConfig, console: Console,
+                          prompts_file: Path | None = None, out: Path | None = None) -> dict:
+    """Score images of several people: each face assigned to a person, each person's likeness, how many of
+    them were found, and leakage (an image whose prompt names one person, compared with the others).
+    Writes group_scores.csv and group_metrics.json."""
+    import csv
+    import io
+
+    from lookalike.data.images import list_images
+    from lookalike.evaluate.group import aggregate_group, score_group_images
+    from lookalike.evaluate.scoring import describe_images
+    from lookalike.workspace import atomic_path, write_json
+
+    paths = list_images(images, "images")
+    prompts = [row.prompt for row in describe_images(paths, prompts_file)]
+    evaluator = load_evaluator(settings, with_clip=False)
+    references = {name: evaluator.reference(list_images(folder, f"--person {name}")) for name, folder in people.items()}
+    rows = score_group_images(evaluator, paths, prompts, references)
+    metrics = {**aggregate_group(rows, list(people)), "face_backend": evaluator.backend.name,
+               "face_backend_version": evaluator.backend.version,
+               "same_person_threshold": evaluator.backend.same_person_threshold}
+    folder = out or images
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(folder / "group_scores.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    write_json(folder / "group_metrics.json", metrics)
+    table = Table("person", "face distance", "identity", "found rate", "leakage to them", title=f"group {images}")
+    for name, m in metrics["per_person"].items():
+        table.add_row(name, *("-" if m[k] is None else f"{m[k]:.4f}" for k in
+                              ("face_distance", "identity_similarity", "found_rate", "leakage_to")))
+    console.print(table)
+    console.print(f"all people found in {metrics['all_found_rate']} of the images", highlight=False)
+    return metrics
+
+
 def reference_photos(config: StudyConfig) -> list[Path]:
     """The subject's photos that prepare kept (outliers and duplicates out), at their full size, which suits
     face embeddings better than the training crops; all of the subject's photos before prepare has run."""
