@@ -24,7 +24,7 @@ def test_generate_every_combination_with_sidecars(tiny_config):
     sidecar = json.loads((folder / "p01_s1_g3.5.json").read_text())
     assert sidecar["prompt"] == "sks smiling"
     assert (sidecar["seed"], sidecar["guidance_scale"], sidecar["steps"], sidecar["size"]) == (1, 3.5, 2, 64)
-    assert sidecar["lora"] is None and sidecar["base_model"] == "tiny"
+    assert sidecar["loras"] == [] and sidecar["base_model"] == "tiny"
     assert pixels(images[0]).shape == (64, 64, 3)
     assert json.loads((folder / "config.json").read_text()) == config.to_json_dict()
 
