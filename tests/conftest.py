@@ -50,23 +50,28 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
+def tiny_study(folder: Path, faces: Path, name: str = "study.toml", **sections) -> Path:
+    """A config file for the tiny model on one real person's photos, workspace folder/work; sections override."""
+    base = {
+        "": {"name": "test", "workspace": str(folder / "work")},
+        "model": {"base": "tiny"},
+        "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
+        "data": {"resolution": 64},
+        "train": {"max_train_steps": 20, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
+        "generate": {"seeds": [0], "num_inference_steps": 4},
+        "evaluate": {"face_backend": "dlib"},  # offline; facenet's identity weights cannot be downloaded here
+    }
+    for section, keys in sections.items():
+        base.setdefault(section, {}).update(keys)
+    return write_config(folder / name, base)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, faces):
-    """A function making a config file for the tiny model on one real person's photos; sections override."""
+    """A function making a tiny study's config file in the test's folder; sections override."""
 
     def make(name: str = "study.toml", **sections) -> Path:
-        base = {
-            "": {"name": "test", "workspace": str(tmp_path / "work")},
-            "model": {"base": "tiny"},
-            "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
-            "data": {"resolution": 64},
-            "train": {"max_train_steps": 20, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
-            "generate": {"seeds": [0], "num_inference_steps": 4},
-            "evaluate": {"face_backend": "dlib"},  # offline; facenet's identity weights cannot be downloaded here
-        }
-        for section, keys in sections.items():
-            base.setdefault(section, {}).update(keys)
-        return write_config(tmp_path / name, base)
+        return tiny_study(tmp_path, faces, name, **sections)
 
     return make
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lookalike.config import load_config
 from lookalike.demo import DemoModels, build_app
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_study
 
 CHROMIUM = shutil.which("chromium")
 
@@ -25,18 +25,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, faces):
     """The app on a workspace with one trained tiny run, served on 127.0.0.1."""
-    from tests.conftest import write_config
-
     folder = tmp_path_factory.mktemp("demo")
-    config_file = write_config(folder / "study.toml", {
-        "": {"name": "demo", "workspace": str(folder / "work")},
-        "model": {"base": "tiny"},
-        "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
-        "data": {"resolution": 64},
-        "train": {"max_train_steps": 10, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
-        "generate": {"num_inference_steps": 2},
-        "evaluate": {"face_backend": "dlib", "clip_model": "tiny"},
-    })
+    config_file = tiny_study(folder, faces, train={"max_train_steps": 10}, generate={"num_inference_steps": 2},
+                             evaluate={"clip_model": "tiny"})
     assert run_cli("train", str(config_file), "--run", "r").returncode == 0
     config = load_config(config_file)
     models = DemoModels(config)

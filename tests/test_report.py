@@ -12,7 +12,7 @@ from PIL import Image
 
 from lookalike.report import figures
 from lookalike.workspace import Workspace, write_json
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -20,18 +20,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, faces):
     """`lookalike run` on the tiny model: two experiments, one of them refused at run time on a CPU."""
-    from tests.conftest import write_config
-
     folder = tmp_path_factory.mktemp("study")
-    config = write_config(folder / "study.toml", {
-        "": {"name": "browser", "workspace": str(folder / "work")},
-        "model": {"base": "tiny"},
-        "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
-        "data": {"resolution": 64},
-        "train": {"max_train_steps": 10, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
-        "generate": {"prompts": ["a photo of {token}", "{token} smiling"], "seeds": [0], "num_inference_steps": 2},
-        "evaluate": {"face_backend": "dlib", "clip_model": "tiny"},
-    })
+    config = tiny_study(folder, faces, train={"max_train_steps": 10}, evaluate={"clip_model": "tiny"},
+                        generate={"prompts": ["a photo of {token}", "{token} smiling"], "num_inference_steps": 2})
     config.write_text(config.read_text() + '[[sweep.experiments]]\nname = "ok"\n'
                       '[[sweep.experiments]]\nname = "bad"\noptimizer = "adamw8bit"\n')
     result = run_cli("run", str(config))
