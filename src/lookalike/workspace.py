@@ -141,11 +141,6 @@ class Workspace:
         return self.root / "data"
 
     @property
-    def prepared_images(self) -> Path:
-        """The subject's cleaned, face-cropped photos written by prepare."""
-        return self.data / "images"
-
-    @property
     def results(self) -> Path:
         return self.root / "results.sqlite"
 

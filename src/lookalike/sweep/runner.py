@@ -71,8 +71,8 @@ def train_command(config_file: Path, name: str, overrides: list[str]) -> list[st
     return [sys.executable, "-m", "lookalike", "train", str(config_file), "--run", name, "--resume", *sets]
 
 
-def stream_child(command: list[str], name: str, log: Path, emit, env: dict[str, str], children: dict | None = None,
-                 ) -> int:
+def stream_child(command: list[str], name: str, log: Path, emit, env: dict[str, str],
+                 children: dict | None = None) -> int:
     """Run one child, passing each output line to emit(prefixed line) and to the log as it comes; its exit code.
     The child gets its own session, so a Ctrl-C reaches it once, from the sweep, not also from the terminal."""
     log.parent.mkdir(parents=True, exist_ok=True)
