@@ -106,3 +106,9 @@ def test_gated_error_names_the_licence_and_the_token(monkeypatch):
 
 def test_unknown_base_model_is_named(tiny_config):
     assert_one_line_error(run_cli("train", str(tiny_config(model={"base": "flux-pro"}))), "model.base", "flux-pro")
+
+
+def test_a_usage_mistake_is_explained_without_a_traceback(tiny_config):
+    result = run_cli("train", str(tiny_config()), "--nope")
+    assert result.returncode == 2
+    assert "No such option: --nope" in result.stderr and "Traceback" not in result.stderr

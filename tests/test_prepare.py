@@ -147,7 +147,7 @@ def test_rerun_does_nothing_and_a_changed_photo_is_redone(tiny_config, faces, tm
     stamps = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
 
     again = run_cli("prepare", str(config_file))
-    assert again.returncode == 0 and "prepare: up to date (4 photos kept" in again.stdout
+    assert again.returncode == 0 and "prepare sks: up to date (4 photos kept" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == stamps
 
     shutil.copy(faces / "test" / "steve_wozniak.jpg", folder / "2.jpg")

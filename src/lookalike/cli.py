@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from lookalike.errors import LookalikeError
 
@@ -39,10 +40,10 @@ def _quiet() -> None:
 
 @app.command()
 def prepare(config: ConfigArg, set_: SetOption = None) -> None:
-    """Crop the subject's photos around the face, check them, and write data/ with a QA page."""
-    from lookalike.data.prepare import prepare as prepare_photos
+    """Crop each subject's photos around the face, check them, and write data/ with a QA page."""
+    from lookalike.data.prepare import prepare_study
 
-    prepare_photos(_load(config, set_), console)
+    prepare_study(_load(config, set_), console)
 
 
 @app.command()
@@ -51,14 +52,17 @@ def train(
     set_: SetOption = None,
     run: Annotated[str, typer.Option(help="Run name; a [[sweep.experiments]] name applies its overrides.")] = "default",
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    subject: Annotated[Optional[str], typer.Option(help="Train only the person with this token (one LoRA "
+                                                   "each); default: every subject of the config together.")] = None,
 ) -> None:
     """Train one LoRA run."""
+    from lookalike.sweep.plan import config_for_run
     from lookalike.train.trainer import train as train_run
 
-    from lookalike.sweep.plan import config_for_run
-
     _quiet()
-    train_run(config_for_run(_load(config, set_), run), run, resume=resume, console=console)
+    study = _load(config, set_)
+    study = study.for_subject(subject) if subject else study
+    train_run(config_for_run(study, run), run, resume=resume, console=console)
 
 
 @app.command()
@@ -326,12 +330,7 @@ def main() -> None:
     except KeyboardInterrupt:
         error_console.print("interrupted")
         sys.exit(130)
-    except Exception as error:  # click's own usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
+    except TyperException as error:  # usage errors: click's, vendored by typer
+        if hasattr(error, "show"):
             error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        sys.exit(getattr(error, "exit_code", 2) or 1)

@@ -197,6 +197,9 @@ class StudyConfig(Section):
     workspace: Path
     model: ModelConfig = ModelConfig()
     subject: SubjectConfig
+    more_subjects: list[SubjectConfig] = []
+    """More people, each with their own token, class word and photos: trained into the same LoRA as [subject]
+    (captions name each person's token), for group photos; `train --subject TOKEN` trains one person alone."""
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -210,10 +213,35 @@ class StudyConfig(Section):
             raise ValueError("train.lr_warmup_steps must be smaller than train.max_train_steps")
         return self
 
-    def fill(self, text: str) -> str:
-        """A prompt or caption template with the subject's token and class word filled in."""
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> "StudyConfig":
+        tokens = [person.token for person in self.people]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"every subject needs its own token (got {', '.join(tokens)})")
+        return self
+
+    @property
+    def people(self) -> list[SubjectConfig]:
+        """[subject] first, then [[more_subjects]]."""
+        return [self.subject, *self.more_subjects]
+
+    def fill(self, text: str, subject: SubjectConfig | None = None) -> str:
+        """A prompt or caption template filled in: {token} and {class_word} with `subject`'s (default [subject]),
+        {token_1}, {class_word_1}, {token_2}, ... with each person's in order, for group prompts."""
+        subject = subject or self.subject
         # str.replace, not str.format: a caption may hold other braces.
-        return text.replace("{token}", self.subject.token).replace("{class_word}", self.subject.class_word)
+        for number, person in enumerate(self.people, 1):
+            text = text.replace(f"{{token_{number}}}", person.token)
+            text = text.replace(f"{{class_word_{number}}}", person.class_word)
+        return text.replace("{token}", subject.token).replace("{class_word}", subject.class_word)
+
+    def for_subject(self, token: str) -> "StudyConfig":
+        """This study with one of its people alone as [subject] (one LoRA per person)."""
+        for person in self.people:
+            if person.token == token:
+                return self.model_copy(update={"subject": person, "more_subjects": []})
+        raise LookalikeError(f"--subject: no subject with token {token!r} (tokens: "
+                             f"{', '.join(p.token for p in self.people)})")
 
     def with_train(self, overrides: dict[str, Any], source: str) -> "StudyConfig":
         """This config with [train] keys overridden; a bad value is an error naming `source` and the key."""
@@ -294,12 +322,14 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
         raise LookalikeError(_format_errors(source, error)) from None
     from lookalike.models.base import KNOWN_BASES
 
-    subject = config.subject.model_copy(update={"images": (base_dir / config.subject.images).resolve()})
+    subject, *more = (person.model_copy(update={"images": (base_dir / person.images).resolve()})
+                      for person in config.people)
     model = config.model
     if model.base not in KNOWN_BASES:  # a local diffusers folder, relative to the config file like every path
         model = model.model_copy(update={"base": str((base_dir / model.base).resolve())})
     return config.model_copy(
-        update={"workspace": (base_dir / config.workspace).resolve(), "subject": subject, "model": model}
+        update={"workspace": (base_dir / config.workspace).resolve(), "subject": subject, "more_subjects": more,
+                "model": model}
     )
 
 

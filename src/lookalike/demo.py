@@ -105,9 +105,8 @@ class DemoModels:
     def score(self, image_path: Path, prompt: str, photos: list[str]) -> dict:
         from lookalike.evaluate.scoring import ImageScore, clip_prompt
 
-        subject = self.config.subject
         row = ImageScore(image=image_path.name, prompt=prompt,
-                         clip_prompt=clip_prompt(prompt, subject.token, subject.class_word))
+                         clip_prompt=clip_prompt(prompt, {p.token: p.class_word for p in self.config.people}))
         self.evaluator().score([image_path], [row], self.reference(photos))
         return {"clip_score": row.clip_score, "face_distance": row.face_distance,
                 "identity_similarity": row.identity_similarity, "id_match": row.id_match,

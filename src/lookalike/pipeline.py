@@ -19,7 +19,7 @@ from lookalike.errors import LookalikeError
 def run_study(config: StudyConfig, config_file: Path, overrides: list[str], console: Console, jobs: int = 1,
               backend: str = "local", address: str | None = None) -> list[str]:
     """Every stage of the study; returns the problems met (empty when every run went through)."""
-    from lookalike.data.prepare import prepare
+    from lookalike.data.prepare import prepare_study
     from lookalike.evaluate import evaluate_runs
     from lookalike.generate import generate
     from lookalike.models.base import quiet_libraries
@@ -29,7 +29,7 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     quiet_libraries()
     stage = lambda name: console.rule(f"[bold]{name}")  # noqa: E731
     stage("1/4 prepare")
-    prepare(config, console)
+    prepare_study(config, console)
 
     stage("2/4 train (sweep)")
     outcomes = sweep(config, config_file, experiments(config), console, overrides, jobs=jobs, backend=backend,

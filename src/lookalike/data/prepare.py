@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from lookalike.config import StudyConfig
+from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
 from lookalike.data.images import load_rgb
@@ -220,14 +220,23 @@ def _output_name(photo: Photo, resolution: int) -> str:
     return f"images/{Path(photo.source).stem}_{digest}.png"
 
 
-def prepare(config: StudyConfig, console: Console | None = None, inspector: Inspector | None = None) -> list[Photo]:
-    """Bring data/ up to date with the subject's photos and the settings; return every photo's record.
-    A caller preparing several times in one process passes the same Inspector, so models load once."""
+def data_folder(config: StudyConfig, subject: SubjectConfig) -> Path:
+    """Where a person's prepared photos go: data/ for [subject], data/<token>/ for each of [[more_subjects]]."""
+    data = Workspace(config.workspace).data
+    return data if subject.token == config.subject.token else data / subject.token
+
+
+def prepare(config: StudyConfig, console: Console | None = None, inspector: Inspector | None = None,
+            subject: SubjectConfig | None = None) -> list[Photo]:
+    """Bring one person's prepared data (default [subject]'s) up to date with their photos and the settings;
+    return every photo's record. A caller preparing several times in one process passes the same Inspector,
+    so models load once."""
     from lookalike.data.qa_report import print_summary, write_qa_page
     from lookalike.progress import progress_bar
 
     console = console or Console()
-    data = Workspace(config.workspace).data
+    subject = subject or config.subject
+    data = data_folder(config, subject)
     manifest_file = data / "manifest.json"
     previous = read_json(manifest_file) if manifest_file.is_file() else {"photos": []}
     known = {(p["source"], p["sha256"], p["inspected_with"]): p for p in previous.get("photos", [])}
@@ -236,8 +245,8 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
     # 1. Inspect new and changed photos; reuse what was found in the others.
     inspector = inspector or Inspector(config)
     photos, inspected = [], 0
-    files = source_files(config.subject.images)
-    with progress_bar(console, "prepare", total=len(files)) as bar:
+    files = source_files(subject.images)
+    with progress_bar(console, f"prepare {subject.token}", total=len(files)) as bar:
         for path in files:
             sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
             old = known.get((str(path), sha256, settings))
@@ -250,16 +259,16 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
 
     # 2. Decide across photos.
     decide(photos, config, inspector.same_person_threshold)
-    default_caption = config.fill(config.subject.caption)
     for photo in photos:
         if photo.status == "kept":
             photo.output = _output_name(photo, config.data.resolution)
-            photo.caption = config.fill(caption_for(Path(photo.source), default_caption))
+            photo.caption = config.fill(caption_for(Path(photo.source), subject.caption), subject)
         else:
             photo.output = photo.caption = None
     kept = [p for p in photos if p.status == "kept"]
     manifest = json.loads(json.dumps({  # as it reads back from disk, to compare with the previous one
-        "subject": str(config.subject.images), "resolution": config.data.resolution, "kept": len(kept),
+        "subject": subject.token, "images": str(subject.images), "resolution": config.data.resolution,
+        "kept": len(kept),
         "excluded": len(photos) - len(kept), "photos": [asdict(p) for p in photos]}))
 
     # 3. Write what changed.
@@ -269,13 +278,14 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
         _remove_unused_thumbnails(data, photos)
         write_json(manifest_file, manifest)
         write_qa_page(data, photos)
-        console.print(f"prepare: {inspected} photos inspected, {len(kept)} kept, {len(photos) - len(kept)} excluded; "
-                      f"report {data / 'qa.html'}")
+        console.print(f"prepare {subject.token}: {inspected} photos inspected, {len(kept)} kept, "
+                      f"{len(photos) - len(kept)} excluded; report {data / 'qa.html'}")
     else:
-        console.print(f"prepare: up to date ({len(kept)} photos kept, {len(photos) - len(kept)} excluded)")
+        console.print(f"prepare {subject.token}: up to date ({len(kept)} photos kept, "
+                      f"{len(photos) - len(kept)} excluded)")
     print_summary(console, photos)
     if len(kept) < config.data.min_photos:
-        message = (f"only {len(kept)} usable photos in {config.subject.images} (data.min_photos is "
+        message = (f"only {len(kept)} usable photos in {subject.images} (data.min_photos is "
                    f"{config.data.min_photos}); see {data / 'qa.html'}")
         if config.data.checks.too_few == "error":
             raise LookalikeError(message)
@@ -311,8 +321,14 @@ def _remove_unused_thumbnails(data: Path, photos: list[Photo]) -> None:
             thumbnail.unlink()
 
 
+def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo]]:
+    """Every person's photos prepared (models loaded once); token -> photo records."""
+    inspector = Inspector(config)
+    return {person.token: prepare(config, console, inspector, person) for person in config.people}
+
+
 def prepared_photos(config: StudyConfig, console: Console) -> list[tuple[Path, str]]:
-    """(crop, caption) of every kept photo, preparing the data first when it is missing or out of date."""
-    photos = prepare(config, console)
-    data = Workspace(config.workspace).data
-    return [(data / p.output, p.caption) for p in photos if p.status == "kept"]
+    """(crop, caption) of every kept photo of every person, preparing first what is missing or out of date."""
+    return [(data_folder(config, person) / p.output, p.caption)
+            for person, photos in zip(config.people, prepare_study(config, console).values())
+            for p in photos if p.status == "kept"]

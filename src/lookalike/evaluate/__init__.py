@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from lookalike.config import EvaluateConfig, StudyConfig
+from lookalike.config import EvaluateConfig, StudyConfig, SubjectConfig
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, read_json
 
@@ -35,17 +36,27 @@ def load_evaluator(settings: EvaluateConfig, with_clip: bool):
     return Evaluator(backend, rule, ClipScorer(*load_clip(settings.clip_model)) if with_clip else None)
 
 
-def _score_folder(evaluator, reference, images: Path, settings: EvaluateConfig, console: Console,
-                  prompts_file: Path | None = None, token: str | None = None, class_word: str | None = None):
+def _score_folder(evaluator, references: dict[str, object], images: Path, settings: EvaluateConfig,
+                  console: Console, prompts_file: Path | None = None, class_words: dict[str, str] | None = None):
+    """Score a folder against the references (token -> Reference; one entry when the prompts name nobody).
+    An image is scored against the person its prompt names first (the first person when it names none)."""
     from lookalike.data.images import list_images
     from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images
     from lookalike.progress import progress_bar
 
     paths = list_images(images, "images")
-    rows = describe_images(paths, prompts_file, token, class_word)
+    rows = describe_images(paths, prompts_file, class_words)
+    tokens = list(references)
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        named = [t for t in tokens if t and row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)]
+        groups.setdefault(named[0] if named else tokens[0], []).append(index)
     with progress_bar(console, f"evaluate {images.name}", total=len(paths)) as bar:
-        evaluator.score(paths, rows, reference, all_pairs=settings.all_pairs, progress=bar)
+        for token, members in groups.items():
+            evaluator.score([paths[i] for i in members], [rows[i] for i in members], references[token],
+                            all_pairs=settings.all_pairs, progress=bar)
     backend = evaluator.backend
+    replaced = ", ".join(f"{token!r} by {word!r}" for token, word in (class_words or {}).items())
     metrics = {
         **aggregate(rows),
         "per_prompt": aggregate_by(rows, "prompt"),
@@ -53,11 +64,10 @@ def _score_folder(evaluator, reference, images: Path, settings: EvaluateConfig, 
         "face_backend": backend.name, "face_backend_version": backend.version,
         "same_person_threshold": backend.same_person_threshold,
         "min_face_score": evaluator.rule.min_score, "min_face_size": evaluator.rule.min_size,
-        "references": reference.count,
+        "references": sum(reference.count for reference in references.values()),
         "clip_model": settings.clip_model if evaluator.clip else None,
         "clip_pairs": "all prompts x all images" if settings.all_pairs else "each image with its own prompt",
-        "clip_prompts": (f"trigger word {token!r} replaced by the class word {class_word!r}" if token
-                         else "as given"),
+        "clip_prompts": f"trigger words replaced: {replaced}" if replaced else "as given",
     }
     return rows, metrics
 
@@ -80,7 +90,7 @@ def evaluate_folder(images: Path, references: Path, settings: EvaluateConfig, co
     with_clip = any(r.prompt for r in describe_images(list_images(images, "images"), prompts_file))
     evaluator = load_evaluator(settings, with_clip)
     reference = evaluator.reference(list_images(references, "references"))
-    rows, metrics = _score_folder(evaluator, reference, images, settings, console, prompts_file)
+    rows, metrics = _score_folder(evaluator, {"": reference}, images, settings, console, prompts_file)
     write_results(out or images, rows, metrics)
     print_metrics(console, f"evaluate {images}", metrics)
     return metrics
@@ -91,13 +101,9 @@ def evaluate_group_folder(images: Path, people: dict[str, Path], settings: Evalu
     """Score images of several people: each face assigned to a person, each person's likeness, how many of
     them were found, and leakage (an image whose prompt names one person, compared with the others).
     Writes group_scores.csv and group_metrics.json."""
-    import csv
-    import io
-
     from lookalike.data.images import list_images
     from lookalike.evaluate.group import aggregate_group, score_group_images
     from lookalike.evaluate.scoring import describe_images
-    from lookalike.workspace import atomic_path, write_json
 
     paths = list_images(images, "images")
     prompts = [row.prompt for row in describe_images(paths, prompts_file)]
@@ -107,7 +113,17 @@ def evaluate_group_folder(images: Path, people: dict[str, Path], settings: Evalu
     metrics = {**aggregate_group(rows, list(people)), "face_backend": evaluator.backend.name,
                "face_backend_version": evaluator.backend.version,
                "same_person_threshold": evaluator.backend.same_person_threshold}
-    folder = out or images
+    _write_group(out or images, rows, metrics)
+    _print_group(console, f"group {images}", metrics)
+    return metrics
+
+
+def _write_group(folder: Path, rows: list[dict], metrics: dict) -> None:
+    import csv
+    import io
+
+    from lookalike.workspace import atomic_path, write_json
+
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -116,33 +132,37 @@ def evaluate_group_folder(images: Path, people: dict[str, Path], settings: Evalu
     with atomic_path(folder / "group_scores.csv") as tmp:
         tmp.write_text(buffer.getvalue())
     write_json(folder / "group_metrics.json", metrics)
-    table = Table("person", "face distance", "identity", "found rate", "leakage to them", title=f"group {images}")
+
+
+def _print_group(console: Console, title: str, metrics: dict) -> None:
+    table = Table("person", "face distance", "identity", "found rate", "leakage to them", title=title)
     for name, m in metrics["per_person"].items():
         table.add_row(name, *("-" if m[k] is None else f"{m[k]:.4f}" for k in
                               ("face_distance", "identity_similarity", "found_rate", "leakage_to")))
     console.print(table)
     console.print(f"all people found in {metrics['all_found_rate']} of the images", highlight=False)
-    return metrics
 
 
-def reference_photos(config: StudyConfig) -> list[Path]:
-    """The subject's photos that prepare kept (outliers and duplicates out), at their full size, which suits
-    face embeddings better than the training crops; all of the subject's photos before prepare has run."""
+def reference_photos(config: StudyConfig, subject: SubjectConfig | None = None) -> list[Path]:
+    """A person's photos that prepare kept (outliers and duplicates out), at their full size, which suits
+    face embeddings better than the training crops; all of their photos before prepare has run."""
     from lookalike.data.images import list_images
+    from lookalike.data.prepare import data_folder
 
-    manifest = Workspace(config.workspace).data / "manifest.json"
+    subject = subject or config.subject
+    manifest = data_folder(config, subject) / "manifest.json"
     if manifest.is_file():
         kept = [Path(p["source"]) for p in read_json(manifest)["photos"] if p["status"] == "kept"]
         if kept:
             return kept
-    return list_images(config.subject.images)
+    return list_images(subject.images)
 
 
 def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:
     """What the metrics of a run depend on: its images and sidecars, the references and the settings."""
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [*sorted(images.iterdir()), *references]
              if p.is_file() and not p.name.startswith(".") and p.name not in ("metrics.json", "scores.csv")]
-    facts = [files, config.evaluate.model_dump(mode="json"), config.subject.token, config.subject.class_word]
+    facts = [files, config.evaluate.model_dump(mode="json"), [p.model_dump(mode="json") for p in config.people]]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
 
@@ -160,11 +180,11 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         names = [run]
     else:
         names = sorted(p.name for p in workspace.runs.glob("*") if (p / "images").is_dir())
-    references = reference_photos(config)
+    photos = {person.token: reference_photos(config, person) for person in config.people}
     todo = []
     for name in names:
         paths = workspace.run(name)
-        digest = _inputs_digest(config, paths.images, references)
+        digest = _inputs_digest(config, paths.images, [p for group in photos.values() for p in group])
         done = paths.root / "metrics.json"
         if not force and done.is_file() and read_json(done).get("inputs_digest") == digest:
             console.print(f"evaluate: {name} is up to date")
@@ -174,14 +194,23 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         return []
 
     evaluator = load_evaluator(config.evaluate, with_clip=True)
-    reference = evaluator.reference(references)
-    console.print(f"evaluate: faces of {reference.count} of the subject's photos as references; CLIP prompts have "
-                  f"{config.subject.token!r} replaced by {config.subject.class_word!r}")
+    references = {token: evaluator.reference(group) for token, group in photos.items()}
+    class_words = {person.token: person.class_word for person in config.people}
+    console.print("evaluate: references: " + ", ".join(f"{r.count} photos of {t}" for t, r in references.items())
+                  + "; CLIP prompts have " + ", ".join(f"{t!r} replaced by {w!r}" for t, w in class_words.items()))
     for name, digest in todo:
         paths = workspace.run(name)
-        rows, metrics = _score_folder(evaluator, reference, paths.images, config.evaluate, console,
-                                      token=config.subject.token, class_word=config.subject.class_word)
+        rows, metrics = _score_folder(evaluator, references, paths.images, config.evaluate, console,
+                                      class_words=class_words)
         metrics["inputs_digest"] = digest
+        if len(references) > 1:  # several people: who is in each image, and whose face leaks into whose prompt
+            from lookalike.evaluate.group import aggregate_group, score_group_images
+
+            group_rows = score_group_images(evaluator, [paths.images / r.image for r in rows],
+                                            [r.prompt for r in rows], references)
+            group = aggregate_group(group_rows, list(references))
+            _write_group(paths.root, group_rows, group)
+            _print_group(console, f"evaluate run {name}: people", group)
         write_results(paths.root, rows, metrics)
         record_run(workspace.results, paths)
         print_metrics(console, f"evaluate run {name}", metrics)

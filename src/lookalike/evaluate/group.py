@@ -9,6 +9,7 @@ does not name (a LoRA of two people that leaks gives A's prompt B's features).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,7 @@ def score_group_images(evaluator, paths, prompts: list[str | None], people: dict
         for s in scores:
             row.update({f"{s.person}_face_distance": s.face_distance,
                         f"{s.person}_identity_similarity": s.identity_similarity, f"{s.person}_found": s.found})
-        named = {name for name in people if prompt and name in prompt}
+        named = {name for name in people if prompt and re.search(rf"\b{re.escape(name)}\b", prompt)}
         if faces and len(named) == 1:
             (person,) = named
             subject = next(s for s in scores if s.person == person)

@@ -37,14 +37,15 @@ class ImageScore:
     error: str | None = None
 
 
-def clip_prompt(prompt: str, token: str | None, class_word: str | None) -> str:
-    if not token or not class_word:
-        return prompt
-    return re.sub(rf"\b{re.escape(token)}\b", class_word, prompt)
+def clip_prompt(prompt: str, class_words: dict[str, str] | None) -> str:
+    """The prompt with each trigger word (a key of class_words) replaced by its class word."""
+    for token, class_word in (class_words or {}).items():
+        prompt = re.sub(rf"\b{re.escape(token)}\b", class_word, prompt)
+    return prompt
 
 
-def describe_images(images: list[Path], prompts_file: Path | None = None, token: str | None = None,
-                    class_word: str | None = None) -> list[ImageScore]:
+def describe_images(images: list[Path], prompts_file: Path | None = None,
+                    class_words: dict[str, str] | None = None) -> list[ImageScore]:
     """A row per image with what is known before scoring: prompt (sidecar, else the prompts file: one line for
     all images or one per image in name order, else none and no CLIP Score), seed and guidance scale."""
     lines = []
@@ -69,7 +70,7 @@ def describe_images(images: list[Path], prompts_file: Path | None = None, token:
         elif lines:
             row.prompt = lines[0] if len(lines) == 1 else lines[index]
         if row.prompt is not None:
-            row.clip_prompt = clip_prompt(row.prompt, token, class_word)
+            row.clip_prompt = clip_prompt(row.prompt, class_words)
         rows.append(row)
     return rows
 

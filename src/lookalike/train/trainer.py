@@ -93,7 +93,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-_TRAINING_SECTIONS = ("model", "subject", "data", "train")
+_TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train")
 
 
 def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
@@ -297,8 +297,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_lora(run.lora, lora_state_dict(model), model.peft_config["default"], {
-            "base_model": config.model.base, "trigger_word": config.subject.token,
-            "class_word": config.subject.class_word, "rank": t.rank, "alpha": t.lora_alpha,
+            "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
+            "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
             "steps": t.max_train_steps, "learning_rate": t.learning_rate, "run": run.name,
             "version": __version__,
         })
