@@ -1,8 +1,8 @@
 """lookalike evaluate: likeness (face distance, identity similarity, id-match rate), face failures and CLIP
 Score of generated images, for the runs of a study or for plain folders.
 
-The models load once per process: every run of a study is scored by the same Evaluator, against a reference
-embedding computed once from the subject's photos (the prepared ones when prepare has run).
+The models load once per process: every run of a study is scored by the same Evaluator, against reference
+embeddings computed once from each person's photos (the ones prepare kept, when it has run).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def evaluate_group_folder(images: Path, people: dict[str, Path], settings: Evalu
     them were found, and leakage (an image whose prompt names one person, compared with the others).
     Writes group_scores.csv and group_metrics.json."""
     from lookalike.data.images import list_images
-    from lookalike.evaluate.group import aggregate_group, score_group_images
+    from lookalike.evaluate.group import score_group_images
     from lookalike.evaluate.scoring import describe_images
 
     paths = list_images(images, "images")
@@ -110,12 +110,18 @@ def evaluate_group_folder(images: Path, people: dict[str, Path], settings: Evalu
     evaluator = load_evaluator(settings, with_clip=False)
     references = {name: evaluator.reference(list_images(folder, f"--person {name}")) for name, folder in people.items()}
     rows = score_group_images(evaluator, paths, prompts, references)
-    metrics = {**aggregate_group(rows, list(people)), "face_backend": evaluator.backend.name,
-               "face_backend_version": evaluator.backend.version,
-               "same_person_threshold": evaluator.backend.same_person_threshold}
+    metrics = _group_metrics(evaluator, rows, list(people))
     _write_group(out or images, rows, metrics)
     _print_group(console, f"group {images}", metrics)
     return metrics
+
+
+def _group_metrics(evaluator, rows: list[dict], people: list[str]) -> dict:
+    from lookalike.evaluate.group import aggregate_group
+
+    backend = evaluator.backend
+    return {**aggregate_group(rows, people), "face_backend": backend.name, "face_backend_version": backend.version,
+            "same_person_threshold": backend.same_person_threshold}
 
 
 def _write_group(folder: Path, rows: list[dict], metrics: dict) -> None:
@@ -204,11 +210,11 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
                                       class_words=class_words)
         metrics["inputs_digest"] = digest
         if len(references) > 1:  # several people: who is in each image, and whose face leaks into whose prompt
-            from lookalike.evaluate.group import aggregate_group, score_group_images
+            from lookalike.evaluate.group import score_group_images
 
             group_rows = score_group_images(evaluator, [paths.images / r.image for r in rows],
                                             [r.prompt for r in rows], references)
-            group = aggregate_group(group_rows, list(references))
+            group = _group_metrics(evaluator, group_rows, list(references))
             _write_group(paths.root, group_rows, group)
             _print_group(console, f"evaluate run {name}: people", group)
         write_results(paths.root, rows, metrics)
