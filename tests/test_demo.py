@@ -44,17 +44,18 @@ def client_for(url):
     return Client(url, verbose=False)
 
 
-def generate(client, lora="r", prompt="a photo of sks"):
-    return client.predict("r" if lora is None else lora, 1.0, "(none)", 1.0, prompt, 0, 5.0, 2, api_name="/generate")
+def generate(client, lora="r", prompt="a photo of sks", size=64):
+    return client.predict(lora, 1.0, "(none)", 1.0, prompt, 0, 5.0, 2, size, api_name="/generate")
 
 
 def test_generate_shows_the_image_with_its_scores(demo):
     url, _, _ = demo
     image, scores, gallery = generate(client_for(url))
     assert Image.open(image).size == (64, 64)
+    assert Image.open(generate(client_for(url), size=96)[0]).size == (96, 96)
     assert set(scores) >= {"clip_score", "face_distance", "identity_similarity"}
     assert isinstance(scores["clip_score"], float) and scores["references"] == 4
-    assert len(gallery) == 1 and "seed 0" in gallery[0]["caption"]
+    assert "seed 0" in gallery[0]["caption"]
 
 
 def test_adding_a_reference_photo_changes_the_scores(demo, faces, monkeypatch):
@@ -98,6 +99,15 @@ def test_a_lora_outside_the_workspace_is_refused(demo, tmp_path):
     assert models.lora_choices() == ["r"]
     with pytest.raises(Exception, match="is not a trained run of this workspace"):
         models.lora_path(str(outside))
+
+
+def test_a_bad_login_setting_is_refused_before_anything_starts(tmp_path):
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": str(tmp_path / "w")},
+                                                "subject": {"token": "sks", "images": str(tmp_path)}})
+    result = run_cli("demo", str(config), "--auth", "only-a-user")
+    assert result.returncode == 2 and "error: --auth: expected user:password" in result.stderr
 
 
 def test_the_page_shows_its_main_controls_in_headless_chromium(demo, tmp_path):

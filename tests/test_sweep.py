@@ -35,7 +35,7 @@ def test_a_failed_run_stops_nothing_and_a_second_sweep_runs_nothing(tiny_config,
     config = sweep_config(tiny_config, [{"name": "a", "learning_rate": 1e-3},
                                         {"name": "bad", "optimizer": "adamw8bit"},  # refused at run time on a CPU
                                         {"name": "c", "rank": 2}])
-    first = run_cli("sweep", str(config))
+    first = run_cli("sweep", str(config), "--jobs", "2")
     assert first.returncode == 1, first.stderr
     assert states(tmp_path, "a", "bad", "c") == ["done", "failed", "done"]
     summary = first.stdout[first.stdout.index("sweep"):]

@@ -164,15 +164,16 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             models.lora_path(name)  # refuses anything that is not a trained run of this workspace
         return chosen
 
-    def generate(lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, references, history,
+    def generate(lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, side, references, history,
                  progress=gr.Progress()):
         try:
             loras = loras_of(lora_a, weight_a, lora_b, weight_b)
             if not prompt or not prompt.strip():
                 raise DemoError("write a prompt first")
-            image = models.render(loras, prompt, int(seed), float(guidance), int(steps), size, progress)
+            side = int(side) // 16 * 16  # FLUX works in 16-pixel patches
+            image = models.render(loras, prompt, int(seed), float(guidance), int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": float(guidance), "steps": int(steps),
-                     "size": size, "loras": loras, "base_model": config.model.base}
+                     "size": side, "loras": loras, "base_model": config.model.base}
             path = models.keep_image(image, facts)
             scores = models.score(path, prompt, references)
         except DemoError as error:
@@ -229,6 +230,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                     guidance = gr.Slider(1.0, 10.0, value=config.generate.guidance_scales[0], step=0.5,
                                          label="guidance scale")
                     steps = gr.Slider(1, 50, value=config.generate.num_inference_steps, step=1, label="steps")
+                    side = gr.Slider(64, max(1536, size), value=size, step=16, label="size (pixels)")
                 go = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(type="pil", label="image", interactive=False, format="png", height=360)
@@ -243,7 +245,8 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
         gallery = gr.Gallery(label="this session's images (with their scores and settings)", columns=6, height=280,
                              object_fit="contain")
 
-        go.click(generate, [lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, references, history],
+        go.click(generate, [lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, side, references,
+                            history],
                  [image, scores, gallery, last, history], api_name="generate")
         add.click(add_references, [uploads, references, last], [references, scores, reference_gallery, to_remove],
                   api_name="add_references")
