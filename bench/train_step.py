@@ -47,6 +47,8 @@ token = "sks"
 images = "{photos}"
 [data]
 resolution = {RESOLUTION}
+[evaluate]
+face_backend = "dlib"
 [train]
 rank = {RANK}
 max_train_steps = {steps}
