@@ -54,15 +54,26 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
     subject: Annotated[Optional[str], typer.Option(help="Train only the person with this token (one LoRA "
                                                    "each); default: every subject of the config together.")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="Data-parallel processes (one per GPU; gloo on the "
+                                           "CPU); each takes train.batch_size of every step's batch.")] = 1,
 ) -> None:
     """Train one LoRA run."""
     from lookalike.sweep.plan import config_for_run
     from lookalike.train.trainer import train as train_run
 
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_processes(processes))
     _quiet()
     study = _load(config, set_)
     study = study.for_subject(subject) if subject else study
-    train_run(config_for_run(study, run), run, resume=resume, console=console)
+    main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
+    try:
+        train_run(config_for_run(study, run), run, resume=resume, console=console if main_rank else Console(quiet=True))
+    finally:
+        if "WORLD_SIZE" in os.environ:  # a rank of a distributed launch: leave the process group cleanly
+            from accelerate import PartialState
+
+            PartialState().destroy_process_group()
 
 
 @app.command()
@@ -199,6 +210,26 @@ def generate(
 
     _quiet()
     generate_images(_load(config, set_), run=run, loras=lora or [], weights=_weights(weights), console=console)
+
+
+def _launch_processes(processes: int) -> int:
+    """Run this same command as `processes` ranks under torchrun (accelerate reads its environment: NCCL on
+    GPUs, gloo on the CPU); the ranks' output is the main rank's, prefixed by torchrun."""
+    import socket
+    import subprocess
+
+    arguments, skip = [], False
+    for argument in sys.argv[1:]:
+        if skip or argument.startswith("--processes"):
+            skip = argument == "--processes"
+            continue
+        arguments.append(argument)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               f"--master_port={port}", "-m", "lookalike", "--", *arguments]  # --: the rest is ours, not torchrun's
+    return subprocess.run(command).returncode
 
 
 def _weights(text: str | None) -> list[float] | None:

@@ -138,34 +138,47 @@ class MetricsLog:
 
 def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
           console: Console | None = None) -> Path:
-    """Train one LoRA run; return the path of its lora.safetensors."""
+    """Train one LoRA run; return the path of its lora.safetensors. Under torchrun or `accelerate launch`
+    every process runs this; only the main one writes the run's files."""
+    from accelerate import PartialState
+
     console = console or Console()
+    # One process, or this process's rank when launched distributed (gloo between CPU processes).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
     workspace = Workspace(config.workspace)
     run = workspace.run(run_name)
-    if _check_run_folder(run, config, resume):
+    done = _check_run_folder(run, config, resume)
+    state.wait_for_everyone()  # every rank has looked at the run folder before the main one writes to it
+    if done:
         console.print(f"train: run {run_name!r} is already done: {run.lora}")
         return run.lora
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_json(run.config, config.to_json_dict())
-    run.write_status("running", pid=os.getpid())
+    if main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_json(run.config, config.to_json_dict())
+        run.write_status("running", pid=os.getpid())
     started = time.time()
     try:
-        final_loss = _train(config, run, resume, console)
-        run.write_status("done", seconds=round(time.time() - started, 2), final_loss=final_loss)
+        result = _train(config, run, resume, console)
+        if main:
+            run.write_status("done", seconds=round(time.time() - started, 2), **result)
     except KeyboardInterrupt:
-        run.write_status("failed", reason="interrupted", resumable=True)
+        if main:
+            run.write_status("failed", reason="interrupted", resumable=True)
         raise
     except BaseException as error:
-        reason = str(error) if isinstance(error, LookalikeError) else f"{type(error).__name__}: {error}"
-        run.write_status("failed", reason=reason, resumable=True)
+        if main:
+            reason = str(error) if isinstance(error, LookalikeError) else f"{type(error).__name__}: {error}"
+            run.write_status("failed", reason=reason, resumable=True)
         raise
     finally:
-        record_run(workspace.results, run)
+        if main:
+            record_run(workspace.results, run)
     console.print(f"train: run {run_name!r} done: {run.lora}")
     return run.lora
 
 
-def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> float:
+def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> dict[str, Any]:
     from accelerate import Accelerator
     from diffusers import FluxPipeline
     from diffusers.optimization import get_scheduler
@@ -180,19 +193,28 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 
     t = config.train
-    images = training_images(config, console)  # bad photo folders fail before any model is loaded
     precision = resolve_mixed_precision(t.mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())
     device = accelerator.device
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    with accelerator.main_process_first():  # the main process prepares and caches; the others then read
+        images = training_images(config, console)  # bad photo folders fail before any model is loaded
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     folder = resolve_base(config.model.base, config.model.revision)
     max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
     cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
-    latents = cache.latents(images, config.data.resolution)
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
-    texts = cache.texts([image.caption for image in images] + sample_prompts, max_len)
+    with accelerator.main_process_first():
+        latents = cache.latents(images, config.data.resolution)
+        texts = cache.texts([image.caption for image in images] + sample_prompts, max_len)
+    if processes > 1 and accelerator.is_main_process:
+        console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
+                      f"{t.gradient_accumulation_steps} = effective batch "
+                      f"{processes * t.batch_size * t.gradient_accumulation_steps}; learning rate {t.learning_rate:g}"
+                      " (not scaled with the batch)")
     vae_shift, vae_scale = vae_normalisation(folder)
 
     # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision.
@@ -212,9 +234,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     model = accelerator.unwrap_model(transformer)
 
-    # 3. Continue from the latest checkpoint, restoring every piece of state the loop depends on.
+    # 3. Continue from the latest checkpoint, restoring every piece of state the loop depends on. Every
+    # process draws the same random numbers for the whole global batch and trains on its own slice of it, so
+    # N processes of batch b train exactly as one process of batch N x b would.
     generator = torch.Generator("cpu").manual_seed(t.seed)
-    order = BatchOrder(len(images), t.batch_size)
+    order = BatchOrder(len(images), t.batch_size * processes)
+    mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
     start_step = 0
     checkpoints = list_checkpoints(run.checkpoints) if resume else []
     if checkpoints:
@@ -226,7 +251,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         order.load_state_dict(state["order"])
         start_step = state["step"]
         console.print(f"train: resuming {run.name!r} from step {start_step} ({checkpoints[-1].name})")
-    metrics = MetricsLog(run.metrics, start_step)
+    metrics = MetricsLog(run.metrics, start_step) if accelerator.is_main_process else None
     vae = load_component(folder, "vae", dtype=weight_dtype).to(device) if t.sample_every else None
 
     def training_state(step: int) -> dict[str, Any]:
@@ -253,6 +278,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     noise = torch.randn(x0.shape, generator=generator)
                     sigmas = sample_sigmas(batch, t.timestep_sampling, generator, t.logit_mean, t.logit_std,
                                            t.timestep_shift)
+                    x0, noise, sigmas, picked = x0[mine], noise[mine], sigmas[mine], picked[mine]
+                    batch = len(picked)
                     captions = [images[i].caption for i in picked]
                     prediction = transformer(
                         hidden_states=noisy_latents(x0, noise, sigmas).to(device, weight_dtype),
@@ -279,7 +306,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             seconds = time.perf_counter() - step_started
             loss_value = accelerator.gather(loss.detach()).mean().item()
             lr = scheduler.get_last_lr()[0]
-            if accelerator.is_main_process:
+            if metrics is not None:
                 metrics.write({"step": step, "time": time.time(), "loss": loss_value, "lr": lr,
                                "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
                                "epoch": order.epoch})
@@ -291,10 +318,15 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                 t.checkpoints_keep)
             if accelerator.is_main_process and t.sample_every and step % t.sample_every == 0:
                 _save_samples(config, run, step, model, vae, folder, texts, sample_prompts, max_len)
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
 
-    # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process.
+    # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process; the
+    # ranks' copies are compared first (gradient synchronisation keeps them identical).
     accelerator.wait_for_everyone()
+    weights = torch.cat([p.detach().float().flatten() for p in params]).to(device)
+    copies = accelerator.gather(weights[None])
+    spread = (copies - copies[0]).abs().max().item()
     if accelerator.is_main_process:
         save_lora(run.lora, lora_state_dict(model), model.peft_config["default"], {
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
@@ -302,7 +334,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             "steps": t.max_train_steps, "learning_rate": t.learning_rate, "run": run.name,
             "version": __version__,
         })
-    return loss_value
+    return {"final_loss": loss_value, "processes": processes, "rank_weight_spread": spread}
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, texts,
