@@ -29,7 +29,7 @@ from lookalike.data.images import load_rgb
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, atomic_path, read_json, write_json
 
-INSPECTION_FORMAT = 1  # bump when what inspect() records changes, so old manifests are re-inspected
+INSPECTION_FORMAT = 2  # bump when what inspect() records changes, so old manifests are re-inspected
 THUMBNAIL = 256
 BACKEND_PACKAGES = {"dlib": "dlib-bin", "facenet": "facenet-pytorch"}
 CONVERSIONS = {"CMYK": "converted from CMYK to RGB", "I;16": "16-bit image scaled to 8 bits",
@@ -251,7 +251,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
             sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
             old = known.get((str(path), sha256, settings))
             if old is not None and (old["thumbnail"] is None or (data / old["thumbnail"]).is_file()):
-                photos.append(Photo(**old))
+                photos.append(Photo(**{k: v for k, v in old.items() if k in Photo.__dataclass_fields__}))
             else:
                 photos.append(inspector.inspect(path, sha256, settings, data))
                 inspected += 1
