@@ -202,3 +202,29 @@ def test_gpu_only_settings_are_refused_clearly_on_the_cpu(tiny_config):
     with pytest.raises(LookalikeError, match="fp16' needs a CUDA GPU"):
         resolve_mixed_precision("fp16")
     assert resolve_mixed_precision("auto") == "no"
+
+
+def test_checkpointing_every_kth_block_recomputes_only_those_and_changes_no_number(tiny_config, monkeypatch):
+    """The tiny transformer has 2 blocks: every=1 checkpoints both at each step, every=2 the first only; the
+    weights are those of a run without checkpointing."""
+    import torch.utils.checkpoint
+
+    original = torch.utils.checkpoint.checkpoint
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    weights, counts = {}, {}
+    for name, settings in {"plain": {}, "every1": {"gradient_checkpointing": True},
+                           "every2": {"gradient_checkpointing": True, "gradient_checkpointing_every": 2}}.items():
+        calls.clear()
+        config = load_config(tiny_config(f"{name}.toml", train={"max_train_steps": 3, **settings}))
+        weights[name] = load_file(str(train(config, name)))
+        counts[name] = len(calls)
+    assert counts == {"plain": 0, "every1": 2 * 3, "every2": 1 * 3}
+    for name in ("every1", "every2"):
+        for key, tensor in weights["plain"].items():
+            torch.testing.assert_close(weights[name][key], tensor, rtol=1e-5, atol=1e-6)

@@ -101,6 +101,8 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on a GPU that supports it, full precision on the CPU."""
     gradient_checkpointing: bool = False
+    gradient_checkpointing_every: int = Field(1, ge=1)
+    """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
     target_modules: Literal["attention", "attention+mlp"] = "attention"
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from rich.console import Console
 
 from lookalike import __version__
@@ -75,6 +76,20 @@ def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> tor
             raise LookalikeError("train.optimizer = 'adamw8bit' needs bitsandbytes and a CUDA GPU; use 'adamw'")
         return bitsandbytes.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def enable_checkpointing(transformer, every: int) -> None:
+    """Keep only the inputs of every `every`-th transformer block and recompute its activations in the backward
+    pass: memory traded for time, block by block (every=1: all blocks; 2: half of them; ...)."""
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    chosen = {id(block) for index, block in enumerate(blocks) if index % every == 0}
+
+    def checkpointed(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -225,7 +240,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     for p in params:
         p.data = p.data.float()
     if t.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_checkpointing(transformer, t.gradient_checkpointing_every)
     optimizer = make_optimizer(config, params)
     # accelerate steps a prepared scheduler once per process, hence the scaling by the number of processes.
     schedule = {"cosine": "cosine", "constant": "constant_with_warmup"}[t.lr_scheduler]
@@ -339,16 +354,14 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, texts,
                   prompts: list[str], max_len: int) -> None:
-    """Fixed-seed samples of the current LoRA, made in eval mode and without gradient checkpointing."""
+    """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
+    runs without gradients)."""
     from diffusers import FluxPipeline
 
     from lookalike.generate import render
     from lookalike.models.base import load_component
 
-    checkpointing = transformer.is_gradient_checkpointing
     transformer.eval()
-    if checkpointing:
-        transformer.disable_gradient_checkpointing()
     pipe = FluxPipeline(scheduler=load_component(folder, "scheduler"), vae=vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -360,6 +373,4 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
                        pooled_prompt_embeds=texts[prompt].pooled[None].to(vae.device, dtype))
         with atomic_path(run.samples / f"step-{step:06d}_p{index}.png") as tmp:
             image.save(tmp, format="PNG")
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
     transformer.train()
