@@ -21,14 +21,14 @@ import statistics
 
 import torch
 
+from lookalike.models.base import FLUX_TRANSFORMER
+
 from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
 FORWARD_TFLOP_1024 = 74.4  # at 4,096 image + 512 text tokens
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
+FLUX_DEV = FLUX_TRANSFORMER
 TINY = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 

@@ -56,6 +56,8 @@ def train(
                                                    "each); default: every subject of the config together.")] = None,
     processes: Annotated[int, typer.Option(min=1, help="Data-parallel processes (one per GPU; gloo on the "
                                            "CPU); each takes train.batch_size of every step's batch.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the run's estimated memory and stop, "
+                                          "before anything is loaded.")] = False,
 ) -> None:
     """Train one LoRA run."""
     from lookalike.sweep.plan import config_for_run
@@ -66,6 +68,9 @@ def train(
     _quiet()
     study = _load(config, set_)
     study = study.for_subject(subject) if subject else study
+    if dry_run:
+        _print_estimate(config_for_run(study, run))
+        return
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
     try:
         train_run(config_for_run(study, run), run, resume=resume, console=console if main_rank else Console(quiet=True))
@@ -210,6 +215,20 @@ def generate(
 
     _quiet()
     generate_images(_load(config, set_), run=run, loras=lora or [], weights=_weights(weights), console=console)
+
+
+def _print_estimate(study) -> None:
+    from lookalike.train.memory import estimate, lighter_settings, size
+    from lookalike.train.trainer import resolve_mixed_precision
+
+    precision = resolve_mixed_precision(study.train.mixed_precision)
+    console.print(f"train --dry-run: {study.model.base}, {study.data.resolution} px, batch {study.train.batch_size},"
+                  f" rank {study.train.rank}, precision {precision}, gradient checkpointing "
+                  f"{study.train.gradient_checkpointing}", highlight=False)
+    for line in estimate(study, precision).lines():
+        console.print("  " + line, highlight=False)
+    for label, gigabytes in lighter_settings(study, precision):
+        console.print(f"  with {label}: ~{size(gigabytes).strip()}", highlight=False)
 
 
 def _launch_processes(processes: int) -> int:

@@ -27,6 +27,11 @@ KNOWN_BASES = {
     "tiny": BaseModelInfo(None, 32, 28),
 }
 LOCAL_FOLDER = BaseModelInfo(None, 512, 28)
+# FLUX.1's transformer (12B parameters), for estimates and benchmarks without its weights; schnell has no
+# guidance embedding.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 # Only the diffusers-format folders: FLUX repos also hold single-file checkpoints of the same weights.
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",

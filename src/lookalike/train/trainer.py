@@ -181,6 +181,13 @@ def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
         if main:
             run.write_status("failed", reason="interrupted", resumable=True)
         raise
+    except torch.OutOfMemoryError:
+        from lookalike.train.memory import out_of_memory_message
+
+        message = out_of_memory_message(config, resolve_mixed_precision(config.train.mixed_precision))
+        if main:
+            run.write_status("failed", reason=message, resumable=True)
+        raise LookalikeError(message) from None
     except BaseException as error:
         if main:
             reason = str(error) if isinstance(error, LookalikeError) else f"{type(error).__name__}: {error}"
