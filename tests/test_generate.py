@@ -56,3 +56,25 @@ def test_run_lora_and_lora_file_change_the_image(tiny_config):
     assert not np.array_equal(pixels(from_run / "p00_s0_g5.png"), pixels(base / "p00_s0_g5.png"))
     sidecar = json.loads((from_run / "p00_s0_g5.json").read_text())
     assert sidecar["run"] == "r" and sidecar["loras"][0]["trigger_word"] == "sks"
+
+
+def test_vae_tiling_decodes_tile_by_tile(tiny_config, tmp_path, monkeypatch):
+    """The tiny VAE's tiles (64 px) are smaller than a 256 px image, so tiling really splits the decode. (Its
+    random weights blend tiles badly, so the picture itself is not compared.)"""
+    from diffusers import AutoencoderKL
+
+    tiled_calls = []
+    original = AutoencoderKL.tiled_decode
+
+    def counting(self, *args, **kwargs):
+        tiled_calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", counting)
+    settings = {"num_inference_steps": 2, "resolution": 256}
+    generate(load_config(tiny_config("whole.toml", **{"": {"workspace": str(tmp_path / "whole")}},
+                                     generate=settings)))
+    assert tiled_calls == []
+    folder = generate(load_config(tiny_config("tiled.toml", **{"": {"workspace": str(tmp_path / "tiled")}},
+                                              generate={**settings, "vae_tiling": True})))
+    assert len(tiled_calls) == 1 and pixels(folder / "p00_s0_g5.png").shape == (256, 256, 3)

@@ -130,6 +130,8 @@ class GenerateConfig(Section):
     num_inference_steps: int = Field(28, ge=1)
     resolution: int | None = Field(None, ge=16)
     """Image side in pixels; None uses [data].resolution."""
+    vae_tiling: bool = False
+    """Decode images tile by tile: far less memory for large images, faint seams possible."""
 
 
 class EvaluateConfig(Section):

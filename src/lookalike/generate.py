@@ -106,6 +106,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     base_folder = resolve_base(config.model.base, config.model.revision)
     pipe = load_pipeline(base_folder, dtype=inference_dtype(device)).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if config.generate.vae_tiling:
+        pipe.vae.enable_tiling()
     lora_info = []
     if adapters:
         names = [f"lora{i}" for i in range(len(adapters))]
