@@ -225,9 +225,10 @@ def _print_estimate(study) -> None:
     console.print(f"train --dry-run: {study.model.base}, {study.data.resolution} px, batch {study.train.batch_size},"
                   f" rank {study.train.rank}, precision {precision}, gradient checkpointing "
                   f"{study.train.gradient_checkpointing}", highlight=False)
-    for line in estimate(study, precision).lines():
+    base = estimate(study, precision)
+    for line in base.lines():
         console.print("  " + line, highlight=False)
-    for label, gigabytes in lighter_settings(study, precision):
+    for label, gigabytes in lighter_settings(study, precision, base):
         console.print(f"  with {label}: ~{size(gigabytes).strip()}", highlight=False)
 
 

@@ -49,8 +49,8 @@ def _score_folder(evaluator, references: dict[str, object], images: Path, settin
     tokens = list(references)
     groups: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
-        named = [t for t in tokens if t and row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)]
-        groups.setdefault(named[0] if named else tokens[0], []).append(index)
+        named = next((t for t in tokens if row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)), tokens[0])
+        groups.setdefault(named, []).append(index)
     with progress_bar(console, f"evaluate {images.name}", total=len(paths)) as bar:
         for token, members in groups.items():
             evaluator.score([paths[i] for i in members], [rows[i] for i in members], references[token],

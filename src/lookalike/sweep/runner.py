@@ -187,7 +187,6 @@ class Sweep:
             for future in futures:
                 future.cancel()
             self._stop_children()
-            pool.shutdown(wait=True)
             raise
         finally:
             pool.shutdown(wait=True)

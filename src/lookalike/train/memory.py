@@ -93,11 +93,11 @@ def estimate(config: StudyConfig, precision: str, counts: tuple[int, int] | None
                     frozen, lora)
 
 
-def lighter_settings(config: StudyConfig, precision: str) -> list[tuple[str, float]]:
-    """Settings that need less memory than the config's, each with its estimate, least memory last."""
-    t, counts = config.train, None
-    base = estimate(config, precision)
-    counts = (base.parameters, base.lora_parameters)
+def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> list[tuple[str, float]]:
+    """Settings that need less memory than the config's (whose estimate is `base`), each with its estimate,
+    least memory last."""
+    t = config.train
+    counts = (base.parameters, base.lora_parameters)  # the same model: counted once
     options = []
     if not t.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
@@ -118,8 +118,8 @@ def lighter_settings(config: StudyConfig, precision: str) -> list[tuple[str, flo
 
 def out_of_memory_message(config: StudyConfig, precision: str) -> str:
     """What to say when the accelerator runs out of memory: the estimate, and settings estimated to need less."""
-    need = estimate(config, precision).total
-    lighter = "; ".join(f"{label} (~{size(gb).strip()})" for label, gb in lighter_settings(config, precision))
-    return (f"out of accelerator memory: this run is estimated to need ~{need:.1f} GB at "
+    base = estimate(config, precision)
+    lighter = "; ".join(f"{label} (~{size(gb).strip()})" for label, gb in lighter_settings(config, precision, base))
+    return (f"out of accelerator memory: this run is estimated to need ~{base.total:.1f} GB at "
             f"{config.data.resolution} px, batch {config.train.batch_size}. "
             + (f"Estimated to need less: {lighter}." if lighter else "No lighter setting is known to lookalike."))
