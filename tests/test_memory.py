@@ -1,10 +1,19 @@
-"""train --dry-run: memory estimated before anything is loaded; parameter counts checked against real models."""
+"""train --dry-run: memory estimated before anything is loaded; parameter counts checked against real models,
+the whole estimate against the memory a real training step of the tiny model takes on the CPU."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+import torch
+
 from lookalike.config import load_config
+from lookalike.models.base import base_info
 from lookalike.train.memory import count_parameters, estimate, out_of_memory_message, transformer_config
 from tests.conftest import run_cli
 
@@ -16,17 +25,19 @@ def test_parameter_counts_are_those_of_the_real_tiny_transformer_with_its_lora(t
     from lookalike.models.tiny import ensure_tiny_model
 
     config = load_config(tiny_config(train={"rank": 8, "target_modules": "attention+mlp"}))
-    frozen, lora = count_parameters(transformer_config(config), 8, 8.0, "attention+mlp")
+    counts = count_parameters(transformer_config(config), 8, 8.0, "attention+mlp")
     real = FluxTransformer2DModel.from_pretrained(ensure_tiny_model(), subfolder="transformer")
     add_lora(real, 8, 8.0, "attention+mlp")
-    assert lora == sum(p.numel() for p in real.parameters() if p.requires_grad)
-    assert frozen == sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    assert counts.lora == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert counts.frozen == sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    linear = [m for m in real.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert counts.linear == sum(m.weight.numel() for m in linear) < counts.frozen
 
 
 def test_flux_dev_is_counted_without_any_download(tiny_config):
     config = load_config(tiny_config(model={"base": "flux-dev"}, data={"resolution": 1024}))
     bf16 = estimate(config, "bf16")
-    assert 11.8e9 < bf16.parameters < 12.0e9, "FLUX.1-dev's transformer has 11.9 B parameters"
+    assert 11.8e9 < bf16.counts.frozen < 12.0e9, "FLUX.1-dev's transformer has 11.9 B parameters"
     assert bf16.weights == pytest.approx(estimate(config, "no").weights / 2)
     lighter = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
     half = config.model_copy(update={"train": config.train.model_copy(
@@ -42,3 +53,59 @@ def test_dry_run_prints_the_estimate_and_loads_or_writes_nothing(tiny_config, tm
     assert result.returncode == 0, result.stderr
     assert "transformer weights" in result.stdout and "total" in result.stdout
     assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "data").exists()
+
+
+# One training step of the tiny transformer with its LoRA and AdamW, in a fresh process whose allocations of
+# 64 KB and more are mapped and unmapped one by one (glibc otherwise keeps freed memory resident), so that the
+# peak resident size during the step (VmHWM, reset first) is the step's own peak.
+MEASURE_STEP = """
+import ctypes, json, re, sys, torch
+from lookalike.models.base import load_component, resolve_base
+from lookalike.models.lora import add_lora
+from diffusers import FluxPipeline
+resolution, text_tokens, checkpointing = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+transformer = load_component(resolve_base("tiny"), "transformer", torch.float32)
+add_lora(transformer, 4, 4.0, "attention")
+params = [p for p in transformer.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=1e-4)
+if checkpointing:
+    transformer.enable_gradient_checkpointing()
+side, config = resolution // 16, transformer.config
+latents = torch.randn(1, side * side, config.in_channels)
+inputs = dict(hidden_states=latents, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+              pooled_projections=torch.randn(1, config.pooled_projection_dim),
+              encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim),
+              txt_ids=torch.zeros(text_tokens, 3), img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu",
+              torch.float32), return_dict=False)
+def step():
+    loss = torch.nn.functional.mse_loss(transformer(**inputs)[0], latents)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+step()  # the optimizer's state and the kernels' caches exist from here on
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM
+before = status("VmRSS")
+step()
+held = sum(p.nbytes for p in transformer.parameters()) + sum(
+    v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim())
+print(json.dumps({"held": held, "step": status("VmHWM") - before}))
+"""
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config, checkpointing):
+    resolution = 1024  # 4,096 image tokens: the tiny model's activations then outweigh the measurement's noise
+    config = load_config(tiny_config(data={"resolution": resolution}, train={"gradient_checkpointing": checkpointing}))
+    text_tokens = base_info("tiny").max_sequence_length
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    result = subprocess.run([sys.executable, "-c", MEASURE_STEP, str(resolution), str(text_tokens),
+                             str(int(checkpointing))], capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.splitlines()[-1])
+    peak = measured["held"] + measured["step"]
+    predicted = estimate(config, "no").total * 2**30
+    print(f"estimate {predicted / 2**20:.1f} MB, measured {peak / 2**20:.1f} MB")
+    assert abs(predicted - peak) <= 0.2 * peak, f"estimate {predicted / 2**20:.1f} MB, measured {peak / 2**20:.1f} MB"

@@ -113,6 +113,10 @@ class TrainConfig(Section):
     """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
     guidance: float = Field(1.0, ge=0)
     """Guidance fed to guidance-distilled models (FLUX.1-dev) while training: 1.0, as FLUX trainers advise."""
+    base_quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
+    """The frozen transformer's linear weights stored quantised, the LoRA trained on top in full precision:
+    nf4 (bitsandbytes, CUDA only) about a quarter of bf16's memory, int8 or fp8 (torchao, weight-only) half.
+    Each costs some quality and speed (weights are dequantised for every matmul); none is exact."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -8,6 +8,7 @@ embeddings never constructs the text encoders).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def quiet_libraries() -> None:
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
+    # torchao, when installed for a quantised base, registers its enums in a way torch now warns about.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def base_info(base: str) -> BaseModelInfo:
@@ -121,8 +124,9 @@ def inference_dtype(device):
     return torch.float32
 
 
-def load_component(folder: Path, component: str, dtype=None):
-    """Load one component of a FLUX folder (transformer, vae, text_encoder, ...) with its own class."""
+def load_component(folder: Path, component: str, dtype=None, quantization: str = "none"):
+    """Load one component of a FLUX folder (transformer, vae, text_encoder, ...) with its own class; the
+    transformer's linear weights quantised as they load when `quantization` says so (models/quantize.py)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -137,6 +141,10 @@ def load_component(folder: Path, component: str, dtype=None):
     if component == "scheduler":
         return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=component)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if quantization != "none":
+        from lookalike.models.quantize import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
     return loaders[component].from_pretrained(folder, subfolder=component, **kwargs)
 
 

@@ -1,10 +1,12 @@
 """What a training run will need in accelerator memory, estimated before anything is loaded (`train --dry-run`),
 and the settings an out-of-memory error suggests.
 
-Weights and LoRA are counted exactly, from the transformer built on the meta device (no memory, no weights).
-Activations are an estimate: about 17 values per token and hidden unit kept per transformer block for the
-backward pass (Korthikanti et al. 2022, with memory-efficient attention, so nothing grows with tokens squared);
-a checkpointed block keeps only its input. Measure the real figure with bench/gpu_train_step.py.
+Weights and LoRA are counted exactly, from the transformer built on the meta device (no memory, no weights);
+quantised linear weights at their packed size. Activations are values per token and hidden unit, measured
+on diffusers' FLUX blocks (tests/test_memory.py measures them again): a double block keeps 13.2 for the
+backward pass, a single block 11.2, a checkpointed block only its input (1.0) and recomputes its own during
+the backward pass; the backward pass of a block needs about 11 more while it runs. Check a GPU's own figure
+with bench/gpu_train_step.py.
 """
 
 from __future__ import annotations
@@ -15,26 +17,35 @@ from dataclasses import dataclass
 from lookalike.config import StudyConfig
 
 GB = 2**30
-VALUES_PER_BLOCK = 17  # kept activations per token and hidden unit in one block (see above)
+# Activations per token and hidden unit (see above): kept for the backward pass by each kind of block, and the
+# backward pass's own working values while one block runs.
+KEPT_BY_DOUBLE_BLOCK = 13.2
+KEPT_BY_SINGLE_BLOCK = 11.2
+KEPT_BY_CHECKPOINTED_BLOCK = 1.0
+BACKWARD_WORKING = 11.0
 BYTES = {"no": 4, "bf16": 2, "fp16": 2}
+# Bytes per quantised linear weight: NF4 packs two per byte with a float32 scale per 64; int8 and fp8 one
+# byte, with a scale per output row (negligible).
+QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
 
 
 @dataclass(frozen=True)
 class Estimate:
-    weights: float  # GB, the frozen transformer in the compute precision
+    weights: float  # GB, the frozen transformer: compute precision, or quantised linear weights
     lora: float  # GB, the trainable LoRA (float32)
     optimizer: float  # GB, its gradients and AdamW's two moments
-    activations: float  # GB, kept for the backward pass
-    parameters: int
-    lora_parameters: int
+    activations: float  # GB, kept for the backward pass and working values
+    counts: Counts
+    quantization: str = "none"
 
     @property
     def total(self) -> float:
         return self.weights + self.lora + self.optimizer + self.activations
 
     def lines(self) -> list[str]:
-        return [f"transformer weights  {size(self.weights)}  ({self.parameters / 1e6:,.1f} M parameters)",
-                f"LoRA                 {size(self.lora)}  ({self.lora_parameters / 1e6:,.2f} M parameters)",
+        quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
+        return [f"transformer weights  {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters{quantized})",
+                f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
                 f"activations (est.)   {size(self.activations)}",
                 f"total                {size(self.total)}  (plus the framework's own, about 1 GB on a GPU)"]
@@ -55,8 +66,16 @@ def transformer_config(config: StudyConfig) -> dict:
     return {k: v for k, v in architecture.items() if not k.startswith("_")}
 
 
-def count_parameters(architecture: dict, rank: int, alpha: float, target: str) -> tuple[int, int]:
-    """(frozen, LoRA) parameter counts of the transformer with the run's adapter, built on the meta device."""
+@dataclass(frozen=True)
+class Counts:
+    frozen: int  # every frozen parameter
+    linear: int  # of which weights of linear layers: what a quantised base packs
+    lora: int
+
+
+def count_parameters(architecture: dict, rank: int, alpha: float, target: str) -> Counts:
+    """Parameter counts of the transformer with the run's adapter, built on the meta device."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -66,38 +85,46 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str) -
         model = FluxTransformer2DModel.from_config(architecture)
         add_lora(model, rank, alpha, target)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return sum(p.numel() for p in model.parameters()) - lora, lora
+    # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.
+    linear = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and
+                 not m.weight.requires_grad)
+    return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora)
 
 
-def estimate(config: StudyConfig, precision: str, counts: tuple[int, int] | None = None) -> Estimate:
+def kept_values(architecture: dict, checkpointing: bool, every: int) -> float:
+    """Activation values per token and hidden unit at the peak of a step (see the module's docstring)."""
+    kinds = [KEPT_BY_DOUBLE_BLOCK] * architecture["num_layers"] + [KEPT_BY_SINGLE_BLOCK] * architecture[
+        "num_single_layers"]
+    checkpointed = set(range(0, len(kinds), every)) if checkpointing else set()
+    kept = sum(KEPT_BY_CHECKPOINTED_BLOCK if index in checkpointed else values for index, values in enumerate(kinds))
+    recomputed = max((kinds[index] for index in checkpointed), default=0.0)  # one block at a time, the largest
+    return kept + recomputed + BACKWARD_WORKING
+
+
+def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) -> Estimate:
     """The run's memory with its settings; `precision` is the resolved mixed precision (no, bf16, fp16)."""
     from lookalike.models.base import base_info
 
     t = config.train
     architecture = transformer_config(config)
-    frozen, lora = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules)
+    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules)
     hidden = architecture["num_attention_heads"] * architecture["attention_head_dim"]
-    blocks = architecture["num_layers"] + architecture["num_single_layers"]
     text = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
     tokens = (config.data.resolution // 16) ** 2 + text
     per_value = BYTES[precision]
-    full_block = VALUES_PER_BLOCK * tokens * hidden * per_value * t.batch_size
-    block_input = tokens * hidden * per_value * t.batch_size
-    if t.gradient_checkpointing:
-        checkpointed = len(range(0, blocks, t.gradient_checkpointing_every))
-        activations = checkpointed * block_input + (blocks - checkpointed) * full_block + full_block
-    else:
-        activations = blocks * full_block
+    values = kept_values(architecture, t.gradient_checkpointing, t.gradient_checkpointing_every)
+    activations = values * tokens * hidden * per_value * t.batch_size
+    quantized = counts.linear if t.base_quantization != "none" else 0
+    weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
-    return Estimate(frozen * per_value / GB, lora * 4 / GB, lora * optimizer_bytes / GB, activations / GB,
-                    frozen, lora)
+    return Estimate(weights / GB, counts.lora * 4 / GB, counts.lora * optimizer_bytes / GB, activations / GB,
+                    counts, t.base_quantization)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> list[tuple[str, float]]:
     """Settings that need less memory than the config's (whose estimate is `base`), each with its estimate,
     least memory last."""
     t = config.train
-    counts = (base.parameters, base.lora_parameters)  # the same model: counted once
     options = []
     if not t.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
@@ -106,13 +133,20 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
     if t.batch_size > 1:
         options.append(("train.batch_size=1 (raise gradient_accumulation_steps to keep the batch)",
                         {"batch_size": 1}))
+    if t.base_quantization == "none":
+        options.append(("train.base_quantization=int8 (or fp8)", {"base_quantization": "int8"}))
+    if t.base_quantization != "nf4":
+        options.append(("train.base_quantization=nf4 (CUDA, bitsandbytes)", {"base_quantization": "nf4"}))
+    if len(options) > 1:
+        together = {key: value for _, change in options for key, value in change.items()}  # nf4 wins over int8
+        options.append(("the train settings above together (with nf4)", together))
     lighter = []
     for label, change in options:
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
-        lighter.append((label, estimate(changed, precision, counts).total))
+        lighter.append((label, estimate(changed, precision, base.counts).total))  # the same model: counted once
     if config.data.resolution > 512:
         smaller = config.model_copy(update={"data": config.data.model_copy(update={"resolution": 512})})
-        lighter.append(("data.resolution=512", estimate(smaller, precision, counts).total))
+        lighter.append(("data.resolution=512", estimate(smaller, precision, base.counts).total))
     return sorted(lighter, key=lambda item: -item[1])
 
 

@@ -209,6 +209,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     from lookalike.data.dataset import training_images
     from lookalike.models.base import base_info, load_component, resolve_base, vae_normalisation
     from lookalike.models.lora import add_lora, lora_state_dict, save_lora
+    from lookalike.models.quantize import check_quantization
     from lookalike.progress import progress_bar
     from lookalike.train.cache import EmbeddingCache
     from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -216,6 +217,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 
     t = config.train
     precision = resolve_mixed_precision(t.mixed_precision)
+    check_quantization(t.base_quantization)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
@@ -240,7 +242,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     vae_shift, vae_scale = vae_normalisation(folder)
 
     # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision.
-    transformer = load_component(folder, "transformer", dtype=weight_dtype).to(device)
+    transformer = load_component(folder, "transformer", dtype=weight_dtype, quantization=t.base_quantization).to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
     add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout)
     params = [p for p in transformer.parameters() if p.requires_grad]
