@@ -117,6 +117,9 @@ class TrainConfig(Section):
     """The frozen transformer's linear weights stored quantised, the LoRA trained on top in full precision:
     nf4 (bitsandbytes, CUDA only) about a quarter of bf16's memory, int8 or fp8 (torchao, weight-only) half.
     Each costs some quality and speed (weights are dequantised for every matmul); none is exact."""
+    compile: bool = False
+    """torch.compile each of the transformer's repeated blocks (regional compilation: the blocks of a kind share
+    one compiled graph). Faster steps after a compile of a minute or so at the start."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -136,6 +139,9 @@ class GenerateConfig(Section):
     """Image side in pixels; None uses [data].resolution."""
     vae_tiling: bool = False
     """Decode images tile by tile: far less memory for large images, faint seams possible."""
+    compile: bool = False
+    """torch.compile each of the transformer's repeated blocks, after the LoRAs are fused: faster images once
+    the first one has paid for the compile."""
 
 
 class EvaluateConfig(Section):

@@ -101,7 +101,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
         console.print(f"generate: all images already in {folder}")
         return folder
 
-    # 1. The pipeline, with the LoRAs fused into the transformer's weights (no adapter cost per step).
+    # 1. The pipeline, with the LoRAs fused into the transformer's weights (no adapter cost per step), then
+    # compiled if asked.
     device = pick_device()
     base_folder = resolve_base(config.model.base, config.model.revision)
     pipe = load_pipeline(base_folder, dtype=inference_dtype(device)).to(device)
@@ -116,6 +117,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
         pipe.set_adapters(names, [weight for _, weight in adapters])
         pipe.fuse_lora(adapter_names=names)
         pipe.unload_lora_weights()
+    if config.generate.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
     # 2. One image per job, each with its sidecar, written atomically; the resolved config beside them.
     write_json(folder / "config.json", config.to_json_dict())

@@ -250,6 +250,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         p.data = p.data.float()
     if t.gradient_checkpointing:
         enable_checkpointing(transformer, t.gradient_checkpointing_every)
+    if t.compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
     optimizer = make_optimizer(config, params)
     # accelerate steps a prepared scheduler once per process, hence the scaling by the number of processes.
     schedule = {"cosine": "cosine", "constant": "constant_with_warmup"}[t.lr_scheduler]
