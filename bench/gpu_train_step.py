@@ -1,23 +1,31 @@
-"""GPU benchmark: a rank-16 LoRA training step of the full FLUX.1-dev transformer at 1024x1024.
+"""GPU benchmark: rank-16 LoRA training steps of the full FLUX.1-dev transformer, over the low-memory settings.
 
 No weights can be downloaded, so the real architecture (19 double + 38 single blocks, hidden 3072) is built
 with random bf16 weights directly on the GPU, and trained on random latents and random cached text
-embeddings (4,096 image tokens + 512 text tokens), exactly the tensors the trainer feeds it.
+embeddings (512 text tokens), exactly the tensors the trainer feeds it. The frozen base is then quantised
+with the trainer's own settings (models/quantize.py) where asked.
 
-Prints seconds/step, peak GPU memory and model-FLOPs utilisation: one forward at 1024^2 with 512 text tokens is
-about 74.4 TFLOP; a LoRA step is about 2.2 forwards (frozen weights need no weight gradients), 3.2 with
-gradient checkpointing (one more forward).
+The matrix: base `bf16`, `bf16+compile` (regional compilation of the repeated blocks), `nf4` (bitsandbytes)
+and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2. Each
+base runs in its own process (a clean GPU and compile cache); a failing base is reported and the others go on.
+For each combination: seconds/step (median after warm-up), peak GPU memory, and model-FLOPs utilisation: one
+forward at 1024^2 with 512 text tokens is about 74.4 TFLOP; a LoRA step is about 2.2 forwards (frozen
+weights need no weight gradients), 3.2 with gradient checkpointing (one more forward).
 
-    python bench/gpu_train_step.py [--resolution 1024] [--checkpointing] [--compile] [--steps 20]
-    python bench/gpu_train_step.py --tiny      # the same code on a tiny config on the CPU, to check the script
+    python bench/gpu_train_step.py                                  # the whole matrix (about 10 min on an H100)
+    python bench/gpu_train_step.py --bases bf16 --resolutions 1024  # a part of it
+    python bench/gpu_train_step.py --tiny     # a tiny architecture on the CPU (fp32, int8, fp8): checks the script
 
-Last line: s_per_step=<n>.
+Last line: s_per_step=<bf16 at 1024^2 without checkpointing, or the first combination measured>.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -26,10 +34,10 @@ from lookalike.models.base import FLUX_TRANSFORMER
 from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
 FORWARD_TFLOP_1024 = 74.4  # at 4,096 image + 512 text tokens
+TEXT_TOKENS = 512
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
-FLUX_DEV = FLUX_TRANSFORMER
-TINY = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+TINY = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
 
@@ -46,48 +54,117 @@ def build_transformer(architecture: dict, device: torch.device, dtype: torch.dty
         torch.set_default_dtype(previous)
 
 
+def quantize_base(transformer, kind: str, dtype: torch.dtype) -> None:
+    """Quantise the built transformer's linear layers as the trainer's settings load them (models/quantize.py)."""
+    from lookalike.models.quantize import check_quantization, quantization_config
+
+    check_quantization(kind)
+    config = quantization_config(kind, dtype)
+    if kind != "nf4":
+        from torchao import quantize_
+
+        quantize_(transformer, config.quant_type)
+        return
+    import bitsandbytes
+
+    # diffusers quantises nf4 as it loads weights from files; with weights built in memory, the same layers
+    # (bitsandbytes' Linear4bit, the config's quant type and compute dtype) are swapped in one by one.
+    for parent in list(transformer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            layer = bitsandbytes.nn.Linear4bit(child.in_features, child.out_features, child.bias is not None,
+                                               compute_dtype=config.bnb_4bit_compute_dtype,
+                                               quant_type=config.bnb_4bit_quant_type, device="meta")
+            layer.weight = bitsandbytes.nn.Params4bit(child.weight.data, requires_grad=False,
+                                                      quant_type=config.bnb_4bit_quant_type).to(child.weight.device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer)
+
+
+def measure_base(base: str, resolutions: list[int], checkpointing: list[bool], tiny: bool, rank: int, steps: int,
+                 warmup: int) -> None:
+    """In this process: build one base, then print a JSON line per (resolution, checkpointing)."""
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    kind, _, compiled = base.partition("+")
+    transformer = build_transformer(TINY if tiny else FLUX_TRANSFORMER, device, dtype)
+    if kind not in ("bf16", "fp32"):
+        quantize_base(transformer, kind, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    params, optimizer = add_trainable_lora(transformer, rank)
+    if compiled:
+        transformer.compile_repeated_blocks(fullgraph=True)
+    for resolution in resolutions:
+        for checkpoint in checkpointing:
+            if checkpoint:
+                transformer.enable_gradient_checkpointing()
+            else:
+                transformer.disable_gradient_checkpointing()
+            inputs, target = random_batch(transformer.config, resolution, TEXT_TOKENS, device, dtype)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = timed_steps(transformer, params, optimizer, inputs, target, warmup + steps,
+                                autocast_dtype=None if tiny else dtype)
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+            print(json.dumps({"base": base, "resolution": resolution, "checkpointing": checkpoint,
+                              "s_per_step": statistics.median(times[warmup:]), "peak_memory_gb": peak}), flush=True)
+
+
+def step_tflop(resolution: int, checkpointing: bool) -> float:
+    # Attention grows faster than linearly, so this scaling from 1024^2 is approximate at other sizes.
+    tokens = (resolution // 16) ** 2 + TEXT_TOKENS
+    return FORWARD_TFLOP_1024 * tokens / (4096 + TEXT_TOKENS) * (3.2 if checkpointing else 2.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--bases", help="comma-separated: bf16, bf16+compile, nf4, fp8, int8 "
+                                        "(default: bf16,bf16+compile,nf4,fp8; --tiny: fp32,int8,fp8)")
+    parser.add_argument("--resolutions", default="512,1024")
+    parser.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of every block")
-    parser.add_argument("--compile", action="store_true", help="torch.compile of each repeated block")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny architecture on the CPU (checks the script)")
+    parser.add_argument("--one-base", help=argparse.SUPPRESS)  # the child process measuring one base
     args = parser.parse_args()
+    resolutions = [int(r) for r in args.resolutions.split(",")]
+    checkpointing = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    if args.one_base:
+        measure_base(args.one_base, resolutions, checkpointing, args.tiny, args.rank, args.steps, args.warmup)
+        return
 
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    architecture = TINY if args.tiny else FLUX_DEV
-    transformer = build_transformer(architecture, device, dtype)
-    params, optimizer = add_trainable_lora(transformer, args.rank)
-    if args.checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if args.compile:
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            block.compile()
-    text_tokens = 512
-    inputs, target = random_batch(transformer.config, args.resolution, text_tokens, device, dtype)
-    times = timed_steps(transformer, params, optimizer, inputs, target, args.warmup + args.steps,
-                        autocast_dtype=None if args.tiny else dtype)
-    seconds = statistics.median(times[args.warmup:])
-
-    side = args.resolution // 16
-    image_tokens = side * side
-    # Attention grows faster than linearly, so this scaling from 1024^2 is approximate at other sizes.
-    forward_tflop = FORWARD_TFLOP_1024 * (image_tokens + text_tokens) / (4096 + text_tokens)
-    step_tflop = forward_tflop * (3.2 if args.checkpointing else 2.2)
-    print(f"architecture: {'tiny' if args.tiny else 'FLUX.1-dev'}, {args.resolution}^2, rank {args.rank}, "
-          f"checkpointing {args.checkpointing}, compile {args.compile}")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        print(f"device: {name}")
-        print(f"peak_memory_gb={torch.cuda.max_memory_allocated() / 1e9:.2f}")
-        if peak:
-            print(f"mfu={step_tflop / seconds / peak:.3f}  ({step_tflop:.0f} TFLOP per step, peak {peak:.0f} TFLOP/s)")
-    print(f"s_per_step={seconds:.4f}")
+    bases = (args.bases or ("fp32,int8,fp8" if args.tiny else "bf16,bf16+compile,nf4,fp8")).split(",")
+    device_name = "CPU" if args.tiny else torch.cuda.get_device_name()
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    print(f"architecture: {'tiny' if args.tiny else 'FLUX.1-dev'}, rank {args.rank}, {TEXT_TOKENS} text tokens; "
+          f"device: {device_name}")
+    print(f"{'base':14} {'res':>5} {'ckpt':>5} {'s/step':>8} {'peak GB':>8} {'MFU':>6}")
+    rows = []
+    for base in bases:
+        child = subprocess.run([sys.executable, __file__, "--one-base", base, "--resolutions", args.resolutions,
+                                "--checkpointing", args.checkpointing, "--rank", str(args.rank), "--steps",
+                                str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []),
+                               capture_output=True, text=True)
+        measured = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+        for row in measured:
+            peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+            mfu = step_tflop(row["resolution"], row["checkpointing"]) / row["s_per_step"] / peak_tflops \
+                if peak_tflops else None
+            print(f"{base:14} {row['resolution']:>5} {'yes' if row['checkpointing'] else 'no':>5} "
+                  f"{row['s_per_step']:8.4f} {peak:>8} {'-' if mfu is None else f'{mfu:.3f}':>6}", flush=True)
+        rows += measured
+        if child.returncode != 0:
+            reason = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"{base:14} failed (exit {child.returncode}): {reason}", flush=True)
+    if not rows:
+        sys.exit("no combination was measured")
+    headline = next((r for r in rows if r["base"] == "bf16" and r["resolution"] == 1024 and not r["checkpointing"]),
+                    rows[0])
+    print(f"s_per_step={headline['s_per_step']:.4f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -73,13 +74,29 @@ def image_jobs(config: StudyConfig) -> list[ImageJob]:
     ]
 
 
+def fuse_loras(pipe, adapters: list[tuple[Path, float]]) -> list[dict[str, Any]]:
+    """Fuse LoRA files at their weights into the pipeline's transformer (diffusers' weighted adapters, then
+    fused: no cost per step); return what each file says of itself, for the images' sidecars."""
+    from lookalike.models.lora import load_lora_into
+
+    if not adapters:
+        return []
+    names = [f"lora{i}" for i in range(len(adapters))]
+    info = [{"file": str(path), "weight": weight, **load_lora_into(pipe, path, adapter_name=name)}
+            for name, (path, weight) in zip(names, adapters)]
+    pipe.set_adapters(names, [weight for _, weight in adapters])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()
+    return info
+
+
 def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = (),
              weights: list[float] | None = None, console: Console | None = None, out: Path | None = None) -> Path:
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
     (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
     their weights (diffusers' weighted adapters, fused), or none: the base model."""
     from lookalike.models.base import base_info, inference_dtype, load_pipeline, pick_device, resolve_base
-    from lookalike.models.lora import check_lora_file, load_lora_into
+    from lookalike.models.lora import check_lora_file
     from lookalike.progress import progress_bar
 
     console = console or Console()
@@ -109,14 +126,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     pipe.set_progress_bar_config(disable=True)
     if config.generate.vae_tiling:
         pipe.vae.enable_tiling()
-    lora_info = []
-    if adapters:
-        names = [f"lora{i}" for i in range(len(adapters))]
-        for name, (path, weight) in zip(names, adapters):
-            lora_info.append({"file": str(path), "weight": weight, **load_lora_into(pipe, path, adapter_name=name)})
-        pipe.set_adapters(names, [weight for _, weight in adapters])
-        pipe.fuse_lora(adapter_names=names)
-        pipe.unload_lora_weights()
+    lora_info = fuse_loras(pipe, adapters)
     if config.generate.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
 

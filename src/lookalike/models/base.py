@@ -34,6 +34,14 @@ FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                         guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
+# FLUX.1's VAE (the 16-channel autoencoder), and its scheduler's settings, for benchmarks without weights.
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                      num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
 # Only the diffusers-format folders: FLUX repos also hold single-file checkpoints of the same weights.
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
                  "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
