@@ -37,9 +37,11 @@ def load_evaluator(settings: EvaluateConfig, with_clip: bool):
 
 
 def _score_folder(evaluator, references: dict[str, object], images: Path, settings: EvaluateConfig,
-                  console: Console, prompts_file: Path | None = None, class_words: dict[str, str] | None = None):
+                  console: Console, prompts_file: Path | None = None, class_words: dict[str, str] | None = None,
+                  on_faces=None):
     """Score a folder against the references (token -> Reference; one entry when the prompts name nobody).
-    An image is scored against the person its prompt names first (the first person when it names none)."""
+    An image is scored against the person its prompt names first (the first person when it names none).
+    on_faces: see Evaluator.score."""
     from lookalike.data.images import list_images
     from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images
     from lookalike.progress import progress_bar
@@ -54,7 +56,7 @@ def _score_folder(evaluator, references: dict[str, object], images: Path, settin
     with progress_bar(console, f"evaluate {images.name}", total=len(paths)) as bar:
         for token, members in groups.items():
             evaluator.score([paths[i] for i in members], [rows[i] for i in members], references[token],
-                            all_pairs=settings.all_pairs, progress=bar)
+                            all_pairs=settings.all_pairs, progress=bar, on_faces=on_faces)
     backend = evaluator.backend
     replaced = ", ".join(f"{token!r} by {word!r}" for token, word in (class_words or {}).items())
     metrics = {
@@ -175,6 +177,7 @@ def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) ->
 def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None, force: bool = False) -> list[str]:
     """Score the generated images of one run, or of every run that has some; runs whose images, references
     and settings have not changed since their last evaluation are skipped. Returns the runs scored."""
+    from lookalike.evaluate.group import group_row
     from lookalike.evaluate.scoring import write_results
     from lookalike.store import record_run
 
@@ -204,16 +207,20 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
     class_words = {person.token: person.class_word for person in config.people}
     console.print("evaluate: references: " + ", ".join(f"{r.count} photos of {t}" for t, r in references.items())
                   + "; CLIP prompts have " + ", ".join(f"{t!r} replaced by {w!r}" for t, w in class_words.items()))
+    threshold = evaluator.backend.same_person_threshold
     for name, digest in todo:
         paths = workspace.run(name)
-        rows, metrics = _score_folder(evaluator, references, paths.images, config.evaluate, console,
-                                      class_words=class_words)
-        metrics["inputs_digest"] = digest
-        if len(references) > 1:  # several people: who is in each image, and whose face leaks into whose prompt
-            from lookalike.evaluate.group import score_group_images
+        group_rows: list[dict] = []  # several people: who is in each image, and whose face leaks into whose prompt
 
-            group_rows = score_group_images(evaluator, [paths.images / r.image for r in rows],
-                                            [r.prompt for r in rows], references)
+        def score_people(row, inspection):
+            group_rows.append(group_row(inspection, row.prompt, references, threshold))
+
+        rows, metrics = _score_folder(evaluator, references, paths.images, config.evaluate, console,
+                                      class_words=class_words, on_faces=score_people if len(references) > 1 else None)
+        metrics["inputs_digest"] = digest
+        if group_rows:
+            order = {row.image: index for index, row in enumerate(rows)}  # rows were scored person by person
+            group_rows.sort(key=lambda group: order[group["image"]])
             group = _group_metrics(evaluator, group_rows, list(references))
             _write_group(paths.root, group_rows, group)
             _print_group(console, f"evaluate run {name}: people", group)

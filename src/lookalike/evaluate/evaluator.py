@@ -1,7 +1,8 @@
 """The scoring engine: face backend, face rule and CLIP loaded once, images streamed through in chunks.
 
 Per chunk, two worker threads decode images and search them for faces (decoding and MTCNN's numpy steps
-overlap that way), the largest face of every image is embedded in one batch, and CLIP embeds the chunk's
+overlap that way), the largest face of every image (or every face, for photos of several people) is
+embedded in one batch, and CLIP embeds the chunk's
 images in one batch against prompt embeddings computed once. Memory stays at one chunk of images however
 many are scored. A file that cannot be read gets a row with its reason instead of stopping the evaluation.
 """
@@ -11,16 +12,28 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from lookalike.data.images import load_rgb
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.identity import Reference, face_distance, id_match, identity_similarity, reference_from
 from lookalike.evaluate.scoring import ImageScore
-from lookalike.faces import FaceBackend, FaceRule, largest
+from lookalike.faces import Face, FaceBackend, FaceRule, largest
 
 CHUNK = 16  # images in memory at once; also the batch of face embeddings and of CLIP images
 WORKERS = 2
+
+
+@dataclass
+class Inspection:
+    path: Path
+    image: object | None  # the decoded image; None when unreadable
+    faces: list[Face]  # every face the rule keeps
+    embedded: list[tuple[Face, np.ndarray]]  # the faces embedded (the largest, or all) with their embeddings
+    error: str | None
 
 
 class Evaluator:
@@ -49,42 +62,52 @@ class Evaluator:
                 pending = [pool.submit(self._inspect, path) for path in following]
                 yield chunk, inspected
 
+    def inspect(self, paths: list[Path], every_face: bool = False):
+        """Per chunk of paths, an Inspection of each image: its faces, and the embedding of its largest face,
+        or of every face (photos of several people). Each chunk's faces are embedded in one batch."""
+        for chunk, inspected in self._chunks(paths):
+            chosen = [(faces if every_face else [largest(faces)]) if faces else [] for _, faces, _ in inspected]
+            vectors = iter(self.backend.embed([(image, face) for (image, _, _), picked in zip(inspected, chosen)
+                                               for face in picked]))
+            yield [Inspection(path, image, faces, [(face, next(vectors)) for face in picked], error)
+                   for path, (image, faces, error), picked in zip(chunk, inspected, chosen)]
+
     def reference(self, photos: list[Path]) -> Reference:
         """Mean embedding of the largest face of every reference photo that has one."""
-        found = []
-        for _, inspected in self._chunks(photos):
-            found += [(image, largest(faces)) for image, faces, _ in inspected if faces]
+        found = [item.embedded[0][1] for chunk in self.inspect(photos) for item in chunk if item.faces]
         if not found:
             folders = ", ".join(sorted({str(p.parent) for p in photos}))
             raise LookalikeError(f"references: no face found in any photo of {folders}")
-        return reference_from(list(self.backend.embed(found)))
+        return reference_from(found)
 
     def score(self, paths: list[Path], rows: list[ImageScore], reference: Reference, all_pairs: bool = False,
-              progress=None) -> list[ImageScore]:
-        """Fill in the face and CLIP columns of `rows` (one per path). all_pairs: each image's clip_score is
-        its mean over every prompt of the set (the study's all prompts x all images average)."""
+              progress=None, on_faces=None) -> list[ImageScore]:
+        """Fill in the face and CLIP columns of `rows` (one per path) from each image's largest face. all_pairs:
+        each image's clip_score is its mean over every prompt of the set (the study's all prompts x all images
+        average). on_faces(row, inspection): called per image with every face embedded, for scoring several
+        people in the same pass."""
         by_path = dict(zip(paths, rows))
         prompts = list(dict.fromkeys(r.clip_prompt for r in rows if r.clip_prompt is not None))
-        for chunk, inspected in self._chunks(paths):
-            with_face = []
-            for path, (image, faces, error) in zip(chunk, inspected):
-                row = by_path[path]
-                row.error, row.n_faces, row.face_found = error, len(faces), bool(faces)
-                if faces:
-                    with_face.append((row, image, largest(faces)))
-            embeddings = self.backend.embed([(image, face) for _, image, face in with_face])
-            for (row, _, face), embedding in zip(with_face, embeddings):
-                row.face_score, row.face_box = face.score, tuple(round(v) for v in face.box)
-                row.face_distance = face_distance(embedding, reference)
-                row.identity_similarity = identity_similarity(embedding, reference)
-                row.id_match = id_match(embedding, reference, self.backend.same_person_threshold)
-            self._clip(chunk, inspected, by_path, prompts if all_pairs else None)
+        for chunk in self.inspect(paths, every_face=on_faces is not None):
+            for item in chunk:
+                row = by_path[item.path]
+                row.error, row.n_faces, row.face_found = item.error, len(item.faces), bool(item.faces)
+                if item.faces:
+                    face = largest(item.faces)
+                    embedding = next(vector for embedded, vector in item.embedded if embedded is face)
+                    row.face_score, row.face_box = face.score, tuple(round(v) for v in face.box)
+                    row.face_distance = face_distance(embedding, reference)
+                    row.identity_similarity = identity_similarity(embedding, reference)
+                    row.id_match = id_match(embedding, reference, self.backend.same_person_threshold)
+                if on_faces is not None:
+                    on_faces(row, item)
+            self._clip(chunk, by_path, prompts if all_pairs else None)
             (progress or _NoProgress()).update(len(chunk))
         return rows
 
-    def _clip(self, chunk, inspected, by_path, all_prompts: list[str] | None) -> None:
-        scored = [(by_path[path], image) for path, (image, _, _) in zip(chunk, inspected)
-                  if image is not None and by_path[path].clip_prompt is not None]
+    def _clip(self, chunk: list[Inspection], by_path, all_prompts: list[str] | None) -> None:
+        scored = [(by_path[item.path], item.image) for item in chunk
+                  if item.image is not None and by_path[item.path].clip_prompt is not None]
         if self.clip is None or not scored:
             return
         images = [image for _, image in scored]

@@ -48,37 +48,37 @@ def leakage(embedding: np.ndarray, people: dict[str, Reference], named: set[str]
             if name not in named}
 
 
-def score_group_images(evaluator, paths, prompts: list[str | None], people: dict[str, Reference]) -> list[dict]:
-    """A row per image: faces found, then per person the assigned face's distance, similarity and whether the
-    person was found; and, for a prompt naming some of the people, the leakage towards each other person."""
-    from lookalike.data.images import load_rgb
+def group_row(inspection, prompt: str | None, people: dict[str, Reference], threshold: float) -> dict:
+    """An image's row (an evaluator's Inspection with every face embedded): faces found, then per person the
+    assigned face's distance, similarity and whether the person was found; and, for a prompt naming one of
+    the people, the leakage towards each other person."""
+    row: dict = {"image": inspection.path.name, "prompt": prompt}
+    if inspection.error is not None:
+        return {**row, "error": inspection.error}
+    faces = [face for face, _ in inspection.embedded]
+    embeddings = np.array([vector for _, vector in inspection.embedded])
+    row["n_faces"] = len(faces)
+    scores = assign_faces(embeddings, people, threshold)
+    row["people_found"] = sum(s.found for s in scores)
+    for s in scores:
+        row.update({f"{s.person}_face_distance": s.face_distance,
+                    f"{s.person}_identity_similarity": s.identity_similarity, f"{s.person}_found": s.found})
+    named = {name for name in people if prompt and re.search(rf"\b{re.escape(name)}\b", prompt)}
+    if faces and len(named) == 1:
+        (person,) = named
+        subject = next(s for s in scores if s.person == person)
+        face = subject.face if subject.face is not None else faces.index(max(faces, key=lambda f: f.area))
+        for other, similarity in leakage(embeddings[face], people, named).items():
+            row[f"leakage_to_{other}"] = similarity
+    return row
 
+
+def score_group_images(evaluator, paths, prompts: list[str | None], people: dict[str, Reference]) -> list[dict]:
+    """group_row of each image, every face embedded in the evaluator's chunked pass."""
+    prompt_of = dict(zip(paths, prompts))
     threshold = evaluator.backend.same_person_threshold
-    rows = []
-    for path, prompt in zip(paths, prompts):
-        row: dict = {"image": path.name, "prompt": prompt}
-        try:
-            image = load_rgb(path)
-        except OSError as error:
-            rows.append({**row, "error": f"unreadable image: {error}"})
-            continue
-        faces = evaluator.rule.faces(evaluator.backend, image)
-        embeddings = evaluator.backend.embed([(image, face) for face in faces])
-        row["n_faces"] = len(faces)
-        scores = assign_faces(embeddings, people, threshold)
-        row["people_found"] = sum(s.found for s in scores)
-        for s in scores:
-            row.update({f"{s.person}_face_distance": s.face_distance,
-                        f"{s.person}_identity_similarity": s.identity_similarity, f"{s.person}_found": s.found})
-        named = {name for name in people if prompt and re.search(rf"\b{re.escape(name)}\b", prompt)}
-        if faces and len(named) == 1:
-            (person,) = named
-            subject = next(s for s in scores if s.person == person)
-            face = subject.face if subject.face is not None else faces.index(max(faces, key=lambda f: f.area))
-            for other, similarity in leakage(embeddings[face], people, named).items():
-                row[f"leakage_to_{other}"] = similarity
-        rows.append(row)
-    return rows
+    return [group_row(item, prompt_of[item.path], people, threshold)
+            for chunk in evaluator.inspect(paths, every_face=True) for item in chunk]
 
 
 def aggregate_group(rows: list[dict], people: list[str]) -> dict:
