@@ -178,6 +178,7 @@ def results(
     """Every run of the study: settings, state, time, final loss and evaluation metrics."""
     from rich.table import Table
 
+    from lookalike.display import cell
     from lookalike.store import refresh, sort_runs
     from lookalike.workspace import Workspace
 
@@ -193,8 +194,7 @@ def results(
                "id_match_rate": "id match", "faceless": "faceless", "clip_score": "clip"}
     table = Table(*columns.values(), title=f"results ({workspace.results})")
     for row in rows:
-        table.add_row(*("-" if row[k] is None else f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k])
-                        for k in columns))
+        table.add_row(*(cell(row[k]) for k in columns))
     console.print(table)
     for row in rows:
         if row["reason"] and row["state"] != "done":

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import EvaluateConfig, StudyConfig, SubjectConfig
+from lookalike.display import cell
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, read_json
 
@@ -78,8 +79,7 @@ def print_metrics(console: Console, title: str, metrics: dict) -> None:
     """The whole set's figures, then each prompt's."""
     table = Table("prompt", "images", *SHOWN, title=title)
     for label, m in [("all", metrics), *metrics.get("per_prompt", {}).items()]:
-        table.add_row(label, str(m["images"]), *("-" if m[k] is None else f"{m[k]:.4f}" if isinstance(m[k], float)
-                                                 else str(m[k]) for k in SHOWN))
+        table.add_row(label, str(m["images"]), *(cell(m[k]) for k in SHOWN))
     console.print(table)
 
 
@@ -145,8 +145,7 @@ def _write_group(folder: Path, rows: list[dict], metrics: dict) -> None:
 def _print_group(console: Console, title: str, metrics: dict) -> None:
     table = Table("person", "face distance", "identity", "found rate", "leakage to them", title=title)
     for name, m in metrics["per_person"].items():
-        table.add_row(name, *("-" if m[k] is None else f"{m[k]:.4f}" for k in
-                              ("face_distance", "identity_similarity", "found_rate", "leakage_to")))
+        table.add_row(name, *(cell(m[k]) for k in ("face_distance", "identity_similarity", "found_rate", "leakage_to")))
     console.print(table)
     console.print(f"all people found in {metrics['all_found_rate']} of the images", highlight=False)
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import StudyConfig
+from lookalike.display import cell
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, atomic_path, write_json
 
@@ -106,10 +107,6 @@ def reading(metrics: dict, run: str) -> str:
             "face gains much on the trigger word and changes little on the real name and the unknown person.")
 
 
-def _cell(value) -> str:
-    return "-" if value is None else f"{value:+.4f}" if isinstance(value, float) else f"{value:+d}"
-
-
 def table(result: dict) -> Table:
     run, metrics = result["run"], result["metrics"]
     out = Table("prompts with", *SHOWN, title=f"ablation: base model → {run} (change)")
@@ -117,8 +114,7 @@ def table(result: dict) -> Table:
         cells = []
         for key in SHOWN:
             base, tuned = metrics[variant]["base"].get(key), metrics[variant][run].get(key)
-            plain = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-            cells.append(f"{plain(base)} → {plain(tuned)} ({_cell(_change(metrics, run, variant, key))})")
+            cells.append(f"{cell(base)} → {cell(tuned)} ({cell(_change(metrics, run, variant, key), signed=True)})")
         out.add_row(f"{variant}: {result['names'][variant]}", *cells)
     return out
 
@@ -130,6 +126,6 @@ def summary(result: dict) -> str:
              "|---|" + "---|" * len(SHOWN)]
     for variant in metrics:
         cells = [f"{metrics[variant]['base'].get(k)} / {metrics[variant][run].get(k)} / "
-                 f"{_cell(_change(metrics, run, variant, k))}" for k in SHOWN]
+                 f"{cell(_change(metrics, run, variant, k), signed=True)}" for k in SHOWN]
         lines.append(f"| {variant} ({result['names'][variant]}) | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", result["reading"], ""])

@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lookalike.config import StudyConfig
+from lookalike.display import cell
 from lookalike.generate import image_jobs
 from lookalike.report import figures
 from lookalike.report.pareto import RANK_RULE, pareto_front
@@ -37,12 +38,6 @@ img.figure { max-width: 100%; border: 1px solid #ddd; margin: 8px 0; }
 .grid img { width: 220px; height: 220px; object-fit: cover; display: block; }
 .grid th { font-weight: normal; font-size: 12px; } pre { background: #f7f7f7; padding: 1em; overflow: auto; }
 """
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _loss_curve(metrics_log: Path) -> list[tuple[int, float]]:
@@ -77,10 +72,10 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
     seed, guidance = generate.seeds[0], generate.guidance_scales[len(generate.guidance_scales) // 2]
     jobs = [job for job in image_jobs(config) if job.seed == seed and job.guidance == guidance]
     header = "".join(
-        f"<th><b>{html.escape(r['name'])}</b><br>lr {_cell(r['learning_rate'])}, rank {_cell(r['rank'])}, "
-        f"alpha {_cell(r['alpha'])}, {_cell(r['max_train_steps'])} steps, {_cell(r['lr_scheduler'])}<br>"
-        f"CLIP {_cell(r['clip_score'])}, face distance {_cell(r['face_distance'])}, "
-        f"identity {_cell(r['identity_similarity'])}</th>" for r in chosen)
+        f"<th><b>{html.escape(r['name'])}</b><br>lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, "
+        f"alpha {cell(r['alpha'])}, {cell(r['max_train_steps'])} steps, {cell(r['lr_scheduler'])}<br>"
+        f"CLIP {cell(r['clip_score'])}, face distance {cell(r['face_distance'])}, "
+        f"identity {cell(r['identity_similarity'])}</th>" for r in chosen)
     body = []
     for job in jobs:
         cells = []
@@ -154,16 +149,16 @@ def _runs_table(rows: list[dict], best: list[str]) -> str:
     body = []
     for row in rows:
         kind = "best" if row["name"] in best else "failed" if row["state"] in ("failed", "interrupted") else ""
-        cells = "".join(f"<td>{html.escape(_cell(row[k]))}</td>" for k in COLUMNS)
+        cells = "".join(f"<td>{html.escape(cell(row[k]))}</td>" for k in COLUMNS)
         body.append(f"<tr class='{kind}'>{cells}<td>{html.escape(row['reason'] or '')}</td></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict]) -> list[str]:
-    lines = [f"{i}. {r['name']}: lr {_cell(r['learning_rate'])}, rank {_cell(r['rank'])}, alpha {_cell(r['alpha'])}, "
-             f"{_cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {_cell(r['identity_similarity'])}, "
-             f"CLIP {_cell(r['clip_score'])}, faceless {_cell(r['faceless'])}, face distance "
-             f"{_cell(r['face_distance'])})" for i, r in enumerate(front, 1)]
+    lines = [f"{i}. {r['name']}: lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
+             f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
+             f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
+             f"{cell(r['face_distance'])})" for i, r in enumerate(front, 1)]
     lines += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
     lines += [f"failed: {r['name']} ({r['reason']})" for r in failed]
     return lines
@@ -192,5 +187,5 @@ def _summary(config, rows, front, unplaced, failed) -> str:
     lines += [f"- {line}" for line in _best_lines(front, unplaced, failed)] or ["- none yet"]
     lines += ["", "## Every run", "", "| " + " | ".join(COLUMNS.values()) + " |",
               "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[k]) for k in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[k]) for k in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
