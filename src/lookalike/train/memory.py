@@ -30,6 +30,13 @@ QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
 
 
 @dataclass(frozen=True)
+class Counts:
+    frozen: int  # every frozen parameter
+    linear: int  # of which weights of linear layers: what a quantised base packs
+    lora: int
+
+
+@dataclass(frozen=True)
 class Estimate:
     weights: float  # GB, the frozen transformer: compute precision, or quantised linear weights
     lora: float  # GB, the trainable LoRA (float32)
@@ -64,13 +71,6 @@ def transformer_config(config: StudyConfig) -> dict:
     folder = resolve_base(config.model.base, config.model.revision)  # tiny: built offline; else a local folder
     architecture = json.loads((folder / "transformer" / "config.json").read_text())
     return {k: v for k, v in architecture.items() if not k.startswith("_")}
-
-
-@dataclass(frozen=True)
-class Counts:
-    frozen: int  # every frozen parameter
-    linear: int  # of which weights of linear layers: what a quantised base packs
-    lora: int
 
 
 def count_parameters(architecture: dict, rank: int, alpha: float, target: str) -> Counts:
