@@ -62,3 +62,8 @@ def test_quantised_bases_are_estimated_at_their_packed_size(tiny_config):
     bf16, int8, nf4 = weights("none"), weights("int8"), weights("nf4")
     assert 22 < bf16 < 23, "FLUX.1-dev's 11.9 B parameters in bf16"
     assert int8 == pytest.approx(bf16 / 2, rel=0.02) and nf4 == pytest.approx(bf16 * 0.28, rel=0.03)
+
+
+def test_compiling_is_refused_on_a_torchao_base_naming_both_keys(tiny_config):
+    with pytest.raises(LookalikeError, match=r"train: compile = true cannot train on base_quantization = 'fp8'"):
+        load_config(tiny_config(train={"compile": True, "base_quantization": "fp8"}))

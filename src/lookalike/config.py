@@ -129,6 +129,14 @@ class TrainConfig(Section):
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
 
+    @model_validator(mode="after")
+    def _compile_without_torchao(self) -> "TrainConfig":
+        # Measured: torch.compile's autograd refuses torchao's weight tensors (a graph with aliased outputs).
+        if self.compile and self.base_quantization in ("int8", "fp8"):
+            raise ValueError(f"compile = true cannot train on base_quantization = {self.base_quantization!r} "
+                             "(torch.compile does not train through torchao's quantised weights yet); choose one")
+        return self
+
 
 class GenerateConfig(Section):
     prompts: list[str] = Field(["a photo of {token}"], min_length=1)
@@ -324,7 +332,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
             problems.append(f"missing key {key}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+            given = item.get("input")  # a whole section's keys, for a check across them, are named by the message
+            problems.append(f"{key}: {message}" + ("" if isinstance(given, dict) else f" (got {given!r})"))
     return f"{source}: " + "; ".join(problems)
 
 
