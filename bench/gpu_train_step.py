@@ -8,11 +8,12 @@ with the trainer's own settings (models/quantize.py) where asked.
 The matrix: base `bf16`, `bf16+compile` (regional compilation of the repeated blocks), `nf4` (bitsandbytes)
 and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2. Each
 base runs in its own process (a clean GPU and compile cache); a failing base is reported and the others go on.
-For each combination: seconds/step (median after warm-up), peak GPU memory, and model-FLOPs utilisation: one
-forward at 1024^2 with 512 text tokens is about 74.4 TFLOP; a LoRA step is about 2.2 forwards (frozen
-weights need no weight gradients), 3.2 with gradient checkpointing (one more forward).
+For each combination: seconds/step (median after warm-up), peak GPU memory beside what `lookalike train
+--dry-run` estimates for the same settings, and model-FLOPs utilisation: one forward at 1024^2 with 512 text
+tokens is about 74.4 TFLOP; a LoRA step is about 2.2 forwards (frozen weights need no weight gradients), 3.2
+with gradient checkpointing (one more forward).
 
-    python bench/gpu_train_step.py                                  # the whole matrix (about 10 min on an H100)
+    python bench/gpu_train_step.py                                  # the whole matrix (over 10 min on an H100)
     python bench/gpu_train_step.py --bases bf16 --resolutions 1024  # a part of it
     python bench/gpu_train_step.py --tiny     # a tiny architecture on the CPU (fp32, int8, fp8): checks the script
 
@@ -22,14 +23,16 @@ Last line: s_per_step=<bf16 at 1024^2 without checkpointing, or the first combin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from lookalike.models.base import FLUX_TRANSFORMER
+from lookalike.models.base import FLUX_TRANSFORMER, quiet_libraries
 
 from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
@@ -83,6 +86,26 @@ def quantize_base(transformer, kind: str, dtype: torch.dtype) -> None:
             setattr(parent, name, layer)
 
 
+@functools.cache
+def _parameter_counts(rank: int):
+    from lookalike.train.memory import count_parameters
+
+    return count_parameters(dict(FLUX_TRANSFORMER), rank, rank, "attention")
+
+
+def estimated_gb(resolution: int, checkpointing: bool, kind: str, rank: int) -> float:
+    """What `lookalike train --dry-run` estimates for this combination (FLUX.1-dev, bf16), in GB."""
+    from lookalike.config import validate
+    from lookalike.train.memory import estimate
+
+    config = validate({"name": "bench", "workspace": "work", "model": {"base": "flux-dev"},
+                       "subject": {"token": "sks", "images": "photos"},
+                       "data": {"resolution": resolution},
+                       "train": {"rank": rank, "gradient_checkpointing": checkpointing,
+                                 "base_quantization": "none" if kind == "bf16" else kind}}, "bench", Path.cwd())
+    return estimate(config, "bf16", _parameter_counts(rank)).total * 2**30 / 1e9
+
+
 def measure_base(base: str, resolutions: list[int], checkpointing: list[bool], tiny: bool, rank: int, steps: int,
                  warmup: int) -> None:
     """In this process: build one base, then print a JSON line per (resolution, checkpointing)."""
@@ -131,6 +154,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny architecture on the CPU (checks the script)")
     parser.add_argument("--one-base", help=argparse.SUPPRESS)  # the child process measuring one base
     args = parser.parse_args()
+    quiet_libraries()
     resolutions = [int(r) for r in args.resolutions.split(",")]
     checkpointing = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     if args.one_base:
@@ -142,7 +166,7 @@ def main() -> None:
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     print(f"architecture: {'tiny' if args.tiny else 'FLUX.1-dev'}, rank {args.rank}, {TEXT_TOKENS} text tokens; "
           f"device: {device_name}")
-    print(f"{'base':14} {'res':>5} {'ckpt':>5} {'s/step':>8} {'peak GB':>8} {'MFU':>6}")
+    print(f"{'base':14} {'res':>5} {'ckpt':>5} {'s/step':>8} {'peak GB':>8} {'est. GB':>8} {'MFU':>6}")
     rows = []
     for base in bases:
         child = subprocess.run([sys.executable, __file__, "--one-base", base, "--resolutions", args.resolutions,
@@ -152,10 +176,13 @@ def main() -> None:
         measured = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
         for row in measured:
             peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+            estimated = "-" if args.tiny else \
+                f"{estimated_gb(row['resolution'], row['checkpointing'], base.partition('+')[0], args.rank):.2f}"
             mfu = step_tflop(row["resolution"], row["checkpointing"]) / row["s_per_step"] / peak_tflops \
                 if peak_tflops else None
             print(f"{base:14} {row['resolution']:>5} {'yes' if row['checkpointing'] else 'no':>5} "
-                  f"{row['s_per_step']:8.4f} {peak:>8} {'-' if mfu is None else f'{mfu:.3f}':>6}", flush=True)
+                  f"{row['s_per_step']:8.4f} {peak:>8} {estimated:>8} {'-' if mfu is None else f'{mfu:.3f}':>6}",
+                  flush=True)
         rows += measured
         if child.returncode != 0:
             reason = (child.stderr.strip().splitlines() or ["no output"])[-1]
