@@ -167,3 +167,24 @@ def test_too_few_photos_is_an_error_that_points_at_the_report(tiny_config, faces
     assert result.returncode == 2
     assert "only 1 usable photos" in result.stderr and "data.min_photos is 3" in result.stderr
     assert "qa.html" in result.stderr and (tmp_path / "work" / "data" / "qa.html").is_file()
+
+
+def test_processes_sharing_a_workspace_prepare_one_at_a_time(tiny_config, tmp_path):
+    """A sweep's parallel runs all prepare the same data: while one holds the workspace's prepare lock, another
+    waits (it would otherwise remove the crops the first is still writing), then finds everything done."""
+    import subprocess
+    import sys
+    import time
+
+    from lookalike.workspace import Workspace, exclusive
+
+    config = tiny_config()
+    with exclusive(Workspace(tmp_path / "work").data / ".prepare.lock"):
+        waiting = subprocess.Popen([sys.executable, "-m", "lookalike", "prepare", str(config)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(8)  # long enough to prepare 4 photos many times over
+        assert waiting.poll() is None, "the second process went on while the lock was held"
+        assert not (tmp_path / "work" / "data" / "manifest.json").exists()
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert "4 photos inspected, 4 kept" in out, "the waiting process did the work once the lock was free"

@@ -27,7 +27,7 @@ from lookalike.data import checks
 from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
 from lookalike.data.images import load_rgb
 from lookalike.errors import LookalikeError
-from lookalike.workspace import Workspace, atomic_path, read_json, write_json
+from lookalike.workspace import Workspace, atomic_path, exclusive, read_json, write_json
 
 INSPECTION_FORMAT = 2  # bump when what inspect() records changes, so old manifests are re-inspected
 THUMBNAIL = 256
@@ -322,9 +322,12 @@ def _remove_unused_thumbnails(data: Path, photos: list[Photo]) -> None:
 
 
 def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo]]:
-    """Every person's photos prepared (models loaded once); token -> photo records."""
-    inspector = Inspector(config)
-    return {person.token: prepare(config, console, inspector, person) for person in config.people}
+    """Every person's photos prepared (models loaded once); token -> photo records. One process at a time: a
+    sweep's parallel runs all prepare the same data, and one would otherwise remove the files another is
+    still writing."""
+    with exclusive(Workspace(config.workspace).data / ".prepare.lock"):
+        inspector = Inspector(config)
+        return {person.token: prepare(config, console, inspector, person) for person in config.people}
 
 
 def prepared_photos(config: StudyConfig, console: Console) -> list[tuple[Path, str]]:

@@ -3,7 +3,8 @@
 Per chunk, two worker threads decode images and search them for faces (decoding and MTCNN's numpy steps
 overlap that way), the largest face of every image (or every face, for photos of several people) is embedded
 in one batch, and CLIP embeds the chunk's images in one batch against prompt embeddings computed once.
-Memory stays at one chunk of images however many are scored. A file that cannot be read gets a row with its reason instead of stopping the evaluation.
+Memory stays at one chunk of images however many are scored. A file that cannot be read gets a row with its
+reason instead of stopping the evaluation.
 """
 
 from __future__ import annotations
