@@ -37,18 +37,15 @@ def load_evaluator(settings: EvaluateConfig, with_clip: bool):
     return Evaluator(backend, rule, ClipScorer(*load_clip(settings.clip_model)) if with_clip else None)
 
 
-def _score_folder(evaluator, references: dict[str, object], images: Path, settings: EvaluateConfig,
-                  console: Console, prompts_file: Path | None = None, class_words: dict[str, str] | None = None,
-                  on_faces=None):
-    """Score a folder against the references (token -> Reference; one entry when the prompts name nobody).
-    An image is scored against the person its prompt names first (the first person when it names none).
-    on_faces: see Evaluator.score."""
-    from lookalike.data.images import list_images
-    from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images
+def _score_folder(evaluator, references: dict[str, object], images: Path, rows, settings: EvaluateConfig,
+                  console: Console, class_words: dict[str, str] | None = None, on_faces=None):
+    """Score a folder's images (`rows` from describe_images, one per image in list_images order) against the
+    references (token -> Reference; one entry when the prompts name nobody). An image is scored against the
+    person its prompt names first (the first person when it names none). on_faces: see Evaluator.score."""
+    from lookalike.evaluate.scoring import aggregate, aggregate_by
     from lookalike.progress import progress_bar
 
-    paths = list_images(images, "images")
-    rows = describe_images(paths, prompts_file, class_words)
+    paths = [images / row.image for row in rows]
     tokens = list(references)
     groups: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
@@ -89,10 +86,10 @@ def evaluate_folder(images: Path, references: Path, settings: EvaluateConfig, co
     from lookalike.data.images import list_images
     from lookalike.evaluate.scoring import describe_images, write_results
 
-    with_clip = any(r.prompt for r in describe_images(list_images(images, "images"), prompts_file))
-    evaluator = load_evaluator(settings, with_clip)
+    rows = describe_images(list_images(images, "images"), prompts_file)
+    evaluator = load_evaluator(settings, with_clip=any(r.prompt for r in rows))
     reference = evaluator.reference(list_images(references, "references"))
-    rows, metrics = _score_folder(evaluator, {"": reference}, images, settings, console, prompts_file)
+    rows, metrics = _score_folder(evaluator, {"": reference}, images, rows, settings, console)
     write_results(out or images, rows, metrics)
     print_metrics(console, f"evaluate {images}", metrics)
     return metrics
@@ -176,8 +173,9 @@ def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) ->
 def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None, force: bool = False) -> list[str]:
     """Score the generated images of one run, or of every run that has some; runs whose images, references
     and settings have not changed since their last evaluation are skipped. Returns the runs scored."""
+    from lookalike.data.images import list_images
     from lookalike.evaluate.group import group_row
-    from lookalike.evaluate.scoring import write_results
+    from lookalike.evaluate.scoring import describe_images, write_results
     from lookalike.store import record_run
 
     workspace = Workspace(config.workspace)
@@ -214,7 +212,8 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         def score_people(row, inspection):
             group_rows.append(group_row(inspection, row.prompt, references, threshold))
 
-        rows, metrics = _score_folder(evaluator, references, paths.images, config.evaluate, console,
+        rows = describe_images(list_images(paths.images, "images"), class_words=class_words)
+        rows, metrics = _score_folder(evaluator, references, paths.images, rows, config.evaluate, console,
                                       class_words=class_words, on_faces=score_people if len(references) > 1 else None)
         metrics["inputs_digest"] = digest
         if group_rows:
