@@ -116,7 +116,7 @@ class TrainConfig(Section):
     base_quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
     """The frozen transformer's linear weights stored quantised, the LoRA trained on top in full precision:
     nf4 (bitsandbytes, CUDA only) about a quarter of bf16's memory, int8 or fp8 (torchao, weight-only) half.
-    Each costs some quality and speed (weights are dequantised for every matmul); none is exact."""
+    Quantised weights are approximate, and dequantising them for every matmul costs some speed."""
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks (regional compilation: the blocks of a kind share
     one compiled graph). Faster steps after a compile of a minute or so at the start."""
