@@ -47,6 +47,12 @@ def test_bad_config(tiny_config, train, expected):
     assert_one_line_error(run_cli("train", str(path)), expected, str(path))
 
 
+def test_an_error_naming_a_section_in_brackets_prints_it_whole(tiny_config):
+    result = run_cli("sweep", str(tiny_config()), "--plan", "--set", 'sweep.design="grid"',
+                     "--set", "sweep.factors={rnak=[1, 2]}")
+    assert_one_line_error(result, "sweep.factors: 'rnak' is not a [train] key")
+
+
 def test_bad_set_override(tiny_config):
     assert_one_line_error(run_cli("train", str(tiny_config()), "--set", "train.rank=0"), "train.rank")
 

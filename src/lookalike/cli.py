@@ -218,6 +218,7 @@ def generate(
 
 
 def _print_estimate(study) -> None:
+    from lookalike.models.quantize import check_quantization
     from lookalike.train.memory import estimate, lighter_settings, size
     from lookalike.train.trainer import resolve_mixed_precision
 
@@ -230,6 +231,10 @@ def _print_estimate(study) -> None:
         console.print("  " + line, highlight=False)
     for label, gigabytes in lighter_settings(study, precision, base):
         console.print(f"  with {label}: ~{size(gigabytes).strip()}", highlight=False)
+    try:
+        check_quantization(study.train.base_quantization)
+    except LookalikeError as error:  # the estimate still holds for a machine that can run it
+        console.print(f"  note: {error}", markup=False, highlight=False)
 
 
 def _launch_processes(processes: int) -> int:
@@ -376,7 +381,7 @@ def main() -> None:
         if isinstance(code, int) and code:  # typer.Exit(code) from a command
             sys.exit(code)
     except LookalikeError as error:
-        error_console.print(f"error: {error}", highlight=False, soft_wrap=True)
+        error_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)  # "[train]" is text
         sys.exit(2)
     except KeyboardInterrupt:
         error_console.print("interrupted")

@@ -289,7 +289,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
                    f"{config.data.min_photos}); see {data / 'qa.html'}")
         if config.data.checks.too_few == "error":
             raise LookalikeError(message)
-        console.print(f"warning: {message}")
+        console.print(f"warning: {message}", markup=False)
     return photos
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lookalike.config import StudyConfig
 from lookalike.store import record_run
@@ -248,7 +249,7 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     table = Table("run", "state", "seconds", "exit code", "reason", title="sweep")
     for o in outcomes:
         table.add_row(o.name, o.state, f"{o.seconds:.1f}" if o.seconds is not None else "-",
-                      "-" if o.exit_code is None else str(o.exit_code), o.reason or "")
+                      "-" if o.exit_code is None else str(o.exit_code), Text(o.reason or ""))  # plain text, not markup
     return table
 
 
