@@ -122,3 +122,13 @@ def test_evaluate_a_run_without_images_says_what_to_do(tiny_config):
 def test_bad_evaluate_option_names_it(tmp_path):
     result = run_cli("evaluate", "--images", str(tmp_path), "--references", str(tmp_path), "--face-backend", "x")
     assert result.returncode == 2 and "evaluate options: face_backend" in result.stderr
+
+
+def test_models_load_once_per_process_for_the_same_settings():
+    from lookalike.config import EvaluateConfig
+    from lookalike.evaluate import load_evaluator
+
+    settings = EvaluateConfig(face_backend="dlib", clip_model="tiny")
+    evaluator = load_evaluator(settings, with_clip=True)
+    assert load_evaluator(EvaluateConfig(face_backend="dlib", clip_model="tiny"), with_clip=True) is evaluator
+    assert load_evaluator(settings, with_clip=False).clip is None, "other settings, other models"

@@ -24,7 +24,19 @@ SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "faceless", "s
          "clip_score")
 
 
+_LOADED: dict[tuple[str, bool], object] = {}
+
+
 def load_evaluator(settings: EvaluateConfig, with_clip: bool):
+    """The Evaluator for these settings, loaded once per process: `lookalike run` scores its runs one call at a
+    time, and ablate scores after it, all with the same models."""
+    key = (settings.model_dump_json(), with_clip)
+    if key not in _LOADED:
+        _LOADED[key] = _load_evaluator(settings, with_clip)
+    return _LOADED[key]
+
+
+def _load_evaluator(settings: EvaluateConfig, with_clip: bool):
     from lookalike.evaluate.clip_score import ClipScorer
     from lookalike.evaluate.evaluator import Evaluator
     from lookalike.faces import FaceRule, load_backend
