@@ -67,13 +67,13 @@ def train(
         raise typer.Exit(_launch_processes(processes))
     _quiet()
     study = _load(config, set_)
-    study = study.for_subject(subject) if subject else study
+    study = config_for_run(study.for_subject(subject) if subject else study, run)
     if dry_run:
-        _print_estimate(config_for_run(study, run))
+        _print_estimate(study)
         return
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
     try:
-        train_run(config_for_run(study, run), run, resume=resume, console=console if main_rank else Console(quiet=True))
+        train_run(study, run, resume=resume, console=console if main_rank else Console(quiet=True))
     finally:
         if "WORLD_SIZE" in os.environ:  # a rank of a distributed launch: leave the process group cleanly
             from accelerate import PartialState
@@ -122,11 +122,12 @@ def run_all(
 ) -> None:
     """The whole study: prepare, train every experiment, generate, evaluate; what is done is skipped."""
     from lookalike.pipeline import run_study
+    from lookalike.report.build import build_report
 
-    problems = run_study(_load(config, set_), config.resolve(), set_ or [], console, jobs=jobs, backend=backend,
-                         address=address)
-    results(config, sort=None)
-    report(config)
+    study = _load(config, set_)
+    problems = run_study(study, config.resolve(), set_ or [], console, jobs=jobs, backend=backend, address=address)
+    _print_results(study, sort=None)
+    build_report(study, console)
     for problem in problems:
         console.print(f"problem: {problem}", markup=False, highlight=False)
     if problems:
@@ -176,13 +177,17 @@ def results(
         = None,
 ) -> None:
     """Every run of the study: settings, state, time, final loss and evaluation metrics."""
+    _print_results(_load(config, None), sort)
+
+
+def _print_results(study, sort: str | None) -> None:
     from rich.table import Table
 
     from lookalike.display import cell
     from lookalike.store import refresh, sort_runs
     from lookalike.workspace import Workspace
 
-    workspace = Workspace(_load(config, None).workspace)
+    workspace = Workspace(study.workspace)
     rows = refresh(workspace.runs, workspace.results)
     if not rows:
         console.print(f"results: no runs yet in {workspace.runs}")
