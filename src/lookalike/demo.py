@@ -127,7 +127,6 @@ class DemoModels:
         import gradio
 
         from lookalike.data.images import load_rgb
-        from lookalike.faces import FaceRule
 
         source = Path(path).resolve()
         if not source.is_relative_to(Path(gradio.utils.get_upload_folder()).resolve()):
@@ -136,9 +135,8 @@ class DemoModels:
             image = load_rgb(source)
         except OSError as error:
             raise DemoError(f"{Path(path).name} is not a readable image ({error})") from None
-        backend = self.evaluator().backend
-        rule = FaceRule.for_backend(backend, self.config.evaluate.min_face_score, self.config.evaluate.min_face_size)
-        if not rule.faces(backend, image):
+        evaluator = self.evaluator()  # its face rule: the one the images are scored by
+        if not evaluator.rule.faces(evaluator.backend, image):
             raise DemoError(f"{Path(path).name}: no face found; a reference photo must show the person's face")
         digest = hashlib.sha256(image.tobytes()).hexdigest()[:16]
         kept = self.folder / "references" / f"{digest}.png"

@@ -29,8 +29,9 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
     rank_a, rank_b = config_a["r"], config_b["r"]
     scale_a = weights[0] * config_a["lora_alpha"] / rank_a
     scale_b = weights[1] * config_b["lora_alpha"] / rank_b
+    names = sorted(modules_a.keys() | modules_b.keys())
     merged = {}
-    for name in sorted(modules_a.keys() | modules_b.keys()):
+    for name in names:
         shapes = {}
         for label, modules in (("first", modules_a), ("second", modules_b)):
             if name in modules:
@@ -51,7 +52,6 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
         merged[f"transformer.{name}.lora_B.weight"] = torch.cat([up for _, up in parts], dim=1).contiguous()
 
     rank = rank_a + rank_b
-    names = sorted(modules_a.keys() | modules_b.keys())
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names)
     info = {"base_model": base_a or base_b or "unknown", "rank": rank, "alpha": rank,
             "merged_from": f"{Path(first).name} x {weights[0]:g} + {Path(second).name} x {weights[1]:g}",

@@ -11,7 +11,6 @@ prompt sets in one pipeline load; the metrics and their changes to ablation/resu
 
 from __future__ import annotations
 
-
 from rich.console import Console
 from rich.table import Table
 
@@ -38,17 +37,21 @@ def choose_run(config: StudyConfig) -> str:
     return (front or done)[0]["name"]
 
 
-def prompt_sets(config: StudyConfig) -> list[tuple[str, str, str]]:
-    """(variant, prompt to generate, prompt for CLIP) for every [generate] prompt and variant. CLIP is given the
-    class word for every variant, so that CLIP Scores compare like with like."""
+def variant_names(config: StudyConfig) -> dict[str, str]:
+    """The name each variant puts in the prompts."""
     if not config.subject.real_name:
         raise LookalikeError("subject.real_name is not set: ablate compares the trigger word with the person's "
                              "real name (e.g. real_name = \"Grace Hopper\")")
-    names = {"trigger word": config.subject.token, "real name": config.subject.real_name,
-             "unknown person": config.ablate.unknown_name}
+    return {"trigger word": config.subject.token, "real name": config.subject.real_name,
+            "unknown person": config.ablate.unknown_name}
+
+
+def prompt_sets(config: StudyConfig) -> list[tuple[str, str, str]]:
+    """(variant, prompt to generate, prompt for CLIP) for every [generate] prompt and variant. CLIP is given the
+    class word for every variant, so that CLIP Scores compare like with like."""
     return [(variant, config.fill(template.replace("{token}", name)),
              config.fill(template.replace("{token}", config.subject.class_word)))
-            for variant, name in names.items() for template in config.generate.prompts]
+            for variant, name in variant_names(config).items() for template in config.generate.prompts]
 
 
 def ablate(config: StudyConfig, console: Console) -> dict:
@@ -84,8 +87,7 @@ def ablate(config: StudyConfig, console: Console) -> dict:
             metrics[variant][model] = aggregate([r for r in rows if variant_of[r.image] == variant])
 
     result = {"run": run, "base_model": config.model.base, "face_backend": evaluator.backend.name,
-              "names": {"trigger word": config.subject.token, "real name": config.subject.real_name,
-                        "unknown person": config.ablate.unknown_name},
+              "names": variant_names(config),
               "metrics": metrics, "reading": reading(metrics, run)}
     write_json(workspace.root / "ablation" / "results.json", result)
     with atomic_path(workspace.root / "ablation" / "summary.md") as tmp:
