@@ -12,13 +12,14 @@ import typer
 from rich.console import Console
 from typer.exceptions import TyperException
 
-from lookalike.errors import LookalikeError
+from lookalike import display
+from lookalike.errors import LookalikeError, filesystem_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach FLUX.1-dev one person's face with LoRA, and prove how well it learned.")
 # Captured output (a sweep's log, a pipe) is read in wide editors, not an 80-column terminal.
-console = Console() if Console().is_terminal or "COLUMNS" in os.environ else Console(width=140)
-error_console = Console(stderr=True)
+console = display.console() if Console().is_terminal or "COLUMNS" in os.environ else display.console(width=140)
+error_console = display.console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="The study's config file (TOML, JSON or YAML).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")]
@@ -73,7 +74,7 @@ def train(
         return
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
     try:
-        train_run(study, run, resume=resume, console=console if main_rank else Console(quiet=True))
+        train_run(study, run, resume=resume, console=console if main_rank else display.console(quiet=True))
     finally:
         if "WORLD_SIZE" in os.environ:  # a rank of a distributed launch: leave the process group cleanly
             from accelerate import PartialState
@@ -103,7 +104,7 @@ def sweep(
     planned = experiments(study)
     if plan:
         for experiment in planned:
-            console.print(experiment.describe(), markup=False, highlight=False)
+            console.print(experiment.describe(), highlight=False)
         return
     outcomes = run_sweep(study, config.resolve(), planned, console, set_ or [], jobs=jobs, backend=backend,
                          address=address, retry_failed=retry_failed)
@@ -129,7 +130,7 @@ def run_all(
     _print_results(study, sort=None)
     build_report(study, console)
     for problem in problems:
-        console.print(f"problem: {problem}", markup=False, highlight=False)
+        console.print(f"problem: {problem}", highlight=False)
     if problems:
         raise typer.Exit(1)
 
@@ -203,7 +204,7 @@ def _print_results(study, sort: str | None) -> None:
     console.print(table)
     for row in rows:
         if row["reason"] and row["state"] != "done":
-            console.print(f"{row['name']}: {row['state']}: {row['reason']}", markup=False, highlight=False)
+            console.print(f"{row['name']}: {row['state']}: {row['reason']}", highlight=False)
 
 
 @app.command()
@@ -239,7 +240,7 @@ def _print_estimate(study) -> None:
     try:
         check_quantization(study.train.base_quantization)
     except LookalikeError as error:  # the estimate still holds for a machine that can run it
-        console.print(f"  note: {error}", markup=False, highlight=False)
+        console.print(f"  note: {error}", highlight=False)
 
 
 def _launch_processes(processes: int) -> int:
@@ -376,6 +377,11 @@ def _stop_with_parent() -> None:
         raise KeyboardInterrupt
 
 
+def _fail(message: str, code: int) -> None:
+    error_console.print(f"error: {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: a user's mistake is one line on stderr and exit code 2, never a traceback. SIGTERM stops
     a command as Ctrl-C does, so an interrupted run can always be resumed."""
@@ -386,8 +392,7 @@ def main() -> None:
         if isinstance(code, int) and code:  # typer.Exit(code) from a command
             sys.exit(code)
     except LookalikeError as error:
-        error_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)  # "[train]" is text
-        sys.exit(2)
+        _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         error_console.print("interrupted")
         sys.exit(130)
@@ -395,3 +400,8 @@ def main() -> None:
         if hasattr(error, "show"):
             error.show()
         sys.exit(getattr(error, "exit_code", 2) or 1)
+    except Exception as error:  # a full disk, a read-only workspace: said in one line, never a traceback
+        problem = filesystem_problem(error)
+        if problem is None:
+            raise
+        _fail(problem, 2)

@@ -14,10 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lookalike.errors import LookalikeError
+from lookalike.workspace import run_name_problem
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: no setting means anything at infinity or NaN; such a value is a typo or an overflow.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -208,6 +210,9 @@ class SweepConfig(Section):
     @classmethod
     def _unique_names(cls, experiments: list[Any]) -> list[Any]:
         names = [e.name for e in experiments]
+        for name in names:
+            if run_name_problem(name):
+                raise ValueError(f"experiment name {run_name_problem(name)}")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"experiment names must be unique (repeated: {', '.join(duplicates)})")

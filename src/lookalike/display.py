@@ -1,6 +1,14 @@
-"""How values look in the printed tables and the report: one rule everywhere."""
+"""How things look when printed: the consoles, and values in the tables and the report. One rule everywhere."""
 
 from __future__ import annotations
+
+from rich.console import Console
+
+
+def console(**options) -> Console:
+    """A console that prints text as it is: paths, file names, tokens and reasons are the user's text, and
+    Rich's markup would eat their square brackets ('[old]') or fail on them ('[/b]')."""
+    return Console(markup=False, **options)
 
 
 def cell(value, signed: bool = False) -> str:

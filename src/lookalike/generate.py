@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from lookalike import display
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, atomic_path, write_json
@@ -99,7 +100,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     from lookalike.models.lora import check_lora_file
     from lookalike.progress import progress_bar
 
-    console = console or Console()
+    console = console or display.console()
     if run is not None and loras:
         raise LookalikeError("give --run or --lora, not both")
     if run is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
@@ -27,7 +28,7 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     from lookalike.sweep.runner import sweep
 
     quiet_libraries()
-    stage = lambda name: console.rule(f"[bold]{name}")  # noqa: E731
+    stage = lambda name: console.rule(Text(name, style="bold"))  # noqa: E731
     stage("1/4 prepare")
     prepare_study(config, console)
 
@@ -45,7 +46,7 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
             generated.append(name)
         except (LookalikeError, RuntimeError) as error:  # RuntimeError: torch, e.g. out of memory
             problems.append(f"run {name}: generate failed: {error}")
-            console.print(f"generate: run {name} failed: {error}", markup=False)
+            console.print(f"generate: run {name} failed: {error}")
 
     stage("4/4 evaluate")
     for name in generated:
@@ -53,5 +54,5 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
             evaluate_runs(config, console, run=name)
         except LookalikeError as error:
             problems.append(f"run {name}: evaluate failed: {error}")
-            console.print(f"evaluate: run {name} failed: {error}", markup=False)
+            console.print(f"evaluate: run {name} failed: {error}")
     return problems

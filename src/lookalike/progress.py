@@ -45,7 +45,7 @@ def progress_bar(console: Console, description: str, total: int, completed: int 
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn()]
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}", markup=False), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         yield _RichProgress(progress, progress.add_task(description, total=total, completed=completed, info=""))

@@ -14,7 +14,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from lookalike.workspace import RunPaths, read_json
+from lookalike.workspace import RunPaths, read_json, read_metrics
 
 METRICS = ("images", "unreadable", "face_distance", "identity_similarity", "id_match_rate", "faceless",
            "several_faces", "clip_score")
@@ -40,8 +40,9 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def connect(path: Path | str) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=60)
     connection.row_factory = sqlite3.Row
     connection.executescript(SCHEMA)
@@ -49,51 +50,65 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def _last_step(metrics_log: Path) -> int | None:
-    if not metrics_log.is_file():
-        return None
-    lines = metrics_log.read_text().splitlines()
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
-            continue  # a line cut short by a kill
-    return None
+    steps = read_metrics(metrics_log)
+    return steps[-1]["step"] if steps else None
 
 
-def record_run(path: Path, run: RunPaths) -> None:
-    """Write (or rewrite) the run's row and its evaluation metrics from its files."""
+def _reason(run: RunPaths, state: str, status: dict) -> str | None:
+    if state == "interrupted" and status["state"] == "running":  # killed before it could say so
+        return (f"its process (pid {status.get('pid')}) is gone; `lookalike train --resume` or `lookalike sweep` "
+                "continues it from its last checkpoint")
+    return status.get("reason")
+
+
+def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     config = read_json(run.config) if run.config.is_file() else {}
     train = config.get("train", {})
     status = run.read_status() or {"state": "pending"}
+    state = run.state()
     alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
     evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
+    db.execute(
+        "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run.name, state, _reason(run, state, status), status.get("exit_code"),
+         train.get("learning_rate"), train.get("rank"), alpha, train.get("max_train_steps"),
+         train.get("lr_scheduler"), json.dumps(train), status.get("seconds"), status.get("final_loss"),
+         _last_step(run.metrics), time.time()))
+    db.execute("DELETE FROM metrics WHERE run = ?", (run.name,))
+    if evaluation is not None:
+        groups = [("run", "", evaluation)]
+        for grouping in ("prompt", "guidance_scale"):
+            groups += [(grouping, value, m) for value, m in evaluation.get(f"per_{grouping}", {}).items()]
+        db.executemany(
+            f"INSERT INTO metrics VALUES (?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
+            [(run.name, grouping, value, *(m.get(name) for name in METRICS), evaluation.get("face_backend"),
+              evaluation.get("clip_model")) for grouping, value, m in groups])
+
+
+def record_run(path: Path, run: RunPaths) -> None:
+    """Write (or rewrite) the run's row and its evaluation metrics from its files, in one transaction."""
     with closing(connect(path)) as db, db:
-        db.execute(
-            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run.name, status["state"], status.get("reason"), status.get("exit_code"),
-             train.get("learning_rate"), train.get("rank"), alpha, train.get("max_train_steps"),
-             train.get("lr_scheduler"), json.dumps(train), status.get("seconds"), status.get("final_loss"),
-             _last_step(run.metrics), time.time()))
-        db.execute("DELETE FROM metrics WHERE run = ?", (run.name,))
-        if evaluation is not None:
-            groups = [("run", "", evaluation)]
-            for grouping in ("prompt", "guidance_scale"):
-                groups += [(grouping, value, m) for value, m in evaluation.get(f"per_{grouping}", {}).items()]
-            db.executemany(
-                f"INSERT INTO metrics VALUES (?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
-                [(run.name, grouping, value, *(m.get(name) for name in METRICS), evaluation.get("face_backend"),
-                  evaluation.get("clip_model")) for grouping, value, m in groups])
+        _record(db, run)
 
 
 HIGHER_IS_BETTER = {"identity_similarity", "id_match_rate", "clip_score"}
 
 
 def refresh(runs_folder: Path, path: Path) -> list[dict]:
-    """Record every run folder of the workspace (the files are the truth), then return run_table."""
-    for folder in sorted(runs_folder.glob("*")) if runs_folder.is_dir() else []:
-        if folder.is_dir():
-            record_run(path, RunPaths(folder))
-    return run_table(path)
+    """Record every run folder of the workspace (the files are the truth), then return run_table. In a workspace
+    that cannot be written (read-only), the same table is built in memory and nothing is written."""
+    folders = [RunPaths(f) for f in sorted(runs_folder.glob("*")) if f.is_dir()] if runs_folder.is_dir() else []
+    try:
+        with closing(connect(path)) as db:
+            with db:
+                for run in folders:
+                    _record(db, run)
+            return run_table(db)
+    except (sqlite3.OperationalError, OSError):
+        with closing(connect(":memory:")) as db:
+            for run in folders:
+                _record(db, run)
+            return run_table(db)
 
 
 def sort_runs(rows: list[dict], column: str) -> list[dict]:
@@ -107,13 +122,10 @@ def sort_runs(rows: list[dict], column: str) -> list[dict]:
     return known + [r for r in rows if r[column] is None]
 
 
-def run_table(path: Path) -> list[dict]:
+def run_table(db: sqlite3.Connection) -> list[dict]:
     """One row per run: its settings, state, timings and whole-run metrics (None before evaluation)."""
-    if not path.is_file():
-        return []
-    with closing(connect(path)) as db:
-        rows = db.execute(
-            f"SELECT r.name, r.state, r.reason, {', '.join('r.' + s for s in SETTINGS)}, r.train_seconds,"
-            f" r.final_loss, {', '.join('m.' + name for name in METRICS)}"
-            " FROM runs r LEFT JOIN metrics m ON m.run = r.name AND m.grouping = 'run' ORDER BY r.name").fetchall()
+    rows = db.execute(
+        f"SELECT r.name, r.state, r.reason, {', '.join('r.' + s for s in SETTINGS)}, r.train_seconds,"
+        f" r.final_loss, {', '.join('m.' + name for name in METRICS)}"
+        " FROM runs r LEFT JOIN metrics m ON m.run = r.name AND m.grouping = 'run' ORDER BY r.name").fetchall()
     return [dict(row) for row in rows]

@@ -7,31 +7,75 @@ crash never leaves a half-written file that looks whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from lookalike.processes import still_running
+
 RunState = Literal["pending", "running", "done", "failed"]
+
+
+def _temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` (`.NAME.<random>.tmp`): a kill leaves it recognisable as debris."""
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def is_temporary(path: Path) -> bool:
+    """A file or folder an atomic write had not renamed into place yet (left behind by a kill)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's or folder's contents to the disk (a rename alone may reach the disk before the data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is flushed to disk and renamed onto `path` (and the
+    folder flushed), so neither a crash nor a power cut leaves a half-written or empty file; on error removed.
+    The file is made with the user's umask, like any file a program creates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temporary_name(path)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
+        _sync(tmp)
         os.replace(tmp, path)
+        _sync(path.parent)
+    except Exception as error:
+        _raise_with_place(error, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _raise_with_place(error: Exception, path: Path) -> None:
+    """Re-raise a failed write so that it names `path`; a library's own error on a full disk (torch.save's is
+    'unexpected pos ...') becomes the OSError it is."""
+    if isinstance(error, OSError) and error.errno is not None:
+        if error.filename is None:
+            error.filename = str(path)
+        raise error
+    try:
+        full = shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+    raise error
 
 
 @contextlib.contextmanager
@@ -51,17 +95,31 @@ def exclusive(lock_file: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` whole."""
+    """Yield a temporary folder beside `path`; on success its files are flushed to disk and it replaces `path`
+    whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = _temporary_name(path)
+    tmp.mkdir(0o777)  # the umask applies, as for any folder a program makes
     try:
         yield tmp
+        _sync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        _sync(path.parent)
+    except Exception as error:
+        _raise_with_place(error, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    for item in folder.rglob("*"):
+        if item.is_file():
+            _sync(item)
+    for item in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _sync(item)
 
 
 def build_once(folder: Path, marker: str, save) -> Path:
@@ -74,9 +132,11 @@ def build_once(folder: Path, marker: str, save) -> Path:
     if (folder / marker).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = _temporary_name(folder)
+    tmp.mkdir(0o777)
     try:
         save(tmp)
+        _sync_tree(tmp)
         try:
             tmp.rename(folder)
         except OSError:
@@ -87,13 +147,38 @@ def build_once(folder: Path, marker: str, save) -> Path:
     return folder
 
 
+def json_safe(data: Any) -> Any:
+    """`data` with every NaN or infinity as None: JSON has no such numbers, and Python's bare NaN makes a file
+    other tools refuse to read."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The step records of metrics.jsonl; a line cut short by a kill mid-write is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
 
 
 @dataclass(frozen=True)
@@ -138,11 +223,119 @@ class RunPaths:
     def images(self) -> Path:
         return self.root / "images"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
     def read_status(self) -> dict[str, Any] | None:
         return read_json(self.status) if self.status.exists() else None
 
     def write_status(self, state: RunState, **details: Any) -> None:
-        write_json(self.status, {"state": state, "updated": time.time(), **details})
+        status = {"state": state, "updated": time.time(), **details}
+        try:
+            write_json(self.status, status)
+        except OSError:
+            # A full disk has no room for a new file, but the old status's own block holds the new one: rewrite
+            # it in place rather than leave the run saying 'running' (not atomic, so only as the last resort).
+            if not self.status.is_file():
+                raise
+            text = json.dumps(json_safe(status), indent=2, default=str).encode() + b"\n"
+            fd = os.open(self.status, os.O_WRONLY)
+            try:
+                os.write(fd, text)
+                os.ftruncate(fd, len(text))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def state(self) -> str:
+        """The run's state as it truly is now: done | failed | interrupted | running (by a live process that holds
+        it) | pending. A status that says running, of a process that is gone, is an interrupted run."""
+        status = self.read_status()
+        if status is None or status["state"] == "pending":
+            return "pending"
+        if status["state"] == "done" and self.lora.is_file():
+            return "done"
+        if status["state"] == "running":
+            held = self.held_elsewhere()
+            alive = held if held is not None else still_running(status.get("pid"), status.get("pid_started"))
+            return "running" if alive else "interrupted"
+        if status["state"] == "failed" and status.get("reason") != "interrupted":
+            return "failed"
+        return "interrupted"
+
+    def seconds_so_far(self) -> float:
+        """Training time of the run's stretches until now: what its status recorded, plus, for a stretch killed
+        before it could say, the time from that stretch's start to its last logged step."""
+        status = self.read_status() or {}
+        if status.get("state") != "running":
+            return float(status.get("seconds") or 0.0)
+        steps = read_metrics(self.metrics)
+        cut_short = steps[-1]["time"] - status["started"] if steps and status.get("started") else 0.0
+        return float(status.get("seconds_before") or 0.0) + max(0.0, cut_short)
+
+    def held_elsewhere(self) -> bool | None:
+        """Whether a process holds this run's lock now; None for a run that never had one (an older workspace).
+        Only reads: it works in a read-only workspace."""
+        import fcntl
+
+        try:
+            handle = open(self.lock)
+        except FileNotFoundError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the run for this process (training it), or raise RunBusy when another process holds it. The
+        system releases the lock however its process ends, so a dead holder never blocks a resume."""
+        import fcntl
+
+        from lookalike.errors import RunBusy
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                status = self.read_status() or {}
+                raise RunBusy(f"run {self.name!r} is being trained by another process (pid {status.get('pid')}); "
+                              "nothing was done") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def remove_temporary_files(self) -> None:
+        """Debris of writes a kill cut short (only while this process holds the run: no other is writing)."""
+        for item in sorted(self.root.rglob(".*.tmp"), reverse=True):
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run, or None. A run's name becomes a folder under runs/: one plain path
+    component, never a way out of the workspace."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        return (f"{name!r} is not a valid run name (one folder name: not empty, no '/' or '\\', not starting "
+                "with '.')")
+    return None
+
+
+def check_run_name(name: str, what: str = "--run") -> str:
+    from lookalike.errors import LookalikeError
+
+    problem = run_name_problem(name)
+    if problem:
+        raise LookalikeError(f"{what}: {problem}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -173,4 +366,4 @@ class Workspace:
         return self.root / "generated"
 
     def run(self, name: str) -> RunPaths:
-        return RunPaths(self.runs / name)
+        return RunPaths(self.runs / check_run_name(name))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lookalike import display
 from lookalike.data.images import center_square, load_rgb
 from lookalike.errors import LookalikeError
 
@@ -21,7 +22,7 @@ def training_images(config, console: Console | None = None) -> list[TrainingImag
     """The prepared crops of the subject's photos, preparing them first when missing or out of date."""
     from lookalike.data.prepare import prepared_photos
 
-    return [TrainingImage(path, caption) for path, caption in prepared_photos(config, console or Console())]
+    return [TrainingImage(path, caption) for path, caption in prepared_photos(config, console or display.console())]
 
 
 def load_training_image(image: TrainingImage, resolution: int):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
@@ -234,7 +235,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
     from lookalike.data.qa_report import print_summary, write_qa_page
     from lookalike.progress import progress_bar
 
-    console = console or Console()
+    console = console or display.console()
     subject = subject or config.subject
     data = data_folder(config, subject)
     manifest_file = data / "manifest.json"
@@ -289,7 +290,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
                    f"{config.data.min_photos}); see {data / 'qa.html'}")
         if config.data.checks.too_few == "error":
             raise LookalikeError(message)
-        console.print(f"warning: {message}", markup=False)
+        console.print(f"warning: {message}")
     return photos
 
 

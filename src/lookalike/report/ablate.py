@@ -93,7 +93,7 @@ def ablate(config: StudyConfig, console: Console) -> dict:
     with atomic_path(workspace.root / "ablation" / "summary.md") as tmp:
         tmp.write_text(summary(result))
     console.print(table(result))
-    console.print(result["reading"], markup=False, highlight=False, soft_wrap=True)
+    console.print(result["reading"], highlight=False, soft_wrap=True)
     return result
 
 

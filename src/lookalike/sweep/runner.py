@@ -22,9 +22,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from lookalike.config import StudyConfig
+from lookalike.errors import RunBusy
+from lookalike.processes import how_it_ended
 from lookalike.store import record_run
 from lookalike.sweep.plan import Planned
 from lookalike.workspace import RunPaths, Workspace
@@ -39,32 +40,6 @@ class Outcome:
     reason: str | None = None
     seconds: float | None = None
     exit_code: int | None = None
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def run_state(run: RunPaths) -> str:
-    """done | failed | interrupted | running (by a live process) | pending, from the run's status file."""
-    status = run.read_status()
-    if status is None or status["state"] == "pending":
-        return "pending"
-    if status["state"] == "done" and run.lora.is_file():
-        return "done"
-    if status["state"] == "running":
-        return "running" if _alive(status.get("pid")) else "interrupted"
-    if status["state"] == "failed" and status.get("reason") == "interrupted":
-        return "interrupted"
-    return "failed" if status["state"] == "failed" else "interrupted"
 
 
 def train_command(config_file: Path, name: str, overrides: list[str]) -> list[str]:
@@ -109,16 +84,20 @@ def _gpu_ids() -> list[str]:
 
 def _finish(run: RunPaths, exit_code: int, seconds: float, store: Path) -> Outcome:
     """The run's outcome from its status file; a child that died without saying why gets a status that does."""
-    state = run_state(run)
+    if exit_code == RunBusy.exit_code:  # another process holds the run: its status is that process's to write
+        return Outcome(run.name, "running elsewhere", "another process is training it", round(seconds, 1), exit_code)
+    state = run.state()
     status = run.read_status() or {}
     if state != "done" and exit_code != 0:
+        seconds_so_far = run.seconds_so_far()
         reason = status.get("reason") if status.get("state") == "failed" else None
         if reason is None:
             last = [line for line in run.log.read_text().splitlines() if line.strip()][-1:] if run.log.is_file() else []
-            reason = f"exited with code {exit_code}" + (f": {last[0]}" if last else "")
+            reason = (f"{how_it_ended(exit_code)}" + (f"; its last line: {last[0]}" if last else "") +
+                      "; `lookalike sweep --retry-failed` resumes it from its last checkpoint")
         interrupted = reason == "interrupted" or exit_code in (130, -signal.SIGINT, -signal.SIGTERM, 143)
         run.write_status("failed", reason="interrupted" if interrupted else reason, exit_code=exit_code,
-                         resumable=True)
+                         resumable=True, seconds=round(seconds_so_far, 2))
         state = "interrupted" if interrupted else "failed"
     record_run(store, run)
     status = run.read_status() or {}
@@ -134,14 +113,14 @@ class Sweep:
 
     def emit(self, line: str) -> None:
         with self.lock:
-            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.console.print(line, highlight=False, soft_wrap=True)
 
     def todo(self, planned: list[Planned], retry_failed: bool) -> tuple[list[Planned], list[Outcome]]:
         """The experiments to run now, and the outcomes of those left as they are."""
         run, left = [], []
         for experiment in planned:
             paths = self.workspace.run(experiment.name)
-            state = run_state(paths)
+            state = paths.state()
             if state == "done":
                 left.append(Outcome(experiment.name, "skipped", "done earlier"))
             elif state == "running":
@@ -249,7 +228,7 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     table = Table("run", "state", "seconds", "exit code", "reason", title="sweep")
     for o in outcomes:
         table.add_row(o.name, o.state, f"{o.seconds:.1f}" if o.seconds is not None else "-",
-                      "-" if o.exit_code is None else str(o.exit_code), Text(o.reason or ""))  # plain text, not markup
+                      "-" if o.exit_code is None else str(o.exit_code), o.reason or "")
     return table
 
 

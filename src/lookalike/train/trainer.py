@@ -8,8 +8,9 @@ resumed run ends with exactly the weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,13 @@ import torch
 import torch.utils.checkpoint
 from rich.console import Console
 
-from lookalike import __version__
+from lookalike import __version__, display
 from lookalike.config import StudyConfig
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, filesystem_problem
+from lookalike.processes import identity
 from lookalike.store import record_run
-from lookalike.workspace import RunPaths, Workspace, atomic_path, read_json, write_json
+from lookalike.workspace import (RunPaths, Workspace, atomic_path, json_safe, read_json, read_metrics,
+                                 write_json)
 
 
 @dataclass
@@ -136,67 +139,91 @@ class MetricsLog:
     """metrics.jsonl: one JSON line per optimizer step, flushed as it is written."""
 
     def __init__(self, path: Path, resume_step: int):
-        kept = []
-        if path.exists() and resume_step:
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        with atomic_path(path) as tmp:  # drop steps a resumed run will do again
-            tmp.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(path) if record["step"] <= resume_step] if resume_step else []
+        with atomic_path(path) as tmp:  # drop steps a resumed run will do again, and a line a kill cut short
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(json_safe(record)) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
 
 
+class NonFiniteLoss(LookalikeError):
+    pass
+
+
+def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) -> None:
+    """A NaN or infinite loss (or LoRA weight) ruins every later step: stop the run there, as failed, naming the
+    step and the checkpoint a resume would start from."""
+    broken = not math.isfinite(loss) or any(not torch.isfinite(p).all() for p in params)
+    if not broken:
+        return
+    from lookalike.train.checkpoint import list_checkpoints
+
+    good = list_checkpoints(checkpoints)
+    what = f"the loss became {loss}" if not math.isfinite(loss) else "the LoRA weights became NaN or infinite"
+    raise NonFiniteLoss(f"{what} at step {step}, so the run stopped there (last good checkpoint: "
+                        f"{good[-1].name if good else 'none'}); lower train.learning_rate, then start a new --run")
+
+
 def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
           console: Console | None = None) -> Path:
     """Train one LoRA run; return the path of its lora.safetensors. Under torchrun or `accelerate launch`
-    every process runs this; only the main one writes the run's files."""
+    every process runs this; only the main one writes the run's files, and holds the run (a second process
+    asked to train it meanwhile stops with RunBusy)."""
     from accelerate import PartialState
 
-    console = console or Console()
     # One process, or this process's rank when launched distributed (gloo between CPU processes).
     state = PartialState(cpu=not torch.cuda.is_available())
+    run = Workspace(config.workspace).run(run_name)
+    with run.hold() if state.is_main_process else contextlib.nullcontext():
+        return _train_held(config, run, resume, console or display.console(), state)
+
+
+def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Console, state) -> Path:
     main = state.is_main_process
-    workspace = Workspace(config.workspace)
-    run = workspace.run(run_name)
     done = _check_run_folder(run, config, resume)
     state.wait_for_everyone()  # every rank has looked at the run folder before the main one writes to it
     if done:
-        console.print(f"train: run {run_name!r} is already done: {run.lora}")
+        console.print(f"train: run {run.name!r} is already done: {run.lora}")
         return run.lora
+    before = run.seconds_so_far()
+    started = time.time()
     if main:
         run.root.mkdir(parents=True, exist_ok=True)
+        run.remove_temporary_files()
         write_json(run.config, config.to_json_dict())
-        run.write_status("running", pid=os.getpid())
-    started = time.time()
+        run.write_status("running", **identity(), started=started, seconds_before=before)
+
+    def failed(reason: str) -> None:
+        if main:
+            run.write_status("failed", reason=reason, resumable=True, seconds=round(before + time.time() - started, 2))
+
     try:
         result = _train(config, run, resume, console)
         if main:
-            run.write_status("done", seconds=round(time.time() - started, 2), **result)
+            run.write_status("done", seconds=round(before + time.time() - started, 2), **result)
     except KeyboardInterrupt:
-        if main:
-            run.write_status("failed", reason="interrupted", resumable=True)
+        failed("interrupted")
         raise
     except torch.OutOfMemoryError:
         from lookalike.train.memory import out_of_memory_message
 
         message = out_of_memory_message(config, resolve_mixed_precision(config.train.mixed_precision))
-        if main:
-            run.write_status("failed", reason=message, resumable=True)
+        failed(message)
         raise LookalikeError(message) from None
     except BaseException as error:
-        if main:
-            reason = str(error) if isinstance(error, LookalikeError) else f"{type(error).__name__}: {error}"
-            run.write_status("failed", reason=reason, resumable=True)
+        failed(str(error) if isinstance(error, LookalikeError)
+               else filesystem_problem(error) or f"{type(error).__name__}: {error}")
         raise
     finally:
         if main:
-            record_run(workspace.results, run)
-    console.print(f"train: run {run_name!r} done: {run.lora}")
+            record_run(Workspace(config.workspace).results, run)
+    console.print(f"train: run {run.name!r} done: {run.lora}")
     return run.lora
 
 
@@ -337,9 +364,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
                                "epoch": order.epoch})
             bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            _stop_if_not_finite(step, loss_value, run.checkpoints)
 
             if accelerator.is_main_process and t.checkpoint_every and step % t.checkpoint_every == 0 \
                     and step < t.max_train_steps:
+                _stop_if_not_finite(step, loss_value, run.checkpoints, params)
                 save_checkpoint(run.checkpoints, step, lora_state_dict(model), training_state(step),
                                 t.checkpoints_keep)
             if accelerator.is_main_process and t.sample_every and step % t.sample_every == 0:
@@ -353,6 +382,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     weights = torch.cat([p.detach().float().flatten() for p in params]).to(device)
     copies = accelerator.gather(weights[None])
     spread = (copies - copies[0]).abs().max().item()
+    _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, params)
     if accelerator.is_main_process:
         save_lora(run.lora, lora_state_dict(model), model.peft_config["default"], {
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
