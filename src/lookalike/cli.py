@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -267,9 +268,12 @@ def _weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(part) for part in text.split(",")]
+        weights = [float(part) for part in text.split(",")]
     except ValueError:
-        raise LookalikeError(f"--weights: expected numbers separated by commas, like 1,0.5 (got {text!r})") from None
+        weights = []
+    if not weights or not all(math.isfinite(weight) for weight in weights):
+        raise LookalikeError(f"--weights: expected finite numbers separated by commas, like 1,0.5 (got {text!r})")
+    return weights
 
 
 @app.command()

@@ -285,7 +285,18 @@ class StudyConfig(Section):
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LookalikeError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise LookalikeError(f"{path}: not a config file (not text; give the study's .toml, .json or .yaml)") from None
+    data = _parse(path, text)
+    if not isinstance(data, dict):
+        raise LookalikeError(f"{path}: a config holds keys and sections at its top level, not a "
+                             f"{type(data).__name__}")
+    return data
+
+
+def _parse(path: Path, text: str) -> Any:
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)
@@ -352,6 +363,12 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
 
     subject, *more = (person.model_copy(update={"images": (base_dir / person.images).resolve()})
                       for person in config.people)
+    data = (base_dir / config.workspace).resolve() / "data"
+    for key, person in zip(["subject", *(f"more_subjects[{i}]" for i in range(len(more)))], [subject, *more]):
+        if person.images.is_relative_to(data) or data.is_relative_to(person.images):
+            raise LookalikeError(f"{source}: {key}.images: {person.images} overlaps the workspace's prepared-data "
+                                 f"folder {data}, where prepare writes and removes files; keep the photos in a folder "
+                                 "of their own")
     model = config.model
     if model.base not in KNOWN_BASES:  # a local diffusers folder, relative to the config file like every path
         model = model.model_copy(update={"base": str((base_dir / model.base).resolve())})

@@ -1,14 +1,17 @@
 """Images for prompts x seeds x guidance scales, from a run's LoRA, a given LoRA file, or the base model.
 
-Each image is saved with a JSON sidecar (prompt, seed, guidance, steps, size, LoRA, base); images already
-there are skipped, so an interrupted generation continues where it stopped. The same settings and seed
-give the same image: the starting noise comes from a CPU generator seeded per image.
+Each image is saved with a JSON sidecar (prompt, seed, guidance, steps, size, LoRA, base) whose `settings` are
+everything that made the image, the LoRA files' contents included. An image whose sidecar holds the settings
+asked for now is skipped, so an interrupted generation continues where it stopped; any other is made again,
+so no image is ever shown under settings that did not make it. The same settings and seed give the same
+image: the starting noise comes from a CPU generator seeded per image.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,42 @@ def output_folder(config: StudyConfig, run: str | None, loras: list[tuple[Path, 
     return workspace.generated / "base"
 
 
+def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]]:
+    """Each LoRA file by its content (not its name: a retrained run keeps its file name) and its weight."""
+    fingerprints = []
+    for path, weight in adapters:
+        with open(path, "rb") as handle:
+            fingerprints.append({"sha256": hashlib.file_digest(handle, "sha256").hexdigest(), "weight": weight})
+    return fingerprints
+
+
+def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything that makes a job's image what it is; an image is current only while its sidecar holds these."""
+    g = config.generate
+    return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": g.num_inference_steps,
+            "size": g.resolution or config.data.resolution, "base_model": config.model.base,
+            "revision": config.model.revision, "max_sequence_length": max_sequence_length(config),
+            "vae_tiling": g.vae_tiling, "loras": loras}
+
+
+def max_sequence_length(config: StudyConfig) -> int:
+    from lookalike.models.base import base_info
+
+    return config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
+
+
+def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path | None:
+    """The job's image in `folder` if its sidecar says these settings made it; None if missing or made otherwise."""
+    image, sidecar = folder / f"{job.stem}.png", folder / f"{job.stem}.json"
+    if not (image.is_file() and sidecar.is_file()):
+        return None
+    try:
+        made_with = json.loads(sidecar.read_text()).get("settings")
+    except (ValueError, AttributeError):
+        return None
+    return image if made_with == json.loads(json.dumps(settings)) else None
+
+
 def image_jobs(config: StudyConfig) -> list[ImageJob]:
     g = config.generate
     return [
@@ -96,7 +135,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
     (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
     their weights (diffusers' weighted adapters, fused), or none: the base model."""
-    from lookalike.models.base import base_info, inference_dtype, load_pipeline, pick_device, resolve_base
+    from lookalike.models.base import inference_dtype, load_pipeline, pick_device, resolve_base
     from lookalike.models.lora import check_lora_file
     from lookalike.progress import progress_bar
 
@@ -114,7 +153,9 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     for path, _ in adapters:
         check_lora_file(path)  # refuse a bad file before loading a multi-GB model
     folder = out or output_folder(config, run, adapters)
-    jobs = [job for job in image_jobs(config) if not (folder / f"{job.stem}.png").exists()]
+    fingerprints = lora_fingerprints(adapters)
+    jobs = [job for job in image_jobs(config) if current_image(folder, job, job_settings(config, job, fingerprints))
+            is None]
     if not jobs:
         console.print(f"generate: all images already in {folder}")
         return folder
@@ -133,21 +174,21 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
 
     # 2. One image per job, each with its sidecar, written atomically; the resolved config beside them.
     write_json(folder / "config.json", config.to_json_dict())
-    size = config.generate.resolution or config.data.resolution
-    steps = config.generate.num_inference_steps
-    max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
     with progress_bar(console, "generate", total=len(jobs)) as bar:
         for job in jobs:
-            image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=steps, size=size,
-                           max_sequence_length=max_len)
-            write_json(folder / f"{job.stem}.json", {
-                "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
-                "guidance_scale": job.guidance, "steps": steps, "size": size, "base_model": config.model.base,
-                "run": run, "loras": lora_info,
-            })
-            # The image last: its presence is what marks the job done.
+            settings = job_settings(config, job, fingerprints)
+            image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=settings["steps"],
+                           size=settings["size"], max_sequence_length=settings["max_sequence_length"])
+            # An old image of this name loses its sidecar first and gets the new one last: the sidecar marks the
+            # job done, and at no moment does an image sit beside settings that did not make it.
+            (folder / f"{job.stem}.json").unlink(missing_ok=True)
             with atomic_path(folder / f"{job.stem}.png") as tmp:
                 image.save(tmp, format="PNG")
+            write_json(folder / f"{job.stem}.json", {
+                "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
+                "guidance_scale": job.guidance, "steps": settings["steps"], "size": settings["size"],
+                "base_model": config.model.base, "run": run, "loras": lora_info, "settings": settings,
+            })
             bar.update()
     console.print(f"generate: {len(jobs)} images in {folder}")
     return folder

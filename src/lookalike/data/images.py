@@ -41,6 +41,21 @@ def _to_rgb(image):
     return image.convert("RGB")  # CMYK, palette, greyscale, 16-bit RGB
 
 
+def not_an_image(path: Path) -> str | None:
+    """Why `path` is no image, told from its header alone (a video or an archive is not read whole), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return None
+    except UnidentifiedImageError:
+        return "not an image file (its header is no image format's)"
+    except Image.DecompressionBombError as error:
+        return str(error)
+    except OSError as error:
+        return str(error)
+
+
 def load_rgb(path: Path):
     """Open an image upright (EXIF orientation) as 8-bit RGB, with transparency flattened onto white.
 

@@ -26,7 +26,7 @@ from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
-from lookalike.data.images import load_rgb
+from lookalike.data.images import load_rgb, not_an_image
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, atomic_path, exclusive, read_json, write_json
 
@@ -249,7 +249,13 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
     files = source_files(subject.images)
     with progress_bar(console, f"prepare {subject.token}", total=len(files)) as bar:
         for path in files:
-            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            problem = not_an_image(path)
+            if problem:  # told by its header: a video or a document is never read whole
+                photos.append(Photo(source=str(path), inspected_with=settings, error=f"unreadable: {problem}"))
+                bar.update()
+                continue
+            with open(path, "rb") as handle:
+                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()  # in chunks, however big the file
             old = known.get((str(path), sha256, settings))
             if old is not None and (old["thumbnail"] is None or (data / old["thumbnail"]).is_file()):
                 photos.append(Photo(**{k: v for k, v in old.items() if k in Photo.__dataclass_fields__}))
@@ -276,7 +282,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
     complete = all((data / p.output).is_file() and (data / p.output).with_suffix(".txt").is_file() for p in kept)
     if manifest != previous or not complete:
         _write_crops(data, kept, config.data.resolution)
-        _remove_unused_thumbnails(data, photos)
+        _remove_unused(data, previous, manifest)
         write_json(manifest_file, manifest)
         write_qa_page(data, photos)
         console.print(f"prepare {subject.token}: {inspected} photos inspected, {len(kept)} kept, "
@@ -295,12 +301,9 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
 
 
 def _write_crops(data: Path, kept: list[Photo], resolution: int) -> None:
-    """Each kept photo's crop and caption (a crop already there is the same: its name holds its inputs);
-    crops of photos no longer kept are removed."""
-    wanted = set()
+    """Each kept photo's crop and caption (a crop already there is the same: its name holds its inputs)."""
     for photo in kept:
         output = data / photo.output
-        wanted |= {output.name, output.with_suffix(".txt").name}
         if not output.is_file():
             with atomic_path(output) as tmp:
                 # Lossless, but fast: zlib level 1 saves 3x faster than the default, for files ~20% bigger.
@@ -310,16 +313,24 @@ def _write_crops(data: Path, kept: list[Photo], resolution: int) -> None:
         if not caption.is_file() or caption.read_text() != photo.caption:
             with atomic_path(caption) as tmp:
                 tmp.write_text(photo.caption)
-    for stale in (data / "images").glob("*"):
-        if stale.name not in wanted:
-            stale.unlink()
 
 
-def _remove_unused_thumbnails(data: Path, photos: list[Photo]) -> None:
-    used = {Path(p.thumbnail).name for p in photos if p.thumbnail}
-    for thumbnail in (data / "qa").glob("*.jpg"):
-        if thumbnail.name not in used:
-            thumbnail.unlink()
+def _written(manifest: dict) -> set[str]:
+    """The files of data/ that prepare wrote for a manifest (crops, captions, thumbnails), relative to data/."""
+    files = set()
+    for photo in manifest.get("photos", []):
+        if photo.get("output"):
+            files |= {photo["output"], str(Path(photo["output"]).with_suffix(".txt"))}
+        if photo.get("thumbnail"):
+            files.add(photo["thumbnail"])
+    return files
+
+
+def _remove_unused(data: Path, previous: dict, manifest: dict) -> None:
+    """Remove what the previous manifest recorded as written and the new one no longer uses; never a file that
+    prepare did not write itself."""
+    for name in _written(previous) - _written(manifest):
+        (data / name).unlink(missing_ok=True)
 
 
 def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo]]:

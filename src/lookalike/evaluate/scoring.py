@@ -52,7 +52,11 @@ def describe_images(images: list[Path], prompts_file: Path | None = None,
     if prompts_file is not None:
         if not Path(prompts_file).is_file():
             raise LookalikeError(f"--prompts: file not found: {prompts_file}")
-        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(prompts_file).read_text()
+        except UnicodeDecodeError:
+            raise LookalikeError(f"--prompts: {prompts_file} is not a text file of prompts") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if len(lines) not in (1, len(images)):
             raise LookalikeError(f"{prompts_file}: {len(lines)} prompts for {len(images)} images "
                                  "(give one prompt for all, or one per image in name order)")

@@ -8,6 +8,7 @@ Only safetensors files are ever read: a pickle can run code on loading.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,41 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
     if not all(key.startswith("transformer.") and (".lora_A." in key or ".lora_B." in key) for key in tensors):
         raise LookalikeError(f"{path}: not a LoRA of the FLUX transformer in diffusers' layout "
                              "(keys transformer.<module>.lora_A/lora_B.weight)")
-    adapter = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    try:
+        adapter = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    except ValueError:
+        adapter = None
+    if not isinstance(adapter, dict):
+        raise LookalikeError(f"{path}: its header's {LORA_ADAPTER_METADATA_KEY} is not a JSON object of LoRA "
+                             "settings")
+    modules = _checked_modules(path, tensors)
     config = {k.removeprefix("transformer."): v for k, v in adapter.items()}
     if "r" not in config:
-        rank = next(t.shape[0] for k, t in tensors.items() if ".lora_A." in k)
+        rank = next(iter(modules.values()))[0].shape[0]
         config = {"r": rank, "lora_alpha": rank}
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise LookalikeError(f"{path}: its LoRA setting {key} is {value!r}, not a positive number")
     return tensors, config, lookalike_metadata(metadata)
+
+
+def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """modules_of(tensors), once every module is known to be a whole LoRA: both matrices, 2-D, of one rank of at
+    least 1, with finite values. Anything else would fail deep inside merge or export, or poison the weights."""
+    import torch
+
+    names = sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors})
+    for name in names:
+        down, up = (tensors.get(f"transformer.{name}.lora_{part}.weight") for part in "AB")
+        if down is None or up is None:
+            raise LookalikeError(f"{path}: module {name} lacks its lora_{'A' if down is None else 'B'} matrix")
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] < 1:
+            raise LookalikeError(f"{path}: module {name}'s LoRA matrices are {list(down.shape)} and "
+                                 f"{list(up.shape)}, not rank x in and out x rank with a rank of 1 or more")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise LookalikeError(f"{path}: module {name}'s LoRA weights hold NaN or infinite values")
+    return modules_of(tensors)
 
 
 def modules_of(tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

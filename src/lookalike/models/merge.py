@@ -20,6 +20,11 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
 
     from lookalike.models.lora import save_lora
 
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise LookalikeError(f"--out: {out} must end in .safetensors (the only LoRA format lookalike writes)")
+    if out.resolve() in (Path(first).resolve(), Path(second).resolve()):
+        raise LookalikeError(f"--out: {out} is one of the LoRAs being merged; write the merge to a new file")
     (tensors_a, config_a, info_a), (tensors_b, config_b, info_b) = read_lora(first), read_lora(second)
     base_a, base_b = info_a.get("base_model"), info_b.get("base_model")
     if base_a and base_b and base_a != base_b:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from lookalike.config import StudyConfig
 from lookalike.display import cell
-from lookalike.generate import image_jobs
+from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.report import figures
 from lookalike.report.pareto import RANK_RULE, pareto_front
 from lookalike.store import refresh
@@ -71,6 +71,7 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
     generate = config.generate
     seed, guidance = generate.seeds[0], generate.guidance_scales[len(generate.guidance_scales) // 2]
     jobs = [job for job in image_jobs(config) if job.seed == seed and job.guidance == guidance]
+    loras = {row["name"]: lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)]) for row in chosen}
     header = "".join(
         f"<th><b>{html.escape(r['name'])}</b><br>lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, "
         f"alpha {cell(r['alpha'])}, {cell(r['max_train_steps'])} steps, {cell(r['lr_scheduler'])}<br>"
@@ -80,9 +81,9 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
     for job in jobs:
         cells = []
         for row in chosen:
-            source = workspace.run(row["name"]).images / f"{job.stem}.png"
-            if not source.is_file():
-                cells.append("<td>not generated</td>")
+            source = current_image(workspace.run(row["name"]).images, job, job_settings(config, job, loras[row["name"]]))
+            if source is None:  # missing, or made with other settings than the ones this row names
+                cells.append("<td>not generated with these settings</td>")
                 continue
             name = f"grid/{row['name']}_{job.stem}.jpg"
             with Image.open(source) as image:
