@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lookalike.config import load_config
-from lookalike.demo import DemoModels, build_app
+from lookalike.demo import DemoModels, build_app, serve_options
 from tests.conftest import run_cli, tiny_study
 
 CHROMIUM = shutil.which("chromium")
@@ -33,7 +33,7 @@ def demo(tmp_path_factory, faces):
     models = DemoModels(config)
     app = build_app(config, models)
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="10mb")
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **serve_options(None))
     yield f"http://127.0.0.1:{port}/", models, folder
     app.close()
 

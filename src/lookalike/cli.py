@@ -163,13 +163,18 @@ def demo(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     share: Annotated[bool, typer.Option(help="Also publish a public gradio.live link (off by default).")] = False,
-    auth: Annotated[Optional[str], typer.Option(help="Require a login, given as user:password.")] = None,
+    auth: Annotated[Optional[str], typer.Option(help="Require a login, given as user:password (visible to "
+                                                "other users in the process list: prefer --auth-file).")] = None,
+    auth_file: Annotated[Optional[Path], typer.Option(help="Require a login: user:password on the first line "
+                                                      "of this file (or set LOOKALIKE_DEMO_AUTH).")] = None,
 ) -> None:
     """The interactive app: generate with any trained LoRA and score each image at once."""
     from lookalike.demo import launch
+    from lookalike.demo_guard import credentials
 
+    login = credentials(auth, auth_file)
     _quiet()
-    launch(_load(config, set_), host=host, port=port, share=share, auth=auth)
+    launch(_load(config, set_), host=host, port=port, share=share, credentials=login)
 
 
 @app.command()

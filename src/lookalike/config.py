@@ -61,8 +61,11 @@ class DataChecks(Section):
     """Fewer than [data].min_photos photos kept: stop with an error, or go on with a warning."""
 
 
+MAX_RESOLUTION = 4096  # 16 M pixels: twice the largest image any supported base was trained on, per side
+
+
 class DataConfig(Section):
-    resolution: int = Field(1024, ge=16)
+    resolution: int = Field(1024, ge=16, le=MAX_RESOLUTION)
     crop: Literal["face", "center"] = "face"
     face_scale: float = Field(0.4, gt=0, le=1)
     """The face box's side as a share of the square crop's side (0.4: head and shoulders)."""
@@ -145,7 +148,7 @@ class GenerateConfig(Section):
     seeds: list[int] = Field([0], min_length=1)
     guidance_scales: list[float] = Field([5.0], min_length=1)
     num_inference_steps: int = Field(28, ge=1)
-    resolution: int | None = Field(None, ge=16)
+    resolution: int | None = Field(None, ge=16, le=MAX_RESOLUTION)
     """Image side in pixels; None uses [data].resolution."""
     vae_tiling: bool = False
     """Decode images tile by tile: far less memory for large images, faint seams possible."""
@@ -361,10 +364,13 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
         raise LookalikeError(_format_errors(source, error)) from None
     from lookalike.models.base import KNOWN_BASES
 
-    subject, *more = (person.model_copy(update={"images": (base_dir / person.images).resolve()})
-                      for person in config.people)
-    data = (base_dir / config.workspace).resolve() / "data"
-    for key, person in zip(["subject", *(f"more_subjects[{i}]" for i in range(len(more)))], [subject, *more]):
+    keys = ["subject", *(f"more_subjects[{i}]" for i in range(len(config.more_subjects)))]
+    subject, *more = (person.model_copy(update={"images": _resolved(base_dir / person.images,
+                                                                    f"{source}: {key}.images")})
+                      for key, person in zip(keys, config.people))
+    workspace = _resolved(base_dir / config.workspace, f"{source}: workspace")
+    data = workspace / "data"
+    for key, person in zip(keys, [subject, *more]):
         if person.images.is_relative_to(data) or data.is_relative_to(person.images):
             raise LookalikeError(f"{source}: {key}.images: {person.images} overlaps the workspace's prepared-data "
                                  f"folder {data}, where prepare writes and removes files; keep the photos in a folder "
@@ -372,10 +378,15 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
     model = config.model
     if model.base not in KNOWN_BASES:  # a local diffusers folder, relative to the config file like every path
         model = model.model_copy(update={"base": str((base_dir / model.base).resolve())})
-    return config.model_copy(
-        update={"workspace": (base_dir / config.workspace).resolve(), "subject": subject, "more_subjects": more,
-                "model": model}
-    )
+    return config.model_copy(update={"workspace": workspace, "subject": subject, "more_subjects": more,
+                                     "model": model})
+
+
+def _resolved(path: Path, what: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:  # a symlink loop
+        raise LookalikeError(f"{what}: cannot follow {path} ({error})") from None
 
 
 def evaluate_settings(options: dict[str, Any]) -> EvaluateConfig:

@@ -2,15 +2,19 @@
 generate, and see at once how the image scores: CLIP Score, face distance and identity similarity against
 reference photos that can be added and removed in the app.
 
-Secure by default: it binds 127.0.0.1, shares nothing publicly unless asked, can require a password, offers
-only the safetensors LoRAs of the workspace's runs (the browser sends a run's name, never a path), checks
-every upload (size, count, a readable image with a face) before use, and queues requests so that concurrent
-users take turns on the one model.
+Secure by default: it binds 127.0.0.1, shares nothing publicly unless asked (and warns when it is reachable
+without a password), can require a password (failed logins throttled), offers only the safetensors LoRAs of
+the workspace's runs (the browser sends a run's name, never a path), checks every upload (size and count per
+request, a readable image with a face) before use, keeps uploads and its own temporary files inside the
+workspace, shows the user no server path or Python internals, and queues requests so that concurrent users
+take turns on the one model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -18,10 +22,13 @@ from lookalike.config import StudyConfig
 from lookalike.workspace import Workspace, atomic_path, write_json
 
 NONE = "(none)"
-MAX_UPLOAD = "10mb"  # per file
+MAX_UPLOAD_MB = 10  # per file
 MAX_FILES_PER_UPLOAD = 8
 MAX_REFERENCES = 32
 REFRESH_S = 15  # how often the list of trained runs is read again
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+LIMITS = {"steps": (1, 100), "size": (64, 2048), "guidance": (0.0, 30.0)}
+TEMPORARY_FILES_S = 3600  # gradio's own copies (uploads, images it serves) are deleted after an hour
 
 
 class DemoError(Exception):
@@ -131,13 +138,17 @@ class DemoModels:
         source = Path(path).resolve()
         if not source.is_relative_to(Path(gradio.utils.get_upload_folder()).resolve()):
             raise DemoError("refused: uploads must come through the app")
+        name = Path(path).name
         try:
             image = load_rgb(source)
-        except OSError as error:
-            raise DemoError(f"{Path(path).name} is not a readable image ({error})") from None
+        except OSError as error:  # its reason, without the server's path to the upload
+            reason = str(error).replace(str(path), name).replace(str(source), name)
+            raise DemoError(f"{name} is not a readable image ({reason})") from None
+        finally:
+            source.unlink(missing_ok=True)  # only the checked copy below is kept
         evaluator = self.evaluator()  # its face rule: the one the images are scored by
         if not evaluator.rule.faces(evaluator.backend, image):
-            raise DemoError(f"{Path(path).name}: no face found; a reference photo must show the person's face")
+            raise DemoError(f"{name}: no face found; a reference photo must show the person's face")
         digest = hashlib.sha256(image.tobytes()).hexdigest()[:16]
         kept = self.folder / "references" / f"{digest}.png"
         if not kept.is_file():
@@ -152,6 +163,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     from lookalike.evaluate import reference_photos
 
     models = models or DemoModels(config)
+    keep_temporary_files_in(models.folder / ".gradio")
     size = config.generate.resolution or config.data.resolution
     starting_references = [str(p) for p in reference_photos(config)]
 
@@ -168,6 +180,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             loras = loras_of(lora_a, weight_a, lora_b, weight_b)
             if not prompt or not prompt.strip():
                 raise DemoError("write a prompt first")
+            _check_settings(seed, steps, side, guidance)
             side = int(side) // 16 * 16  # FLUX works in 16-pixel patches
             image = models.render(loras, prompt, int(seed), float(guidance), int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": float(guidance), "steps": int(steps),
@@ -209,7 +222,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
         return gr.update(choices=choices), gr.update(choices=[NONE, *choices])
 
     choices = models.lora_choices()
-    with gr.Blocks(title=f"lookalike: {config.name}") as app:
+    with gr.Blocks(title=f"lookalike: {config.name}", delete_cache=(TEMPORARY_FILES_S, TEMPORARY_FILES_S)) as app:
         gr.Markdown(f"# lookalike: {config.name}\nBase model `{config.model.base}`, subject `{config.subject.token}`."
                     " Every image is scored at once against the reference photos below.")
         references = gr.State(starting_references)
@@ -224,7 +237,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                 refresh_button = gr.Button("Refresh the list of runs", size="sm")
                 prompt = gr.Textbox(config.fill(config.generate.prompts[0]), label="prompt")
                 with gr.Row():
-                    seed = gr.Number(0, precision=0, label="seed")
+                    seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                     guidance = gr.Slider(1.0, 10.0, value=config.generate.guidance_scales[0], step=0.5,
                                          label="guidance scale")
                     steps = gr.Slider(1, 50, value=config.generate.num_inference_steps, step=1, label="steps")
@@ -279,18 +292,48 @@ def _brief(scores: dict) -> str:
         "no face"
 
 
-def launch(config: StudyConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           auth: str | None = None, block: bool = True):
-    """Start the app; returns the Blocks (with block=False, once it serves)."""
-    from lookalike.errors import LookalikeError
+def _check_settings(seed, steps, side, guidance) -> None:
+    """The request's numbers within what the app offers (a script can send any number, not only the sliders')."""
+    if seed is None or not 0 <= int(seed) <= MAX_SEED:
+        raise DemoError(f"the seed must be a whole number from 0 to {MAX_SEED}")
+    for label, value in (("steps", steps), ("size", side), ("guidance", guidance)):
+        low, high = LIMITS[label]
+        if value is None or not low <= float(value) <= high:
+            raise DemoError(f"{label} must be from {low:g} to {high:g}")
 
-    credentials = None
-    if auth is not None:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise LookalikeError("--auth: expected user:password")
-        credentials = (user, password)
+
+def keep_temporary_files_in(folder: Path) -> None:
+    """gradio's uploads and the copies of images it serves go to `folder` (in the workspace, readable by this
+    user only), not to the shared temporary folder. Read by gradio when the app is built."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+
+
+def serve_options(credentials: tuple[str, str] | None) -> dict:
+    """gradio launch settings that guard the app: uploads limited per file and per request, logins throttled,
+    and no error of the server's own (with its paths and internals) shown to the user, only the app's."""
+    from starlette.middleware import Middleware
+
+    from lookalike.demo_guard import LoginThrottle, UploadLimit
+
+    limit = Middleware(UploadLimit, max_files=MAX_FILES_PER_UPLOAD,
+                       max_bytes=MAX_FILES_PER_UPLOAD * (MAX_UPLOAD_MB + 1) * 2**20)  # + multipart framing
+    return {"max_file_size": f"{MAX_UPLOAD_MB}mb", "show_error": False, "app_kwargs": {"middleware": [limit]},
+            "auth": LoginThrottle(*credentials) if credentials else None}
+
+
+def launch(config: StudyConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           credentials: tuple[str, str] | None = None, block: bool = True):
+    """Start the app; returns the Blocks (with block=False, once it serves)."""
+    from lookalike.demo_guard import is_loopback
+
+    if credentials is None and (share or not is_loopback(host)):
+        reach = "a public gradio.live link" if share else f"every machine that can reach {host}:{port}"
+        print(f"WARNING: the demo is open to {reach} without a password: anyone there can generate with your "
+              "LoRAs and upload files. Add --auth-file FILE (a line user:password) or set LOOKALIKE_DEMO_AUTH.",
+              file=sys.stderr, flush=True)
     app = build_app(config)
-    app.launch(server_name=host, server_port=port, share=share, auth=credentials, max_file_size=MAX_UPLOAD,
-               prevent_thread_lock=not block, show_error=True, quiet=not block)
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+               **serve_options(credentials))
     return app

@@ -65,7 +65,7 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     config = read_json(run.config) if run.config.is_file() else {}
     train = config.get("train", {})
     status = run.read_status() or {"state": "pending"}
-    state = run.state()
+    state = "interrupted" if status["state"] == "running" and run.state() == "interrupted" else status["state"]
     alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
     evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
     db.execute(

@@ -27,8 +27,17 @@ METADATA_PREFIX = "lookalike."
 
 def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0) -> None:
     """Add a trainable LoRA adapter to the (frozen) transformer."""
+    import re
+
+    import torch
     from peft import LoraConfig
 
+    # A rank above a layer's narrower side adds parameters that cannot change anything: a user's slip.
+    widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
+              if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*{TARGET_MODULES[target]}", name)]
+    if widths and rank > min(widths):
+        raise LookalikeError(f"train.rank = {rank} is more than the narrowest adapted layer's width {min(widths)}: "
+                             f"a LoRA's rank can be at most {min(widths)} on this base")
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank,

@@ -109,7 +109,8 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
 
     done = [r for r in rows if r["state"] == "done"]
     failed = [r for r in rows if r["state"] in ("failed", "interrupted")]
-    front, unplaced = pareto_front(done)
+    unrankable = cannot_rank(config, done)
+    front, unplaced = ([], {}) if unrankable else pareto_front(done)
     best = [r["name"] for r in front]
     # The grid's columns: the best runs, then the other finished runs, best CLIP Score first.
     others = sorted((r for r in done if r["name"] not in best), key=lambda r: -(r["clip_score"] or -1e9))
@@ -121,9 +122,11 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             if len({r[factor] for r in done}) > 1:
                 shown.append((f"Metrics against {title}", f"figures/by_{factor}.png"))
                 figures.save(figures.factor_figure(done, factor), folder / shown[-1][1])
-        if any(r["clip_score"] is not None for r in done):
+        if any(r["clip_score"] is not None and r["face_distance"] is not None for r in done):
             shown.append(("Face distance against CLIP Score", "figures/pareto.png"))
             figures.save(figures.pareto_figure(done, best), folder / shown[-1][1])
+        elif any(r["clip_score"] is not None for r in done):
+            shown.append(("Face distance against CLIP Score", None))  # said in one line instead
         per_guidance = {}
         for row in done:
             evaluation = workspace.run(row["name"]).root / "metrics.json"
@@ -138,8 +141,9 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             figures.save(figures.loss_figure({k: v for k, v in curves.items() if v}), folder / shown[-1][1])
 
         grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
-        (folder / "index.html").write_text(_page(config, rows, front, unplaced, failed, shown, grid))
-        (folder / "summary.md").write_text(_summary(config, rows, front, unplaced, failed))
+        best_lines = _best_lines(front, unplaced, failed, unrankable)
+        (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid))
+        (folder / "summary.md").write_text(_summary(config, rows, best_lines))
         (folder / ".inputs").write_text(digest)
     console.print(f"report: {report / 'index.html'}")
     return report / "index.html"
@@ -155,26 +159,44 @@ def _runs_table(rows: list[dict], best: list[str]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict]) -> list[str]:
-    lines = [f"{i}. {r['name']}: lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
-             f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
-             f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
-             f"{cell(r['face_distance'])})" for i, r in enumerate(front, 1)]
-    lines += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
-    lines += [f"failed: {r['name']} ({r['reason']})" for r in failed]
-    return lines
+def cannot_rank(config: StudyConfig, done: list[dict]) -> str | None:
+    """Why this study's numbers cannot name a best run, or None when they can."""
+    if config.evaluate.clip_model == "tiny":
+        return ("its CLIP Scores come from the random tiny CLIP model (evaluate.clip_model = 'tiny'), which "
+                "measures nothing")
+    evaluated = [r for r in done if r["images"]]
+    if evaluated and all(r["faceless"] == r["images"] for r in evaluated):
+        return "no image of any run shows a face, so likeness was not measured"
+    return None
 
 
-def _page(config, rows, front, unplaced, failed, shown, grid) -> str:
-    best = "".join(f"<li>{html.escape(line)}</li>" for line in _best_lines(front, unplaced, failed))
+def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
+                unrankable: str | None) -> tuple[list[str], list[str]]:
+    """(the ranked runs, best first; notes: why nothing is ranked, runs left out, failed runs)."""
+    ranked = [f"{r['name']}: lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
+              f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
+              f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
+              f"{cell(r['face_distance'])})" for r in front]
+    notes = [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
+    notes += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
+    notes += [f"failed: {r['name']} ({r['reason']})" for r in failed]
+    return ranked, notes
+
+
+def _page(config, rows, front, best_lines, failed, shown, grid) -> str:
+    ranked, notes = best_lines
+    best = (f"<ol>{''.join(f'<li>{html.escape(line)}</li>' for line in ranked)}</ol>" if ranked else "") + \
+        (f"<ul>{''.join(f'<li>{html.escape(line)}</li>' for line in notes)}</ul>" if notes else "")
     done = sum(r["state"] == "done" for r in rows)
-    figures_html = "".join(f"<h3>{html.escape(title)}</h3><img class='figure' src='{path}' alt='{html.escape(title)}'>"
-                           for title, path in shown)
+    figures_html = "".join(
+        f"<h3>{html.escape(title)}</h3>" + (f"<img class='figure' src='{path}' alt='{html.escape(title)}'>" if path
+                                            else "<p>Nothing to plot: no image of any run shows a face.</p>")
+        for title, path in shown)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lookalike: {html.escape(config.name)}</title>"
             f"<style>{STYLE}</style></head><body><h1>Study {html.escape(config.name)}</h1>"
             f"<p>Base model {html.escape(config.model.base)}; subject {html.escape(config.subject.token)} "
             f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed.</p>"
-            f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p><ol>{best}</ol>"
+            f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p>{best or '<p>None yet.</p>'}"
             f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}"
             f"<h2>Figures</h2>{figures_html or '<p>No figure yet: no run has finished.</p>'}"
             f"<h2>Images</h2>{grid}"
@@ -183,9 +205,10 @@ def _page(config, rows, front, unplaced, failed, shown, grid) -> str:
             "</body></html>")
 
 
-def _summary(config, rows, front, unplaced, failed) -> str:
+def _summary(config, rows, best_lines) -> str:
+    ranked, notes = best_lines
     lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
-    lines += [f"- {line}" for line in _best_lines(front, unplaced, failed)] or ["- none yet"]
+    lines += [f"{i}. {line}" for i, line in enumerate(ranked, 1)] + [f"- {line}" for line in notes] or ["None yet."]
     lines += ["", "## Every run", "", "| " + " | ".join(COLUMNS.values()) + " |",
               "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r[k]) for k in COLUMNS) + " |" for r in rows]

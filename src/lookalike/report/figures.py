@@ -41,6 +41,7 @@ def factor_figure(rows: list[dict], factor: str):
             if points:
                 axis.plot(*zip(*points), marker="o", label=_label(members[0], others))
     for axis, (metric, title) in zip(axes[0], METRICS.items()):
+        _say_when_empty(axis, metric)
         axis.set_xlabel(FACTORS[factor])
         axis.set_title(title, fontsize=10)
         if factor == "learning_rate":
@@ -49,6 +50,17 @@ def factor_figure(rows: list[dict], factor: str):
     _legend(axes[0][0])
     figure.tight_layout()
     return figure
+
+
+NOTHING_TO_PLOT = {"face_distance": "no face in any image: nothing to plot",
+                   "identity_similarity": "no face in any image: nothing to plot"}
+
+
+def _say_when_empty(axis, metric: str) -> None:
+    """An axis with no point says why in one line, instead of standing empty."""
+    if not axis.lines:
+        axis.text(0.5, 0.5, NOTHING_TO_PLOT.get(metric, "no values yet: nothing to plot"), ha="center",
+                  va="center", fontsize=9, color="dimgray", transform=axis.transAxes, wrap=True)
 
 
 def _legend(axis) -> None:
@@ -83,7 +95,8 @@ def guidance_figure(per_guidance: dict[str, dict[str, dict]]):
             points = [(float(g), by_scale[g][metric]) for g in scales if by_scale[g].get(metric) is not None]
             if points:
                 axis.plot(*zip(*points), marker="o", label=run)
-    for axis, title in zip(axes[0], METRICS.values()):
+    for axis, (metric, title) in zip(axes[0], METRICS.items()):
+        _say_when_empty(axis, metric)
         axis.set_xlabel("inference guidance scale")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)

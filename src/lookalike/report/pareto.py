@@ -16,9 +16,18 @@ RANK_RULE = ("runs on the Pareto front of (identity similarity up, CLIP Score up
              "rank); equal means are ordered by identity similarity")
 
 
+def _objective(row: dict, key: str) -> float | None:
+    """A run's value on one objective; identity of a run whose images show no face at all is NO_FACE (only for
+    ranking: shown, it stays missing)."""
+    if key == "identity_similarity" and row.get(key) is None and row.get("faceless") \
+            and row.get("faceless") == row.get("images"):
+        return NO_FACE
+    return row.get(key)
+
+
 def _oriented(row: dict) -> tuple[float, ...]:
     """The objectives with every one turned into 'higher is better'."""
-    return tuple(row[k] if sense == "max" else -row[k] for k, sense in OBJECTIVES.items())
+    return tuple(_objective(row, k) if sense == "max" else -_objective(row, k) for k, sense in OBJECTIVES.items())
 
 
 def dominates(a: dict, b: dict) -> bool:
@@ -29,10 +38,8 @@ def dominates(a: dict, b: dict) -> bool:
 
 def pareto_front(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
     """(the front's rows, ranked best first; {run name: why it was left out} for runs that cannot be placed)."""
-    rows = [{**r, "identity_similarity": NO_FACE} if r.get("identity_similarity") is None and r.get("faceless")
-            and r.get("faceless") == r.get("images") else r for r in rows]
-    unplaced = {r["name"]: "missing " + ", ".join(k for k in OBJECTIVES if r.get(k) is None)
-                for r in rows if any(r.get(k) is None for k in OBJECTIVES)}
+    unplaced = {r["name"]: "missing " + ", ".join(k for k in OBJECTIVES if _objective(r, k) is None)
+                for r in rows if any(_objective(r, k) is None for k in OBJECTIVES)}
     placed = [r for r in rows if r["name"] not in unplaced]
     front = [r for r in placed if not any(dominates(other, r) for other in placed)]
     return rank(front), unplaced
@@ -50,5 +57,5 @@ def rank(front: list[dict]) -> list[dict]:
     columns = list(zip(*(_oriented(r) for r in front)))
     per_objective = [_ranks(list(column)) for column in columns]
     mean_rank = [sum(ranks[i] for ranks in per_objective) / len(per_objective) for i in range(len(front))]
-    order = sorted(range(len(front)), key=lambda i: (mean_rank[i], -front[i]["identity_similarity"]))
+    order = sorted(range(len(front)), key=lambda i: (mean_rank[i], -_objective(front[i], "identity_similarity")))
     return [{**front[i], "mean_rank": mean_rank[i]} for i in order]
