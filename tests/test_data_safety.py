@@ -316,8 +316,9 @@ def test_experiment_names_are_checked_in_the_config(tiny_config):
 # --- user text printed as it is --------------------------------------------------------------------------------
 
 def test_names_with_square_brackets_print_whole(tiny_config, tmp_path):
-    config = tiny_config(train={"max_train_steps": 2}, data={"crop": "center"},
+    config = tiny_config(train={"max_train_steps": 2}, data={"crop": "center"}, subject={"token": "[/b]"},
                          **{"": {"name": "test", "workspace": str(tmp_path / "ws ün [old]")}})
-    result = run_cli("train", str(config), "--run", "[/b]")
+    result = run_cli("train", str(config), "--run", "[new]")
     assert result.returncode == 0, result.stderr
-    assert "ws ün [old]" in result.stdout and "run '[/b]' done" in result.stdout
+    assert "ws ün [old]" in result.stdout and "run '[new]' done" in result.stdout
+    assert "prepare [/b]" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,94 @@ def test_the_page_shows_its_main_controls_in_headless_chromium(demo, tmp_path):
         browser.close()
     shot = np.asarray(Image.open(tmp_path / "demo.png").convert("L"), dtype=float)
     assert shot.std() > 10, "the screenshot is not blank"
+
+
+def test_uploads_and_gradio_files_stay_in_the_workspace_and_checked_uploads_are_deleted(demo, faces):
+    import gradio
+    from gradio_client import handle_file
+
+    url, models, _ = demo
+    upload_folder = Path(gradio.utils.get_upload_folder())
+    assert upload_folder == models.folder / ".gradio" and upload_folder.stat().st_mode & 0o777 == 0o700
+    client_for(url).predict([handle_file(faces / "test" / "guido_van_rossum.jpg")], api_name="/add_references")
+    uploads = [p for p in upload_folder.rglob("guido_van_rossum.jpg")]
+    assert uploads == [], "the checked upload is deleted; its re-encoded copy lives in demo/references"
+    assert list((models.folder / "references").glob("*.png"))
+
+
+def test_one_upload_request_cannot_carry_more_than_the_limits(demo):
+    import http.client
+
+    import httpx
+
+    from lookalike.demo import MAX_FILES_PER_UPLOAD
+
+    url, _, _ = demo
+    too_many = [("files", (f"{i}.jpg", b"\xff\xd8 tiny", "image/jpeg")) for i in range(MAX_FILES_PER_UPLOAD + 4)]
+    answer = None
+    try:
+        answer = httpx.post(url + "gradio_api/upload", files=too_many, timeout=30)
+    except httpx.HTTPError:
+        pass  # the connection cut: refused just as well
+    assert answer is None or answer.status_code != 200 or len(answer.json()) <= MAX_FILES_PER_UPLOAD
+    allowed = httpx.post(url + "gradio_api/upload", files=too_many[:2], timeout=30)
+    assert allowed.status_code == 200 and len(allowed.json()) == 2
+
+    # 12 files of 9 MB: refused from the request's declared size, before a byte of it is read.
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/gradio_api/upload")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(12 * 9 * 2**20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and b"at most" in response.read()
+    connection.close()
+
+
+def test_a_seed_out_of_range_is_refused_without_internals(demo):
+    url, _, _ = demo
+    client = client_for(url)
+    with pytest.raises(Exception) as refused:
+        client.predict("r", 1.0, "(none)", 1.0, "a photo of sks", 2**70, 5.0, 2, 64, api_name="/generate")
+    message = str(refused.value)
+    assert "Overflow" not in message and "Traceback" not in message and "site-packages" not in message
+    assert "seed" in message or "maximum" in message
+
+
+def test_logins_come_from_a_file_or_the_environment_not_only_the_command_line(tmp_path, monkeypatch):
+    from lookalike.demo_guard import AUTH_ENVIRONMENT, credentials
+    from lookalike.errors import LookalikeError
+
+    secret = tmp_path / "login"
+    secret.write_text("ada:lovelace\n")
+    assert credentials(None, secret) == ("ada", "lovelace")
+    monkeypatch.setenv(AUTH_ENVIRONMENT, "grace:hopper")
+    assert credentials(None, None) == ("grace", "hopper")
+    assert credentials("alan:turing", None) == ("alan", "turing")
+    secret.write_text("no-colon\n")
+    with pytest.raises(LookalikeError, match="--auth-file"):
+        credentials(None, secret)
+
+
+def test_failed_logins_are_slowed_and_then_locked_out():
+    from lookalike.demo_guard import FAILURES_BEFORE_LOCKOUT, LOCKOUT_S, LoginThrottle
+
+    now, slept = [1000.0], []
+    check = LoginThrottle("ada", "lovelace", clock=lambda: now[0], sleep=slept.append)
+    assert check("ada", "lovelace") and not slept
+    for _ in range(FAILURES_BEFORE_LOCKOUT):
+        assert not check("ada", "guess")
+    assert len(slept) == FAILURES_BEFORE_LOCKOUT
+    assert not check("ada", "lovelace"), "locked out: even the right password waits"
+    now[0] += LOCKOUT_S + 1
+    assert check("ada", "lovelace")
+
+
+def test_serving_beyond_this_machine_without_a_password_warns_loudly(demo, capsys):
+    from lookalike.demo import launch
+
+    _, models, _ = demo
+    app = launch(models.config, host="0.0.0.0", port=free_port(), block=False)
+    app.close()
+    assert "WARNING: the demo is open to every machine" in capsys.readouterr().err

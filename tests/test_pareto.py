@@ -39,7 +39,7 @@ def test_a_run_without_any_face_counts_as_the_least_identity():
     rows = [{**run("no_faces", None, 0.35, 12), "images": 12}, {**run("faces", 0.5, 0.30, 2), "images": 12}]
     front, unplaced = pareto_front(rows)
     assert unplaced == {} and names(front) == ["faces", "no_faces"], "better CLIP keeps it on the front"
-    assert front[1]["identity_similarity"] == -1.0
+    assert front[1]["identity_similarity"] is None, "ranked as -1, shown as missing, like everywhere else"
 
 
 def test_no_evaluated_run_gives_an_empty_front():

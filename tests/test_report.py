@@ -42,6 +42,47 @@ def test_a_sweep_with_a_failed_run_gets_a_report_listing_the_failure(finished_st
     assert "| bad | failed |" in summary and "| ok | done |" in summary
 
 
+def test_a_study_scored_by_the_random_tiny_clip_declares_no_winner(finished_study):
+    workspace, _ = finished_study
+    summary = (workspace / "report" / "summary.md").read_text()
+    best = summary.split("## Best settings")[1].split("## Every run")[0]
+    assert "No best settings: this study's numbers cannot rank runs" in best and "tiny CLIP" in best
+    assert "\n1. " not in best, "no run is named best"
+    assert "No best settings" in (workspace / "report" / "index.html").read_text()
+
+
+def test_best_settings_are_numbered_once_and_a_faceless_run_shows_one_identity(tmp_path):
+    from lookalike.config import load_config
+    from lookalike.report.build import _best_lines, _summary
+    from lookalike.report.pareto import pareto_front
+    from tests.conftest import write_config
+
+    runs = [{"name": name, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, "max_train_steps": 10,
+             "lr_scheduler": "constant", "train_seconds": 1.0, "final_loss": 0.1, "images": 2, "unreadable": 0,
+             "face_distance": distance, "identity_similarity": identity, "id_match_rate": None,
+             "faceless": faceless, "several_faces": 0, "clip_score": clip, "state": "done", "reason": None}
+            for name, distance, identity, faceless, clip in [("faces", 0.5, 0.6, 0, 0.2),
+                                                             ("faceless", None, None, 2, 0.3)]]
+    front, unplaced = pareto_front(runs)
+    assert [r["name"] for r in front] == ["faces", "faceless"] and not unplaced
+    config = load_config(write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": "w"},
+                                                            "subject": {"token": "sks", "images": "p"}}))
+    summary = _summary(config, runs, _best_lines(front, unplaced, [], None))
+    best = summary.split("## Best settings")[1].split("## Every run")[0]
+    assert "\n1. faces:" in best and "\n2. faceless:" in best and "1. 1." not in summary
+    assert "identity -," in best and "-1" not in summary, "a run without faces shows '-' everywhere"
+
+
+def test_a_metric_without_values_says_why_instead_of_empty_axes():
+    rows = [{"name": f"r{rank}", "learning_rate": 1e-3, "rank": rank, "max_train_steps": 10,
+             "lr_scheduler": "constant", "face_distance": None, "identity_similarity": None, "clip_score": 0.2,
+             "faceless": 2} for rank in (4, 8)]
+    figure = figures.factor_figure(rows, "rank")
+    notes = {axis.get_title(): [t.get_text() for t in axis.texts] for axis in figure.axes}
+    assert notes["face distance (lower is better)"] == ["no face in any image: nothing to plot"]
+    assert notes["CLIP Score"] == [], "a metric with values is drawn, not explained"
+
+
 def test_report_shows_its_figures_and_images_in_headless_chromium(finished_study, tmp_path):
     from playwright.sync_api import sync_playwright
 

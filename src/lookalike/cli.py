@@ -294,6 +294,7 @@ def merge(
     pair = _weights(weights)
     if len(pair) != 2:
         raise LookalikeError(f"--weights: give two weights, like 1,0.5 (got {weights!r})")
+    _quiet()
     merge_loras(lora_a, lora_b, out, (pair[0], pair[1]))
     console.print(f"merge: {out}")
 
@@ -312,6 +313,7 @@ def export(
 
     if (config is None or run is None) == (lora is None):
         raise LookalikeError("give CONFIG --run NAME, or --lora FILE")
+    _quiet()
     source = lora if lora is not None else Workspace(_load(config, None).workspace).run(run).lora
     written = export_lora(source, out or source.with_name(f"{source.stem}.{format}.safetensors"), format)
     console.print(f"export: {written}")

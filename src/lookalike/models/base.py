@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,15 +50,18 @@ _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.sa
 
 def quiet_libraries() -> None:
     """Keep diffusers' and transformers' per-load progress bars and notices off the console: our own
-    progress bars and one-line errors are what a user should read."""
+    progress bars and one-line errors are what a user should read. Set before they are imported: some of their
+    notices come at import time."""
+    # torchao, when installed for a quantised base, registers its enums in a way torch now warns about.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
     import diffusers
     import transformers
 
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
-    # torchao, when installed for a quantised base, registers its enums in a way torch now warns about.
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def base_info(base: str) -> BaseModelInfo:
