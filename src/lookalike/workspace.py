@@ -28,11 +28,6 @@ def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
 
 
-def is_temporary(path: Path) -> bool:
-    """A file or folder an atomic write had not renamed into place yet (left behind by a kill)."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
 def _sync(path: Path) -> None:
     """Flush a file's or folder's contents to the disk (a rename alone may reach the disk before the data)."""
     fd = os.open(path, os.O_RDONLY)

@@ -81,7 +81,8 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
     for job in jobs:
         cells = []
         for row in chosen:
-            source = current_image(workspace.run(row["name"]).images, job, job_settings(config, job, loras[row["name"]]))
+            settings = job_settings(config, job, loras[row["name"]])
+            source = current_image(workspace.run(row["name"]).images, job, settings)
             if source is None:  # missing, or made with other settings than the ones this row names
                 cells.append("<td>not generated with these settings</td>")
                 continue

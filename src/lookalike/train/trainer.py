@@ -152,10 +152,6 @@ class MetricsLog:
         self.file.close()
 
 
-class NonFiniteLoss(LookalikeError):
-    pass
-
-
 def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) -> None:
     """A NaN or infinite loss (or LoRA weight) ruins every later step: stop the run there, as failed, naming the
     step and the checkpoint a resume would start from."""
@@ -166,7 +162,7 @@ def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) ->
 
     good = list_checkpoints(checkpoints)
     what = f"the loss became {loss}" if not math.isfinite(loss) else "the LoRA weights became NaN or infinite"
-    raise NonFiniteLoss(f"{what} at step {step}, so the run stopped there (last good checkpoint: "
+    raise LookalikeError(f"{what} at step {step}, so the run stopped there (last good checkpoint: "
                         f"{good[-1].name if good else 'none'}); lower train.learning_rate, then start a new --run")
 
 
@@ -201,7 +197,8 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
 
     def failed(reason: str) -> None:
         if main:
-            run.write_status("failed", reason=reason, resumable=True, seconds=round(before + time.time() - started, 2))
+            run.write_status("failed", reason=reason, resumable=True,
+                             seconds=round(before + time.time() - started, 2))
 
     try:
         result = _train(config, run, resume, console)
@@ -366,11 +363,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             _stop_if_not_finite(step, loss_value, run.checkpoints)
 
-            if accelerator.is_main_process and t.checkpoint_every and step % t.checkpoint_every == 0 \
-                    and step < t.max_train_steps:
-                _stop_if_not_finite(step, loss_value, run.checkpoints, params)
-                save_checkpoint(run.checkpoints, step, lora_state_dict(model), training_state(step),
-                                t.checkpoints_keep)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
+                _stop_if_not_finite(step, loss_value, run.checkpoints, params)  # every rank: they stop together
+                if accelerator.is_main_process:
+                    save_checkpoint(run.checkpoints, step, lora_state_dict(model), training_state(step),
+                                    t.checkpoints_keep)
             if accelerator.is_main_process and t.sample_every and step % t.sample_every == 0:
                 _save_samples(config, run, step, model, vae, folder, texts, sample_prompts, max_len)
     if metrics is not None:
