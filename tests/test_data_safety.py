@@ -97,66 +97,66 @@ def test_prepare_never_reads_a_large_non_image_whole(tiny_config, faces, tmp_pat
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, faces):
+    """A config with one trained run `r` (in this process: generate is called here too, as the pipeline does)."""
+    from lookalike.train.trainer import train
     from tests.conftest import tiny_study
 
     folder = tmp_path_factory.mktemp("trained")
     config = tiny_study(folder, faces, train={"max_train_steps": 4}, generate={"num_inference_steps": 2},
                         data={"crop": "center"})
-    result = run_cli("train", str(config), "--run", "r")
-    assert result.returncode == 0, result.stderr
+    train(load_config(config), "r")
     return config
 
 
-def sidecars(folder: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("p*.json"))}
+def generate_run(config_file: Path, *overrides: str) -> Path:
+    from lookalike.generate import generate
+
+    return generate(load_config(config_file, list(overrides)), run="r")
+
+
+def sidecar(folder: Path, stem: str = "p00_s0_g5") -> dict:
+    return json.loads((folder / f"{stem}.json").read_text())
 
 
 def test_changed_settings_make_new_images_and_unchanged_ones_are_kept(trained):
-    images = trained.parent / "work" / "runs" / "r" / "images"
-    assert run_cli("generate", str(trained), "--run", "r").returncode == 0
+    images = generate_run(trained)
     first = images / "p00_s0_g5.png"
     stamp = first.stat().st_mtime_ns
-    again = run_cli("generate", str(trained), "--run", "r")
-    assert "all images already in" in again.stdout and first.stat().st_mtime_ns == stamp
-
+    generate_run(trained)
+    assert first.stat().st_mtime_ns == stamp, "nothing changed: the image is kept"
     for override, key, value in [("generate.prompts=['{token} at the beach']", "prompt", "sks at the beach"),
                                  ("generate.num_inference_steps=3", "steps", 3)]:
-        result = run_cli("generate", str(trained), "--run", "r", "--set", override)
-        assert result.returncode == 0, result.stderr
-        assert sidecars(images)["p00_s0_g5"]["settings"][key] == value
-        assert first.stat().st_mtime_ns != stamp
+        generate_run(trained, override)
+        assert sidecar(images)["settings"][key] == value and sidecar(images)[key] == value
+        assert first.stat().st_mtime_ns != stamp, f"{key} changed: the image is made again"
         stamp = first.stat().st_mtime_ns
 
 
 def test_a_retrained_lora_of_the_same_name_makes_new_images(trained):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    run = trained.parent / "work" / "runs" / "r"
-    assert run_cli("generate", str(trained), "--run", "r").returncode == 0
-    before = sidecars(run / "images")["p00_s0_g5"]["settings"]["loras"][0]["sha256"]
-    tensors = load_file(run / "lora.safetensors")
-    with open(run / "lora.safetensors", "rb") as handle:
-        from safetensors import safe_open
-
-        metadata = safe_open(handle.name, "pt").metadata()
-    save_file({k: v * 2 for k, v in tensors.items()}, run / "lora.safetensors", metadata=metadata)
-    assert run_cli("generate", str(trained), "--run", "r").returncode == 0
-    after = sidecars(run / "images")["p00_s0_g5"]["settings"]["loras"][0]["sha256"]
-    assert after != before and after == hashlib.sha256((run / "lora.safetensors").read_bytes()).hexdigest()
+    lora = trained.parent / "work" / "runs" / "r" / "lora.safetensors"
+    before = sidecar(generate_run(trained))["settings"]["loras"][0]["sha256"]
+    with safe_open(str(lora), "pt") as handle:
+        metadata = handle.metadata()
+    save_file({k: v * 2 for k, v in load_file(lora).items()}, str(lora), metadata=metadata)
+    after = sidecar(generate_run(trained))["settings"]["loras"][0]["sha256"]
+    assert after != before and after == hashlib.sha256(lora.read_bytes()).hexdigest()
 
 
 def test_the_report_grid_never_labels_an_image_with_settings_that_did_not_make_it(trained):
     from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 
-    config = load_config(trained, ["generate.prompts=['{token} in a red hat']"])
+    red_hat = "generate.prompts=['{token} in a red hat']"
+    config = load_config(trained, [red_hat])
     run = Workspace(config.workspace).run("r")
     job = image_jobs(config)[0]
     settings = job_settings(config, job, lora_fingerprints([(run.lora, 1.0)]))
-    assert run_cli("generate", str(trained), "--run", "r").returncode == 0  # the file's own prompt
+    generate_run(trained)  # the config file's own prompt, under the same file name
     assert (run.images / f"{job.stem}.png").is_file()
-    assert current_image(run.images, job, settings) is None  # same file name, other prompt: not this job's image
-    result = run_cli("generate", str(trained), "--run", "r", "--set", "generate.prompts=['{token} in a red hat']")
-    assert result.returncode == 0
+    assert current_image(run.images, job, settings) is None, "another prompt's image is not this job's"
+    generate_run(trained, red_hat)
     assert current_image(run.images, job, settings) == run.images / f"{job.stem}.png"
 
 
@@ -217,8 +217,10 @@ def test_a_run_whose_pid_now_belongs_to_another_process_is_taken_over(tiny_confi
                                           ("train.logit_mean=nan", "train.logit_mean"),
                                           ("generate.guidance_scales=[5.0, nan]", "generate.guidance_scales")])
 def test_non_finite_config_values_are_refused_by_name(tiny_config, override, key):
-    result = run_cli("train", str(tiny_config()), "--set", override, "--dry-run")
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and key in result.stderr
+    from lookalike.errors import LookalikeError
+
+    with pytest.raises(LookalikeError, match=re.escape(key)):
+        load_config(tiny_config(), [override])
 
 
 def test_a_run_whose_loss_turns_nan_stops_failed_at_that_step(tiny_config, tmp_path):
