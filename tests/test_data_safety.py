@@ -196,8 +196,10 @@ def test_a_second_process_never_trains_a_run_that_another_is_training(tiny_confi
 
 
 def test_a_run_whose_pid_now_belongs_to_another_process_is_taken_over(tiny_config, tmp_path):
+    from lookalike.train.trainer import train
+
     config = tiny_config(train={"max_train_steps": 4, "checkpoint_every": 2}, data={"crop": "center"})
-    assert run_cli("train", str(config), "--run", "r").returncode == 0
+    train(load_config(config), "r")
     run = Workspace(tmp_path / "work").run("r")
     run.lora.unlink()
     # The status names a live pid (this test's) with another start time: an unrelated process got the pid.
@@ -266,8 +268,10 @@ def test_a_rank_above_the_layer_width_is_refused_with_its_limit(tiny_config):
 # --- resume after a cut-off metrics line; temporary files; time of every stretch ---------------------------------
 
 def test_resume_drops_a_cut_off_metrics_line_and_cleans_temporary_files(tiny_config, tmp_path):
+    from lookalike.train.trainer import train
+
     config = tiny_config(train={"max_train_steps": 10, "checkpoint_every": 5}, data={"crop": "center"})
-    assert run_cli("train", str(config), "--run", "r").returncode == 0
+    train(load_config(config), "r")
     run = Workspace(tmp_path / "work").run("r")
     lines = run.metrics.read_text().splitlines()
     run.metrics.write_text("\n".join(lines[:7]) + '\n{"step": 8, "lo')  # killed mid-write

@@ -87,3 +87,20 @@ def test_weighted_adapters_at_load_time_draw_what_the_merged_file_draws(tiny_con
     pixels = [np.asarray(Image.open(folder / "p00_s0_g5.png"), dtype=int) for folder in (weighted, from_merged, alone)]
     assert np.abs(pixels[0] - pixels[1]).max() <= 1
     assert np.abs(pixels[0] - pixels[2]).max() > 10, "the second LoRA's weight shows"
+
+
+def test_a_merged_lora_names_each_trigger_word_once(tmp_path):
+    from peft import LoraConfig
+
+    from lookalike.models.lora import read_lora
+
+    def person(name, token):
+        path = random_lora(tmp_path / name, rank=2, alpha=2, target="attention", seed=len(name))
+        tensors, _, info = read_lora(path)
+        save_lora(path, tensors, LoraConfig(r=2, lora_alpha=2), {**info, "trigger_word": token})
+        return path
+
+    same = merge_loras(person("a.safetensors", "sks"), person("bb.safetensors", "sks"), tmp_path / "m.safetensors")
+    assert read_lora(same)[2]["trigger_word"] == "sks"
+    pair = merge_loras(person("c.safetensors", "sks"), person("dd.safetensors", "ohwx"), tmp_path / "n.safetensors")
+    assert read_lora(pair)[2]["trigger_word"] == "sks ohwx"

@@ -95,9 +95,11 @@ def test_report_shows_its_figures_and_images_in_headless_chromium(finished_study
         page.wait_for_load_state("load")
         sizes = page.eval_on_selector_all("img", "images => images.map(i => [i.getAttribute('src'), "
                                                  "i.complete, i.naturalWidth, i.naturalHeight])")
+        page_text = page.inner_text("body")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
-    assert len(sizes) >= 5, sizes  # 4 figures at least, and the grid's images
+    assert len(sizes) >= 4, sizes  # the guidance and loss figures, and the grid's images
+    assert page_text.count("Nothing to plot: no image of any run shows a face.") == 1, "no face: no Pareto figure"
     assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
     shot = np.asarray(Image.open(tmp_path / "report.png").convert("L"), dtype=float)
     assert shot.std() > 10, "the screenshot is not blank"

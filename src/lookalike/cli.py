@@ -62,6 +62,9 @@ def train(
                                           "before anything is loaded.")] = False,
 ) -> None:
     """Train one LoRA run."""
+    from lookalike.workspace import check_run_name
+
+    check_run_name(run)  # before the seconds of importing torch
     from lookalike.sweep.plan import config_for_run
     from lookalike.train.trainer import train as train_run
 

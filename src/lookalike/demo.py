@@ -72,7 +72,7 @@ class DemoModels:
                size: int, progress=None):
         """One image with the given LoRAs at their weights (diffusers' weighted adapters; none: the base)."""
         from lookalike.generate import render
-        from lookalike.models.base import base_info
+        from lookalike.models.base import max_sequence_length
         from lookalike.models.lora import load_lora_into
 
         pipe = self.pipe()
@@ -86,7 +86,7 @@ class DemoModels:
                 pipe.set_adapters([name for name, _ in loras], [weight for _, weight in loras])
             elif self._adapters:
                 pipe.disable_lora()
-            max_len = self.config.model.max_sequence_length or base_info(self.config.model.base).max_sequence_length
+            max_len = max_sequence_length(self.config.model)
             pipe.set_progress_bar_config(disable=True)
             callback = None
             if progress is not None:

@@ -81,17 +81,13 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
 
 def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything that makes a job's image what it is; an image is current only while its sidecar holds these."""
+    from lookalike.models.base import max_sequence_length
+
     g = config.generate
     return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": g.num_inference_steps,
             "size": g.resolution or config.data.resolution, "base_model": config.model.base,
-            "revision": config.model.revision, "max_sequence_length": max_sequence_length(config),
+            "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
             "vae_tiling": g.vae_tiling, "loras": loras}
-
-
-def max_sequence_length(config: StudyConfig) -> int:
-    from lookalike.models.base import base_info
-
-    return config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
 
 
 def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path | None:

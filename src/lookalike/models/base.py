@@ -68,6 +68,11 @@ def base_info(base: str) -> BaseModelInfo:
     return KNOWN_BASES.get(base, LOCAL_FOLDER)
 
 
+def max_sequence_length(model) -> int:
+    """T5 tokens per prompt: [model] max_sequence_length, else the base's own default."""
+    return model.max_sequence_length or base_info(model.base).max_sequence_length
+
+
 def _download(repo: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError

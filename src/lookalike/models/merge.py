@@ -60,6 +60,8 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names)
     info = {"base_model": base_a or base_b or "unknown", "rank": rank, "alpha": rank,
             "merged_from": f"{Path(first).name} x {weights[0]:g} + {Path(second).name} x {weights[1]:g}",
-            "trigger_word": " ".join(t for t in (info_a.get("trigger_word"), info_b.get("trigger_word")) if t)}
+            "trigger_word": " ".join(dict.fromkeys(word for t in (info_a.get("trigger_word"),
+                                                                  info_b.get("trigger_word")) if t
+                                                   for word in t.split()))}  # each token once, in order
     save_lora(out, merged, config, info)
     return out

@@ -103,13 +103,13 @@ def kept_values(architecture: dict, checkpointing: bool, every: int) -> float:
 
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) -> Estimate:
     """The run's memory with its settings; `precision` is the resolved mixed precision (no, bf16, fp16)."""
-    from lookalike.models.base import base_info
+    from lookalike.models.base import max_sequence_length
 
     t = config.train
     architecture = transformer_config(config)
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules)
     hidden = architecture["num_attention_heads"] * architecture["attention_head_dim"]
-    text = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
+    text = max_sequence_length(config.model)
     tokens = (config.data.resolution // 16) ** 2 + text
     per_value = BYTES[precision]
     values = kept_values(architecture, t.gradient_checkpointing, t.gradient_checkpointing_every)

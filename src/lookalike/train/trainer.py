@@ -231,7 +231,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     from peft.utils import set_peft_model_state_dict
 
     from lookalike.data.dataset import training_images
-    from lookalike.models.base import base_info, load_component, resolve_base, vae_normalisation
+    from lookalike.models.base import load_component, max_sequence_length, resolve_base, vae_normalisation
     from lookalike.models.lora import add_lora, lora_state_dict, save_lora
     from lookalike.models.quantize import check_quantization
     from lookalike.progress import progress_bar
@@ -250,7 +250,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     folder = resolve_base(config.model.base, config.model.revision)
-    max_len = config.model.max_sequence_length or base_info(config.model.base).max_sequence_length
+    max_len = max_sequence_length(config.model)
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
     cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
