@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench venv clean browser
+.PHONY: test test-fast demo bench venv clean browser
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow (under 90 s on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The report's test opens it in Debian's headless Chromium (driven through playwright, no browser download).
 browser:

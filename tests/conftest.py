@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One thread per torch process: the tiny models gain nothing from two, and tests that run two processes at once
+# (a sweep's jobs, distributed ranks) on 2 cores ran a step up to 15 times slower with two threads each. Set
+# before torch is imported, here and in every lookalike process a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,3 +1,4 @@
+import pytest
 """lookalike ablate: base model against a fine-tuned run, on the trigger word, the real name and a stranger."""
 
 import json
@@ -5,6 +6,8 @@ import json
 from lookalike.config import load_config
 from lookalike.report.ablate import prompt_sets
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
 
 
 def test_prompt_sets_name_each_person_and_give_clip_the_class_word(tiny_config):

@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 
 from tests.conftest import run_cli, tiny_study, write_config
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 
 def lora_file(path: Path, tensors: dict, adapter: str | None = '{"r": 2, "lora_alpha": 2}') -> Path:
     metadata = {"format": "pt", **({"lora_adapter_metadata": adapter} if adapter is not None else {})}

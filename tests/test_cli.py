@@ -16,18 +16,21 @@ def assert_one_line_error(result, *expected):
         assert text in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_help_is_instant_and_lists_commands():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "train" in result.stdout and "generate" in result.stdout
 
 
+@pytest.mark.slow
 def test_missing_image_folder(tiny_config, tmp_path):
     missing = tmp_path / "no-such-photos"
     assert_one_line_error(run_cli("train", str(tiny_config(subject={"images": str(missing)}))),
                           "subject.images", "folder not found", str(missing))
 
 
+@pytest.mark.slow
 def test_empty_image_folder(tiny_config, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -42,21 +45,25 @@ def test_empty_image_folder(tiny_config, tmp_path):
     ({"learning_rate": -0.001}, "train.learning_rate"),
     ({"max_train_steps": 0}, "train.max_train_steps"),
 ])
+@pytest.mark.slow
 def test_bad_config(tiny_config, train, expected):
     path = tiny_config(train=train)
     assert_one_line_error(run_cli("train", str(path)), expected, str(path))
 
 
+@pytest.mark.slow
 def test_an_error_naming_a_section_in_brackets_prints_it_whole(tiny_config):
     result = run_cli("sweep", str(tiny_config()), "--plan", "--set", 'sweep.design="grid"',
                      "--set", "sweep.factors={rnak=[1, 2]}")
     assert_one_line_error(result, "sweep.factors: 'rnak' is not a [train] key")
 
 
+@pytest.mark.slow
 def test_bad_set_override(tiny_config):
     assert_one_line_error(run_cli("train", str(tiny_config()), "--set", "train.rank=0"), "train.rank")
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     assert_one_line_error(run_cli("train", str(tmp_path / "nope.toml")), "config file not found")
 
@@ -72,6 +79,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("name", ["lora.pt", "lora.bin", "lora.safetensors"])
+@pytest.mark.slow
 def test_lora_that_is_not_safetensors_is_refused_unloaded(tiny_config, tmp_path, name):
     marker = tmp_path / "pickle-was-loaded"
     bad = tmp_path / name
@@ -82,10 +90,12 @@ def test_lora_that_is_not_safetensors_is_refused_unloaded(tiny_config, tmp_path,
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_generate_from_a_run_that_was_never_trained(tiny_config):
     assert_one_line_error(run_cli("generate", str(tiny_config()), "--run", "ghost"), "ghost", "train it first")
 
 
+@pytest.mark.slow
 def test_gated_base_model_offline_says_what_to_do(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     result = run_cli("train", str(tiny_config(model={"base": "flux-dev"})))
@@ -110,10 +120,12 @@ def test_gated_error_names_the_licence_and_the_token(monkeypatch):
         base.resolve_base("flux-dev")
 
 
+@pytest.mark.slow
 def test_unknown_base_model_is_named(tiny_config):
     assert_one_line_error(run_cli("train", str(tiny_config(model={"base": "flux-pro"}))), "model.base", "flux-pro")
 
 
+@pytest.mark.slow
 def test_a_usage_mistake_is_explained_without_a_traceback(tiny_config):
     result = run_cli("train", str(tiny_config()), "--nope")
     assert result.returncode == 2

@@ -11,6 +11,8 @@ from lookalike.config import load_config
 from lookalike.generate import generate
 from lookalike.train.trainer import train
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 
 @pytest.fixture
 def compiled_graphs():

@@ -40,6 +40,7 @@ def strict_json_line(line: str):
 # --- prepare: source photos --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inside", ["data/qa", "data/images", "data", "."])
+@pytest.mark.slow
 def test_a_photo_folder_overlapping_the_prepared_data_is_refused(tiny_config, faces, tmp_path, inside):
     work = tmp_path / "work"
     photos = (work / inside).resolve()
@@ -54,6 +55,7 @@ def test_a_photo_folder_overlapping_the_prepared_data_is_refused(tiny_config, fa
     assert digests(work) == before
 
 
+@pytest.mark.slow
 def test_prepare_removes_only_the_files_it_wrote(tiny_config, faces, tmp_path):
     config = tiny_config(data={"crop": "center", "resolution": 64})
     assert run_cli("prepare", str(config)).returncode == 0
@@ -71,6 +73,7 @@ def test_prepare_removes_only_the_files_it_wrote(tiny_config, faces, tmp_path):
     assert all(path.read_bytes() == content for path, content in mine.items())
 
 
+@pytest.mark.slow
 def test_prepare_never_reads_a_large_non_image_whole(tiny_config, faces, tmp_path, monkeypatch):
     from lookalike.data.prepare import prepare_study
     from lookalike.display import console
@@ -118,6 +121,7 @@ def sidecar(folder: Path, stem: str = "p00_s0_g5") -> dict:
     return json.loads((folder / f"{stem}.json").read_text())
 
 
+@pytest.mark.slow
 def test_changed_settings_make_new_images_and_unchanged_ones_are_kept(trained):
     images = generate_run(trained)
     first = images / "p00_s0_g5.png"
@@ -132,6 +136,7 @@ def test_changed_settings_make_new_images_and_unchanged_ones_are_kept(trained):
         stamp = first.stat().st_mtime_ns
 
 
+@pytest.mark.slow
 def test_a_retrained_lora_of_the_same_name_makes_new_images(trained):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -145,6 +150,7 @@ def test_a_retrained_lora_of_the_same_name_makes_new_images(trained):
     assert after != before and after == hashlib.sha256(lora.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_the_report_grid_never_labels_an_image_with_settings_that_did_not_make_it(trained):
     from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 
@@ -177,6 +183,7 @@ def wait_for_state(run: RunPaths, state: str, timeout: float = 120) -> None:
     raise AssertionError(f"run never reached {state}")
 
 
+@pytest.mark.slow
 def test_a_second_process_never_trains_a_run_that_another_is_training(tiny_config, tmp_path):
     config = tiny_config(train={"max_train_steps": 600}, data={"crop": "center"})
     config.write_text(config.read_text() + '[[sweep.experiments]]\nname = "r"\n')
@@ -195,6 +202,7 @@ def test_a_second_process_never_trains_a_run_that_another_is_training(tiny_confi
     assert run.read_status()["state"] == "done"
 
 
+@pytest.mark.slow
 def test_a_run_whose_pid_now_belongs_to_another_process_is_taken_over(tiny_config, tmp_path):
     from lookalike.train.trainer import train
 
@@ -225,6 +233,7 @@ def test_non_finite_config_values_are_refused_by_name(tiny_config, override, key
         load_config(tiny_config(), [override])
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_turns_nan_stops_failed_at_that_step(tiny_config, tmp_path):
     config = tiny_config(train={"max_train_steps": 30, "learning_rate": 1e30, "checkpoint_every": 1,
                                 "lr_scheduler": "constant", "max_grad_norm": 1e30}, data={"crop": "center"})
@@ -246,6 +255,7 @@ def test_a_run_whose_loss_turns_nan_stops_failed_at_that_step(tiny_config, tmp_p
         assert int(checkpoint.name.removeprefix("step-")) < stopped
 
 
+@pytest.mark.slow
 def test_merge_weights_must_be_finite(tmp_path):
     result = run_cli("merge", "a.safetensors", "b.safetensors", "--out", str(tmp_path / "m.safetensors"),
                      "--weights", "nan,inf")
@@ -254,11 +264,13 @@ def test_merge_weights_must_be_finite(tmp_path):
 
 # --- upper bounds ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_resolution_that_cannot_work_is_refused_with_its_limit(tiny_config):
     result = run_cli("prepare", str(tiny_config()), "--set", "data.resolution=8192")
     assert result.returncode == 2 and "data.resolution" in result.stderr and "4096" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_above_the_layer_width_is_refused_with_its_limit(tiny_config):
     result = run_cli("train", str(tiny_config(data={"crop": "center"})), "--set", "train.rank=100000")
     assert result.returncode == 2, result.stderr
@@ -267,6 +279,7 @@ def test_a_rank_above_the_layer_width_is_refused_with_its_limit(tiny_config):
 
 # --- resume after a cut-off metrics line; temporary files; time of every stretch ---------------------------------
 
+@pytest.mark.slow
 def test_resume_drops_a_cut_off_metrics_line_and_cleans_temporary_files(tiny_config, tmp_path):
     from lookalike.train.trainer import train
 
@@ -306,12 +319,14 @@ def test_a_killed_child_is_named_by_its_signal_with_what_to_do(tmp_path):
 # --- run names --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../../x", "", "a/b", ".hidden", ".."])
+@pytest.mark.slow
 def test_run_names_are_one_folder_name(tiny_config, tmp_path, name):
     result = run_cli("train", str(tiny_config()), "--run", name)
     assert result.returncode == 2 and "not a valid run name" in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "work" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_experiment_names_are_checked_in_the_config(tiny_config):
     config = tiny_config()
     config.write_text(config.read_text() + '[[sweep.experiments]]\nname = "../escape"\n')
@@ -321,6 +336,7 @@ def test_experiment_names_are_checked_in_the_config(tiny_config):
 
 # --- user text printed as it is --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_names_with_square_brackets_print_whole(tiny_config, tmp_path):
     config = tiny_config(train={"max_train_steps": 2}, data={"crop": "center"}, subject={"token": "[/b]"},
                          **{"": {"name": "test", "workspace": str(tmp_path / "ws ün [old]")}})

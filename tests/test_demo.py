@@ -14,6 +14,8 @@ from lookalike.config import load_config
 from lookalike.demo import DemoModels, build_app, serve_options
 from tests.conftest import run_cli, tiny_study
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 CHROMIUM = shutil.which("chromium")
 
 

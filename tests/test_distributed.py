@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 
@@ -10,6 +12,8 @@ from safetensors.torch import load_file
 
 from lookalike.workspace import Workspace
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
 
 
 def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_config, tmp_path):

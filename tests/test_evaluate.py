@@ -11,6 +11,7 @@ from PIL import Image
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow
 def test_evaluate_folders_scores_every_image_and_counts_face_failures(faces, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -42,6 +43,7 @@ def test_evaluate_folders_scores_every_image_and_counts_face_failures(faces, tmp
     assert metrics["face_backend"] == "dlib" and metrics["face_backend_version"]
 
 
+@pytest.mark.slow
 def test_references_without_any_face_is_a_clear_error(tmp_path):
     references = tmp_path / "refs"
     references.mkdir()
@@ -70,6 +72,7 @@ def fake_run(workspace, faces, name="r"):
     return run
 
 
+@pytest.mark.slow
 def test_evaluate_a_run_per_prompt_per_guidance_into_the_results_store(tiny_config, faces, tmp_path):
     import sqlite3
 
@@ -113,12 +116,14 @@ def test_evaluate_a_run_per_prompt_per_guidance_into_the_results_store(tiny_conf
     assert metrics["clip_score"] == pytest.approx(float(study_average), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_a_run_without_images_says_what_to_do(tiny_config):
     result = run_cli("evaluate", str(tiny_config()), "--run", "nope")
     assert result.returncode == 2
     assert "run 'nope' has no generated images yet" in result.stderr and "lookalike generate" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_evaluate_option_names_it(tmp_path):
     result = run_cli("evaluate", "--images", str(tmp_path), "--references", str(tmp_path), "--face-backend", "x")
     assert result.returncode == 2 and "evaluate options: face_backend" in result.stderr

@@ -36,6 +36,7 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_error_line_the_run_says_failed_and_it_resumes_once_freed(tiny_config, small_disk):
     config = tiny_config(train={"max_train_steps": 6, "checkpoint_every": 2}, data={"crop": "center"},
                          **{"": {"name": "test", "workspace": str(small_disk / "work")}})
@@ -55,6 +56,7 @@ def test_a_full_disk_is_one_error_line_the_run_says_failed_and_it_resumes_once_f
     assert run.read_status()["state"] == "done" and run.lora.is_file()
 
 
+@pytest.mark.slow
 def test_a_read_only_workspace_prints_results_and_refuses_the_rest_in_one_line(tiny_config, small_disk):
     config = tiny_config(train={"max_train_steps": 2}, data={"crop": "center"},
                          **{"": {"name": "test", "workspace": str(small_disk / "work")}})

@@ -1,5 +1,6 @@
 """Generation: prompts x seeds x guidance scales, sidecars, determinism, resuming, LoRA or base model."""
 
+import pytest
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ def pixels(path):
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_generate_every_combination_with_sidecars(tiny_config):
     config = load_config(tiny_config(generate={"prompts": ["a photo of {token}", "{token} smiling"],
                                                "seeds": [0, 1], "guidance_scales": [3.5, 5.0],
@@ -29,12 +31,14 @@ def test_generate_every_combination_with_sidecars(tiny_config):
     assert json.loads((folder / "config.json").read_text()) == config.to_json_dict()
 
 
+@pytest.mark.slow
 def test_same_settings_and_seed_give_the_same_image(tiny_config, tmp_path):
     first = generate(load_config(tiny_config("a.toml", **{"": {"workspace": str(tmp_path / "a")}})))
     second = generate(load_config(tiny_config("b.toml", **{"": {"workspace": str(tmp_path / "b")}})))
     np.testing.assert_array_equal(pixels(first / "p00_s0_g5.png"), pixels(second / "p00_s0_g5.png"))
 
 
+@pytest.mark.slow
 def test_existing_images_are_kept_and_missing_ones_made(tiny_config):
     config = load_config(tiny_config(generate={"seeds": [0, 1], "num_inference_steps": 2}))
     folder = generate(config)
@@ -45,6 +49,7 @@ def test_existing_images_are_kept_and_missing_ones_made(tiny_config):
     assert (folder / "p00_s1_g5.png").exists()
 
 
+@pytest.mark.slow
 def test_run_lora_and_lora_file_change_the_image(tiny_config):
     config = load_config(tiny_config(train={"max_train_steps": 30, "learning_rate": 1e-2}))
     lora = train(config, "r")
@@ -58,6 +63,7 @@ def test_run_lora_and_lora_file_change_the_image(tiny_config):
     assert sidecar["run"] == "r" and sidecar["loras"][0]["trigger_word"] == "sks"
 
 
+@pytest.mark.slow
 def test_vae_tiling_decodes_tile_by_tile(tiny_config, tmp_path, monkeypatch):
     """The tiny VAE's tiles (64 px) are smaller than a 256 px image, so tiling really splits the decode. (Its
     random weights blend tiles badly, so the picture itself is not compared.)"""

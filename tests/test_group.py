@@ -8,6 +8,8 @@ from lookalike.evaluate.group import assign_faces, leakage
 from lookalike.evaluate.identity import reference_from
 from lookalike.faces import FaceRule, largest, load_backend
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 
 @pytest.fixture(scope="module")
 def dlib_backend():

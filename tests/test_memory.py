@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from lookalike.config import load_config
@@ -48,6 +47,7 @@ def test_flux_dev_is_counted_without_any_download(tiny_config):
     assert "train.gradient_checkpointing=true" in message
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_estimate_and_loads_or_writes_nothing(tiny_config, tmp_path):
     result = run_cli("train", str(tiny_config()), "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -96,6 +96,7 @@ print(json.dumps({"held": held, "step": status("VmHWM") - before}))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.slow
 def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config, checkpointing):
     resolution = 1024  # 4,096 image tokens: the tiny model's activations then outweigh the measurement's noise
     config = load_config(tiny_config(data={"resolution": resolution}, train={"gradient_checkpointing": checkpointing}))

@@ -70,6 +70,7 @@ def test_merging_loras_of_different_bases_or_shapes_is_refused(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_weighted_adapters_at_load_time_draw_what_the_merged_file_draws(tiny_config, tmp_path):
     import numpy as np
     from PIL import Image

@@ -14,6 +14,8 @@ from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, write_json
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 
 def two_people(tiny_config, faces, **sections):
     path = tiny_config(**sections)

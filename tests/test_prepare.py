@@ -138,6 +138,7 @@ def test_bad_files_each_get_a_reason_and_stop_nothing(tiny_config, faces, tmp_pa
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_rerun_does_nothing_and_a_changed_photo_is_redone(tiny_config, faces, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(faces / "train" / "steve_wozniak", folder)
@@ -159,6 +160,7 @@ def test_rerun_does_nothing_and_a_changed_photo_is_redone(tiny_config, faces, tm
     assert load_rgb(data / outputs[0]).size == (128, 128)
 
 
+@pytest.mark.slow
 def test_too_few_photos_is_an_error_that_points_at_the_report(tiny_config, faces, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -169,6 +171,7 @@ def test_too_few_photos_is_an_error_that_points_at_the_report(tiny_config, faces
     assert "qa.html" in result.stderr and (tmp_path / "work" / "data" / "qa.html").is_file()
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_workspace_prepare_one_at_a_time(tiny_config, tmp_path):
     """A sweep's parallel runs all prepare the same data: while one holds the workspace's prepare lock, another
     waits (it would otherwise remove the crops the first is still writing), then finds everything done."""

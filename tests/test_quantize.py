@@ -12,6 +12,8 @@ from lookalike.models.quantize import check_quantization
 from lookalike.train.memory import estimate
 from lookalike.train.trainer import train
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 
 @pytest.mark.parametrize("kind, tensor", [("int8", "Int8Tensor"), ("fp8", "Float8Tensor")])
 def test_quantised_base_stores_linear_weights_in_8_bits(kind, tensor):

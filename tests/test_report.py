@@ -14,6 +14,8 @@ from lookalike.report import figures
 from lookalike.workspace import Workspace, write_json
 from tests.conftest import run_cli, tiny_study
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -17,6 +17,8 @@ from lookalike.sweep.runner import stream_child
 from lookalike.workspace import Workspace
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+
 
 def sweep_config(tiny_config, experiments, **train):
     path = tiny_config(train={"max_train_steps": 12, "checkpoint_every": 6, **train})

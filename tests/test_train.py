@@ -42,6 +42,7 @@ def distance_to_nearest(pipe, prompt, targets, seeds=range(8)):
     return statistics.mean(distances)
 
 
+@pytest.mark.slow
 def test_lora_learns_the_subject(tiny_config):
     config = load_config(tiny_config(train={
         "max_train_steps": 300, "learning_rate": 3e-3, "lr_scheduler": "constant", "rank": 16,
@@ -68,6 +69,7 @@ def _train_process(config_path, run, *extra):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tiny_config):
     path = tiny_config(train={"max_train_steps": 150, "checkpoint_every": 25, "checkpoints_keep": 2,
                               "learning_rate": 1e-3, "batch_size": 2})
@@ -101,6 +103,7 @@ def test_resume_after_sigkill_is_exact(tiny_config):
     assert len(list((runs / "killed" / "checkpoints").glob("step-*"))) <= 2
 
 
+@pytest.mark.slow
 def test_saved_lora_loads_in_diffusers_with_its_alpha(tiny_config):
     """A fresh FluxPipeline loads the file with diffusers' own load_lora_weights; alpha != rank is honoured."""
     from diffusers import FluxPipeline
@@ -126,6 +129,7 @@ def test_saved_lora_loads_in_diffusers_with_its_alpha(tiny_config):
     torch.testing.assert_close(delta, (12.0 / 4) * up @ down, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_file_names_its_base_model_and_trigger_word(tiny_config):
     from safetensors import safe_open
 
@@ -138,6 +142,7 @@ def test_lora_file_names_its_base_model_and_trigger_word(tiny_config):
     assert json.loads(metadata["lora_adapter_metadata"])["transformer.r"] == 4
 
 
+@pytest.mark.slow
 def test_second_run_reuses_cached_embeddings_without_loading_encoders(tiny_config, monkeypatch):
     import lookalike.train.cache as cache_module
 
@@ -155,6 +160,7 @@ def test_second_run_reuses_cached_embeddings_without_loading_encoders(tiny_confi
     assert sorted((config.workspace / "cache").rglob("*.safetensors")) == cached
 
 
+@pytest.mark.slow
 def test_run_writes_config_status_metrics_samples_and_checkpoints(tiny_config):
     config = load_config(tiny_config(train={"max_train_steps": 12, "checkpoint_every": 4, "checkpoints_keep": 2,
                                             "sample_every": 6, "gradient_accumulation_steps": 2,
@@ -172,6 +178,7 @@ def test_run_writes_config_status_metrics_samples_and_checkpoints(tiny_config):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_retrained_and_started_run_needs_resume(tiny_config):
     from lookalike.errors import LookalikeError
 
@@ -204,6 +211,7 @@ def test_gpu_only_settings_are_refused_clearly_on_the_cpu(tiny_config):
     assert resolve_mixed_precision("auto") == "no"
 
 
+@pytest.mark.slow
 def test_checkpointing_every_kth_block_recomputes_only_those_and_changes_no_number(tiny_config, monkeypatch):
     """The tiny transformer has 2 blocks: every=1 checkpoints both at each step, every=2 the first only; the
     weights are those of a run without checkpointing."""
