@@ -110,3 +110,29 @@ def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config, 
     predicted = estimate(config, "no").total * 2**30
     print(f"estimate {predicted / 2**20:.1f} MB, measured {peak / 2**20:.1f} MB")
     assert abs(predicted - peak) <= 0.2 * peak, f"estimate {predicted / 2**20:.1f} MB, measured {peak / 2**20:.1f} MB"
+
+
+def test_target_sets_adapt_the_layers_they_name_on_flux_dev():
+    """Counted with peft on FLUX.1-dev's transformer built on the meta device: `diffusers` is the default layer
+    list of diffusers' train_dreambooth_lora_flux.py (attention plus the double blocks' feed-forward)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from lookalike.models.base import FLUX_TRANSFORMER
+    from lookalike.models.lora import add_lora
+
+    def adapted(target) -> set[str]:
+        with init_empty_weights():
+            model = FluxTransformer2DModel.from_config(FLUX_TRANSFORMER)
+            if isinstance(target, str):
+                add_lora(model, 4, 4.0, target)
+            else:  # the reference script's own list, as peft matches it
+                model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=target))
+        return {name.removesuffix(".lora_A") for name, _ in model.named_modules() if name.endswith(".lora_A")}
+
+    reference = adapted(["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                         "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                         "ff_context.net.2"])
+    assert len(reference) == 342 and adapted("diffusers") == reference
+    assert len(adapted("attention")) == 266 and len(adapted("attention+mlp")) == 418

@@ -108,7 +108,10 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     gradient_checkpointing_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
-    target_modules: Literal["attention", "attention+mlp"] = "attention"
+    target_modules: Literal["attention", "diffusers", "attention+mlp"] = "attention"
+    """Which layers the LoRA adapts: attention (the fewest parameters and least memory: the default), diffusers
+    (the default set of diffusers' train_dreambooth_lora_flux.py: attention and the double blocks'
+    feed-forward), attention+mlp (also the single blocks' MLP)."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call
     'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale."""

@@ -15,11 +15,15 @@ from typing import Any
 from lookalike.errors import LookalikeError
 
 _ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out"
-# A regex (peft matches it against full module names) so that the transformer's final proj_out is left out:
-# only layers inside the double-stream and single-stream blocks are adapted.
+_DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
+_MLP = rf"{_DOUBLE_BLOCK_MLP}|proj_mlp|proj_out"
+# Regexes (peft matches them against full module names) so that the transformer's final proj_out is left out:
+# only layers inside the double-stream and single-stream blocks are adapted. On FLUX.1 (19 double, 38 single
+# blocks): attention 266 layers; diffusers 342, the default set of diffusers' train_dreambooth_lora_flux.py
+# (every attention layer and the double blocks' feed-forward); attention+mlp 418 (the single blocks' MLP too).
 TARGET_MODULES = {
     "attention": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION})",
+    "diffusers": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION}|{_DOUBLE_BLOCK_MLP})",
     "attention+mlp": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION}|{_MLP})",
 }
 METADATA_PREFIX = "lookalike."
