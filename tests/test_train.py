@@ -236,3 +236,14 @@ def test_checkpointing_every_kth_block_recomputes_only_those_and_changes_no_numb
     for name in ("every1", "every2"):
         for key, tensor in weights["plain"].items():
             torch.testing.assert_close(weights[name][key], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_runs_in_one_process_may_use_different_precisions(tiny_config):
+    """accelerate keeps one mixed precision per process: the trainer starts each run from a fresh state (the demo,
+    the tests and notebooks train in-process)."""
+    config = load_config(tiny_config(train={"max_train_steps": 2}, data={"crop": "center"}))
+    full = train(config, "full")
+    bf16 = train(config.with_train({"mixed_precision": "bf16"}, "test"), "bf16")
+    a, b = load_file(full), load_file(bf16)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), "bf16 computed otherwise"

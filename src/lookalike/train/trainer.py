@@ -226,6 +226,7 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
 
 def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> dict[str, Any]:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from diffusers import FluxPipeline
     from diffusers.optimization import get_scheduler
     from peft.utils import set_peft_model_state_dict
@@ -242,6 +243,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     t = config.train
     precision = resolve_mixed_precision(t.mixed_precision)
     check_quantization(t.base_quantization)
+    # accelerate keeps one mixed precision per process and refuses another: a second run in the same process (the
+    # demo, tests, a notebook) starts from a fresh state. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
