@@ -1,5 +1,6 @@
 """The tiny FLUX built offline, and LoRA target modules."""
 
+import pytest
 import torch
 
 from lookalike.models.lora import add_lora
@@ -46,3 +47,43 @@ def test_target_modules_attention_only_or_with_mlp():
             "single_transformer_blocks.0.proj_out"} <= with_mlp
     assert "proj_out" not in with_mlp, "the transformer's final projection is not adapted"
     assert attention < with_mlp
+
+
+def local_copy_of_the_tiny_model(folder):
+    import shutil
+
+    local = folder / "my-flux"
+    shutil.copytree(ensure_tiny_model(), local)
+    return local
+
+
+@pytest.mark.slow
+def test_a_local_base_whose_clip_tokenizer_has_no_length_trains_with_77_tokens(tiny_config, tmp_path):
+    """transformers reports an unset model_max_length as a huge integer, which overflowed while tokenizing."""
+    import json
+
+    from lookalike.config import load_config
+    from lookalike.models.base import CLIP_TOKENS, load_pipeline
+    from lookalike.train.trainer import train
+
+    local = local_copy_of_the_tiny_model(tmp_path)
+    settings = local / "tokenizer" / "tokenizer_config.json"
+    tokenizer = json.loads(settings.read_text())
+    del tokenizer["model_max_length"]
+    settings.write_text(json.dumps(tokenizer))
+    assert load_pipeline(local).tokenizer_max_length == CLIP_TOKENS
+    config = load_config(tiny_config(model={"base": str(local)}, train={"max_train_steps": 2},
+                                     data={"crop": "center"}))
+    assert train(config, "r").is_file()
+
+
+@pytest.mark.parametrize("component,damage", [("transformer", "config.json"),
+                                              ("vae", "diffusion_pytorch_model.safetensors")])
+def test_a_broken_local_base_is_one_error_naming_the_folder_and_the_component(tmp_path, component, damage):
+    from lookalike.errors import LookalikeError
+    from lookalike.models.base import load_component
+
+    local = local_copy_of_the_tiny_model(tmp_path)
+    (local / component / damage).write_text("{ not what it should be")
+    with pytest.raises(LookalikeError, match=f"cannot load the {component} of the base model in {local}"):
+        load_component(local, component)

@@ -7,6 +7,7 @@ embeddings never constructs the text encoders).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -141,6 +142,9 @@ def inference_dtype(device):
     return torch.float32
 
 
+CLIP_TOKENS = 77  # FLUX's CLIP prompt length, whatever a tokenizer's config says (as diffusers' scripts do)
+
+
 def load_component(folder: Path, component: str, dtype=None, quantization: str = "none"):
     """Load one component of a FLUX folder (transformer, vae, text_encoder, ...) with its own class; the
     transformer's linear weights quantised as they load when `quantization` says so (models/quantize.py)."""
@@ -153,24 +157,47 @@ def load_component(folder: Path, component: str, dtype=None, quantization: str =
         "text_encoder": CLIPTextModel,
         "text_encoder_2": T5EncoderModel,
     }
-    if component in ("tokenizer", "tokenizer_2"):
-        return AutoTokenizer.from_pretrained(folder, subfolder=component)
-    if component == "scheduler":
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=component)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    if quantization != "none":
-        from lookalike.models.quantize import quantization_config
+    with _naming_failures(folder, component):
+        if component in ("tokenizer", "tokenizer_2"):
+            return AutoTokenizer.from_pretrained(folder, subfolder=component)
+        if component == "scheduler":
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=component)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        if quantization != "none":
+            from lookalike.models.quantize import quantization_config
 
-        kwargs["quantization_config"] = quantization_config(quantization, dtype)
-    return loaders[component].from_pretrained(folder, subfolder=component, **kwargs)
+            kwargs["quantization_config"] = quantization_config(quantization, dtype)
+        return loaders[component].from_pretrained(folder, subfolder=component, **kwargs)
 
 
 def load_pipeline(folder: Path, dtype=None, **components):
-    """A FluxPipeline from a folder; components given (e.g. transformer=..., text_encoder=None) replace its own."""
+    """A FluxPipeline from a folder; components given (e.g. transformer=..., text_encoder=None) replace its own.
+    Its CLIP prompts are 77 tokens long: a local folder whose tokenizer leaves model_max_length unset would
+    otherwise tokenize to transformers' 'very large integer' and overflow."""
     from diffusers import FluxPipeline
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return FluxPipeline.from_pretrained(folder, **components, **kwargs)
+    with _naming_failures(folder, "pipeline"):
+        pipe = FluxPipeline.from_pretrained(folder, **components, **kwargs)
+    if getattr(pipe, "tokenizer", None) is not None:
+        pipe.tokenizer.model_max_length = CLIP_TOKENS
+        pipe.tokenizer_max_length = CLIP_TOKENS
+    return pipe
+
+
+@contextlib.contextmanager
+def _naming_failures(folder: Path, component: str):
+    """A base folder that fails to load (a missing or broken file, a config of the wrong shape) is one error
+    naming the folder and the component, not a library's traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except LookalikeError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LookalikeError(f"cannot load the {component} of the base model in {folder}: {first}") from None
 
 
 def vae_normalisation(folder: Path) -> tuple[float, float]:
