@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lookalike.generate import fuse_loras, render
+from lookalike.generate import apply_loras, render
 from lookalike.models.base import FLUX_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, quiet_libraries
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 
@@ -80,7 +80,7 @@ def main() -> None:
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
-        fuse_loras(pipe, [(random_lora_file(transformer, Path(tmp), args.rank), 1.0)])
+        apply_loras(pipe, [(random_lora_file(transformer, Path(tmp), args.rank), 1.0)], fuse=True)
     embeds = torch.randn(1, TEXT_TOKENS, transformer.config.joint_attention_dim, device=device, dtype=dtype)
     pooled = torch.randn(1, transformer.config.pooled_projection_dim, device=device, dtype=dtype)
 

@@ -84,3 +84,37 @@ def test_vae_tiling_decodes_tile_by_tile(tiny_config, tmp_path, monkeypatch):
     folder = generate(load_config(tiny_config("tiled.toml", **{"": {"workspace": str(tmp_path / "tiled")}},
                                               generate={**settings, "vae_tiling": True})))
     assert len(tiled_calls) == 1 and pixels(folder / "p00_s0_g5.png").shape == (256, 256, 3)
+
+
+@pytest.mark.slow
+def test_images_are_what_the_stock_pipeline_draws_with_the_lora_file_loaded(tiny_config, tmp_path):
+    """By default the LoRA is applied as load_lora_weights applies it (what users of the file get); fusing it into
+    bf16 weights rounds small changes away, which the test measures."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from lookalike.generate import apply_loras, render
+    from lookalike.models.base import load_pipeline
+    from lookalike.models.tiny import ensure_tiny_model
+
+    config = load_config(tiny_config(train={"max_train_steps": 20, "learning_rate": 1e-2}, data={"crop": "center"},
+                                     generate={"num_inference_steps": 3}))
+    lora = train(config, "r")
+    ours = pixels(generate(config, run="r") / "p00_s0_g5.png").astype(int)
+
+    stock = FluxPipeline.from_pretrained(ensure_tiny_model())
+    stock.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    stock.set_progress_bar_config(disable=True)
+    theirs = np.asarray(stock("a photo of sks", height=64, width=64, num_inference_steps=3, guidance_scale=5.0,
+                              max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0)).images[0])
+    assert np.abs(ours - theirs.astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the file loaded"
+
+    def latents(fuse: bool):
+        pipe = load_pipeline(ensure_tiny_model(), dtype=torch.bfloat16)
+        pipe.set_progress_bar_config(disable=True)
+        apply_loras(pipe, [(lora, 1.0)], fuse=fuse)
+        return render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=3, size=64, max_sequence_length=32,
+                      output_type="latent").float()
+
+    moved = (latents(True) - latents(False)).abs().max().item()
+    assert moved > 0, "fused into bf16 weights, the LoRA draws something else than the file loaded as is"

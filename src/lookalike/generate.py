@@ -87,7 +87,7 @@ def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]
     return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": g.num_inference_steps,
             "size": g.resolution or config.data.resolution, "base_model": config.model.base,
             "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
-            "vae_tiling": g.vae_tiling, "loras": loras}
+            "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
 
 
 def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path | None:
@@ -110,9 +110,10 @@ def image_jobs(config: StudyConfig) -> list[ImageJob]:
     ]
 
 
-def fuse_loras(pipe, adapters: list[tuple[Path, float]]) -> list[dict[str, Any]]:
-    """Fuse LoRA files at their weights into the pipeline's transformer (diffusers' weighted adapters, then
-    fused: no cost per step); return what each file says of itself, for the images' sidecars."""
+def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[dict[str, Any]]:
+    """Load LoRA files at their weights into the pipeline's transformer as diffusers' weighted adapters, exactly
+    as `load_lora_weights` does for a user; with `fuse`, then merge them into the weights (no cost per step, but
+    in bf16 the smallest changes round away). Returns what each file says of itself, for the sidecars."""
     from lookalike.models.lora import load_lora_into
 
     if not adapters:
@@ -121,8 +122,9 @@ def fuse_loras(pipe, adapters: list[tuple[Path, float]]) -> list[dict[str, Any]]
     info = [{"file": str(path), "weight": weight, **load_lora_into(pipe, path, adapter_name=name)}
             for name, (path, weight) in zip(names, adapters)]
     pipe.set_adapters(names, [weight for _, weight in adapters])
-    pipe.fuse_lora(adapter_names=names)
-    pipe.unload_lora_weights()
+    if fuse:
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()
     return info
 
 
@@ -130,7 +132,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
              weights: list[float] | None = None, console: Console | None = None, out: Path | None = None) -> Path:
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
     (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
-    their weights (diffusers' weighted adapters, fused), or none: the base model."""
+    their weights (diffusers' weighted adapters), or none: the base model."""
     from lookalike.models.base import inference_dtype, load_pipeline, pick_device, resolve_base
     from lookalike.models.lora import check_lora_file
     from lookalike.progress import progress_bar
@@ -156,7 +158,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
         console.print(f"generate: all images already in {folder}")
         return folder
 
-    # 1. The pipeline, with the LoRAs fused into the transformer's weights (no adapter cost per step), then
+    # 1. The pipeline with the LoRAs (as diffusers' adapters, or fused into the weights when asked), then
     # compiled if asked.
     device = pick_device()
     base_folder = resolve_base(config.model.base, config.model.revision)
@@ -164,7 +166,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     pipe.set_progress_bar_config(disable=True)
     if config.generate.vae_tiling:
         pipe.vae.enable_tiling()
-    lora_info = fuse_loras(pipe, adapters)
+    lora_info = apply_loras(pipe, adapters, fuse=config.generate.fuse_lora)
     if config.generate.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
