@@ -52,15 +52,16 @@ def test_export_round_trips_through_diffusers(tmp_path, format):
         if format != "diffusers":
             alpha = handle.get_tensor(next(k for k in keys if k.endswith("img_attn_qkv.alpha")
                                            or k.endswith("img_attn.qkv.alpha")))
-            assert alpha.ndim == 0 and alpha.item() == ALPHA * 3, "alpha stored as a tensor"
+            # The file's scale alpha / rank is folded into its B matrices: alpha = rank, per fused part.
+            assert alpha.ndim == 0 and alpha.item() == RANK * 3, "alpha stored as a tensor"
     expected_prefix = {"kohya": "lora_unet_double_blocks_0_", "comfyui": "diffusion_model.double_blocks.0.",
                        "diffusers": "transformer.transformer_blocks.0."}[format]
     assert any(k.startswith(expected_prefix) for k in keys), keys[:3]
 
     loaded = FluxPipeline.lora_state_dict(str(exported))
     loaded = loaded[0] if isinstance(loaded, tuple) else loaded
-    # diffusers folds kohya's alpha / rank into the weights it returns; its own layout keeps alpha apart.
-    got = deltas(loaded, ALPHA / RANK if format == "diffusers" else 1.0)
+    # diffusers folds kohya's alpha / rank into the weights it returns; in its own layout alpha = rank.
+    got = deltas(loaded, 1.0)
     want = deltas(original, ALPHA / RANK)
     for module, delta in want.items():
         torch.testing.assert_close(got[module], delta, rtol=1e-4, atol=1e-6)
@@ -68,6 +69,26 @@ def test_export_round_trips_through_diffusers(tmp_path, format):
     assert extra <= {"transformer.single_transformer_blocks.0.proj_mlp"}
     for module in extra:  # the part of linear1 the LoRA never adapted comes back as no change at all
         assert not loaded[f"{module}.lora_B.weight"].any()
+
+
+def test_a_lora_file_applies_at_its_trained_strength_where_only_tensors_are_read(tmp_path):
+    """ComfyUI and kohya's converters scale a layer by its `.alpha` tensor / rank, or by 1 without one; they never
+    read peft's JSON metadata, where diffusers finds alpha. A file trained at alpha 8, rank 4 must not load there
+    at half its strength."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    original = flux_dev_lora(tmp_path / "lora.safetensors")
+    written = load_file(tmp_path / "lora.safetensors")
+    assert not any(key.endswith(".alpha") for key in written)
+    as_tools_read = deltas(written, 1.0)
+    for module, delta in deltas(original, ALPHA / RANK).items():
+        torch.testing.assert_close(as_tools_read[module], delta, rtol=1e-5, atol=1e-7)
+    with safe_open(str(tmp_path / "lora.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == str(RANK)
+    assert metadata["lookalike.rank"] == metadata["lookalike.alpha"] == str(RANK), "true of the layers written"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora" and metadata["ss_base_model_version"] == "flux1"
 
 
 def test_export_refuses_an_unknown_format(tmp_path):

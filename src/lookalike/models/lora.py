@@ -7,6 +7,7 @@ Only safetensors files are ever read: a pickle can run code on loading.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -63,15 +64,32 @@ def lora_state_dict(transformer) -> dict[str, Any]:
     }
 
 
+# What kohya's tools and sites (civitai) read to name a FLUX.1 LoRA's base, by lookalike's base names.
+MODELSPEC_ARCHITECTURE = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
+
+
 def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any]) -> None:
-    """Write a LoRA file atomically: tensors, diffusers' adapter metadata, and our own `lookalike.*` facts."""
+    """Write a LoRA file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts, and the
+    facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version, modelspec.architecture).
+
+    The scale alpha / rank is folded into the B matrices and the file says alpha = rank, so that every reader
+    applies the LoRA at its trained strength: ComfyUI and kohya's converters never read peft's metadata, and
+    would apply a file with alpha != rank at rank / alpha times its strength."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
 
     from lookalike.workspace import atomic_path
 
+    rank, scale = peft_config.r, peft_config.lora_alpha / peft_config.r
+    if scale != 1:
+        tensors = {key: value * scale if ".lora_B." in key else value for key, value in tensors.items()}
+        peft_config = dataclasses.replace(peft_config, lora_alpha=rank)
+    info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
     adapter = {f"transformer.{k}": v for k, v in peft_config.to_dict().items()}
-    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True)}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True),
+                "ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "flux1"}
+    if info.get("base_model") in MODELSPEC_ARCHITECTURE:
+        metadata["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[info["base_model"]]
     metadata.update({METADATA_PREFIX + key: str(value) for key, value in info.items()})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
