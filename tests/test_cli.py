@@ -1,6 +1,8 @@
 """The command line as a user meets it: one-line errors naming the problem, non-zero exits, no tracebacks."""
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -18,9 +20,15 @@ def assert_one_line_error(result, *expected):
 
 @pytest.mark.slow
 def test_help_is_instant_and_lists_commands():
+    """Instant: the CLI imports no heavy library before a command needs it (torch alone takes seconds)."""
     result = run_cli("--help")
     assert result.returncode == 0
     assert "train" in result.stdout and "generate" in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys; from lookalike.cli import app; import typer.testing;"
+                            "typer.testing.CliRunner().invoke(app, ['--help']);"
+                            "print(sorted({'torch', 'diffusers', 'transformers', 'gradio'} & set(sys.modules)))"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 import torch
 
 from lookalike.train.checkpoint import list_checkpoints, save_checkpoint
-from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
+from lookalike.train.flow_matching import noisy_latents, sample_sigmas, shift_sigmas, velocity_target
 from lookalike.train.trainer import BatchOrder
 
 
@@ -17,16 +17,14 @@ def test_sigmas_lie_in_the_unit_interval_and_shift_moves_them_up():
     assert abs(torch.logit(logit).mean().item() - 1.0) < 0.02
 
 
-def test_shift_formula_matches_flux_scheduler():
+def test_shift_matches_the_flux_schedulers_own_sigmas():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    sigma = torch.tensor([0.25, 0.5, 0.75])
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # shifts its sigmas as it starts
+    unshifted = torch.linspace(1, 1000, 1000).flip(0) / 1000
+    torch.testing.assert_close(shift_sigmas(unshifted, 3.0), scheduler.sigmas)
     ours = sample_sigmas(3, "uniform", torch.Generator().manual_seed(0), shift=3.0)
-    raw = torch.rand(3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ours, 3.0 * raw / (1 + 2.0 * raw))
-    expected = scheduler.config.shift * sigma / (1 + (scheduler.config.shift - 1) * sigma)
-    torch.testing.assert_close(3.0 * sigma / (1 + 2.0 * sigma), expected)
+    torch.testing.assert_close(ours, shift_sigmas(torch.rand(3, generator=torch.Generator().manual_seed(0)), 3.0))
 
 
 def test_velocity_moves_from_data_to_noise():

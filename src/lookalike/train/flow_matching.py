@@ -20,6 +20,11 @@ def sample_sigmas(
         sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator))
     else:
         raise ValueError(f"unknown timestep sampling {sampling!r}")
+    return shift_sigmas(sigmas, shift)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise levels moved towards noise (shift > 1), as FLUX's scheduler shifts its own."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
