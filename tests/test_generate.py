@@ -118,3 +118,32 @@ def test_images_are_what_the_stock_pipeline_draws_with_the_lora_file_loaded(tiny
 
     moved = (latents(True) - latents(False)).abs().max().item()
     assert moved > 0, "fused into bf16 weights, the LoRA draws something else than the file loaded as is"
+
+
+@pytest.mark.slow
+def test_a_base_without_guidance_generates_with_its_own_steps_and_no_guidance_scale(tiny_config, tmp_path, monkeypatch):
+    """A local folder like FLUX.1-schnell (its transformer has no guidance embedding) makes 4-step images, one per
+    prompt and seed: guidance scales would draw the same image under different labels."""
+    from lookalike import display
+    from lookalike.models import base
+    from lookalike.models.tiny import TinySpec, ensure_tiny_model
+
+    schnell = ensure_tiny_model(TinySpec(guidance_embeds=False))
+    assert base.base_info(str(schnell)) == base.LOCAL_WITHOUT_GUIDANCE and base.base_info("flux-schnell").steps == 4
+    steps_run = []  # one transformer call per denoising step (FLUX has no classifier-free guidance pass)
+    real = base.load_pipeline
+
+    def counting(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        pipe.transformer.register_forward_hook(lambda *_: steps_run.append(1))
+        return pipe
+
+    monkeypatch.setattr(base, "load_pipeline", counting)
+    config = load_config(tiny_config(model={"base": str(schnell)},
+                                     generate={"guidance_scales": [3.5, 5.0, 7.5], "seeds": [0]}))
+    console = display.console(record=True, width=1000)
+    folder = generate(config, console=console)
+    assert "takes no guidance: generate.guidance_scales is not used" in console.export_text()
+    assert sorted(p.name for p in folder.glob("*.png")) == ["p00_s0.png"]
+    sidecar = json.loads((folder / "p00_s0.json").read_text())
+    assert sidecar["guidance_scale"] is None and sidecar["steps"] == 4 and len(steps_run) == 4

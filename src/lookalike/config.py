@@ -150,7 +150,9 @@ class GenerateConfig(Section):
     prompts: list[str] = Field(["a photo of {token}"], min_length=1)
     seeds: list[int] = Field([0], min_length=1)
     guidance_scales: list[float] = Field([5.0], min_length=1)
-    num_inference_steps: int = Field(28, ge=1)
+    """Not used by a base without guidance (FLUX.1-schnell): its images are made once per prompt and seed."""
+    num_inference_steps: int | None = Field(None, ge=1)
+    """None: the base's own (28 for FLUX.1-dev and local folders like it, 4 for schnell)."""
     resolution: int | None = Field(None, ge=16, le=MAX_RESOLUTION)
     """Image side in pixels; None uses [data].resolution."""
     vae_tiling: bool = False

@@ -68,7 +68,7 @@ class DemoModels:
                                        dtype=inference_dtype(device)).to(device)
         return self._pipe
 
-    def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float, steps: int,
+    def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float | None, steps: int,
                size: int, progress=None):
         """One image with the given LoRAs at their weights (diffusers' weighted adapters; none: the base)."""
         from lookalike.generate import render
@@ -161,10 +161,12 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     import gradio as gr
 
     from lookalike.evaluate import reference_photos
+    from lookalike.models.base import guidance_scales, inference_steps
 
     models = models or DemoModels(config)
     keep_temporary_files_in(models.folder / ".gradio")
     size = config.generate.resolution or config.data.resolution
+    takes_guidance = guidance_scales(config) != [None]
     starting_references = [str(p) for p in reference_photos(config)]
 
     def loras_of(lora_a, weight_a, lora_b, weight_b) -> list[tuple[str, float]]:
@@ -182,8 +184,9 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                 raise DemoError("write a prompt first")
             _check_settings(seed, steps, side, guidance)
             side = int(side) // 16 * 16  # FLUX works in 16-pixel patches
-            image = models.render(loras, prompt, int(seed), float(guidance), int(steps), side, progress)
-            facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": float(guidance), "steps": int(steps),
+            guidance = float(guidance) if takes_guidance else None
+            image = models.render(loras, prompt, int(seed), guidance, int(steps), side, progress)
+            facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": guidance, "steps": int(steps),
                      "size": side, "loras": loras, "base_model": config.model.base}
             path = models.keep_image(image, facts)
             scores = models.score(path, prompt, references)
@@ -238,9 +241,10 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                 prompt = gr.Textbox(config.fill(config.generate.prompts[0]), label="prompt")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    guidance = gr.Slider(1.0, 10.0, value=config.generate.guidance_scales[0], step=0.5,
-                                         label="guidance scale")
-                    steps = gr.Slider(1, 50, value=config.generate.num_inference_steps, step=1, label="steps")
+                    guidance = gr.Slider(0.0, 10.0, value=guidance_scales(config)[0] or 0.0, step=0.5,
+                                         interactive=takes_guidance, label="guidance scale" if takes_guidance
+                                         else "guidance (this base takes none)")
+                    steps = gr.Slider(1, 50, value=inference_steps(config), step=1, label="steps")
                     side = gr.Slider(64, max(1536, size), value=size, step=16, label="size (pixels)")
                 go = gr.Button("Generate", variant="primary")
             with gr.Column():

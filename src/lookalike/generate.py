@@ -29,14 +29,15 @@ class ImageJob:
     prompt_index: int
     prompt: str
     seed: int
-    guidance: float
+    guidance: float | None  # None: a base that takes no guidance
 
     @property
     def stem(self) -> str:
-        return f"p{self.prompt_index:02d}_s{self.seed}_g{self.guidance:g}"
+        guidance = "" if self.guidance is None else f"_g{self.guidance:g}"
+        return f"p{self.prompt_index:02d}_s{self.seed}{guidance}"
 
 
-def render(pipe, *, seed: int, guidance: float, steps: int, size: int, max_sequence_length: int,
+def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, max_sequence_length: int,
            prompt: str | None = None, prompt_embeds=None, pooled_prompt_embeds=None, output_type: str = "pil",
            callback=None):
     """One image from a FluxPipeline: by prompt, or by precomputed embeddings (training samples). callback:
@@ -50,7 +51,7 @@ def render(pipe, *, seed: int, guidance: float, steps: int, size: int, max_seque
         height=size,
         width=size,
         num_inference_steps=steps,
-        guidance_scale=guidance,
+        guidance_scale=0.0 if guidance is None else guidance,  # None: a base without guidance never reads it
         max_sequence_length=max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
@@ -81,10 +82,10 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
 
 def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything that makes a job's image what it is; an image is current only while its sidecar holds these."""
-    from lookalike.models.base import max_sequence_length
+    from lookalike.models.base import inference_steps, max_sequence_length
 
     g = config.generate
-    return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": g.num_inference_steps,
+    return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": inference_steps(config),
             "size": g.resolution or config.data.resolution, "base_model": config.model.base,
             "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
             "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
@@ -103,10 +104,12 @@ def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path
 
 
 def image_jobs(config: StudyConfig) -> list[ImageJob]:
+    from lookalike.models.base import guidance_scales
+
     g = config.generate
     return [
         ImageJob(i, config.fill(prompt), seed, guidance)
-        for (i, prompt), seed, guidance in itertools.product(enumerate(g.prompts), g.seeds, g.guidance_scales)
+        for (i, prompt), seed, guidance in itertools.product(enumerate(g.prompts), g.seeds, guidance_scales(config))
     ]
 
 
@@ -133,7 +136,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
     (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
     their weights (diffusers' weighted adapters), or none: the base model."""
-    from lookalike.models.base import inference_dtype, load_pipeline, pick_device, resolve_base
+    from lookalike.models.base import guidance_scales, inference_dtype, load_pipeline, pick_device, resolve_base
     from lookalike.models.lora import check_lora_file
     from lookalike.progress import progress_bar
 
@@ -151,6 +154,9 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     for path, _ in adapters:
         check_lora_file(path)  # refuse a bad file before loading a multi-GB model
     folder = out or output_folder(config, run, adapters)
+    if "guidance_scales" in config.generate.model_fields_set and guidance_scales(config) == [None]:
+        console.print(f"note: {config.model.base} takes no guidance: generate.guidance_scales is not used, and each "
+                      "prompt and seed makes one image")
     fingerprints = lora_fingerprints(adapters)
     jobs = [job for job in image_jobs(config) if current_image(folder, job, job_settings(config, job, fingerprints))
             is None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,17 +20,22 @@ from lookalike.errors import LookalikeError
 
 @dataclass(frozen=True)
 class BaseModelInfo:
+    """What a base is made for: its generation defaults."""
+
     repo: str | None  # hub repository, None for models built or stored locally
     max_sequence_length: int  # T5 tokens per prompt
-    default_steps: int  # inference steps this model is made for
+    steps: int  # inference steps: [generate] num_inference_steps when not set
+    guidance: bool = True  # guidance-distilled (FLUX.1-dev): takes a guidance scale; schnell takes none
 
 
 KNOWN_BASES = {
     "flux-dev": BaseModelInfo("black-forest-labs/FLUX.1-dev", 512, 28),
-    "flux-schnell": BaseModelInfo("black-forest-labs/FLUX.1-schnell", 256, 4),
+    "flux-schnell": BaseModelInfo("black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False),
     "tiny": BaseModelInfo(None, 32, 28),
 }
+# A local folder: like FLUX.1-dev, or like schnell when its transformer has no guidance embedding.
 LOCAL_FOLDER = BaseModelInfo(None, 512, 28)
+LOCAL_WITHOUT_GUIDANCE = BaseModelInfo(None, 256, 4, guidance=False)
 # FLUX.1's transformer (12B parameters), for estimates and benchmarks without its weights; schnell has no
 # guidance embedding.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -66,7 +72,25 @@ def quiet_libraries() -> None:
 
 
 def base_info(base: str) -> BaseModelInfo:
-    return KNOWN_BASES.get(base, LOCAL_FOLDER)
+    """A known base's facts; a local folder's, told from its transformer's config (no weights are read)."""
+    if base in KNOWN_BASES:
+        return KNOWN_BASES[base]
+    try:
+        transformer = json.loads((Path(base) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return LOCAL_FOLDER  # not there yet (or not readable): loading it will say what is wrong
+    return LOCAL_WITHOUT_GUIDANCE if transformer.get("guidance_embeds") is False else LOCAL_FOLDER
+
+
+def inference_steps(config) -> int:
+    """[generate] num_inference_steps, else the base's own (28 for FLUX.1-dev, 4 for schnell)."""
+    return config.generate.num_inference_steps or base_info(config.model.base).steps
+
+
+def guidance_scales(config) -> list[float | None]:
+    """The guidance scales images are made at: [generate] guidance_scales, or [None] for a base that takes no
+    guidance (schnell), whose images would be the same at every scale."""
+    return list(config.generate.guidance_scales) if base_info(config.model.base).guidance else [None]
 
 
 def max_sequence_length(model) -> int:

@@ -19,6 +19,7 @@ from rich.console import Console
 from lookalike.config import StudyConfig
 from lookalike.display import cell
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
+from lookalike.models.base import guidance_scales
 from lookalike.report import figures
 from lookalike.report.pareto import RANK_RULE, pareto_front
 from lookalike.store import refresh
@@ -68,8 +69,8 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
     """Prompts as rows, chosen runs as columns, the first seed at the middle guidance scale."""
     from PIL import Image
 
-    generate = config.generate
-    seed, guidance = generate.seeds[0], generate.guidance_scales[len(generate.guidance_scales) // 2]
+    scales = guidance_scales(config)
+    seed, guidance = config.generate.seeds[0], scales[len(scales) // 2]
     jobs = [job for job in image_jobs(config) if job.seed == seed and job.guidance == guidance]
     loras = {row["name"]: lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)]) for row in chosen}
     header = "".join(
@@ -94,7 +95,8 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
                 thumbnail.save(folder / name, quality=88)
             cells.append(f'<td><img src="{name}" alt="{html.escape(row["name"])}: {html.escape(job.prompt)}"></td>')
         body.append(f"<tr><th>{html.escape(job.prompt)}</th>{''.join(cells)}</tr>")
-    return (f"<p>Seed {seed}, guidance scale {guidance:g}.</p><table class='grid'><tr><th>prompt</th>{header}</tr>"
+    shown_guidance = "no guidance (the base takes none)" if guidance is None else f"guidance scale {guidance:g}"
+    return (f"<p>Seed {seed}, {shown_guidance}.</p><table class='grid'><tr><th>prompt</th>{header}</tr>"
             f"{''.join(body)}</table>")
 
 

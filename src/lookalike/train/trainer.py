@@ -402,7 +402,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     from diffusers import FluxPipeline
 
     from lookalike.generate import render
-    from lookalike.models.base import load_component
+    from lookalike.models.base import guidance_scales, load_component
 
     transformer.eval()
     pipe = FluxPipeline(scheduler=load_component(folder, "scheduler"), vae=vae, text_encoder=None, tokenizer=None,
@@ -410,7 +410,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     pipe.set_progress_bar_config(disable=True)
     dtype = next(vae.parameters()).dtype
     for index, prompt in enumerate(prompts):
-        image = render(pipe, seed=config.train.seed, guidance=config.generate.guidance_scales[0],
+        image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
                        steps=config.train.sample_steps, size=config.data.resolution, max_sequence_length=max_len,
                        prompt_embeds=texts[prompt].prompt_embeds[None].to(vae.device, dtype),
                        pooled_prompt_embeds=texts[prompt].pooled[None].to(vae.device, dtype))
