@@ -91,6 +91,22 @@ def test_a_lora_file_applies_at_its_trained_strength_where_only_tensors_are_read
     assert metadata["modelspec.architecture"] == "flux-1-dev/lora" and metadata["ss_base_model_version"] == "flux1"
 
 
+@pytest.mark.parametrize("format", ["kohya", "diffusers"])
+def test_a_bf16_export_is_half_the_size_and_changes_the_weights_as_the_original(tmp_path, format):
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    original = flux_dev_lora(tmp_path / "lora.safetensors")
+    full = export_lora(tmp_path / "lora.safetensors", tmp_path / "full.safetensors", format)
+    half = export_lora(tmp_path / "lora.safetensors", tmp_path / "half.safetensors", format, dtype="bf16")
+    assert {t.dtype for k, t in load_file(half).items() if not k.endswith(".alpha")} == {torch.bfloat16}
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    loaded = FluxPipeline.lora_state_dict(str(half))
+    got = deltas({k: v.float() for k, v in (loaded[0] if isinstance(loaded, tuple) else loaded).items()}, 1.0)
+    for module, delta in deltas(original, ALPHA / RANK).items():
+        torch.testing.assert_close(got[module], delta, rtol=2e-2, atol=2e-3)
+
+
 def test_export_refuses_an_unknown_format(tmp_path):
     flux_dev_lora(tmp_path / "lora.safetensors")
     with pytest.raises(LookalikeError, match="unknown format 'a1111'"):

@@ -309,6 +309,7 @@ def export(
     lora: Annotated[Optional[Path], typer.Option(help="Or export this LoRA file.")] = None,
     format: Annotated[str, typer.Option(help="kohya, comfyui or diffusers.")] = "comfyui",
     out: Annotated[Optional[Path], typer.Option(help="File to write (default: beside the LoRA).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, or bf16: half the size, as most shared LoRAs are.")] = "fp32",
 ) -> None:
     """Write a LoRA in the layout ComfyUI, kohya's sd-scripts or diffusers read."""
     from lookalike.models.export import export_lora
@@ -318,7 +319,7 @@ def export(
         raise LookalikeError("give CONFIG --run NAME, or --lora FILE")
     _quiet()
     source = lora if lora is not None else Workspace(_load(config, None).workspace).run(run).lora
-    written = export_lora(source, out or source.with_name(f"{source.stem}.{format}.safetensors"), format)
+    written = export_lora(source, out or source.with_name(f"{source.stem}.{format}.safetensors"), format, dtype)
     console.print(f"export: {written}")
 
 

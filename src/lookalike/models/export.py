@@ -67,30 +67,44 @@ def to_bfl_layers(tensors: dict, rank: int, alpha: float) -> dict[str, tuple]:
     return exported
 
 
-def export_lora(source: Path, out: Path, format: str) -> Path:
+DTYPES = ("fp32", "bf16")
+
+
+def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Path:
+    """Write `source` in `format`; `dtype` bf16 halves the file (the weights rounded once, as most shared LoRAs
+    are)."""
     import torch
     from safetensors.torch import save_file
 
-    from lookalike.models.lora import save_lora
+    from lookalike.models.lora import file_metadata, save_lora
     from lookalike.workspace import atomic_path
 
     if format not in FORMATS:
         raise LookalikeError(f"--format: unknown format {format!r} (use {', '.join(FORMATS)})")
+    if dtype not in DTYPES:
+        raise LookalikeError(f"--dtype: unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
     tensors, config, info = read_lora(source)
+    cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if format == "diffusers":
         from peft import LoraConfig
 
         fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+        scale = config["lora_alpha"] / config["r"]  # folded here, after the cast would lose precision
+        tensors = {k: (v.float() * scale if ".lora_B." in k else v.float()).to(cast) for k, v in tensors.items()}
+        fields["lora_alpha"] = config["r"]
         save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)})
         return out
     prefix, dotted = ("lora_unet_", False) if format == "kohya" else ("diffusion_model.", True)
     result = {}
     for layer, (down, up, alpha) in to_bfl_layers(tensors, config["r"], config["lora_alpha"]).items():
         name = prefix + (layer if dotted else layer.replace(".", "_"))
-        result[f"{name}.lora_down.weight"] = down.contiguous()
-        result[f"{name}.lora_up.weight"] = up.contiguous()
+        result[f"{name}.lora_down.weight"] = down.to(cast).contiguous()
+        result[f"{name}.lora_up.weight"] = up.to(cast).contiguous()
         result[f"{name}.alpha"] = torch.tensor(float(alpha))
-    metadata = {"format": "pt", **{f"lookalike.{k}": v for k, v in info.items()}}
+    # Every layer's scale, alpha / its own rank, is the source's alpha / rank; written as that ratio at rank r.
+    scale = config["lora_alpha"] / config["r"]
+    metadata = {"format": "pt", **file_metadata(config["r"], info)}
+    metadata["ss_network_alpha"] = f"{config['r'] * scale:g}"
     with atomic_path(out) as tmp:
         save_file(result, str(tmp), metadata=metadata)
     return out

@@ -87,12 +87,19 @@ def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, 
     info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
     adapter = {f"transformer.{k}": v for k, v in peft_config.to_dict().items()}
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True),
-                "ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "flux1"}
+                **file_metadata(rank, info)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def file_metadata(rank: int, info: dict[str, Any]) -> dict[str, str]:
+    """The header facts of a LoRA file whose scale is 1 (alpha = rank): kohya's and the sites' `ss_*` and
+    `modelspec.*`, and our own `lookalike.*`."""
+    metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "flux1"}
     if info.get("base_model") in MODELSPEC_ARCHITECTURE:
         metadata["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[info["base_model"]]
     metadata.update({METADATA_PREFIX + key: str(value) for key, value in info.items()})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    return metadata
 
 
 def _jsonable(value: Any) -> Any:
