@@ -101,6 +101,7 @@ def sweep(
     """Train every experiment of the config, each in its own process; finished runs are skipped."""
     from lookalike.sweep.plan import experiments
     from lookalike.sweep.runner import sweep as run_sweep
+    from lookalike.workspace import UNFINISHED
 
     if backend not in ("local", "ray"):
         raise LookalikeError(f"--backend: unknown backend {backend!r} (use local or ray)")
@@ -112,7 +113,7 @@ def sweep(
         return
     outcomes = run_sweep(study, config.resolve(), planned, console, set_ or [], jobs=jobs, backend=backend,
                          address=address, retry_failed=retry_failed)
-    if any(o.state in ("failed", "interrupted") for o in outcomes):
+    if any(o.state in UNFINISHED for o in outcomes):
         raise typer.Exit(1)
 
 
@@ -193,7 +194,7 @@ def results(
 def _print_results(study, sort: str | None) -> None:
     from rich.table import Table
 
-    from lookalike.display import cell
+    from lookalike.display import RESULT_COLUMNS, cell
     from lookalike.store import refresh, sort_runs
     from lookalike.workspace import Workspace
 
@@ -203,13 +204,9 @@ def _print_results(study, sort: str | None) -> None:
         console.print(f"results: no runs yet in {workspace.runs}")
         return
     rows = sort_runs(rows, sort) if sort else rows
-    columns = {"name": "run", "state": "state", "learning_rate": "lr", "rank": "rank", "alpha": "alpha",
-               "max_train_steps": "steps", "lr_scheduler": "sched", "train_seconds": "train s",
-               "final_loss": "loss", "face_distance": "face dist", "identity_similarity": "identity",
-               "id_match_rate": "id match", "faceless": "faceless", "clip_score": "clip"}
-    table = Table(*columns.values(), title=f"results ({workspace.results})")
+    table = Table(*RESULT_COLUMNS.values(), title=f"results ({workspace.results})")
     for row in rows:
-        table.add_row(*(cell(row[k]) for k in columns))
+        table.add_row(*(cell(row[k]) for k in RESULT_COLUMNS))
     console.print(table)
     for row in rows:
         if row["reason"] and row["state"] != "done":

@@ -161,11 +161,12 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     import gradio as gr
 
     from lookalike.evaluate import reference_photos
+    from lookalike.generate import image_size
     from lookalike.models.base import guidance_scales, inference_steps
 
     models = models or DemoModels(config)
     keep_temporary_files_in(models.folder / ".gradio")
-    size = config.generate.resolution or config.data.resolution
+    size = image_size(config)
     takes_guidance = guidance_scales(config) != [None]
     starting_references = [str(p) for p in reference_photos(config)]
 

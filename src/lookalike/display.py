@@ -11,6 +11,15 @@ def console(**options) -> Console:
     return Console(markup=False, **options)
 
 
+# The columns of a study's results (a results.sqlite row: store.run_table) and their labels, in the printed
+# table (`lookalike results`) and the report alike.
+RESULT_COLUMNS = {"name": "run", "state": "state", "learning_rate": "lr", "rank": "rank", "alpha": "alpha",
+                  "max_train_steps": "steps", "lr_scheduler": "scheduler", "train_seconds": "train s",
+                  "final_loss": "loss", "face_distance": "face distance", "identity_similarity": "identity",
+                  "id_match_rate": "id match", "faceless": "faceless", "several_faces": "several faces",
+                  "clip_score": "CLIP"}
+
+
 def cell(value, signed: bool = False) -> str:
     """'-' for a missing value, 4 significant digits for a number with a fraction, anything else as it is;
     signed: a change, shown with its sign."""

@@ -86,9 +86,14 @@ def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]
 
     g = config.generate
     return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": inference_steps(config),
-            "size": g.resolution or config.data.resolution, "base_model": config.model.base,
+            "size": image_size(config), "base_model": config.model.base,
             "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
             "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
+
+
+def image_size(config: StudyConfig) -> int:
+    """The side of generated images: [generate] resolution, else the training photos' [data] resolution."""
+    return config.generate.resolution or config.data.resolution
 
 
 def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path | None:

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
+from lookalike.workspace import UNFINISHED
 
 
 def run_study(config: StudyConfig, config_file: Path, overrides: list[str], console: Console, jobs: int = 1,
@@ -35,7 +36,7 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     stage("2/4 train (sweep)")
     outcomes = sweep(config, config_file, experiments(config), console, overrides, jobs=jobs, backend=backend,
                      address=address)
-    problems = [f"run {o.name} {o.state}: {o.reason}" for o in outcomes if o.state in ("failed", "interrupted")]
+    problems = [f"run {o.name} {o.state}: {o.reason}" for o in outcomes if o.state in UNFINISHED]
     trained = [o.name for o in outcomes if o.state in ("done", "skipped")]
 
     stage("3/4 generate")

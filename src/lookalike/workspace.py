@@ -21,6 +21,8 @@ from typing import Any, Iterator, Literal
 from lookalike.processes import still_running
 
 RunState = Literal["pending", "running", "done", "failed"]
+# The states of a run that did not finish (as RunPaths.state tells them): reported as problems, and resumable.
+UNFINISHED = ("failed", "interrupted")
 
 
 def _temporary_name(path: Path) -> Path:

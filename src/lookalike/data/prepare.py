@@ -32,7 +32,6 @@ from lookalike.workspace import Workspace, atomic_path, exclusive, read_json, wr
 
 INSPECTION_FORMAT = 2  # bump when what inspect() records changes, so old manifests are re-inspected
 THUMBNAIL = 256
-BACKEND_PACKAGES = {"dlib": "dlib-bin", "facenet": "facenet-pytorch"}
 CONVERSIONS = {"CMYK": "converted from CMYK to RGB", "I;16": "16-bit image scaled to 8 bits",
                "I;16B": "16-bit image scaled to 8 bits", "I": "16-bit image scaled to 8 bits",
                "RGBA": "transparency flattened onto white", "LA": "transparency flattened onto white",
@@ -87,9 +86,11 @@ def caption_for(photo: Path, default: str) -> str:
 
 def inspection_settings(config: StudyConfig) -> str:
     """What a photo's inspection depends on besides its bytes, as a digest (no model is loaded for it)."""
+    from lookalike.faces import BACKENDS
+
     backend = config.evaluate.face_backend
     facts = [INSPECTION_FORMAT, config.data.crop, config.evaluate.min_face_size, metadata.version("facenet-pytorch"),
-             backend, metadata.version(BACKEND_PACKAGES[backend])]
+             backend, metadata.version(BACKENDS[backend][2])]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
@@ -140,11 +141,9 @@ class Inspector:
 
     @property
     def same_person_threshold(self) -> float:
-        from lookalike.faces.dlib_backend import DlibBackend
-        from lookalike.faces.facenet_backend import FacenetBackend
+        from lookalike.faces import backend_class
 
-        backend = {"dlib": DlibBackend, "facenet": FacenetBackend}[self.config.evaluate.face_backend]
-        return backend.same_person_threshold
+        return backend_class(self.config.evaluate.face_backend).same_person_threshold
 
 
 def _check(photo: Photo, name: str, action: str, failed: bool, reason: str) -> None:

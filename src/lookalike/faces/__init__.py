@@ -66,15 +66,23 @@ def largest(faces: Sequence[Face]) -> Face:
     return max(faces, key=lambda f: f.area)
 
 
-def load_backend(name: str, **options) -> FaceBackend:
-    if name == "dlib":
-        from lookalike.faces.dlib_backend import DlibBackend
+# Each face backend: its module and class, and the package that brings its models (its version is part of
+# what prepare's cached findings depend on).
+BACKENDS = {"dlib": ("lookalike.faces.dlib_backend", "DlibBackend", "dlib-bin"),
+            "facenet": ("lookalike.faces.facenet_backend", "FacenetBackend", "facenet-pytorch")}
 
-        return DlibBackend(**options)
-    if name == "facenet":
-        from lookalike.faces.facenet_backend import FacenetBackend
 
-        return FacenetBackend(**options)
+def backend_class(name: str) -> type:
+    """The class of a face backend, imported without loading its models."""
+    import importlib
+
     from lookalike.errors import LookalikeError
 
-    raise LookalikeError(f"unknown face backend {name!r} (use facenet or dlib)")
+    if name not in BACKENDS:
+        raise LookalikeError(f"unknown face backend {name!r} (use {' or '.join(BACKENDS)})")
+    module, cls, _ = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_backend(name: str, **options) -> FaceBackend:
+    return backend_class(name)(**options)

@@ -17,20 +17,16 @@ from pathlib import Path
 from rich.console import Console
 
 from lookalike.config import StudyConfig
-from lookalike.display import cell
+from lookalike.display import RESULT_COLUMNS, cell
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import guidance_scales
 from lookalike.report import figures
 from lookalike.report.pareto import RANK_RULE, pareto_front
 from lookalike.store import refresh
-from lookalike.workspace import Workspace, atomic_dir, read_json
+from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_json
 
 GRID_RUNS = 4  # columns of the image grid
 THUMBNAIL = 384
-COLUMNS = {"name": "run", "state": "state", "learning_rate": "lr", "rank": "rank", "alpha": "alpha",
-           "max_train_steps": "steps", "lr_scheduler": "scheduler", "train_seconds": "train s", "final_loss": "loss",
-           "face_distance": "face distance", "identity_similarity": "identity", "id_match_rate": "id match",
-           "faceless": "faceless", "several_faces": "several faces", "clip_score": "CLIP"}
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ccc; padding: 3px 7px; }
@@ -111,7 +107,7 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
         return report / "index.html"
 
     done = [r for r in rows if r["state"] == "done"]
-    failed = [r for r in rows if r["state"] in ("failed", "interrupted")]
+    failed = [r for r in rows if r["state"] in UNFINISHED]
     unrankable = cannot_rank(config, done)
     front, unplaced = ([], {}) if unrankable else pareto_front(done)
     best = [r["name"] for r in front]
@@ -153,11 +149,11 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
 
 
 def _runs_table(rows: list[dict], best: list[str]) -> str:
-    head = "".join(f"<th>{title}</th>" for title in COLUMNS.values()) + "<th>reason</th>"
+    head = "".join(f"<th>{title}</th>" for title in RESULT_COLUMNS.values()) + "<th>reason</th>"
     body = []
     for row in rows:
-        kind = "best" if row["name"] in best else "failed" if row["state"] in ("failed", "interrupted") else ""
-        cells = "".join(f"<td>{html.escape(cell(row[k]))}</td>" for k in COLUMNS)
+        kind = "best" if row["name"] in best else "failed" if row["state"] in UNFINISHED else ""
+        cells = "".join(f"<td>{html.escape(cell(row[k]))}</td>" for k in RESULT_COLUMNS)
         body.append(f"<tr class='{kind}'>{cells}<td>{html.escape(row['reason'] or '')}</td></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -212,7 +208,7 @@ def _summary(config, rows, best_lines) -> str:
     ranked, notes = best_lines
     lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
     lines += [f"{i}. {line}" for i, line in enumerate(ranked, 1)] + [f"- {line}" for line in notes] or ["None yet."]
-    lines += ["", "## Every run", "", "| " + " | ".join(COLUMNS.values()) + " |",
-              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in COLUMNS) + " |" for r in rows]
+    lines += ["", "## Every run", "", "| " + " | ".join(RESULT_COLUMNS.values()) + " |",
+              "|" + "---|" * len(RESULT_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in RESULT_COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
