@@ -61,7 +61,7 @@ class DataChecks(Section):
     """Fewer than [data].min_photos photos kept: stop with an error, or go on with a warning."""
 
 
-MAX_RESOLUTION = 4096  # 16 M pixels: twice the largest image any supported base was trained on, per side
+MAX_RESOLUTION = 4096  # 16 M pixels: far beyond the 1-2 M pixels FLUX.1 trains and draws at, within what prepare reads
 
 
 class DataConfig(Section):
