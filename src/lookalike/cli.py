@@ -205,6 +205,7 @@ def _print_results(study, sort: str | None) -> None:
         return
     rows = sort_runs(rows, sort) if sort else rows
     table = Table(*RESULT_COLUMNS.values(), title=f"results ({workspace.results})")
+    table.columns[0].overflow = "fold"  # a long run name wraps rather than losing its end
     for row in rows:
         table.add_row(*(cell(row[k]) for k in RESULT_COLUMNS))
     console.print(table)

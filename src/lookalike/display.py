@@ -13,10 +13,11 @@ def console(**options) -> Console:
 
 # The columns of a study's results (a results.sqlite row: store.run_table) and their labels, in the printed
 # table (`lookalike results`) and the report alike.
+# Short labels: all fifteen fit a 140-column terminal.
 RESULT_COLUMNS = {"name": "run", "state": "state", "learning_rate": "lr", "rank": "rank", "alpha": "alpha",
-                  "max_train_steps": "steps", "lr_scheduler": "scheduler", "train_seconds": "train s",
-                  "final_loss": "loss", "face_distance": "face distance", "identity_similarity": "identity",
-                  "id_match_rate": "id match", "faceless": "faceless", "several_faces": "several faces",
+                  "max_train_steps": "steps", "lr_scheduler": "sched", "train_seconds": "train s",
+                  "final_loss": "loss", "face_distance": "face dist", "identity_similarity": "identity",
+                  "id_match_rate": "id match", "faceless": "faceless", "several_faces": "several",
                   "clip_score": "CLIP"}
 
 
