@@ -74,6 +74,19 @@ def test_prepare_removes_only_the_files_it_wrote(tiny_config, faces, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_edited_manifest_cannot_make_prepare_delete_outside_its_folders(tiny_config, faces, tmp_path):
+    config = tiny_config(data={"crop": "center"})
+    assert run_cli("prepare", str(config)).returncode == 0
+    data = tmp_path / "work" / "data"
+    precious = tmp_path / "precious.jpg"
+    precious.write_bytes(b"a user's photo")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["photos"][0]["thumbnail"] = "../../precious.jpg"  # as if it had written that file
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("prepare", str(config)).returncode == 0
+    assert precious.read_bytes() == b"a user's photo"
+
+
 def test_prepare_never_reads_a_large_non_image_whole(tiny_config, faces, tmp_path, monkeypatch):
     from lookalike.data.prepare import prepare_study
     from lookalike.display import console
@@ -297,10 +310,12 @@ def test_resume_drops_a_cut_off_metrics_line_and_cleans_temporary_files(tiny_con
     debris = [run.root / ".lora.safetensors.1a2b3c4d.tmp", run.checkpoints / ".step-000010.5e6f7a8b.tmp"]
     debris[0].write_bytes(b"half")
     debris[1].mkdir()
+    mine = run.root / ".my-notes.tmp"  # a name no write of lookalike makes
+    mine.write_text("keep")
     result = run_cli("train", str(config), "--run", "r", "--resume")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()] == list(range(1, 11))
-    assert not any(path.exists() for path in debris)
+    assert not any(path.exists() for path in debris) and mine.read_text() == "keep"
     assert run.read_status()["seconds"] > 100.0  # the earlier stretch counts too
 
 

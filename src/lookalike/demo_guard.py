@@ -24,8 +24,8 @@ FILE_PART = b"; filename="  # in the header of each file of a multipart upload
 
 
 def credentials(auth: str | None, auth_file: Path | None) -> tuple[str, str] | None:
-    """user:password from --auth, else from a file (--auth-file: its first line), else from the environment
-    (LOOKALIKE_DEMO_AUTH); the last two keep the password out of the process list."""
+    """user:password from a file (--auth-file: its first line), else from --auth, else from the environment
+    (LOOKALIKE_DEMO_AUTH); the file and the environment keep the password out of the process list."""
     sources = [(f"--auth-file {auth_file}", _first_line(auth_file)) if auth_file is not None else None,
                ("--auth", auth) if auth is not None else None,
                (AUTH_ENVIRONMENT, os.environ[AUTH_ENVIRONMENT]) if os.environ.get(AUTH_ENVIRONMENT) else None]

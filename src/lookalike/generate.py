@@ -163,8 +163,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
         console.print(f"note: {config.model.base} takes no guidance: generate.guidance_scales is not used, and each "
                       "prompt and seed makes one image")
     fingerprints = lora_fingerprints(adapters)
-    jobs = [job for job in image_jobs(config) if current_image(folder, job, job_settings(config, job, fingerprints))
-            is None]
+    planned = [(job, job_settings(config, job, fingerprints)) for job in image_jobs(config)]
+    jobs = [(job, settings) for job, settings in planned if current_image(folder, job, settings) is None]
     if not jobs:
         console.print(f"generate: all images already in {folder}")
         return folder
@@ -184,8 +184,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     # 2. One image per job, each with its sidecar, written atomically; the resolved config beside them.
     write_json(folder / "config.json", config.to_json_dict())
     with progress_bar(console, "generate", total=len(jobs)) as bar:
-        for job in jobs:
-            settings = job_settings(config, job, fingerprints)
+        for job, settings in jobs:
             image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=settings["steps"],
                            size=settings["size"], max_sequence_length=settings["max_sequence_length"])
             # An old image of this name loses its sidecar first and gets the new one last: the sidecar marks the

@@ -54,7 +54,7 @@ def _last_step(metrics_log: Path) -> int | None:
     return steps[-1]["step"] if steps else None
 
 
-def _reason(run: RunPaths, state: str, status: dict) -> str | None:
+def _reason(state: str, status: dict) -> str | None:
     if state == "interrupted" and status["state"] == "running":  # killed before it could say so
         return (f"its process (pid {status.get('pid')}) is gone; `lookalike train --resume` or `lookalike sweep` "
                 "continues it from its last checkpoint")
@@ -70,7 +70,7 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
     db.execute(
         "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (run.name, state, _reason(run, state, status), status.get("exit_code"),
+        (run.name, state, _reason(state, status), status.get("exit_code"),
          train.get("learning_rate"), train.get("rank"), alpha, train.get("max_train_steps"),
          train.get("lr_scheduler"), json.dumps(train), status.get("seconds"), status.get("final_loss"),
          _last_step(run.metrics), time.time()))
@@ -98,17 +98,18 @@ def refresh(runs_folder: Path, path: Path) -> list[dict]:
     """Record every run folder of the workspace (the files are the truth), then return run_table. In a workspace
     that cannot be written (read-only), the same table is built in memory and nothing is written."""
     folders = [RunPaths(f) for f in sorted(runs_folder.glob("*")) if f.is_dir()] if runs_folder.is_dir() else []
-    try:
-        with closing(connect(path)) as db:
+
+    def recorded(target: Path | str) -> list[dict]:
+        with closing(connect(target)) as db:
             with db:
                 for run in folders:
                     _record(db, run)
             return run_table(db)
+
+    try:
+        return recorded(path)
     except (sqlite3.OperationalError, OSError):
-        with closing(connect(":memory:")) as db:
-            for run in folders:
-                _record(db, run)
-            return run_table(db)
+        return recorded(":memory:")
 
 
 def sort_runs(rows: list[dict], column: str) -> list[dict]:

@@ -11,12 +11,13 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from lookalike.processes import still_running
 
@@ -28,6 +29,9 @@ UNFINISHED = ("failed", "interrupted")
 def _temporary_name(path: Path) -> Path:
     """A fresh hidden name beside `path` (`.NAME.<random>.tmp`): a kill leaves it recognisable as debris."""
     return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # the names _temporary_name makes, and no user's file
 
 
 def _sync(path: Path) -> None:
@@ -76,14 +80,18 @@ def _raise_with_place(error: Exception, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path) -> Iterator[None]:
+def exclusive(lock_file: Path, busy: Callable[[], Exception] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file` (made if missing) while the block runs: processes sharing a workspace,
-    such as a sweep's parallel runs, take turns. The system releases it when its process ends, however it ends."""
+    such as a sweep's parallel runs, take turns. The system releases it when its process ends, however it ends.
+    With `busy`, a process that finds the lock held raises busy() instead of waiting."""
     import fcntl
 
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise busy() from None
         try:
             yield
         finally:
@@ -112,10 +120,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def _sync_tree(folder: Path) -> None:
-    for item in folder.rglob("*"):
-        if item.is_file():
-            _sync(item)
-    for item in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+    for item in [*folder.rglob("*"), folder]:  # files and folders alike: a folder's sync keeps its entries
         _sync(item)
 
 
@@ -156,9 +161,14 @@ def json_safe(data: Any) -> Any:
     return data
 
 
+def json_text(data: Any) -> str:
+    """`data` as the JSON text of the workspace's files."""
+    return json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+        tmp.write_text(json_text(data))
 
 
 def read_json(path: Path) -> Any:
@@ -236,7 +246,7 @@ class RunPaths:
             # it in place rather than leave the run saying 'running' (not atomic, so only as the last resort).
             if not self.status.is_file():
                 raise
-            text = json.dumps(json_safe(status), indent=2, default=str).encode() + b"\n"
+            text = json_text(status).encode()
             fd = os.open(self.status, os.O_WRONLY)
             try:
                 os.write(fd, text)
@@ -291,26 +301,21 @@ class RunPaths:
     def hold(self) -> Iterator[None]:
         """Hold the run for this process (training it), or raise RunBusy when another process holds it. The
         system releases the lock however its process ends, so a dead holder never blocks a resume."""
-        import fcntl
-
         from lookalike.errors import RunBusy
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.lock, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                status = self.read_status() or {}
-                raise RunBusy(f"run {self.name!r} is being trained by another process (pid {status.get('pid')}); "
-                              "nothing was done") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        def busy() -> RunBusy:
+            status = self.read_status() or {}
+            return RunBusy(f"run {self.name!r} is being trained by another process (pid {status.get('pid')}); "
+                           "nothing was done")
+
+        with exclusive(self.lock, busy):
+            yield
 
     def remove_temporary_files(self) -> None:
         """Debris of writes a kill cut short (only while this process holds the run: no other is writing)."""
         for item in sorted(self.root.rglob(".*.tmp"), reverse=True):
+            if not TEMPORARY_NAME.fullmatch(item.name):
+                continue
             if item.is_dir():
                 shutil.rmtree(item, ignore_errors=True)
             else:

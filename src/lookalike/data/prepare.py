@@ -327,9 +327,12 @@ def _written(manifest: dict) -> set[str]:
 
 def _remove_unused(data: Path, previous: dict, manifest: dict) -> None:
     """Remove what the previous manifest recorded as written and the new one no longer uses; never a file that
-    prepare did not write itself."""
+    prepare did not write itself, nor one outside its own folders (whatever an edited manifest says)."""
+    own = [(data / folder).resolve() for folder in ("images", "qa")]
     for name in _written(previous) - _written(manifest):
-        (data / name).unlink(missing_ok=True)
+        path = (data / name).resolve()
+        if path.parent in own:
+            path.unlink(missing_ok=True)
 
 
 def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo]]:

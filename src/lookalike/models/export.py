@@ -83,16 +83,16 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         raise LookalikeError(f"--format: unknown format {format!r} (use {', '.join(FORMATS)})")
     if dtype not in DTYPES:
         raise LookalikeError(f"--dtype: unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if Path(out).resolve() == Path(source).resolve():
+        raise LookalikeError(f"--out: {out} is the LoRA being exported; write the export to a new file")
     tensors, config, info = read_lora(source)
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if format == "diffusers":
         from peft import LoraConfig
 
         fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
-        scale = config["lora_alpha"] / config["r"]  # folded here, after the cast would lose precision
-        tensors = {k: (v.float() * scale if ".lora_B." in k else v.float()).to(cast) for k, v in tensors.items()}
-        fields["lora_alpha"] = config["r"]
-        save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)})
+        save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)},
+                  dtype=cast)
         return out
     prefix, dotted = ("lora_unet_", False) if format == "kohya" else ("diffusion_model.", True)
     result = {}
@@ -101,10 +101,8 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         result[f"{name}.lora_down.weight"] = down.to(cast).contiguous()
         result[f"{name}.lora_up.weight"] = up.to(cast).contiguous()
         result[f"{name}.alpha"] = torch.tensor(float(alpha))
-    # Every layer's scale, alpha / its own rank, is the source's alpha / rank; written as that ratio at rank r.
-    scale = config["lora_alpha"] / config["r"]
-    metadata = {"format": "pt", **file_metadata(config["r"], info)}
-    metadata["ss_network_alpha"] = f"{config['r'] * scale:g}"
+    # Every layer's scale, its alpha tensor over its own rank, is the source's alpha / rank.
+    metadata = {"format": "pt", **file_metadata(config["r"], info), "ss_network_alpha": f"{config['lora_alpha']:g}"}
     with atomic_path(out) as tmp:
         save_file(result, str(tmp), metadata=metadata)
     return out

@@ -68,21 +68,27 @@ def lora_state_dict(transformer) -> dict[str, Any]:
 MODELSPEC_ARCHITECTURE = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
 
 
-def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any]) -> None:
+def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None) -> None:
     """Write a LoRA file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts, and the
     facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version, modelspec.architecture).
 
     The scale alpha / rank is folded into the B matrices and the file says alpha = rank, so that every reader
     applies the LoRA at its trained strength: ComfyUI and kohya's converters never read peft's metadata, and
-    would apply a file with alpha != rank at rank / alpha times its strength."""
+    would apply a file with alpha != rank at rank / alpha times its strength. `dtype`: the tensors' type in the
+    file (default: each their own); the scale is folded in float32, before any cast."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
 
     from lookalike.workspace import atomic_path
 
     rank, scale = peft_config.r, peft_config.lora_alpha / peft_config.r
+
+    def written(key: str, value):
+        folded = value.float() * scale if scale != 1 and ".lora_B." in key else value
+        return folded.to(dtype or value.dtype)
+
+    tensors = {key: written(key, value) for key, value in tensors.items()}
     if scale != 1:
-        tensors = {key: value * scale if ".lora_B." in key else value for key, value in tensors.items()}
         peft_config = dataclasses.replace(peft_config, lora_alpha=rank)
     info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
     adapter = {f"transformer.{k}": v for k, v in peft_config.to_dict().items()}
@@ -167,8 +173,7 @@ def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any
     least 1, with finite values. Anything else would fail deep inside merge or export, or poison the weights."""
     import torch
 
-    names = sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors})
-    for name in names:
+    for name in _module_names(tensors):
         down, up = (tensors.get(f"transformer.{name}.lora_{part}.weight") for part in "AB")
         if down is None or up is None:
             raise LookalikeError(f"{path}: module {name} lacks its lora_{'A' if down is None else 'B'} matrix")
@@ -180,11 +185,14 @@ def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any
     return modules_of(tensors)
 
 
+def _module_names(tensors: dict[str, Any]) -> list[str]:
+    return sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors})
+
+
 def modules_of(tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """module name (without `transformer.`) -> (lora_A, lora_B)."""
-    names = sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors})
     return {name: (tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"])
-            for name in names}
+            for name in _module_names(tensors)}
 
 
 def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:
