@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_train_step import TINY, build_transformer  # bench/ is on sys.path when run as a script
 
 from lookalike.generate import apply_loras, render
 from lookalike.models.base import FLUX_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, quiet_libraries
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
-
-from gpu_train_step import TINY, build_transformer  # bench/ is on sys.path when run as a script
 
 TINY_VAE = dict(FLUX_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
 TEXT_TOKENS = 512

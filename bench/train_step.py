@@ -20,13 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
 from lookalike.config import load_config
 from lookalike.models.base import load_component, quiet_libraries
 from lookalike.models.tiny import TinySpec, ensure_tiny_model
 from lookalike.train.trainer import train
-
-from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,

@@ -1,4 +1,5 @@
 import pytest
+
 """lookalike ablate: base model against a fine-tuned run, on the trigger word, the real name and a stranger."""
 
 import json

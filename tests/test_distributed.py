@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -131,7 +131,7 @@ def test_bad_evaluate_option_names_it(tmp_path):
 
 def test_models_load_once_per_process_for_the_same_settings():
     from lookalike.config import EvaluateConfig
-    from lookalike.evaluate import load_evaluator
+    from lookalike.evaluate.command import load_evaluator
 
     settings = EvaluateConfig(face_backend="dlib", clip_model="tiny")
     evaluator = load_evaluator(settings, with_clip=True)

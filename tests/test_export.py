@@ -54,6 +54,12 @@ def test_export_round_trips_through_diffusers(tmp_path, format):
                                            or k.endswith("img_attn.qkv.alpha")))
             # The file's scale alpha / rank is folded into its B matrices: alpha = rank, per fused part.
             assert alpha.ndim == 0 and alpha.item() == RANK * 3, "alpha stored as a tensor"
+            # Attention only: linear1 holds q, k and v (rank 3 x 4), no rank for the MLP input it never adapted,
+            # only zero rows for it in the up matrix (linear1 is 3 x hidden + 4 x hidden wide).
+            linear1 = next(k for k in keys if "single_blocks" in k and "linear1" in k and k.endswith("down.weight"))
+            assert handle.get_slice(linear1).get_shape() == [RANK * 3, HIDDEN]
+            up = handle.get_tensor(linear1.replace("down", "up"))
+            assert list(up.shape) == [HIDDEN * 7, RANK * 3] and not up[HIDDEN * 3:].any()
     expected_prefix = {"kohya": "lora_unet_double_blocks_0_", "comfyui": "diffusion_model.double_blocks.0.",
                        "diffusers": "transformer.transformer_blocks.0."}[format]
     assert any(k.startswith(expected_prefix) for k in keys), keys[:3]

@@ -1,9 +1,9 @@
 """Generation: prompts x seeds x guidance scales, sidecars, determinism, resuming, LoRA or base model."""
 
-import pytest
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lookalike.config import load_config

@@ -14,7 +14,24 @@ from rich.console import Console
 from typer.exceptions import TyperException
 
 from lookalike import display
+from lookalike.config import evaluate_settings, load_config
+from lookalike.demo import launch
+from lookalike.demo_guard import credentials
+from lookalike.display import RESULT_COLUMNS, cell
 from lookalike.errors import LookalikeError, filesystem_problem
+from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
+from lookalike.generate import generate as generate_images
+from lookalike.models.base import quiet_libraries
+from lookalike.models.export import export_lora
+from lookalike.models.merge import merge_loras
+from lookalike.models.quantize import check_quantization
+from lookalike.pipeline import run_study
+from lookalike.report.ablate import ablate as run_ablation
+from lookalike.store import refresh, sort_runs
+from lookalike.sweep.plan import config_for_run, experiments
+from lookalike.sweep.runner import sweep as run_sweep
+from lookalike.train.memory import estimate, lighter_settings, size
+from lookalike.workspace import UNFINISHED, Workspace, check_run_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach FLUX.1-dev one person's face with LoRA, and prove how well it learned.")
@@ -27,16 +44,12 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from lookalike.config import load_config
-
     return load_config(config, overrides or [])
 
 
 def _quiet() -> None:
     """Before loading models: diffusers and transformers notices off (importing them takes seconds, so only
     commands that load models do)."""
-    from lookalike.models.base import quiet_libraries
-
     quiet_libraries()
 
 
@@ -62,10 +75,7 @@ def train(
                                           "before anything is loaded.")] = False,
 ) -> None:
     """Train one LoRA run."""
-    from lookalike.workspace import check_run_name
-
     check_run_name(run)  # before the seconds of importing torch
-    from lookalike.sweep.plan import config_for_run
     from lookalike.train.trainer import train as train_run
 
     if processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -99,10 +109,6 @@ def sweep(
         = False,
 ) -> None:
     """Train every experiment of the config, each in its own process; finished runs are skipped."""
-    from lookalike.sweep.plan import experiments
-    from lookalike.sweep.runner import sweep as run_sweep
-    from lookalike.workspace import UNFINISHED
-
     if backend not in ("local", "ray"):
         raise LookalikeError(f"--backend: unknown backend {backend!r} (use local or ray)")
     study = _load(config, set_)
@@ -127,7 +133,6 @@ def run_all(
         = None,
 ) -> None:
     """The whole study: prepare, train every experiment, generate, evaluate; what is done is skipped."""
-    from lookalike.pipeline import run_study
     from lookalike.report.build import build_report
 
     study = _load(config, set_)
@@ -154,8 +159,6 @@ def report(
 @app.command()
 def ablate(config: ConfigArg, set_: SetOption = None) -> None:
     """Base model against a fine-tuned run, on prompts with the trigger word, the real name and a stranger."""
-    from lookalike.report.ablate import ablate as run_ablation
-
     _quiet()
     run_ablation(_load(config, set_), console)
 
@@ -173,9 +176,6 @@ def demo(
                                                       "of this file (or set LOOKALIKE_DEMO_AUTH).")] = None,
 ) -> None:
     """The interactive app: generate with any trained LoRA and score each image at once."""
-    from lookalike.demo import launch
-    from lookalike.demo_guard import credentials
-
     login = credentials(auth, auth_file)
     _quiet()
     launch(_load(config, set_), host=host, port=port, share=share, credentials=login)
@@ -193,10 +193,6 @@ def results(
 
 def _print_results(study, sort: str | None) -> None:
     from rich.table import Table
-
-    from lookalike.display import RESULT_COLUMNS, cell
-    from lookalike.store import refresh, sort_runs
-    from lookalike.workspace import Workspace
 
     workspace = Workspace(study.workspace)
     rows = refresh(workspace.runs, workspace.results)
@@ -224,15 +220,11 @@ def generate(
     weights: Annotated[Optional[str], typer.Option(help="Weights of the --lora files, e.g. 1,0.5.")] = None,
 ) -> None:
     """Generate the config's prompts x seeds x guidance scales, with LoRAs or with the base model alone."""
-    from lookalike.generate import generate as generate_images
-
     _quiet()
     generate_images(_load(config, set_), run=run, loras=lora or [], weights=_weights(weights), console=console)
 
 
 def _print_estimate(study) -> None:
-    from lookalike.models.quantize import check_quantization
-    from lookalike.train.memory import estimate, lighter_settings, size
     from lookalike.train.trainer import resolve_mixed_precision
 
     precision = resolve_mixed_precision(study.train.mixed_precision)
@@ -290,8 +282,6 @@ def merge(
     weights: Annotated[str, typer.Option(help="a,b: the merged weight change is a·ΔA + b·ΔB.")] = "1,1",
 ) -> None:
     """Merge two LoRAs exactly into one file (ranks concatenated, alpha included)."""
-    from lookalike.models.merge import merge_loras
-
     pair = _weights(weights)
     if len(pair) != 2:
         raise LookalikeError(f"--weights: give two weights, like 1,0.5 (got {weights!r})")
@@ -310,9 +300,6 @@ def export(
     dtype: Annotated[str, typer.Option(help="fp32, or bf16: half the size, as most shared LoRAs are.")] = "fp32",
 ) -> None:
     """Write a LoRA in the layout ComfyUI, kohya's sd-scripts or diffusers read."""
-    from lookalike.models.export import export_lora
-    from lookalike.workspace import Workspace
-
     if (config is None or run is None) == (lora is None):
         raise LookalikeError("give CONFIG --run NAME, or --lora FILE")
     _quiet()
@@ -342,9 +329,6 @@ def evaluate(
     force: Annotated[bool, typer.Option(help="Score runs again even when nothing changed.")] = False,
 ) -> None:
     """Score images for likeness (face distance, identity), face failures and CLIP Score."""
-    from lookalike.config import evaluate_settings
-    from lookalike.evaluate import evaluate_folder, evaluate_group_folder, evaluate_runs
-
     chosen = {key: value for key, value in
               {"face_backend": face_backend, "clip_model": clip_model, "all_pairs": all_pairs}.items()
               if value is not None}

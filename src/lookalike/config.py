@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lookalike.errors import LookalikeError
+from lookalike.models.base import KNOWN_BASES
 from lookalike.workspace import run_name_problem
 
 
@@ -371,7 +372,6 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
         config = StudyConfig.model_validate(data)
     except ValidationError as error:
         raise LookalikeError(_format_errors(source, error)) from None
-    from lookalike.models.base import KNOWN_BASES
 
     keys = ["subject", *(f"more_subjects[{i}]" for i in range(len(config.more_subjects)))]
     subject, *more = (person.model_copy(update={"images": _resolved(base_dir / person.images,

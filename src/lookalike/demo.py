@@ -19,6 +19,21 @@ import threading
 from pathlib import Path
 
 from lookalike.config import StudyConfig
+from lookalike.data.images import load_rgb
+from lookalike.demo_guard import LoginThrottle, UploadLimit, is_loopback
+from lookalike.evaluate.command import load_evaluator, reference_photos
+from lookalike.evaluate.scoring import ImageScore, clip_prompt
+from lookalike.generate import image_size, render
+from lookalike.models.base import (
+    guidance_scales,
+    inference_dtype,
+    inference_steps,
+    load_pipeline,
+    max_sequence_length,
+    pick_device,
+    resolve_base,
+)
+from lookalike.models.lora import load_lora_into
 from lookalike.workspace import Workspace, atomic_path, write_json
 
 NONE = "(none)"
@@ -61,8 +76,6 @@ class DemoModels:
 
     def pipe(self):
         if self._pipe is None:
-            from lookalike.models.base import inference_dtype, load_pipeline, pick_device, resolve_base
-
             device = pick_device()
             self._pipe = load_pipeline(resolve_base(self.config.model.base, self.config.model.revision),
                                        dtype=inference_dtype(device)).to(device)
@@ -71,10 +84,6 @@ class DemoModels:
     def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float | None, steps: int,
                size: int, progress=None):
         """One image with the given LoRAs at their weights (diffusers' weighted adapters; none: the base)."""
-        from lookalike.generate import render
-        from lookalike.models.base import max_sequence_length
-        from lookalike.models.lora import load_lora_into
-
         pipe = self.pipe()
         with self._lock:
             for name, _ in loras:
@@ -98,8 +107,6 @@ class DemoModels:
 
     def evaluator(self):
         if self._evaluator is None:
-            from lookalike.evaluate import load_evaluator
-
             self._evaluator = load_evaluator(self.config.evaluate, with_clip=True)
         return self._evaluator
 
@@ -110,8 +117,6 @@ class DemoModels:
         return self._references[key]
 
     def score(self, image_path: Path, prompt: str, photos: list[str]) -> dict:
-        from lookalike.evaluate.scoring import ImageScore, clip_prompt
-
         row = ImageScore(image=image_path.name, prompt=prompt,
                          clip_prompt=clip_prompt(prompt, {p.token: p.class_word for p in self.config.people}))
         self.evaluator().score([image_path], [row], self.reference(photos))
@@ -132,8 +137,6 @@ class DemoModels:
         """An uploaded reference photo, re-encoded into the workspace once it has proven to be a readable image
         with a face; anything else is refused with the reason."""
         import gradio
-
-        from lookalike.data.images import load_rgb
 
         source = Path(path).resolve()
         if not source.is_relative_to(Path(gradio.utils.get_upload_folder()).resolve()):
@@ -159,10 +162,6 @@ class DemoModels:
 
 def build_app(config: StudyConfig, models: DemoModels | None = None):
     import gradio as gr
-
-    from lookalike.evaluate import reference_photos
-    from lookalike.generate import image_size
-    from lookalike.models.base import guidance_scales, inference_steps
 
     models = models or DemoModels(config)
     keep_temporary_files_in(models.folder / ".gradio")
@@ -320,8 +319,6 @@ def serve_options(credentials: tuple[str, str] | None) -> dict:
     and no error of the server's own (with its paths and internals) shown to the user, only the app's."""
     from starlette.middleware import Middleware
 
-    from lookalike.demo_guard import LoginThrottle, UploadLimit
-
     limit = Middleware(UploadLimit, max_files=MAX_FILES_PER_UPLOAD,
                        max_bytes=MAX_FILES_PER_UPLOAD * (MAX_UPLOAD_MB + 1) * 2**20)  # + multipart framing
     return {"max_file_size": f"{MAX_UPLOAD_MB}mb", "show_error": False, "app_kwargs": {"middleware": [limit]},
@@ -331,8 +328,6 @@ def serve_options(credentials: tuple[str, str] | None) -> dict:
 def launch(config: StudyConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            credentials: tuple[str, str] | None = None, block: bool = True):
     """Start the app; returns the Blocks (with block=False, once it serves)."""
-    from lookalike.demo_guard import is_loopback
-
     if credentials is None and (share or not is_loopback(host)):
         reach = "a public gradio.live link" if share else f"every machine that can reach {host}:{port}"
         print(f"WARNING: the demo is open to {reach} without a password: anyone there can generate with your "

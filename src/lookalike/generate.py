@@ -21,6 +21,17 @@ from rich.console import Console
 from lookalike import display
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
+from lookalike.models.base import (
+    guidance_scales,
+    inference_dtype,
+    inference_steps,
+    load_pipeline,
+    max_sequence_length,
+    pick_device,
+    resolve_base,
+)
+from lookalike.models.lora import check_lora_file, load_lora_into
+from lookalike.progress import progress_bar
 from lookalike.workspace import Workspace, atomic_path, write_json
 
 
@@ -82,8 +93,6 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
 
 def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything that makes a job's image what it is; an image is current only while its sidecar holds these."""
-    from lookalike.models.base import inference_steps, max_sequence_length
-
     g = config.generate
     return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": inference_steps(config),
             "size": image_size(config), "base_model": config.model.base,
@@ -109,8 +118,6 @@ def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path
 
 
 def image_jobs(config: StudyConfig) -> list[ImageJob]:
-    from lookalike.models.base import guidance_scales
-
     g = config.generate
     return [
         ImageJob(i, config.fill(prompt), seed, guidance)
@@ -122,8 +129,6 @@ def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[di
     """Load LoRA files at their weights into the pipeline's transformer as diffusers' weighted adapters, exactly
     as `load_lora_weights` does for a user; with `fuse`, then merge them into the weights (no cost per step, but
     in bf16 the smallest changes round away). Returns what each file says of itself, for the sidecars."""
-    from lookalike.models.lora import load_lora_into
-
     if not adapters:
         return []
     names = [f"lora{i}" for i in range(len(adapters))]
@@ -141,10 +146,6 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
     (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
     their weights (diffusers' weighted adapters), or none: the base model."""
-    from lookalike.models.base import guidance_scales, inference_dtype, load_pipeline, pick_device, resolve_base
-    from lookalike.models.lora import check_lora_file
-    from lookalike.progress import progress_bar
-
     console = console or display.console()
     if run is not None and loras:
         raise LookalikeError("give --run or --lora, not both")

@@ -15,6 +15,11 @@ from rich.text import Text
 
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
+from lookalike.evaluate.command import evaluate_runs
+from lookalike.generate import generate
+from lookalike.models.base import quiet_libraries
+from lookalike.sweep.plan import config_for_run, experiments
+from lookalike.sweep.runner import sweep
 from lookalike.workspace import UNFINISHED
 
 
@@ -22,11 +27,6 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
               backend: str = "local", address: str | None = None) -> list[str]:
     """Every stage of the study; returns the problems met (empty when every run went through)."""
     from lookalike.data.prepare import prepare_study
-    from lookalike.evaluate import evaluate_runs
-    from lookalike.generate import generate
-    from lookalike.models.base import quiet_libraries
-    from lookalike.sweep.plan import config_for_run, experiments
-    from lookalike.sweep.runner import sweep
 
     quiet_libraries()
     stage = lambda name: console.rule(Text(name, style="bold"))  # noqa: E731

@@ -14,6 +14,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, read_metrics
 
 METRICS = ("images", "unreadable", "face_distance", "identity_similarity", "id_match_rate", "faceless",
@@ -115,8 +116,6 @@ def refresh(runs_folder: Path, path: Path) -> list[dict]:
 def sort_runs(rows: list[dict], column: str) -> list[dict]:
     """Best first: descending for metrics where higher is better, ascending otherwise; unknown values last."""
     if rows and column not in rows[0]:
-        from lookalike.errors import LookalikeError
-
         raise LookalikeError(f"--sort: no column {column!r} (columns: {', '.join(rows[0])})")
     known = [r for r in rows if r[column] is not None]
     known.sort(key=lambda r: r[column], reverse=column in HIGHER_IS_BETTER)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from lookalike.errors import LookalikeError, RunBusy
 from lookalike.processes import still_running
 
 RunState = Literal["pending", "running", "done", "failed"]
@@ -301,8 +302,6 @@ class RunPaths:
     def hold(self) -> Iterator[None]:
         """Hold the run for this process (training it), or raise RunBusy when another process holds it. The
         system releases the lock however its process ends, so a dead holder never blocks a resume."""
-        from lookalike.errors import RunBusy
-
         def busy() -> RunBusy:
             status = self.read_status() or {}
             return RunBusy(f"run {self.name!r} is being trained by another process (pid {status.get('pid')}); "
@@ -332,8 +331,6 @@ def run_name_problem(name: str) -> str | None:
 
 
 def check_run_name(name: str, what: str = "--run") -> str:
-    from lookalike.errors import LookalikeError
-
     problem = run_name_problem(name)
     if problem:
         raise LookalikeError(f"{what}: {problem}")

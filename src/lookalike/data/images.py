@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lookalike.errors import LookalikeError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000  # 8000 x 8000: beyond any camera photo worth training on, below a decompression bomb
 
 
 def list_images(folder: Path, what: str = "subject.images") -> list[Path]:
     """The image files directly in `folder`, sorted by name; a clear error, naming `what`, when there are none."""
-    from lookalike.errors import LookalikeError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise LookalikeError(f"{what}: folder not found: {folder}")

@@ -27,7 +27,11 @@ from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
 from lookalike.data.images import load_rgb, not_an_image
+from lookalike.data.qa_report import print_summary, write_qa_page
 from lookalike.errors import LookalikeError
+from lookalike.faces import BACKENDS, FaceRule, backend_class, load_backend
+from lookalike.faces.facenet_backend import MtcnnDetector
+from lookalike.progress import progress_bar
 from lookalike.workspace import Workspace, atomic_path, exclusive, read_json, write_json
 
 INSPECTION_FORMAT = 2  # bump when what inspect() records changes, so old manifests are re-inspected
@@ -86,8 +90,6 @@ def caption_for(photo: Path, default: str) -> str:
 
 def inspection_settings(config: StudyConfig) -> str:
     """What a photo's inspection depends on besides its bytes, as a digest (no model is loaded for it)."""
-    from lookalike.faces import BACKENDS
-
     backend = config.evaluate.face_backend
     facts = [INSPECTION_FORMAT, config.data.crop, config.evaluate.min_face_size, metadata.version("facenet-pytorch"),
              backend, metadata.version(BACKENDS[backend][2])]
@@ -103,9 +105,6 @@ class Inspector:
 
     def load(self):
         if self._models is None:
-            from lookalike.faces import FaceRule, load_backend
-            from lookalike.faces.facenet_backend import MtcnnDetector
-
             detector = MtcnnDetector()
             identity = load_backend(self.config.evaluate.face_backend)
             self._models = detector, FaceRule.for_backend(detector, None, self.config.evaluate.min_face_size), identity
@@ -141,8 +140,6 @@ class Inspector:
 
     @property
     def same_person_threshold(self) -> float:
-        from lookalike.faces import backend_class
-
         return backend_class(self.config.evaluate.face_backend).same_person_threshold
 
 
@@ -231,9 +228,6 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
     """Bring one person's prepared data (default [subject]'s) up to date with their photos and the settings;
     return every photo's record. A caller preparing several times in one process passes the same Inspector,
     so models load once."""
-    from lookalike.data.qa_report import print_summary, write_qa_page
-    from lookalike.progress import progress_bar
-
     console = console or display.console()
     subject = subject or config.subject
     data = data_folder(config, subject)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lookalike.workspace import atomic_path
+
 # (left, top, side) as fractions of the portrait's width: framings of the face, from close to loose.
 _FRAMINGS = [(0.10, 0.00, 0.80), (0.00, 0.05, 0.95), (0.20, 0.05, 0.65), (0.15, 0.15, 0.70), (0.05, 0.10, 0.85)]
 
@@ -17,8 +19,6 @@ def write_sample_subject(folder: Path) -> list[Path]:
     """Write the sample photos into `folder` (kept if already there); return their paths."""
     from matplotlib import cbook
     from PIL import Image, ImageOps
-
-    from lookalike.workspace import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as portrait:

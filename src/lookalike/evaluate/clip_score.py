@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from lookalike.models.base import inference_dtype, pick_device
+
 
 class ClipScorer:
     def __init__(self, model, processor, device: torch.device | None = None, batch_size: int = 16):
-        from lookalike.models.base import inference_dtype, pick_device
-
         self.device = device or pick_device()
         self.dtype = inference_dtype(self.device)  # as for generation: bfloat16 on a GPU, float32 on the CPU
         self.model = model.to(self.device, self.dtype).eval()

@@ -12,6 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from lookalike.errors import LookalikeError
+
 
 @dataclass(frozen=True)
 class Face:
@@ -75,8 +77,6 @@ BACKENDS = {"dlib": ("lookalike.faces.dlib_backend", "DlibBackend", "dlib-bin"),
 def backend_class(name: str) -> type:
     """The class of a face backend, imported without loading its models."""
     import importlib
-
-    from lookalike.errors import LookalikeError
 
     if name not in BACKENDS:
         raise LookalikeError(f"unknown face backend {name!r} (use {' or '.join(BACKENDS)})")

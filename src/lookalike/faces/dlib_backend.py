@@ -12,14 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
+from lookalike.errors import LookalikeError
 from lookalike.faces import Face
 
 MAX_SIDE = 1024  # HOG detection cost grows with pixels; faces worth scoring stay well detectable at this size
 
 
 def _model_file(name: str) -> Path:
-    from lookalike.errors import LookalikeError
-
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise LookalikeError("the dlib face backend needs the package face_recognition_models (pip install it)")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
+from lookalike.models.quantize import quantization_config
+from lookalike.models.tiny import ensure_tiny_model
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,6 @@ def _download(repo: str, revision: str | None) -> Path:
 def resolve_base(base: str, revision: str | None = None) -> Path:
     """The local diffusers folder of a base model, downloading or building it where needed."""
     if base == "tiny":
-        from lookalike.models.tiny import ensure_tiny_model
-
         return ensure_tiny_model()
     info = KNOWN_BASES.get(base)
     if info is not None and info.repo is not None:
@@ -188,8 +188,6 @@ def load_component(folder: Path, component: str, dtype=None, quantization: str =
             return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=component)
         kwargs = {"dtype": dtype} if dtype is not None else {}
         if quantization != "none":
-            from lookalike.models.quantize import quantization_config
-
             kwargs["quantization_config"] = quantization_config(quantization, dtype)
         return loaders[component].from_pretrained(folder, subfolder=component, **kwargs)
 

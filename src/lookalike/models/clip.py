@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
+from lookalike.models.tiny import byte_level_clip_tokenizer, default_cache_dir
+from lookalike.workspace import build_once
 
 TINY_CLIP = "tiny-clip-v1"
 
@@ -14,8 +16,6 @@ def build_tiny_clip(seed: int = 0):
     """A tiny random CLIPModel and its CLIPProcessor, deterministic from the seed."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from lookalike.models.tiny import byte_level_clip_tokenizer
 
     tokenizer = byte_level_clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -31,9 +31,6 @@ def build_tiny_clip(seed: int = 0):
 
 
 def _tiny_clip_folder() -> Path:
-    from lookalike.models.tiny import default_cache_dir
-    from lookalike.workspace import build_once
-
     def save(folder: Path) -> None:
         model, processor = build_tiny_clip()
         model.save_pretrained(folder)

@@ -4,8 +4,9 @@ own layout, or diffusers' (the file as lookalike writes it, trimmed of our own h
 kohya and ComfyUI name FLUX's layers as Black Forest Labs' checkpoint does, where a double block's q, k and v
 are one fused `qkv` layer and a single block's q, k, v and MLP input are one `linear1`. A LoRA of the
 separate layers becomes one LoRA of the fused layer exactly: the down matrices are stacked and the up matrices
-placed block-diagonally, so each part still only changes its own rows. A part the LoRA does not adapt gets
-zero blocks. Alpha is stored per layer as a tensor (`<layer>.alpha`), the weights are left as trained.
+placed block-diagonally, so each part still only changes its own rows. A part the LoRA does not adapt (a
+single block's MLP input, in an attention-only LoRA) adds no rank: its rows of the up matrix are zero, and
+nothing else of it is written. Alpha is stored per layer as a tensor (`<layer>.alpha`).
 
     kohya:   lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight | .lora_up.weight | .alpha
     comfyui: diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight | .lora_up.weight | .alpha
@@ -17,7 +18,8 @@ import re
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
-from lookalike.models.lora import modules_of, read_lora
+from lookalike.models.lora import file_metadata, modules_of, read_lora, save_lora
+from lookalike.workspace import atomic_path
 
 FORMATS = ("kohya", "comfyui", "diffusers")
 MLP_RATIO = 4  # FLUX's MLP width over its hidden size: a single block's linear1 is 3 hidden + 4 hidden wide
@@ -38,7 +40,7 @@ def _part_width(part: str, hidden: int) -> int:
     return hidden * MLP_RATIO if part == "proj_mlp" else hidden
 
 
-def to_bfl_layers(tensors: dict, rank: int, alpha: float) -> dict[str, tuple]:
+def to_bfl_layers(tensors: dict, alpha: float) -> dict[str, tuple]:
     """BFL layer name -> (down, up, alpha) for every layer the LoRA touches."""
     import torch
 
@@ -58,12 +60,13 @@ def to_bfl_layers(tensors: dict, rank: int, alpha: float) -> dict[str, tuple]:
         hidden = next(down for down, _ in filter(None, present)).shape[1]  # every fused part reads the hidden state
         downs, ups = [], []
         for part, found in zip(parts, present):
-            down, up = found if found is not None else (torch.zeros(rank, hidden),
-                                                        torch.zeros(_part_width(part, hidden), rank))
+            down, up = found if found is not None else (torch.zeros(0, hidden),
+                                                        torch.zeros(_part_width(part, hidden), 0))
             downs.append(down.float())
             ups.append(up.float())
-        # kohya scales by alpha / (its rank): n parts of rank r each keep the LoRA's alpha / r with alpha x n.
-        exported[bfl_name] = (torch.cat(downs), torch.block_diag(*ups), alpha * len(parts))
+        # kohya scales by alpha / (its rank): n adapted parts of rank r each keep alpha / r with alpha x n.
+        adapted = sum(found is not None for found in present)
+        exported[bfl_name] = (torch.cat(downs), torch.block_diag(*ups), alpha * adapted)
     return exported
 
 
@@ -75,9 +78,6 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
     are)."""
     import torch
     from safetensors.torch import save_file
-
-    from lookalike.models.lora import file_metadata, save_lora
-    from lookalike.workspace import atomic_path
 
     if format not in FORMATS:
         raise LookalikeError(f"--format: unknown format {format!r} (use {', '.join(FORMATS)})")
@@ -96,7 +96,7 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         return out
     prefix, dotted = ("lora_unet_", False) if format == "kohya" else ("diffusion_model.", True)
     result = {}
-    for layer, (down, up, alpha) in to_bfl_layers(tensors, config["r"], config["lora_alpha"]).items():
+    for layer, (down, up, alpha) in to_bfl_layers(tensors, config["lora_alpha"]).items():
         name = prefix + (layer if dotted else layer.replace(".", "_"))
         result[f"{name}.lora_down.weight"] = down.to(cast).contiguous()
         result[f"{name}.lora_up.weight"] = up.to(cast).contiguous()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
+from lookalike.workspace import atomic_path
 
 _ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
@@ -78,8 +79,6 @@ def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, 
     file (default: each their own); the scale is folded in float32, before any cast."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
-
-    from lookalike.workspace import atomic_path
 
     rank, scale = peft_config.r, peft_config.lora_alpha / peft_config.r
 

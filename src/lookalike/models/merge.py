@@ -11,14 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
-from lookalike.models.lora import modules_of, read_lora
+from lookalike.models.lora import modules_of, read_lora, save_lora
 
 
 def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, float] = (1.0, 1.0)) -> Path:
     import torch
     from peft import LoraConfig
-
-    from lookalike.models.lora import save_lora
 
     out = Path(out)
     if out.suffix != ".safetensors":

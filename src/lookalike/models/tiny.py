@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lookalike.workspace import build_once
+
 TINY_FORMAT = 2  # bump when the architecture or tokenizers below change, so old cached folders are not reused
 
 
@@ -158,8 +160,6 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
 
 def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None) -> Path:
     """The folder of the tiny model for `spec`, built and saved on first use, then reused."""
-    from lookalike.workspace import build_once
-
     folder = (cache_dir or default_cache_dir()) / spec.folder_name
     return build_once(folder, "model_index.json",
                       lambda tmp: build_tiny_pipeline(spec).save_pretrained(tmp, safe_serialization=True))

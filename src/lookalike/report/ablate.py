@@ -15,8 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import StudyConfig
+from lookalike.data.images import list_images
 from lookalike.display import cell
 from lookalike.errors import LookalikeError
+from lookalike.evaluate.command import load_evaluator, reference_photos
+from lookalike.evaluate.scoring import aggregate, describe_images
+from lookalike.generate import generate
+from lookalike.report.pareto import pareto_front
+from lookalike.store import refresh
 from lookalike.workspace import Workspace, atomic_path, write_json
 
 SHOWN = ("identity_similarity", "face_distance", "id_match_rate", "faceless", "clip_score")
@@ -24,9 +30,6 @@ SHOWN = ("identity_similarity", "face_distance", "id_match_rate", "faceless", "c
 
 def choose_run(config: StudyConfig) -> str:
     """[ablate] run, else the best run by the report's rule, else the first finished run."""
-    from lookalike.report.pareto import pareto_front
-    from lookalike.store import refresh
-
     workspace = Workspace(config.workspace)
     if config.ablate.run:
         return config.ablate.run
@@ -55,11 +58,6 @@ def prompt_sets(config: StudyConfig) -> list[tuple[str, str, str]]:
 
 
 def ablate(config: StudyConfig, console: Console) -> dict:
-    from lookalike.data.images import list_images
-    from lookalike.evaluate import load_evaluator, reference_photos
-    from lookalike.evaluate.scoring import aggregate, describe_images
-    from lookalike.generate import generate
-
     workspace = Workspace(config.workspace)
     sets = prompt_sets(config)  # a config mistake first, before anything is looked up
     run = choose_run(config)

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
+from lookalike.models.base import FLUX_TRANSFORMER, max_sequence_length, resolve_base
+from lookalike.models.lora import add_lora
 
 GB = 2**30
 # Activations per token and hidden unit (see above): kept for the backward pass by each kind of block, and the
@@ -64,8 +66,6 @@ def size(gigabytes: float) -> str:
 
 def transformer_config(config: StudyConfig) -> dict:
     """The transformer's architecture without loading (or, for a known hub model, downloading) weights."""
-    from lookalike.models.base import FLUX_TRANSFORMER, resolve_base
-
     if config.model.base in ("flux-dev", "flux-schnell"):
         return dict(FLUX_TRANSFORMER, guidance_embeds=config.model.base == "flux-dev")
     folder = resolve_base(config.model.base, config.model.revision)  # tiny: built offline; else a local folder
@@ -78,8 +78,6 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str) -
     import torch
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
-
-    from lookalike.models.lora import add_lora
 
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(architecture)
@@ -103,8 +101,6 @@ def kept_values(architecture: dict, checkpointing: bool, every: int) -> float:
 
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) -> Estimate:
     """The run's memory with its settings; `precision` is the resolved mixed precision (no, bf16, fp16)."""
-    from lookalike.models.base import max_sequence_length
-
     t = config.train
     architecture = transformer_config(config)
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules)

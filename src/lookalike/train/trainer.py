@@ -23,11 +23,20 @@ from rich.console import Console
 
 from lookalike import __version__, display
 from lookalike.config import StudyConfig
+from lookalike.data.dataset import training_images
 from lookalike.errors import LookalikeError, filesystem_problem
+from lookalike.generate import render
+from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base, vae_normalisation
+from lookalike.models.lora import add_lora, lora_state_dict, save_lora
+from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
+from lookalike.progress import progress_bar
 from lookalike.store import record_run
-from lookalike.workspace import (RunPaths, Workspace, atomic_path, json_safe, read_json, read_metrics,
-                                 write_json)
+from lookalike.train.cache import EmbeddingCache
+from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
+from lookalike.train.memory import out_of_memory_message
+from lookalike.workspace import RunPaths, Workspace, atomic_path, json_safe, read_json, read_metrics, write_json
 
 
 @dataclass
@@ -158,7 +167,6 @@ def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) ->
     broken = not math.isfinite(loss) or any(not torch.isfinite(p).all() for p in params)
     if not broken:
         return
-    from lookalike.train.checkpoint import list_checkpoints
 
     good = list_checkpoints(checkpoints)
     what = f"the loss became {loss}" if not math.isfinite(loss) else "the LoRA weights became NaN or infinite"
@@ -208,8 +216,6 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
         failed("interrupted")
         raise
     except torch.OutOfMemoryError:
-        from lookalike.train.memory import out_of_memory_message
-
         message = out_of_memory_message(config, resolve_mixed_precision(config.train.mixed_precision))
         failed(message)
         raise LookalikeError(message) from None
@@ -230,15 +236,6 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     from diffusers import FluxPipeline
     from diffusers.optimization import get_scheduler
     from peft.utils import set_peft_model_state_dict
-
-    from lookalike.data.dataset import training_images
-    from lookalike.models.base import load_component, max_sequence_length, resolve_base, vae_normalisation
-    from lookalike.models.lora import add_lora, lora_state_dict, save_lora
-    from lookalike.models.quantize import check_quantization
-    from lookalike.progress import progress_bar
-    from lookalike.train.cache import EmbeddingCache
-    from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-    from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 
     t = config.train
     precision = resolve_mixed_precision(t.mixed_precision)
@@ -400,9 +397,6 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
     runs without gradients)."""
     from diffusers import FluxPipeline
-
-    from lookalike.generate import render
-    from lookalike.models.base import guidance_scales, load_component
 
     transformer.eval()
     pipe = FluxPipeline(scheduler=load_component(folder, "scheduler"), vae=vae, text_encoder=None, tokenizer=None,
