@@ -24,7 +24,8 @@ import torch
 from gpu_train_step import TINY, build_transformer  # bench/ is on sys.path when run as a script
 
 from lookalike.generate import apply_loras, render
-from lookalike.models.base import FLUX_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, quiet_libraries
+from lookalike.models.base import quiet_libraries
+from lookalike.models.families.flux1 import FLUX_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 
 TINY_VAE = dict(FLUX_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
@@ -50,7 +51,7 @@ def seconds_per_image(pipe, args, embeds, pooled, images: int) -> list[float]:
     for seed in range(images):
         started = time.perf_counter()
         render(pipe, seed=seed, guidance=3.5, steps=args.steps, size=args.resolution,
-               max_sequence_length=TEXT_TOKENS, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+               max_sequence_length=TEXT_TOKENS, embeddings={"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
         if embeds.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)

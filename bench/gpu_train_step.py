@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
 
-from lookalike.models.base import FLUX_TRANSFORMER, quiet_libraries
+from lookalike.models.base import quiet_libraries
+from lookalike.models.families.flux1 import FLUX_TRANSFORMER
 
 FORWARD_TFLOP_1024 = 74.4  # at 4,096 image + 512 text tokens
 TEXT_TOKENS = 512

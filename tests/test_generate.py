@@ -8,6 +8,7 @@ from PIL import Image
 
 from lookalike.config import load_config
 from lookalike.generate import generate
+from lookalike.models.families.flux1 import Flux1
 from lookalike.train.trainer import train
 
 
@@ -129,7 +130,7 @@ def test_a_base_without_guidance_generates_with_its_own_steps_and_no_guidance_sc
     from lookalike.models.tiny import TinySpec, ensure_tiny_model
 
     schnell = ensure_tiny_model(TinySpec(guidance_embeds=False))
-    assert base.base_info(str(schnell)) == base.LOCAL_WITHOUT_GUIDANCE and base.base_info("flux-schnell").steps == 4
+    assert base.base_info(str(schnell)) == Flux1.local_without_guidance and base.base_info("flux-schnell").steps == 4
     steps_run = []  # one transformer call per denoising step (FLUX has no classifier-free guidance pass)
     real = base.load_pipeline
 
@@ -138,7 +139,7 @@ def test_a_base_without_guidance_generates_with_its_own_steps_and_no_guidance_sc
         pipe.transformer.register_forward_hook(lambda *_: steps_run.append(1))
         return pipe
 
-    monkeypatch.setattr(base, "load_pipeline", counting)
+    monkeypatch.setattr("lookalike.generate.load_pipeline", counting)
     config = load_config(tiny_config(model={"base": str(schnell)},
                                      generate={"guidance_scales": [3.5, 5.0, 7.5], "seeds": [0]}))
     console = display.console(record=True, width=1000)

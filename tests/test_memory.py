@@ -119,7 +119,7 @@ def test_target_sets_adapt_the_layers_they_name_on_flux_dev():
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from lookalike.models.base import FLUX_TRANSFORMER
+    from lookalike.models.families.flux1 import FLUX_TRANSFORMER
     from lookalike.models.lora import add_lora
 
     def adapted(target) -> set[str]:

@@ -63,7 +63,8 @@ def test_a_local_base_whose_clip_tokenizer_has_no_length_trains_with_77_tokens(t
     import json
 
     from lookalike.config import load_config
-    from lookalike.models.base import CLIP_TOKENS, load_pipeline
+    from lookalike.models.base import load_pipeline
+    from lookalike.models.families.flux1 import CLIP_TOKENS
     from lookalike.train.trainer import train
 
     local = local_copy_of_the_tiny_model(tmp_path)

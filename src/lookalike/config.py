@@ -80,7 +80,7 @@ class DataConfig(Section):
     @field_validator("resolution")
     @classmethod
     def _multiple_of_16(cls, resolution: int) -> int:
-        # FLUX packs 2x2 latent patches and the VAE downsamples 8x.
+        # Every base here patches 2x2 latents and its VAE downsamples 8x.
         if resolution % 16:
             raise ValueError(f"must be a multiple of 16 (got {resolution})")
         return resolution

@@ -183,7 +183,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             if not prompt or not prompt.strip():
                 raise DemoError("write a prompt first")
             _check_settings(seed, steps, side, guidance)
-            side = int(side) // 16 * 16  # FLUX works in 16-pixel patches
+            side = int(side) // 16 * 16  # every base here works in 16-pixel patches (8x VAE, 2x2 patches)
             guidance = float(guidance) if takes_guidance else None
             image = models.render(loras, prompt, int(seed), guidance, int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": guidance, "steps": int(steps),

@@ -49,16 +49,15 @@ class ImageJob:
 
 
 def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, max_sequence_length: int,
-           prompt: str | None = None, prompt_embeds=None, pooled_prompt_embeds=None, output_type: str = "pil",
-           callback=None):
-    """One image from a FluxPipeline: by prompt, or by precomputed embeddings (training samples). callback:
-    diffusers' callback_on_step_end, called after every denoising step (progress bars)."""
+           prompt: str | None = None, embeddings: dict | None = None, output_type: str = "pil", callback=None):
+    """One image from a base's pipeline: by prompt, or by precomputed embeddings (training samples: the keyword
+    arguments of the family's pipeline_embeddings). callback: diffusers' callback_on_step_end, called after every
+    denoising step (progress bars)."""
     import torch
 
     result = pipe(
         prompt=prompt,
-        prompt_embeds=prompt_embeds,
-        pooled_prompt_embeds=pooled_prompt_embeds,
+        **(embeddings or {}),
         height=size,
         width=size,
         num_inference_steps=steps,

@@ -1,7 +1,9 @@
-"""LoRA adapters of the FLUX transformer: which layers, how they are added, saved and checked on loading.
+"""LoRA adapters of a base's transformer: how they are added, saved and checked on loading (which layers: the
+family's presets, models/families/).
 
 Saved files use diffusers' own layout (keys `transformer.<module>.lora_A.weight`, the peft config under the
-`lora_adapter_metadata` header), so `FluxPipeline.load_lora_weights` loads them unchanged, alpha included.
+`lora_adapter_metadata` header), so the family pipeline's `load_lora_weights` loads them unchanged, alpha
+included.
 Only safetensors files are ever read: a pickle can run code on loading.
 """
 
@@ -14,33 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
+from lookalike.models.families import transformer_family
 from lookalike.workspace import atomic_path
 
-_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
-_MLP = rf"{_DOUBLE_BLOCK_MLP}|proj_mlp|proj_out"
-# Regexes (peft matches them against full module names) so that the transformer's final proj_out is left out:
-# only layers inside the double-stream and single-stream blocks are adapted. On FLUX.1 (19 double, 38 single
-# blocks): attention 266 layers; diffusers 342, the default set of diffusers' train_dreambooth_lora_flux.py
-# (every attention layer and the double blocks' feed-forward); attention+mlp 418 (the single blocks' MLP too).
-TARGET_MODULES = {
-    "attention": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION})",
-    "diffusers": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION}|{_DOUBLE_BLOCK_MLP})",
-    "attention+mlp": rf"(transformer_blocks|single_transformer_blocks)\.\d+\.({_ATTENTION}|{_MLP})",
-}
 METADATA_PREFIX = "lookalike."
 
 
 def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0) -> None:
-    """Add a trainable LoRA adapter to the (frozen) transformer."""
+    """Add a trainable LoRA adapter to the (frozen) transformer, on the layers its family's preset `target`
+    names (train.target_modules)."""
     import re
 
     import torch
     from peft import LoraConfig
 
+    targets = transformer_family(transformer).target_modules[target]
     # A rank above a layer's narrower side adds parameters that cannot change anything: a user's slip.
     widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
-              if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*{TARGET_MODULES[target]}", name)]
+              if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*{targets}", name)]
     if widths and rank > min(widths):
         raise LookalikeError(f"train.rank = {rank} is more than the narrowest adapted layer's width {min(widths)}: "
                              f"a LoRA's rank can be at most {min(widths)} on this base")
@@ -50,7 +43,7 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
         lora_alpha=alpha,
         lora_dropout=dropout,
         init_lora_weights="gaussian",
-        target_modules=TARGET_MODULES[target],
+        target_modules=targets,
     )
     transformer.add_adapter(config)
 
@@ -146,7 +139,7 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
     metadata = check_lora_file(path)
     tensors = load_file(str(path))
     if not all(key.startswith("transformer.") and (".lora_A." in key or ".lora_B." in key) for key in tensors):
-        raise LookalikeError(f"{path}: not a LoRA of the FLUX transformer in diffusers' layout "
+        raise LookalikeError(f"{path}: not a LoRA of a transformer in diffusers' layout "
                              "(keys transformer.<module>.lora_A/lora_B.weight)")
     try:
         adapter = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
@@ -195,7 +188,7 @@ def modules_of(tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
 
 
 def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:
-    """Load a checked LoRA file into a FluxPipeline with diffusers' own loader; return its metadata."""
+    """Load a checked LoRA file into a pipeline with diffusers' own loader; return its metadata."""
     metadata = check_lora_file(path)
     path = Path(path)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name, use_safetensors=True)

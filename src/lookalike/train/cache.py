@@ -16,6 +16,7 @@ import torch
 
 from lookalike.data.dataset import TrainingImage, load_training_image
 from lookalike.models.base import component_fingerprint, load_component, load_pipeline
+from lookalike.models.families import folder_family
 from lookalike.workspace import atomic_path
 
 
@@ -25,12 +26,6 @@ class LatentStats:
 
     mean: torch.Tensor
     std: torch.Tensor
-
-
-@dataclass(frozen=True)
-class TextEmbedding:
-    prompt_embeds: torch.Tensor  # T5, (tokens, joint_attention_dim)
-    pooled: torch.Tensor  # CLIP pooled, (pooled_projection_dim,)
 
 
 def _key(*parts: object) -> str:
@@ -71,6 +66,7 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path, model_folder: Path, device: torch.device, dtype: torch.dtype):
         self.cache_dir = cache_dir
         self.model_folder = model_folder
+        self.family = folder_family(model_folder)
         self.device = device
         self.dtype = dtype
 
@@ -79,9 +75,8 @@ class EmbeddingCache:
         return self.cache_dir / "latents" / f"{key}.safetensors"
 
     def text_path(self, caption: str, max_sequence_length: int) -> Path:
-        fingerprints = [component_fingerprint(self.model_folder, c) for c in ("text_encoder", "text_encoder_2")]
-        tokenizers = [component_fingerprint(self.model_folder, c) for c in ("tokenizer", "tokenizer_2")]
-        key = _key(*fingerprints, *tokenizers, caption, max_sequence_length)
+        fingerprints = [component_fingerprint(self.model_folder, c) for c in self.family.text_components]
+        key = _key(self.family.name, *fingerprints, caption, max_sequence_length)
         return self.cache_dir / "text" / f"{key}.safetensors"
 
     def latents(self, images: list[TrainingImage], resolution: int) -> list[LatentStats]:
@@ -98,21 +93,19 @@ class EmbeddingCache:
             _release(vae)
         return [LatentStats(**_load(path)) for path in paths]
 
-    def texts(self, captions: list[str], max_sequence_length: int) -> dict[str, TextEmbedding]:
-        """Embeddings of every caption; the two text encoders are loaded only if one is missing."""
+    def texts(self, captions: list[str], max_sequence_length: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Embeddings of every caption, as the family encodes them (named tensors); the text encoders are loaded
+        only if one is missing."""
         paths = {caption: self.text_path(caption, max_sequence_length) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, path in paths.items() if not path.exists()]
         if missing:
             encoder = load_pipeline(self.model_folder, dtype=self.dtype, transformer=None, vae=None).to(self.device)
             for caption in missing:
                 with torch.no_grad():
-                    prompt_embeds, pooled, _ = encoder.encode_prompt(
-                        caption, prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
-                    )
-                _save(paths[caption], {"prompt_embeds": prompt_embeds[0].float().cpu(),
-                                       "pooled": pooled[0].float().cpu()})
+                    encoded = self.family.encode(encoder, caption, max_sequence_length, self.device)
+                _save(paths[caption], {name: tensor.float().cpu() for name, tensor in encoded.items()})
             _release(encoder)
-        return {caption: TextEmbedding(**_load(path)) for caption, path in paths.items()}
+        return {caption: _load(path) for caption, path in paths.items()}
 
 
 def _to_tensor(image) -> torch.Tensor:

@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
-from lookalike.models.base import FLUX_TRANSFORMER, max_sequence_length, resolve_base
+from lookalike.models.base import max_sequence_length, resolve_base
+from lookalike.models.families.flux1 import FLUX_TRANSFORMER
 from lookalike.models.lora import add_lora
 
 GB = 2**30

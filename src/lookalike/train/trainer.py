@@ -27,6 +27,7 @@ from lookalike.data.dataset import training_images
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
 from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base, vae_normalisation
+from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
@@ -233,7 +234,6 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
 def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from diffusers import FluxPipeline
     from diffusers.optimization import get_scheduler
     from peft.utils import set_peft_model_state_dict
 
@@ -252,6 +252,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     folder = resolve_base(config.model.base, config.model.revision)
+    family = folder_family(folder)
     max_len = max_sequence_length(config.model)
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
@@ -259,7 +260,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
     with accelerator.main_process_first():
         latents = cache.latents(images, config.data.resolution)
-        texts = cache.texts([image.caption for image in images] + sample_prompts, max_len)
+        negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
+        texts = cache.texts([image.caption for image in images] + sample_prompts + negative, max_len)
     if processes > 1 and accelerator.is_main_process:
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
@@ -310,8 +312,6 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(), "order": order.state_dict()}
 
-    guidance_embeds = model.config.guidance_embeds
-    text_ids = torch.zeros(texts[images[0].caption].prompt_embeds.shape[0], 3, device=device)
     loss_value = float("nan")
 
     # 4. The loop: one optimizer step per iteration, gradient accumulation inside.
@@ -324,27 +324,14 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     x0 = torch.stack([latents[i].mean + latents[i].std * torch.randn(latents[i].mean.shape,
                                                                                      generator=generator)
                                       for i in picked])
-                    x0 = (x0 - vae_shift) * vae_scale
-                    batch, channels, height, width = x0.shape
-                    x0 = FluxPipeline._pack_latents(x0, batch, channels, height, width)
+                    x0, layout = family.model_input((x0 - vae_shift) * vae_scale)
                     noise = torch.randn(x0.shape, generator=generator)
-                    sigmas = sample_sigmas(batch, t.timestep_sampling, generator, t.logit_mean, t.logit_std,
+                    sigmas = sample_sigmas(len(x0), t.timestep_sampling, generator, t.logit_mean, t.logit_std,
                                            t.timestep_shift)
                     x0, noise, sigmas, picked = x0[mine], noise[mine], sigmas[mine], picked[mine]
-                    batch = len(picked)
-                    captions = [images[i].caption for i in picked]
-                    prediction = transformer(
-                        hidden_states=noisy_latents(x0, noise, sigmas).to(device, weight_dtype),
-                        timestep=sigmas.to(device, weight_dtype),
-                        guidance=torch.full((batch,), t.guidance, device=device) if guidance_embeds else None,
-                        pooled_projections=torch.stack([texts[c].pooled for c in captions]).to(device, weight_dtype),
-                        encoder_hidden_states=torch.stack([texts[c].prompt_embeds for c in captions]).to(
-                            device, weight_dtype),
-                        txt_ids=text_ids,
-                        img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device,
-                                                                      weight_dtype),
-                        return_dict=False,
-                    )[0]
+                    prediction = family.predict(transformer, model.config, noisy_latents(x0, noise, sigmas), sigmas,
+                                                [texts[images[i].caption] for i in picked], t.guidance, layout,
+                                                device, weight_dtype)
                     target = velocity_target(x0, noise).to(device)
                     loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
                     accelerator.backward(loss)
@@ -395,19 +382,18 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, texts,
                   prompts: list[str], max_len: int) -> None:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
-    runs without gradients)."""
-    from diffusers import FluxPipeline
-
+    runs without gradients), from the cached embeddings: the text encoders stay unloaded."""
+    family = folder_family(folder)
     transformer.eval()
-    pipe = FluxPipeline(scheduler=load_component(folder, "scheduler"), vae=vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe = family.pipeline_class()(scheduler=load_component(folder, "scheduler"), vae=vae, transformer=transformer,
+                                   **{name: None for name in family.text_components})
     pipe.set_progress_bar_config(disable=True)
     dtype = next(vae.parameters()).dtype
+    negative = texts[family.negative_prompt] if family.negative_prompt is not None else None
     for index, prompt in enumerate(prompts):
         image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
                        steps=config.train.sample_steps, size=config.data.resolution, max_sequence_length=max_len,
-                       prompt_embeds=texts[prompt].prompt_embeds[None].to(vae.device, dtype),
-                       pooled_prompt_embeds=texts[prompt].pooled[None].to(vae.device, dtype))
+                       embeddings=family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype))
         with atomic_path(run.samples / f"step-{step:06d}_p{index}.png") as tmp:
             image.save(tmp, format="PNG")
     transformer.train()

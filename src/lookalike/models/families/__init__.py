@@ -1,0 +1,62 @@
+"""Model families: everything that differs from one base model to another, behind one interface.
+
+A family knows its bases (hub ids and their generation defaults), how to recognise a local diffusers folder
+of its own (model_index.json names the pipeline class), its components' classes, how a caption is encoded and
+what of it is cached, how clean latents become the transformer's input and how the transformer is called, the
+LoRA target presets, and how a pipeline is handed cached embeddings. The trainer, the cache, generation and
+the CLI ask the family; none of them knows a base's internals.
+
+Families: FLUX.1 (flux1.py) and Z-Image (z_image.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lookalike.errors import LookalikeError
+from lookalike.models.families.flux1 import Flux1
+from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.z_image import ZImage
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), ZImage())}
+KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.values()
+                                         for name, info in family.bases.items()}
+
+
+def family_named(name: str) -> Family:
+    return FAMILIES[name]
+
+
+def folder_family(folder: Path) -> Family:
+    """The family of a local diffusers folder, from the pipeline class its model_index.json names."""
+    index = Path(folder) / "model_index.json"
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise LookalikeError(f"cannot read {index}: {error}") from None
+    for family in FAMILIES.values():
+        if pipeline == family.pipeline_class_name:
+            return family
+    known = ", ".join(f.pipeline_class_name for f in FAMILIES.values())
+    raise LookalikeError(f"{folder}: its model_index.json names the pipeline {pipeline!r}; lookalike trains "
+                         f"{known}")
+
+
+def transformer_family(transformer) -> Family:
+    """The family of a transformer model, by its class."""
+    name = type(transformer).__name__
+    for family in FAMILIES.values():
+        if family.components["transformer"][1] == name:
+            return family
+    raise LookalikeError(f"no model family has the transformer class {name}")
+
+
+def base_family(base: str) -> Family:
+    """The family of a base: a known name's, or a local folder's (FLUX.1 for a folder not readable yet, so that
+    loading it says what is wrong)."""
+    if base in KNOWN_BASES:
+        return FAMILIES[KNOWN_BASES[base].family]
+    if not (Path(base) / "model_index.json").is_file():
+        return FAMILIES["flux1"]
+    return folder_family(Path(base))

@@ -1,0 +1,111 @@
+"""FLUX.1 [dev] and [schnell]: FluxPipeline, a CLIP and a T5 text encoder, 2x2-packed latents, and a
+transformer fed sigma as its timestep (and dev's distilled guidance) that predicts the flow velocity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lookalike.models.families.interface import BaseModelInfo, Family
+
+CLIP_TOKENS = 77  # FLUX's CLIP prompt length, whatever a tokenizer's config says (as diffusers' scripts do)
+
+# FLUX.1's transformer (12B parameters), for estimates and benchmarks without its weights; schnell has no
+# guidance embedding.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+# FLUX.1's VAE (the 16-channel autoencoder), and its scheduler's settings, for benchmarks without weights.
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                      num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
+_MLP = rf"{_DOUBLE_BLOCK_MLP}|proj_mlp|proj_out"
+_BLOCKS = r"(transformer_blocks|single_transformer_blocks)\.\d+"
+
+
+class Flux1(Family):
+    name = "flux1"
+    pipeline_class_name = "FluxPipeline"
+    components = {"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+                  "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+                  "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "AutoTokenizer"),
+                  "text_encoder_2": ("transformers", "T5EncoderModel"),
+                  "tokenizer_2": ("transformers", "AutoTokenizer")}
+    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    bases = {
+        "flux-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-dev", 512, 28),
+        "flux-schnell": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False),
+        "tiny": BaseModelInfo("flux1", None, 32, 28),
+    }
+    # A local folder: like FLUX.1-dev, or like schnell when its transformer has no guidance embedding.
+    local = BaseModelInfo("flux1", None, 512, 28)
+    local_without_guidance = BaseModelInfo("flux1", None, 256, 4, guidance=False)
+    # Regexes (peft matches them against full module names) so that the transformer's final proj_out is left
+    # out: only layers inside the double-stream and single-stream blocks are adapted. On FLUX.1 (19 double, 38
+    # single blocks): attention 266 layers; diffusers 342, the default set of diffusers'
+    # train_dreambooth_lora_flux.py (every attention layer and the double blocks' feed-forward); attention+mlp
+    # 418 (the single blocks' MLP too).
+    target_modules = {
+        "attention": rf"{_BLOCKS}\.({_ATTENTION})",
+        "diffusers": rf"{_BLOCKS}\.({_ATTENTION}|{_DOUBLE_BLOCK_MLP})",
+        "attention+mlp": rf"{_BLOCKS}\.({_ATTENTION}|{_MLP})",
+    }
+
+    def local_info(self, folder: Path) -> BaseModelInfo:
+        try:
+            transformer = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        except (OSError, ValueError):
+            return self.local  # not there yet (or not readable): loading it will say what is wrong
+        return self.local_without_guidance if transformer.get("guidance_embeds") is False else self.local
+
+    def ensure_tiny(self, name: str) -> Path:
+        from lookalike.models.tiny import ensure_tiny_model
+
+        return ensure_tiny_model()
+
+    def adjust_pipeline(self, pipe) -> None:
+        # A local folder whose tokenizer leaves model_max_length unset would otherwise tokenize to transformers'
+        # 'very large integer' and overflow.
+        if getattr(pipe, "tokenizer", None) is not None:
+            pipe.tokenizer.model_max_length = CLIP_TOKENS
+            pipe.tokenizer_max_length = CLIP_TOKENS
+
+    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+        prompt_embeds, pooled, _ = pipe.encode_prompt(caption, prompt_2=None, device=device,
+                                                      max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": prompt_embeds[0], "pooled": pooled[0]}
+
+    def model_input(self, latents):
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = latents.shape
+        return FluxPipeline._pack_latents(latents, batch, channels, height, width), (height, width)
+
+    def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
+        import torch
+        from diffusers import FluxPipeline
+
+        batch, (height, width) = len(texts), layout
+        prompt_embeds = torch.stack([t["prompt_embeds"] for t in texts]).to(device, dtype)
+        return transformer(
+            hidden_states=noisy.to(device, dtype),
+            timestep=sigmas.to(device, dtype),
+            guidance=torch.full((batch,), guidance, device=device) if config.guidance_embeds else None,
+            pooled_projections=torch.stack([t["pooled"] for t in texts]).to(device, dtype),
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype),
+            return_dict=False,
+        )[0]
+
+    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
+        return {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype),
+                "pooled_prompt_embeds": text["pooled"][None].to(device, dtype)}

@@ -1,0 +1,71 @@
+"""The interface of a model family (see families/__init__.py), and what a base is made for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What a base is made for: its family and its generation defaults."""
+
+    family: str
+    repo: str | None  # hub repository, None for models built or stored locally
+    max_sequence_length: int  # text tokens per prompt
+    steps: int  # inference steps: [generate] num_inference_steps when not set
+    guidance: bool = True  # takes a guidance scale (FLUX.1-dev's distilled guidance, Z-Image's CFG); schnell none
+
+
+class Family:
+    """The interface every family implements (see the module docstring). Tensors are torch tensors."""
+
+    name: str
+    pipeline_class_name: str  # diffusers' pipeline, as model_index.json names it
+    components: dict[str, tuple[str, str]]  # component -> (library, class name) for loading it on its own
+    text_components: tuple[str, ...]  # what a cached text embedding depends on
+    bases: dict[str, BaseModelInfo]  # lookalike's names for the family's hub models and tiny models
+    target_modules: dict[str, str]  # [train] target_modules preset -> regex of the adapted layers
+    negative_prompt: str | None = None  # encoded once for samples, where generation uses true CFG
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def component_class(self, component: str):
+        import importlib
+
+        library, name = self.components[component]
+        return getattr(importlib.import_module(library), name)
+
+    def local_info(self, folder: Path) -> BaseModelInfo:
+        """The generation defaults of a local folder of this family (its configs are read, no weights)."""
+        raise NotImplementedError
+
+    def ensure_tiny(self, name: str) -> Path:
+        """The folder of the tiny model `name` (one of the family's bases without a repo), built offline and
+        deterministically on first use, then reused."""
+        raise NotImplementedError
+
+    def adjust_pipeline(self, pipe) -> None:
+        """Settings a loaded pipeline needs whatever its folder's configs say (none by default)."""
+
+    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+        """One caption's embeddings as cached: named tensors without a batch dimension."""
+        raise NotImplementedError
+
+    def model_input(self, latents):
+        """Normalised VAE latents (B, C, H, W) as the transformer's input, and what predict needs to read it."""
+        raise NotImplementedError
+
+    def predict(self, transformer, config, noisy, sigmas, texts: list[dict[str, Any]], guidance: float, layout,
+                device, dtype):
+        """The transformer's prediction of the flow velocity (noise - clean latents) at noise levels `sigmas`.
+        `config`: the transformer's own config (`transformer` may be wrapped for distributed training)."""
+        raise NotImplementedError
+
+    def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
+        """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""
+        raise NotImplementedError

@@ -1,0 +1,146 @@
+"""Z-Image (Tongyi-MAI): ZImagePipeline, a Qwen3 text encoder (its second-to-last hidden states, padding
+dropped, so each caption keeps its own length), unpacked latents given to the transformer as a list of
+(C, 1, H, W) frames, a timestep of 1 - sigma, and an output that is minus the flow velocity. Generation uses
+true classifier-free guidance, against an empty negative prompt."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.tiny import default_cache_dir
+from lookalike.workspace import build_once
+
+_ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
+_BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
+
+TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen's ChatML, the layout of the prompt the pipeline builds with apply_chat_template.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass(frozen=True)
+class TinyZImageSpec:
+    """Sizes of a tiny Z-Image: the real classes, small enough to train at 64 px in milliseconds per step."""
+
+    seed: int = 0
+    dim: int = 32
+    layers: int = 1
+    refiner_layers: int = 1
+    heads: int = 2
+    text_hidden: int = 16
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # four blocks: 8x downsampling, as Z-Image's VAE
+
+    @property
+    def folder_name(self) -> str:
+        fields = "-".join(str(v).replace(", ", "_").strip("()") for v in asdict(self).values())
+        return f"tiny-z-image-v{TINY_FORMAT}-{fields}"
+
+
+def byte_level_qwen_tokenizer():
+    """A Qwen2TokenizerFast over a byte-level BPE vocabulary with no merges (every byte is a token), Qwen's
+    special tokens and its chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = Qwen2TokenizerFast(tokenizer_object=tokenizer, unk_token=None, pad_token=SPECIAL_TOKENS[0],
+                              eos_token=SPECIAL_TOKENS[2], model_max_length=512)
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
+    """The tiny ZImagePipeline, built in memory deterministically from spec.seed."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = byte_level_qwen_tokenizer()
+    head = spec.dim // spec.heads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=spec.dim, n_layers=spec.layers,
+            n_refiner_layers=spec.refiner_layers, n_heads=spec.heads, n_kv_heads=spec.heads, qk_norm=True,
+            cap_feat_dim=spec.text_hidden, axes_dims=[head // 2, head // 4, head // 4], axes_lens=[256, 64, 64])
+        with torch.no_grad():  # made with torch.empty: fixed here so that the same seed gives the same model
+            transformer.x_pad_token.fill_(1.0)
+            transformer.cap_pad_token.fill_(1.0)
+        torch.manual_seed(spec.seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
+            up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), block_out_channels=spec.vae_channels,
+            layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=64,
+            scaling_factor=3.0, shift_factor=0.0)  # latents of photos about unit variance, as the real constants
+        with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
+            vae.encoder.conv_out.bias[16:] = -12.0
+        torch.manual_seed(spec.seed + 2)
+        text_encoder = Qwen3Model(Qwen3Config(
+            hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2, num_hidden_layers=spec.text_layers,
+            num_attention_heads=2, num_key_value_heads=2, head_dim=spec.text_hidden // 2, vocab_size=len(tokenizer),
+            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+
+
+class ZImage(Family):
+    name = "z-image"
+    pipeline_class_name = "ZImagePipeline"
+    components = {"transformer": ("diffusers", "ZImageTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+                  "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+                  "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "AutoTokenizer")}
+    text_components = ("text_encoder", "tokenizer")
+    bases = {
+        # The pipeline's own defaults: 50 steps at CFG 5.0; Turbo is distilled to 8 steps without guidance.
+        "z-image": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image", 512, 50),
+        "z-image-turbo": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image-Turbo", 512, 8, guidance=False),
+        "tiny-z-image": BaseModelInfo("z-image", None, 32, 28),
+    }
+    # diffusers' train_dreambooth_lora_z_image.py adapts to_q, to_k, to_v and to_out.0 wherever they are: the
+    # attention of the main layers and of both refiners. attention+mlp adds the feed-forward (w1, w2, w3).
+    target_modules = {
+        "attention": rf"{_BLOCKS}\.{_ATTENTION}",
+        "diffusers": rf"{_BLOCKS}\.{_ATTENTION}",
+        "attention+mlp": rf"{_BLOCKS}\.({_ATTENTION}|feed_forward\.(w1|w2|w3))",
+    }
+    negative_prompt = ""  # the pipeline's own negative prompt when none is given
+
+    def local_info(self, folder: Path) -> BaseModelInfo:
+        return BaseModelInfo("z-image", None, 512, 50)
+
+    def ensure_tiny(self, name: str) -> Path:
+        spec = TinyZImageSpec()
+        return build_once(default_cache_dir() / spec.folder_name, "model_index.json",
+                          lambda tmp: build_tiny_z_image(spec).save_pretrained(tmp, safe_serialization=True))
+
+    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+        embeds, _ = pipe.encode_prompt(caption, device=device, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": embeds[0]}
+
+    def model_input(self, latents):
+        return latents, None
+
+    def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
+        import torch
+
+        frames = list(noisy.to(device, dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W) each
+        output = transformer(frames, (1 - sigmas).to(device), [t["prompt_embeds"].to(device, dtype) for t in texts],
+                             return_dict=False)[0]
+        return -torch.stack(output).squeeze(2)
+
+    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
+        return {"prompt_embeds": [text["prompt_embeds"].to(device, dtype)],
+                "negative_prompt_embeds": None if negative is None else [negative["prompt_embeds"].to(device, dtype)]}
