@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lookalike.errors import LookalikeError
-from lookalike.models.base import KNOWN_BASES
+from lookalike.models.families import KNOWN_BASES
 from lookalike.workspace import run_name_problem
 
 
@@ -25,10 +25,11 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     base: str = "flux-dev"
-    """flux-dev | flux-schnell | tiny | a local diffusers folder."""
+    """flux-dev | flux-schnell | z-image | z-image-turbo | tiny (FLUX.1) | tiny-z-image | a local diffusers folder
+    (its family told by its model_index.json)."""
     revision: str | None = None
     max_sequence_length: int | None = Field(None, ge=1, le=512)
-    """T5 tokens per prompt; None takes the base model's own default (512 for dev, 256 for schnell)."""
+    """Text tokens per prompt; None takes the base model's own default (512 for dev and Z-Image, 256 for schnell)."""
 
 
 class SubjectConfig(Section):

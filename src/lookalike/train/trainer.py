@@ -1,4 +1,4 @@
-"""The flow-matching LoRA trainer of the FLUX transformer, on accelerate.
+"""The flow-matching LoRA trainer of a base's transformer (its family says how to feed it), on accelerate.
 
 `train()` reads top to bottom: check the run folder, encode (cached), build the LoRA, optimizer and
 schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, latent
@@ -94,7 +94,8 @@ def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> tor
 def enable_checkpointing(transformer, every: int) -> None:
     """Keep only the inputs of every `every`-th transformer block and recompute its activations in the backward
     pass: memory traded for time, block by block (every=1: all blocks; 2: half of them; ...)."""
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    # The blocks in their model's order, of the kinds diffusers itself compiles as repeated blocks.
+    blocks = [module for module in transformer.modules() if type(module).__name__ in transformer._repeated_blocks]
     chosen = {id(block) for index, block in enumerate(blocks) if index % every == 0}
 
     def checkpointed(block, *args):
