@@ -19,6 +19,8 @@ from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.trainer import train
+from tests.conftest import run_cli
+from tests.test_cli import assert_one_line_error
 
 
 def test_a_local_z_image_folder_is_recognised_by_its_pipeline_class(tmp_path):
@@ -109,3 +111,30 @@ def test_a_z_image_run_trains_samples_and_draws_what_the_stock_pipeline_draws(ti
         generator=torch.Generator("cpu").manual_seed(0)).images[0])
     assert np.abs(ours - theirs.astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the file loaded"
     assert np.abs(ours - base.astype(int)).max() > 1, "the LoRA changed the image"
+
+
+@pytest.mark.slow
+def test_a_z_image_lora_exports_in_diffusers_layout_and_is_refused_in_flux_layouts(tiny_config, tmp_path):
+    from lookalike.errors import LookalikeError
+    from lookalike.models.export import export_lora
+
+    lora = train(load_config(tiny_config(model={"base": "tiny-z-image"}, train={"max_train_steps": 2})), "z")
+    for format in ("kohya", "comfyui"):
+        with pytest.raises(LookalikeError, match=f"--format {format}: .*FLUX.1 LoRAs only.*--format diffusers"):
+            export_lora(lora, tmp_path / f"{format}.safetensors", format)
+    exported = export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers")
+    assert loads_in_the_stock_pipeline(exported)
+
+
+def loads_in_the_stock_pipeline(path) -> bool:
+    """The file loads into the stock ZImagePipeline with diffusers' own loader."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(resolve_base("tiny-z-image"))
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    return "default_0" in pipe.get_active_adapters()
+
+
+def test_dry_run_says_there_is_no_estimate_for_z_image_yet(tiny_config):
+    assert_one_line_error(run_cli("train", str(tiny_config(model={"base": "tiny-z-image"})), "--dry-run"),
+                          "train --dry-run: no memory estimate for tiny-z-image yet")

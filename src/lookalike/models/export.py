@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
+from lookalike.models.families import base_family
 from lookalike.models.lora import file_metadata, modules_of, read_lora, save_lora
 from lookalike.workspace import atomic_path
 
@@ -94,6 +95,9 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)},
                   dtype=cast)
         return out
+    if base_family(info.get("base_model") or "").name != "flux1":  # a file that names no base: as FLUX.1
+        raise LookalikeError(f"--format {format}: lookalike writes kohya's and ComfyUI's layouts for FLUX.1 LoRAs "
+                             f"only; {source} is for {info['base_model']}: export it with --format diffusers")
     prefix, dotted = ("lora_unet_", False) if format == "kohya" else ("diffusion_model.", True)
     result = {}
     for layer, (down, up, alpha) in to_bfl_layers(tensors, config["lora_alpha"]).items():

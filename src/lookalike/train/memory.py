@@ -15,7 +15,9 @@ import json
 from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
+from lookalike.errors import LookalikeError
 from lookalike.models.base import max_sequence_length, resolve_base
+from lookalike.models.families import base_family
 from lookalike.models.families.flux1 import FLUX_TRANSFORMER
 from lookalike.models.lora import add_lora
 
@@ -65,8 +67,17 @@ def size(gigabytes: float) -> str:
     return f"{gigabytes:8.2f} GB" if gigabytes >= 0.1 else f"{gigabytes * 1024:8.2f} MB"
 
 
+def check_estimable(config: StudyConfig) -> None:
+    """The activation figures are measured on FLUX.1's blocks only: other families get no estimate yet."""
+    family = base_family(config.model.base)
+    if family.name != "flux1":
+        raise LookalikeError(f"train --dry-run: no memory estimate for {config.model.base} yet (a {family.name} base):"
+                             " lookalike's activation figures are measured on FLUX.1's blocks only")
+
+
 def transformer_config(config: StudyConfig) -> dict:
     """The transformer's architecture without loading (or, for a known hub model, downloading) weights."""
+    check_estimable(config)
     if config.model.base in ("flux-dev", "flux-schnell"):
         return dict(FLUX_TRANSFORMER, guidance_embeds=config.model.base == "flux-dev")
     folder = resolve_base(config.model.base, config.model.revision)  # tiny: built offline; else a local folder
@@ -149,6 +160,10 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
 
 def out_of_memory_message(config: StudyConfig, precision: str) -> str:
     """What to say when the accelerator runs out of memory: the estimate, and settings estimated to need less."""
+    if base_family(config.model.base).name != "flux1":
+        return (f"out of accelerator memory at {config.data.resolution} px, batch {config.train.batch_size}; "
+                "lighter settings: train.gradient_checkpointing=true, train.base_quantization=int8 or nf4, "
+                "a smaller data.resolution")
     base = estimate(config, precision)
     lighter = "; ".join(f"{label} (~{size(gb).strip()})" for label, gb in lighter_settings(config, precision, base))
     return (f"out of accelerator memory: this run is estimated to need ~{base.total:.1f} GB at "
