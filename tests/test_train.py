@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lookalike.config import load_config
 from lookalike.data.dataset import training_images
 from lookalike.generate import render
-from lookalike.models.base import load_pipeline, resolve_base, vae_normalisation
+from lookalike.models.base import load_pipeline, resolve_base
 from lookalike.models.lora import load_lora_into
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.trainer import train
@@ -22,10 +22,11 @@ from lookalike.train.trainer import train
 
 def packed_training_latents(config):
     """The training photos' latents as the transformer sees them (normalised and packed into 2x2 patches)."""
-    from diffusers import FluxPipeline
+    from diffusers import AutoencoderKL, FluxPipeline
 
     folder = resolve_base("tiny")
-    shift, scale = vae_normalisation(folder)
+    vae = AutoencoderKL.load_config(folder, subfolder="vae")
+    shift, scale = vae["shift_factor"], vae["scaling_factor"]
     cache = EmbeddingCache(config.workspace / "cache", folder, torch.device("cpu"), torch.float32)
     stats = cache.latents(training_images(config), config.data.resolution)
     latents = torch.stack([(s.mean - shift) * scale for s in stats])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -168,9 +167,3 @@ def _naming_failures(folder: Path, component: str):
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LookalikeError(f"cannot load the {component} of the base model in {folder}: {first}") from None
-
-
-def vae_normalisation(folder: Path) -> tuple[float, float]:
-    """(shift_factor, scaling_factor) of the VAE, read from its config without loading it."""
-    config = json.loads((folder / "vae" / "config.json").read_text())
-    return float(config.get("shift_factor") or 0.0), float(config["scaling_factor"])

@@ -33,7 +33,7 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
     targets = transformer_family(transformer).target_modules[target]
     # A rank above a layer's narrower side adds parameters that cannot change anything: a user's slip.
     widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
-              if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*{targets}", name)]
+              if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*(?:{targets})", name)]
     if widths and rank > min(widths):
         raise LookalikeError(f"train.rank = {rank} is more than the narrowest adapted layer's width {min(widths)}: "
                              f"a LoRA's rank can be at most {min(widths)} on this base")

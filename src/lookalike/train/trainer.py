@@ -26,7 +26,7 @@ from lookalike.config import StudyConfig
 from lookalike.data.dataset import training_images
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
-from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base, vae_normalisation
+from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base
 from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
@@ -268,7 +268,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                       f"{t.gradient_accumulation_steps} = effective batch "
                       f"{processes * t.batch_size * t.gradient_accumulation_steps}; learning rate {t.learning_rate:g}"
                       " (not scaled with the batch)")
-    vae_shift, vae_scale = vae_normalisation(folder)
+    normalisation = family.latent_normalisation(folder)
 
     # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision.
     transformer = load_component(folder, "transformer", dtype=weight_dtype, quantization=t.base_quantization).to(device)
@@ -325,7 +325,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     x0 = torch.stack([latents[i].mean + latents[i].std * torch.randn(latents[i].mean.shape,
                                                                                      generator=generator)
                                       for i in picked])
-                    x0, layout = family.model_input((x0 - vae_shift) * vae_scale)
+                    x0, layout = family.model_input(x0, normalisation)
                     noise = torch.randn(x0.shape, generator=generator)
                     sigmas = sample_sigmas(len(x0), t.timestep_sampling, generator, t.logit_mean, t.logit_std,
                                            t.timestep_shift)

@@ -6,7 +6,7 @@ what of it is cached, how clean latents become the transformer's input and how t
 LoRA target presets, and how a pipeline is handed cached embeddings. The trainer, the cache, generation and
 the CLI ask the family; none of them knows a base's internals.
 
-Families: FLUX.1 (flux1.py) and Z-Image (z_image.py).
+Families: FLUX.1 (flux1.py), FLUX.2 [klein] (flux2.py) and Z-Image (z_image.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 
 from lookalike.errors import LookalikeError
 from lookalike.models.families.flux1 import Flux1
+from lookalike.models.families.flux2 import Flux2
 from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.families.z_image import ZImage
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), ZImage())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), Flux2(), ZImage())}
 KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.values()
                                          for name, info in family.bases.items()}
 

@@ -83,11 +83,11 @@ class Flux1(Family):
                                                       max_sequence_length=max_sequence_length)
         return {"prompt_embeds": prompt_embeds[0], "pooled": pooled[0]}
 
-    def model_input(self, latents):
+    def model_input(self, latents, normalisation):
         from diffusers import FluxPipeline
 
-        batch, channels, height, width = latents.shape
-        return FluxPipeline._pack_latents(latents, batch, channels, height, width), (height, width)
+        latents, (height, width) = super().model_input(latents, normalisation)
+        return FluxPipeline._pack_latents(latents, len(latents), latents.shape[1], height, width), (height, width)
 
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
         import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,17 @@ class Family:
         """One caption's embeddings as cached: named tensors without a batch dimension."""
         raise NotImplementedError
 
-    def model_input(self, latents):
-        """Normalised VAE latents (B, C, H, W) as the transformer's input, and what predict needs to read it."""
-        raise NotImplementedError
+    def latent_normalisation(self, folder: Path):
+        """What model_input normalises the VAE's latents with: by default (shift_factor, scaling_factor) of the
+        VAE's config (read without loading the VAE)."""
+        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        return float(config.get("shift_factor") or 0.0), float(config["scaling_factor"])
+
+    def model_input(self, latents, normalisation):
+        """The VAE's latents (B, C, H, W), normalised, as the transformer's input (the training target's space),
+        and the layout predict needs to read it. By default (latents - shift) * scale."""
+        shift, scale = normalisation
+        return (latents - shift) * scale, latents.shape[-2:]
 
     def predict(self, transformer, config, noisy, sigmas, texts: list[dict[str, Any]], guidance: float, layout,
                 device, dtype):

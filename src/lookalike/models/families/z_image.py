@@ -130,9 +130,6 @@ class ZImage(Family):
                                        max_sequence_length=max_sequence_length)
         return {"prompt_embeds": embeds[0]}
 
-    def model_input(self, latents):
-        return latents, None
-
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
         import torch
 

@@ -1,0 +1,168 @@
+"""FLUX.2 [klein] (4B, 9B): Flux2KleinPipeline, a Qwen3 text encoder whose hidden states of layers 9, 18 and
+27 are stacked side by side (padded to the full sequence length), VAE latents cut into 2x2 patches and
+normalised by the VAE's own batch-norm statistics, 4-D position ids (T, H, W, L) for text and image tokens, a
+transformer fed sigma as its timestep that predicts the flow velocity. The distilled models draw in 4 steps
+without guidance; an undistilled one uses true classifier-free guidance against an empty prompt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.z_image import byte_level_qwen_tokenizer
+from lookalike.models.tiny import default_cache_dir
+from lookalike.workspace import build_once
+
+TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
+TEXT_LAYERS = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
+
+_DOUBLE_ATTENTION = (r"transformer_blocks\.\d+\.attn\."
+                     r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
+# A single block fuses q, k, v and the MLP's input into one layer, and attention and MLP outputs into another.
+_SINGLE = r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+_DOUBLE_MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)"
+
+
+@dataclass(frozen=True)
+class TinyFlux2Spec:
+    """Sizes of a tiny FLUX.2 [klein]: its real classes at sizes a CPU trains at 64 px in milliseconds a step.
+    The text encoder keeps 28 layers (layer 27 is read), each tiny."""
+
+    seed: int = 0
+    num_layers: int = 1
+    num_single_layers: int = 1
+    attention_head_dim: int = 16
+    num_attention_heads: int = 2
+    latent_channels: int = 4
+    text_hidden: int = 16
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # four blocks: 8x downsampling, as FLUX.2's VAE
+    distilled: bool = True  # like FLUX.2-klein-4B and -9B
+
+    @property
+    def folder_name(self) -> str:
+        fields = "-".join(str(v).replace(", ", "_").strip("()") for v in asdict(self).values())
+        return f"tiny-flux2-klein-v{TINY_FORMAT}-{fields}"
+
+
+def build_tiny_flux2(spec: TinyFlux2Spec = TinyFlux2Spec()):
+    """The tiny Flux2KleinPipeline, built in memory deterministically from spec.seed."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = byte_level_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=spec.latent_channels * 4, num_layers=spec.num_layers,
+            num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
+            num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.text_hidden * len(TEXT_LAYERS),
+            axes_dims_rope=[spec.attention_head_dim // 4] * 4, guidance_embeds=False)
+        torch.manual_seed(spec.seed + 1)
+        vae = AutoencoderKLFlux2(
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
+            up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), block_out_channels=spec.vae_channels,
+            layers_per_block=1, latent_channels=spec.latent_channels, norm_num_groups=4, sample_size=64,
+            use_quant_conv=False, use_post_quant_conv=False)
+        with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
+            vae.encoder.conv_out.bias[spec.latent_channels:] = -12.0
+        torch.manual_seed(spec.seed + 2)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
+            num_hidden_layers=max(TEXT_LAYERS) + 1,
+            num_attention_heads=2, num_key_value_heads=2, head_dim=spec.text_hidden // 2, vocab_size=len(tokenizer),
+            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=spec.distilled)
+
+
+class Flux2(Family):
+    name = "flux2"
+    pipeline_class_name = "Flux2KleinPipeline"
+    components = {"transformer": ("diffusers", "Flux2Transformer2DModel"), "vae": ("diffusers", "AutoencoderKLFlux2"),
+                  "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+                  "text_encoder": ("transformers", "Qwen3ForCausalLM"), "tokenizer": ("transformers", "AutoTokenizer")}
+    text_components = ("text_encoder", "tokenizer")
+    bases = {
+        # Step-distilled: 4 steps, no guidance (the pipeline ignores it).
+        "flux2-klein-4b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-4B", 512, 4, guidance=False),
+        "flux2-klein-9b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-9B", 512, 4, guidance=False),
+        "tiny-flux2-klein": BaseModelInfo("flux2", None, 32, 4, guidance=False),
+    }
+    # attention: every attention layer (a single block's two fused layers included); diffusers: the default set of
+    # train_dreambooth_lora_flux2_klein.py (the double blocks' image attention, to_q, to_k, to_v and to_out.0, and
+    # both layers of every single block); attention+mlp adds the double blocks' feed-forward.
+    target_modules = {
+        "attention": rf"{_DOUBLE_ATTENTION}|{_SINGLE}",
+        "diffusers": rf"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)|{_SINGLE}",
+        "attention+mlp": rf"{_DOUBLE_ATTENTION}|{_SINGLE}|{_DOUBLE_MLP}",
+    }
+    negative_prompt = ""  # what an undistilled model's CFG draws against
+
+    def local_info(self, folder: Path) -> BaseModelInfo:
+        try:
+            distilled = json.loads((Path(folder) / "model_index.json").read_text()).get("is_distilled", False)
+        except (OSError, ValueError):
+            distilled = False
+        return BaseModelInfo("flux2", None, 512, 4, guidance=False) if distilled else BaseModelInfo(
+            "flux2", None, 512, 50)
+
+    def ensure_tiny(self, name: str) -> Path:
+        spec = TinyFlux2Spec()
+        return build_once(default_cache_dir() / spec.folder_name, "model_index.json",
+                          lambda tmp: build_tiny_flux2(spec).save_pretrained(tmp, safe_serialization=True))
+
+    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+        prompt_embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": prompt_embeds[0]}
+
+    def latent_normalisation(self, folder: Path):
+        """The VAE's batch-norm running mean and standard deviation, read from its weights file."""
+        import torch
+        from safetensors import safe_open
+
+        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        with safe_open(str(Path(folder) / "vae" / "diffusion_pytorch_model.safetensors"), framework="pt") as weights:
+            mean, variance = weights.get_tensor("bn.running_mean"), weights.get_tensor("bn.running_var")
+        return mean.float().view(1, -1, 1, 1), torch.sqrt(variance.float().view(1, -1, 1, 1) + config["batch_norm_eps"])
+
+    def model_input(self, latents, normalisation):
+        from diffusers import Flux2KleinPipeline
+
+        mean, std = normalisation
+        patches = (Flux2KleinPipeline._patchify_latents(latents) - mean) / std
+        return Flux2KleinPipeline._pack_latents(patches), patches.shape[-2:]
+
+    def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
+        import torch
+        from diffusers import Flux2KleinPipeline
+
+        batch = len(texts)
+        prompt_embeds = torch.stack([t["prompt_embeds"] for t in texts]).to(device, dtype)
+        image_ids = Flux2KleinPipeline._prepare_latent_ids(torch.empty(batch, 1, *layout)).to(device)
+        prediction = transformer(
+            hidden_states=noisy.to(device, dtype),
+            timestep=sigmas.to(device),
+            guidance=torch.full((batch,), guidance, device=device) if config.guidance_embeds else None,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(device),
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        return prediction[:, :noisy.shape[1]]
+
+    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
+        def batch_of_one(embedding):
+            return embedding["prompt_embeds"][None].to(device, dtype)
+
+        return {"prompt_embeds": batch_of_one(text),
+                "negative_prompt_embeds": None if negative is None else batch_of_one(negative)}

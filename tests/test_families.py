@@ -1,0 +1,192 @@
+"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein]), each on a tiny model of its real classes: the family
+recognised from a local folder, its diffusers preset equal to its reference script's default layers, the
+training objective equal to the computation of diffusers' reference script on one fixed batch, and generation
+equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lookalike.config import load_config
+from lookalike.errors import LookalikeError
+from lookalike.generate import generate
+from lookalike.models.base import base_info, load_component, load_pipeline, resolve_base
+from lookalike.models.export import export_lora
+from lookalike.models.families import folder_family
+from lookalike.models.lora import add_lora
+from lookalike.train.cache import EmbeddingCache
+from lookalike.train.flow_matching import noisy_latents, velocity_target
+from lookalike.train.trainer import train
+from tests.conftest import run_cli
+from tests.test_cli import assert_one_line_error
+
+TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein"}
+# The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
+# whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
+# attn.to_out is a list, not a linear layer).
+REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
+                    "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out")}
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_a_local_folder_is_recognised_by_its_pipeline_class(tmp_path, family):
+    local = tmp_path / "my-base"
+    shutil.copytree(resolve_base(TINY[family]), local)
+    assert folder_family(local).name == family
+    assert base_info(str(local)).family == family
+    transformer = load_component(local, "transformer")
+    assert type(transformer).__name__ == folder_family(local).components["transformer"][1]
+
+
+def test_a_distilled_flux2_folder_draws_in_4_steps_without_guidance_and_an_undistilled_one_with_cfg(tmp_path):
+    import json
+
+    local = tmp_path / "klein-base"
+    shutil.copytree(resolve_base("tiny-flux2-klein"), local)
+    assert (base_info(str(local)).steps, base_info(str(local)).guidance) == (4, False)
+    index = json.loads((local / "model_index.json").read_text())
+    (local / "model_index.json").write_text(json.dumps({**index, "is_distilled": False}))
+    assert (base_info(str(local)).steps, base_info(str(local)).guidance) == (50, True)
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_the_diffusers_preset_is_the_reference_scripts_default_layers(family):
+    folder = resolve_base(TINY[family])
+    transformer = load_component(folder, "transformer")
+    add_lora(transformer, 2, 2.0, "diffusers")
+    adapted = sorted(name.removesuffix(".lora_A.default") for name, _ in transformer.named_modules()
+                     if name.endswith(".lora_A.default"))
+    reference = sorted(name for name, module in load_component(folder, "transformer").named_modules()
+                       if isinstance(module, torch.nn.Linear) and name.endswith(REFERENCE_LAYERS[family]))
+    assert adapted == reference and adapted
+
+
+def z_image_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+    """train_dreambooth_lora_z_image.py's loss, written out: latents (x - shift) * scale, a list of (C, 1, H, W)
+    frames, timestep (1000 - t) / 1000, the output negated, target noise - x."""
+    from diffusers import AutoencoderKL, ZImagePipeline
+
+    vae = AutoencoderKL.load_config(folder, subfolder="vae")
+    stock = ZImagePipeline.from_pretrained(folder, transformer=None, vae=None)
+    with torch.no_grad():
+        embeds, _ = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
+    model_input = (latents - vae["shift_factor"]) * vae["scaling_factor"]
+    sigma = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - sigma) * model_input + sigma * noise
+    timesteps = sigmas * 1000  # the script draws timesteps; its sigma is timestep / 1000
+    output = transformer(list(noisy.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, embeds, return_dict=False)[0]
+    prediction = -torch.stack(output).squeeze(2)
+    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
+
+
+def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+    """train_dreambooth_lora_flux2_klein.py's loss, written out: 2x2 patches normalised by the VAE's batch-norm
+    statistics, packed tokens with 4-D ids, timestep t / 1000, the output unpacked by its ids, target
+    noise - x."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+
+    vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae")
+    stock = Flux2KleinPipeline.from_pretrained(folder, transformer=None, vae=None)
+    with torch.no_grad():
+        prompt_embeds, text_ids = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    model_input = (Flux2KleinPipeline._patchify_latents(latents) - mean) / std
+    ids = Flux2KleinPipeline._prepare_latent_ids(model_input)
+    sigma = sigmas.view(-1, 1, 1, 1)
+    noisy = Flux2KleinPipeline._pack_latents((1.0 - sigma) * model_input + sigma * noise)
+    timesteps = sigmas * 1000
+    prediction = transformer(hidden_states=noisy, timestep=timesteps / 1000, guidance=None,
+                             encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+    prediction = Flux2KleinPipeline._unpack_latents_with_ids(prediction[:, :noisy.size(1)], ids)
+    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_path, family):
+    """One fixed batch (VAE latents, noise, sigmas, two captions): lookalike's loss, from its cached embeddings
+    and the family's transformer call, against the loss as the reference script computes it from the stock
+    pipeline's own prompt encoding."""
+    folder = resolve_base(TINY[family])
+    lookalike_family = folder_family(folder)
+    transformer = load_component(folder, "transformer")
+    torch.manual_seed(0)
+    add_lora(transformer, 4, 4.0, "diffusers")
+    with torch.no_grad():  # a LoRA that changes something: peft starts B at zero
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    captions = ["a photo of sks man", "sks"]
+    generator = torch.Generator().manual_seed(1)
+    channels = transformer.config.in_channels // (4 if family == "flux2" else 1)
+    latents = torch.randn(2, channels, 8, 8, generator=generator)  # as the VAE gives them, before normalisation
+    sigmas = torch.tensor([0.3, 0.8])
+
+    texts = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
+    x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
+    if family == "flux2":  # the script draws noise beside the unpacked patches; lookalike beside its packed tokens
+        from diffusers import Flux2KleinPipeline
+
+        noise = torch.randn(2, channels * 4, 4, 4, generator=generator)
+        packed_noise = Flux2KleinPipeline._pack_latents(noise)
+    else:
+        noise = packed_noise = torch.randn(latents.shape, generator=generator)
+    with torch.no_grad():
+        prediction = lookalike_family.predict(transformer, transformer.config, noisy_latents(x0, packed_noise, sigmas),
+                                              sigmas, [texts[c] for c in captions], 1.0, layout, torch.device("cpu"),
+                                              torch.float32)
+        ours = torch.nn.functional.mse_loss(prediction, velocity_target(x0, packed_noise)).item()
+        reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss}[family](
+            folder, transformer, captions, latents, noise, sigmas).item()
+    print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
+          f"difference {abs(ours - reference):.2e}")
+    assert abs(ours - reference) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY)
+def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_config, family):
+    config = load_config(tiny_config(model={"base": TINY[family]}, data={"crop": "center"},
+                                     train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
+                                            "sample_steps": 2},
+                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
+    lora = train(config, "r")
+    run = lora.parent
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000005_p0.png", "step-000010_p0.png"]
+    stem = "p00_s0_g4" if base_info(TINY[family]).guidance else "p00_s0"
+    ours = np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)
+
+    def stock_image(with_lora: bool):
+        pipe = folder_family(resolve_base(TINY[family])).pipeline_class().from_pretrained(resolve_base(TINY[family]))
+        if with_lora:
+            pipe.load_lora_weights(str(run), weight_name=lora.name)
+        pipe.set_progress_bar_config(disable=True)
+        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
+                               max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0)).images[0])
+
+    assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
+    assert np.abs(ours - stock_image(False).astype(int)).max() > 1, "the LoRA changed the image"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY)
+def test_a_lora_exports_in_diffusers_layout_and_is_refused_in_flux1_layouts(tiny_config, tmp_path, family):
+    lora = train(load_config(tiny_config(model={"base": TINY[family]}, train={"max_train_steps": 2})), "r")
+    for format in ("kohya", "comfyui"):
+        with pytest.raises(LookalikeError, match=f"--format {format}: .*FLUX.1 LoRAs only.*--format diffusers"):
+            export_lora(lora, tmp_path / f"{format}.safetensors", format)
+    exported = export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers")
+    pipe = load_pipeline(resolve_base(TINY[family]))
+    pipe.load_lora_weights(str(exported.parent), weight_name=exported.name)
+    assert pipe.get_active_adapters() == ["default_0"]
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_dry_run_says_there_is_no_estimate_for_the_family_yet(tiny_config, family):
+    assert_one_line_error(run_cli("train", str(tiny_config(model={"base": TINY[family]})), "--dry-run"),
+                          f"train --dry-run: no memory estimate for {TINY[family]} yet")
