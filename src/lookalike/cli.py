@@ -17,7 +17,7 @@ from lookalike import display
 from lookalike.config import evaluate_settings, load_config
 from lookalike.demo import launch
 from lookalike.demo_guard import credentials
-from lookalike.display import RESULT_COLUMNS, cell
+from lookalike.display import result_columns, shown
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
 from lookalike.generate import generate as generate_images
@@ -200,10 +200,13 @@ def _print_results(study, sort: str | None) -> None:
         console.print(f"results: no runs yet in {workspace.runs}")
         return
     rows = sort_runs(rows, sort) if sort else rows
-    table = Table(*RESULT_COLUMNS.values(), title=f"results ({workspace.results})")
-    table.columns[0].overflow = "fold"  # a long run name wraps rather than losing its end
+    columns = result_columns(rows)
+    table = Table(*columns.values(), title=f"results ({workspace.results})")
+    for column, key in zip(table.columns, columns):
+        if key in ("name", "base"):
+            column.overflow = "fold"  # a long run or base name wraps rather than losing its end
     for row in rows:
-        table.add_row(*(cell(row[k]) for k in RESULT_COLUMNS))
+        table.add_row(*(shown(row, k) for k in columns))
     console.print(table)
     for row in rows:
         if row["reason"] and row["state"] != "done":

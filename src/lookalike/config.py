@@ -188,10 +188,14 @@ class AblateConfig(Section):
     """The fine-tuned run to compare with the base model; None: the best run by the report's rule."""
 
 
+EXPERIMENT_MODEL_KEYS = ("base",)  # [model] keys an experiment may set: one study across several bases
+
+
 def _experiment_model() -> type[BaseModel]:
-    """An experiment is a name plus any [train] keys, each optional (it overrides the [train] defaults)."""
+    """An experiment is a name plus any [train] keys and [model] base, each optional (it overrides the study's)."""
     fields: dict[str, Any] = {name: (info.annotation | None, None) for name, info in TrainConfig.model_fields.items()}
-    return create_model("Experiment", __base__=Section, name=(str, Field(min_length=1)), **fields)
+    return create_model("Experiment", __base__=Section, name=(str, Field(min_length=1)), base=(str | None, None),
+                        **fields)
 
 
 Experiment = _experiment_model()
@@ -208,8 +212,8 @@ class SweepConfig(Section):
     @classmethod
     def _train_keys(cls, factors: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, levels in factors.items():
-            if key not in TrainConfig.model_fields:
-                raise ValueError(f"{key!r} is not a [train] key")
+            if key not in TrainConfig.model_fields and key not in EXPERIMENT_MODEL_KEYS:
+                raise ValueError(f"{key!r} is not a [train] key or base")
             if not levels or len(set(map(repr, levels))) != len(levels):
                 raise ValueError(f"{key} needs one or more distinct levels (got {levels!r})")
         return factors
@@ -291,6 +295,14 @@ class StudyConfig(Section):
             return StudyConfig.model_validate({**self.model_dump(), "train": train.model_dump()})
         except ValidationError as error:
             raise LookalikeError(_format_errors(source, error)) from None
+
+    def with_experiment(self, overrides: dict[str, Any], source: str) -> "StudyConfig":
+        """This config with an experiment's settings: [train] keys, and the base when it names one."""
+        train = {key: value for key, value in overrides.items() if key not in EXPERIMENT_MODEL_KEYS}
+        config = self.with_train(train, source)
+        if overrides.get("base") is not None:
+            config = config.model_copy(update={"model": config.model.model_copy(update={"base": overrides["base"]})})
+        return config
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -385,11 +397,20 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
             raise LookalikeError(f"{source}: {key}.images: {person.images} overlaps the workspace's prepared-data "
                                  f"folder {data}, where prepare writes and removes files; keep the photos in a folder "
                                  "of their own")
-    model = config.model
-    if model.base not in KNOWN_BASES:  # a local diffusers folder, relative to the config file like every path
-        model = model.model_copy(update={"base": str((base_dir / model.base).resolve())})
+    model = config.model.model_copy(update={"base": _base(config.model.base, base_dir)})
+    sweep = config.sweep.model_copy(update={
+        "experiments": [e.model_copy(update={"base": _base(e.base, base_dir)}) for e in config.sweep.experiments],
+        "factors": {key: [_base(level, base_dir) for level in levels] if key == "base" else levels
+                    for key, levels in config.sweep.factors.items()}})
     return config.model_copy(update={"workspace": workspace, "subject": subject, "more_subjects": more,
-                                     "model": model})
+                                     "model": model, "sweep": sweep})
+
+
+def _base(base: str | None, base_dir: Path) -> str | None:
+    """A known base's name as it is; a local diffusers folder relative to the config file, like every path."""
+    if base is None or base in KNOWN_BASES:
+        return base
+    return str((base_dir / base).resolve())
 
 
 def _resolved(path: Path, what: str) -> Path:

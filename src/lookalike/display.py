@@ -21,6 +21,21 @@ RESULT_COLUMNS = {"name": "run", "state": "state", "learning_rate": "lr", "rank"
                   "clip_score": "CLIP"}
 
 
+def result_columns(rows: list[dict]) -> dict[str, str]:
+    """RESULT_COLUMNS, with the base beside the run's name when the runs were trained on different bases."""
+    if len({row.get("base") for row in rows}) < 2:
+        return RESULT_COLUMNS
+    return {"name": RESULT_COLUMNS["name"], "base": "base", **RESULT_COLUMNS}
+
+
+def shown(row: dict, column: str) -> str:
+    """A results row's value as the tables show it: a base by its name (a local folder by its own name)."""
+    value = row[column]
+    if column == "base" and value is not None:
+        value = value.rstrip("/").rsplit("/", 1)[-1]
+    return cell(value)
+
+
 def cell(value, signed: bool = False) -> str:
     """'-' for a missing value, 4 significant digits for a number with a fraction, anything else as it is;
     signed: a change, shown with its sign."""

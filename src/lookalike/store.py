@@ -25,6 +25,7 @@ SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
     name TEXT PRIMARY KEY,
     state TEXT, reason TEXT, exit_code INTEGER,
+    base TEXT,             -- the base model it was trained on
     learning_rate REAL, rank INTEGER, alpha REAL, max_train_steps INTEGER, lr_scheduler TEXT,
     train TEXT,            -- the run's whole [train] section, as JSON
     train_seconds REAL, final_loss REAL, steps_done INTEGER,
@@ -47,6 +48,9 @@ def connect(path: Path | str) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=60)
     connection.row_factory = sqlite3.Row
     connection.executescript(SCHEMA)
+    columns = [row["name"] for row in connection.execute("PRAGMA table_info(runs)")]
+    if "base" not in columns:  # a results.sqlite written before runs named their base
+        connection.execute("ALTER TABLE runs ADD COLUMN base TEXT")
     return connection
 
 
@@ -69,12 +73,14 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     state = "interrupted" if status["state"] == "running" and run.state() == "interrupted" else status["state"]
     alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
     evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
-    db.execute(
-        "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (run.name, state, _reason(state, status), status.get("exit_code"),
-         train.get("learning_rate"), train.get("rank"), alpha, train.get("max_train_steps"),
-         train.get("lr_scheduler"), json.dumps(train), status.get("seconds"), status.get("final_loss"),
-         _last_step(run.metrics), time.time()))
+    row = {"name": run.name, "state": state, "reason": _reason(state, status), "exit_code": status.get("exit_code"),
+           "base": config.get("model", {}).get("base"), "learning_rate": train.get("learning_rate"),
+           "rank": train.get("rank"), "alpha": alpha, "max_train_steps": train.get("max_train_steps"),
+           "lr_scheduler": train.get("lr_scheduler"), "train": json.dumps(train),
+           "train_seconds": status.get("seconds"),
+           "final_loss": status.get("final_loss"), "steps_done": _last_step(run.metrics), "recorded": time.time()}
+    db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+               tuple(row.values()))
     db.execute("DELETE FROM metrics WHERE run = ?", (run.name,))
     if evaluation is not None:
         groups = [("run", "", evaluation)]
@@ -125,7 +131,7 @@ def sort_runs(rows: list[dict], column: str) -> list[dict]:
 def run_table(db: sqlite3.Connection) -> list[dict]:
     """One row per run: its settings, state, timings and whole-run metrics (None before evaluation)."""
     rows = db.execute(
-        f"SELECT r.name, r.state, r.reason, {', '.join('r.' + s for s in SETTINGS)}, r.train_seconds,"
+        f"SELECT r.name, r.state, r.reason, r.base, {', '.join('r.' + s for s in SETTINGS)}, r.train_seconds,"
         f" r.final_loss, {', '.join('m.' + name for name in METRICS)}"
         " FROM runs r LEFT JOIN metrics m ON m.run = r.name AND m.grouping = 'run' ORDER BY r.name").fetchall()
     return [dict(row) for row in rows]

@@ -17,12 +17,13 @@ from pathlib import Path
 from rich.console import Console
 
 from lookalike.config import StudyConfig
-from lookalike.display import RESULT_COLUMNS, cell
+from lookalike.display import cell, result_columns, shown
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import guidance_scales
 from lookalike.report import figures
 from lookalike.report.pareto import RANK_RULE, pareto_front
 from lookalike.store import refresh
+from lookalike.sweep.plan import config_for_run
 from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_json
 
 GRID_RUNS = 4  # columns of the image grid
@@ -61,25 +62,37 @@ def _digest(config: StudyConfig, workspace: Workspace, rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(facts, default=str, sort_keys=True).encode()).hexdigest()
 
 
+def _middle_scale(config: StudyConfig) -> float | None:
+    scales = guidance_scales(config)
+    return scales[len(scales) // 2]
+
+
 def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder: Path) -> str:
-    """Prompts as rows, chosen runs as columns, the first seed at the middle guidance scale."""
+    """Prompts as rows, chosen runs as columns, the first seed at each run's middle guidance scale (a run on
+    another base than the study's draws with its own base's settings)."""
     from PIL import Image
 
-    scales = guidance_scales(config)
-    seed, guidance = config.generate.seeds[0], scales[len(scales) // 2]
-    jobs = [job for job in image_jobs(config) if job.seed == seed and job.guidance == guidance]
-    loras = {row["name"]: lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)]) for row in chosen}
+    seed = config.generate.seeds[0]
+    columns = []  # per run: its config, its jobs by prompt, its LoRA
+    for row in chosen:
+        run_config = config_for_run(config, row["name"])
+        guidance = _middle_scale(run_config)
+        jobs = {job.prompt_index: job for job in image_jobs(run_config)
+                if job.seed == seed and job.guidance == guidance}
+        columns.append((row, run_config, jobs, lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)])))
+    bases = len({row.get("base") for row in chosen}) > 1
     header = "".join(
-        f"<th><b>{html.escape(r['name'])}</b><br>lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, "
+        f"<th><b>{html.escape(r['name'])}</b><br>" + (f"{html.escape(shown(r, 'base'))}, " if bases else "") +
+        f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, "
         f"alpha {cell(r['alpha'])}, {cell(r['max_train_steps'])} steps, {cell(r['lr_scheduler'])}<br>"
         f"CLIP {cell(r['clip_score'])}, face distance {cell(r['face_distance'])}, "
-        f"identity {cell(r['identity_similarity'])}</th>" for r in chosen)
+        f"identity {cell(r['identity_similarity'])}</th>" for r, *_ in columns)
     body = []
-    for job in jobs:
+    for index, prompt in enumerate(config.generate.prompts):
         cells = []
-        for row in chosen:
-            settings = job_settings(config, job, loras[row["name"]])
-            source = current_image(workspace.run(row["name"]).images, job, settings)
+        for row, run_config, jobs, lora in columns:
+            job = jobs.get(index)
+            source = job and current_image(workspace.run(row["name"]).images, job, job_settings(run_config, job, lora))
             if source is None:  # missing, or made with other settings than the ones this row names
                 cells.append("<td>not generated with these settings</td>")
                 continue
@@ -90,8 +103,10 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
                 (folder / name).parent.mkdir(exist_ok=True)
                 thumbnail.save(folder / name, quality=88)
             cells.append(f'<td><img src="{name}" alt="{html.escape(row["name"])}: {html.escape(job.prompt)}"></td>')
-        body.append(f"<tr><th>{html.escape(job.prompt)}</th>{''.join(cells)}</tr>")
-    shown_guidance = "no guidance (the base takes none)" if guidance is None else f"guidance scale {guidance:g}"
+        body.append(f"<tr><th>{html.escape(config.fill(prompt))}</th>{''.join(cells)}</tr>")
+    scales = {_middle_scale(run_config) for _, run_config, *_ in columns} or {_middle_scale(config)}
+    shown_guidance = ", ".join("no guidance (the base takes none)" if g is None else f"guidance scale {g:g}"
+                               for g in sorted(scales, key=lambda g: -1 if g is None else g))
     return (f"<p>Seed {seed}, {shown_guidance}.</p><table class='grid'><tr><th>prompt</th>{header}</tr>"
             f"{''.join(body)}</table>")
 
@@ -149,11 +164,12 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
 
 
 def _runs_table(rows: list[dict], best: list[str]) -> str:
-    head = "".join(f"<th>{title}</th>" for title in RESULT_COLUMNS.values()) + "<th>reason</th>"
+    columns = result_columns(rows)
+    head = "".join(f"<th>{title}</th>" for title in columns.values()) + "<th>reason</th>"
     body = []
     for row in rows:
         kind = "best" if row["name"] in best else "failed" if row["state"] in UNFINISHED else ""
-        cells = "".join(f"<td>{html.escape(cell(row[k]))}</td>" for k in RESULT_COLUMNS)
+        cells = "".join(f"<td>{html.escape(shown(row, k))}</td>" for k in columns)
         body.append(f"<tr class='{kind}'>{cells}<td>{html.escape(row['reason'] or '')}</td></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -172,7 +188,9 @@ def cannot_rank(config: StudyConfig, done: list[dict]) -> str | None:
 def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
                 unrankable: str | None) -> tuple[list[str], list[str]]:
     """(the ranked runs, best first; notes: why nothing is ranked, runs left out, failed runs)."""
-    ranked = [f"{r['name']}: lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
+    bases = len({r.get("base") for r in front}) > 1
+    ranked = [f"{r['name']}: " + (f"{shown(r, 'base')}, " if bases else "") +
+              f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
               f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
               f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
               f"{cell(r['face_distance'])})" for r in front]
@@ -208,7 +226,7 @@ def _summary(config, rows, best_lines) -> str:
     ranked, notes = best_lines
     lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
     lines += [f"{i}. {line}" for i, line in enumerate(ranked, 1)] + [f"- {line}" for line in notes] or ["None yet."]
-    lines += ["", "## Every run", "", "| " + " | ".join(RESULT_COLUMNS.values()) + " |",
-              "|" + "---|" * len(RESULT_COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in RESULT_COLUMNS) + " |" for r in rows]
+    columns = result_columns(rows)
+    lines += ["", "## Every run", "", "| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(shown(r, k) for k in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"

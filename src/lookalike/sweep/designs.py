@@ -60,7 +60,8 @@ def pairwise(factors: Factors) -> list[dict[str, Any]]:
     return [{name: factors[name][level or 0] for name, level in zip(names, row)} for row in rows]
 
 
-ABBREVIATIONS = {"learning_rate": "lr", "rank": "r", "alpha": "a", "max_train_steps": "steps", "lr_scheduler": ""}
+ABBREVIATIONS = {"learning_rate": "lr", "rank": "r", "alpha": "a", "max_train_steps": "steps", "lr_scheduler": "",
+                 "base": ""}
 
 
 def experiment_name(settings: dict[str, Any]) -> str:
@@ -68,5 +69,7 @@ def experiment_name(settings: dict[str, Any]) -> str:
     parts = []
     for key, value in settings.items():
         text = f"{value:g}" if isinstance(value, float) else str(value)
+        if key == "base":  # a known base's name, or a local folder's own name
+            text = text.rstrip("/").rsplit("/", 1)[-1]
         parts.append(f"{ABBREVIATIONS.get(key, key)}{text}")
     return "-".join(parts)

@@ -16,7 +16,7 @@ DEFAULT_RUN = "default"
 @dataclass(frozen=True)
 class Planned:
     name: str
-    overrides: dict[str, Any]  # [train] keys this experiment sets
+    overrides: dict[str, Any]  # [train] keys (and the base) this experiment sets
 
     def describe(self) -> str:
         return self.name + ("  " + " ".join(f"{k}={v}" for k, v in self.overrides.items()) if self.overrides else "")
@@ -28,7 +28,7 @@ def experiments(config: StudyConfig) -> list[Planned]:
     if sweep.design == "grid":
         made = designs.grid(sweep.factors)
     elif sweep.design == "one-at-a-time":
-        made = designs.one_at_a_time(sweep.factors, config.train.model_dump())
+        made = designs.one_at_a_time(sweep.factors, {**config.train.model_dump(), "base": config.model.base})
     elif sweep.design == "pairwise":
         made = designs.pairwise(sweep.factors)
     else:
@@ -39,14 +39,14 @@ def experiments(config: StudyConfig) -> list[Planned]:
     if repeated:
         raise LookalikeError(f"sweep: experiment names repeat ({', '.join(repeated)}); rename the listed ones")
     for experiment in planned:  # every bad value is found now, not when its run starts
-        config.with_train(experiment.overrides, f"sweep experiment {experiment.name}")
+        config.with_experiment(experiment.overrides, f"sweep experiment {experiment.name}")
     return planned or [Planned(DEFAULT_RUN, {})]
 
 
 def config_for_run(config: StudyConfig, name: str) -> StudyConfig:
-    """The config a run trains with: [train] with the overrides of the experiment of that name, if any (a run
-    name that is no experiment trains with [train] as it is)."""
+    """The config a run trains with: [train] and the base with the overrides of the experiment of that name, if
+    any (a run name that is no experiment trains with the study's settings as they are)."""
     for experiment in experiments(config):
         if experiment.name == name:
-            return config.with_train(experiment.overrides, f"sweep experiment {name}")
+            return config.with_experiment(experiment.overrides, f"sweep experiment {name}")
     return config
