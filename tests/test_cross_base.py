@@ -60,9 +60,9 @@ def test_one_study_trains_three_bases_and_reports_them_side_by_side(tmp_path, fa
     rows = {row["name"]: row["base"] for row in refresh(workspace / "runs", workspace / "results.sqlite")}
     assert rows == BASES
 
-    runs = workspace / "runs"
+    flux, zimage = (workspace / "runs" / name / "lora.safetensors" for name in ("flux", "zimage"))
     with pytest.raises(LookalikeError, match="cannot merge LoRAs of different base models"):
-        merge_loras(runs / "flux" / "lora.safetensors", runs / "zimage" / "lora.safetensors", tmp_path / "m.safetensors")
+        merge_loras(flux, zimage, tmp_path / "merged.safetensors")
 
 
 @pytest.mark.slow
