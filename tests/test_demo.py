@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lookalike.config import load_config
-from lookalike.demo import DemoModels, build_app, serve_options
+from lookalike.demo import DemoError, DemoModels, build_app, serve_options
 from tests.conftest import run_cli, tiny_study
 
 pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
@@ -219,3 +219,22 @@ def test_serving_beyond_this_machine_without_a_password_warns_loudly(demo, capsy
     app = launch(models.config, host="0.0.0.0", port=free_port(), block=False)
     app.close()
     assert "WARNING: the demo is open to every machine" in capsys.readouterr().err
+
+
+def test_the_app_lists_only_the_loras_of_the_base_it_draws_with(tiny_config):
+    """In a study across bases, a LoRA of another base cannot be drawn by the app's pipeline: it is not listed."""
+    import torch
+    from peft import LoraConfig
+
+    from lookalike.models.lora import save_lora
+    from lookalike.workspace import Workspace
+
+    config = load_config(tiny_config())
+    workspace = Workspace(config.workspace)
+    tensors = {"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 4),
+               "transformer.layers.0.attention.to_q.lora_B.weight": torch.zeros(4, 2)}
+    for run, base in (("flux", "tiny"), ("zimage", "tiny-z-image")):
+        save_lora(workspace.run(run).lora, tensors, LoraConfig(r=2, lora_alpha=2), {"base_model": base})
+    assert DemoModels(config).lora_choices() == ["flux"]
+    with pytest.raises(DemoError, match="not a trained run of this workspace"):
+        DemoModels(config).lora_path("zimage")

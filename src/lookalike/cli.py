@@ -224,7 +224,10 @@ def generate(
 ) -> None:
     """Generate the config's prompts x seeds x guidance scales, with LoRAs or with the base model alone."""
     _quiet()
-    generate_images(_load(config, set_), run=run, loras=lora or [], weights=_weights(weights), console=console)
+    study = _load(config, set_)
+    # A run draws with its own experiment's settings: its base among them, in a study across bases.
+    generate_images(config_for_run(study, run) if run else study, run=run, loras=lora or [],
+                    weights=_weights(weights), console=console)
 
 
 def _print_estimate(study) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from lookalike.config import StudyConfig
 from lookalike.data.images import load_rgb
 from lookalike.demo_guard import LoginThrottle, UploadLimit, is_loopback
+from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import ImageScore, clip_prompt
 from lookalike.generate import image_size, render
@@ -33,7 +34,7 @@ from lookalike.models.base import (
     pick_device,
     resolve_base,
 )
-from lookalike.models.lora import load_lora_into
+from lookalike.models.lora import check_lora_file, load_lora_into, lookalike_metadata
 from lookalike.workspace import Workspace, atomic_path, write_json
 
 NONE = "(none)"
@@ -48,6 +49,14 @@ TEMPORARY_FILES_S = 3600  # gradio's own copies (uploads, images it serves) are 
 
 class DemoError(Exception):
     """A request the app refuses, with the message shown to the user."""
+
+
+def _lora_base(path: Path) -> str | None:
+    """The base a LoRA file says it was trained on (None: it does not say, or cannot be read)."""
+    try:
+        return lookalike_metadata(check_lora_file(path)).get("base_model")
+    except LookalikeError:
+        return None
 
 
 class DemoModels:
@@ -65,9 +74,11 @@ class DemoModels:
         self._lock = threading.Lock()
 
     def lora_choices(self) -> list[str]:
-        """The runs of the workspace that have a trained LoRA: the only LoRAs the app loads."""
+        """The runs of the workspace that have a trained LoRA for the base the app draws with ([model] base): the
+        only LoRAs the app loads (a study across bases lists the others under their own base's config)."""
         runs = self.workspace.runs
-        return sorted(p.parent.name for p in runs.glob("*/lora.safetensors")) if runs.is_dir() else []
+        files = sorted(runs.glob("*/lora.safetensors")) if runs.is_dir() else []
+        return [f.parent.name for f in files if _lora_base(f) in (None, self.config.model.base)]
 
     def lora_path(self, name: str) -> Path:
         if name not in self.lora_choices():
