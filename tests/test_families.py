@@ -1,5 +1,5 @@
-"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein]), each on a tiny model of its real classes: the family
-recognised from a local folder, its diffusers preset equal to its reference script's default layers, the
+"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein], Qwen-Image), each on a tiny model of its real classes:
+the family recognised from a local folder, its diffusers preset equal to its reference script's default layers, the
 training objective equal to the computation of diffusers' reference script on one fixed batch, and generation
 equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
 
@@ -25,12 +25,15 @@ from lookalike.train.trainer import train
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 
-TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein"}
+TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "qwen-image": "tiny-qwen-image"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
 # whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
 # attn.to_out is a list, not a linear layer).
 REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
-                    "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out")}
+                    "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
+                    "qwen-image": ("to_k", "to_q", "to_v", "to_out.0")}
+# How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt.
+STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}}
 
 
 @pytest.mark.parametrize("family", TINY)
@@ -107,6 +110,31 @@ def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
+def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+    """train_dreambooth_lora_qwen_image.py's loss, written out: one-frame latents normalised per channel
+    ((x - mean) * (1 / std)), packed 2x2 tokens, the batch's prompt embeddings with their mask, timestep
+    t / 1000, the output unpacked, target noise - x."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    vae = AutoencoderKLQwenImage.load_config(folder, subfolder="vae")
+    stock = QwenImagePipeline.from_pretrained(folder, transformer=None, vae=None)
+    with torch.no_grad():
+        prompt_embeds, prompt_embeds_mask = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
+    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
+    model_input = (latents[:, :, None] - mean) * inverse_std  # (B, C, 1, H, W)
+    sigma = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = ((1.0 - sigma) * model_input + sigma * noise).permute(0, 2, 1, 3, 4)
+    batch, channels, _, height, width = model_input.shape
+    packed = QwenImagePipeline._pack_latents(noisy, batch, channels, height, width)
+    timesteps = sigmas * 1000
+    prediction = transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds,
+                             encoder_hidden_states_mask=prompt_embeds_mask, timestep=timesteps / 1000,
+                             img_shapes=[(1, height // 2, width // 2)] * batch, return_dict=False)[0]
+    prediction = QwenImagePipeline._unpack_latents(prediction, height * 8, width * 8, 8)
+    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
+
+
 @pytest.mark.parametrize("family", TINY)
 def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_path, family):
     """One fixed batch (VAE latents, noise, sigmas, two captions): lookalike's loss, from its cached embeddings
@@ -123,7 +151,7 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
                 parameter.normal_(0, 0.05)
     captions = ["a photo of sks man", "sks"]
     generator = torch.Generator().manual_seed(1)
-    channels = transformer.config.in_channels // (4 if family == "flux2" else 1)
+    channels = transformer.config.in_channels // (1 if family == "z-image" else 4)  # the others pack 2x2 patches
     latents = torch.randn(2, channels, 8, 8, generator=generator)  # as the VAE gives them, before normalisation
     sigmas = torch.tensor([0.3, 0.8])
 
@@ -134,6 +162,11 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
 
         noise = torch.randn(2, channels * 4, 4, 4, generator=generator)
         packed_noise = Flux2KleinPipeline._pack_latents(noise)
+    elif family == "qwen-image":  # the script's noise is beside its (B, C, 1, H, W) latents
+        from diffusers import QwenImagePipeline
+
+        noise = torch.randn(2, channels, 1, 8, 8, generator=generator)
+        packed_noise = QwenImagePipeline._pack_latents(noise[:, :, 0], 2, channels, 8, 8)
     else:
         noise = packed_noise = torch.randn(latents.shape, generator=generator)
     with torch.no_grad():
@@ -141,7 +174,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
                                               sigmas, [texts[c] for c in captions], 1.0, layout, torch.device("cpu"),
                                               torch.float32)
         ours = torch.nn.functional.mse_loss(prediction, velocity_target(x0, packed_noise)).item()
-        reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss}[family](
+        reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
+                     "qwen-image": qwen_image_reference_loss}[family](
             folder, transformer, captions, latents, noise, sigmas).item()
     print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
           f"difference {abs(ours - reference):.2e}")
@@ -166,7 +200,8 @@ def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_confi
         if with_lora:
             pipe.load_lora_weights(str(run), weight_name=lora.name)
         pipe.set_progress_bar_config(disable=True)
-        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
+        guidance = STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0})
+        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, **guidance,
                                max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0)).images[0])
 
     assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"

@@ -30,6 +30,7 @@ from lookalike.models.base import (
     pick_device,
     resolve_base,
 )
+from lookalike.models.families import pipeline_family
 from lookalike.models.lora import check_lora_file, load_lora_into
 from lookalike.progress import progress_bar
 from lookalike.workspace import Workspace, atomic_path, write_json
@@ -61,7 +62,7 @@ def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, ma
         height=size,
         width=size,
         num_inference_steps=steps,
-        guidance_scale=0.0 if guidance is None else guidance,  # None: a base without guidance never reads it
+        **pipeline_family(pipe).guidance_arguments(guidance, by_embeddings=embeddings is not None),
         max_sequence_length=max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,

@@ -88,8 +88,8 @@ class EmbeddingCache:
             for image, path in missing:
                 pixels = _to_tensor(load_training_image(image, resolution)).to(self.device, self.dtype)
                 with torch.no_grad():
-                    posterior = vae.encode(pixels[None]).latent_dist
-                _save(path, {"mean": posterior.mean[0].float().cpu(), "std": posterior.std[0].float().cpu()})
+                    mean, std = self.family.encode_pixels(vae, pixels)
+                _save(path, {"mean": mean.float().cpu(), "std": std.float().cpu()})
             _release(vae)
         return [LatentStats(**_load(path)) for path in paths]
 

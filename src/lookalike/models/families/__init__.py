@@ -6,7 +6,7 @@ what of it is cached, how clean latents become the transformer's input and how t
 LoRA target presets, and how a pipeline is handed cached embeddings. The trainer, the cache, generation and
 the CLI ask the family; none of them knows a base's internals.
 
-Families: FLUX.1 (flux1.py), FLUX.2 [klein] (flux2.py) and Z-Image (z_image.py).
+Families: FLUX.1 (flux1.py), FLUX.2 [klein] (flux2.py), Qwen-Image (qwen_image.py) and Z-Image (z_image.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from lookalike.errors import LookalikeError
 from lookalike.models.families.flux1 import Flux1
 from lookalike.models.families.flux2 import Flux2
 from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.qwen_image import QwenImage
 from lookalike.models.families.z_image import ZImage
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), Flux2(), ZImage())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), Flux2(), QwenImage(), ZImage())}
 KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.values()
                                          for name, info in family.bases.items()}
 
@@ -51,6 +52,15 @@ def transformer_family(transformer) -> Family:
         if family.components["transformer"][1] == name:
             return family
     raise LookalikeError(f"no model family has the transformer class {name}")
+
+
+def pipeline_family(pipe) -> Family:
+    """The family of a loaded pipeline, by its class."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if family.pipeline_class_name == name:
+            return family
+    raise LookalikeError(f"no model family has the pipeline class {name}")
 
 
 def base_family(base: str) -> Family:

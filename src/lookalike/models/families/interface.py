@@ -57,6 +57,16 @@ class Family:
         """One caption's embeddings as cached: named tensors without a batch dimension."""
         raise NotImplementedError
 
+    def encode_pixels(self, vae, pixels):
+        """The VAE's posterior (mean, std) for one image (3, H, W) in [-1, 1], each (C, h, w)."""
+        posterior = vae.encode(pixels[None]).latent_dist
+        return posterior.mean[0], posterior.std[0]
+
+    def guidance_arguments(self, guidance: float | None, by_embeddings: bool) -> dict:
+        """The pipeline's keyword arguments for a guidance scale (None: a base that takes none). by_embeddings:
+        the prompt is given as embeddings (pipeline_embeddings), negative ones included."""
+        return {"guidance_scale": 0.0 if guidance is None else guidance}
+
     def latent_normalisation(self, folder: Path):
         """What model_input normalises the VAE's latents with: by default (shift_factor, scaling_factor) of the
         VAE's config (read without loading the VAE)."""

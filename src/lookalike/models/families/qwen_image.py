@@ -1,0 +1,172 @@
+"""Qwen-Image: QwenImagePipeline, a Qwen2.5-VL text encoder (its last hidden states after the prompt
+template's system part, padding dropped, so each caption keeps its own length; a batch is padded again with a
+mask), a video VAE whose latents (one frame) are normalised per channel by its config's latents_mean and
+latents_std, 2x2-packed tokens, a transformer fed sigma as its timestep that predicts the flow velocity.
+Generation uses true classifier-free guidance (true_cfg_scale) against the negative prompt " "."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.z_image import byte_level_qwen_tokenizer
+from lookalike.models.tiny import default_cache_dir
+from lookalike.workspace import build_once
+
+TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
+_ATTENTION = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_MLP = r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
+
+
+@dataclass(frozen=True)
+class TinyQwenImageSpec:
+    """Sizes of a tiny Qwen-Image: its real classes (a one-block vision tower included), small enough to train
+    at 64 px in milliseconds per step."""
+
+    seed: int = 0
+    num_layers: int = 1
+    attention_head_dim: int = 16
+    num_attention_heads: int = 2
+    latent_channels: int = 4
+    text_hidden: int = 16
+    vae_base: int = 8
+
+    @property
+    def folder_name(self) -> str:
+        fields = "-".join(str(v) for v in asdict(self).values())
+        return f"tiny-qwen-image-v{TINY_FORMAT}-{fields}"
+
+
+def build_tiny_qwen_image(spec: TinyQwenImageSpec = TinyQwenImageSpec()):
+    """The tiny QwenImagePipeline, built in memory deterministically from spec.seed."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = byte_level_qwen_tokenizer()
+    head = spec.attention_head_dim
+    text_head = spec.text_hidden // 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=spec.latent_channels * 4, out_channels=spec.latent_channels,
+            num_layers=spec.num_layers, attention_head_dim=head, num_attention_heads=spec.num_attention_heads,
+            joint_attention_dim=spec.text_hidden, axes_dims_rope=(head // 4, 3 * head // 8, 3 * head // 8))
+        torch.manual_seed(spec.seed + 1)
+        # Channel statistics unlike 0 and 1, so that the normalisation is exercised as the real one is.
+        vae = AutoencoderKLQwenImage(
+            base_dim=spec.vae_base, z_dim=spec.latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+            temperal_downsample=[False, True, True], latents_mean=[0.1 * (i - 1) for i in range(spec.latent_channels)],
+            latents_std=[0.5 + 0.25 * i for i in range(spec.latent_channels)])
+        with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
+            vae.quant_conv.bias[spec.latent_channels:] = -12.0
+        torch.manual_seed(spec.seed + 2)
+        text = dict(hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
+                    max_position_embeddings=1024, bos_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    # the multimodal rotary sections share half a head's dimensions
+                    rope_scaling={"type": "mrope", "mrope_section": [text_head // 8, text_head // 8,
+                                                                     text_head // 2 - 2 * (text_head // 8)]})
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=spec.text_hidden,
+                      fullatt_block_indexes=[0])
+        text_encoder = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=len(tokenizer)))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+class QwenImage(Family):
+    name = "qwen-image"
+    pipeline_class_name = "QwenImagePipeline"
+    components = {"transformer": ("diffusers", "QwenImageTransformer2DModel"),
+                  "vae": ("diffusers", "AutoencoderKLQwenImage"),
+                  "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+                  "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+                  "tokenizer": ("transformers", "AutoTokenizer")}
+    text_components = ("text_encoder", "tokenizer")
+    bases = {
+        # The pipeline's own defaults: 50 steps, true CFG 4.0.
+        "qwen-image": BaseModelInfo("qwen-image", "Qwen/Qwen-Image", 512, 50),
+        "tiny-qwen-image": BaseModelInfo("qwen-image", None, 32, 28),
+    }
+    # diffusers' train_dreambooth_lora_qwen_image.py adapts to_q, to_k, to_v and to_out.0 (the image stream's
+    # attention); attention adds the text stream's; attention+mlp both streams' feed-forward.
+    target_modules = {
+        "attention": _ATTENTION,
+        "diffusers": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)",
+        "attention+mlp": rf"{_ATTENTION}|{_MLP}",
+    }
+    negative_prompt = " "  # what the pipeline's documentation uses to turn true CFG on
+
+    def local_info(self, folder: Path) -> BaseModelInfo:
+        return BaseModelInfo("qwen-image", None, 512, 50)
+
+    def ensure_tiny(self, name: str) -> Path:
+        spec = TinyQwenImageSpec()
+        return build_once(default_cache_dir() / spec.folder_name, "model_index.json",
+                          lambda tmp: build_tiny_qwen_image(spec).save_pretrained(tmp, safe_serialization=True))
+
+    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+        embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": embeds[0]}  # one caption: no padding, every token is its own
+
+    def encode_pixels(self, vae, pixels):
+        posterior = vae.encode(pixels[None, :, None]).latent_dist  # one frame of a video
+        return posterior.mean[0, :, 0], posterior.std[0, :, 0]
+
+    def guidance_arguments(self, guidance, by_embeddings) -> dict:
+        if guidance is None:
+            return {"true_cfg_scale": 1.0}
+        return {"true_cfg_scale": guidance, **({} if by_embeddings else {"negative_prompt": self.negative_prompt})}
+
+    def latent_normalisation(self, folder: Path):
+        import torch
+
+        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        return (torch.tensor(config["latents_mean"]).view(1, -1, 1, 1),
+                torch.tensor(config["latents_std"]).view(1, -1, 1, 1))
+
+    def model_input(self, latents, normalisation):
+        from diffusers import QwenImagePipeline
+
+        mean, std = normalisation
+        latents = (latents - mean) / std
+        batch, channels, height, width = latents.shape
+        return QwenImagePipeline._pack_latents(latents, batch, channels, height, width), (height, width)
+
+    def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
+        import torch
+
+        lengths = [t["prompt_embeds"].shape[0] for t in texts]
+        longest = max(lengths)
+        embeds = torch.stack([torch.cat([t["prompt_embeds"], t["prompt_embeds"].new_zeros(
+            longest - length, t["prompt_embeds"].shape[1])]) for t, length in zip(texts, lengths)]).to(device, dtype)
+        # As the pipeline's encode_prompt: a batch of captions of one length needs no mask.
+        mask = None if len(set(lengths)) == 1 else torch.tensor(
+            [[1] * length + [0] * (longest - length) for length in lengths], device=device)
+        height, width = layout
+        return transformer(
+            hidden_states=noisy.to(device, dtype),
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=mask,
+            timestep=sigmas.to(device),
+            img_shapes=[(1, height // 2, width // 2)] * len(texts),
+            guidance=torch.full((len(texts),), guidance, device=device) if config.guidance_embeds else None,
+            return_dict=False,
+        )[0]
+
+    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
+        embeddings = {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype)}
+        if negative is not None:
+            embeddings["negative_prompt_embeds"] = negative["prompt_embeds"][None].to(device, dtype)
+        return embeddings
