@@ -222,6 +222,26 @@ def test_a_lora_exports_in_diffusers_layout_and_is_refused_in_flux1_layouts(tiny
 
 
 @pytest.mark.parametrize("family", TINY)
-def test_dry_run_says_there_is_no_estimate_for_the_family_yet(tiny_config, family):
-    assert_one_line_error(run_cli("train", str(tiny_config(model={"base": TINY[family]})), "--dry-run"),
-                          f"train --dry-run: no memory estimate for {TINY[family]} yet")
+def test_dry_run_counts_the_familys_parameters_from_the_meta_device_and_says_what_it_cannot_estimate(tiny_config,
+                                                                                                     family):
+    from lookalike.train.memory import estimate
+
+    config = load_config(tiny_config(model={"base": TINY[family]}))
+    real = load_component(resolve_base(TINY[family]), "transformer")
+    add_lora(real, config.train.rank, config.train.lora_alpha, config.train.target_modules)
+    counted = estimate(config, "no")
+    assert counted.counts.lora == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert counted.counts.frozen == sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    assert counted.activations is None  # measured on FLUX.1's blocks only
+    result = run_cli("train", str(tiny_config(model={"base": TINY[family]})), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"activations          not estimated for {family}" in result.stdout
+    assert "at least: activations not included" in result.stdout
+
+
+@pytest.mark.slow
+def test_dry_run_of_a_hub_base_offline_says_what_to_do_in_one_line(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    result = run_cli("train", str(tiny_config(model={"base": "z-image"})), "--dry-run")
+    assert_one_line_error(result, "Tongyi-MAI/Z-Image: its transformer config is not in the local Hugging Face cache")

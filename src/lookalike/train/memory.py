@@ -15,9 +15,8 @@ import json
 from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
-from lookalike.errors import LookalikeError
-from lookalike.models.base import max_sequence_length, resolve_base
-from lookalike.models.families import base_family
+from lookalike.models.base import hub_config, max_sequence_length, resolve_base
+from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
 from lookalike.models.families.flux1 import FLUX_TRANSFORMER
 from lookalike.models.lora import add_lora
 
@@ -46,53 +45,53 @@ class Estimate:
     weights: float  # GB, the frozen transformer: compute precision, or quantised linear weights
     lora: float  # GB, the trainable LoRA (float32)
     optimizer: float  # GB, its gradients and AdamW's two moments
-    activations: float  # GB, kept for the backward pass and working values
+    activations: float | None  # GB, kept for the backward pass and working values; None: not estimated
     counts: Counts
     quantization: str = "none"
+    family: str = "flux1"
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.optimizer + self.activations
+        """The whole estimate; without an activation estimate, what the rest needs (a lower bound)."""
+        return self.weights + self.lora + self.optimizer + (self.activations or 0.0)
 
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
         return [f"transformer weights  {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters{quantized})",
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
-                f"activations (est.)   {size(self.activations)}",
-                f"total                {size(self.total)}  (plus the framework's own, about 1 GB on a GPU)"]
+                f"activations (est.)   {size(self.activations)}" if self.activations is not None else
+                f"activations          not estimated for {self.family} (lookalike measured FLUX.1's blocks only)",
+                f"total                {size(self.total)}  (" + ("" if self.activations is not None else
+                                                              "at least: activations not included; ") +
+                "plus the framework's own, about 1 GB on a GPU)"]
 
 
 def size(gigabytes: float) -> str:
     return f"{gigabytes:8.2f} GB" if gigabytes >= 0.1 else f"{gigabytes * 1024:8.2f} MB"
 
 
-def check_estimable(config: StudyConfig) -> None:
-    """The activation figures are measured on FLUX.1's blocks only: other families get no estimate yet."""
-    family = base_family(config.model.base)
-    if family.name != "flux1":
-        raise LookalikeError(f"train --dry-run: no memory estimate for {config.model.base} yet (a {family.name} base):"
-                             " lookalike's activation figures are measured on FLUX.1's blocks only")
-
-
 def transformer_config(config: StudyConfig) -> dict:
-    """The transformer's architecture without loading (or, for a known hub model, downloading) weights."""
-    check_estimable(config)
-    if config.model.base in ("flux-dev", "flux-schnell"):
-        return dict(FLUX_TRANSFORMER, guidance_embeds=config.model.base == "flux-dev")
-    folder = resolve_base(config.model.base, config.model.revision)  # tiny: built offline; else a local folder
-    architecture = json.loads((folder / "transformer" / "config.json").read_text())
+    """The transformer's architecture without loading any weights: FLUX.1's as stored here, another hub model's
+    from its transformer's config file (downloaded alone), a local or tiny folder's from its file."""
+    base, info = config.model.base, KNOWN_BASES.get(config.model.base)
+    if base in ("flux-dev", "flux-schnell"):
+        return dict(FLUX_TRANSFORMER, guidance_embeds=base == "flux-dev")
+    if info is not None and info.repo is not None:
+        path = hub_config(info.repo, config.model.revision, "transformer")
+    else:
+        path = resolve_base(base, config.model.revision) / "transformer" / "config.json"  # tiny: built offline
+    architecture = json.loads(path.read_text())
     return {k: v for k, v in architecture.items() if not k.startswith("_")}
 
 
-def count_parameters(architecture: dict, rank: int, alpha: float, target: str) -> Counts:
-    """Parameter counts of the transformer with the run's adapter, built on the meta device."""
+def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1") -> Counts:
+    """Parameter counts of the family's transformer with the run's adapter, built on the meta device."""
     import torch
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
 
     with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(architecture)
+        model = FAMILIES[family].component_class("transformer").from_config(architecture)
         add_lora(model, rank, alpha, target)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.
@@ -114,19 +113,21 @@ def kept_values(architecture: dict, checkpointing: bool, every: int) -> float:
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) -> Estimate:
     """The run's memory with its settings; `precision` is the resolved mixed precision (no, bf16, fp16)."""
     t = config.train
+    family = base_family(config.model.base).name
     architecture = transformer_config(config)
-    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules)
-    hidden = architecture["num_attention_heads"] * architecture["attention_head_dim"]
-    text = max_sequence_length(config.model)
-    tokens = (config.data.resolution // 16) ** 2 + text
+    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family)
     per_value = BYTES[precision]
-    values = kept_values(architecture, t.gradient_checkpointing, t.gradient_checkpointing_every)
-    activations = values * tokens * hidden * per_value * t.batch_size
+    activations = None
+    if family == "flux1":  # the activation figures are measured on FLUX.1's blocks
+        hidden = architecture["num_attention_heads"] * architecture["attention_head_dim"]
+        tokens = (config.data.resolution // 16) ** 2 + max_sequence_length(config.model)
+        values = kept_values(architecture, t.gradient_checkpointing, t.gradient_checkpointing_every)
+        activations = values * tokens * hidden * per_value * t.batch_size / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
-    return Estimate(weights / GB, counts.lora * 4 / GB, counts.lora * optimizer_bytes / GB, activations / GB,
-                    counts, t.base_quantization)
+    return Estimate(weights / GB, counts.lora * 4 / GB, counts.lora * optimizer_bytes / GB, activations,
+                    counts, t.base_quantization, family)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> list[tuple[str, float]]:
@@ -151,7 +152,10 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
     lighter = []
     for label, change in options:
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
-        lighter.append((label, estimate(changed, precision, base.counts).total))  # the same model: counted once
+        total = estimate(changed, precision, base.counts).total  # the same model: counted once
+        if base.activations is None and total >= base.total:  # it saves activations, which are not estimated
+            label += " (saves activation memory: not estimated here)"
+        lighter.append((label, total))
     if config.data.resolution > 512:
         smaller = config.model_copy(update={"data": config.data.model_copy(update={"resolution": 512})})
         lighter.append(("data.resolution=512", estimate(smaller, precision, base.counts).total))
@@ -160,12 +164,9 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
 
 def out_of_memory_message(config: StudyConfig, precision: str) -> str:
     """What to say when the accelerator runs out of memory: the estimate, and settings estimated to need less."""
-    if base_family(config.model.base).name != "flux1":
-        return (f"out of accelerator memory at {config.data.resolution} px, batch {config.train.batch_size}; "
-                "lighter settings: train.gradient_checkpointing=true, train.base_quantization=int8 or nf4, "
-                "a smaller data.resolution")
     base = estimate(config, precision)
     lighter = "; ".join(f"{label} (~{size(gb).strip()})" for label, gb in lighter_settings(config, precision, base))
-    return (f"out of accelerator memory: this run is estimated to need ~{base.total:.1f} GB at "
+    need = f"~{base.total:.1f} GB" if base.activations is not None else f"~{base.total:.1f} GB and its activations"
+    return (f"out of accelerator memory: this run is estimated to need {need} at "
             f"{config.data.resolution} px, batch {config.train.batch_size}. "
             + (f"Estimated to need less: {lighter}." if lighter else "No lighter setting is known to lookalike."))
