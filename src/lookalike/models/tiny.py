@@ -3,6 +3,7 @@
 It is built deterministically from a seed (the same seed gives the same weights, bit for bit), saved once as
 an ordinary diffusers folder under the lookalike cache, and reused; so every loading path that FLUX.1-dev
 takes (from_pretrained of each component, LoRA loading, diffusers' own training script) is exercised for real.
+The other families' tiny models (models/families/) are built and kept the same way, with the helpers here.
 """
 
 from __future__ import annotations
@@ -34,13 +35,52 @@ class TinySpec:
 
     @property
     def folder_name(self) -> str:
-        fields = "-".join(str(v).replace(", ", "_").strip("()") for v in asdict(self).values())
-        return f"tiny-flux-v{TINY_FORMAT}-{fields}"
+        return spec_folder_name(f"tiny-flux-v{TINY_FORMAT}", self)
+
+
+def spec_folder_name(kind: str, spec) -> str:
+    """A tiny model's folder name: its kind and format, then every size of its spec (other sizes, other folder)."""
+    return kind + "-" + "-".join(str(v).replace(", ", "_").strip("()") for v in asdict(spec).values())
 
 
 def default_cache_dir() -> Path:
     """Where built models are kept: $LOOKALIKE_HOME, else ~/.cache/lookalike."""
     return Path(os.environ.get("LOOKALIKE_HOME", Path.home() / ".cache" / "lookalike")) / "models"
+
+
+def ensure_built(folder_name: str, build, cache_dir: Path | None = None) -> Path:
+    """The folder of a tiny pipeline, `build()` and saved on first use, then reused."""
+    return build_once((cache_dir or default_cache_dir()) / folder_name, "model_index.json",
+                      lambda tmp: build().save_pretrained(tmp, safe_serialization=True))
+
+
+def tiny_autoencoder(channels: tuple[int, ...], latent_channels: int):
+    """A tiny AutoencoderKL, the VAE class of FLUX.1 and Z-Image: one block per entry of `channels` (four:
+    8x downsampling, as theirs)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(channels),
+        up_block_types=["UpDecoderBlock2D"] * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        # Like FLUX's constants for its VAE, these give the tiny VAE's latents of photos about unit variance.
+        scaling_factor=3.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():
+        # A trained VAE's posterior is nearly deterministic; a random one's has std 1, which would bury the
+        # image under sampling noise. Set the log-variance output low, as training would.
+        vae.encoder.conv_out.bias[latent_channels:] = -12.0
+    return vae
 
 
 def byte_level_clip_tokenizer():
@@ -72,7 +112,7 @@ def _unigram_t5_tokenizer():
 def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     """Build the tiny FluxPipeline in memory, deterministically from spec.seed."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tokenizer = byte_level_clip_tokenizer()
@@ -96,26 +136,7 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
             axes_dims_rope=axes,
         )
         torch.manual_seed(spec.seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
-            up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels),
-            block_out_channels=spec.vae_channels,
-            layers_per_block=1,
-            latent_channels=spec.latent_channels,
-            norm_num_groups=4,
-            sample_size=64,
-            # Like FLUX's constants for its VAE, these give the tiny VAE's latents of photos about unit variance.
-            scaling_factor=3.0,
-            shift_factor=0.0,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        with torch.no_grad():
-            # A trained VAE's posterior is nearly deterministic; a random one's has std 1, which would bury the
-            # image under sampling noise. Set the log-variance output low, as training would.
-            vae.encoder.conv_out.bias[spec.latent_channels:] = -12.0
+        vae = tiny_autoencoder(spec.vae_channels, spec.latent_channels)
         torch.manual_seed(spec.seed + 2)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
@@ -160,6 +181,4 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
 
 def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None) -> Path:
     """The folder of the tiny model for `spec`, built and saved on first use, then reused."""
-    folder = (cache_dir or default_cache_dir()) / spec.folder_name
-    return build_once(folder, "model_index.json",
-                      lambda tmp: build_tiny_pipeline(spec).save_pretrained(tmp, safe_serialization=True))
+    return ensure_built(spec.folder_name, lambda: build_tiny_pipeline(spec), cache_dir)

@@ -7,14 +7,13 @@ without guidance; an undistilled one uses true classifier-free guidance against 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.families.z_image import byte_level_qwen_tokenizer
-from lookalike.models.tiny import default_cache_dir
-from lookalike.workspace import build_once
+from lookalike.models.tiny import ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 TEXT_LAYERS = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
@@ -43,8 +42,7 @@ class TinyFlux2Spec:
 
     @property
     def folder_name(self) -> str:
-        fields = "-".join(str(v).replace(", ", "_").strip("()") for v in asdict(self).values())
-        return f"tiny-flux2-klein-v{TINY_FORMAT}-{fields}"
+        return spec_folder_name(f"tiny-flux2-klein-v{TINY_FORMAT}", self)
 
 
 def build_tiny_flux2(spec: TinyFlux2Spec = TinyFlux2Spec()):
@@ -117,9 +115,7 @@ class Flux2(Family):
             "flux2", None, 512, 50)
 
     def ensure_tiny(self, name: str) -> Path:
-        spec = TinyFlux2Spec()
-        return build_once(default_cache_dir() / spec.folder_name, "model_index.json",
-                          lambda tmp: build_tiny_flux2(spec).save_pretrained(tmp, safe_serialization=True))
+        return ensure_built(TinyFlux2Spec().folder_name, build_tiny_flux2)
 
     def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
         prompt_embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)

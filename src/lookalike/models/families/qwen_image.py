@@ -7,14 +7,13 @@ Generation uses true classifier-free guidance (true_cfg_scale) against the negat
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.families.z_image import byte_level_qwen_tokenizer
-from lookalike.models.tiny import default_cache_dir
-from lookalike.workspace import build_once
+from lookalike.models.tiny import ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 _ATTENTION = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
@@ -36,8 +35,7 @@ class TinyQwenImageSpec:
 
     @property
     def folder_name(self) -> str:
-        fields = "-".join(str(v) for v in asdict(self).values())
-        return f"tiny-qwen-image-v{TINY_FORMAT}-{fields}"
+        return spec_folder_name(f"tiny-qwen-image-v{TINY_FORMAT}", self)
 
 
 def build_tiny_qwen_image(spec: TinyQwenImageSpec = TinyQwenImageSpec()):
@@ -112,9 +110,7 @@ class QwenImage(Family):
         return BaseModelInfo("qwen-image", None, 512, 50)
 
     def ensure_tiny(self, name: str) -> Path:
-        spec = TinyQwenImageSpec()
-        return build_once(default_cache_dir() / spec.folder_name, "model_index.json",
-                          lambda tmp: build_tiny_qwen_image(spec).save_pretrained(tmp, safe_serialization=True))
+        return ensure_built(TinyQwenImageSpec().folder_name, build_tiny_qwen_image)
 
     def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
         embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)

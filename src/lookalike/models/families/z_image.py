@@ -5,18 +5,17 @@ true classifier-free guidance, against an empty negative prompt."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
-from lookalike.models.tiny import default_cache_dir
-from lookalike.workspace import build_once
+from lookalike.models.tiny import ensure_built, spec_folder_name, tiny_autoencoder
 
 _ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
 _BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
 
-TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
+TINY_FORMAT = 2  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen's ChatML, the layout of the prompt the pipeline builds with apply_chat_template.
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -38,8 +37,7 @@ class TinyZImageSpec:
 
     @property
     def folder_name(self) -> str:
-        fields = "-".join(str(v).replace(", ", "_").strip("()") for v in asdict(self).values())
-        return f"tiny-z-image-v{TINY_FORMAT}-{fields}"
+        return spec_folder_name(f"tiny-z-image-v{TINY_FORMAT}", self)
 
 
 def byte_level_qwen_tokenizer():
@@ -63,7 +61,7 @@ def byte_level_qwen_tokenizer():
 def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
     """The tiny ZImagePipeline, built in memory deterministically from spec.seed."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = byte_level_qwen_tokenizer()
@@ -78,13 +76,7 @@ def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
         torch.manual_seed(spec.seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
-            up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), block_out_channels=spec.vae_channels,
-            layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=64,
-            scaling_factor=3.0, shift_factor=0.0)  # latents of photos about unit variance, as the real constants
-        with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
-            vae.encoder.conv_out.bias[16:] = -12.0
+        vae = tiny_autoencoder(spec.vae_channels, 16)
         torch.manual_seed(spec.seed + 2)
         text_encoder = Qwen3Model(Qwen3Config(
             hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2, num_hidden_layers=spec.text_layers,
@@ -121,9 +113,7 @@ class ZImage(Family):
         return BaseModelInfo("z-image", None, 512, 50)
 
     def ensure_tiny(self, name: str) -> Path:
-        spec = TinyZImageSpec()
-        return build_once(default_cache_dir() / spec.folder_name, "model_index.json",
-                          lambda tmp: build_tiny_z_image(spec).save_pretrained(tmp, safe_serialization=True))
+        return ensure_built(TinyZImageSpec().folder_name, build_tiny_z_image)
 
     def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
         embeds, _ = pipe.encode_prompt(caption, device=device, do_classifier_free_guidance=False,
