@@ -24,6 +24,7 @@ from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.trainer import train
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
+from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "qwen-image": "tiny-qwen-image"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
@@ -206,6 +207,15 @@ def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_confi
 
     assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
     assert np.abs(ours - stock_image(False).astype(int)).max() > 1, "the LoRA changed the image"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY)
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config, family):
+    path = tiny_config(model={"base": TINY[family]}, train={"max_train_steps": 80, "checkpoint_every": 20,
+                                                            "checkpoints_keep": 2, "learning_rate": 1e-3,
+                                                            "batch_size": 2})
+    assert_a_killed_run_resumes_exactly(path, steps=80, killed_after="step-000020")
 
 
 @pytest.mark.slow
