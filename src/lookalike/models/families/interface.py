@@ -20,7 +20,8 @@ class BaseModelInfo:
 
 
 class Family:
-    """The interface every family implements (see the module docstring). Tensors are torch tensors."""
+    """The interface every family implements (what each part is for: families/__init__.py). Tensors are torch
+    tensors."""
 
     name: str
     pipeline_class_name: str  # diffusers' pipeline, as model_index.json names it
