@@ -78,13 +78,12 @@ def test_resume_after_sigkill_is_exact(tiny_config):
 
 
 def assert_a_killed_run_resumes_exactly(path, steps: int, killed_after: str):
-    """A run killed (SIGKILL) once its checkpoint `killed_after` exists, then resumed, ends with the weights of
-    an uninterrupted run, every step logged once, no more checkpoints kept than asked."""
+    """A run killed (SIGKILL, as a process) once its checkpoint `killed_after` exists, then resumed, ends with
+    the weights of an uninterrupted run, every step logged once, no more checkpoints kept than asked. The
+    uninterrupted run and the resume train in this process: the same code as `lookalike train [--resume]`."""
     config = load_config(path)
     runs = config.workspace / "runs"
-
-    straight = _train_process(path, "straight")
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    train(config, "straight")
 
     killed = _train_process(path, "killed")
     checkpoint = runs / "killed" / "checkpoints" / killed_after
@@ -96,9 +95,7 @@ def assert_a_killed_run_resumes_exactly(path, steps: int, killed_after: str):
     assert checkpoint.exists(), "the run never reached its second checkpoint"
     assert not (runs / "killed" / "lora.safetensors").exists(), "the run finished before it could be killed"
 
-    resumed = _train_process(path, "killed", "--resume")
-    _, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr
+    train(config, "killed", resume=True)
 
     a = load_file(runs / "straight" / "lora.safetensors")
     b = load_file(runs / "killed" / "lora.safetensors")
