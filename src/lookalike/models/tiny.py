@@ -109,6 +109,30 @@ def _unigram_t5_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen's ChatML, the layout of the prompt the pipeline builds with apply_chat_template.
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_qwen_tokenizer():
+    """A Qwen2TokenizerFast over a byte-level BPE vocabulary with no merges (every byte is a token), Qwen's
+    special tokens and its chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = Qwen2TokenizerFast(tokenizer_object=tokenizer, unk_token=None, pad_token=QWEN_SPECIAL_TOKENS[0],
+                              eos_token=QWEN_SPECIAL_TOKENS[2], model_max_length=512)
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
 def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     """Build the tiny FluxPipeline in memory, deterministically from spec.seed."""
     import torch

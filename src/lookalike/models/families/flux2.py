@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
-from lookalike.models.families.z_image import byte_level_qwen_tokenizer
-from lookalike.models.tiny import ensure_built, spec_folder_name
+from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 TEXT_LAYERS = (9, 18, 27)  # the pipeline's default text_encoder_out_layers

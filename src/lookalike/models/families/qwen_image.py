@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
-from lookalike.models.families.z_image import byte_level_qwen_tokenizer
-from lookalike.models.tiny import ensure_built, spec_folder_name
+from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 _ATTENTION = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"

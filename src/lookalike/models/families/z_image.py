@@ -10,18 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
-from lookalike.models.tiny import ensure_built, spec_folder_name, tiny_autoencoder
+from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
 _ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
 _BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
 
 TINY_FORMAT = 2  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen's ChatML, the layout of the prompt the pipeline builds with apply_chat_template.
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 @dataclass(frozen=True)
 class TinyZImageSpec:
     """Sizes of a tiny Z-Image: the real classes, small enough to train at 64 px in milliseconds per step."""
@@ -38,24 +32,6 @@ class TinyZImageSpec:
     @property
     def folder_name(self) -> str:
         return spec_folder_name(f"tiny-z-image-v{TINY_FORMAT}", self)
-
-
-def byte_level_qwen_tokenizer():
-    """A Qwen2TokenizerFast over a byte-level BPE vocabulary with no merges (every byte is a token), Qwen's
-    special tokens and its chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = Qwen2TokenizerFast(tokenizer_object=tokenizer, unk_token=None, pad_token=SPECIAL_TOKENS[0],
-                              eos_token=SPECIAL_TOKENS[2], model_max_length=512)
-    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
