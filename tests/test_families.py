@@ -192,6 +192,12 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
                                      generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
     lora = train(config, "r")
     run = lora.parent
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["lookalike.base_model"] == TINY[family]
+    assert "ss_base_model_version" not in metadata, "never labelled as another family's (FLUX.1's) LoRA"
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000005_p0.png", "step-000010_p0.png"]
     stem = "p00_s0_g4" if base_info(TINY[family]).guidance else "p00_s0"
     ours = np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import transformer_family
+from lookalike.models.families import base_family, transformer_family
 from lookalike.workspace import atomic_path
 
 METADATA_PREFIX = "lookalike."
@@ -58,10 +58,6 @@ def lora_state_dict(transformer) -> dict[str, Any]:
     }
 
 
-# What kohya's tools and sites (civitai) read to name a FLUX.1 LoRA's base, by lookalike's base names.
-MODELSPEC_ARCHITECTURE = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
-
-
 def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None) -> None:
     """Write a LoRA file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts, and the
     facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version, modelspec.architecture).
@@ -93,9 +89,13 @@ def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, 
 def file_metadata(rank: int, info: dict[str, Any]) -> dict[str, str]:
     """The header facts of a LoRA file whose scale is 1 (alpha = rank): kohya's and the sites' `ss_*` and
     `modelspec.*`, and our own `lookalike.*`."""
-    metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "flux1"}
-    if info.get("base_model") in MODELSPEC_ARCHITECTURE:
-        metadata["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[info["base_model"]]
+    base = info.get("base_model") or ""
+    family = base_family(base)  # a file that names no base: FLUX.1, as lookalike's LoRAs were
+    metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    if family.kohya_base_version is not None:
+        metadata["ss_base_model_version"] = family.kohya_base_version
+    if base in family.modelspec_architectures:
+        metadata["modelspec.architecture"] = family.modelspec_architectures[base]
     metadata.update({METADATA_PREFIX + key: str(value) for key, value in info.items()})
     return metadata
 

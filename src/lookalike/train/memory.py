@@ -2,11 +2,9 @@
 and the settings an out-of-memory error suggests.
 
 Weights and LoRA are counted exactly, from the transformer built on the meta device (no memory, no weights);
-quantised linear weights at their packed size. Activations are values per token and hidden unit, measured
-on diffusers' FLUX blocks (tests/test_memory.py measures them again): a double block keeps 13.2 for the
-backward pass, a single block 11.2, a checkpointed block only its input (1.0) and recomputes its own during
-the backward pass; the backward pass of a block needs about 11 more while it runs. Check a GPU's own figure
-with bench/gpu_train_step.py.
+quantised linear weights at their packed size. Activations are counted by the family, from figures measured
+on its blocks (FLUX.1's so far: families/flux1.py); a family without them gets no activation estimate, and
+says so. Check a GPU's own figure with bench/gpu_train_step.py.
 """
 
 from __future__ import annotations
@@ -17,16 +15,9 @@ from dataclasses import dataclass
 from lookalike.config import StudyConfig
 from lookalike.models.base import hub_config, max_sequence_length, resolve_base
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
-from lookalike.models.families.flux1 import FLUX_TRANSFORMER
 from lookalike.models.lora import add_lora
 
 GB = 2**30
-# Activations per token and hidden unit (see above): kept for the backward pass by each kind of block, and the
-# backward pass's own working values while one block runs.
-KEPT_BY_DOUBLE_BLOCK = 13.2
-KEPT_BY_SINGLE_BLOCK = 11.2
-KEPT_BY_CHECKPOINTED_BLOCK = 1.0
-BACKWARD_WORKING = 11.0
 BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 # Bytes per quantised linear weight: NF4 packs two per byte with a float32 scale per 64; int8 and fp8 one
 # byte, with a scale per output row (negligible).
@@ -61,7 +52,7 @@ class Estimate:
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
                 f"activations (est.)   {size(self.activations)}" if self.activations is not None else
-                f"activations          not estimated for {self.family} (lookalike measured FLUX.1's blocks only)",
+                f"activations          not estimated for {self.family} (no figures measured on its blocks yet)",
                 f"total                {size(self.total)}  (" + ("" if self.activations is not None else
                                                               "at least: activations not included; ") +
                 "plus the framework's own, about 1 GB on a GPU)"]
@@ -72,11 +63,12 @@ def size(gigabytes: float) -> str:
 
 
 def transformer_config(config: StudyConfig) -> dict:
-    """The transformer's architecture without loading any weights: FLUX.1's as stored here, another hub model's
+    """The transformer's architecture without loading any weights: as its family stores it, or a hub model's
     from its transformer's config file (downloaded alone), a local or tiny folder's from its file."""
     base, info = config.model.base, KNOWN_BASES.get(config.model.base)
-    if base in ("flux-dev", "flux-schnell"):
-        return dict(FLUX_TRANSFORMER, guidance_embeds=base == "flux-dev")
+    stored = base_family(base).stored_transformer(base)
+    if stored is not None:
+        return stored
     if info is not None and info.repo is not None:
         path = hub_config(info.repo, config.model.revision, "transformer")
     else:
@@ -100,34 +92,21 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str, f
     return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora)
 
 
-def kept_values(architecture: dict, checkpointing: bool, every: int) -> float:
-    """Activation values per token and hidden unit at the peak of a step (see the module's docstring)."""
-    kinds = [KEPT_BY_DOUBLE_BLOCK] * architecture["num_layers"] + [KEPT_BY_SINGLE_BLOCK] * architecture[
-        "num_single_layers"]
-    checkpointed = set(range(0, len(kinds), every)) if checkpointing else set()
-    kept = sum(KEPT_BY_CHECKPOINTED_BLOCK if index in checkpointed else values for index, values in enumerate(kinds))
-    recomputed = max((kinds[index] for index in checkpointed), default=0.0)  # one block at a time, the largest
-    return kept + recomputed + BACKWARD_WORKING
-
-
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) -> Estimate:
     """The run's memory with its settings; `precision` is the resolved mixed precision (no, bf16, fp16)."""
     t = config.train
-    family = base_family(config.model.base).name
+    family = base_family(config.model.base)
     architecture = transformer_config(config)
-    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family)
+    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name)
     per_value = BYTES[precision]
-    activations = None
-    if family == "flux1":  # the activation figures are measured on FLUX.1's blocks
-        hidden = architecture["num_attention_heads"] * architecture["attention_head_dim"]
-        tokens = (config.data.resolution // 16) ** 2 + max_sequence_length(config.model)
-        values = kept_values(architecture, t.gradient_checkpointing, t.gradient_checkpointing_every)
-        activations = values * tokens * hidden * per_value * t.batch_size / GB
+    values = family.activation_values(architecture, config.data.resolution, max_sequence_length(config.model),
+                                      t.gradient_checkpointing, t.gradient_checkpointing_every)
+    activations = None if values is None else values * per_value * t.batch_size / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
     return Estimate(weights / GB, counts.lora * 4 / GB, counts.lora * optimizer_bytes / GB, activations,
-                    counts, t.base_quantization, family)
+                    counts, t.base_quantization, family.name)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> list[tuple[str, float]]:

@@ -25,6 +25,15 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
 
+# Activations per token and hidden unit, measured on diffusers' FLUX blocks (tests/test_memory.py measures them
+# again): kept for the backward pass by a double block, a single block and a checkpointed block (its input
+# only; it recomputes its own during the backward pass), and the backward pass's own working values while one
+# block runs.
+KEPT_BY_DOUBLE_BLOCK = 13.2
+KEPT_BY_SINGLE_BLOCK = 11.2
+KEPT_BY_CHECKPOINTED_BLOCK = 1.0
+BACKWARD_WORKING = 11.0
+
 _ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
 _MLP = rf"{_DOUBLE_BLOCK_MLP}|proj_mlp|proj_out"
@@ -58,6 +67,25 @@ class Flux1(Family):
         "diffusers": rf"{_BLOCKS}\.({_ATTENTION}|{_DOUBLE_BLOCK_MLP})",
         "attention+mlp": rf"{_BLOCKS}\.({_ATTENTION}|{_MLP})",
     }
+
+    kohya_base_version = "flux1"
+    modelspec_architectures = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
+
+    def stored_transformer(self, base: str) -> dict | None:
+        if base not in ("flux-dev", "flux-schnell"):
+            return None
+        return dict(FLUX_TRANSFORMER, guidance_embeds=base == "flux-dev")  # schnell has no guidance embedding
+
+    def activation_values(self, architecture, resolution, text_tokens, checkpointing, every) -> float:
+        kinds = ([KEPT_BY_DOUBLE_BLOCK] * architecture["num_layers"] +
+                 [KEPT_BY_SINGLE_BLOCK] * architecture["num_single_layers"])
+        checkpointed = set(range(0, len(kinds), every)) if checkpointing else set()
+        kept = sum(KEPT_BY_CHECKPOINTED_BLOCK if index in checkpointed else values
+                   for index, values in enumerate(kinds))
+        recomputed = max((kinds[index] for index in checkpointed), default=0.0)  # one block at a time, the largest
+        per_token = kept + recomputed + BACKWARD_WORKING
+        tokens = (resolution // 16) ** 2 + text_tokens  # 2x2 patches of 8x-downsampled latents, and the text
+        return per_token * tokens * architecture["num_attention_heads"] * architecture["attention_head_dim"]
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         try:

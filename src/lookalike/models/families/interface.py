@@ -30,6 +30,8 @@ class Family:
     bases: dict[str, BaseModelInfo]  # lookalike's names for the family's hub models and tiny models
     target_modules: dict[str, str]  # [train] target_modules preset -> regex of the adapted layers
     negative_prompt: str | None = None  # encoded once for samples, where generation uses true CFG
+    kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
+    modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
 
     def pipeline_class(self):
         import diffusers
@@ -85,6 +87,17 @@ class Family:
         """The transformer's prediction of the flow velocity (noise - clean latents) at noise levels `sigmas`.
         `config`: the transformer's own config (`transformer` may be wrapped for distributed training)."""
         raise NotImplementedError
+
+    def stored_transformer(self, base: str) -> dict | None:
+        """The transformer's published configuration of a hub base, where lookalike stores it (for estimates
+        without any download); None: read it from the model's own config file."""
+        return None
+
+    def activation_values(self, architecture: dict, resolution: int, text_tokens: int, checkpointing: bool,
+                          every: int) -> float | None:
+        """Activation values one example keeps at the peak of a training step, from figures measured on the
+        family's blocks; None where none are measured."""
+        return None
 
     def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
         """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""
