@@ -74,11 +74,11 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
     evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
     row = {"name": run.name, "state": state, "reason": _reason(state, status), "exit_code": status.get("exit_code"),
-           "base": config.get("model", {}).get("base"), "learning_rate": train.get("learning_rate"),
-           "rank": train.get("rank"), "alpha": alpha, "max_train_steps": train.get("max_train_steps"),
-           "lr_scheduler": train.get("lr_scheduler"), "train": json.dumps(train),
-           "train_seconds": status.get("seconds"),
-           "final_loss": status.get("final_loss"), "steps_done": _last_step(run.metrics), "recorded": time.time()}
+           "base": config.get("model", {}).get("base"),
+           "learning_rate": train.get("learning_rate"), "rank": train.get("rank"), "alpha": alpha,
+           "max_train_steps": train.get("max_train_steps"), "lr_scheduler": train.get("lr_scheduler"),
+           "train": json.dumps(train), "train_seconds": status.get("seconds"), "final_loss": status.get("final_loss"),
+           "steps_done": _last_step(run.metrics), "recorded": time.time()}
     db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                tuple(row.values()))
     db.execute("DELETE FROM metrics WHERE run = ?", (run.name,))
