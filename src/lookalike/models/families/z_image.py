@@ -16,6 +16,8 @@ _ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
 _BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
 
 TINY_FORMAT = 2  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
+
+
 @dataclass(frozen=True)
 class TinyZImageSpec:
     """Sizes of a tiny Z-Image: the real classes, small enough to train at 64 px in milliseconds per step."""
