@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 
 
@@ -21,19 +23,27 @@ RESULT_COLUMNS = {"name": "run", "state": "state", "learning_rate": "lr", "rank"
                   "clip_score": "CLIP"}
 
 
+def several_bases(rows: list[dict]) -> bool:
+    """Whether these results rows were trained on different bases (then every table names each run's base)."""
+    return len({row.get("base") for row in rows}) > 1
+
+
 def result_columns(rows: list[dict]) -> dict[str, str]:
     """RESULT_COLUMNS, with the base beside the run's name when the runs were trained on different bases."""
-    if len({row.get("base") for row in rows}) < 2:
+    if not several_bases(rows):
         return RESULT_COLUMNS
     return {"name": RESULT_COLUMNS["name"], "base": "base", **RESULT_COLUMNS}
 
 
+def base_label(base: str) -> str:
+    """A base as tables and run names show it: a known base's name, or a local folder's own name."""
+    return Path(base).name
+
+
 def shown(row: dict, column: str) -> str:
-    """A results row's value as the tables show it: a base by its name (a local folder by its own name)."""
+    """A results row's value as the tables show it: a base by its label."""
     value = row[column]
-    if column == "base" and value is not None:
-        value = value.rstrip("/").rsplit("/", 1)[-1]
-    return cell(value)
+    return cell(base_label(value) if column == "base" and value is not None else value)
 
 
 def cell(value, signed: bool = False) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lookalike.config import StudyConfig
-from lookalike.display import cell, result_columns, shown
+from lookalike.display import cell, result_columns, several_bases, shown
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import guidance_scales
 from lookalike.report import figures
@@ -80,7 +80,7 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
         jobs = {job.prompt_index: job for job in image_jobs(run_config)
                 if job.seed == seed and job.guidance == guidance}
         columns.append((row, run_config, jobs, lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)])))
-    bases = len({row.get("base") for row in chosen}) > 1
+    bases = several_bases(chosen)
     header = "".join(
         f"<th><b>{html.escape(r['name'])}</b><br>" + (f"{html.escape(shown(r, 'base'))}, " if bases else "") +
         f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, "
@@ -188,7 +188,7 @@ def cannot_rank(config: StudyConfig, done: list[dict]) -> str | None:
 def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
                 unrankable: str | None) -> tuple[list[str], list[str]]:
     """(the ranked runs, best first; notes: why nothing is ranked, runs left out, failed runs)."""
-    bases = len({r.get("base") for r in front}) > 1
+    bases = several_bases(front)
     ranked = [f"{r['name']}: " + (f"{shown(r, 'base')}, " if bases else "") +
               f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
               f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from lookalike.display import base_label
+
 Factors = dict[str, list[Any]]
 
 
@@ -69,7 +71,7 @@ def experiment_name(settings: dict[str, Any]) -> str:
     parts = []
     for key, value in settings.items():
         text = f"{value:g}" if isinstance(value, float) else str(value)
-        if key == "base":  # a known base's name, or a local folder's own name
-            text = text.rstrip("/").rsplit("/", 1)[-1]
+        if key == "base":
+            text = base_label(text)
         parts.append(f"{ABBREVIATIONS.get(key, key)}{text}")
     return "-".join(parts)

@@ -359,7 +359,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     save_checkpoint(run.checkpoints, step, lora_state_dict(model), training_state(step),
                                     t.checkpoints_keep)
             if accelerator.is_main_process and t.sample_every and step % t.sample_every == 0:
-                _save_samples(config, run, step, model, vae, folder, texts, sample_prompts, max_len)
+                _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts, max_len)
     if metrics is not None:
         metrics.close()
 
@@ -380,11 +380,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     return {"final_loss": loss_value, "processes": processes, "rank_weight_spread": spread}
 
 
-def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, texts,
+def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
                   prompts: list[str], max_len: int) -> None:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
     runs without gradients), from the cached embeddings: the text encoders stay unloaded."""
-    family = folder_family(folder)
     transformer.eval()
     pipe = family.pipeline_class()(scheduler=load_component(folder, "scheduler"), vae=vae, transformer=transformer,
                                    **{name: None for name in family.text_components})

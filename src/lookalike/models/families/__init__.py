@@ -24,10 +24,9 @@ from lookalike.models.families.z_image import ZImage
 FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), Flux2(), QwenImage(), ZImage())}
 KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.values()
                                          for name, info in family.bases.items()}
-
-
-def family_named(name: str) -> Family:
-    return FAMILIES[name]
+# Each family by the class names it is recognised by: its pipeline's and its transformer's.
+_BY_PIPELINE = {family.pipeline_class_name: family for family in FAMILIES.values()}
+_BY_TRANSFORMER = {family.components["transformer"][1]: family for family in FAMILIES.values()}
 
 
 def folder_family(folder: Path) -> Family:
@@ -37,30 +36,26 @@ def folder_family(folder: Path) -> Family:
         pipeline = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as error:
         raise LookalikeError(f"cannot read {index}: {error}") from None
-    for family in FAMILIES.values():
-        if pipeline == family.pipeline_class_name:
-            return family
-    known = ", ".join(f.pipeline_class_name for f in FAMILIES.values())
-    raise LookalikeError(f"{folder}: its model_index.json names the pipeline {pipeline!r}; lookalike trains "
-                         f"{known}")
+    if pipeline not in _BY_PIPELINE:
+        raise LookalikeError(f"{folder}: its model_index.json names the pipeline {pipeline!r}; lookalike trains "
+                             f"{', '.join(_BY_PIPELINE)}")
+    return _BY_PIPELINE[pipeline]
 
 
 def transformer_family(transformer) -> Family:
     """The family of a transformer model, by its class."""
     name = type(transformer).__name__
-    for family in FAMILIES.values():
-        if family.components["transformer"][1] == name:
-            return family
-    raise LookalikeError(f"no model family has the transformer class {name}")
+    if name not in _BY_TRANSFORMER:
+        raise LookalikeError(f"no model family has the transformer class {name}")
+    return _BY_TRANSFORMER[name]
 
 
 def pipeline_family(pipe) -> Family:
     """The family of a loaded pipeline, by its class."""
     name = type(pipe).__name__
-    for family in FAMILIES.values():
-        if family.pipeline_class_name == name:
-            return family
-    raise LookalikeError(f"no model family has the pipeline class {name}")
+    if name not in _BY_PIPELINE:
+        raise LookalikeError(f"no model family has the pipeline class {name}")
+    return _BY_PIPELINE[name]
 
 
 def base_family(base: str) -> Family:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.tiny import ensure_tiny_model
 
 CLIP_TOKENS = 77  # FLUX's CLIP prompt length, whatever a tokenizer's config says (as diffusers' scripts do)
 
@@ -95,8 +96,6 @@ class Flux1(Family):
         return self.local_without_guidance if transformer.get("guidance_embeds") is False else self.local
 
     def ensure_tiny(self, name: str) -> Path:
-        from lookalike.models.tiny import ensure_tiny_model
-
         return ensure_tiny_model()
 
     def adjust_pipeline(self, pipe) -> None:
