@@ -55,31 +55,33 @@ def test_dry_run_prints_the_estimate_and_loads_or_writes_nothing(tiny_config, tm
     assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "data").exists()
 
 
-# One training step of the tiny transformer with its LoRA and AdamW, in a fresh process whose allocations of
-# 64 KB and more are mapped and unmapped one by one (glibc otherwise keeps freed memory resident), so that the
-# peak resident size during the step (VmHWM, reset first) is the step's own peak.
+# One training step of a tiny transformer with its LoRA and AdamW, called through its family as the trainer calls
+# it, in a fresh process whose allocations of 64 KB and more are mapped and unmapped one by one (glibc otherwise
+# keeps freed memory resident), so that the peak resident size during the step (VmHWM, reset first) is the
+# step's own peak.
 MEASURE_STEP = """
 import ctypes, json, re, sys, torch
 from lookalike.models.base import load_component, resolve_base
+from lookalike.models.families import base_family
 from lookalike.models.lora import add_lora
-from diffusers import FluxPipeline
-resolution, text_tokens, checkpointing = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-transformer = load_component(resolve_base("tiny"), "transformer", torch.float32)
+base, resolution, text_tokens, checkpointing = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+family = base_family(base)
+transformer = load_component(resolve_base(base), "transformer", torch.float32)
 add_lora(transformer, 4, 4.0, "attention")
 params = [p for p in transformer.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 if checkpointing:
     transformer.enable_gradient_checkpointing()
-side, config = resolution // 16, transformer.config
-latents = torch.randn(1, side * side, config.in_channels)
-inputs = dict(hidden_states=latents, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
-              pooled_projections=torch.randn(1, config.pooled_projection_dim),
-              encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim),
-              txt_ids=torch.zeros(text_tokens, 3), img_ids=FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu",
-              torch.float32), return_dict=False)
+config = transformer.config
+packed = family.name in ("flux1", "flux2", "qwen-image")  # their in_channels count 2x2 patches of latents
+latents = torch.randn(1, config.in_channels // 4 if packed else config.in_channels, resolution // 8, resolution // 8)
+noisy, layout = family.model_input(latents, (0.0, 1.0))
+text = {"prompt_embeds": torch.randn(text_tokens, config.get("joint_attention_dim") or config.get("cap_feat_dim")),
+        "pooled": torch.randn(config.get("pooled_projection_dim") or 1)}
 def step():
-    loss = torch.nn.functional.mse_loss(transformer(**inputs)[0], latents)
-    loss.backward()
+    prediction = family.predict(transformer, config, noisy, torch.tensor([0.5]), [text], 1.0, layout, "cpu",
+                                torch.float32)
+    torch.nn.functional.mse_loss(prediction, noisy).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 def status(key):
@@ -95,14 +97,18 @@ print(json.dumps({"held": held, "step": status("VmHWM") - before}))
 """
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize(("base", "checkpointing"), [("tiny", False), ("tiny", True), ("tiny-flux2-klein", False),
+                                                     ("tiny-z-image", False), ("tiny-z-image", True),
+                                                     ("tiny-qwen-image", False)])
 @pytest.mark.slow
-def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config, checkpointing):
+def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config, base, checkpointing):
     resolution = 1024  # 4,096 image tokens: the tiny model's activations then outweigh the measurement's noise
-    config = load_config(tiny_config(data={"resolution": resolution}, train={"gradient_checkpointing": checkpointing}))
-    text_tokens = base_info("tiny").max_sequence_length
+    config = load_config(tiny_config(model={"base": base}, data={"resolution": resolution},
+                                     train={"gradient_checkpointing": checkpointing, "rank": 4,
+                                            "target_modules": "attention"}))
+    text_tokens = base_info(base).max_sequence_length
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    result = subprocess.run([sys.executable, "-c", MEASURE_STEP, str(resolution), str(text_tokens),
+    result = subprocess.run([sys.executable, "-c", MEASURE_STEP, base, str(resolution), str(text_tokens),
                              str(int(checkpointing))], capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.splitlines()[-1])

@@ -30,7 +30,7 @@ from lookalike.report.ablate import ablate as run_ablation
 from lookalike.store import refresh, sort_runs
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep as run_sweep
-from lookalike.train.memory import estimate, lighter_settings, size
+from lookalike.train.memory import estimate, fitting_lines, lighter_settings, parse_gpu_memory, size
 from lookalike.workspace import UNFINISHED, Workspace, check_run_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -73,6 +73,8 @@ def train(
                                            "CPU); each takes train.batch_size of every step's batch.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the run's estimated memory and stop, "
                                           "before anything is loaded.")] = False,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="With --dry-run: the GPU's memory (24GB, 80GB); says "
+                                                      "which settings fit it.")] = None,
 ) -> None:
     """Train one LoRA run."""
     check_run_name(run)  # before the seconds of importing torch
@@ -84,7 +86,7 @@ def train(
     study = _load(config, set_)
     study = config_for_run(study.for_subject(subject) if subject else study, run)
     if dry_run:
-        _print_estimate(study)
+        _print_estimate(study, parse_gpu_memory(gpu_memory) if gpu_memory else None)
         return
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
     try:
@@ -230,10 +232,12 @@ def generate(
                     weights=_weights(weights), console=console)
 
 
-def _print_estimate(study) -> None:
+def _print_estimate(study, gpu_memory: float | None) -> None:
     from lookalike.train.trainer import resolve_mixed_precision
 
-    precision = resolve_mixed_precision(study.train.mixed_precision)
+    # For a GPU named by its memory, 'auto' means what it means on today's GPUs: bf16.
+    setting = study.train.mixed_precision
+    precision = "bf16" if gpu_memory is not None and setting == "auto" else resolve_mixed_precision(setting)
     console.print(f"train --dry-run: {study.model.base}, {study.data.resolution} px, batch {study.train.batch_size},"
                   f" rank {study.train.rank}, precision {precision}, gradient checkpointing "
                   f"{study.train.gradient_checkpointing}", highlight=False)
@@ -242,6 +246,8 @@ def _print_estimate(study) -> None:
         console.print("  " + line, highlight=False)
     for label, gigabytes in lighter_settings(study, precision, base):
         console.print(f"  with {label}: ~{size(gigabytes).strip()}", highlight=False)
+    for line in fitting_lines(study, precision, base, gpu_memory) if gpu_memory is not None else []:
+        console.print("  " + line, highlight=False)
     try:
         check_quantization(study.train.base_quantization)
     except LookalikeError as error:  # the estimate still holds for a machine that can run it

@@ -86,22 +86,6 @@ def _download(repo: str, revision: str | None) -> Path:
         ) from None
 
 
-def hub_config(repo: str, revision: str | None, component: str) -> Path:
-    """One component's config file of a hub model, downloaded alone (no weights): for estimates."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo, "config.json", subfolder=component, revision=revision))
-    except LocalEntryNotFoundError:
-        raise LookalikeError(f"{repo}: its {component} config is not in the local Hugging Face cache and the hub "
-                             "cannot be reached (offline?); set model.base to a local diffusers folder") from None
-    except HfHubHTTPError as error:
-        raise LookalikeError(f"{repo}: cannot read its {component} config from the hub ({error}); for a gated "
-                             f"model, accept its licence at https://huggingface.co/{repo} and run `hf auth login`"
-                             ) from None
-
-
 def resolve_base(base: str, revision: str | None = None) -> Path:
     """The local diffusers folder of a base model, downloading or building it where needed."""
     info = KNOWN_BASES.get(base)

@@ -3,21 +3,24 @@ and the settings an out-of-memory error suggests.
 
 Weights and LoRA are counted exactly, from the transformer built on the meta device (no memory, no weights);
 quantised linear weights at their packed size. Activations are counted by the family, from figures measured
-on its blocks (FLUX.1's so far: families/flux1.py); a family without them gets no activation estimate, and
-says so. Check a GPU's own figure with bench/gpu_train_step.py.
+on its blocks (bench/activation_figures.py). Check a GPU's own figure with bench/gpu_train_step.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
-from lookalike.models.base import hub_config, max_sequence_length, resolve_base
+from lookalike.errors import LookalikeError
+from lookalike.models.base import max_sequence_length, resolve_base
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
 from lookalike.models.lora import add_lora
 
 GB = 2**30
+FRAMEWORK_GB = 1.0  # what the framework itself takes on a GPU (CUDA context, kernels), beyond the estimate
 BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 # Bytes per quantised linear weight: NF4 packs two per byte with a float32 scale per 64; int8 and fp8 one
 # byte, with a scale per output row (negligible).
@@ -36,26 +39,35 @@ class Estimate:
     weights: float  # GB, the frozen transformer: compute precision, or quantised linear weights
     lora: float  # GB, the trainable LoRA (float32)
     optimizer: float  # GB, its gradients and AdamW's two moments
-    activations: float | None  # GB, kept for the backward pass and working values; None: not estimated
+    activations: float  # GB, kept for the backward pass and working values
     counts: Counts
     quantization: str = "none"
-    family: str = "flux1"
 
     @property
     def total(self) -> float:
-        """The whole estimate; without an activation estimate, what the rest needs (a lower bound)."""
-        return self.weights + self.lora + self.optimizer + (self.activations or 0.0)
+        return self.weights + self.lora + self.optimizer + self.activations
 
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
         return [f"transformer weights  {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters{quantized})",
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
-                f"activations (est.)   {size(self.activations)}" if self.activations is not None else
-                f"activations          not estimated for {self.family} (no figures measured on its blocks yet)",
-                f"total                {size(self.total)}  (" + ("" if self.activations is not None else
-                                                              "at least: activations not included; ") +
-                "plus the framework's own, about 1 GB on a GPU)"]
+                f"activations (est.)   {size(self.activations)}",
+                f"total                {size(self.total)}  (plus the framework's own, about {FRAMEWORK_GB:.0f} GB on a "
+                "GPU)"]
+
+
+def fits(total: float, gpu_memory: float) -> bool:
+    """Whether an estimate's total fits a GPU of `gpu_memory` GB, the framework's own memory included."""
+    return total + FRAMEWORK_GB <= gpu_memory
+
+
+def parse_gpu_memory(text: str) -> float:
+    """A GPU's memory as a user writes it (24GB, 24 GiB, 80G, 24) in GB of 2^30 bytes, as GPUs are sized."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*", text, re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise LookalikeError(f"--gpu-memory: {text!r} is not a memory size like 24GB")
+    return float(match.group(1))
 
 
 def size(gigabytes: float) -> str:
@@ -63,18 +75,13 @@ def size(gigabytes: float) -> str:
 
 
 def transformer_config(config: StudyConfig) -> dict:
-    """The transformer's architecture without loading any weights: as its family stores it, or a hub model's
-    from its transformer's config file (downloaded alone), a local or tiny folder's from its file."""
-    base, info = config.model.base, KNOWN_BASES.get(config.model.base)
-    stored = base_family(base).stored_transformer(base)
-    if stored is not None:
-        return stored
-    if info is not None and info.repo is not None:
-        path = hub_config(info.repo, config.model.revision, "transformer")
-    else:
-        path = resolve_base(base, config.model.revision) / "transformer" / "config.json"  # tiny: built offline
-    architecture = json.loads(path.read_text())
-    return {k: v for k, v in architecture.items() if not k.startswith("_")}
+    """The transformer's architecture without loading any weights: a hub base's as published (stored with the
+    base, nothing downloaded), a local or tiny folder's from its config file."""
+    info = KNOWN_BASES.get(config.model.base)
+    if info is not None and info.architecture is not None:
+        return dict(info.architecture)
+    path = resolve_base(config.model.base, config.model.revision) / "transformer" / "config.json"  # tiny: built
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
 def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1") -> Counts:
@@ -101,12 +108,12 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) 
     per_value = BYTES[precision]
     values = family.activation_values(architecture, config.data.resolution, max_sequence_length(config.model),
                                       t.gradient_checkpointing, t.gradient_checkpointing_every)
-    activations = None if values is None else values * per_value * t.batch_size / GB
+    activations = values * per_value * t.batch_size / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
     return Estimate(weights / GB, counts.lora * 4 / GB, counts.lora * optimizer_bytes / GB, activations,
-                    counts, t.base_quantization, family.name)
+                    counts, t.base_quantization)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> list[tuple[str, float]]:
@@ -131,10 +138,7 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
     lighter = []
     for label, change in options:
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
-        total = estimate(changed, precision, base.counts).total  # the same model: counted once
-        if base.activations is None and total >= base.total:  # it saves activations, which are not estimated
-            label += " (saves activation memory: not estimated here)"
-        lighter.append((label, total))
+        lighter.append((label, estimate(changed, precision, base.counts).total))  # the same model: counted once
     if config.data.resolution > 512:
         smaller = config.model_copy(update={"data": config.data.model_copy(update={"resolution": 512})})
         lighter.append(("data.resolution=512", estimate(smaller, precision, base.counts).total))
@@ -145,7 +149,46 @@ def out_of_memory_message(config: StudyConfig, precision: str) -> str:
     """What to say when the accelerator runs out of memory: the estimate, and settings estimated to need less."""
     base = estimate(config, precision)
     lighter = "; ".join(f"{label} (~{size(gb).strip()})" for label, gb in lighter_settings(config, precision, base))
-    need = f"~{base.total:.1f} GB" if base.activations is not None else f"~{base.total:.1f} GB and its activations"
-    return (f"out of accelerator memory: this run is estimated to need {need} at "
+    return (f"out of accelerator memory: this run is estimated to need ~{base.total:.1f} GB at "
             f"{config.data.resolution} px, batch {config.train.batch_size}. "
             + (f"Estimated to need less: {lighter}." if lighter else "No lighter setting is known to lookalike."))
+
+
+def settings_that_fit(config: StudyConfig, precision: str, base: Estimate, gpu_memory: float
+                      ) -> list[tuple[str, float]]:
+    """Combinations of the train settings that save memory (checkpointing, batch 1, a quantised base) with which
+    the run fits a GPU of `gpu_memory` GB, each with its estimate: the fewest changes first, then the most
+    memory (the least given up); the resolution is the study's choice and stays."""
+    t = config.train
+    factors = []
+    if not t.gradient_checkpointing or t.gradient_checkpointing_every > 1:
+        factors.append([{}, {"gradient_checkpointing": True, "gradient_checkpointing_every": 1}])
+    if t.batch_size > 1:
+        factors.append([{}, {"batch_size": 1}])
+    quantizations = {"none": ["int8", "nf4"], "int8": ["nf4"], "fp8": ["nf4"]}.get(t.base_quantization, [])
+    factors.append([{}] + [{"base_quantization": kind} for kind in quantizations])
+    fitting = []
+    for combination in itertools.product(*factors):
+        change = {key: value for part in combination for key, value in part.items()}
+        if not change:
+            continue
+        total = estimate(config.model_copy(update={"train": t.model_copy(update=change)}), precision,
+                         base.counts).total
+        if fits(total, gpu_memory):
+            label = ", ".join(f"train.{key}={str(value).lower()}" for key, value in change.items()
+                              if key != "gradient_checkpointing_every" or t.gradient_checkpointing)
+            fitting.append((len(combination) - combination.count({}), -total, label, total))
+    return [(label, total) for _, _, label, total in sorted(fitting)]
+
+
+def fitting_lines(config: StudyConfig, precision: str, base: Estimate, gpu_memory: float) -> list[str]:
+    """What `--dry-run --gpu-memory` says: whether the run fits, else the settings with which it would."""
+    if fits(base.total, gpu_memory):
+        return [f"fits a {gpu_memory:g} GB GPU as configured"]
+    fitting = settings_that_fit(config, precision, base, gpu_memory)
+    if not fitting:
+        return [f"does not fit a {gpu_memory:g} GB GPU with any setting lookalike knows: use a bigger GPU, a lower "
+                "data.resolution, or shard the base across GPUs (README: \"Bases bigger than one GPU\")"]
+    return ([f"does not fit a {gpu_memory:g} GB GPU as configured; it fits with (fewest changes first):"] +
+            [f"  {label}: ~{size(total).strip()}" for label, total in fitting[:3]])
+

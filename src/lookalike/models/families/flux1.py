@@ -12,7 +12,7 @@ from lookalike.models.tiny import ensure_tiny_model
 
 CLIP_TOKENS = 77  # FLUX's CLIP prompt length, whatever a tokenizer's config says (as diffusers' scripts do)
 
-# FLUX.1's transformer (12B parameters), for estimates and benchmarks without its weights; schnell has no
+# FLUX.1-dev's transformer (12B parameters), for estimates and benchmarks without its weights; schnell's has no
 # guidance embedding.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -25,15 +25,6 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
                 use_quant_conv=False, use_post_quant_conv=False)
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-
-# Activations per token and hidden unit, measured on diffusers' FLUX blocks (tests/test_memory.py measures them
-# again): kept for the backward pass by a double block, a single block and a checkpointed block (its input
-# only; it recomputes its own during the backward pass), and the backward pass's own working values while one
-# block runs.
-KEPT_BY_DOUBLE_BLOCK = 13.2
-KEPT_BY_SINGLE_BLOCK = 11.2
-KEPT_BY_CHECKPOINTED_BLOCK = 1.0
-BACKWARD_WORKING = 11.0
 
 _ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
@@ -51,8 +42,9 @@ class Flux1(Family):
                   "tokenizer_2": ("transformers", "AutoTokenizer")}
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     bases = {
-        "flux-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-dev", 512, 28),
-        "flux-schnell": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False),
+        "flux-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-dev", 512, 28, architecture=FLUX_TRANSFORMER),
+        "flux-schnell": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False,
+                                      architecture=dict(FLUX_TRANSFORMER, guidance_embeds=False)),
         "tiny": BaseModelInfo("flux1", None, 32, 28),
     }
     # A local folder: like FLUX.1-dev, or like schnell when its transformer has no guidance embedding.
@@ -69,24 +61,18 @@ class Flux1(Family):
         "attention+mlp": rf"{_BLOCKS}\.({_ATTENTION}|{_MLP})",
     }
 
+    # Measured on diffusers' FLUX blocks (tests/test_memory.py checks the whole estimate against a measured step);
+    # bench/activation_figures.py counts them again. The backward pass's working values: measured while one
+    # block runs.
+    activation_figures = {"double": 13.2, "single": 11.2}
+    backward_working = 11.0
     kohya_base_version = "flux1"
     modelspec_architectures = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
 
-    def stored_transformer(self, base: str) -> dict | None:
-        if base not in ("flux-dev", "flux-schnell"):
-            return None
-        return dict(FLUX_TRANSFORMER, guidance_embeds=base == "flux-dev")  # schnell has no guidance embedding
-
-    def activation_values(self, architecture, resolution, text_tokens, checkpointing, every) -> float:
-        kinds = ([KEPT_BY_DOUBLE_BLOCK] * architecture["num_layers"] +
-                 [KEPT_BY_SINGLE_BLOCK] * architecture["num_single_layers"])
-        checkpointed = set(range(0, len(kinds), every)) if checkpointing else set()
-        kept = sum(KEPT_BY_CHECKPOINTED_BLOCK if index in checkpointed else values
-                   for index, values in enumerate(kinds))
-        recomputed = max((kinds[index] for index in checkpointed), default=0.0)  # one block at a time, the largest
-        per_token = kept + recomputed + BACKWARD_WORKING
-        tokens = (resolution // 16) ** 2 + text_tokens  # 2x2 patches of 8x-downsampled latents, and the text
-        return per_token * tokens * architecture["num_attention_heads"] * architecture["attention_head_dim"]
+    def blocks(self, architecture, image_tokens, text_tokens):
+        tokens = image_tokens + text_tokens  # both kinds run on the image and text tokens together
+        return [("double", tokens)] * architecture["num_layers"] + [("single", tokens)] * architecture[
+            "num_single_layers"]
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         try:

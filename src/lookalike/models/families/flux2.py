@@ -17,6 +17,15 @@ from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 TEXT_LAYERS = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
 
+# The published transformers of FLUX.2 [klein] 4B and 9B (their joint_attention_dim: three stacked layers of
+# Qwen3-4B's 2560 and Qwen3-8B's 4096 hidden units).
+_KLEIN = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256, mlp_ratio=3.0,
+              axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
+KLEIN_4B_TRANSFORMER = dict(_KLEIN, num_layers=5, num_single_layers=20, num_attention_heads=24,
+                            joint_attention_dim=7680)
+KLEIN_9B_TRANSFORMER = dict(_KLEIN, num_layers=8, num_single_layers=24, num_attention_heads=32,
+                            joint_attention_dim=12288)
+
 _DOUBLE_ATTENTION = (r"transformer_blocks\.\d+\.attn\."
                      r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
 # A single block fuses q, k, v and the MLP's input into one layer, and attention and MLP outputs into another.
@@ -91,8 +100,10 @@ class Flux2(Family):
     text_components = ("text_encoder", "tokenizer")
     bases = {
         # Step-distilled: 4 steps, no guidance (the pipeline ignores it).
-        "flux2-klein-4b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-4B", 512, 4, guidance=False),
-        "flux2-klein-9b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-9B", 512, 4, guidance=False),
+        "flux2-klein-4b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-4B", 512, 4, guidance=False,
+                                        architecture=KLEIN_4B_TRANSFORMER),
+        "flux2-klein-9b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-9B", 512, 4, guidance=False,
+                                        architecture=KLEIN_9B_TRANSFORMER),
         "tiny-flux2-klein": BaseModelInfo("flux2", None, 32, 4, guidance=False),
     }
     # attention: every attention layer (a single block's two fused layers included); diffusers: the default set of
@@ -104,6 +115,15 @@ class Flux2(Family):
         "attention+mlp": rf"{_DOUBLE_ATTENTION}|{_SINGLE}|{_DOUBLE_MLP}",
     }
     negative_prompt = ""  # what an undistilled model's CFG draws against
+    # Measured by bench/activation_figures.py on FLUX.2 [klein] 4B's blocks; the backward pass's working values at
+    # FLUX.1's measured ratio to its largest block's figure (11.0 / 13.2).
+    activation_figures = {"double": 18.1, "single": 21.1}
+    backward_working = 17.5
+
+    def blocks(self, architecture, image_tokens, text_tokens):
+        tokens = image_tokens + text_tokens  # both kinds run on the image and text tokens together
+        return [("double", tokens)] * architecture["num_layers"] + [("single", tokens)] * architecture[
+            "num_single_layers"]
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         try:

@@ -17,6 +17,9 @@ class BaseModelInfo:
     max_sequence_length: int  # text tokens per prompt
     steps: int  # inference steps: [generate] num_inference_steps when not set
     guidance: bool = True  # takes a guidance scale (FLUX.1-dev's distilled guidance, Z-Image's CFG); schnell none
+    # A hub base's transformer as published (the sizes of its config.json), so that `--dry-run` builds it on the
+    # meta device without any download; None for a model whose own config file is read (local, tiny).
+    architecture: dict | None = None
 
 
 class Family:
@@ -32,6 +35,10 @@ class Family:
     negative_prompt: str | None = None  # encoded once for samples, where generation uses true CFG
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
+    # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
+    # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
+    activation_figures: dict[str, float]
+    backward_working: float
 
     def pipeline_class(self):
         import diffusers
@@ -88,16 +95,30 @@ class Family:
         `config`: the transformer's own config (`transformer` may be wrapped for distributed training)."""
         raise NotImplementedError
 
-    def stored_transformer(self, base: str) -> dict | None:
-        """The transformer's published configuration of a hub base, where lookalike stores it (for estimates
-        without any download); None: read it from the model's own config file."""
-        return None
+    def hidden_size(self, architecture: dict) -> int:
+        """The transformer's hidden size: what activation figures are counted per."""
+        return architecture["num_attention_heads"] * architecture["attention_head_dim"]
+
+    def blocks(self, architecture: dict, image_tokens: int, text_tokens: int) -> list[tuple[str, int]]:
+        """The transformer's blocks in the order its model holds them (the order gradient checkpointing counts
+        them in): each block's kind, a key of activation_figures, and the tokens it runs on."""
+        raise NotImplementedError
 
     def activation_values(self, architecture: dict, resolution: int, text_tokens: int, checkpointing: bool,
-                          every: int) -> float | None:
-        """Activation values one example keeps at the peak of a training step, from figures measured on the
-        family's blocks; None where none are measured."""
-        return None
+                          every: int) -> float:
+        """Activation values one example keeps at the peak of a training step. A block keeps its figure per
+        token and hidden unit; a checkpointed block only its input (one value per token and hidden unit), and
+        recomputes the rest during the backward pass, one block at a time; the backward pass's own working values
+        come on top."""
+        hidden = self.hidden_size(architecture)
+        image_tokens = (resolution // 16) ** 2  # every family: 2x2 patches of 8x-downsampled latents
+        blocks = [(self.activation_figures[kind] * tokens * hidden, tokens * hidden)
+                  for kind, tokens in self.blocks(architecture, image_tokens, text_tokens)]
+        checkpointed = set(range(0, len(blocks), every)) if checkpointing else set()
+        kept = sum(block_input if index in checkpointed else values
+                   for index, (values, block_input) in enumerate(blocks))
+        recomputed = max((blocks[index][0] for index in checkpointed), default=0.0)
+        return kept + recomputed + self.backward_working * (image_tokens + text_tokens) * hidden
 
     def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
         """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""

@@ -15,6 +15,11 @@ from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_
 _ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
 _BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
 
+# The published transformer of Z-Image and Z-Image-Turbo (6B parameters; cap_feat_dim: Qwen3-4B's hidden size).
+Z_IMAGE_TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                           n_refiner_layers=2, n_heads=30, n_kv_heads=30, qk_norm=True, cap_feat_dim=2560,
+                           rope_theta=256.0, t_scale=1000.0, axes_dims=(32, 48, 48))
+
 TINY_FORMAT = 2  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 
 
@@ -74,8 +79,9 @@ class ZImage(Family):
     text_components = ("text_encoder", "tokenizer")
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0; Turbo is distilled to 8 steps without guidance.
-        "z-image": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image", 512, 50),
-        "z-image-turbo": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image-Turbo", 512, 8, guidance=False),
+        "z-image": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image", 512, 50, architecture=Z_IMAGE_TRANSFORMER),
+        "z-image-turbo": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image-Turbo", 512, 8, guidance=False,
+                                       architecture=Z_IMAGE_TRANSFORMER),
         "tiny-z-image": BaseModelInfo("z-image", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_z_image.py adapts to_q, to_k, to_v and to_out.0 wherever they are: the
@@ -86,6 +92,19 @@ class ZImage(Family):
         "attention+mlp": rf"{_BLOCKS}\.({_ATTENTION}|feed_forward\.(w1|w2|w3))",
     }
     negative_prompt = ""  # the pipeline's own negative prompt when none is given
+    # Measured by bench/activation_figures.py on Z-Image's blocks (a refiner is the same block as a main layer,
+    # without the text); the backward pass's working values at FLUX.1's measured ratio to its largest block's
+    # figure (11.0 / 13.2).
+    activation_figures = {"layer": 19.1, "refiner": 19.1}
+    backward_working = 15.9
+
+    def hidden_size(self, architecture) -> int:
+        return architecture["dim"]
+
+    def blocks(self, architecture, image_tokens, text_tokens):
+        refiners = architecture["n_refiner_layers"]
+        return ([("refiner", image_tokens)] * refiners + [("refiner", text_tokens)] * refiners +
+                [("layer", image_tokens + text_tokens)] * architecture["n_layers"])
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         return BaseModelInfo("z-image", None, 512, 50)
