@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
@@ -23,7 +24,6 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.trainer import train
 from tests.conftest import run_cli
-from tests.test_cli import assert_one_line_error
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "qwen-image": "tiny-qwen-image"}
@@ -183,6 +183,43 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
     assert abs(ours - reference) < 1e-5
 
 
+def comfyui_lora_keys(family: str, transformer) -> set[str]:
+    """The diffusers-named layers ComfyUI's LoRA loader takes as `transformer.<layer>` for each family, transcribed
+    from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.2 through flux_to_diffusers
+    (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), Qwen-Image every weight of its
+    model, whose layers have diffusers' names."""
+    config = transformer.config
+    if family == "flux2":
+        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                  "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+                  "ff_context.linear_out"]
+        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "attn.to_qkv_mlp_proj", "attn.to_out"]
+        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
+        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
+    elif family == "z-image":
+        block = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                 "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]
+        prefixes = [f"layers.{i}" for i in range(config.n_layers)] + [
+            f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(config.n_refiner_layers)]
+        names = [f"{prefix}.{layer}" for prefix in prefixes for layer in block]
+    else:
+        names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    return {f"transformer.{name}" for name in names}
+
+
+def assert_comfyui_reads(family: str, folder, tensors: dict) -> None:
+    """Every layer of the file is one ComfyUI's key map takes, in a naming its loader reads (lora_A / lora_B, as
+    diffusers writes), with no alpha tensor: ComfyUI then applies it at scale 1, the file's folded scale."""
+    transformer = load_component(folder, "transformer")
+    layers = {key.rsplit(".lora_", 1)[0] for key in tensors}
+    assert {key.rsplit(".", 2)[-2] + "." + key.rsplit(".", 1)[-1] for key in tensors} == {"lora_A.weight",
+                                                                                          "lora_B.weight"}
+    assert layers and layers <= comfyui_lora_keys(family, transformer), layers - comfyui_lora_keys(family, transformer)
+    for layer in layers:  # each change has the shape of the layer it changes
+        weight = transformer.get_submodule(layer.removeprefix("transformer.")).weight
+        assert (tensors[f"{layer}.lora_B.weight"] @ tensors[f"{layer}.lora_A.weight"]).shape == weight.shape
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TINY)
 def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(tiny_config, tmp_path, family):
@@ -214,14 +251,17 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
     assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
     assert np.abs(ours - stock_image(False).astype(int)).max() > 1, "the LoRA changed the image"
 
-    # Export: diffusers' layout, which the stock pipeline loads; FLUX.1's kohya and ComfyUI layouts are refused.
-    for format in ("kohya", "comfyui"):
-        with pytest.raises(LookalikeError, match=f"--format {format}: .*FLUX.1 LoRAs only.*--format diffusers"):
-            export_lora(lora, tmp_path / f"{format}.safetensors", format)
+    # Export: diffusers' layout, which the stock pipeline loads and ComfyUI reads for these families; kohya has
+    # no layout for them.
+    with pytest.raises(LookalikeError, match="--format kohya: kohya's layout exists for FLUX.1 LoRAs only"):
+        export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
     exported = export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers")
     pipe = load_pipeline(resolve_base(TINY[family]))
     pipe.load_lora_weights(str(exported.parent), weight_name=exported.name)
     assert pipe.get_active_adapters() == ["default_0"]
+    comfyui = load_file(export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui"))
+    assert comfyui.keys() == load_file(exported).keys()
+    assert_comfyui_reads(family, resolve_base(TINY[family]), comfyui)
 
 
 @pytest.mark.slow

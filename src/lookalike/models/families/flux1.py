@@ -4,9 +4,11 @@ transformer fed sigma as its timestep (and dev's distilled guidance) that predic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from lookalike.errors import LookalikeError
 from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.tiny import ensure_tiny_model
 
@@ -25,6 +27,20 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
                 use_quant_conv=False, use_post_quant_conv=False)
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+MLP_RATIO = 4  # FLUX.1's MLP width over its hidden size: a single block's linear1 is 3 hidden + 4 hidden wide
+
+# kohya and ComfyUI name FLUX.1's layers as Black Forest Labs' checkpoint does, where a double block's q, k and v
+# are one fused `qkv` layer and a single block's q, k, v and MLP input are one `linear1`: each such layer -> the
+# diffusers layers it fuses, per block kind.
+DOUBLE = {"img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn.proj": ["attn.to_out.0"],
+          "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"], "img_mod.lin": ["norm1.linear"],
+          "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+          "txt_attn.proj": ["attn.to_add_out"], "txt_mlp.0": ["ff_context.net.0.proj"],
+          "txt_mlp.2": ["ff_context.net.2"], "txt_mod.lin": ["norm1_context.linear"]}
+SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+          "modulation.lin": ["norm.linear"]}
+BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE), "single_transformer_blocks": ("single_blocks", SINGLE)}
 
 _ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_BLOCK_MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
@@ -118,6 +134,38 @@ class Flux1(Family):
             img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype),
             return_dict=False,
         )[0]
+
+    def fused_layers(self, modules, alpha):
+        """A LoRA of the separate layers becomes one LoRA of the fused layer exactly: the down matrices are stacked
+        and the up matrices placed block-diagonally, so each part still only changes its own rows. A part the
+        LoRA does not adapt (a single block's MLP input, in an attention-only LoRA) adds no rank: its rows of the
+        up matrix are zero, and nothing else of it is written."""
+        import torch
+
+        layers = {}
+        for name in modules:
+            match = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name)
+            kind = BLOCKS.get(match.group(1)) if match else None
+            layer = next((bfl for bfl, parts in kind[1].items() if match.group(3) in parts), None) if kind else None
+            if layer is None:
+                raise LookalikeError(f"cannot export: no kohya/ComfyUI name for the layer {name}")
+            layers.setdefault(f"{kind[0]}.{match.group(2)}.{layer}", (match.group(1), match.group(2), layer))
+        exported = {}
+        for bfl_name, (block, index, layer) in sorted(layers.items()):
+            parts = BLOCKS[block][1][layer]
+            present = [modules.get(f"{block}.{index}.{part}") for part in parts]
+            hidden = next(down for down, _ in filter(None, present)).shape[1]  # every fused part reads the hidden state
+            downs, ups = [], []
+            for part, found in zip(parts, present):
+                # The output width of a part the LoRA does not adapt (its rows are zero).
+                width = hidden * MLP_RATIO if part == "proj_mlp" else hidden
+                down, up = found if found is not None else (torch.zeros(0, hidden), torch.zeros(width, 0))
+                downs.append(down.float())
+                ups.append(up.float())
+            # kohya scales by alpha / (its rank): n adapted parts of rank r each keep alpha / r with alpha x n.
+            adapted = sum(found is not None for found in present)
+            exported[bfl_name] = (torch.cat(downs), torch.block_diag(*ups), alpha * adapted)
+        return exported
 
     def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
         return {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype),

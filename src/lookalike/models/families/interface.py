@@ -120,6 +120,12 @@ class Family:
         recomputed = max((blocks[index][0] for index in checkpointed), default=0.0)
         return kept + recomputed + self.backward_working * (image_tokens + text_tokens) * hidden
 
+    def fused_layers(self, modules: dict[str, tuple], alpha: float) -> dict[str, tuple] | None:
+        """For a family whose tools (kohya, ComfyUI's own layout) name its layers as the original checkpoint does:
+        that layer name -> (down, up, alpha) for every layer a LoRA's modules (diffusers name -> (down, up))
+        touch. None (the default): its tools read diffusers' names."""
+        return None
+
     def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
         """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""
         raise NotImplementedError
