@@ -29,17 +29,16 @@ TEXT_TOKENS = 64
 HEADS = 8
 
 # Per family: a hub base whose published architecture is measured, the config keys of its heads (narrowed to
-# HEADS) and hidden size where it names one, its text embedding's width, its latent channels, and for each kind
-# of block the config key whose count adds one more block of that kind.
+# HEADS) and hidden size where it names one, and for each kind of block the config key whose count adds one more
+# block of that kind.
 FAMILY_SETUPS = {
-    "flux1": dict(base="flux-dev", heads=("num_attention_heads",), text_width="joint_attention_dim", channels=16,
+    "flux1": dict(base="flux-dev", heads=("num_attention_heads",),
                   kinds={"double": "num_layers", "single": "num_single_layers"}),
-    "flux2": dict(base="flux2-klein-4b", heads=("num_attention_heads",), text_width="joint_attention_dim",
-                  channels=32, kinds={"double": "num_layers", "single": "num_single_layers"}),
-    "z-image": dict(base="z-image", heads=("n_heads", "n_kv_heads"), hidden="dim", text_width="cap_feat_dim",
-                    channels=16, kinds={"layer": "n_layers", "refiner": "n_refiner_layers"}),
-    "qwen-image": dict(base="qwen-image", heads=("num_attention_heads",), text_width="joint_attention_dim",
-                       channels=16, kinds={"block": "num_layers"}),
+    "flux2": dict(base="flux2-klein-4b", heads=("num_attention_heads",),
+                  kinds={"double": "num_layers", "single": "num_single_layers"}),
+    "z-image": dict(base="z-image", heads=("n_heads", "n_kv_heads"), hidden="dim",
+                    kinds={"layer": "n_layers", "refiner": "n_refiner_layers"}),
+    "qwen-image": dict(base="qwen-image", heads=("num_attention_heads",), kinds={"block": "num_layers"}),
 }
 
 
@@ -55,17 +54,16 @@ def narrowed(setup: dict) -> dict:
     return architecture
 
 
-def saved_values(family, architecture: dict, setup: dict) -> int:
+def saved_values(family, architecture: dict) -> int:
     """Values autograd keeps from one forward pass of the transformer (LoRA on its attention), parameters
     excluded."""
     torch.manual_seed(0)
     transformer = family.component_class("transformer").from_config(architecture)
     add_lora(transformer, 16, 16.0, "attention")
     parameters = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
-    latents = torch.randn(1, setup["channels"], IMAGE_SIDE * 2, IMAGE_SIDE * 2)
-    noisy, layout = family.model_input(latents, (0.0, 1.0))
-    text = {"prompt_embeds": torch.randn(TEXT_TOKENS, architecture[setup["text_width"]]),
-            "pooled": torch.randn(architecture.get("pooled_projection_dim", 1))}
+    latents = torch.randn(1, family.latent_channels(architecture), IMAGE_SIDE * 2, IMAGE_SIDE * 2)
+    noisy, layout = family.model_input(latents, (0.0, 1.0))  # normalised as (x - 0) * 1: values do not matter
+    text = {name: torch.randn(shape) for name, shape in family.text_shapes(architecture, TEXT_TOKENS).items()}
     saved: dict[int, int] = {}
 
     def keep(tensor):
@@ -87,10 +85,10 @@ def figures(name: str) -> dict[str, float]:
     architecture = narrowed(setup)
     hidden = family.hidden_size(architecture)
     tokens = IMAGE_SIDE * IMAGE_SIDE + TEXT_TOKENS
-    one = saved_values(family, architecture, setup)
+    one = saved_values(family, architecture)
     measured = {}
     for kind, key in setup["kinds"].items():
-        two = saved_values(family, dict(architecture, **{key: 2}), setup)
+        two = saved_values(family, dict(architecture, **{key: 2}))
         measured[kind] = (two - one) / (tokens * hidden)
     return measured
 

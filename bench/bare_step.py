@@ -39,14 +39,31 @@ def random_batch(config, resolution: int, text_tokens: int, device, dtype) -> tu
     return inputs, torch.randn_like(latents)
 
 
-def timed_steps(transformer, params, optimizer, inputs, target, steps: int, autocast_dtype=None) -> list[float]:
-    """Seconds of each of `steps` forward + backward + clip + AdamW steps (GPU work waited for)."""
+def family_batch(family, transformer, resolution: int, text_tokens: int, device, dtype):
+    """One random example of `resolution` pixels for any family, called through the family as the trainer calls
+    it: a forward function and its target."""
+    config = transformer.config
+    latents = torch.randn(1, family.latent_channels(config), resolution // 8, resolution // 8)
+    noisy, layout = family.model_input(latents, (0.0, 1.0))  # normalised as (x - 0) * 1: values do not matter
+    text = {name: torch.randn(shape, device=device, dtype=dtype)
+            for name, shape in family.text_shapes(config, text_tokens).items()}
+    sigmas = torch.tensor([0.5])
+
+    def forward():
+        return family.predict(transformer, config, noisy, sigmas, [text], 1.0, layout, device, dtype)
+
+    return forward, torch.randn(noisy.shape, device=device, dtype=dtype)
+
+
+def timed_steps(forward, params, optimizer, target, steps: int, autocast_dtype=None) -> list[float]:
+    """Seconds of each of `steps` forward + backward + clip + AdamW steps (GPU work waited for); `forward()`
+    returns the transformer's prediction."""
     device = target.device
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            prediction = transformer(**inputs)[0]
+            prediction = forward()
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

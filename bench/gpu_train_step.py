@@ -1,9 +1,10 @@
-"""GPU benchmark: rank-16 LoRA training steps of the full FLUX.1-dev transformer, over the low-memory settings.
+"""GPU benchmark: rank-16 LoRA training steps of a full-size transformer (FLUX.1-dev by default, or any hub
+base: `--model z-image`), over the low-memory settings.
 
-No weights can be downloaded, so the real architecture (19 double + 38 single blocks, hidden 3072) is built
-with random bf16 weights directly on the GPU, and trained on random latents and random cached text
-embeddings (512 text tokens), exactly the tensors the trainer feeds it. The frozen base is then quantised
-with the trainer's own settings (models/quantize.py) where asked.
+No weights can be downloaded, so the base's published architecture (FLUX.1-dev: 19 double + 38 single blocks,
+hidden 3072) is built with random bf16 weights directly on the GPU, and trained on random latents and random
+cached text embeddings (512 text tokens) called through its family as the trainer calls it. The frozen base is
+then quantised with the trainer's own settings (models/quantize.py) where asked.
 
 The matrix: base `bf16`, `bf16+compile` (regional compilation of the repeated blocks), `nf4` (bitsandbytes)
 and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2. Each
@@ -15,6 +16,7 @@ with gradient checkpointing (one more forward).
 
     python bench/gpu_train_step.py                                  # the whole matrix (over 10 min on an H100)
     python bench/gpu_train_step.py --bases bf16 --resolutions 1024  # a part of it
+    python bench/gpu_train_step.py --model qwen-image --bases nf4   # another base (MFU is FLUX.1-dev's only)
     python bench/gpu_train_step.py --tiny     # a tiny architecture on the CPU (fp32, int8, fp8): checks the script
 
 Last line: s_per_step=<bf16 at 1024^2 without checkpointing, or the first combination measured>.
@@ -31,30 +33,42 @@ import sys
 from pathlib import Path
 
 import torch
-from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is on sys.path when run as a script
+from bare_step import add_trainable_lora, family_batch, timed_steps  # bench/ is on sys.path when run as a script
 
-from lookalike.models.base import quiet_libraries
+from lookalike.models.base import quiet_libraries, resolve_base
+from lookalike.models.families import FAMILIES, KNOWN_BASES
 from lookalike.models.families.flux1 import FLUX_TRANSFORMER
 
 FORWARD_TFLOP_1024 = 74.4  # at 4,096 image + 512 text tokens
 TEXT_TOKENS = 512
+TINY_TEXT_TOKENS = 32  # what the tiny models are made for (tiny Z-Image's position table holds no more)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
 TINY = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
 
-def build_transformer(architecture: dict, device: torch.device, dtype: torch.dtype):
-    from diffusers import FluxTransformer2DModel
-
+def build_transformer(architecture: dict, device: torch.device, dtype: torch.dtype, family: str = "flux1"):
     # Built in bf16 on the GPU itself: in fp32 on the host, 12B parameters would need 48 GB first.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return FluxTransformer2DModel(**architecture)
+            return FAMILIES[family].component_class("transformer")(**architecture)
     finally:
         torch.set_default_dtype(previous)
+
+
+def architecture_of(model: str, tiny: bool) -> dict:
+    """The hub base's published architecture, or with --tiny its family's tiny model's (FLUX.1: TINY)."""
+    info = KNOWN_BASES[model]
+    if not tiny:
+        return dict(info.architecture)
+    if info.family == "flux1":
+        return TINY
+    tiny_base = next(name for name, base in FAMILIES[info.family].bases.items() if base.repo is None)
+    return {k: v for k, v in json.loads((resolve_base(tiny_base) / "transformer" / "config.json").read_text()).items()
+            if not k.startswith("_")}
 
 
 def quantize_base(transformer, kind: str, dtype: torch.dtype) -> None:
@@ -87,32 +101,33 @@ def quantize_base(transformer, kind: str, dtype: torch.dtype) -> None:
 
 
 @functools.cache
-def _parameter_counts(rank: int):
+def _parameter_counts(model: str, rank: int):
     from lookalike.train.memory import count_parameters
 
-    return count_parameters(dict(FLUX_TRANSFORMER), rank, rank, "attention")
+    return count_parameters(dict(KNOWN_BASES[model].architecture), rank, rank, "attention", KNOWN_BASES[model].family)
 
 
-def estimated_gb(resolution: int, checkpointing: bool, kind: str, rank: int) -> float:
-    """What `lookalike train --dry-run` estimates for this combination (FLUX.1-dev, bf16), in GB."""
+def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, rank: int) -> float:
+    """What `lookalike train --dry-run` estimates for this combination (bf16), in GB."""
     from lookalike.config import validate
     from lookalike.train.memory import estimate
 
-    config = validate({"name": "bench", "workspace": "work", "model": {"base": "flux-dev"},
+    config = validate({"name": "bench", "workspace": "work", "model": {"base": model},
                        "subject": {"token": "sks", "images": "photos"},
                        "data": {"resolution": resolution},
                        "train": {"rank": rank, "gradient_checkpointing": checkpointing,
                                  "base_quantization": "none" if kind == "bf16" else kind}}, "bench", Path.cwd())
-    return estimate(config, "bf16", _parameter_counts(rank)).total * 2**30 / 1e9
+    return estimate(config, "bf16", _parameter_counts(model, rank)).total * 2**30 / 1e9
 
 
-def measure_base(base: str, resolutions: list[int], checkpointing: list[bool], tiny: bool, rank: int, steps: int,
-                 warmup: int) -> None:
+def measure_base(model: str, base: str, resolutions: list[int], checkpointing: list[bool], tiny: bool, rank: int,
+                 steps: int, warmup: int) -> None:
     """In this process: build one base, then print a JSON line per (resolution, checkpointing)."""
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.bfloat16
     kind, _, compiled = base.partition("+")
-    transformer = build_transformer(TINY if tiny else FLUX_TRANSFORMER, device, dtype)
+    family = FAMILIES[KNOWN_BASES[model].family]
+    transformer = build_transformer(architecture_of(model, tiny), device, dtype, family.name)
     if kind not in ("bf16", "fp32"):
         quantize_base(transformer, kind, dtype)
     if device.type == "cuda":
@@ -126,10 +141,11 @@ def measure_base(base: str, resolutions: list[int], checkpointing: list[bool], t
                 transformer.enable_gradient_checkpointing()
             else:
                 transformer.disable_gradient_checkpointing()
-            inputs, target = random_batch(transformer.config, resolution, TEXT_TOKENS, device, dtype)
+            forward, target = family_batch(family, transformer, resolution, TINY_TEXT_TOKENS if tiny else TEXT_TOKENS,
+                                           device, dtype)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = timed_steps(transformer, params, optimizer, inputs, target, warmup + steps,
+            times = timed_steps(forward, params, optimizer, target, warmup + steps,
                                 autocast_dtype=None if tiny else dtype)
             peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
             print(json.dumps({"base": base, "resolution": resolution, "checkpointing": checkpoint,
@@ -148,6 +164,8 @@ def main() -> None:
                                         "(default: bf16,bf16+compile,nf4,fp8; --tiny: fp32,int8,fp8)")
     parser.add_argument("--resolutions", default="512,1024")
     parser.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--model", default="flux-dev", choices=[name for name, info in KNOWN_BASES.items()
+                                                                    if info.architecture is not None])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -158,26 +176,32 @@ def main() -> None:
     resolutions = [int(r) for r in args.resolutions.split(",")]
     checkpointing = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     if args.one_base:
-        measure_base(args.one_base, resolutions, checkpointing, args.tiny, args.rank, args.steps, args.warmup)
+        measure_base(args.model, args.one_base, resolutions, checkpointing, args.tiny, args.rank, args.steps,
+                     args.warmup)
         return
 
     bases = (args.bases or ("fp32,int8,fp8" if args.tiny else "bf16,bf16+compile,nf4,fp8")).split(",")
     device_name = "CPU" if args.tiny else torch.cuda.get_device_name()
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
-    print(f"architecture: {'tiny' if args.tiny else 'FLUX.1-dev'}, rank {args.rank}, {TEXT_TOKENS} text tokens; "
+    # Model-FLOPs utilisation is counted for FLUX.1-dev's transformer only (its FLOPs per forward are known).
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None) \
+        if args.model == "flux-dev" else None
+    print(f"architecture: {'tiny ' if args.tiny else ''}{args.model}, rank {args.rank}, "
+          f"{TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS} text tokens; "
           f"device: {device_name}")
     print(f"{'base':14} {'res':>5} {'ckpt':>5} {'s/step':>8} {'peak GB':>8} {'est. GB':>8} {'MFU':>6}")
     rows = []
     for base in bases:
-        child = subprocess.run([sys.executable, __file__, "--one-base", base, "--resolutions", args.resolutions,
+        child = subprocess.run([sys.executable, __file__, "--one-base", base, "--model", args.model,
+                                "--resolutions", args.resolutions,
                                 "--checkpointing", args.checkpointing, "--rank", str(args.rank), "--steps",
                                 str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []),
                                capture_output=True, text=True)
         measured = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
         for row in measured:
             peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+            kind = base.partition("+")[0]
             estimated = "-" if args.tiny else \
-                f"{estimated_gb(row['resolution'], row['checkpointing'], base.partition('+')[0], args.rank):.2f}"
+                f"{estimated_gb(args.model, row['resolution'], row['checkpointing'], kind, args.rank):.2f}"
             mfu = step_tflop(row["resolution"], row["checkpointing"]) / row["s_per_step"] / peak_tflops \
                 if peak_tflops else None
             print(f"{base:14} {row['resolution']:>5} {'yes' if row['checkpointing'] else 'no':>5} "

@@ -65,7 +65,7 @@ def bare_seconds_per_step(folder: Path, steps: int) -> float:
     transformer = load_component(folder, "transformer")
     params, optimizer = add_trainable_lora(transformer, RANK)
     inputs, target = random_batch(transformer.config, RESOLUTION, 32, torch.device("cpu"), torch.float32)
-    return statistics.mean(timed_steps(transformer, params, optimizer, inputs, target, steps)[WARMUP:])
+    return statistics.mean(timed_steps(lambda: transformer(**inputs)[0], params, optimizer, target, steps)[WARMUP:])
 
 
 def main() -> None:

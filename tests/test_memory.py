@@ -73,11 +73,9 @@ optimizer = torch.optim.AdamW(params, lr=1e-4)
 if checkpointing:
     transformer.enable_gradient_checkpointing()
 config = transformer.config
-packed = family.name in ("flux1", "flux2", "qwen-image")  # their in_channels count 2x2 patches of latents
-latents = torch.randn(1, config.in_channels // 4 if packed else config.in_channels, resolution // 8, resolution // 8)
+latents = torch.randn(1, family.latent_channels(config), resolution // 8, resolution // 8)
 noisy, layout = family.model_input(latents, (0.0, 1.0))
-text = {"prompt_embeds": torch.randn(text_tokens, config.get("joint_attention_dim") or config.get("cap_feat_dim")),
-        "pooled": torch.randn(config.get("pooled_projection_dim") or 1)}
+text = {name: torch.randn(shape) for name, shape in family.text_shapes(config, text_tokens).items()}
 def step():
     prediction = family.predict(transformer, config, noisy, torch.tensor([0.5]), [text], 1.0, layout, "cpu",
                                 torch.float32)

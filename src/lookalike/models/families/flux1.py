@@ -85,6 +85,10 @@ class Flux1(Family):
     kohya_base_version = "flux1"
     modelspec_architectures = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
 
+    def text_shapes(self, architecture, tokens):
+        return {"prompt_embeds": (tokens, architecture["joint_attention_dim"]),
+                "pooled": (architecture["pooled_projection_dim"],)}
+
     def blocks(self, architecture, image_tokens, text_tokens):
         tokens = image_tokens + text_tokens  # both kinds run on the image and text tokens together
         return [("double", tokens)] * architecture["num_layers"] + [("single", tokens)] * architecture[

@@ -95,6 +95,14 @@ class Family:
         `config`: the transformer's own config (`transformer` may be wrapped for distributed training)."""
         raise NotImplementedError
 
+    def latent_channels(self, architecture: dict) -> int:
+        """The VAE latent channels the transformer reads (by default packed 2x2 into its in_channels)."""
+        return architecture["in_channels"] // 4
+
+    def text_shapes(self, architecture: dict, tokens: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of one cached caption's tensors (what encode returns), for benchmarks on random inputs."""
+        return {"prompt_embeds": (tokens, architecture["joint_attention_dim"])}
+
     def hidden_size(self, architecture: dict) -> int:
         """The transformer's hidden size: what activation figures are counted per."""
         return architecture["num_attention_heads"] * architecture["attention_head_dim"]

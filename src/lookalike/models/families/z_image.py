@@ -101,6 +101,12 @@ class ZImage(Family):
     def hidden_size(self, architecture) -> int:
         return architecture["dim"]
 
+    def latent_channels(self, architecture) -> int:
+        return architecture["in_channels"]  # patchified inside the transformer
+
+    def text_shapes(self, architecture, tokens):
+        return {"prompt_embeds": (tokens, architecture["cap_feat_dim"])}
+
     def blocks(self, architecture, image_tokens, text_tokens):
         refiners = architecture["n_refiner_layers"]
         return ([("refiner", image_tokens)] * refiners + [("refiner", text_tokens)] * refiners +
