@@ -1,13 +1,15 @@
-"""GPU benchmark: seconds per 28-step 1024x1024 image of FLUX.1-dev with a fused rank-16 LoRA, eager and compiled.
+"""GPU benchmark: seconds per 28-step 1024x1024 image of FLUX.1-dev (or any hub base: `--model z-image`) with a
+fused rank-16 LoRA, eager and compiled.
 
-No weights can be downloaded, so the real architectures (the 12B transformer, the 16-channel VAE) are built
-with random bf16 weights on the GPU. A random rank-16 LoRA is written as `lookalike train` writes one, and
-fused the way `lookalike generate` fuses it. The text encoders are left out: the prompt's embeddings
-(512 T5 tokens, CLIP's pooled vector) are given, as T5 runs once per prompt, not per step. One image warms up
-(and, compiled, pays for the compile); the median of the next ones is reported.
+No weights can be downloaded, so the real architectures (FLUX.1-dev: the 12B transformer, the 16-channel VAE)
+are built with random bf16 weights on the GPU. A random rank-16 LoRA is written as `lookalike train` writes one,
+and fused the way `lookalike generate` fuses it. The text encoders are left out: the prompt's embeddings (512
+tokens; FLUX.1: CLIP's pooled vector too; a true-CFG base: the negative prompt's as well) are given, as the text
+encoder runs once per prompt, not per step. One image warms up (and, compiled, pays for the compile); the
+median of the next ones is reported.
 
-    python bench/gpu_generate.py [--images 3] [--steps 28] [--resolution 1024]
-    python bench/gpu_generate.py --tiny      # a tiny architecture on the CPU, to check the script
+    python bench/gpu_generate.py [--model flux-dev] [--images 3] [--steps 28] [--resolution 1024]
+    python bench/gpu_generate.py --tiny [--model z-image]   # the family's tiny model on the CPU: checks the script
 
 Last line: compiled_s_per_image=<n>.
 """
@@ -21,15 +23,19 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_train_step import TINY, build_transformer  # bench/ is on sys.path when run as a script
+from gpu_train_step import TINY_TEXT_TOKENS, architecture_of, build_transformer  # bench/ is on sys.path
 
 from lookalike.generate import apply_loras, render
-from lookalike.models.base import quiet_libraries
-from lookalike.models.families.flux1 import FLUX_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE
+from lookalike.models.base import load_component, quiet_libraries, resolve_base
+from lookalike.models.families import FAMILIES, KNOWN_BASES
+from lookalike.models.families.flux1 import FLUX_SCHEDULER, FLUX_VAE
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 
 TINY_VAE = dict(FLUX_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
 TEXT_TOKENS = 512
+# Each family's published VAE: FLUX.1's 16-channel autoencoder (Z-Image uses it too); FLUX.2's and
+# Qwen-Image's are their classes' defaults (diffusers' conversion scripts build them so).
+PUBLISHED_VAES = {"flux1": FLUX_VAE, "z-image": FLUX_VAE, "flux2": {}, "qwen-image": {}}
 
 
 def random_lora_file(transformer, folder: Path, rank: int) -> Path:
@@ -46,26 +52,47 @@ def random_lora_file(transformer, folder: Path, rank: int) -> Path:
     return path
 
 
-def seconds_per_image(pipe, args, embeds, pooled, images: int) -> list[float]:
+def seconds_per_image(pipe, args, embeddings: dict, guidance: float | None, images: int) -> list[float]:
     times = []
     for seed in range(images):
         started = time.perf_counter()
-        render(pipe, seed=seed, guidance=3.5, steps=args.steps, size=args.resolution,
-               max_sequence_length=TEXT_TOKENS, embeddings={"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
-        if embeds.device.type == "cuda":
+        render(pipe, seed=seed, guidance=guidance, steps=args.steps, size=args.resolution,
+               max_sequence_length=TEXT_TOKENS, embeddings=embeddings)
+        if pipe.transformer.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return times
 
 
-def main() -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+def build_pipeline(model: str, tiny: bool, device, dtype):
+    """The base's pipeline without text encoders: its transformer and VAE at full size with random weights, or
+    with --tiny its family's tiny model's (FLUX.1: the TINY sizes)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
+    family = FAMILIES[KNOWN_BASES[model].family]
+    transformer = build_transformer(architecture_of(model, tiny), device, dtype, family.name)
+    if tiny and family.name != "flux1":
+        tiny_base = next(name for name, base in family.bases.items() if base.repo is None)
+        vae = load_component(resolve_base(tiny_base), "vae", dtype)
+    elif tiny:
+        vae = AutoencoderKL(**TINY_VAE)
+    else:
+        vae = family.component_class("vae")(**PUBLISHED_VAES[family.name])
+    pipe = family.pipeline_class()(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                                   vae=vae.to(device, dtype), transformer=transformer,
+                                   **{name: None for name in family.text_components})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3, help="timed images after the warm-up one")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--model", default="flux-dev", choices=[name for name, info in KNOWN_BASES.items()
+                                                                    if info.architecture is not None])
     parser.add_argument("--tiny", action="store_true", help="tiny architecture on the CPU (checks the script)")
     args = parser.parse_args()
     quiet_libraries()
@@ -74,24 +101,27 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
 
-    transformer = build_transformer(TINY if args.tiny else FLUX_TRANSFORMER, device, dtype)
-    vae = AutoencoderKL(**(TINY_VAE if args.tiny else FLUX_VAE)).to(device, dtype)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(args.model, args.tiny, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        apply_loras(pipe, [(random_lora_file(transformer, Path(tmp), args.rank), 1.0)], fuse=True)
-    embeds = torch.randn(1, TEXT_TOKENS, transformer.config.joint_attention_dim, device=device, dtype=dtype)
-    pooled = torch.randn(1, transformer.config.pooled_projection_dim, device=device, dtype=dtype)
+        apply_loras(pipe, [(random_lora_file(pipe.transformer, Path(tmp), args.rank), 1.0)], fuse=True)
+    family, info = FAMILIES[KNOWN_BASES[args.model].family], KNOWN_BASES[args.model]
+    tokens = TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS
 
-    print(f"architecture: {'tiny' if args.tiny else 'FLUX.1-dev'}, {args.resolution}^2, {args.steps} steps, "
+    def random_text():
+        return {name: torch.randn(shape) for name, shape in family.text_shapes(pipe.transformer.config, tokens).items()}
+
+    negative = random_text() if family.negative_prompt is not None else None
+    embeddings = family.pipeline_embeddings(random_text(), negative, device, dtype)
+    guidance = (3.5 if family.name == "flux1" else 4.0) if info.guidance else None
+
+    print(f"architecture: {'tiny ' if args.tiny else ''}{args.model}, {args.resolution}^2, {args.steps} steps, "
           f"fused rank-{args.rank} LoRA; device: {'CPU' if args.tiny else torch.cuda.get_device_name()}")
     results = {}
     for mode in ("eager", "compiled"):
         if mode == "compiled":
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        warm_up = seconds_per_image(pipe, args, embeds, pooled, 1)[0]
-        results[mode] = statistics.median(seconds_per_image(pipe, args, embeds, pooled, args.images))
+        warm_up = seconds_per_image(pipe, args, embeddings, guidance, 1)[0]
+        results[mode] = statistics.median(seconds_per_image(pipe, args, embeddings, guidance, args.images))
         peak = f", peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if device.type == "cuda" else ""
         print(f"{mode:8}: {results[mode]:.3f} s/image (first image {warm_up:.1f} s{peak})", flush=True)
     print(f"eager_s_per_image={results['eager']:.3f}")
