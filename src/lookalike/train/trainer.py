@@ -249,10 +249,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
     processes, rank = accelerator.num_processes, accelerator.process_index
-    with accelerator.main_process_first():  # the main process prepares and caches; the others then read
+    # The main process prepares, downloads or builds the base, and caches; the others then read. (A tiny model
+    # built by another rank would lack its text encoder's weights: transformers saves them on rank 0 only.)
+    with accelerator.main_process_first():
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
+        folder = resolve_base(config.model.base, config.model.revision)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    folder = resolve_base(config.model.base, config.model.revision)
     family = folder_family(folder)
     max_len = max_sequence_length(config.model)
 
