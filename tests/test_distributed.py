@@ -15,17 +15,23 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
 
 
-def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_config, tmp_path):
-    config = str(tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2}))
+@pytest.mark.parametrize("shard", [False, True])
+def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_config, tmp_path, shard):
+    """Data-parallel, and sharded (FSDP2: each process holds half of the model, LoRA and AdamW state)."""
+    config = str(tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2, "shard": shard, "sample_every": 3}))
     two = run_cli("train", config, "--run", "two", "--processes", "2", "--set", "train.batch_size=1")
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 processes x batch 1 x accumulation 1 = effective batch 2" in two.stdout
-    one = run_cli("train", config, "--run", "one", "--set", "train.batch_size=2")
+    assert ("sharded: each process holds 1/2 of the model" in " ".join(two.stdout.split())) is shard
+    one = run_cli("train", config, "--run", "one", "--set", "train.batch_size=2", "--set", "train.shard=false")
     assert one.returncode == 0, one.stderr
 
     workspace = Workspace(tmp_path / "work")
     status = workspace.run("two").read_status()
     assert status["processes"] == 2 and status["rank_weight_spread"] == 0.0, "both ranks end identical"
+    assert status["sharded"] is shard
+    assert sorted(p.name for p in workspace.run("two").samples.iterdir()) == ["step-000003_p0.png",
+                                                                               "step-000006_p0.png"]
     assert len(workspace.run("two").metrics.read_text().splitlines()) == 6, "the main rank alone logs"
     parallel, single = load_file(str(workspace.run("two").lora)), load_file(str(workspace.run("one").lora))
     assert parallel.keys() == single.keys()
@@ -34,8 +40,10 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_conf
     assert any(single[k].abs().max() > 1e-3 for k in single if "lora_B" in k), "the LoRA has learned something"
 
 
-def test_two_processes_resume_from_a_checkpoint_to_the_same_weights(tiny_config, tmp_path):
-    config = str(tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2}))
+@pytest.mark.parametrize("shard", [False, True])
+def test_two_processes_resume_from_a_checkpoint_to_the_same_weights(tiny_config, tmp_path, shard):
+    config = str(tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2,
+                                    "shard": shard}))
     first = run_cli("train", config, "--run", "r", "--processes", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     run = Workspace(tmp_path / "work").run("r")

@@ -140,3 +140,33 @@ def test_target_sets_adapt_the_layers_they_name_on_flux_dev():
                          "ff_context.net.2"])
     assert len(reference) == 342 and adapted("diffusers") == reference
     assert len(adapted("attention")) == 266 and len(adapted("attention+mlp")) == 418
+
+
+def test_a_sharded_run_holds_its_share_of_the_model_and_the_estimate_says_how_many_gpus_fit(tiny_config):
+    from lookalike.train.memory import fitting_lines
+
+    config = load_config(tiny_config(model={"base": "qwen-image"}, data={"resolution": 1024},
+                                     train={"gradient_checkpointing": True}))
+    whole = estimate(config, "bf16")
+    sharded = config.model_copy(update={"train": config.train.model_copy(update={"shard": True})})
+    half = estimate(sharded, "bf16", whole.counts, processes=2)
+    assert half.weights == pytest.approx(whole.weights / 2) and half.optimizer == pytest.approx(whole.optimizer / 2)
+    assert half.activations == whole.activations, "each process computes its own examples whole"
+    # Qwen-Image (20B) in bf16 does not fit a 24 GB GPU: quantised it does, and unquantised across 2 of them.
+    lines = fitting_lines(config, "bf16", whole, 24.0)
+    assert lines[0] == "does not fit a 24 GB GPU as configured; it fits with (fewest changes first):"
+    assert lines[-1].startswith("unquantised, sharded across 2 such GPUs: train.shard=true, "
+                                "train.gradient_checkpointing=true, --processes 2: ~")
+    assert fitting_lines(sharded, "bf16", half, 24.0, processes=2) == ["fits a 24 GB GPU as configured"]
+    assert fitting_lines(config, "bf16", whole, 4.0)[-1].startswith("nor sharded across 8 such GPUs")
+
+
+def test_sharding_is_refused_where_it_cannot_work(tiny_config):
+    from lookalike.errors import LookalikeError
+    from lookalike.train.trainer import train
+
+    with pytest.raises(LookalikeError, match="shard = true cannot be combined with base_quantization = 'int8'"):
+        load_config(tiny_config(train={"shard": True, "base_quantization": "int8"}))
+    with pytest.raises(LookalikeError, match="train.shard = true splits the model across processes, and this run "
+                                             "has one: train with --processes N"):
+        train(load_config(tiny_config(train={"shard": True})), "alone")

@@ -210,6 +210,12 @@ def test_finished_run_is_not_retrained_and_started_run_needs_resume(tiny_config)
     other_prompts = config.model_copy(update={"generate": config.generate.model_copy(update={"seeds": [7]})})
     assert train(other_prompts, "once", resume=True) == lora, "[generate] changes do not block a resume"
 
+    # A run started by an earlier version, whose config has no train.shard yet, resumes: the key is its default.
+    saved = json.loads((lora.parent / "config.json").read_text())
+    del saved["train"]["shard"]
+    (lora.parent / "config.json").write_text(json.dumps(saved))
+    assert train(config, "once", resume=True) == lora
+
 
 def test_gpu_only_settings_are_refused_clearly_on_the_cpu(tiny_config):
     from lookalike.errors import LookalikeError

@@ -80,13 +80,13 @@ def train(
     check_run_name(run)  # before the seconds of importing torch
     from lookalike.train.trainer import train as train_run
 
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
+    if processes > 1 and "WORLD_SIZE" not in os.environ and not dry_run:
         raise typer.Exit(_launch_processes(processes))
     _quiet()
     study = _load(config, set_)
     study = config_for_run(study.for_subject(subject) if subject else study, run)
     if dry_run:
-        _print_estimate(study, parse_gpu_memory(gpu_memory) if gpu_memory else None)
+        _print_estimate(study, parse_gpu_memory(gpu_memory) if gpu_memory else None, processes)
         return
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
     try:
@@ -232,7 +232,7 @@ def generate(
                     weights=_weights(weights), console=console)
 
 
-def _print_estimate(study, gpu_memory: float | None) -> None:
+def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:
     from lookalike.train.trainer import resolve_mixed_precision
 
     # For a GPU named by its memory, 'auto' means what it means on today's GPUs: bf16.
@@ -240,13 +240,14 @@ def _print_estimate(study, gpu_memory: float | None) -> None:
     precision = "bf16" if gpu_memory is not None and setting == "auto" else resolve_mixed_precision(setting)
     console.print(f"train --dry-run: {study.model.base}, {study.data.resolution} px, batch {study.train.batch_size},"
                   f" rank {study.train.rank}, precision {precision}, gradient checkpointing "
-                  f"{study.train.gradient_checkpointing}", highlight=False)
-    base = estimate(study, precision)
+                  f"{study.train.gradient_checkpointing}" + (f", {processes} processes" if processes > 1 else "")
+                  + (", sharded" if study.train.shard else ""), highlight=False)
+    base = estimate(study, precision, processes=processes)
     for line in base.lines():
         console.print("  " + line, highlight=False)
-    for label, gigabytes in lighter_settings(study, precision, base):
+    for label, gigabytes in lighter_settings(study, precision, base, processes):
         console.print(f"  with {label}: ~{size(gigabytes).strip()}", highlight=False)
-    for line in fitting_lines(study, precision, base, gpu_memory) if gpu_memory is not None else []:
+    for line in fitting_lines(study, precision, base, gpu_memory, processes) if gpu_memory is not None else []:
         console.print("  " + line, highlight=False)
     try:
         check_quantization(study.train.base_quantization)

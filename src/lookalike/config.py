@@ -130,6 +130,10 @@ class TrainConfig(Section):
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks (regional compilation: the blocks of a kind share
     one compiled graph). Faster steps after a compile of a minute or so at the start."""
+    shard: bool = False
+    """With several processes (`train --processes N`, torchrun or `accelerate launch`): shard the frozen
+    transformer, the LoRA and AdamW's state across them (FSDP2), so that each GPU holds 1/N of the base: for
+    bases too big for one GPU (Qwen-Image's 20B in bf16). Off: each process holds the whole model."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -145,6 +149,16 @@ class TrainConfig(Section):
         if self.compile and self.base_quantization in ("int8", "fp8"):
             raise ValueError(f"compile = true cannot train on base_quantization = {self.base_quantization!r} "
                              "(torch.compile does not train through torchao's quantised weights yet); choose one")
+        return self
+
+    @model_validator(mode="after")
+    def _shard_alone(self) -> "TrainConfig":
+        # Sharding splits plain weights across processes; quantised weights and compiled blocks are not split so.
+        if self.shard and (self.base_quantization != "none" or self.compile):
+            what = f"base_quantization = {self.base_quantization!r}" if self.base_quantization != "none" \
+                else "compile = true"
+            raise ValueError(f"shard = true cannot be combined with {what}: shard the base, or quantise (or "
+                             "compile) it on one GPU")
         return self
 
 

@@ -48,12 +48,18 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
     transformer.add_adapter(config)
 
 
+def full_tensor(tensor):
+    """A tensor sharded across processes (train.shard) gathered whole, a collective step; any other as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def lora_state_dict(transformer) -> dict[str, Any]:
-    """The adapter's tensors with diffusers' key names (prefix `transformer.`), detached and on the CPU."""
+    """The adapter's tensors with diffusers' key names (prefix `transformer.`), detached, whole and on the CPU
+    (of a sharded transformer every process must call it)."""
     from peft.utils import get_peft_model_state_dict
 
     return {
-        f"transformer.{key}": tensor.detach().to("cpu").contiguous()
+        f"transformer.{key}": full_tensor(tensor.detach()).to("cpu").contiguous()
         for key, tensor in get_peft_model_state_dict(transformer).items()
     }
 

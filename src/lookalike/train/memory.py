@@ -42,6 +42,7 @@ class Estimate:
     activations: float  # GB, kept for the backward pass and working values
     counts: Counts
     quantization: str = "none"
+    shards: int = 1  # processes the model is sharded across (train.shard): weights, LoRA and AdamW per process
 
     @property
     def total(self) -> float:
@@ -49,6 +50,7 @@ class Estimate:
 
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
+        quantized += f"; each of {self.shards} processes holds 1/{self.shards}" if self.shards > 1 else ""
         return [f"transformer weights  {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters{quantized})",
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
@@ -99,9 +101,11 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str, f
     return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora)
 
 
-def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) -> Estimate:
-    """The run's memory with its settings; `precision` is the resolved mixed precision (no, bf16, fp16)."""
+def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, processes: int = 1) -> Estimate:
+    """The run's memory per process with its settings; `precision` is the resolved mixed precision (no, bf16,
+    fp16); a sharded run's (train.shard) weights, LoRA and AdamW state are split across its `processes`."""
     t = config.train
+    shards = processes if t.shard else 1
     family = base_family(config.model.base)
     architecture = transformer_config(config)
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name)
@@ -112,11 +116,12 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None) 
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
-    return Estimate(weights / GB, counts.lora * 4 / GB, counts.lora * optimizer_bytes / GB, activations,
-                    counts, t.base_quantization)
+    return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
+                    activations, counts, t.base_quantization, shards)
 
 
-def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> list[tuple[str, float]]:
+def lighter_settings(config: StudyConfig, precision: str, base: Estimate, processes: int = 1
+                     ) -> list[tuple[str, float]]:
     """Settings that need less memory than the config's (whose estimate is `base`), each with its estimate,
     least memory last."""
     t = config.train
@@ -128,9 +133,9 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
     if t.batch_size > 1:
         options.append(("train.batch_size=1 (raise gradient_accumulation_steps to keep the batch)",
                         {"batch_size": 1}))
-    if t.base_quantization == "none":
+    if t.base_quantization == "none" and not t.shard:  # a sharded base is not quantised
         options.append(("train.base_quantization=int8 (or fp8)", {"base_quantization": "int8"}))
-    if t.base_quantization != "nf4":
+    if t.base_quantization != "nf4" and not t.shard:
         options.append(("train.base_quantization=nf4 (CUDA, bitsandbytes)", {"base_quantization": "nf4"}))
     if len(options) > 1:
         together = {key: value for _, change in options for key, value in change.items()}  # nf4 wins over int8
@@ -138,23 +143,25 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate) -> lis
     lighter = []
     for label, change in options:
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
-        lighter.append((label, estimate(changed, precision, base.counts).total))  # the same model: counted once
+        # The same model: counted once.
+        lighter.append((label, estimate(changed, precision, base.counts, processes).total))
     if config.data.resolution > 512:
         smaller = config.model_copy(update={"data": config.data.model_copy(update={"resolution": 512})})
-        lighter.append(("data.resolution=512", estimate(smaller, precision, base.counts).total))
+        lighter.append(("data.resolution=512", estimate(smaller, precision, base.counts, processes).total))
     return sorted(lighter, key=lambda item: -item[1])
 
 
-def out_of_memory_message(config: StudyConfig, precision: str) -> str:
+def out_of_memory_message(config: StudyConfig, precision: str, processes: int = 1) -> str:
     """What to say when the accelerator runs out of memory: the estimate, and settings estimated to need less."""
-    base = estimate(config, precision)
-    lighter = "; ".join(f"{label} (~{size(gb).strip()})" for label, gb in lighter_settings(config, precision, base))
+    base = estimate(config, precision, processes=processes)
+    lighter = "; ".join(f"{label} (~{size(gb).strip()})"
+                        for label, gb in lighter_settings(config, precision, base, processes))
     return (f"out of accelerator memory: this run is estimated to need ~{base.total:.1f} GB at "
             f"{config.data.resolution} px, batch {config.train.batch_size}. "
             + (f"Estimated to need less: {lighter}." if lighter else "No lighter setting is known to lookalike."))
 
 
-def settings_that_fit(config: StudyConfig, precision: str, base: Estimate, gpu_memory: float
+def settings_that_fit(config: StudyConfig, precision: str, base: Estimate, gpu_memory: float, processes: int = 1
                       ) -> list[tuple[str, float]]:
     """Combinations of the train settings that save memory (checkpointing, batch 1, a quantised base) with which
     the run fits a GPU of `gpu_memory` GB, each with its estimate: the fewest changes first, then the most
@@ -166,14 +173,14 @@ def settings_that_fit(config: StudyConfig, precision: str, base: Estimate, gpu_m
     if t.batch_size > 1:
         factors.append([{}, {"batch_size": 1}])
     quantizations = {"none": ["int8", "nf4"], "int8": ["nf4"], "fp8": ["nf4"]}.get(t.base_quantization, [])
-    factors.append([{}] + [{"base_quantization": kind} for kind in quantizations])
+    factors.append([{}] + [{"base_quantization": kind} for kind in ([] if t.shard else quantizations)])
     fitting = []
     for combination in itertools.product(*factors):
         change = {key: value for part in combination for key, value in part.items()}
         if not change:
             continue
         total = estimate(config.model_copy(update={"train": t.model_copy(update=change)}), precision,
-                         base.counts).total
+                         base.counts, processes).total
         if fits(total, gpu_memory):
             label = ", ".join(f"train.{key}={str(value).lower()}" for key, value in change.items()
                               if key != "gradient_checkpointing_every" or t.gradient_checkpointing)
@@ -181,14 +188,35 @@ def settings_that_fit(config: StudyConfig, precision: str, base: Estimate, gpu_m
     return [(label, total) for _, _, label, total in sorted(fitting)]
 
 
-def fitting_lines(config: StudyConfig, precision: str, base: Estimate, gpu_memory: float) -> list[str]:
-    """What `--dry-run --gpu-memory` says: whether the run fits, else the settings with which it would."""
+def processes_that_fit(config: StudyConfig, precision: str, counts: Counts, gpu_memory: float
+                       ) -> tuple[int, float] | None:
+    """The fewest GPUs of `gpu_memory` GB (2, 4 or 8) across which the unquantised base, sharded and with
+    gradient checkpointing, fits, with the estimate per GPU; None if not even 8."""
+    sharded = config.model_copy(update={"train": config.train.model_copy(update={
+        "shard": True, "gradient_checkpointing": True, "gradient_checkpointing_every": 1,
+        "base_quantization": "none", "compile": False})})
+    for processes in (2, 4, 8):
+        total = estimate(sharded, precision, counts, processes).total
+        if fits(total, gpu_memory):
+            return processes, total
+    return None
+
+
+def fitting_lines(config: StudyConfig, precision: str, base: Estimate, gpu_memory: float, processes: int = 1
+                  ) -> list[str]:
+    """What `--dry-run --gpu-memory` says: whether the run fits, else the settings with which it would, on one
+    GPU and sharded across several."""
     if fits(base.total, gpu_memory):
         return [f"fits a {gpu_memory:g} GB GPU as configured"]
-    fitting = settings_that_fit(config, precision, base, gpu_memory)
-    if not fitting:
-        return [f"does not fit a {gpu_memory:g} GB GPU with any setting lookalike knows: use a bigger GPU, a lower "
-                "data.resolution, or shard the base across GPUs (README: \"Bases bigger than one GPU\")"]
-    return ([f"does not fit a {gpu_memory:g} GB GPU as configured; it fits with (fewest changes first):"] +
-            [f"  {label}: ~{size(total).strip()}" for label, total in fitting[:3]])
+    fitting = settings_that_fit(config, precision, base, gpu_memory, processes)
+    lines = ([f"does not fit a {gpu_memory:g} GB GPU as configured; it fits with (fewest changes first):"] +
+             [f"  {label}: ~{size(total).strip()}" for label, total in fitting[:3]] if fitting else
+             [f"does not fit a {gpu_memory:g} GB GPU with any setting of one process"])
+    sharded = processes_that_fit(config, precision, base.counts, gpu_memory)
+    if sharded is not None:
+        lines.append(f"unquantised, sharded across {sharded[0]} such GPUs: train.shard=true, "
+                     f"train.gradient_checkpointing=true, --processes {sharded[0]}: ~{size(sharded[1]).strip()} each")
+    elif not fitting:
+        lines.append("nor sharded across 8 such GPUs: use bigger GPUs or a lower data.resolution")
+    return lines
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
+from pydantic import ValidationError
 from rich.console import Console
 
 from lookalike import __version__, display
@@ -28,7 +29,7 @@ from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
 from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base
 from lookalike.models.families import folder_family
-from lookalike.models.lora import add_lora, lora_state_dict, save_lora
+from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
 from lookalike.progress import progress_bar
@@ -37,6 +38,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 from lookalike.train.memory import out_of_memory_message
+from lookalike.train.sharding import load_optimizer_state, optimizer_state, repeated_blocks, shard_transformer
 from lookalike.workspace import RunPaths, Workspace, atomic_path, json_safe, read_json, read_metrics, write_json
 
 
@@ -94,9 +96,7 @@ def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> tor
 def enable_checkpointing(transformer, every: int) -> None:
     """Keep only the inputs of every `every`-th transformer block and recompute its activations in the backward
     pass: memory traded for time, block by block (every=1: all blocks; 2: half of them; ...)."""
-    # The blocks in their model's order, of the kinds diffusers itself compiles as repeated blocks.
-    blocks = [module for module in transformer.modules() if type(module).__name__ in transformer._repeated_blocks]
-    chosen = {id(block) for index, block in enumerate(blocks) if index % every == 0}
+    chosen = {id(block) for index, block in enumerate(repeated_blocks(transformer)) if index % every == 0}
 
     def checkpointed(block, *args):
         if id(block) in chosen:
@@ -136,14 +136,24 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
         raise LookalikeError(f"run {run.name!r} already exists in {run.root}: add --resume to continue it, "
                              "or choose another --run name")
     if run.config.exists():
-        # Only what shapes the weights must match; [generate] or [evaluate] may change between sessions.
+        # Only what shapes the weights must match; [generate] or [evaluate] may change between sessions. A key
+        # added to lookalike since the run started reads as its default there.
         before, now = ({k: v for k, v in _flatten(data).items() if k.split(".")[0] in _TRAINING_SECTIONS}
-                       for data in (read_json(run.config), config.to_json_dict()))
+                       for data in (_with_current_defaults(read_json(run.config)), config.to_json_dict()))
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
             raise LookalikeError(f"cannot resume run {run.name!r}: its config differs in {', '.join(changed)} "
                                  "(start a new --run instead)")
     return bool(status and status["state"] == "done" and run.lora.is_file())
+
+
+def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config with the keys this version added at their defaults; as saved where it no longer
+    validates (a key since removed: the comparison then names it)."""
+    try:
+        return StudyConfig.model_validate(saved).to_json_dict()
+    except ValidationError:
+        return saved
 
 
 class MetricsLog:
@@ -218,7 +228,8 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
         failed("interrupted")
         raise
     except torch.OutOfMemoryError:
-        message = out_of_memory_message(config, resolve_mixed_precision(config.train.mixed_precision))
+        message = out_of_memory_message(config, resolve_mixed_precision(config.train.mixed_precision),
+                                        state.num_processes)
         failed(message)
         raise LookalikeError(message) from None
     except BaseException as error:
@@ -249,6 +260,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
     processes, rank = accelerator.num_processes, accelerator.process_index
+    sharded = t.shard
+    if sharded and processes == 1:
+        raise LookalikeError("train.shard = true splits the model across processes, and this run has one: train "
+                             "with --processes N (or under torchrun / accelerate launch), or set train.shard = false")
     # The main process prepares, downloads or builds the base, and caches; the others then read. (A tiny model
     # built by another rank would lack its text encoder's weights: transformers saves them on rank 0 only.)
     with accelerator.main_process_first():
@@ -269,26 +284,40 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
                       f"{processes * t.batch_size * t.gradient_accumulation_steps}; learning rate {t.learning_rate:g}"
-                      " (not scaled with the batch)")
+                      " (not scaled with the batch)" + (f"; sharded: each process holds 1/{processes} of the model, "
+                                                        "LoRA and optimizer state" if sharded else ""))
     normalisation = family.latent_normalisation(folder)
 
-    # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision.
-    transformer = load_component(folder, "transformer", dtype=weight_dtype, quantization=t.base_quantization).to(device)
+    # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision. A
+    # sharded one stays on the CPU until its shards move to each process's device.
+    transformer = load_component(folder, "transformer", dtype=weight_dtype, quantization=t.base_quantization)
+    transformer = transformer if sharded else transformer.to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
     add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    # A resumed run's LoRA weights, set while the model is whole (before it is sharded or wrapped).
+    checkpoints = list_checkpoints(run.checkpoints) if resume else []
+    lora, state = load_checkpoint(checkpoints[-1]) if checkpoints else (None, None)
+    if lora is not None:
+        set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in lora.items()})
     if t.gradient_checkpointing:
         enable_checkpointing(transformer, t.gradient_checkpointing_every)
     if t.compile:
         transformer.compile_repeated_blocks(fullgraph=True)
+    if sharded:
+        shard_transformer(transformer, weight_dtype, device)
+    params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, params)
     # accelerate steps a prepared scheduler once per process, hence the scaling by the number of processes.
     schedule = {"cosine": "cosine", "constant": "constant_with_warmup"}[t.lr_scheduler]
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=t.max_train_steps * accelerator.num_processes)
-    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    if sharded:  # sharding reduces the gradients itself: accelerate wraps no data-parallel layer around it
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     model = accelerator.unwrap_model(transformer)
 
     # 3. Continue from the latest checkpoint, restoring every piece of state the loop depends on. Every
@@ -298,11 +327,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     order = BatchOrder(len(images), t.batch_size * processes)
     mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
     start_step = 0
-    checkpoints = list_checkpoints(run.checkpoints) if resume else []
-    if checkpoints:
-        lora, state = load_checkpoint(checkpoints[-1])
-        set_peft_model_state_dict(model, {k.removeprefix("transformer."): v for k, v in lora.items()})
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if sharded:
+            load_optimizer_state(model, optimizer.optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         order.load_state_dict(state["order"])
@@ -312,8 +341,14 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     vae = load_component(folder, "vae", dtype=weight_dtype).to(device) if t.sample_every else None
 
     def training_state(step: int) -> dict[str, Any]:
-        return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "order": order.state_dict()}
+        """What a resume restores (sharded: gathered from every process, so every process calls it)."""
+        return {"step": step, "optimizer": optimizer_state(model, optimizer.optimizer) if sharded else
+                optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "order": order.state_dict()}
+
+    def whole_params() -> list[torch.Tensor]:
+        """The LoRA's weights, gathered whole where sharded: every process then sees (and judges) the same."""
+        return [full_tensor(p.detach()) for p in params] if sharded else params
 
     loss_value = float("nan")
 
@@ -356,34 +391,39 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             _stop_if_not_finite(step, loss_value, run.checkpoints)
 
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
-                _stop_if_not_finite(step, loss_value, run.checkpoints, params)  # every rank: they stop together
+                _stop_if_not_finite(step, loss_value, run.checkpoints, whole_params())  # every rank: together
+                if accelerator.is_main_process or sharded:  # gathering a sharded state takes every process
+                    checkpoint = lora_state_dict(model), training_state(step)
                 if accelerator.is_main_process:
-                    save_checkpoint(run.checkpoints, step, lora_state_dict(model), training_state(step),
-                                    t.checkpoints_keep)
-            if accelerator.is_main_process and t.sample_every and step % t.sample_every == 0:
-                _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts, max_len)
+                    save_checkpoint(run.checkpoints, step, *checkpoint, t.checkpoints_keep)
+            if (accelerator.is_main_process or sharded) and t.sample_every and step % t.sample_every == 0:
+                # A sharded transformer draws with every process (each forward gathers its blocks); the main
+                # one writes the images.
+                _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts, max_len,
+                              write=accelerator.is_main_process)
     if metrics is not None:
         metrics.close()
 
     # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process; the
     # ranks' copies are compared first (gradient synchronisation keeps them identical).
     accelerator.wait_for_everyone()
-    weights = torch.cat([p.detach().float().flatten() for p in params]).to(device)
+    weights = torch.cat([p.float().flatten() for p in whole_params()]).to(device)
     copies = accelerator.gather(weights[None])
     spread = (copies - copies[0]).abs().max().item()
-    _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, params)
+    _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, whole_params())
+    final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
-        save_lora(run.lora, lora_state_dict(model), model.peft_config["default"], {
+        save_lora(run.lora, final, model.peft_config["default"], {
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
             "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
             "steps": t.max_train_steps, "learning_rate": t.learning_rate, "run": run.name,
             "version": __version__,
         })
-    return {"final_loss": loss_value, "processes": processes, "rank_weight_spread": spread}
+    return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread}
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
-                  prompts: list[str], max_len: int) -> None:
+                  prompts: list[str], max_len: int, write: bool = True) -> None:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
     runs without gradients), from the cached embeddings: the text encoders stay unloaded."""
     transformer.eval()
@@ -396,6 +436,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
         image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
                        steps=config.train.sample_steps, size=config.data.resolution, max_sequence_length=max_len,
                        embeddings=family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype))
-        with atomic_path(run.samples / f"step-{step:06d}_p{index}.png") as tmp:
-            image.save(tmp, format="PNG")
+        if write:
+            with atomic_path(run.samples / f"step-{step:06d}_p{index}.png") as tmp:
+                image.save(tmp, format="PNG")
     transformer.train()
