@@ -24,7 +24,7 @@ from bare_step import add_trainable_lora, random_batch, timed_steps  # bench/ is
 
 from lookalike.config import load_config
 from lookalike.models.base import load_component, quiet_libraries
-from lookalike.models.tiny import TinySpec, ensure_tiny_model
+from lookalike.models.families.flux1 import TinySpec, ensure_tiny_model
 from lookalike.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

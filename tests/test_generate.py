@@ -96,7 +96,7 @@ def test_images_are_what_the_stock_pipeline_draws_with_the_lora_file_loaded(tiny
 
     from lookalike.generate import apply_loras, render
     from lookalike.models.base import load_pipeline
-    from lookalike.models.tiny import ensure_tiny_model
+    from lookalike.models.families.flux1 import ensure_tiny_model
 
     config = load_config(tiny_config(train={"max_train_steps": 20, "learning_rate": 1e-2}, data={"crop": "center"},
                                      generate={"num_inference_steps": 3}))
@@ -127,7 +127,7 @@ def test_a_base_without_guidance_generates_with_its_own_steps_and_no_guidance_sc
     prompt and seed: guidance scales would draw the same image under different labels."""
     from lookalike import display
     from lookalike.models import base
-    from lookalike.models.tiny import TinySpec, ensure_tiny_model
+    from lookalike.models.families.flux1 import TinySpec, ensure_tiny_model
 
     schnell = ensure_tiny_model(TinySpec(guidance_embeds=False))
     assert base.base_info(str(schnell)) == Flux1.local_without_guidance and base.base_info("flux-schnell").steps == 4

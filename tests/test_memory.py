@@ -20,8 +20,8 @@ from tests.conftest import run_cli
 def test_parameter_counts_are_those_of_the_real_tiny_transformer_with_its_lora(tiny_config):
     from diffusers import FluxTransformer2DModel
 
+    from lookalike.models.families.flux1 import ensure_tiny_model
     from lookalike.models.lora import add_lora
-    from lookalike.models.tiny import ensure_tiny_model
 
     config = load_config(tiny_config(train={"rank": 8, "target_modules": "attention+mlp"}))
     counts = count_parameters(transformer_config(config), 8, 8.0, "attention+mlp")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lookalike.errors import LookalikeError
+from lookalike.models.families.flux1 import ensure_tiny_model
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 from lookalike.models.merge import merge_loras
-from lookalike.models.tiny import ensure_tiny_model
 
 
 def random_lora(path, rank, alpha, target, seed, base="tiny", std=0.05):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from lookalike.models.families.flux1 import TinySpec, build_tiny_pipeline, ensure_tiny_model
 from lookalike.models.lora import add_lora
-from lookalike.models.tiny import TinySpec, build_tiny_pipeline, ensure_tiny_model
 
 
 def test_tiny_model_is_deterministic_and_seed_dependent():

@@ -111,9 +111,9 @@ class TrainConfig(Section):
     gradient_checkpointing_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
     target_modules: Literal["attention", "diffusers", "attention+mlp"] = "attention"
-    """Which layers the LoRA adapts: attention (the fewest parameters and least memory: the default), diffusers
-    (the default set of diffusers' train_dreambooth_lora_flux.py: attention and the double blocks'
-    feed-forward), attention+mlp (also the single blocks' MLP)."""
+    """Which layers the LoRA adapts, as the base's family names them: attention (the fewest parameters and least
+    memory: the default), diffusers (the default set of the family's diffusers reference script; FLUX.1's:
+    attention and the double blocks' feed-forward), attention+mlp (every feed-forward too)."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call
     'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale."""

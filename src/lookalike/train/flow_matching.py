@@ -1,7 +1,8 @@
-"""Rectified-flow training targets for FLUX, as pure functions of tensors and a random generator.
+"""Rectified-flow training targets of the flow-matching families (FLUX.1, FLUX.2, Z-Image, Qwen-Image), as pure
+functions of tensors and a random generator.
 
 A clean latent x0 and noise e are mixed as x_t = (1 - sigma) x0 + sigma e; the transformer predicts the
-velocity e - x0, fed sigma as its timestep (FLUX's pipeline divides its 0..1000 timesteps by 1000).
+velocity e - x0 (each family's `predict` feeds it the noise level as that transformer expects it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def sample_sigmas(
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """Noise levels moved towards noise (shift > 1), as FLUX's scheduler shifts its own."""
+    """Noise levels moved towards noise (shift > 1), as the flow-matching schedulers shift their own."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
