@@ -407,10 +407,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process; the
     # ranks' copies are compared first (gradient synchronisation keeps them identical).
     accelerator.wait_for_everyone()
-    weights = torch.cat([p.float().flatten() for p in whole_params()]).to(device)
-    copies = accelerator.gather(weights[None])
+    whole = whole_params()
+    copies = accelerator.gather(torch.cat([p.float().flatten() for p in whole]).to(device)[None])
     spread = (copies - copies[0]).abs().max().item()
-    _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, whole_params())
+    _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, whole)
     final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
         save_lora(run.lora, final, model.peft_config["default"], {
@@ -425,7 +425,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
                   prompts: list[str], max_len: int, write: bool = True) -> None:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
-    runs without gradients), from the cached embeddings: the text encoders stay unloaded."""
+    runs without gradients), from the cached embeddings: the text encoders stay unloaded. `write`: this process
+    saves them (a sharded transformer draws on every process, and one writes)."""
     transformer.eval()
     pipe = family.pipeline_class()(scheduler=load_component(folder, "scheduler"), vae=vae, transformer=transformer,
                                    **{name: None for name in family.text_components})
