@@ -63,7 +63,7 @@ def tiny_study(folder: Path, faces: Path, name: str = "study.toml", **sections) 
         "data": {"resolution": 64},
         "train": {"max_train_steps": 20, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
         "generate": {"seeds": [0], "num_inference_steps": 4},
-        "evaluate": {"face_backend": "dlib"},  # offline; facenet's identity weights cannot be downloaded here
+        "evaluate": {"face_backend": "dlib", "clip_model": "tiny"},  # offline: facenet and CLIP cannot be downloaded
     }
     for section, keys in sections.items():
         base.setdefault(section, {}).update(keys)

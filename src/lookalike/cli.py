@@ -224,13 +224,16 @@ def generate(
     lora: Annotated[Optional[list[Path]], typer.Option(help="A LoRA file (.safetensors); repeat for several.")]
         = None,
     weights: Annotated[Optional[str], typer.Option(help="Weights of the --lora files, e.g. 1,0.5.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="With --run: its final LoRA, the best sample step's (best), or "
+                                            "a kept step's number; images go to images-<checkpoint>/.")]
+        = "final",
 ) -> None:
     """Generate the config's prompts x seeds x guidance scales, with LoRAs or with the base model alone."""
     _quiet()
     study = _load(config, set_)
     # A run draws with its own experiment's settings: its base among them, in a study across bases.
     generate_images(config_for_run(study, run) if run else study, run=run, loras=lora or [],
-                    weights=_weights(weights), console=console)
+                    weights=_weights(weights), console=console, checkpoint=checkpoint)
 
 
 def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:

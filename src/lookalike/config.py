@@ -104,6 +104,9 @@ class TrainConfig(Section):
     """Steps between fixed-seed sample images; 0 turns them off."""
     sample_prompts: list[str] = ["a photo of {token}"]
     sample_steps: int = Field(20, ge=1)
+    score_samples: bool = True
+    """Score each sample step's images as `lookalike evaluate` would ([evaluate]: face backend, CLIP model) into
+    runs/<name>/sample_scores.jsonl, and keep the best step's LoRA by the report's rule as lora-best.safetensors."""
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on a GPU that supports it, full precision on the CPU."""

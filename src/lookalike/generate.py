@@ -71,10 +71,11 @@ def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, ma
     return result.images[0]
 
 
-def output_folder(config: StudyConfig, run: str | None, loras: list[tuple[Path, float]]) -> Path:
+def output_folder(config: StudyConfig, run: str | None, loras: list[tuple[Path, float]],
+                  checkpoint: str = "final") -> Path:
     workspace = Workspace(config.workspace)
     if run is not None:
-        return workspace.run(run).images
+        return workspace.run(run).images_at(checkpoint)
     if loras:
         named = "|".join(f"{Path(path).resolve()}x{weight:g}" for path, weight in loras)
         digest = hashlib.sha256(named.encode()).hexdigest()[:8]
@@ -142,15 +143,19 @@ def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[di
 
 
 def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = (),
-             weights: list[float] | None = None, console: Console | None = None, out: Path | None = None) -> Path:
+             weights: list[float] | None = None, console: Console | None = None, out: Path | None = None,
+             checkpoint: str = "final") -> Path:
     """Generate every missing image of the config's prompts x seeds x guidance scales; return the folder
-    (`out`, or the run's images/ or a folder under generated/). The LoRA is the run's, or the given files at
+    (`out`, or the run's images/ (images-<checkpoint>/ for another than the final) or a folder under
+    generated/). The LoRA is the run's at `checkpoint` (final, best, or a kept step), or the given files at
     their weights (diffusers' weighted adapters), or none: the base model."""
     console = console or display.console()
     if run is not None and loras:
         raise LookalikeError("give --run or --lora, not both")
+    if checkpoint != "final" and run is None:
+        raise LookalikeError("--checkpoint picks one of a run's LoRAs: give --run NAME")
     if run is not None:
-        loras = [Workspace(config.workspace).run(run).lora]
+        loras = [Workspace(config.workspace).run(run).lora_at(checkpoint)]
         if not loras[0].is_file():
             raise LookalikeError(f"run {run!r} has no trained LoRA yet ({loras[0]}); train it first")
     weights = list(weights) if weights is not None else [1.0] * len(loras)
@@ -159,7 +164,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     adapters = list(zip(loras, weights))
     for path, _ in adapters:
         check_lora_file(path)  # refuse a bad file before loading a multi-GB model
-    folder = out or output_folder(config, run, adapters)
+    folder = out or output_folder(config, run, adapters, checkpoint)
     if "guidance_scales" in config.generate.model_fields_set and guidance_scales(config) == [None]:
         console.print(f"note: {config.model.base} takes no guidance: generate.guidance_scales is not used, and each "
                       "prompt and seed makes one image")
@@ -196,7 +201,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
             write_json(folder / f"{job.stem}.json", {
                 "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
                 "guidance_scale": job.guidance, "steps": settings["steps"], "size": settings["size"],
-                "base_model": config.model.base, "run": run, "loras": lora_info, "settings": settings,
+                "base_model": config.model.base, "run": run, "checkpoint": checkpoint if run else None,
+                "loras": lora_info, "settings": settings,
             })
             bar.update()
     console.print(f"generate: {len(jobs)} images in {folder}")

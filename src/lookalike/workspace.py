@@ -189,6 +189,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+class StepLog:
+    """A JSON-lines file of step records (metrics.jsonl, sample_scores.jsonl), one line flushed per record; a
+    resumed run first drops the records after its checkpoint's step, which it will make again."""
+
+    def __init__(self, path: Path, resume_step: int):
+        kept = [record for record in read_metrics(path) if record["step"] <= resume_step] if resume_step else []
+        with atomic_path(path) as tmp:  # drop steps a resumed run will do again, and a line a kill cut short
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(json_safe(record)) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The files of one training run: runs/<name>/..."""
@@ -226,6 +244,45 @@ class RunPaths:
     @property
     def samples(self) -> Path:
         return self.root / "samples"
+
+    @property
+    def sample_scores(self) -> Path:
+        return self.root / "sample_scores.jsonl"
+
+    @property
+    def front(self) -> Path:
+        """The LoRAs of the scored steps no other step beats (train/sample_scores.py)."""
+        return self.root / "front"
+
+    @property
+    def best_lora(self) -> Path:
+        return self.root / "lora-best.safetensors"
+
+    def front_lora(self, step: int) -> Path:
+        return self.front / f"step-{step:06d}.safetensors"
+
+    def lora_at(self, checkpoint: str) -> Path:
+        """The run's LoRA at `checkpoint`: final (lora.safetensors), best (the best sample step's, by the
+        report's rule), or the number of a step whose LoRA was kept (one on the front of the scored steps)."""
+        if checkpoint == "final":
+            return self.lora
+        if checkpoint == "best":
+            if not self.best_lora.is_file():
+                raise LookalikeError(f"run {self.name!r} has no best checkpoint: its samples were not scored "
+                                     "(train.sample_every = 0 or train.score_samples = false), or it has not "
+                                     "reached its first sample step")
+            return self.best_lora
+        if not checkpoint.isdigit():
+            raise LookalikeError(f"--checkpoint: {checkpoint!r} is not best, final or a step number")
+        if not self.front_lora(int(checkpoint)).is_file():
+            kept = sorted(int(p.stem.removeprefix("step-")) for p in self.front.glob("step-*.safetensors"))
+            raise LookalikeError(f"run {self.name!r} kept no LoRA of step {int(checkpoint)}: only the best scored "
+                                 f"steps' are kept ({', '.join(map(str, kept)) or 'none'})")
+        return self.front_lora(int(checkpoint))
+
+    def images_at(self, checkpoint: str) -> Path:
+        """Where the images of the run's LoRA at `checkpoint` go: images/ for the final one."""
+        return self.images if checkpoint == "final" else self.root / f"images-{checkpoint}"
 
     @property
     def images(self) -> Path:

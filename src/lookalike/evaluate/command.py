@@ -53,21 +53,28 @@ def _load_evaluator(settings: EvaluateConfig, with_clip: bool):
     return Evaluator(backend, rule, ClipScorer(*load_clip(settings.clip_model)) if with_clip else None)
 
 
+def score_named(evaluator, references: dict[str, object], paths: list[Path], rows, all_pairs: bool, progress=None,
+                on_faces=None) -> None:
+    """Fill in `rows` (one per path): each image scored against the person its prompt names first (the first
+    person of `references`, token -> Reference, when it names none)."""
+    tokens = list(references)
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        named = next((t for t in tokens if row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)), tokens[0])
+        groups.setdefault(named, []).append(index)
+    for token, members in groups.items():
+        evaluator.score([paths[i] for i in members], [rows[i] for i in members], references[token],
+                        all_pairs=all_pairs, progress=progress, on_faces=on_faces)
+
+
 def _score_folder(evaluator, references: dict[str, object], images: Path, rows, settings: EvaluateConfig,
                   console: Console, class_words: dict[str, str] | None = None, on_faces=None):
     """Score a folder's images (`rows` from describe_images, one per image in list_images order) against the
     references (token -> Reference; one entry when the prompts name nobody). An image is scored against the
     person its prompt names first (the first person when it names none). on_faces: see Evaluator.score."""
     paths = [images / row.image for row in rows]
-    tokens = list(references)
-    groups: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        named = next((t for t in tokens if row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)), tokens[0])
-        groups.setdefault(named, []).append(index)
     with progress_bar(console, f"evaluate {images.name}", total=len(paths)) as bar:
-        for token, members in groups.items():
-            evaluator.score([paths[i] for i in members], [rows[i] for i in members], references[token],
-                            all_pairs=settings.all_pairs, progress=bar, on_faces=on_faces)
+        score_named(evaluator, references, paths, rows, settings.all_pairs, progress=bar, on_faces=on_faces)
     backend = evaluator.backend
     replaced = ", ".join(f"{token!r} by {word!r}" for token, word in (class_words or {}).items())
     metrics = {

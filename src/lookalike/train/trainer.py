@@ -9,7 +9,6 @@ resumed run ends with exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import time
@@ -25,6 +24,7 @@ from rich.console import Console
 from lookalike import __version__, display
 from lookalike.config import StudyConfig
 from lookalike.data.dataset import training_images
+from lookalike.display import cell
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
 from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base
@@ -38,8 +38,9 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 from lookalike.train.memory import out_of_memory_message
+from lookalike.train.sample_scores import SampleScores
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, repeated_blocks, shard_transformer
-from lookalike.workspace import RunPaths, Workspace, atomic_path, json_safe, read_json, read_metrics, write_json
+from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
 
 @dataclass
@@ -154,23 +155,6 @@ def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         return StudyConfig.model_validate(saved).to_json_dict()
     except ValidationError:
         return saved
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON line per optimizer step, flushed as it is written."""
-
-    def __init__(self, path: Path, resume_step: int):
-        kept = [record for record in read_metrics(path) if record["step"] <= resume_step] if resume_step else []
-        with atomic_path(path) as tmp:  # drop steps a resumed run will do again, and a line a kill cut short
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        self.file = path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(json_safe(record)) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) -> None:
@@ -337,8 +321,18 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         order.load_state_dict(state["order"])
         start_step = state["step"]
         console.print(f"train: resuming {run.name!r} from step {start_step} ({checkpoints[-1].name})")
-    metrics = MetricsLog(run.metrics, start_step) if accelerator.is_main_process else None
+    metrics = StepLog(run.metrics, start_step) if accelerator.is_main_process else None
     vae = load_component(folder, "vae", dtype=weight_dtype).to(device) if t.sample_every else None
+    scoring = bool(t.sample_every and t.score_samples)
+    scores = SampleScores(config, run, start_step) if scoring and accelerator.is_main_process else None
+
+    def lora_file(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+        """The LoRA in diffusers' layout with our facts in its header (the final one, or a sample step's)."""
+        save_lora(path, tensors, model.peft_config["default"], {
+            "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
+            "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
+            "steps": step, "learning_rate": t.learning_rate, "run": run.name, "version": __version__,
+        })
 
     def training_state(step: int) -> dict[str, Any]:
         """What a resume restores (sharded: gathered from every process, so every process calls it)."""
@@ -351,6 +345,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         return [full_tensor(p.detach()) for p in params] if sharded else params
 
     loss_value = float("nan")
+    latest: dict[str, str] = {}  # the latest sample step's identity and CLIP Score, shown beside the loss
 
     # 4. The loop: one optimizer step per iteration, gradient accumulation inside.
     with progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=start_step) as bar:
@@ -387,7 +382,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                 metrics.write({"step": step, "time": time.time(), "loss": loss_value, "lr": lr,
                                "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
                                "epoch": order.epoch})
-            bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **latest)
             _stop_if_not_finite(step, loss_value, run.checkpoints)
 
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
@@ -399,10 +394,17 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             if (accelerator.is_main_process or sharded) and t.sample_every and step % t.sample_every == 0:
                 # A sharded transformer draws with every process (each forward gathers its blocks); the main
                 # one writes the images.
-                _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts, max_len,
-                              write=accelerator.is_main_process)
+                samples = _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts,
+                                        max_len, write=accelerator.is_main_process)
+                tensors = lora_state_dict(model) if scoring else None  # every process of a sharded run gathers
+                if scores is not None:
+                    record = scores.record(step, samples, sample_prompts,
+                                           lambda path: lora_file(path, tensors, step))
+                    latest = {"identity": cell(record["identity_similarity"]), "clip": cell(record["clip_score"])}
     if metrics is not None:
         metrics.close()
+    if scores is not None:
+        scores.close()
 
     # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process; the
     # ranks' copies are compared first (gradient synchronisation keeps them identical).
@@ -413,31 +415,30 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, whole)
     final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
-        save_lora(run.lora, final, model.peft_config["default"], {
-            "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
-            "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
-            "steps": t.max_train_steps, "learning_rate": t.learning_rate, "run": run.name,
-            "version": __version__,
-        })
-    return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread}
+        lora_file(run.lora, final, t.max_train_steps)
+    return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
+            "best_step": scores.best if scores is not None else None}
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
-                  prompts: list[str], max_len: int, write: bool = True) -> None:
+                  prompts: list[str], max_len: int, write: bool = True) -> list[Path]:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
     runs without gradients), from the cached embeddings: the text encoders stay unloaded. `write`: this process
-    saves them (a sharded transformer draws on every process, and one writes)."""
+    saves them (a sharded transformer draws on every process, and one writes). Returns their paths, one per
+    prompt."""
     transformer.eval()
     pipe = family.pipeline_class()(scheduler=load_component(folder, "scheduler"), vae=vae, transformer=transformer,
                                    **{name: None for name in family.text_components})
     pipe.set_progress_bar_config(disable=True)
     dtype = next(vae.parameters()).dtype
     negative = texts[family.negative_prompt] if family.negative_prompt is not None else None
-    for index, prompt in enumerate(prompts):
+    paths = [run.samples / f"step-{step:06d}_p{index}.png" for index in range(len(prompts))]
+    for prompt, path in zip(prompts, paths):
         image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
                        steps=config.train.sample_steps, size=config.data.resolution, max_sequence_length=max_len,
                        embeddings=family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype))
         if write:
-            with atomic_path(run.samples / f"step-{step:06d}_p{index}.png") as tmp:
+            with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
     transformer.train()
+    return paths

@@ -1,0 +1,96 @@
+"""Identity in the training loop: sample steps scored by the evaluator, the best step by the report's rule, its
+LoRA kept and drawn with `generate --checkpoint`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lookalike.config import load_config
+from lookalike.errors import LookalikeError
+from lookalike.generate import generate
+from lookalike.train.checkpoint import list_checkpoints
+from lookalike.train.sample_scores import front_steps
+from lookalike.train.trainer import train
+from lookalike.workspace import Workspace, read_metrics
+
+
+def record(step, identity, clip, faceless=0, images=4):
+    return {"step": step, "identity_similarity": identity, "clip_score": clip, "faceless": faceless,
+            "images": images}
+
+
+def test_the_best_step_is_chosen_by_the_reports_rule():
+    # Step 3 is best on identity and CLIP; step 2 is beaten by it on everything and leaves the front.
+    assert front_steps([record(1, 0.30, 0.20), record(2, 0.50, 0.22), record(3, 0.60, 0.25)]) == [3]
+    # A trade-off: both stay on the front; equal mean ranks are ordered by identity similarity.
+    assert front_steps([record(1, 0.40, 0.30), record(2, 0.60, 0.20)]) == [2, 1]
+    # Ties share the front, in step order.
+    assert front_steps([record(4, 0.5, 0.2), record(8, 0.5, 0.2)]) == [4, 8]
+    # Images without a face count against a step, and a step with no face at all has identity -1.
+    assert front_steps([record(1, 0.5, 0.2, faceless=2), record(2, 0.5, 0.2, faceless=0)]) == [2]
+    assert front_steps([record(1, None, 0.3, faceless=4), record(2, 0.1, 0.2)]) == [2, 1]
+    # A run whose samples never show a face: the best step is the one CLIP rates best.
+    assert front_steps([record(1, None, 0.1, faceless=4), record(2, None, 0.3, faceless=4)]) == [2]
+    # A step missing a metric cannot be placed.
+    assert front_steps([record(1, 0.5, None), record(2, 0.1, 0.1)]) == [2]
+    assert front_steps([]) == []
+
+
+@pytest.mark.slow
+def test_samples_are_scored_while_training_and_the_best_steps_lora_is_kept_drawn_and_resumed(tiny_config):
+    config = load_config(tiny_config(train={"max_train_steps": 15, "learning_rate": 1e-2, "sample_every": 5,
+                                            "sample_steps": 2, "checkpoint_every": 5, "checkpoints_keep": 3}))
+    lora = train(config, "r")
+    run = Workspace(config.workspace).run("r")
+    records = read_metrics(run.sample_scores)
+    assert [r["step"] for r in records] == [5, 10, 15]
+    for key in ("face_distance", "identity_similarity", "id_match_rate", "faceless", "clip_score"):
+        assert all(key in r for r in records), key
+    assert all(r["clip_score"] is not None for r in records)
+    front = front_steps(records)
+    best = front[0]
+    assert run.read_status()["best_step"] == best
+    assert sorted(int(p.stem.removeprefix("step-")) for p in run.front.iterdir()) == sorted(front)
+
+    # The best LoRA holds the weights of its step: the final LoRA's, or that step's checkpoint's.
+    kept = load_file(str(run.best_lora))
+    if best == 15:
+        weights_then = load_file(str(lora))
+    else:
+        weights_then = load_file(str(next(c for c in list_checkpoints(run.checkpoints)
+                                          if c.name == f"step-{best:06d}") / "lora.safetensors"))
+    assert kept.keys() == weights_then.keys()
+    for key in kept:
+        torch.testing.assert_close(kept[key], weights_then[key], rtol=0, atol=0)
+
+    # generate --checkpoint best draws with that file, into images-best/.
+    folder = generate(config, run="r", checkpoint="best")
+    assert folder == run.root / "images-best"
+    sidecar = json.loads(next(p for p in folder.glob("*.json") if p.name != "config.json").read_text())
+    assert sidecar["checkpoint"] == "best" and sidecar["loras"][0]["file"] == str(run.best_lora)
+    with pytest.raises(LookalikeError, match=r"kept no LoRA of step 3: only the best scored steps' are kept"):
+        generate(config, run="r", checkpoint="3")
+
+    # A run resumed from step 10's checkpoint (the last: none is made at the final step) scores step 15 again,
+    # once, and keeps the same best LoRA.
+    shutil.move(lora, run.root / "first.safetensors")  # as if killed after step 15's samples were scored
+    run.write_status("failed", reason="interrupted", resumable=True)
+    train(config, "r", resume=True)
+    assert [r["step"] for r in read_metrics(run.sample_scores)] == [5, 10, 15]
+    again = load_file(str(run.best_lora))
+    for key in kept:
+        torch.testing.assert_close(again[key], kept[key], rtol=0, atol=1e-6)
+
+
+def test_a_run_without_scored_samples_has_no_best_checkpoint(tmp_path):
+    run = Workspace(tmp_path / "work").run("plain")
+    with pytest.raises(LookalikeError, match="run 'plain' has no best checkpoint: its samples were not scored"):
+        run.lora_at("best")
+    with pytest.raises(LookalikeError, match="--checkpoint: 'latest' is not best, final or a step number"):
+        run.lora_at("latest")
+    assert run.lora_at("final") == run.lora and run.images_at("final") == run.images
