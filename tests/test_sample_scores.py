@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lookalike import display
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
+from lookalike.evaluate.command import evaluate_runs
 from lookalike.generate import generate
 from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.sample_scores import front_steps
@@ -75,6 +77,10 @@ def test_samples_are_scored_while_training_and_the_best_steps_lora_is_kept_drawn
     assert sidecar["checkpoint"] == "best" and sidecar["loras"][0]["file"] == str(run.best_lora)
     with pytest.raises(LookalikeError, match=r"kept no LoRA of step 3: only the best scored steps' are kept"):
         generate(config, run="r", checkpoint="3")
+    # evaluate --checkpoint best scores those images, and keeps their metrics beside them.
+    assert evaluate_runs(config, display.console(quiet=True), run="r", checkpoint="best") == ["r"]
+    assert json.loads((folder / "metrics.json").read_text())["images"] == 1
+    assert not (run.root / "metrics.json").exists(), "the final LoRA's metrics are not these"
 
     # A run resumed from step 10's checkpoint (the last: none is made at the final step) scores step 15 again,
     # once, and keeps the same best LoRA.

@@ -315,12 +315,14 @@ def export(
     format: Annotated[str, typer.Option(help="kohya, comfyui or diffusers.")] = "comfyui",
     out: Annotated[Optional[Path], typer.Option(help="File to write (default: beside the LoRA).")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, or bf16: half the size, as most shared LoRAs are.")] = "fp32",
+    checkpoint: Annotated[str, typer.Option(help="With --run: final, best (the best sample step's) or a kept "
+                                            "step's number.")] = "final",
 ) -> None:
     """Write a LoRA in the layout ComfyUI, kohya's sd-scripts or diffusers read."""
     if (config is None or run is None) == (lora is None):
         raise LookalikeError("give CONFIG --run NAME, or --lora FILE")
     _quiet()
-    source = lora if lora is not None else Workspace(_load(config, None).workspace).run(run).lora
+    source = lora if lora is not None else Workspace(_load(config, None).workspace).run(run).lora_at(checkpoint)
     written = export_lora(source, out or source.with_name(f"{source.stem}.{format}.safetensors"), format, dtype)
     console.print(f"export: {written}")
 
@@ -344,6 +346,8 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Where metrics.json and scores.csv go (default: --images).")]
         = None,
     force: Annotated[bool, typer.Option(help="Score runs again even when nothing changed.")] = False,
+    checkpoint: Annotated[str, typer.Option(help="With --run: score the images of this checkpoint (best, a kept "
+                                            "step), made by generate --checkpoint.")] = "final",
 ) -> None:
     """Score images for likeness (face distance, identity), face failures and CLIP Score."""
     chosen = {key: value for key, value in
@@ -355,7 +359,7 @@ def evaluate(
         options = [f"evaluate.{key}={str(value).lower() if isinstance(value, bool) else value}"
                    for key, value in chosen.items()]
         study = _load(config, (set_ or []) + options)
-        if not evaluate_runs(study, console, run=run, force=force) and run is None:
+        if not evaluate_runs(study, console, run=run, force=force, checkpoint=checkpoint) and run is None:
             console.print("evaluate: nothing to score (no run has generated images yet, or all are up to date)")
         return
     if images is not None and person:

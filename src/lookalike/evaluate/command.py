@@ -182,16 +182,27 @@ def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) ->
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
 
-def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None, force: bool = False) -> list[str]:
+def _results_folder(paths, checkpoint: str) -> Path:
+    """Where a run's metrics of a checkpoint go: the run's folder for the final LoRA, else its images'."""
+    return paths.root if checkpoint == "final" else paths.images_at(checkpoint)
+
+
+def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None, force: bool = False,
+                  checkpoint: str = "final") -> list[str]:
     """Score the generated images of one run, or of every run that has some; runs whose images, references
-    and settings have not changed since their last evaluation are skipped. Returns the runs scored."""
+    and settings have not changed since their last evaluation are skipped. Returns the runs scored. A run's
+    images of another checkpoint than the final (images-<checkpoint>/, from generate --checkpoint) get their
+    metrics.json and scores.csv in that folder; the results table holds the final LoRA's."""
     from lookalike.evaluate.group import group_row
 
     workspace = Workspace(config.workspace)
+    if checkpoint != "final" and run is None:
+        raise LookalikeError("--checkpoint picks one of a run's LoRAs: give --run NAME")
     if run is not None:
-        if not workspace.run(run).images.is_dir():
-            raise LookalikeError(f"run {run!r} has no generated images yet ({workspace.run(run).images}); "
-                                 f"run: lookalike generate CONFIG --run {run}")
+        if not workspace.run(run).images_at(checkpoint).is_dir():
+            raise LookalikeError(f"run {run!r} has no generated images yet ({workspace.run(run).images_at(checkpoint)}"
+                                 f"); run: lookalike generate CONFIG --run {run}"
+                                 + (f" --checkpoint {checkpoint}" if checkpoint != "final" else ""))
         names = [run]
     else:
         names = sorted(p.name for p in workspace.runs.glob("*") if (p / "images").is_dir())
@@ -199,8 +210,8 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
     todo = []
     for name in names:
         paths = workspace.run(name)
-        digest = _inputs_digest(config, paths.images, [p for group in photos.values() for p in group])
-        done = paths.root / "metrics.json"
+        digest = _inputs_digest(config, paths.images_at(checkpoint), [p for group in photos.values() for p in group])
+        done = _results_folder(paths, checkpoint) / "metrics.json"
         if not force and done.is_file() and read_json(done).get("inputs_digest") == digest:
             console.print(f"evaluate: {name} is up to date")
             continue
@@ -221,17 +232,20 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         def score_people(row, inspection):
             group_rows.append(group_row(inspection, row.prompt, references, threshold))
 
-        rows = describe_images(list_images(paths.images, "images"), class_words=class_words)
-        rows, metrics = _score_folder(evaluator, references, paths.images, rows, config.evaluate, console,
+        images = paths.images_at(checkpoint)
+        rows = describe_images(list_images(images, "images"), class_words=class_words)
+        rows, metrics = _score_folder(evaluator, references, images, rows, config.evaluate, console,
                                       class_words=class_words, on_faces=score_people if len(references) > 1 else None)
         metrics["inputs_digest"] = digest
         if group_rows:
             order = {row.image: index for index, row in enumerate(rows)}  # rows were scored person by person
             group_rows.sort(key=lambda group: order[group["image"]])
             group = _group_metrics(evaluator, group_rows, list(references))
-            _write_group(paths.root, group_rows, group)
+            _write_group(_results_folder(paths, checkpoint), group_rows, group)
             _print_group(console, f"evaluate run {name}: people", group)
-        write_results(paths.root, rows, metrics)
-        record_run(workspace.results, paths)
-        print_metrics(console, f"evaluate run {name}", metrics)
+        write_results(_results_folder(paths, checkpoint), rows, metrics)
+        if checkpoint == "final":
+            record_run(workspace.results, paths)
+        print_metrics(console, f"evaluate run {name}" + (f" ({checkpoint})" if checkpoint != "final" else ""),
+                      metrics)
     return [name for name, _ in todo]
