@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from lookalike import display
-from lookalike.config import load_config
+from lookalike.config import StopRule, load_config
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import evaluate_runs
 from lookalike.generate import generate
 from lookalike.train.checkpoint import list_checkpoints
-from lookalike.train.sample_scores import front_steps
+from lookalike.train.sample_scores import front_steps, stop_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace, read_metrics
 
@@ -100,3 +100,46 @@ def test_a_run_without_scored_samples_has_no_best_checkpoint(tmp_path):
     with pytest.raises(LookalikeError, match="--checkpoint: 'latest' is not best, final or a step number"):
         run.lora_at("latest")
     assert run.lora_at("final") == run.lora and run.images_at("final") == run.images
+
+
+def test_stop_rules_name_the_step_to_stop_at():
+    plateau = StopRule(identity_plateau=2)
+    steps = [record(1, 0.30, 0.2), record(2, 0.35, 0.2), record(3, 0.34, 0.2)]
+    assert stop_reason(steps, plateau) is None, "one step without a gain is not yet two"
+    assert stop_reason(steps + [record(4, 0.35, 0.2)], plateau) == \
+        "identity similarity did not improve for 2 scored sample steps", "equal to the best is no gain"
+    assert stop_reason(steps + [record(4, 0.36, 0.2)], plateau) is None
+    faceless = [record(1, None, 0.2, faceless=4), record(2, None, 0.2, faceless=4)]
+    assert stop_reason(faceless, plateau) is not None, "a run that never draws the face has nothing to gain"
+    clip = StopRule(clip_below=0.9)
+    assert stop_reason([record(1, 0.3, 0.30), record(2, 0.4, 0.28)], clip) is None
+    assert stop_reason([record(1, 0.3, 0.30), record(2, 0.4, 0.26)], clip) == \
+        "CLIP Score fell to 0.26, below 0.9 of its best 0.3"
+
+
+def test_stop_when_needs_scored_samples(tiny_config):
+    with pytest.raises(LookalikeError, match="stop_when judges the scored sample steps: it needs sample_every > 0"):
+        load_config(tiny_config(train={"stop_when": {"identity_plateau": 2}}))
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_where_the_rule_says_and_a_resumed_run_stops_there_too(tiny_config):
+    # The tiny model draws no face, so identity never improves: two scored steps (5 and 10) and it stops.
+    config = load_config(tiny_config(train={"max_train_steps": 40, "learning_rate": 1e-2, "sample_every": 5,
+                                            "sample_steps": 2, "checkpoint_every": 5,
+                                            "stop_when": {"identity_plateau": 2}}))
+    lora = train(config, "early")
+    run = Workspace(config.workspace).run("early")
+    status = run.read_status()
+    assert status["state"] == "done" and status["stopped_at"] == 10
+    assert status["stop_reason"] == "identity similarity did not improve for 2 scored sample steps"
+    assert len(read_metrics(run.metrics)) == 10
+    uninterrupted = load_file(str(lora))
+
+    shutil.move(lora, run.root / "first.safetensors")  # as if killed at step 10, after its checkpoint
+    shutil.rmtree(list_checkpoints(run.checkpoints)[-1])  # step 10's: the resume starts from step 5
+    run.write_status("failed", reason="interrupted", resumable=True)
+    train(config, "early", resume=True)
+    assert run.read_status()["stopped_at"] == 10 and [r["step"] for r in read_metrics(run.sample_scores)] == [5, 10]
+    for key, value in load_file(str(run.lora)).items():
+        torch.testing.assert_close(value, uninterrupted[key], rtol=0, atol=1e-6)

@@ -87,6 +87,15 @@ class DataConfig(Section):
         return resolution
 
 
+class StopRule(Section):
+    """When a run stops before max_train_steps, judged at each scored sample step (train.score_samples)."""
+
+    identity_plateau: int | None = Field(None, ge=1)
+    """Stop after this many scored sample steps in a row without a new best identity similarity."""
+    clip_below: float | None = Field(None, gt=0, lt=1)
+    """Stop when CLIP Score falls below this fraction of its best so far (prompt adherence lost to the face)."""
+
+
 class TrainConfig(Section):
     learning_rate: float = Field(5e-4, gt=0)
     rank: int = Field(16, ge=1)
@@ -107,6 +116,9 @@ class TrainConfig(Section):
     score_samples: bool = True
     """Score each sample step's images as `lookalike evaluate` would ([evaluate]: face backend, CLIP model) into
     runs/<name>/sample_scores.jsonl, and keep the best step's LoRA by the report's rule as lora-best.safetensors."""
+    stop_when: StopRule | None = None
+    """Early stopping (off by default), e.g. `stop_when = { identity_plateau = 3, clip_below = 0.9 }`: either
+    rule stops the run, which keeps the LoRA of the step it stopped at; status.json says why and when."""
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on a GPU that supports it, full precision on the CPU."""
@@ -152,6 +164,13 @@ class TrainConfig(Section):
         if self.compile and self.base_quantization in ("int8", "fp8"):
             raise ValueError(f"compile = true cannot train on base_quantization = {self.base_quantization!r} "
                              "(torch.compile does not train through torchao's quantised weights yet); choose one")
+        return self
+
+    @model_validator(mode="after")
+    def _stop_needs_scores(self) -> "TrainConfig":
+        if self.stop_when is not None and not (self.sample_every and self.score_samples):
+            raise ValueError("stop_when judges the scored sample steps: it needs sample_every > 0 and "
+                             "score_samples = true")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,24 @@ def front_steps(records: list[dict]) -> list[int]:
     return [row["name"] for row in front]
 
 
+def stop_reason(records: list[dict], rule) -> str | None:
+    """Why the run should stop after its latest scored step by the StopRule `rule` (None: go on). A new best
+    identity similarity is one above every earlier step's (a step without a face improves nothing)."""
+    if rule.identity_plateau is not None:
+        identities = [record["identity_similarity"] for record in records]
+        improved = [index for index, value in enumerate(identities)
+                    if value is not None and all(earlier is None or value > earlier for earlier in identities[:index])]
+        since = len(records) - 1 - improved[-1] if improved else len(records)
+        if since >= rule.identity_plateau:
+            return f"identity similarity did not improve for {since} scored sample steps"
+    if rule.clip_below is not None:
+        clips = [record["clip_score"] for record in records if record["clip_score"] is not None]
+        best = max(clips, default=None)
+        if best is not None and best > 0 and clips[-1] < rule.clip_below * best:
+            return f"CLIP Score fell to {clips[-1]:.4g}, below {rule.clip_below:g} of its best {best:.4g}"
+    return None
+
+
 class SampleScores:
     """The evaluator (loaded once per training process) and the run's per-step scores and kept LoRAs."""
 

@@ -38,7 +38,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 from lookalike.train.memory import out_of_memory_message
-from lookalike.train.sample_scores import SampleScores
+from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, repeated_blocks, shard_transformer
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
@@ -346,6 +346,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 
     loss_value = float("nan")
     latest: dict[str, str] = {}  # the latest sample step's identity and CLIP Score, shown beside the loss
+    stopped: dict[str, Any] = {}  # where and why train.stop_when stopped the run
 
     # 4. The loop: one optimizer step per iteration, gradient accumulation inside.
     with progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=start_step) as bar:
@@ -401,6 +402,13 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     record = scores.record(step, samples, sample_prompts,
                                            lambda path: lora_file(path, tensors, step))
                     latest = {"identity": cell(record["identity_similarity"]), "clip": cell(record["clip_score"])}
+            if t.stop_when is not None and step % t.sample_every == 0 and step < t.max_train_steps:
+                reason = stop_reason(scores.records, t.stop_when) if scores is not None else None
+                # Judged by the main process, which scores; every process stops at the same step.
+                if accelerator.gather(torch.tensor([float(reason is not None)], device=device)).max().item():
+                    stopped = {"stopped_at": step, "stop_reason": reason}
+                    console.print(f"train: run {run.name!r} stopped early at step {step}: {reason}")
+                    break
     if metrics is not None:
         metrics.close()
     if scores is not None:
@@ -412,12 +420,13 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     whole = whole_params()
     copies = accelerator.gather(torch.cat([p.float().flatten() for p in whole]).to(device)[None])
     spread = (copies - copies[0]).abs().max().item()
-    _stop_if_not_finite(t.max_train_steps, loss_value, run.checkpoints, whole)
+    last_step = stopped.get("stopped_at", t.max_train_steps)
+    _stop_if_not_finite(last_step, loss_value, run.checkpoints, whole)
     final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
-        lora_file(run.lora, final, t.max_train_steps)
+        lora_file(run.lora, final, last_step)
     return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
-            "best_step": scores.best if scores is not None else None}
+            "best_step": scores.best if scores is not None else None, **stopped}
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
