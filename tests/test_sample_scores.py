@@ -15,8 +15,10 @@ from lookalike.config import StopRule, load_config
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import evaluate_runs
 from lookalike.generate import generate
+from lookalike.report.build import build_report
+from lookalike.report.pareto import front_steps
 from lookalike.train.checkpoint import list_checkpoints
-from lookalike.train.sample_scores import front_steps, stop_reason
+from lookalike.train.sample_scores import stop_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace, read_metrics
 
@@ -81,6 +83,11 @@ def test_samples_are_scored_while_training_and_the_best_steps_lora_is_kept_drawn
     assert evaluate_runs(config, display.console(quiet=True), run="r", checkpoint="best") == ["r"]
     assert json.loads((folder / "metrics.json").read_text())["images"] == 1
     assert not (run.root / "metrics.json").exists(), "the final LoRA's metrics are not these"
+
+    # The report plots every run's scores against the step and names the best checkpoint of all.
+    index = build_report(config, display.console(quiet=True))
+    assert (index.parent / "figures" / "steps.png").is_file()
+    assert f"Best checkpoint: run r at step {best} " in (index.parent / "summary.md").read_text()
 
     # A run resumed from step 10's checkpoint (the last: none is made at the final step) scores step 15 again,
     # once, and keeps the same best LoRA.

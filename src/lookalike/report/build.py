@@ -21,10 +21,10 @@ from lookalike.display import cell, result_columns, several_bases, shown
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import guidance_scales
 from lookalike.report import figures
-from lookalike.report.pareto import RANK_RULE, pareto_front
+from lookalike.report.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.store import refresh
 from lookalike.sweep.plan import config_for_run
-from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_json
+from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_json, read_metrics
 
 GRID_RUNS = 4  # columns of the image grid
 THUMBNAIL = 384
@@ -55,7 +55,7 @@ def _digest(config: StudyConfig, workspace: Workspace, rows: list[dict]) -> str:
     files = []
     for row in rows:
         run = workspace.run(row["name"])
-        for path in [run.metrics, run.root / "metrics.json", *sorted(run.images.glob("*.png"))]:
+        for path in [run.metrics, run.sample_scores, run.root / "metrics.json", *sorted(run.images.glob("*.png"))]:
             if path.is_file():
                 files.append((str(path), path.stat().st_size, path.stat().st_mtime_ns))
     facts = [config.to_json_dict(), rows, files]
@@ -153,9 +153,16 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
         if any(curves.values()):
             shown.append(("Training loss", "figures/loss.png"))
             figures.save(figures.loss_figure({k: v for k, v in curves.items() if v}), folder / shown[-1][1])
+        scores = {r["name"]: read_metrics(workspace.run(r["name"]).sample_scores) for r in rows}
+        scores = {name: records for name, records in scores.items() if records}
+        best_steps = {name: steps[0] for name, records in scores.items() if (steps := front_steps(records))}
+        if scores:
+            shown.append(("Identity and CLIP Score while training (each run's best step starred)",
+                          "figures/steps.png"))
+            figures.save(figures.steps_figure(scores, best_steps), folder / shown[-1][1])
 
         grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
-        best_lines = _best_lines(front, unplaced, failed, unrankable)
+        best_lines = _best_lines(front, unplaced, failed, unrankable, _best_checkpoint(scores))
         (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid))
         (folder / "summary.md").write_text(_summary(config, rows, best_lines))
         (folder / ".inputs").write_text(digest)
@@ -185,16 +192,29 @@ def cannot_rank(config: StudyConfig, done: list[dict]) -> str | None:
     return None
 
 
+def _best_checkpoint(scores: dict[str, list[dict]]) -> str | None:
+    """The best (run, step) of every scored training sample, by the same rule as the runs."""
+    front = front_steps([{**record, "step": (name, record["step"])} for name, records in scores.items()
+                         for record in records])
+    if not front:
+        return None
+    name, step = front[0]
+    return (f"Best checkpoint: run {name} at step {step} (by its training samples' scores, same rule; `generate "
+            f"--run {name} --checkpoint {step}` draws with it)")
+
+
 def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
-                unrankable: str | None) -> tuple[list[str], list[str]]:
-    """(the ranked runs, best first; notes: why nothing is ranked, runs left out, failed runs)."""
+                unrankable: str | None, best_checkpoint: str | None = None) -> tuple[list[str], list[str]]:
+    """(the ranked runs, best first; notes: the best checkpoint over every run's scored steps, why nothing is
+    ranked, runs left out, failed runs)."""
     bases = several_bases(front)
     ranked = [f"{r['name']}: " + (f"{shown(r, 'base')}, " if bases else "") +
               f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
               f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
               f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
               f"{cell(r['face_distance'])})" for r in front]
-    notes = [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
+    notes = [best_checkpoint] if best_checkpoint else []
+    notes += [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
     notes += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
     notes += [f"failed: {r['name']} ({r['reason']})" for r in failed]
     return ranked, notes

@@ -4,7 +4,8 @@
   (the study's figures 6-9);
 - face distance against CLIP Score, the Pareto front marked;
 - each metric against the inference guidance scale, one line per run;
-- training loss curves of every run.
+- training loss curves of every run;
+- identity similarity and CLIP Score of every run's scored samples against the step, its best step marked.
 """
 
 from __future__ import annotations
@@ -119,6 +120,30 @@ def loss_figure(curves: dict[str, list[tuple[int, float]]]):
     axis.set_ylabel("training loss (smoothed)")
     axis.grid(alpha=0.3)
     _legend(axis)
+    figure.tight_layout()
+    return figure
+
+
+def steps_figure(scores: dict[str, list[dict]], best: dict[str, int]):
+    """Identity similarity and CLIP Score of each run's scored samples against the step, one line per run, its
+    best step (by the report's rule) starred."""
+    metrics = {"identity_similarity": "identity similarity", "clip_score": "CLIP Score"}
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for run, records in sorted(scores.items()):
+        for axis, metric in zip(axes[0], metrics):
+            points = [(r["step"], r[metric]) for r in records if r.get(metric) is not None]
+            if not points:
+                continue
+            line, = axis.plot(*zip(*points), marker=".", label=run, linewidth=1.2)
+            starred = [value for step, value in points if step == best.get(run)]
+            if starred:
+                axis.plot([best[run]], starred, marker="*", markersize=13, color=line.get_color())
+    for axis, (metric, title) in zip(axes[0], metrics.items()):
+        _say_when_empty(axis, metric)
+        axis.set_xlabel("step")
+        axis.set_title(f"{title} of the training samples", fontsize=10)
+        axis.grid(alpha=0.3)
+    _legend(axes[0][0] if axes[0][0].lines else axes[0][1])
     figure.tight_layout()
     return figure
 

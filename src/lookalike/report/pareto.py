@@ -59,3 +59,10 @@ def rank(front: list[dict]) -> list[dict]:
     mean_rank = [sum(ranks[i] for ranks in per_objective) / len(per_objective) for i in range(len(front))]
     order = sorted(range(len(front)), key=lambda i: (mean_rank[i], -_objective(front[i], "identity_similarity")))
     return [{**front[i], "mean_rank": mean_rank[i]} for i in order]
+
+
+def front_steps(records: list[dict]) -> list[int]:
+    """The training steps whose scored samples are on the Pareto front, best first (records of
+    sample_scores.jsonl; steps missing a metric are left out)."""
+    front, _ = pareto_front([{**record, "name": record["step"]} for record in records])
+    return [row["name"] for row in front]

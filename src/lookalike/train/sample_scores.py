@@ -17,14 +17,8 @@ from typing import Any, Callable
 from lookalike.config import StudyConfig
 from lookalike.evaluate.command import load_evaluator, reference_photos, score_named
 from lookalike.evaluate.scoring import ImageScore, aggregate, clip_prompt
-from lookalike.report.pareto import pareto_front
+from lookalike.report.pareto import front_steps
 from lookalike.workspace import RunPaths, StepLog, atomic_path, read_metrics
-
-
-def front_steps(records: list[dict]) -> list[int]:
-    """The steps on the Pareto front, best first by the report's rule (steps missing a metric are left out)."""
-    front, _ = pareto_front([{**record, "name": record["step"]} for record in records])
-    return [row["name"] for row in front]
 
 
 def stop_reason(records: list[dict], rule) -> str | None:
