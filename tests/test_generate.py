@@ -148,3 +148,31 @@ def test_a_base_without_guidance_generates_with_its_own_steps_and_no_guidance_sc
     assert sorted(p.name for p in folder.glob("*.png")) == ["p00_s0.png"]
     sidecar = json.loads((folder / "p00_s0.json").read_text())
     assert sidecar["guidance_scale"] is None and sidecar["steps"] == 4 and len(steps_run) == 4
+
+
+@pytest.mark.slow
+def test_lora_strength_is_an_inference_factor_that_is_scored_and_ranked(tiny_config, tmp_path):
+    from lookalike import display
+    from lookalike.evaluate.command import evaluate_runs
+    from lookalike.report.build import build_report
+
+    config = load_config(tiny_config(train={"max_train_steps": 10, "learning_rate": 1e-2},
+                                     generate={"lora_scales": [0.5, 1.0], "num_inference_steps": 2}))
+    run = train(config, "r").parent
+    folder = generate(config, run="r")
+    assert sorted(p.stem for p in folder.glob("p*.png")) == ["p00_s0_g5_l0.5", "p00_s0_g5_l1"]
+    half = json.loads((folder / "p00_s0_g5_l0.5.json").read_text())
+    assert half["lora_scale"] == 0.5 and half["loras"][0]["weight"] == 0.5
+    # At strength 1 the image is the one made without strengths; at 0.5 another.
+    trained = config.model_copy(update={"generate": config.generate.model_copy(update={"lora_scales": [1.0]})})
+    plain = generate(trained, run="r", out=tmp_path / "plain")
+    assert np.array_equal(pixels(plain / "p00_s0_g5.png"), pixels(folder / "p00_s0_g5_l1.png"))
+    assert np.abs(pixels(folder / "p00_s0_g5_l0.5.png").astype(int) - pixels(plain / "p00_s0_g5.png")).max() > 1
+
+    quiet = display.console(quiet=True)
+    evaluate_runs(config, quiet, run="r")
+    assert set(json.loads((run / "metrics.json").read_text())["per_lora_scale"]) == {"0.5", "1.0"}
+    index = build_report(config, quiet)
+    assert (index.parent / "figures" / "lora_strength.png").is_file()
+    # The tiny CLIP measures nothing, so the report names no best strength (tests/test_report.py ranks them).
+    assert "Best LoRA strength" not in (index.parent / "summary.md").read_text()

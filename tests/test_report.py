@@ -75,6 +75,28 @@ def test_best_settings_are_numbered_once_and_a_faceless_run_shows_one_identity(t
     assert "identity -," in best and "-1" not in summary, "a run without faces shows '-' everywhere"
 
 
+def test_the_report_names_the_best_checkpoint_of_all_runs_and_the_best_runs_best_strength():
+    from lookalike.report.build import _best_checkpoint, _best_strength
+
+    def scored(step, identity, clip):
+        return {"step": step, "identity_similarity": identity, "clip_score": clip, "faceless": 0, "images": 2}
+
+    # Run b's step 200 beats every other (run, step) on identity and CLIP.
+    scores = {"a": [scored(100, 0.40, 0.25), scored(200, 0.45, 0.24)],
+              "b": [scored(100, 0.42, 0.25), scored(200, 0.55, 0.26), scored(300, 0.50, 0.26)]}
+    assert _best_checkpoint(scores).startswith("Best checkpoint: run b at step 200 (")
+    assert _best_checkpoint({}) is None
+    # The best run's images at each strength, ranked by the same rule: 0.8 keeps the face and the prompt best.
+    metrics = {"per_lora_scale": {"0.6": {"identity_similarity": 0.30, "clip_score": 0.27, "faceless": 0},
+                                  "0.8": {"identity_similarity": 0.50, "clip_score": 0.27, "faceless": 0},
+                                  "1.2": {"identity_similarity": 0.52, "clip_score": 0.20, "faceless": 1}}}
+    line = _best_strength([{"name": "b"}], {"b": metrics})
+    assert line.startswith("Best LoRA strength for run b: 0.8 (of 0.6, 0.8, 1.2")
+    assert _best_strength([{"name": "b"}], {"b": {"per_lora_scale": {"1.0": metrics["per_lora_scale"]["0.8"]}}}) \
+        is None, "one strength: nothing to choose"
+    assert _best_strength([], {}) is None
+
+
 def test_a_metric_without_values_says_why_instead_of_empty_axes():
     rows = [{"name": f"r{rank}", "learning_rate": 1e-3, "rank": rank, "max_train_steps": 10,
              "lr_scheduler": "constant", "face_distance": None, "identity_similarity": None, "clip_score": 0.2,
@@ -120,7 +142,7 @@ def test_runs_generated_at_three_guidance_scales_give_three_points_per_metric(ti
     config = tiny_config(evaluate={"face_backend": "dlib", "clip_model": "tiny"})
     assert run_cli("evaluate", str(config), "--run", "r").returncode == 0
     per_guidance = json.loads((run.root / "metrics.json").read_text())["per_guidance_scale"]
-    figure = figures.guidance_figure({"r": per_guidance})
+    figure = figures.inference_figure({"r": per_guidance}, "inference guidance scale")
     assert len(figure.axes) == len(figures.METRICS)
     for axis in figure.axes:
         (line,) = axis.lines

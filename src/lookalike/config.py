@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -202,6 +202,16 @@ class GenerateConfig(Section):
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks, once the LoRAs are loaded: faster images once
     the first one has paid for the compile."""
+    lora_scales: list[Annotated[float, Field(gt=0, le=4)]] = Field([1.0], min_length=1)
+    """Strengths the LoRA is applied at, an inference factor beside guidance (e.g. [0.6, 0.8, 1.0, 1.2]): each
+    image is made and scored at each, and the report names the best. [1.0]: the LoRA as trained."""
+
+    @model_validator(mode="after")
+    def _one_fused_strength(self) -> "GenerateConfig":
+        if self.fuse_lora and len(self.lora_scales) > 1:
+            raise ValueError("fuse_lora = true merges the LoRA at one strength: with several lora_scales leave it "
+                             "off")
+        return self
 
 
 class EvaluateConfig(Section):

@@ -1,4 +1,5 @@
-"""Images for prompts x seeds x guidance scales, from a run's LoRA, a given LoRA file, or the base model.
+"""Images for prompts x seeds x guidance scales (x LoRA strengths), from a run's LoRA, a given LoRA file, or the
+base model.
 
 Each image is saved with a JSON sidecar (prompt, seed, guidance, steps, size, LoRA, base) whose `settings` are
 everything that made the image, the LoRA files' contents included. An image whose sidecar holds the settings
@@ -42,11 +43,13 @@ class ImageJob:
     prompt: str
     seed: int
     guidance: float | None  # None: a base that takes no guidance
+    lora_scale: float | None = None  # the LoRAs' strength, a factor of [generate] lora_scales; None: as given
 
     @property
     def stem(self) -> str:
         guidance = "" if self.guidance is None else f"_g{self.guidance:g}"
-        return f"p{self.prompt_index:02d}_s{self.seed}{guidance}"
+        strength = "" if self.lora_scale is None else f"_l{self.lora_scale:g}"
+        return f"p{self.prompt_index:02d}_s{self.seed}{guidance}{strength}"
 
 
 def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, max_sequence_length: int,
@@ -93,8 +96,10 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
 
 
 def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything that makes a job's image what it is; an image is current only while its sidecar holds these."""
+    """Everything that makes a job's image what it is; an image is current only while its sidecar holds these
+    (a LoRA's weight there is the one the image was made at: its own times the job's strength)."""
     g = config.generate
+    loras = [{**lora, "weight": lora["weight"] * strength(job)} for lora in loras]
     return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": inference_steps(config),
             "size": image_size(config), "base_model": config.model.base,
             "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
@@ -118,12 +123,24 @@ def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path
     return image if made_with == json.loads(json.dumps(settings)) else None
 
 
-def image_jobs(config: StudyConfig) -> list[ImageJob]:
+def image_jobs(config: StudyConfig, with_lora: bool = True) -> list[ImageJob]:
+    """Prompts x seeds x guidance scales, and x [generate] lora_scales where a LoRA is applied and more than its
+    trained strength is asked for."""
     g = config.generate
+    strengths = g.lora_scales if with_lora and g.lora_scales != [1.0] else [None]
     return [
-        ImageJob(i, config.fill(prompt), seed, guidance)
-        for (i, prompt), seed, guidance in itertools.product(enumerate(g.prompts), g.seeds, guidance_scales(config))
+        ImageJob(i, config.fill(prompt), seed, guidance, scale)
+        for (i, prompt), seed, guidance, scale in itertools.product(enumerate(g.prompts), g.seeds,
+                                                                    guidance_scales(config), strengths)
     ]
+
+
+def strength(job: ImageJob) -> float:
+    return 1.0 if job.lora_scale is None else job.lora_scale
+
+
+def adapter_names(count: int) -> list[str]:
+    return [f"lora{i}" for i in range(count)]
 
 
 def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[dict[str, Any]]:
@@ -132,7 +149,7 @@ def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[di
     in bf16 the smallest changes round away). Returns what each file says of itself, for the sidecars."""
     if not adapters:
         return []
-    names = [f"lora{i}" for i in range(len(adapters))]
+    names = adapter_names(len(adapters))
     info = [{"file": str(path), "weight": weight, **load_lora_into(pipe, path, adapter_name=name)}
             for name, (path, weight) in zip(names, adapters)]
     pipe.set_adapters(names, [weight for _, weight in adapters])
@@ -169,7 +186,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
         console.print(f"note: {config.model.base} takes no guidance: generate.guidance_scales is not used, and each "
                       "prompt and seed makes one image")
     fingerprints = lora_fingerprints(adapters)
-    planned = [(job, job_settings(config, job, fingerprints)) for job in image_jobs(config)]
+    planned = [(job, job_settings(config, job, fingerprints)) for job in image_jobs(config, with_lora=bool(adapters))]
     jobs = [(job, settings) for job, settings in planned if current_image(folder, job, settings) is None]
     if not jobs:
         console.print(f"generate: all images already in {folder}")
@@ -183,7 +200,10 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     pipe.set_progress_bar_config(disable=True)
     if config.generate.vae_tiling:
         pipe.vae.enable_tiling()
-    lora_info = apply_loras(pipe, adapters, fuse=config.generate.fuse_lora)
+    # The adapters start at the first job's strength (the only one when fused: lora_scales then has one).
+    applied = strength(jobs[0][0])
+    lora_info = apply_loras(pipe, [(path, weight * applied) for path, weight in adapters],
+                            fuse=config.generate.fuse_lora)
     if config.generate.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
@@ -191,6 +211,9 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     write_json(folder / "config.json", config.to_json_dict())
     with progress_bar(console, "generate", total=len(jobs)) as bar:
         for job, settings in jobs:
+            if adapters and not config.generate.fuse_lora and strength(job) != applied:
+                applied = strength(job)
+                pipe.set_adapters(adapter_names(len(adapters)), [weight * applied for _, weight in adapters])
             image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=settings["steps"],
                            size=settings["size"], max_sequence_length=settings["max_sequence_length"])
             # An old image of this name loses its sidecar first and gets the new one last: the sidecar marks the
@@ -200,9 +223,11 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
                 image.save(tmp, format="PNG")
             write_json(folder / f"{job.stem}.json", {
                 "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
-                "guidance_scale": job.guidance, "steps": settings["steps"], "size": settings["size"],
+                "guidance_scale": job.guidance, "lora_scale": job.lora_scale, "steps": settings["steps"],
+                "size": settings["size"],
                 "base_model": config.model.base, "run": run, "checkpoint": checkpoint if run else None,
-                "loras": lora_info, "settings": settings,
+                "loras": [{**info, "weight": weight * strength(job)} for info, (_, weight) in zip(lora_info, adapters)],
+                "settings": settings,
             })
             bar.update()
     console.print(f"generate: {len(jobs)} images in {folder}")

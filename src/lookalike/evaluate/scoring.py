@@ -26,6 +26,7 @@ class ImageScore:
     clip_prompt: str | None = None
     seed: int | None = None
     guidance_scale: float | None = None
+    lora_scale: float | None = None
     face_found: bool = False
     n_faces: int = 0
     face_score: float | None = None
@@ -68,7 +69,7 @@ def describe_images(images: list[Path], prompts_file: Path | None = None,
             try:
                 facts = json.loads(sidecar.read_text())
                 row.prompt, row.seed = facts["prompt"], facts.get("seed")
-                row.guidance_scale = facts.get("guidance_scale")
+                row.guidance_scale, row.lora_scale = facts.get("guidance_scale"), facts.get("lora_scale")
             except (ValueError, KeyError) as error:
                 raise LookalikeError(f"{sidecar}: not a generate sidecar ({error})") from None
         elif lines:

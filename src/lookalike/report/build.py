@@ -67,6 +67,15 @@ def _middle_scale(config: StudyConfig) -> float | None:
     return scales[len(scales) // 2]
 
 
+def _grid_strength(config: StudyConfig) -> float | None:
+    """The LoRA strength the grid shows: the trained one (1.0) where lora_scales has it, else their middle one;
+    None when only the trained strength is made."""
+    scales = config.generate.lora_scales
+    if scales == [1.0]:
+        return None
+    return 1.0 if 1.0 in scales else sorted(scales)[len(scales) // 2]
+
+
 def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder: Path) -> str:
     """Prompts as rows, chosen runs as columns, the first seed at each run's middle guidance scale (a run on
     another base than the study's draws with its own base's settings)."""
@@ -78,7 +87,7 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
         run_config = config_for_run(config, row["name"])
         guidance = _middle_scale(run_config)
         jobs = {job.prompt_index: job for job in image_jobs(run_config)
-                if job.seed == seed and job.guidance == guidance}
+                if job.seed == seed and job.guidance == guidance and job.lora_scale == _grid_strength(run_config)}
         columns.append((row, run_config, jobs, lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)])))
     bases = several_bases(chosen)
     header = "".join(
@@ -141,14 +150,14 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             figures.save(figures.pareto_figure(done, best), folder / shown[-1][1])
         elif any(r["clip_score"] is not None for r in done):
             shown.append(("Face distance against CLIP Score", None))  # said in one line instead
-        per_guidance = {}
-        for row in done:
-            evaluation = workspace.run(row["name"]).root / "metrics.json"
-            if evaluation.is_file():
-                per_guidance[row["name"]] = read_json(evaluation).get("per_guidance_scale", {})
-        if any(per_guidance.values()):
-            shown.append(("Metrics against the inference guidance scale", "figures/guidance.png"))
-            figures.save(figures.guidance_figure(per_guidance), folder / shown[-1][1])
+        evaluations = {row["name"]: read_json(workspace.run(row["name"]).root / "metrics.json") for row in done
+                       if (workspace.run(row["name"]).root / "metrics.json").is_file()}
+        for key, factor, file in (("per_guidance_scale", "inference guidance scale", "guidance"),
+                                  ("per_lora_scale", "LoRA strength", "lora_strength")):
+            per_value = {name: metrics.get(key, {}) for name, metrics in evaluations.items()}
+            if any(per_value.values()):
+                shown.append((f"Metrics against the {factor}", f"figures/{file}.png"))
+                figures.save(figures.inference_figure(per_value, factor), folder / shown[-1][1])
         curves = {r["name"]: _loss_curve(workspace.run(r["name"]).metrics) for r in rows}
         if any(curves.values()):
             shown.append(("Training loss", "figures/loss.png"))
@@ -162,7 +171,8 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             figures.save(figures.steps_figure(scores, best_steps), folder / shown[-1][1])
 
         grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
-        best_lines = _best_lines(front, unplaced, failed, unrankable, _best_checkpoint(scores))
+        best_of = [] if unrankable else [_best_checkpoint(scores), _best_strength(front, evaluations)]
+        best_lines = _best_lines(front, unplaced, failed, unrankable, best_of)
         (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid))
         (folder / "summary.md").write_text(_summary(config, rows, best_lines))
         (folder / ".inputs").write_text(digest)
@@ -203,17 +213,29 @@ def _best_checkpoint(scores: dict[str, list[dict]]) -> str | None:
             f"--run {name} --checkpoint {step}` draws with it)")
 
 
+def _best_strength(front: list[dict], evaluations: dict[str, dict]) -> str | None:
+    """The best LoRA strength of the best run, by the same rule over its images at each strength."""
+    if not front:
+        return None
+    per_strength = evaluations.get(front[0]["name"], {}).get("per_lora_scale", {})
+    ranked, _ = pareto_front([{**metrics, "name": strength} for strength, metrics in per_strength.items()])
+    if len(per_strength) < 2 or not ranked:
+        return None
+    return (f"Best LoRA strength for run {front[0]['name']}: {ranked[0]['name']} (of {', '.join(per_strength)}, "
+            f"same rule over its images at each strength)")
+
+
 def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
-                unrankable: str | None, best_checkpoint: str | None = None) -> tuple[list[str], list[str]]:
-    """(the ranked runs, best first; notes: the best checkpoint over every run's scored steps, why nothing is
-    ranked, runs left out, failed runs)."""
+                unrankable: str | None, best_of: list[str | None] = ()) -> tuple[list[str], list[str]]:
+    """(the ranked runs, best first; notes: the best checkpoint over every run's scored steps and the best
+    run's best LoRA strength, why nothing is ranked, runs left out, failed runs)."""
     bases = several_bases(front)
     ranked = [f"{r['name']}: " + (f"{shown(r, 'base')}, " if bases else "") +
               f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
               f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
               f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
               f"{cell(r['face_distance'])})" for r in front]
-    notes = [best_checkpoint] if best_checkpoint else []
+    notes = [line for line in best_of if line]
     notes += [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
     notes += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
     notes += [f"failed: {r['name']} ({r['reason']})" for r in failed]

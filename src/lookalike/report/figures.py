@@ -3,7 +3,7 @@
 - a metric against one factor (learning rate, rank, steps), one line per setting of the other factors
   (the study's figures 6-9);
 - face distance against CLIP Score, the Pareto front marked;
-- each metric against the inference guidance scale, one line per run;
+- each metric against the inference guidance scale and against the LoRA strength, one line per run;
 - training loss curves of every run;
 - identity similarity and CLIP Score of every run's scored samples against the step, its best step marked.
 """
@@ -87,10 +87,11 @@ def pareto_figure(rows: list[dict], front: list[str]):
     return figure
 
 
-def guidance_figure(per_guidance: dict[str, dict[str, dict]]):
-    """Each metric against the inference guidance scale; per_guidance: run -> guidance scale -> metrics."""
+def inference_figure(per_value: dict[str, dict[str, dict]], factor: str):
+    """Each metric against an inference factor (the guidance scale, the LoRA strength); per_value: run -> the
+    factor's value -> metrics."""
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
-    for run, by_scale in sorted(per_guidance.items()):
+    for run, by_scale in sorted(per_value.items()):
         scales = sorted(by_scale, key=float)
         for axis, metric in zip(axes[0], METRICS):
             points = [(float(g), by_scale[g][metric]) for g in scales if by_scale[g].get(metric) is not None]
@@ -98,7 +99,7 @@ def guidance_figure(per_guidance: dict[str, dict[str, dict]]):
                 axis.plot(*zip(*points), marker="o", label=run)
     for axis, (metric, title) in zip(axes[0], METRICS.items()):
         _say_when_empty(axis, metric)
-        axis.set_xlabel("inference guidance scale")
+        axis.set_xlabel(factor)
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
     _legend(axes[0][0])
