@@ -150,3 +150,24 @@ def test_early_stopping_stops_where_the_rule_says_and_a_resumed_run_stops_there_
     assert run.read_status()["stopped_at"] == 10 and [r["step"] for r in read_metrics(run.sample_scores)] == [5, 10]
     for key, value in load_file(str(run.lora)).items():
         torch.testing.assert_close(value, uninterrupted[key], rtol=0, atol=1e-6)
+
+
+def test_the_sweep_table_shows_each_runs_best_step_with_its_scores(tmp_path):
+    from rich.console import Console
+
+    from lookalike.sweep.runner import Outcome, best_sample, summary_table
+    from lookalike.workspace import StepLog
+
+    run = Workspace(tmp_path / "work").run("r")
+    run.root.mkdir(parents=True)
+    log = StepLog(run.sample_scores, 0)
+    for step, identity in ((250, 0.41), (500, 0.47)):
+        log.write({"step": step, "identity_similarity": identity, "clip_score": 0.26})
+    log.close()
+    run.write_status("done", best_step=500)
+    console = Console(record=True, width=200)
+    console.print(summary_table([Outcome("r", "done", seconds=3.0, exit_code=0, best=best_sample(run)),
+                                 Outcome("plain", "done", seconds=2.0, exit_code=0)]))
+    lines = console.export_text().splitlines()
+    assert any("│ 500 " in line and "0.47" in line and "0.26" in line for line in lines if "│ r " in line)
+    assert best_sample(Workspace(tmp_path / "work").run("none")) is None

@@ -24,11 +24,12 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import StudyConfig
+from lookalike.display import cell
 from lookalike.errors import RunBusy
 from lookalike.processes import how_it_ended
 from lookalike.store import record_run
 from lookalike.sweep.plan import Planned
-from lookalike.workspace import RunPaths, Workspace
+from lookalike.workspace import RunPaths, Workspace, read_metrics
 
 STOP_GRACE_S = 60  # how long an interrupted run may take to write its status before it is killed
 
@@ -40,6 +41,13 @@ class Outcome:
     reason: str | None = None
     seconds: float | None = None
     exit_code: int | None = None
+    best: dict | None = None  # the scored sample step the run names best (train.score_samples), with its scores
+
+
+def best_sample(run: RunPaths) -> dict | None:
+    """The record of the run's best scored sample step (status.json's best_step), if it has one."""
+    step = (run.read_status() or {}).get("best_step")
+    return next((record for record in read_metrics(run.sample_scores) if record["step"] == step), None)
 
 
 def train_command(config_file: Path, name: str, overrides: list[str]) -> list[str]:
@@ -101,7 +109,7 @@ def _finish(run: RunPaths, exit_code: int, seconds: float, store: Path) -> Outco
         state = "interrupted" if interrupted else "failed"
     record_run(store, run)
     status = run.read_status() or {}
-    return Outcome(run.name, state, status.get("reason"), round(seconds, 1), exit_code)
+    return Outcome(run.name, state, status.get("reason"), round(seconds, 1), exit_code, best_sample(run))
 
 
 class Sweep:
@@ -122,7 +130,7 @@ class Sweep:
             paths = self.workspace.run(experiment.name)
             state = paths.state()
             if state == "done":
-                left.append(Outcome(experiment.name, "skipped", "done earlier"))
+                left.append(Outcome(experiment.name, "skipped", "done earlier", best=best_sample(paths)))
             elif state == "running":
                 left.append(Outcome(experiment.name, "running elsewhere", f"pid {paths.read_status()['pid']}"))
             elif state == "failed" and not retry_failed:
@@ -225,10 +233,13 @@ def _ray_train(command: list[str], name: str, log: str) -> tuple[int, float]:
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
-    table = Table("run", "state", "seconds", "exit code", "reason", title="sweep")
+    """Each run's outcome, and its best scored sample step with that step's identity and CLIP Score."""
+    table = Table("run", "state", "seconds", "exit code", "best step", "identity", "CLIP", "reason", title="sweep")
     for o in outcomes:
+        best = o.best or {}
         table.add_row(o.name, o.state, f"{o.seconds:.1f}" if o.seconds is not None else "-",
-                      "-" if o.exit_code is None else str(o.exit_code), o.reason or "")
+                      "-" if o.exit_code is None else str(o.exit_code), cell(best.get("step")),
+                      cell(best.get("identity_similarity")), cell(best.get("clip_score")), o.reason or "")
     return table
 
 
