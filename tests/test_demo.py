@@ -29,8 +29,8 @@ def free_port() -> int:
 def demo(tmp_path_factory, faces):
     """The app on a workspace with one trained tiny run, served on 127.0.0.1."""
     folder = tmp_path_factory.mktemp("demo")
-    config_file = tiny_study(folder, faces, train={"max_train_steps": 10}, generate={"num_inference_steps": 2},
-                             evaluate={"clip_model": "tiny"})
+    config_file = tiny_study(folder, faces, train={"max_train_steps": 10, "sample_every": 10, "sample_steps": 2},
+                             generate={"num_inference_steps": 2}, evaluate={"clip_model": "tiny"})
     assert run_cli("train", str(config_file), "--run", "r").returncode == 0
     config = load_config(config_file)
     models = DemoModels(config)
@@ -99,7 +99,8 @@ def test_a_lora_outside_the_workspace_is_refused(demo, tmp_path):
     for name in (str(outside), "../../evil", "r/../../evil"):
         with pytest.raises(Exception, match="not a trained run of this workspace|not in the list of choices"):
             generate(client, lora=name)
-    assert models.lora_choices() == ["r"]
+    assert models.lora_choices() == ["r", "r@best"], "the run, and its best scored step's LoRA"
+    assert models.lora_path("r@best") == folder / "work" / "runs" / "r" / "lora-best.safetensors"
     with pytest.raises(Exception, match="is not a trained run of this workspace"):
         models.lora_path(str(outside))
 

@@ -75,15 +75,19 @@ class DemoModels:
 
     def lora_choices(self) -> list[str]:
         """The runs of the workspace that have a trained LoRA for the base the app draws with ([model] base): the
-        only LoRAs the app loads (a study across bases lists the others under their own base's config)."""
+        only LoRAs the app loads (a study across bases lists the others under their own base's config). A run
+        whose best sample step was kept is also listed as `<run>@best`."""
         runs = self.workspace.runs
         files = sorted(runs.glob("*/lora.safetensors")) if runs.is_dir() else []
-        return [f.parent.name for f in files if _lora_base(f) in (None, self.config.model.base)]
+        names = [f.parent.name for f in files if _lora_base(f) in (None, self.config.model.base)]
+        return [choice for name in names
+                for choice in [name] + ([f"{name}@best"] if self.workspace.run(name).best_lora.is_file() else [])]
 
     def lora_path(self, name: str) -> Path:
         if name not in self.lora_choices():
             raise DemoError(f"LoRA {name!r} is not a trained run of this workspace")
-        return self.workspace.run(name).lora
+        run, _, checkpoint = name.partition("@")
+        return self.workspace.run(run).lora_at(checkpoint or "final")
 
     def pipe(self):
         if self._pipe is None:
