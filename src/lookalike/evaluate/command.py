@@ -33,24 +33,29 @@ SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "faceless", "s
 _LOADED: dict[tuple[str, bool], object] = {}
 
 
-def load_evaluator(settings: EvaluateConfig, with_clip: bool):
+def load_evaluator(settings: EvaluateConfig, with_clip: bool, on_cpu: bool = False):
     """The Evaluator for these settings, loaded once per process: `lookalike run` scores its runs one call at a
-    time, and ablate scores after it, all with the same models."""
-    key = (settings.model_dump_json(), with_clip)
+    time, and ablate scores after it, all with the same models. on_cpu: its models stay off the accelerator
+    (scoring while training, which needs that memory)."""
+    key = (settings.model_dump_json(), with_clip, on_cpu)
     if key not in _LOADED:
-        _LOADED[key] = _load_evaluator(settings, with_clip)
+        _LOADED[key] = _load_evaluator(settings, with_clip, on_cpu)
     return _LOADED[key]
 
 
-def _load_evaluator(settings: EvaluateConfig, with_clip: bool):
+def _load_evaluator(settings: EvaluateConfig, with_clip: bool, on_cpu: bool):
+    import torch
+
     from lookalike.evaluate.clip_score import ClipScorer
     from lookalike.evaluate.evaluator import Evaluator
     from lookalike.faces import FaceRule, load_backend
 
     quiet_libraries()
-    backend = load_backend(settings.face_backend)
+    placed = on_cpu and settings.face_backend == "facenet"  # dlib runs on the CPU anyway
+    backend = load_backend(settings.face_backend, **({"device": "cpu"} if placed else {}))
     rule = FaceRule.for_backend(backend, settings.min_face_score, settings.min_face_size)
-    return Evaluator(backend, rule, ClipScorer(*load_clip(settings.clip_model)) if with_clip else None)
+    device = torch.device("cpu") if on_cpu else None
+    return Evaluator(backend, rule, ClipScorer(*load_clip(settings.clip_model), device=device) if with_clip else None)
 
 
 def score_named(evaluator, references: dict[str, object], paths: list[Path], rows, all_pairs: bool, progress=None,

@@ -44,7 +44,8 @@ class SampleScores:
 
     def __init__(self, config: StudyConfig, run: RunPaths, start_step: int):
         self.run = run
-        self.evaluator = load_evaluator(config.evaluate, with_clip=True)
+        # On the CPU: the accelerator's memory is the training's, and a few sample images score there in a second.
+        self.evaluator = load_evaluator(config.evaluate, with_clip=True, on_cpu=True)
         self.references = {person.token: self.evaluator.reference(reference_photos(config, person))
                            for person in config.people}
         self.class_words = {person.token: person.class_word for person in config.people}
