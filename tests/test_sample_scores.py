@@ -21,6 +21,7 @@ from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.sample_scores import stop_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace, read_metrics
+from tests.test_train import assert_a_killed_run_resumes_exactly
 
 
 def record(step, identity, clip, faceless=0, images=4):
@@ -130,26 +131,19 @@ def test_stop_when_needs_scored_samples(tiny_config):
 
 
 @pytest.mark.slow
-def test_early_stopping_stops_where_the_rule_says_and_a_resumed_run_stops_there_too(tiny_config):
+def test_early_stopping_stops_where_the_rule_says_and_a_killed_run_resumes_to_the_same_stop(tiny_config):
     # The tiny model draws no face, so identity never improves: two scored steps (5 and 10) and it stops.
-    config = load_config(tiny_config(train={"max_train_steps": 40, "learning_rate": 1e-2, "sample_every": 5,
-                                            "sample_steps": 2, "checkpoint_every": 5,
-                                            "stop_when": {"identity_plateau": 2}}))
-    lora = train(config, "early")
-    run = Workspace(config.workspace).run("early")
-    status = run.read_status()
-    assert status["state"] == "done" and status["stopped_at"] == 10
-    assert status["stop_reason"] == "identity similarity did not improve for 2 scored sample steps"
-    assert len(read_metrics(run.metrics)) == 10
-    uninterrupted = load_file(str(lora))
-
-    shutil.move(lora, run.root / "first.safetensors")  # as if killed at step 10, after its checkpoint
-    shutil.rmtree(list_checkpoints(run.checkpoints)[-1])  # step 10's: the resume starts from step 5
-    run.write_status("failed", reason="interrupted", resumable=True)
-    train(config, "early", resume=True)
-    assert run.read_status()["stopped_at"] == 10 and [r["step"] for r in read_metrics(run.sample_scores)] == [5, 10]
-    for key, value in load_file(str(run.lora)).items():
-        torch.testing.assert_close(value, uninterrupted[key], rtol=0, atol=1e-6)
+    path = tiny_config(train={"max_train_steps": 40, "learning_rate": 1e-2, "sample_every": 5, "sample_steps": 2,
+                              "checkpoint_every": 5, "stop_when": {"identity_plateau": 2}})
+    # Trains "straight" in this process and "killed" as a process killed after step 5's checkpoint, then resumed:
+    # the same weights, every step up to the stop logged once.
+    assert_a_killed_run_resumes_exactly(path, steps=10, killed_after="step-000005")
+    workspace = Workspace(load_config(path).workspace)
+    for name in ("straight", "killed"):
+        status = workspace.run(name).read_status()
+        assert status["state"] == "done" and status["stopped_at"] == 10, name
+        assert status["stop_reason"] == "identity similarity did not improve for 2 scored sample steps"
+        assert [r["step"] for r in read_metrics(workspace.run(name).sample_scores)] == [5, 10]
 
 
 def test_the_sweep_table_shows_each_runs_best_step_with_its_scores(tmp_path):

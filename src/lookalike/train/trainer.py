@@ -386,12 +386,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **latest)
             _stop_if_not_finite(step, loss_value, run.checkpoints)
 
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
-                _stop_if_not_finite(step, loss_value, run.checkpoints, whole_params())  # every rank: together
-                if accelerator.is_main_process or sharded:  # gathering a sharded state takes every process
-                    checkpoint = lora_state_dict(model), training_state(step)
-                if accelerator.is_main_process:
-                    save_checkpoint(run.checkpoints, step, *checkpoint, t.checkpoints_keep)
+            # Samples, their scores and the stopping rule come before the step's checkpoint: a run killed between
+            # the two resumes from the checkpoint before and makes them again, never skips them.
             if (accelerator.is_main_process or sharded) and t.sample_every and step % t.sample_every == 0:
                 # A sharded transformer draws with every process (each forward gathers its blocks); the main
                 # one writes the images.
@@ -409,6 +405,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     stopped = {"stopped_at": step, "stop_reason": reason}
                     console.print(f"train: run {run.name!r} stopped early at step {step}: {reason}")
                     break
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
+                _stop_if_not_finite(step, loss_value, run.checkpoints, whole_params())  # every rank: together
+                if accelerator.is_main_process or sharded:  # gathering a sharded state takes every process
+                    checkpoint = lora_state_dict(model), training_state(step)
+                if accelerator.is_main_process:
+                    save_checkpoint(run.checkpoints, step, *checkpoint, t.checkpoints_keep)
     if metrics is not None:
         metrics.close()
     if scores is not None:
