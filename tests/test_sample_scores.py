@@ -165,3 +165,12 @@ def test_the_sweep_table_shows_each_runs_best_step_with_its_scores(tmp_path):
     lines = console.export_text().splitlines()
     assert any("│ 500 " in line and "0.47" in line and "0.26" in line for line in lines if "│ r " in line)
     assert best_sample(Workspace(tmp_path / "work").run("none")) is None
+
+
+def test_scoring_that_cannot_start_says_how_to_train_without_it(tiny_config, tmp_path):
+    from lookalike.train.sample_scores import SampleScores
+
+    config = load_config(tiny_config(train={"sample_every": 5}, evaluate={"clip_model": str(tmp_path / "no-clip")}))
+    with pytest.raises(LookalikeError, match=r"^scoring the training samples \(train.score_samples\): .*no-clip.*; "
+                                             r"or set train.score_samples = false$"):
+        SampleScores(config, Workspace(config.workspace).run("r"), 0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lookalike.config import StudyConfig
+from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos, score_named
 from lookalike.evaluate.scoring import ImageScore, aggregate, clip_prompt
 from lookalike.report.pareto import front_steps
@@ -44,10 +45,14 @@ class SampleScores:
 
     def __init__(self, config: StudyConfig, run: RunPaths, start_step: int):
         self.run = run
-        # On the CPU: the accelerator's memory is the training's, and a few sample images score there in a second.
-        self.evaluator = load_evaluator(config.evaluate, with_clip=True, on_cpu=True)
-        self.references = {person.token: self.evaluator.reference(reference_photos(config, person))
-                           for person in config.people}
+        try:
+            # On the CPU: the accelerator's memory is the training's, and a few sample images score there fast.
+            self.evaluator = load_evaluator(config.evaluate, with_clip=True, on_cpu=True)
+            self.references = {person.token: self.evaluator.reference(reference_photos(config, person))
+                               for person in config.people}
+        except LookalikeError as error:
+            raise LookalikeError(f"scoring the training samples (train.score_samples): {error}; or set "
+                                 "train.score_samples = false") from None
         self.class_words = {person.token: person.class_word for person in config.people}
         # A resumed run makes the steps after its checkpoint again: their scores and LoRAs go.
         self.records = [r for r in read_metrics(run.sample_scores) if r["step"] <= start_step] if start_step else []
