@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from train_step import REPO, SPEC  # bench/ is on sys.path when run as a script
+from train_step import REPO, SPEC, bench_config  # bench/ is on sys.path when run as a script
 
 from lookalike.config import load_config
 from lookalike.models.base import quiet_libraries
@@ -29,31 +29,9 @@ from lookalike.train.trainer import train
 
 
 def seconds(folder: Path, photos: Path, workdir: Path, name: str, steps: int, every: int, score: bool) -> float:
-    config_file = workdir / f"{name}.toml"
-    config_file.write_text(f"""
-name = "bench"
-workspace = "{workdir / 'work'}"
-[model]
-base = "{folder}"
-max_sequence_length = 32
-[subject]
-token = "sks"
-images = "{photos}"
-[data]
-resolution = 512
-[evaluate]
-face_backend = "dlib"
-clip_model = "tiny"
-[train]
-rank = 16
-max_train_steps = {steps}
-checkpoint_every = 0
-sample_every = {every}
-sample_steps = 20
-score_samples = {str(score).lower()}
-""")
+    config = load_config(bench_config(folder, photos, workdir, name, steps, sample_every=every, score_samples=score))
     started = time.perf_counter()
-    train(load_config(config_file), name)
+    train(config, name)
     return time.perf_counter() - started
 
 

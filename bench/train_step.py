@@ -33,8 +33,10 @@ SPEC = TinySpec(num_layers=2, num_single_layers=4, attention_head_dim=32, num_at
 RESOLUTION, RANK, WARMUP = 512, 16, 5
 
 
-def trainer_seconds_per_step(folder: Path, photos: Path, workdir: Path, steps: int) -> float:
-    config_file = workdir / "bench.toml"
+def bench_config(folder: Path, photos: Path, workdir: Path, name: str, steps: int, sample_every: int = 0,
+                 score_samples: bool = False) -> Path:
+    """A study config of the bench's tiny model on `photos` (faces by dlib, CLIP tiny: offline)."""
+    config_file = workdir / f"{name}.toml"
     config_file.write_text(f"""
 name = "bench"
 workspace = "{workdir / 'work'}"
@@ -48,14 +50,19 @@ images = "{photos}"
 resolution = {RESOLUTION}
 [evaluate]
 face_backend = "dlib"
+clip_model = "tiny"
 [train]
 rank = {RANK}
 max_train_steps = {steps}
 checkpoint_every = 0
-sample_every = 0
+sample_every = {sample_every}
+score_samples = {str(score_samples).lower()}
 """)
-    config = load_config(config_file)
-    lora = train(config, "bench")
+    return config_file
+
+
+def trainer_seconds_per_step(folder: Path, photos: Path, workdir: Path, steps: int) -> float:
+    lora = train(load_config(bench_config(folder, photos, workdir, "bench", steps)), "bench")
     records = [json.loads(line) for line in (lora.parent / "metrics.jsonl").read_text().splitlines()]
     timed = records[WARMUP:]
     return (timed[-1]["time"] - timed[0]["time"]) / (len(timed) - 1)
