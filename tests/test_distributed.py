@@ -9,41 +9,49 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lookalike.workspace import Workspace
+from lookalike.config import load_config
+from lookalike.train.trainer import train
+from lookalike.workspace import Workspace, read_metrics
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
 
 
-@pytest.mark.parametrize("shard", [False, True])
-def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_config, tmp_path, shard):
-    """Data-parallel, and sharded (FSDP2: each process holds half of the model, LoRA and AdamW state)."""
-    config = str(tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2, "shard": shard, "sample_every": 3}))
-    two = run_cli("train", config, "--run", "two", "--processes", "2", "--set", "train.batch_size=1")
+def single_process_weights(config_file, tmp_path) -> dict:
+    """The LoRA of one process training the global batch of 2, in this process."""
+    config = load_config(config_file, ["train.batch_size=2", "train.shard=false", "train.sample_every=0"])
+    return load_file(str(train(config, "one")))
+
+
+def assert_same_weights(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)
+
+
+def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_config, tmp_path):
+    config = tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2})
+    two = run_cli("train", str(config), "--run", "two", "--processes", "2", "--set", "train.batch_size=1")
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 processes x batch 1 x accumulation 1 = effective batch 2" in two.stdout
-    assert ("sharded: each process holds 1/2 of the model" in " ".join(two.stdout.split())) is shard
-    one = run_cli("train", config, "--run", "one", "--set", "train.batch_size=2", "--set", "train.shard=false")
-    assert one.returncode == 0, one.stderr
 
     workspace = Workspace(tmp_path / "work")
     status = workspace.run("two").read_status()
     assert status["processes"] == 2 and status["rank_weight_spread"] == 0.0, "both ranks end identical"
-    assert status["sharded"] is shard
-    assert sorted(p.name for p in workspace.run("two").samples.iterdir()) == ["step-000003_p0.png",
-                                                                               "step-000006_p0.png"]
+    assert status["sharded"] is False
     assert len(workspace.run("two").metrics.read_text().splitlines()) == 6, "the main rank alone logs"
-    parallel, single = load_file(str(workspace.run("two").lora)), load_file(str(workspace.run("one").lora))
-    assert parallel.keys() == single.keys()
-    for key in single:
-        torch.testing.assert_close(parallel[key], single[key], rtol=1e-4, atol=1e-5)
+    single = single_process_weights(config, tmp_path)
+    assert_same_weights(load_file(str(workspace.run("two").lora)), single, rtol=1e-4, atol=1e-5)
     assert any(single[k].abs().max() > 1e-3 for k in single if "lora_B" in k), "the LoRA has learned something"
 
 
-@pytest.mark.parametrize("shard", [False, True])
-def test_two_processes_resume_from_a_checkpoint_to_the_same_weights(tiny_config, tmp_path, shard):
-    config = str(tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2,
-                                    "shard": shard}))
+def test_two_processes_resume_from_a_checkpoint_to_the_same_weights(tiny_config, tmp_path):
+    config = str(tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2}))
+    assert_a_two_process_run_resumes_exactly(config, tmp_path)
+
+
+def assert_a_two_process_run_resumes_exactly(config: str, tmp_path) -> None:
+    """A finished 2-process run, set back to after its step-3 checkpoint and resumed, ends with the same LoRA."""
     first = run_cli("train", config, "--run", "r", "--processes", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     run = Workspace(tmp_path / "work").run("r")
@@ -56,6 +64,18 @@ def test_two_processes_resume_from_a_checkpoint_to_the_same_weights(tiny_config,
     assert "resuming 'r' from step 3" in resumed.stdout
     steps = [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
-    again = load_file(str(run.lora))
-    for key in uninterrupted:
-        torch.testing.assert_close(again[key], uninterrupted[key], rtol=0, atol=1e-6)
+    assert_same_weights(load_file(str(run.lora)), uninterrupted, rtol=0, atol=1e-6)
+
+
+def test_sharded_processes_train_as_one_process_draw_samples_and_resume_exactly(tiny_config, tmp_path):
+    """FSDP2: each process holds half of the model, LoRA and AdamW state; the result is data-parallel
+    training's, samples are drawn by both processes and written by one, and a resume is exact."""
+    config = tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2,
+                                "shard": True, "sample_every": 3, "batch_size": 1})
+    assert_a_two_process_run_resumes_exactly(str(config), tmp_path)
+    run = Workspace(tmp_path / "work").run("r")
+    status = run.read_status()
+    assert status["processes"] == 2 and status["sharded"] is True
+    assert sorted(p.name for p in run.samples.iterdir()) == ["step-000003_p0.png", "step-000006_p0.png"]
+    assert [r["step"] for r in read_metrics(run.sample_scores)] == [3, 6], "the main process scores them"
+    assert_same_weights(load_file(str(run.lora)), single_process_weights(config, tmp_path), rtol=1e-4, atol=1e-5)
