@@ -23,7 +23,6 @@ from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.trainer import train
-from tests.conftest import run_cli
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "qwen-image": "tiny-qwen-image"}
@@ -305,17 +304,22 @@ def test_a_hub_base_is_estimated_from_its_published_architecture_without_any_dow
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.slow
 def test_dry_run_says_which_settings_fit_the_gpu_it_is_given(tiny_config, tmp_path, monkeypatch):
+    """The command in this process (tests/test_memory.py runs `train --dry-run` as a process)."""
+    from typer.testing import CliRunner
+
+    from lookalike.cli import app
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("COLUMNS", "200")
     config = str(tiny_config(model={"base": "z-image"}, data={"resolution": 1024}))
-    result = run_cli("train", config, "--dry-run", "--gpu-memory", "24GB")
-    assert result.returncode == 0, result.stderr
-    assert "(6,154.9 M parameters)" in result.stdout and "precision bf16" in result.stdout
+    result = CliRunner().invoke(app, ["train", config, "--dry-run", "--gpu-memory", "24GB"])
+    assert result.exit_code == 0, result.output
+    assert "(6,154.9 M parameters)" in result.output and "precision bf16" in result.output
     # Z-Image in bf16 at 1024 px needs ~32 GB; checkpointing alone brings it to ~14 GB, the fewest changes.
     assert "does not fit a 24 GB GPU as configured; it fits with (fewest changes first):\n" \
-           "    train.gradient_checkpointing=true: ~" in result.stdout
+           "    train.gradient_checkpointing=true: ~" in result.output
 
 
 def test_gpu_memory_is_read_as_users_write_it():
