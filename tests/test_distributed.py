@@ -29,29 +29,23 @@ def assert_same_weights(a: dict, b: dict, rtol: float, atol: float) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)
 
 
-def test_two_processes_train_as_one_process_with_the_same_global_batch(tiny_config, tmp_path):
-    config = tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2})
-    two = run_cli("train", str(config), "--run", "two", "--processes", "2", "--set", "train.batch_size=1")
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert "2 processes x batch 1 x accumulation 1 = effective batch 2" in two.stdout
+def test_two_processes_train_as_one_process_with_the_same_global_batch_and_resume_exactly(tiny_config, tmp_path):
+    config = tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2})
+    first = assert_a_two_process_run_resumes_exactly(str(config), tmp_path)
+    assert "2 processes x batch 1 x accumulation 1 = effective batch 2" in first
 
-    workspace = Workspace(tmp_path / "work")
-    status = workspace.run("two").read_status()
+    run = Workspace(tmp_path / "work").run("r")
+    status = run.read_status()
     assert status["processes"] == 2 and status["rank_weight_spread"] == 0.0, "both ranks end identical"
     assert status["sharded"] is False
-    assert len(workspace.run("two").metrics.read_text().splitlines()) == 6, "the main rank alone logs"
     single = single_process_weights(config, tmp_path)
-    assert_same_weights(load_file(str(workspace.run("two").lora)), single, rtol=1e-4, atol=1e-5)
+    assert_same_weights(load_file(str(run.lora)), single, rtol=1e-4, atol=1e-5)
     assert any(single[k].abs().max() > 1e-3 for k in single if "lora_B" in k), "the LoRA has learned something"
 
 
-def test_two_processes_resume_from_a_checkpoint_to_the_same_weights(tiny_config, tmp_path):
-    config = str(tiny_config(train={"max_train_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2}))
-    assert_a_two_process_run_resumes_exactly(config, tmp_path)
-
-
-def assert_a_two_process_run_resumes_exactly(config: str, tmp_path) -> None:
-    """A finished 2-process run, set back to after its step-3 checkpoint and resumed, ends with the same LoRA."""
+def assert_a_two_process_run_resumes_exactly(config: str, tmp_path) -> str:
+    """A 2-process run (batch 1 each), set back to after its step-3 checkpoint once finished and resumed, ends
+    with the same LoRA, every step logged once by the main process. Returns the first run's output."""
     first = run_cli("train", config, "--run", "r", "--processes", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     run = Workspace(tmp_path / "work").run("r")
@@ -65,6 +59,7 @@ def assert_a_two_process_run_resumes_exactly(config: str, tmp_path) -> None:
     steps = [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert_same_weights(load_file(str(run.lora)), uninterrupted, rtol=0, atol=1e-6)
+    return first.stdout
 
 
 def test_sharded_processes_train_as_one_process_draw_samples_and_resume_exactly(tiny_config, tmp_path):

@@ -97,6 +97,15 @@ def test_the_report_names_the_best_checkpoint_of_all_runs_and_the_best_runs_best
     assert _best_strength([], {}) is None
 
 
+def test_the_steps_figure_draws_a_line_per_run_and_stars_its_best_step():
+    scores = {"a": [{"step": 100, "identity_similarity": 0.4, "clip_score": 0.25},
+                    {"step": 200, "identity_similarity": 0.5, "clip_score": 0.24}],
+              "b": [{"step": 100, "identity_similarity": None, "clip_score": 0.2}]}
+    identity, clip = figures.steps_figure(scores, {"a": 200, "b": 100}).axes
+    assert [list(line.get_xdata()) for line in identity.lines] == [[100, 200], [200]], "run a and its star"
+    assert [list(line.get_xdata()) for line in clip.lines] == [[100, 200], [200], [100], [100]]
+
+
 def test_a_metric_without_values_says_why_instead_of_empty_axes():
     rows = [{"name": f"r{rank}", "learning_rate": 1e-3, "rank": rank, "max_train_steps": 10,
              "lr_scheduler": "constant", "face_distance": None, "identity_similarity": None, "clip_score": 0.2,
