@@ -101,6 +101,8 @@ def test_a_run_without_scored_samples_has_no_best_checkpoint(tmp_path):
         run.lora_at("best")
     with pytest.raises(LookalikeError, match="--checkpoint: 'latest' is not best, final or a step number"):
         run.lora_at("latest")
+    with pytest.raises(LookalikeError, match=r"--checkpoint: '\.\./\.\./x' is not best, final or a step number"):
+        run.images_at("../../x")  # evaluate --checkpoint names a folder: never one outside the run's names
     assert run.lora_at("final") == run.lora and run.images_at("final") == run.images
 
 

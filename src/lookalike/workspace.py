@@ -207,6 +207,12 @@ class StepLog:
         self.file.close()
 
 
+def _check_checkpoint(checkpoint: str) -> None:
+    """A checkpoint is named final, best or by its step: never a path (it becomes part of a folder's name)."""
+    if checkpoint not in ("final", "best") and not (checkpoint.isascii() and checkpoint.isdigit()):
+        raise LookalikeError(f"--checkpoint: {checkpoint!r} is not best, final or a step number")
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The files of one training run: runs/<name>/..."""
@@ -264,6 +270,7 @@ class RunPaths:
     def lora_at(self, checkpoint: str) -> Path:
         """The run's LoRA at `checkpoint`: final (lora.safetensors), best (the best sample step's, by the
         report's rule), or the number of a step whose LoRA was kept (one on the front of the scored steps)."""
+        _check_checkpoint(checkpoint)
         if checkpoint == "final":
             return self.lora
         if checkpoint == "best":
@@ -272,8 +279,6 @@ class RunPaths:
                                      "(train.sample_every = 0 or train.score_samples = false), or it has not "
                                      "reached its first sample step")
             return self.best_lora
-        if not checkpoint.isdigit():
-            raise LookalikeError(f"--checkpoint: {checkpoint!r} is not best, final or a step number")
         if not self.front_lora(int(checkpoint)).is_file():
             kept = sorted(int(p.stem.removeprefix("step-")) for p in self.front.glob("step-*.safetensors"))
             raise LookalikeError(f"run {self.name!r} kept no LoRA of step {int(checkpoint)}: only the best scored "
@@ -282,6 +287,7 @@ class RunPaths:
 
     def images_at(self, checkpoint: str) -> Path:
         """Where the images of the run's LoRA at `checkpoint` go: images/ for the final one."""
+        _check_checkpoint(checkpoint)
         return self.images if checkpoint == "final" else self.root / f"images-{checkpoint}"
 
     @property

@@ -86,8 +86,9 @@ def _grid(config: StudyConfig, workspace: Workspace, chosen: list[dict], folder:
     for row in chosen:
         run_config = config_for_run(config, row["name"])
         guidance = _middle_scale(run_config)
+        strength = _grid_strength(run_config)
         jobs = {job.prompt_index: job for job in image_jobs(run_config)
-                if job.seed == seed and job.guidance == guidance and job.lora_scale == _grid_strength(run_config)}
+                if job.seed == seed and job.guidance == guidance and job.lora_scale == strength}
         columns.append((row, run_config, jobs, lora_fingerprints([(workspace.run(row["name"]).lora, 1.0)])))
     bases = several_bases(chosen)
     header = "".join(
