@@ -82,6 +82,29 @@ def tiny_config(tmp_path, faces):
     return make
 
 
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`lookalike ARGS` through the same entry point as run_cli, in this process: its exit code, stdout and
+    stderr, without a new interpreter's seconds of imports (for commands that fail or finish fast)."""
+    import contextlib
+    import io
+    import signal
+    from unittest import mock
+
+    from lookalike.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    handler = signal.getsignal(signal.SIGTERM)  # main() sets its own
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(sys, "argv", ["lookalike", *args]):
+        try:
+            main()
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(["lookalike", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m lookalike ARGS` as a user would, capturing its output."""
     return subprocess.run([sys.executable, "-m", "lookalike", *args], capture_output=True, text=True,

@@ -13,9 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.conftest import run_cli, tiny_study, write_config
-
-pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
+from tests.conftest import run_in_process, tiny_study, write_config
 
 
 def lora_file(path: Path, tensors: dict, adapter: str | None = '{"r": 2, "lora_alpha": 2}') -> Path:
@@ -135,7 +133,7 @@ def test_bad_input_is_one_error_line_and_changes_no_file(corpus, faces, case):
     args = CASES[case](corpus, faces)
     watched = [corpus, faces]
     before = [_digests(folder) for folder in watched]
-    result = run_cli(*args)
+    result = run_in_process(*args)
     assert result.returncode == 2, (case, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)
@@ -159,4 +157,4 @@ def test_the_corpus_config_writer_makes_valid_configs(corpus, faces):
                                                                                             "guido_van_rossum")},
                                                  "data": {"resolution": 64, "crop": "center"},
                                                  "evaluate": {"face_backend": "dlib"}})
-    assert run_cli("prepare", str(config)).returncode == 0
+    assert run_in_process("prepare", str(config)).returncode == 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 
 def assert_one_line_error(result, *expected):
@@ -31,19 +31,17 @@ def test_help_is_instant_and_lists_commands():
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 
 
-@pytest.mark.slow
 def test_missing_image_folder(tiny_config, tmp_path):
     missing = tmp_path / "no-such-photos"
-    assert_one_line_error(run_cli("train", str(tiny_config(subject={"images": str(missing)}))),
+    assert_one_line_error(run_in_process("train", str(tiny_config(subject={"images": str(missing)}))),
                           "subject.images", "folder not found", str(missing))
 
 
-@pytest.mark.slow
 def test_empty_image_folder(tiny_config, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no photos here")
-    assert_one_line_error(run_cli("train", str(tiny_config(subject={"images": str(empty)}))),
+    assert_one_line_error(run_in_process("train", str(tiny_config(subject={"images": str(empty)}))),
                           "subject.images: no photos in", str(empty))
 
 
@@ -53,27 +51,23 @@ def test_empty_image_folder(tiny_config, tmp_path):
     ({"learning_rate": -0.001}, "train.learning_rate"),
     ({"max_train_steps": 0}, "train.max_train_steps"),
 ])
-@pytest.mark.slow
 def test_bad_config(tiny_config, train, expected):
     path = tiny_config(train=train)
-    assert_one_line_error(run_cli("train", str(path)), expected, str(path))
+    assert_one_line_error(run_in_process("train", str(path)), expected, str(path))
 
 
-@pytest.mark.slow
 def test_an_error_naming_a_section_in_brackets_prints_it_whole(tiny_config):
-    result = run_cli("sweep", str(tiny_config()), "--plan", "--set", 'sweep.design="grid"',
+    result = run_in_process("sweep", str(tiny_config()), "--plan", "--set", 'sweep.design="grid"',
                      "--set", "sweep.factors={rnak=[1, 2]}")
     assert_one_line_error(result, "sweep.factors: 'rnak' is not a [train] key")
 
 
-@pytest.mark.slow
 def test_bad_set_override(tiny_config):
-    assert_one_line_error(run_cli("train", str(tiny_config()), "--set", "train.rank=0"), "train.rank")
+    assert_one_line_error(run_in_process("train", str(tiny_config()), "--set", "train.rank=0"), "train.rank")
 
 
-@pytest.mark.slow
 def test_missing_config_file(tmp_path):
-    assert_one_line_error(run_cli("train", str(tmp_path / "nope.toml")), "config file not found")
+    assert_one_line_error(run_in_process("train", str(tmp_path / "nope.toml")), "config file not found")
 
 
 class _Exploit:
@@ -87,20 +81,18 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("name", ["lora.pt", "lora.bin", "lora.safetensors"])
-@pytest.mark.slow
 def test_lora_that_is_not_safetensors_is_refused_unloaded(tiny_config, tmp_path, name):
     marker = tmp_path / "pickle-was-loaded"
     bad = tmp_path / name
     bad.write_bytes(pickle.dumps({"transformer.x.lora_A.weight": _Exploit(marker)}))
-    result = run_cli("generate", str(tiny_config()), "--lora", str(bad))
+    result = run_in_process("generate", str(tiny_config()), "--lora", str(bad))
     assert_one_line_error(result, str(bad))
     assert "safetensors" in result.stderr
     assert not marker.exists()
 
 
-@pytest.mark.slow
 def test_generate_from_a_run_that_was_never_trained(tiny_config):
-    assert_one_line_error(run_cli("generate", str(tiny_config()), "--run", "ghost"), "ghost", "train it first")
+    assert_one_line_error(run_in_process("generate", str(tiny_config()), "--run", "ghost"), "ghost", "train it first")
 
 
 @pytest.mark.slow
@@ -128,9 +120,9 @@ def test_gated_error_names_the_licence_and_the_token(monkeypatch):
         base.resolve_base("flux-dev")
 
 
-@pytest.mark.slow
 def test_unknown_base_model_is_named(tiny_config):
-    assert_one_line_error(run_cli("train", str(tiny_config(model={"base": "flux-pro"}))), "model.base", "flux-pro")
+    assert_one_line_error(run_in_process("train", str(tiny_config(model={"base": "flux-pro"}))), "model.base",
+                          "flux-pro")
 
 
 @pytest.mark.slow

@@ -175,4 +175,4 @@ def test_lora_strength_is_an_inference_factor_that_is_scored_and_ranked(tiny_con
     index = build_report(config, quiet)
     assert (index.parent / "figures" / "lora_strength.png").is_file()
     # The tiny CLIP measures nothing, so the report names no best strength (tests/test_report.py ranks them).
-    assert "Best LoRA strength" not in (index.parent / "summary.md").read_text()
+    assert "Best LoRA:" not in (index.parent / "summary.md").read_text()

@@ -23,7 +23,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def finished_study(tmp_path_factory, faces):
     """`lookalike run` on the tiny model: two experiments, one of them refused at run time on a CPU."""
     folder = tmp_path_factory.mktemp("study")
-    config = tiny_study(folder, faces, train={"max_train_steps": 10}, evaluate={"clip_model": "tiny"},
+    config = tiny_study(folder, faces, train={"max_train_steps": 10, "sample_every": 5, "sample_steps": 2},
+                        evaluate={"clip_model": "tiny"},
                         generate={"prompts": ["a photo of {token}", "{token} smiling"], "num_inference_steps": 2})
     config.write_text(config.read_text() + '[[sweep.experiments]]\nname = "ok"\n'
                       '[[sweep.experiments]]\nname = "bad"\noptimizer = "adamw8bit"\n')
@@ -42,6 +43,30 @@ def test_a_sweep_with_a_failed_run_gets_a_report_listing_the_failure(finished_st
     assert "<h2>Figures</h2>" in page and "figures/loss.png" in page and "grid/ok_p00_s0_g5.jpg" in page
     summary = (workspace / "report" / "summary.md").read_text()
     assert "| bad | failed |" in summary and "| ok | done |" in summary
+
+
+def test_a_runs_best_sample_step_is_drawn_and_scored_when_it_is_not_the_final_one(finished_study):
+    workspace, _ = finished_study
+    run = Workspace(workspace).run("ok")
+    status = run.read_status()
+    assert status["final_step"] == 10 and status["best_step"] in (5, 10) and run.best_lora.is_file()
+    best_images = run.images_at("best")
+    if status["best_step"] == 5:
+        assert run.has_distinct_best()
+        assert len(list(best_images.glob("p*.png"))) == 2 and (best_images / "metrics.json").is_file()
+    else:  # the best step's LoRA is the final one: nothing more to draw
+        assert not run.has_distinct_best() and not best_images.exists()
+
+
+def test_the_best_lora_is_distinct_only_when_its_step_is_not_the_final_one(tmp_path):
+    run = Workspace(tmp_path).run("r")
+    run.root.mkdir(parents=True)
+    run.write_status("done", best_step=5, final_step=10)
+    assert not run.has_distinct_best(), "no best LoRA kept"
+    run.best_lora.write_bytes(b"weights")
+    assert run.has_distinct_best()
+    run.write_status("done", best_step=10, final_step=10)
+    assert not run.has_distinct_best()
 
 
 def test_a_study_scored_by_the_random_tiny_clip_declares_no_winner(finished_study):
@@ -75,8 +100,8 @@ def test_best_settings_are_numbered_once_and_a_faceless_run_shows_one_identity(t
     assert "identity -," in best and "-1" not in summary, "a run without faces shows '-' everywhere"
 
 
-def test_the_report_names_the_best_checkpoint_of_all_runs_and_the_best_runs_best_strength():
-    from lookalike.report.build import _best_checkpoint, _best_strength
+def test_the_report_names_the_best_checkpoint_and_the_best_run_checkpoint_and_strength():
+    from lookalike.report.build import _best_checkpoint, _best_lora
 
     def scored(step, identity, clip):
         return {"step": step, "identity_similarity": identity, "clip_score": clip, "faceless": 0, "images": 2}
@@ -86,15 +111,28 @@ def test_the_report_names_the_best_checkpoint_of_all_runs_and_the_best_runs_best
               "b": [scored(100, 0.42, 0.25), scored(200, 0.55, 0.26), scored(300, 0.50, 0.26)]}
     assert _best_checkpoint(scores).startswith("Best checkpoint: run b at step 200 (")
     assert _best_checkpoint({}) is None
-    # The best run's images at each strength, ranked by the same rule: 0.8 keeps the face and the prompt best.
-    metrics = {"per_lora_scale": {"0.6": {"identity_similarity": 0.30, "clip_score": 0.27, "faceless": 0},
-                                  "0.8": {"identity_similarity": 0.50, "clip_score": 0.27, "faceless": 0},
-                                  "1.2": {"identity_similarity": 0.52, "clip_score": 0.20, "faceless": 1}}}
-    line = _best_strength([{"name": "b"}], {"b": metrics})
-    assert line.startswith("Best LoRA strength for run b: 0.8 (of 0.6, 0.8, 1.2")
-    assert _best_strength([{"name": "b"}], {"b": {"per_lora_scale": {"1.0": metrics["per_lora_scale"]["0.8"]}}}) \
-        is None, "one strength: nothing to choose"
-    assert _best_strength([], {}) is None
+
+    def at(identity, clip, faceless=0):
+        return {"identity_similarity": identity, "clip_score": clip, "faceless": faceless, "images": 4}
+
+    # Every run's final and best LoRAs at each strength, ranked by the same rule: b's best step at 0.8 keeps the
+    # face and the prompt best; b's final LoRA is better at 1.2 on identity alone, but loses a face and CLIP.
+    evaluations = {
+        ("a", "final"): {"per_lora_scale": {"0.8": at(0.45, 0.26), "1.2": at(0.48, 0.22)}},
+        ("b", "final"): {"per_lora_scale": {"0.8": at(0.50, 0.25), "1.2": at(0.58, 0.20, faceless=1)}},
+        ("b", "best"): {"per_lora_scale": {"0.8": at(0.55, 0.27), "1.2": at(0.52, 0.21)}},
+    }
+    line = _best_lora(evaluations, {"a": None, "b": 200})
+    assert line.startswith("Best LoRA: run b, its best sample step's (step 200), at strength 0.8 (identity 0.55"), \
+        line
+    assert "best of 6 checkpoints and strengths" in line and "--run b --checkpoint best" in line
+    # Without strengths, the final and best checkpoints alone are compared (metrics.json without per strength).
+    line = _best_lora({("b", "final"): at(0.5, 0.25), ("b", "best"): at(0.4, 0.24)}, {"b": 200})
+    assert line.startswith("Best LoRA: run b, its final LoRA, at strength 1.0"), line
+    # One LoRA at one strength per run: nothing to choose beyond the ranked runs.
+    assert _best_lora({("a", "final"): {"per_lora_scale": {"1.0": at(0.5, 0.2)}},
+                       ("b", "final"): at(0.4, 0.2)}, {}) is None
+    assert _best_lora({}, {}) is None
 
 
 def test_the_steps_figure_draws_a_line_per_run_and_stars_its_best_step():

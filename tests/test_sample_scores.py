@@ -15,11 +15,13 @@ from lookalike.config import StopRule, load_config
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import evaluate_runs
 from lookalike.generate import generate
+from lookalike.models.lora import modules_of, read_lora
 from lookalike.report.pareto import front_steps
 from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.sample_scores import stop_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace, read_metrics
+from tests.conftest import run_in_process
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 
@@ -47,8 +49,9 @@ def test_the_best_step_is_chosen_by_the_reports_rule():
 
 @pytest.mark.slow
 def test_samples_are_scored_while_training_and_the_best_steps_lora_is_kept_drawn_and_resumed(tiny_config):
-    config = load_config(tiny_config(train={"max_train_steps": 15, "learning_rate": 1e-2, "sample_every": 5,
-                                            "sample_steps": 2, "checkpoint_every": 5, "checkpoints_keep": 3}))
+    config_file = tiny_config(train={"max_train_steps": 15, "learning_rate": 1e-2, "sample_every": 5,
+                                     "sample_steps": 2, "checkpoint_every": 5, "checkpoints_keep": 3})
+    config = load_config(config_file)
     lora = train(config, "r")
     run = Workspace(config.workspace).run("r")
     records = read_metrics(run.sample_scores)
@@ -83,6 +86,22 @@ def test_samples_are_scored_while_training_and_the_best_steps_lora_is_kept_drawn
     assert evaluate_runs(config, display.console(quiet=True), run="r", checkpoint="best") == ["r"]
     assert json.loads((folder / "metrics.json").read_text())["images"] == 1
     assert not (run.root / "metrics.json").exists(), "the final LoRA's metrics are not these"
+
+    # merge takes runs at a checkpoint: r@best at weight 1 beside r's final LoRA at weight 0 changes every
+    # weight exactly as the best LoRA does.
+    merged = run.root.parent / "merged.safetensors"
+    result = run_in_process("merge", "r@best", "r", "--config", str(config_file), "--weights", "1,0",
+                            "--out", str(merged))
+    assert result.returncode == 0, result.stderr
+    _, best_config, _ = read_lora(run.best_lora)
+    scale = best_config["lora_alpha"] / best_config["r"]
+    merged_modules = modules_of(load_file(str(merged)))
+    assert merged_modules.keys() == modules_of(kept).keys()
+    for name, (down, up) in modules_of(kept).items():
+        merged_down, merged_up = merged_modules[name]
+        torch.testing.assert_close(merged_up @ merged_down, scale * up @ down, rtol=1e-5, atol=1e-7)
+    assert "--checkpoint picks a run's LoRA" in run_in_process("merge", "a", "b", "--out", str(merged),
+                                                              "--checkpoint", "best").stderr
 
     # A run resumed from step 10's checkpoint (the last: none is made at the final step) scores step 15 again,
     # once, and keeps the same best LoRA.

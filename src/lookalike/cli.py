@@ -293,17 +293,29 @@ def _weights(text: str | None) -> list[float] | None:
 
 @app.command()
 def merge(
-    lora_a: Annotated[Path, typer.Argument(help="The first LoRA file.")],
-    lora_b: Annotated[Path, typer.Argument(help="The second LoRA file.")],
+    lora_a: Annotated[str, typer.Argument(help="The first LoRA file; with --config a run, NAME or "
+                                          "NAME@CHECKPOINT.")],
+    lora_b: Annotated[str, typer.Argument(help="The second LoRA, as the first.")],
     out: Annotated[Path, typer.Option(help="The merged LoRA file to write.")],
     weights: Annotated[str, typer.Option(help="a,b: the merged weight change is a·ΔA + b·ΔB.")] = "1,1",
+    config: Annotated[Optional[Path], typer.Option(help="The study's config: the LoRAs are its runs'.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="With --config: the runs' final LoRAs, their best sample steps' "
+                                            "(best) or a kept step's number (NAME@CHECKPOINT sets one run's).")]
+        = "final",
 ) -> None:
     """Merge two LoRAs exactly into one file (ranks concatenated, alpha included)."""
     pair = _weights(weights)
     if len(pair) != 2:
         raise LookalikeError(f"--weights: give two weights, like 1,0.5 (got {weights!r})")
+    if config is None:
+        if checkpoint != "final":
+            raise LookalikeError("--checkpoint picks a run's LoRA: give --config with run names")
+        sources = [Path(lora_a), Path(lora_b)]
+    else:
+        workspace = Workspace(_load(config, None).workspace)
+        sources = [workspace.lora_of(choice, checkpoint) for choice in (lora_a, lora_b)]
     _quiet()
-    merge_loras(lora_a, lora_b, out, (pair[0], pair[1]))
+    merge_loras(sources[0], sources[1], out, (pair[0], pair[1]))
     console.print(f"merge: {out}")
 
 

@@ -205,6 +205,9 @@ class GenerateConfig(Section):
     lora_scales: list[Annotated[float, Field(gt=0, le=4)]] = Field([1.0], min_length=1)
     """Strengths the LoRA is applied at, an inference factor beside guidance (e.g. [0.6, 0.8, 1.0, 1.2]): each
     image is made and scored at each, and the report names the best. [1.0]: the LoRA as trained."""
+    best_checkpoint: bool = True
+    """`lookalike run` also draws and scores each run's best sample step's LoRA (train.score_samples), when it
+    is not the final one, into images-best/: the report then names the best (run, checkpoint, strength)."""
 
     @model_validator(mode="after")
     def _one_fused_strength(self) -> "GenerateConfig":

@@ -86,8 +86,7 @@ class DemoModels:
     def lora_path(self, name: str) -> Path:
         if name not in self.lora_choices():
             raise DemoError(f"LoRA {name!r} is not a trained run of this workspace")
-        run, _, checkpoint = name.partition("@")
-        return self.workspace.run(run).lora_at(checkpoint or "final")
+        return self.workspace.lora_of(name)
 
     def pipe(self):
         if self._pipe is None:

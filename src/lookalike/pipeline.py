@@ -1,6 +1,8 @@
 """lookalike run: the whole study in order (prepare, sweep, generate, evaluate; the CLI then prints the results
 and builds the report), each stage
 skipping what is already up to date, so running it again after an interruption continues where it stopped.
+A run whose best scored sample step is not its last also has that step's LoRA drawn and scored
+([generate] best_checkpoint), so the report can compare the two.
 
 A run that fails to train, or whose images fail to generate, is reported and left out of the later stages;
 the other runs go on.
@@ -20,7 +22,7 @@ from lookalike.generate import generate
 from lookalike.models.base import quiet_libraries
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep
-from lookalike.workspace import UNFINISHED
+from lookalike.workspace import UNFINISHED, Workspace
 
 
 def run_study(config: StudyConfig, config_file: Path, overrides: list[str], console: Console, jobs: int = 1,
@@ -40,20 +42,29 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     trained = [o.name for o in outcomes if o.state in ("done", "skipped")]
 
     stage("3/4 generate")
-    generated = []
+    drawn = []  # (run, checkpoint) of every LoRA whose images were made
     for name in trained:
-        try:
-            generate(config_for_run(config, name), run=name, console=console)
-            generated.append(name)
-        except (LookalikeError, RuntimeError) as error:  # RuntimeError: torch, e.g. out of memory
-            problems.append(f"run {name}: generate failed: {error}")
-            console.print(f"generate: run {name} failed: {error}")
+        checkpoints = ["final"]
+        if config.generate.best_checkpoint and Workspace(config.workspace).run(name).has_distinct_best():
+            checkpoints.append("best")
+        for checkpoint in checkpoints:
+            try:
+                generate(config_for_run(config, name), run=name, console=console, checkpoint=checkpoint)
+                drawn.append((name, checkpoint))
+            except (LookalikeError, RuntimeError) as error:  # RuntimeError: torch, e.g. out of memory
+                problems.append(f"run {name}{_at(checkpoint)}: generate failed: {error}")
+                console.print(f"generate: run {name}{_at(checkpoint)} failed: {error}")
+                break
 
     stage("4/4 evaluate")
-    for name in generated:
+    for name, checkpoint in drawn:
         try:
-            evaluate_runs(config, console, run=name)
+            evaluate_runs(config, console, run=name, checkpoint=checkpoint)
         except LookalikeError as error:
-            problems.append(f"run {name}: evaluate failed: {error}")
-            console.print(f"evaluate: run {name} failed: {error}")
+            problems.append(f"run {name}{_at(checkpoint)}: evaluate failed: {error}")
+            console.print(f"evaluate: run {name}{_at(checkpoint)} failed: {error}")
     return problems
+
+
+def _at(checkpoint: str) -> str:
+    return "" if checkpoint == "final" else f" ({checkpoint} checkpoint)"

@@ -264,6 +264,11 @@ class RunPaths:
     def best_lora(self) -> Path:
         return self.root / "lora-best.safetensors"
 
+    def has_distinct_best(self) -> bool:
+        """The run kept a best sample step's LoRA, and that step is not its final LoRA's."""
+        status = self.read_status() or {}
+        return self.best_lora.is_file() and status.get("best_step") != status.get("final_step")
+
     def front_lora(self, step: int) -> Path:
         return self.front / f"step-{step:06d}.safetensors"
 
@@ -429,3 +434,8 @@ class Workspace:
 
     def run(self, name: str) -> RunPaths:
         return RunPaths(self.runs / check_run_name(name))
+
+    def lora_of(self, choice: str, checkpoint: str = "final") -> Path:
+        """The LoRA named `<run>` (at `checkpoint`) or `<run>@<checkpoint>`, as the demo lists them."""
+        name, _, named = choice.partition("@")
+        return self.run(name).lora_at(named or checkpoint)

@@ -55,7 +55,8 @@ def _digest(config: StudyConfig, workspace: Workspace, rows: list[dict]) -> str:
     files = []
     for row in rows:
         run = workspace.run(row["name"])
-        for path in [run.metrics, run.sample_scores, run.root / "metrics.json", *sorted(run.images.glob("*.png"))]:
+        for path in [run.metrics, run.sample_scores, run.status, run.root / "metrics.json",
+                     run.images_at("best") / "metrics.json", *sorted(run.images.glob("*.png"))]:
             if path.is_file():
                 files.append((str(path), path.stat().st_size, path.stat().st_mtime_ns))
     facts = [config.to_json_dict(), rows, files]
@@ -172,7 +173,15 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             figures.save(figures.steps_figure(scores, best_steps), folder / shown[-1][1])
 
         grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
-        best_of = [] if unrankable else [_best_checkpoint(scores), _best_strength(front, evaluations)]
+        checkpoints = {(name, "final"): metrics for name, metrics in evaluations.items()}
+        for row in done:
+            best_metrics = workspace.run(row["name"]).images_at("best") / "metrics.json"
+            if best_metrics.is_file():
+                checkpoints[row["name"], "best"] = read_json(best_metrics)
+        statuses = {row["name"]: workspace.run(row["name"]).read_status() or {} for row in done}
+        best_of = [] if unrankable else [
+            _best_lora(checkpoints, {name: status.get("best_step") for name, status in statuses.items()}),
+            _best_checkpoint(scores)]
         best_lines = _best_lines(front, unplaced, failed, unrankable, best_of)
         (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid))
         (folder / "summary.md").write_text(_summary(config, rows, best_lines))
@@ -214,38 +223,49 @@ def _best_checkpoint(scores: dict[str, list[dict]]) -> str | None:
             f"--run {name} --checkpoint {step}` draws with it)")
 
 
-def _best_strength(front: list[dict], evaluations: dict[str, dict]) -> str | None:
-    """The best LoRA strength of the best run, by the same rule over its images at each strength."""
-    if not front:
+def _best_lora(evaluations: dict[tuple[str, str], dict], best_steps: dict[str, int | None]) -> str | None:
+    """The best (run, checkpoint, LoRA strength) over every evaluated checkpoint of every run ({(run,
+    checkpoint): its metrics.json}, checkpoint final or best) at each strength, by the same rule as the runs;
+    None when there is nothing to choose beyond the runs themselves (one checkpoint and one strength each)."""
+    candidates = [{**values, "name": (run, checkpoint, strength)}
+                  for (run, checkpoint), metrics in evaluations.items()
+                  for strength, values in (metrics.get("per_lora_scale") or {"1.0": metrics}).items()]
+    if len(candidates) <= len({run for run, _ in evaluations}):
         return None
-    per_strength = evaluations.get(front[0]["name"], {}).get("per_lora_scale", {})
-    ranked, _ = pareto_front([{**metrics, "name": strength} for strength, metrics in per_strength.items()])
-    if len(per_strength) < 2 or not ranked:
+    ranked, _ = pareto_front(candidates)
+    if not ranked:
         return None
-    return (f"Best LoRA strength for run {front[0]['name']}: {ranked[0]['name']} (of {', '.join(per_strength)}, "
-            f"same rule over its images at each strength)")
+    best = ranked[0]
+    run, checkpoint, strength = best["name"]
+    which = (f"its best sample step's (step {best_steps.get(run)})" if checkpoint == "best" else "its final LoRA")
+    return (f"Best LoRA: run {run}, {which}, at strength {strength} (identity {cell(best['identity_similarity'])}, "
+            f"CLIP {cell(best['clip_score'])}, faceless {cell(best['faceless'])}; best of {len(candidates)} "
+            f"checkpoints and strengths by the same rule; `generate --run {run} --checkpoint {checkpoint}` draws "
+            "with it)")
 
 
 def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
-                unrankable: str | None, best_of: list[str | None] = ()) -> tuple[list[str], list[str]]:
-    """(the ranked runs, best first; notes: the best checkpoint over every run's scored steps and the best
-    run's best LoRA strength, why nothing is ranked, runs left out, failed runs)."""
+                unrankable: str | None, best_of: list[str | None] = ()) -> tuple[list[str], list[str], list[str]]:
+    """(the headline: the best LoRA over every run's evaluated checkpoints and strengths, the best checkpoint
+    over every run's scored steps; the ranked runs, best first; notes: why nothing is ranked, runs left out,
+    failed runs)."""
     bases = several_bases(front)
     ranked = [f"{r['name']}: " + (f"{shown(r, 'base')}, " if bases else "") +
               f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
               f"{cell(r['max_train_steps'])} steps, {r['lr_scheduler']} (identity {cell(r['identity_similarity'])}, "
               f"CLIP {cell(r['clip_score'])}, faceless {cell(r['faceless'])}, face distance "
               f"{cell(r['face_distance'])})" for r in front]
-    notes = [line for line in best_of if line]
-    notes += [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
+    headline = [line for line in best_of if line]
+    notes = [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
     notes += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
     notes += [f"failed: {r['name']} ({r['reason']})" for r in failed]
-    return ranked, notes
+    return headline, ranked, notes
 
 
 def _page(config, rows, front, best_lines, failed, shown, grid) -> str:
-    ranked, notes = best_lines
-    best = (f"<ol>{''.join(f'<li>{html.escape(line)}</li>' for line in ranked)}</ol>" if ranked else "") + \
+    headline, ranked, notes = best_lines
+    best = "".join(f"<p><b>{html.escape(line)}</b></p>" for line in headline) + \
+        (f"<ol>{''.join(f'<li>{html.escape(line)}</li>' for line in ranked)}</ol>" if ranked else "") + \
         (f"<ul>{''.join(f'<li>{html.escape(line)}</li>' for line in notes)}</ul>" if notes else "")
     done = sum(r["state"] == "done" for r in rows)
     figures_html = "".join(
@@ -266,8 +286,9 @@ def _page(config, rows, front, best_lines, failed, shown, grid) -> str:
 
 
 def _summary(config, rows, best_lines) -> str:
-    ranked, notes = best_lines
+    headline, ranked, notes = best_lines
     lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
+    lines += [f"**{line}**\n" for line in headline]
     lines += [f"{i}. {line}" for i, line in enumerate(ranked, 1)] + [f"- {line}" for line in notes] or ["None yet."]
     columns = result_columns(rows)
     lines += ["", "## Every run", "", "| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]

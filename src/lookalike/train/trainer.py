@@ -428,7 +428,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     if accelerator.is_main_process:
         lora_file(run.lora, final, last_step)
     return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
-            "best_step": scores.best if scores is not None else None, **stopped}
+            "best_step": scores.best if scores is not None else None, "final_step": last_step, **stopped}
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
