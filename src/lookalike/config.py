@@ -138,6 +138,12 @@ class TrainConfig(Section):
     """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
     guidance: float = Field(1.0, ge=0)
     """Guidance fed to guidance-distilled models (FLUX.1-dev) while training: 1.0, as FLUX trainers advise."""
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    """Stable Diffusion bases (noise prediction): add this times noise constant over each channel (0.05-0.1 is
+    common); flow-matching bases do not use it."""
+    snr_gamma: float | None = Field(None, gt=0)
+    """Stable Diffusion bases: min-SNR loss weighting with this gamma (5.0 is the paper's); None: plain MSE.
+    Flow-matching bases do not use it (their timestep_sampling plays that part)."""
     base_quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
     """The frozen transformer's linear weights stored quantised, the LoRA trained on top in full precision:
     nf4 (bitsandbytes, CUDA only) about a quarter of bf16's memory, int8 or fp8 (torchao, weight-only) half.

@@ -66,7 +66,7 @@ def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, ma
         width=size,
         num_inference_steps=steps,
         **pipeline_family(pipe).guidance_arguments(guidance, by_embeddings=embeddings is not None),
-        max_sequence_length=max_sequence_length,
+        **pipeline_family(pipe).text_arguments(max_sequence_length),
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
         callback_on_step_end=callback,
@@ -205,7 +205,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     lora_info = apply_loras(pipe, [(path, weight * applied) for path, weight in adapters],
                             fuse=config.generate.fuse_lora)
     if config.generate.compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        getattr(pipe, pipeline_family(pipe).denoiser).compile_repeated_blocks(fullgraph=True)
 
     # 2. One image per job, each with its sidecar, written atomically; the resolved config beside them.
     write_json(folder / "config.json", config.to_json_dict())

@@ -149,7 +149,8 @@ def load_pipeline(folder: Path, dtype=None, **components):
     family = folder_family(folder)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with _naming_failures(folder, "pipeline"):
-        pipe = family.pipeline_class().from_pretrained(folder, **components, **kwargs)
+        pipe = family.pipeline_class().from_pretrained(folder, **{**family.pipeline_overrides(), **components},
+                                                       **kwargs)
     family.adjust_pipeline(pipe)
     return pipe
 

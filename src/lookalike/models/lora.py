@@ -1,9 +1,9 @@
-"""LoRA adapters of a base's transformer: how they are added, saved and checked on loading (which layers: the
-family's presets, models/families/).
+"""LoRA adapters of a base's denoiser (the transformer, or an SD UNet): how they are added, saved and checked on
+loading (which layers: the family's presets, models/families/).
 
-Saved files use diffusers' own layout (keys `transformer.<module>.lora_A.weight`, the peft config under the
-`lora_adapter_metadata` header), so the family pipeline's `load_lora_weights` loads them unchanged, alpha
-included.
+Saved files use diffusers' own layout (keys `<denoiser>.<module>.lora_A.weight`, `transformer.` or `unet.`, the
+peft config under the `lora_adapter_metadata` header), so the family pipeline's `load_lora_weights` loads them
+unchanged, alpha included.
 Only safetensors files are ever read: a pickle can run code on loading.
 """
 
@@ -16,21 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import base_family, transformer_family
+from lookalike.models.families import base_family, denoiser_family
 from lookalike.workspace import atomic_path
 
 METADATA_PREFIX = "lookalike."
+DENOISERS = ("transformer", "unet")  # the pipeline components a LoRA file's keys may start with
 
 
 def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0) -> None:
-    """Add a trainable LoRA adapter to the (frozen) transformer, on the layers its family's preset `target`
-    names (train.target_modules)."""
+    """Add a trainable LoRA adapter to the (frozen) denoiser, on the layers its family's preset `target` names
+    (train.target_modules)."""
     import re
 
     import torch
     from peft import LoraConfig
 
-    targets = transformer_family(transformer).target_modules[target]
+    targets = denoiser_family(transformer).target_modules[target]
     # A rank above a layer's narrower side adds parameters that cannot change anything: a user's slip.
     widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
               if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*(?:{targets})", name)]
@@ -53,15 +54,21 @@ def full_tensor(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def lora_state_dict(transformer) -> dict[str, Any]:
-    """The adapter's tensors with diffusers' key names (prefix `transformer.`), detached, whole and on the CPU
-    (of a sharded transformer every process must call it)."""
+def lora_state_dict(denoiser) -> dict[str, Any]:
+    """The adapter's tensors with diffusers' key names (prefix: the family's denoiser, `transformer.` or
+    `unet.`), detached, whole and on the CPU (of a sharded transformer every process must call it)."""
     from peft.utils import get_peft_model_state_dict
 
+    prefix = denoiser_family(denoiser).denoiser
     return {
-        f"transformer.{key}": full_tensor(tensor.detach()).to("cpu").contiguous()
-        for key, tensor in get_peft_model_state_dict(transformer).items()
+        f"{prefix}.{key}": full_tensor(tensor.detach()).to("cpu").contiguous()
+        for key, tensor in get_peft_model_state_dict(denoiser).items()
     }
+
+
+def denoiser_of(tensors: dict[str, Any]) -> str:
+    """The component a LoRA's keys (diffusers' layout) start with: transformer or unet."""
+    return next(iter(tensors)).split(".", 1)[0] if tensors else DENOISERS[0]
 
 
 def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None) -> None:
@@ -85,7 +92,7 @@ def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, 
     if scale != 1:
         peft_config = dataclasses.replace(peft_config, lora_alpha=rank)
     info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
-    adapter = {f"transformer.{k}": v for k, v in peft_config.to_dict().items()}
+    adapter = {f"{denoiser_of(tensors)}.{k}": v for k, v in peft_config.to_dict().items()}
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True),
                 **file_metadata(rank, info)}
     with atomic_path(path) as tmp:
@@ -144,9 +151,11 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
 
     metadata = check_lora_file(path)
     tensors = load_file(str(path))
-    if not all(key.startswith("transformer.") and (".lora_A." in key or ".lora_B." in key) for key in tensors):
-        raise LookalikeError(f"{path}: not a LoRA of a transformer in diffusers' layout "
-                             "(keys transformer.<module>.lora_A/lora_B.weight)")
+    denoiser = denoiser_of(tensors)
+    if denoiser not in DENOISERS or not all(key.startswith(f"{denoiser}.") and (".lora_A." in key or ".lora_B." in key)
+                                            for key in tensors):
+        raise LookalikeError(f"{path}: not a LoRA in diffusers' layout (keys transformer.<module>.lora_A/lora_B.weight"
+                             ", or unet.<module>...)")
     try:
         adapter = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
     except ValueError:
@@ -155,7 +164,7 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
         raise LookalikeError(f"{path}: its header's {LORA_ADAPTER_METADATA_KEY} is not a JSON object of LoRA "
                              "settings")
     modules = _checked_modules(path, tensors)
-    config = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+    config = {k.removeprefix(f"{denoiser}."): v for k, v in adapter.items()}
     if "r" not in config:
         rank = next(iter(modules.values()))[0].shape[0]
         config = {"r": rank, "lora_alpha": rank}
@@ -171,8 +180,9 @@ def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any
     least 1, with finite values. Anything else would fail deep inside merge or export, or poison the weights."""
     import torch
 
+    denoiser = denoiser_of(tensors)
     for name in _module_names(tensors):
-        down, up = (tensors.get(f"transformer.{name}.lora_{part}.weight") for part in "AB")
+        down, up = (tensors.get(f"{denoiser}.{name}.lora_{part}.weight") for part in "AB")
         if down is None or up is None:
             raise LookalikeError(f"{path}: module {name} lacks its lora_{'A' if down is None else 'B'} matrix")
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] < 1:
@@ -184,12 +194,13 @@ def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any
 
 
 def _module_names(tensors: dict[str, Any]) -> list[str]:
-    return sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors})
+    return sorted({key.split(".", 1)[1].rsplit(".lora_", 1)[0] for key in tensors})
 
 
 def modules_of(tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """module name (without `transformer.`) -> (lora_A, lora_B)."""
-    return {name: (tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"])
+    """module name (without the `transformer.` or `unet.` prefix) -> (lora_A, lora_B)."""
+    denoiser = denoiser_of(tensors)
+    return {name: (tensors[f"{denoiser}.{name}.lora_A.weight"], tensors[f"{denoiser}.{name}.lora_B.weight"])
             for name in _module_names(tensors)}
 
 

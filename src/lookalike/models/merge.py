@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
-from lookalike.models.lora import modules_of, read_lora, save_lora
+from lookalike.models.lora import denoiser_of, modules_of, read_lora, save_lora
 
 
 def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, float] = (1.0, 1.0)) -> Path:
@@ -28,6 +28,10 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
     if base_a and base_b and base_a != base_b:
         raise LookalikeError(f"cannot merge LoRAs of different base models: {first} is for {base_a}, "
                              f"{second} for {base_b}")
+    if denoiser_of(tensors_a) != denoiser_of(tensors_b):
+        raise LookalikeError(f"cannot merge a LoRA of a {denoiser_of(tensors_a)} ({first}) with one of a "
+                             f"{denoiser_of(tensors_b)} ({second})")
+    denoiser = denoiser_of(tensors_a)
     modules_a, modules_b = modules_of(tensors_a), modules_of(tensors_b)
     rank_a, rank_b = config_a["r"], config_b["r"]
     scale_a = weights[0] * config_a["lora_alpha"] / rank_a
@@ -51,8 +55,8 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
                 parts.append((down, up * scale))
             else:
                 parts.append((torch.zeros(rank, features_in), torch.zeros(features_out, rank)))
-        merged[f"transformer.{name}.lora_A.weight"] = torch.cat([down for down, _ in parts]).contiguous()
-        merged[f"transformer.{name}.lora_B.weight"] = torch.cat([up for _, up in parts], dim=1).contiguous()
+        merged[f"{denoiser}.{name}.lora_A.weight"] = torch.cat([down for down, _ in parts]).contiguous()
+        merged[f"{denoiser}.{name}.lora_B.weight"] = torch.cat([up for _, up in parts], dim=1).contiguous()
 
     rank = rank_a + rank_b
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names)

@@ -99,7 +99,8 @@ class EmbeddingCache:
         paths = {caption: self.text_path(caption, max_sequence_length) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, path in paths.items() if not path.exists()]
         if missing:
-            encoder = load_pipeline(self.model_folder, dtype=self.dtype, transformer=None, vae=None).to(self.device)
+            encoder = load_pipeline(self.model_folder, dtype=self.dtype, vae=None,
+                                    **{self.family.denoiser: None}).to(self.device)
             for caption in missing:
                 with torch.no_grad():
                     encoded = self.family.encode(encoder, caption, max_sequence_length, self.device)

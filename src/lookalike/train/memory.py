@@ -82,7 +82,8 @@ def transformer_config(config: StudyConfig) -> dict:
     info = KNOWN_BASES.get(config.model.base)
     if info is not None and info.architecture is not None:
         return dict(info.architecture)
-    path = resolve_base(config.model.base, config.model.revision) / "transformer" / "config.json"  # tiny: built
+    denoiser = base_family(config.model.base).denoiser
+    path = resolve_base(config.model.base, config.model.revision) / denoiser / "config.json"  # tiny: built
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
@@ -92,7 +93,7 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str, f
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        model = FAMILIES[family].component_class("transformer").from_config(architecture)
+        model = FAMILIES[family].component_class(FAMILIES[family].denoiser).from_config(architecture)
         add_lora(model, rank, alpha, target)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.

@@ -1,4 +1,4 @@
-"""The flow-matching LoRA trainer of a base's transformer (its family says how to feed it), on accelerate.
+"""The LoRA trainer of a base's denoiser (its family says how to feed it and what it learns), on accelerate.
 
 `train()` reads top to bottom: check the run folder, encode (cached), build the LoRA, optimizer and
 schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, latent
@@ -36,7 +36,6 @@ from lookalike.progress import progress_bar
 from lookalike.store import record_run
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, repeated_blocks, shard_transformer
@@ -271,10 +270,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                       " (not scaled with the batch)" + (f"; sharded: each process holds 1/{processes} of the model, "
                                                         "LoRA and optimizer state" if sharded else ""))
     normalisation = family.latent_normalisation(folder)
+    objective = family.objective(folder)
 
-    # 2. The frozen transformer with a trainable LoRA; LoRA weights stay in float32 under mixed precision. A
-    # sharded one stays on the CPU until its shards move to each process's device.
-    transformer = load_component(folder, "transformer", dtype=weight_dtype, quantization=t.base_quantization)
+    # 2. The frozen denoiser (transformer or UNet) with a trainable LoRA; LoRA weights stay in float32 under mixed
+    # precision. A sharded one stays on the CPU until its shards move to each process's device.
+    transformer = load_component(folder, family.denoiser, dtype=weight_dtype, quantization=t.base_quantization)
     transformer = transformer if sharded else transformer.to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
     add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout)
@@ -285,7 +285,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     checkpoints = list_checkpoints(run.checkpoints) if resume else []
     lora, state = load_checkpoint(checkpoints[-1]) if checkpoints else (None, None)
     if lora is not None:
-        set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in lora.items()})
+        set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()})
     if t.gradient_checkpointing:
         enable_checkpointing(transformer, t.gradient_checkpointing_every)
     if t.compile:
@@ -359,15 +359,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                                                                      generator=generator)
                                       for i in picked])
                     x0, layout = family.model_input(x0, normalisation)
-                    noise = torch.randn(x0.shape, generator=generator)
-                    sigmas = sample_sigmas(len(x0), t.timestep_sampling, generator, t.logit_mean, t.logit_std,
-                                           t.timestep_shift)
-                    x0, noise, sigmas, picked = x0[mine], noise[mine], sigmas[mine], picked[mine]
-                    prediction = family.predict(transformer, model.config, noisy_latents(x0, noise, sigmas), sigmas,
+                    noise, levels = objective.draw(x0.shape, generator, t)
+                    x0, noise, levels, picked = x0[mine], noise[mine], levels[mine], picked[mine]
+                    prediction = family.predict(transformer, model.config, objective.noisy(x0, noise, levels), levels,
                                                 [texts[images[i].caption] for i in picked], t.guidance, layout,
                                                 device, weight_dtype)
-                    target = velocity_target(x0, noise).to(device)
-                    loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+                    loss = objective.loss(prediction, x0, noise, levels, t)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -438,8 +435,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     saves them (a sharded transformer draws on every process, and one writes). Returns their paths, one per
     prompt."""
     transformer.eval()
-    pipe = family.pipeline_class()(scheduler=load_component(folder, "scheduler"), vae=vae, transformer=transformer,
-                                   **{name: None for name in family.text_components})
+    pipe = family.sample_pipeline(transformer, vae, load_component(folder, "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     dtype = next(vae.parameters()).dtype
     negative = texts[family.negative_prompt] if family.negative_prompt is not None else None

@@ -24,9 +24,8 @@ from lookalike.models.families.z_image import ZImage
 FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), Flux2(), QwenImage(), ZImage())}
 KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.values()
                                          for name, info in family.bases.items()}
-# Each family by the class names it is recognised by: its pipeline's and its transformer's.
+# Each family by the pipeline class it is recognised by.
 _BY_PIPELINE = {family.pipeline_class_name: family for family in FAMILIES.values()}
-_BY_TRANSFORMER = {family.components["transformer"][1]: family for family in FAMILIES.values()}
 
 
 def folder_family(folder: Path) -> Family:
@@ -42,12 +41,14 @@ def folder_family(folder: Path) -> Family:
     return _BY_PIPELINE[pipeline]
 
 
-def transformer_family(transformer) -> Family:
-    """The family of a transformer model, by its class."""
-    name = type(transformer).__name__
-    if name not in _BY_TRANSFORMER:
-        raise LookalikeError(f"no model family has the transformer class {name}")
-    return _BY_TRANSFORMER[name]
+def denoiser_family(denoiser) -> Family:
+    """The family of a denoiser model (transformer or UNet), by its class, and by its config where families share
+    a class (SD 1.x and SDXL: UNet2DConditionModel)."""
+    name = type(denoiser).__name__
+    for family in FAMILIES.values():
+        if family.components[family.denoiser][1] == name and family.owns(denoiser.config):
+            return family
+    raise LookalikeError(f"no model family has the denoiser class {name}")
 
 
 def pipeline_family(pipe) -> Family:

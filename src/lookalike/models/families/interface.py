@@ -28,6 +28,7 @@ class Family:
 
     name: str
     pipeline_class_name: str  # diffusers' pipeline, as model_index.json names it
+    denoiser = "transformer"  # the pipeline component that denoises, which the LoRA adapts (transformer or unet)
     components: dict[str, tuple[str, str]]  # component -> (library, class name) for loading it on its own
     text_components: tuple[str, ...]  # what a cached text embedding depends on
     bases: dict[str, BaseModelInfo]  # lookalike's names for the family's hub models and tiny models
@@ -63,6 +64,30 @@ class Family:
     def adjust_pipeline(self, pipe) -> None:
         """Settings a loaded pipeline needs whatever its folder's configs say (none by default)."""
 
+    def owns(self, denoiser_config) -> bool:
+        """Whether a denoiser of this family's class is this family's (for families sharing one class)."""
+        return True
+
+    def objective(self, folder: Path):
+        """How training noises clean latents and what the denoiser learns to predict (train/objectives.py): flow
+        matching, by default."""
+        from lookalike.train.objectives import FlowMatching
+
+        return FlowMatching()
+
+    def pipeline_overrides(self) -> dict[str, Any]:
+        """Components every pipeline of the family is loaded with instead of its folder's (none by default)."""
+        return {}
+
+    def sample_pipeline(self, denoiser, vae, scheduler):
+        """The family's pipeline around a training denoiser, drawing from cached embeddings (no text encoders)."""
+        return self.pipeline_class()(scheduler=scheduler, vae=vae, **{self.denoiser: denoiser},
+                                     **{name: None for name in self.text_components}, **self.pipeline_overrides())
+
+    def text_arguments(self, max_sequence_length: int) -> dict[str, Any]:
+        """The pipeline's keyword arguments for the prompt's length in tokens."""
+        return {"max_sequence_length": max_sequence_length}
+
     def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
         """One caption's embeddings as cached: named tensors without a batch dimension."""
         raise NotImplementedError
@@ -89,10 +114,11 @@ class Family:
         shift, scale = normalisation
         return (latents - shift) * scale, latents.shape[-2:]
 
-    def predict(self, transformer, config, noisy, sigmas, texts: list[dict[str, Any]], guidance: float, layout,
+    def predict(self, transformer, config, noisy, levels, texts: list[dict[str, Any]], guidance: float, layout,
                 device, dtype):
-        """The transformer's prediction of the flow velocity (noise - clean latents) at noise levels `sigmas`.
-        `config`: the transformer's own config (`transformer` may be wrapped for distributed training)."""
+        """The denoiser's prediction at noise levels `levels`, in its objective's terms: the flow velocity (noise -
+        clean latents) at sigmas, or the noise (or v) at DDPM timesteps. `config`: the denoiser's own config
+        (`transformer` may be wrapped for distributed training)."""
         raise NotImplementedError
 
     def latent_channels(self, architecture: dict) -> int:

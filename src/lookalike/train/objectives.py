@@ -1,0 +1,74 @@
+"""Training objectives: how a batch of clean latents is noised, and what the denoiser learns to predict. A family
+names its objective (Family.objective); the trainer draws every random number through it from the run's one
+generator, so a resumed run draws exactly what an uninterrupted one would.
+
+- FlowMatching (FLUX.1, FLUX.2, Z-Image, Qwen-Image): x_t = (1 - sigma) x0 + sigma noise, target noise - x0
+  (train/flow_matching.py); train.timestep_sampling, logit_mean, logit_std and timestep_shift choose sigma.
+- NoisePrediction (Stable Diffusion 1.x and XL): DDPM's x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise at a uniform
+  integer timestep, target the noise (epsilon) or v = sqrt(a_t) noise - sqrt(1 - a_t) x0, as the base's scheduler
+  config says; train.noise_offset and train.snr_gamma (min-SNR weighting) as diffusers' reference scripts apply
+  them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lookalike.errors import LookalikeError
+from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity_target
+
+
+class FlowMatching:
+    def draw(self, shape: torch.Size, generator: torch.Generator, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, sigmas) for a batch of latents of `shape` (the order of the draws is part of resuming)."""
+        noise = torch.randn(shape, generator=generator)
+        sigmas = sample_sigmas(shape[0], t.timestep_sampling, generator, t.logit_mean, t.logit_std, t.timestep_shift)
+        return noise, sigmas
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return noisy_latents(x0, noise, sigmas)
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, t):
+        target = velocity_target(x0, noise).to(prediction.device)
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+class NoisePrediction:
+    """DDPM training with the base's own noise schedule (its scheduler config, read as DDPMScheduler reads it)."""
+
+    def __init__(self, folder: Path):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise LookalikeError(f"{folder}/scheduler: prediction_type {self.prediction_type!r} is not trained "
+                                 "(epsilon or v_prediction)")
+
+    def draw(self, shape: torch.Size, generator: torch.Generator, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, timesteps): Gaussian noise, plus train.noise_offset times noise constant over each channel
+        (the reference scripts' offset noise: darker darks and brighter lights), and uniform integer timesteps."""
+        noise = torch.randn(shape, generator=generator)
+        if t.noise_offset:
+            noise = noise + t.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+        return noise, timesteps
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, timesteps)
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, t):
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
+        target = target.to(prediction.device)
+        if t.snr_gamma is None:
+            return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        from diffusers.training_utils import compute_snr
+
+        # Min-SNR weighting (Hang et al. 2023): each example's loss times min(SNR, gamma) / SNR for epsilon, over
+        # SNR + 1 for v-prediction, so that the easy low-noise timesteps stop dominating.
+        snr = compute_snr(self.scheduler, timesteps)
+        weights = torch.clamp(snr, max=t.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
+        per_example = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+        return (per_example.mean(dim=tuple(range(1, per_example.dim()))) * weights.to(prediction.device)).mean()
