@@ -63,12 +63,12 @@ def max_sequence_length(model) -> int:
     return model.max_sequence_length or base_info(model.base).max_sequence_length
 
 
-def _download(repo: str, revision: str | None) -> Path:
+def _download(repo: str, revision: str | None, ignore: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=ignore))
     except GatedRepoError:
         raise LookalikeError(
             f"{repo} is gated: accept its licence at https://huggingface.co/{repo} while logged in, then run "
@@ -91,7 +91,8 @@ def resolve_base(base: str, revision: str | None = None) -> Path:
     info = KNOWN_BASES.get(base)
     if info is not None:
         family = FAMILIES[info.family]
-        return _download(info.repo, revision) if info.repo is not None else family.ensure_tiny(base)
+        return (_download(info.repo, revision, family.hub_ignore) if info.repo is not None
+                else family.ensure_tiny(base))
     folder = Path(base)
     if not (folder / "model_index.json").is_file():
         raise LookalikeError(

@@ -34,6 +34,7 @@ class Family:
     bases: dict[str, BaseModelInfo]  # lookalike's names for the family's hub models and tiny models
     target_modules: dict[str, str]  # [train] target_modules preset -> regex of the adapted layers
     negative_prompt: str | None = None  # encoded once for samples, where generation uses true CFG
+    hub_ignore: list[str] = []  # files of a hub repository a diffusers-format download leaves out
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
     # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on

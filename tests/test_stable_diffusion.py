@@ -1,0 +1,189 @@
+"""Stable Diffusion 1.x and XL, each on a tiny model of its real classes (UNet2DConditionModel, CLIPTextModel and
+CLIPTextModelWithProjection, AutoencoderKL): recognised from a local folder, the diffusers preset equal to the
+reference scripts' layers, the training loss equal to the reference scripts' computation on one fixed batch
+(epsilon and v-prediction, min-SNR weighting, noise offset), generation equal to the stock pipeline with the LoRA
+file loaded, and a killed run resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lookalike.config import TrainConfig, load_config
+from lookalike.generate import generate
+from lookalike.models.base import base_info, load_component, resolve_base
+from lookalike.models.families import denoiser_family, folder_family
+from lookalike.models.lora import add_lora
+from lookalike.train.cache import EmbeddingCache
+from lookalike.train.objectives import NoisePrediction
+from lookalike.train.trainer import train
+from tests.test_train import assert_a_killed_run_resumes_exactly
+
+TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_a_local_folder_is_recognised_and_its_unet_told_apart_by_its_config(tmp_path, family):
+    local = tmp_path / "my-base"
+    shutil.copytree(resolve_base(TINY[family]), local)
+    assert folder_family(local).name == family and base_info(str(local)).family == family
+    unet = load_component(local, "unet")
+    assert type(unet).__name__ == "UNet2DConditionModel" and denoiser_family(unet).name == family
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_the_diffusers_preset_is_the_reference_scripts_layers(family):
+    """Both reference scripts adapt every linear layer named to_k, to_q, to_v or to_out.0 (peft's suffix rule)."""
+    folder = resolve_base(TINY[family])
+    unet = load_component(folder, "unet")
+    add_lora(unet, 2, 2.0, "diffusers")
+    adapted = sorted(name.removesuffix(".lora_A.default") for name, _ in unet.named_modules()
+                     if name.endswith(".lora_A.default"))
+    reference = sorted(name for name, module in load_component(folder, "unet").named_modules()
+                       if isinstance(module, torch.nn.Linear) and name.endswith(("to_k", "to_q", "to_v", "to_out.0")))
+    assert adapted == reference and adapted
+
+
+def reference_text(folder, family: str, captions: list[str]) -> dict:
+    """The scripts' own prompt encoding: each tokenizer pads to its model_max_length; SD 1.x takes the text
+    encoder's last hidden states, SDXL each encoder's second-to-last side by side and the second's pooled output."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def ids(tokenizer):
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    if family == "sd1":
+        return {"encoder_hidden_states": encoder(ids(tokenizer))[0]}
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+    encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    first = encoder(ids(tokenizer), output_hidden_states=True)
+    second = encoder_2(ids(tokenizer_2), output_hidden_states=True)
+    return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
+            "pooled": second[0]}
+
+
+def reference_loss(folder, family, unet, captions, latents, noise, timesteps, resolution, snr_gamma=None):
+    """train_dreambooth_lora.py's and train_dreambooth_lora_sdxl.py's loss, written out: latents times the VAE's
+    scaling factor, DDPM's noising by the scheduler's cumulative alphas, the UNet called with the text (SDXL: and
+    time ids of the original size, crop corner and target size), target noise or v, and min-SNR weights."""
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    betas = torch.linspace(schedule["beta_start"] ** 0.5, schedule["beta_end"] ** 0.5, 1000, dtype=torch.float32) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[timesteps].view(-1, 1, 1, 1)
+    model_input = latents * vae["scaling_factor"]
+    noisy = alphas_cumprod.sqrt() * model_input + (1 - alphas_cumprod).sqrt() * noise
+    text = reference_text(folder, family, captions)
+    added = None
+    if family == "sdxl":
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions),
+                                dtype=torch.float32)
+        added = {"time_ids": time_ids, "text_embeds": text["pooled"]}
+    prediction = unet(noisy, timesteps, text["encoder_hidden_states"], added_cond_kwargs=added).sample
+    v_prediction = schedule.get("prediction_type") == "v_prediction"
+    target = alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * model_input if v_prediction else noise
+    if snr_gamma is None:
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+    snr = alphas_cumprod.flatten() / (1 - alphas_cumprod.flatten())
+    weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    weights = weights / (snr + 1) if v_prediction else weights / snr
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, loss.dim()))) * weights).mean()
+
+
+@pytest.mark.parametrize("family", TINY)
+@pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("epsilon", 5.0), ("v_prediction", None),
+                                                        ("v_prediction", 5.0)])
+def test_the_training_loss_equals_the_reference_scripts_on_one_batch(tmp_path, family, prediction_type, snr_gamma):
+    """One fixed batch (VAE latents, noise, timesteps, two captions): lookalike's loss, from its cached embeddings,
+    the family's UNet call and its objective, against the loss as the reference script computes it."""
+    folder = tmp_path / "base"
+    shutil.copytree(resolve_base(TINY[family]), folder)
+    schedule = folder / "scheduler" / "scheduler_config.json"
+    schedule.write_text(json.dumps({**json.loads(schedule.read_text()), "prediction_type": prediction_type}))
+    lookalike_family = folder_family(folder)
+    unet = load_component(folder, "unet")
+    torch.manual_seed(0)
+    add_lora(unet, 4, 4.0, "diffusers")
+    with torch.no_grad():  # a LoRA that changes something: peft starts B at zero
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    captions = ["a photo of sks man", "sks"]
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)  # as the VAE gives them, before scaling
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.tensor([100, 700])
+    settings = TrainConfig(snr_gamma=snr_gamma)
+
+    texts = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32).texts(captions, 77)
+    objective = lookalike_family.objective(folder)
+    x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
+    with torch.no_grad():
+        prediction = lookalike_family.predict(unet, unet.config, objective.noisy(x0, noise, timesteps), timesteps,
+                                              [texts[c] for c in captions], 1.0, layout, torch.device("cpu"),
+                                              torch.float32)
+        ours = objective.loss(prediction, x0, noise, timesteps, settings).item()
+        reference = reference_loss(folder, family, unet, captions, latents, noise, timesteps, 64, snr_gamma).item()
+    print(f"{family} {prediction_type} snr_gamma {snr_gamma}: lookalike {ours:.8f}, reference script "
+          f"{reference:.8f}, difference {abs(ours - reference):.2e}")
+    assert abs(ours - reference) < 1e-5
+
+
+def test_noise_offset_adds_per_channel_noise_as_the_reference_scripts_do():
+    """noise + offset * randn(B, C, 1, 1), drawn after the noise and before the timesteps, from the run's generator."""
+    objective = NoisePrediction(resolve_base("tiny-sd15"))
+    shape = torch.Size([2, 4, 8, 8])
+    noise, timesteps = objective.draw(shape, torch.Generator().manual_seed(3), TrainConfig(noise_offset=0.1))
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.randn(shape, generator=generator)
+    expected = expected + 0.1 * torch.randn((2, 4, 1, 1), generator=generator)
+    torch.testing.assert_close(noise, expected, rtol=0, atol=0)
+    torch.testing.assert_close(timesteps, torch.randint(0, 1000, (2,), generator=generator), rtol=0, atol=0)
+    plain, _ = objective.draw(shape, torch.Generator().manual_seed(3), TrainConfig())
+    torch.testing.assert_close(plain, torch.randn(shape, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY)
+def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_config, family):
+    config = load_config(tiny_config(model={"base": TINY[family]}, data={"crop": "center"},
+                                     train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
+                                            "sample_steps": 2},
+                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
+    lora = train(config, "r")
+    run = lora.parent
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as handle:
+        assert all(key.startswith("unet.") for key in handle.keys())
+        assert handle.metadata()["lookalike.base_model"] == TINY[family]
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000005_p0.png", "step-000010_p0.png"]
+    ours = np.asarray(Image.open(generate(config, run="r") / "p00_s0_g4.png")).astype(int)
+
+    def stock_image(with_lora: bool):
+        pipe = folder_family(resolve_base(TINY[family])).pipeline_class().from_pretrained(resolve_base(TINY[family]))
+        if with_lora:
+            pipe.load_lora_weights(str(run), weight_name=lora.name)
+        pipe.set_progress_bar_config(disable=True)
+        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
+                               guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(0)).images[0])
+
+    assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
+    assert np.abs(ours - stock_image(False).astype(int)).max() > 1, "the LoRA changed the image"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY)
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config, family):
+    path = tiny_config(model={"base": TINY[family]}, train={"max_train_steps": 80, "checkpoint_every": 20,
+                                                            "checkpoints_keep": 2, "learning_rate": 1e-3,
+                                                            "batch_size": 2, "noise_offset": 0.05, "snr_gamma": 5.0})
+    assert_a_killed_run_resumes_exactly(path, steps=80, killed_after="step-000020")
