@@ -187,3 +187,35 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config
                                                             "checkpoints_keep": 2, "learning_rate": 1e-3,
                                                             "batch_size": 2, "noise_offset": 0.05, "snr_gamma": 5.0})
     assert_a_killed_run_resumes_exactly(path, steps=80, killed_after="step-000020")
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_dry_run_counts_the_unets_parameters_from_the_meta_device(tiny_config, family):
+    from lookalike.train.memory import estimate
+
+    config = load_config(tiny_config(model={"base": TINY[family]}))
+    real = load_component(resolve_base(TINY[family]), "unet")
+    add_lora(real, config.train.rank, config.train.lora_alpha, config.train.target_modules)
+    counted = estimate(config, "no")
+    assert counted.counts.lora == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert counted.counts.frozen == sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    assert counted.lines()[0].startswith("unet weights")
+
+
+# The published UNets' parameters, in millions (SD 1.x: 859.5 M; SDXL base: 2,567.5 M).
+PUBLISHED_MILLIONS = {"sd15": 859.5, "sd14": 859.5, "sdxl": 2567.5}
+
+
+@pytest.mark.parametrize("base", PUBLISHED_MILLIONS)
+def test_a_hub_base_is_estimated_from_its_published_unet_without_any_download(tiny_config, monkeypatch, tmp_path,
+                                                                             base):
+    from lookalike.train.memory import estimate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: anything read from the hub would fail
+    config = load_config(tiny_config(model={"base": base}, data={"resolution": 1024 if base == "sdxl" else 512}))
+    bf16 = estimate(config, "bf16")
+    assert bf16.counts.frozen / 1e6 == pytest.approx(PUBLISHED_MILLIONS[base], abs=0.1)
+    checkpointed = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
+    assert 0 < estimate(checkpointed, "bf16").activations < bf16.activations / 3
+    assert not (tmp_path / "hf").exists()

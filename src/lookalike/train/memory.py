@@ -36,13 +36,14 @@ class Counts:
 
 @dataclass(frozen=True)
 class Estimate:
-    weights: float  # GB, the frozen transformer: compute precision, or quantised linear weights
+    weights: float  # GB, the frozen denoiser: compute precision, or quantised linear weights
     lora: float  # GB, the trainable LoRA (float32)
     optimizer: float  # GB, its gradients and AdamW's two moments
     activations: float  # GB, kept for the backward pass and working values
     counts: Counts
     quantization: str = "none"
     shards: int = 1  # processes the model is sharded across (train.shard): weights, LoRA and AdamW per process
+    denoiser: str = "transformer"  # what the weights are of: the family's transformer or UNet
 
     @property
     def total(self) -> float:
@@ -51,7 +52,8 @@ class Estimate:
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
         quantized += f"; each of {self.shards} processes holds 1/{self.shards}" if self.shards > 1 else ""
-        return [f"transformer weights  {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters{quantized})",
+        return [f"{self.denoiser + ' weights':20s} {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters"
+                f"{quantized})",
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
                 f"activations (est.)   {size(self.activations)}",
@@ -118,7 +120,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
-                    activations, counts, t.base_quantization, shards)
+                    activations, counts, t.base_quantization, shards, family.denoiser)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate, processes: int = 1

@@ -38,7 +38,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.sample_scores import SampleScores, stop_reason
-from lookalike.train.sharding import load_optimizer_state, optimizer_state, repeated_blocks, shard_transformer
+from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
 
@@ -93,10 +93,13 @@ def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> tor
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-def enable_checkpointing(transformer, every: int) -> None:
-    """Keep only the inputs of every `every`-th transformer block and recompute its activations in the backward
-    pass: memory traded for time, block by block (every=1: all blocks; 2: half of them; ...)."""
-    chosen = {id(block) for index, block in enumerate(repeated_blocks(transformer)) if index % every == 0}
+def enable_checkpointing(transformer, family, every: int) -> None:
+    """Keep only the inputs of every `every`-th block of the denoiser (the kinds its family names) and recompute
+    its activations in the backward pass: memory traded for time, block by block (every=1: all blocks; 2: half of
+    them; ...)."""
+    kinds = family.checkpointed_block_types(transformer)
+    blocks = [module for module in transformer.modules() if type(module).__name__ in kinds]
+    chosen = {id(block) for index, block in enumerate(blocks) if index % every == 0}
 
     def checkpointed(block, *args):
         if id(block) in chosen:
@@ -287,7 +290,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     if lora is not None:
         set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()})
     if t.gradient_checkpointing:
-        enable_checkpointing(transformer, t.gradient_checkpointing_every)
+        enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
     if t.compile:
         transformer.compile_repeated_blocks(fullgraph=True)
     if sharded:

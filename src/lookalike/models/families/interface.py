@@ -139,6 +139,11 @@ class Family:
         them in): each block's kind, a key of activation_figures, and the tokens it runs on."""
         raise NotImplementedError
 
+    def checkpointed_block_types(self, model) -> set[str]:
+        """The class names of the denoiser's blocks gradient checkpointing recomputes (by default its repeated
+        blocks)."""
+        return set(model._repeated_blocks)
+
     def activation_values(self, architecture: dict, resolution: int, text_tokens: int, checkpointing: bool,
                           every: int) -> float:
         """Activation values one example keeps at the peak of a training step. A block keeps its figure per

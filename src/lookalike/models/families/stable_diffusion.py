@@ -9,7 +9,6 @@ The two share the UNet class, so a UNet is told apart by its config: SDXL's has 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.tiny import byte_level_clip_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
 CLIP_TOKENS = 77  # both bases' CLIP prompt length
+VAE_FACTOR = 8  # pixels per latent of their VAE
 
 # The published UNets (their unet/config.json), for `--dry-run` and benchmarks without a download: SD 1.x
 # (v1-4 and v1-5 share it, 860M parameters) and SDXL base 1.0 (2.6B).
@@ -149,15 +149,19 @@ class StableDiffusion(Family):
     def text_arguments(self, max_sequence_length: int) -> dict[str, Any]:
         return {}  # the CLIP encoders' own 77 tokens
 
-    def latent_normalisation(self, folder: Path):
-        """(shift, scaling factor, the VAE's downsampling factor): SDXL's size conditioning is in pixels."""
-        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        return (float(config.get("shift_factor") or 0.0), float(config["scaling_factor"]),
-                2 ** (len(config["block_out_channels"]) - 1))
-
     def model_input(self, latents, normalisation):
-        shift, scale, factor = normalisation
-        return (latents - shift) * scale, (latents.shape[-2] * factor, latents.shape[-1] * factor)
+        """Layout: the image's size in pixels, which SDXL's size conditioning reads (every VAE of these bases
+        downsamples 8 times)."""
+        model_input, (height, width) = super().model_input(latents, normalisation)
+        return model_input, (height * VAE_FACTOR, width * VAE_FACTOR)
+
+    def checkpointed_block_types(self, model) -> set[str]:
+        return {"ResnetBlock2D", "BasicTransformerBlock"}  # the units diffusers' UNet blocks checkpoint
+
+    def activation_values(self, architecture, resolution, text_tokens, checkpointing, every) -> float:
+        from lookalike.train.activation_count import counted_activations
+
+        return counted_activations(self, architecture, resolution, text_tokens, checkpointing, every)
 
     def latent_channels(self, architecture) -> int:
         return architecture["in_channels"]
