@@ -252,7 +252,7 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
 
     # Export: diffusers' layout, which the stock pipeline loads and ComfyUI reads for these families; kohya has
     # no layout for them.
-    with pytest.raises(LookalikeError, match="--format kohya: kohya's layout exists for FLUX.1 LoRAs only"):
+    with pytest.raises(LookalikeError, match="--format kohya: kohya's layout exists for FLUX.1 and SD LoRAs only"):
         export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
     exported = export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers")
     pipe = load_pipeline(resolve_base(TINY[family]))

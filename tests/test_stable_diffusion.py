@@ -153,7 +153,12 @@ def test_noise_offset_adds_per_channel_noise_as_the_reference_scripts_do():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TINY)
-def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_config, family):
+def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_config, tmp_path, family):
+    """Also in kohya's layout: the exported file, loaded by the stock pipeline, draws the same image."""
+    from safetensors.torch import load_file
+
+    from lookalike.models.export import export_lora
+
     config = load_config(tiny_config(model={"base": TINY[family]}, data={"crop": "center"},
                                      train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
                                             "sample_steps": 2},
@@ -168,16 +173,20 @@ def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_confi
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000005_p0.png", "step-000010_p0.png"]
     ours = np.asarray(Image.open(generate(config, run="r") / "p00_s0_g4.png")).astype(int)
 
-    def stock_image(with_lora: bool):
+    def stock_image(lora_file=None):
         pipe = folder_family(resolve_base(TINY[family])).pipeline_class().from_pretrained(resolve_base(TINY[family]))
-        if with_lora:
-            pipe.load_lora_weights(str(run), weight_name=lora.name)
+        if lora_file is not None:
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
         pipe.set_progress_bar_config(disable=True)
         return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
                                guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(0)).images[0])
 
-    assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
-    assert np.abs(ours - stock_image(False).astype(int)).max() > 1, "the LoRA changed the image"
+    assert np.abs(ours - stock_image(lora).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
+    assert np.abs(ours - stock_image().astype(int)).max() > 1, "the LoRA changed the image"
+    kohya = export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
+    assert np.abs(ours - stock_image(kohya).astype(int)).max() <= 1, "the kohya file draws the same image"
+    comfyui = export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui")
+    assert load_file(comfyui).keys() == load_file(kohya).keys(), "ComfyUI reads SD LoRAs in kohya's layout"
 
 
 @pytest.mark.slow
@@ -219,3 +228,41 @@ def test_a_hub_base_is_estimated_from_its_published_unet_without_any_download(ti
     checkpointed = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
     assert 0 < estimate(checkpointed, "bf16").activations < bf16.activations / 3
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_kohya_export_round_trips_through_diffusers_converter_on_full_size_shapes(tmp_path, base):
+    """Every layer of the published UNet the wider preset adapts, with random LoRA weights: the kohya file reads
+    back, through the stock pipeline's own converter (SGM block numbers mapped by the UNet's config for SDXL),
+    as the same tensors under the same layer names."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lookalike.models.export import export_lora
+    from lookalike.models.lora import save_lora
+
+    architecture = base_info(base).architecture
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(architecture)
+    add_lora(unet, 2, 2.0, "attention+mlp")
+    generator = torch.Generator().manual_seed(0)
+    ours = {f"unet.{key}": torch.randn(tensor.shape, generator=generator)
+            for key, tensor in get_peft_model_state_dict(unet).items()}
+    source = tmp_path / "lora.safetensors"
+    save_lora(source, ours, unet.peft_config["default"], {"base_model": base})
+    kohya = export_lora(source, tmp_path / "kohya.safetensors", "kohya")
+    written = load_file(str(kohya))
+    assert all(key.startswith("lora_unet_") for key in written)
+    first = "input_blocks_4_1" if base == "sdxl" else "down_blocks_0_attentions_0"
+    assert f"lora_unet_{first}_transformer_blocks_0_attn1_to_q.lora_down.weight" in written
+    assert len(written) == len(ours) // 2 * 3, "down, up and alpha for every layer"
+
+    pipeline = folder_family(resolve_base(TINY["sdxl" if base == "sdxl" else "sd1"])).pipeline_class()
+    converted, alphas = pipeline.lora_state_dict(str(kohya), unet_config=unet.config if base == "sdxl" else None)
+    assert set(alphas.values()) == {2.0}, "alpha = rank: the scale is 1, as the source's"
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert {f"unet.{key}" for key in peft} == set(ours)
+    for key, tensor in peft.items():
+        torch.testing.assert_close(tensor, ours[f"unet.{key}"], rtol=0, atol=0)

@@ -7,6 +7,10 @@ Flux1.fused_layers), kohya's and ComfyUI's layouts use those names, with alpha p
     kohya:   lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight | .lora_up.weight | .alpha
     comfyui: diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight | .lora_up.weight | .alpha
 
+Stable Diffusion 1.x and XL LoRAs take kohya's layout for both (what ComfyUI, A1111/Forge and civitai read):
+lora_unet_<layer> with diffusers' layer names for SD 1.x, the original SGM UNet's for SDXL
+(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), as kohya's sd-scripts writes them.
+
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
 FLUX.2, Z-Image and Qwen-Image), so their ComfyUI layout is diffusers', and kohya has none.
 """
@@ -41,7 +45,7 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
     family = base_family(info.get("base_model") or "")  # a file that names no base: as FLUX.1
     fused = None if format == "diffusers" else family.fused_layers(modules_of(tensors), config["lora_alpha"])
     if fused is None and format == "kohya":
-        raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1 LoRAs only; {source} is for "
+        raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1 and SD LoRAs only; {source} is for "
                              f"{info['base_model']}: export it with --format comfyui or diffusers")
     if fused is None:  # diffusers' layout, which ComfyUI reads for this family too
         from peft import LoraConfig
@@ -50,7 +54,8 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)},
                   dtype=cast)
         return out
-    prefix, dotted = ("lora_unet_", False) if format == "kohya" else ("diffusion_model.", True)
+    kohya = format == "kohya" or family.comfyui_reads_kohya
+    prefix, dotted = ("lora_unet_", False) if kohya else ("diffusion_model.", True)
     result = {}
     for layer, (down, up, alpha) in fused.items():
         name = prefix + (layer if dotted else layer.replace(".", "_"))

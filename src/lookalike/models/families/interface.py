@@ -37,6 +37,7 @@ class Family:
     hub_ignore: list[str] = []  # files of a hub repository a diffusers-format download leaves out
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
+    comfyui_reads_kohya = False  # ComfyUI's layout is kohya's (SD UNets), not diffusion_model.<layer> (FLUX.1)
     # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
     # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
     activation_figures: dict[str, float]
@@ -161,9 +162,10 @@ class Family:
         return kept + recomputed + self.backward_working * (image_tokens + text_tokens) * hidden
 
     def fused_layers(self, modules: dict[str, tuple], alpha: float) -> dict[str, tuple] | None:
-        """For a family whose tools (kohya, ComfyUI's own layout) name its layers as the original checkpoint does:
-        that layer name -> (down, up, alpha) for every layer a LoRA's modules (diffusers name -> (down, up))
-        touch. None (the default): its tools read diffusers' names."""
+        """For a family with a kohya layout: kohya's layer name (dotted) -> (down, up, alpha) for every layer a
+        LoRA's modules (diffusers name -> (down, up)) touch, where kohya names layers as the original checkpoint
+        does and may fuse several into one. None (the default): no kohya layout; its tools read diffusers'
+        names."""
         return None
 
     def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:

@@ -9,10 +9,12 @@ The two share the UNet class, so a UNet is told apart by its config: SDXL's has 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lookalike.errors import LookalikeError
 from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.tiny import byte_level_clip_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
@@ -130,6 +132,18 @@ class StableDiffusion(Family):
     }
     hub_ignore = HUB_IGNORE
     xl = False
+    comfyui_reads_kohya = True  # ComfyUI's key map takes kohya's lora_unet_<layer> names for these UNets
+
+    def kohya_name(self, name: str, layers_per_block: int) -> str:
+        """The layer's name in kohya's files (diffusers' own for SD 1.x: kohya trains SD 1.x on diffusers' UNet)."""
+        return name
+
+    def fused_layers(self, modules, alpha):
+        """kohya's layout, one layer for one (nothing is fused in these UNets), with the LoRA's alpha."""
+        # An up block holds one attention more than a down block: the LoRA's own names give layers_per_block.
+        ups = [int(m.group(1)) for name in modules if (m := re.match(r"up_blocks\.\d+\.attentions\.(\d+)\.", name))]
+        return {self.kohya_name(name, max(ups, default=0)): (down.float(), up.float(), alpha)
+                for name, (down, up) in modules.items()}
 
     def owns(self, denoiser_config) -> bool:
         return (denoiser_config.get("addition_embed_type") == "text_time") == self.xl
@@ -183,6 +197,7 @@ class StableDiffusion1(StableDiffusion):
     }
     negative_prompt = ""  # the pipeline's unconditional prompt when none is given
     kohya_base_version = "sd_v1"
+    modelspec_architectures = {"sd15": "stable-diffusion-v1/lora", "sd14": "stable-diffusion-v1/lora"}
 
     def pipeline_overrides(self) -> dict[str, Any]:
         # No safety checker: it blanks portraits it misjudges, and the study scores every image.
@@ -227,7 +242,25 @@ class StableDiffusionXL(StableDiffusion):
     # no negative embedding either.
     negative_prompt = None
     kohya_base_version = "sdxl_base_v1-0"
+    modelspec_architectures = {"sdxl": "stable-diffusion-xl-v1-base/lora"}
     xl = True
+
+    def kohya_name(self, name: str, layers_per_block: int) -> str:
+        """kohya trains SDXL on the original (SGM) UNet, whose blocks are numbered through: down block i's
+        attention j is input_blocks.(1 + i (L + 1) + j).1, up block i's output_blocks.(i (L + 1) + j).1, the middle
+        one middle_block.1 (L: layers per block)."""
+        if layers_per_block < 1:
+            raise LookalikeError("cannot export: kohya numbers SDXL's layers by the up blocks' attention, which this "
+                                 "LoRA does not adapt")
+        match = re.fullmatch(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name)
+        if match:
+            kind, block, index, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+            number = block * (layers_per_block + 1) + index + (1 if kind == "down" else 0)
+            return f"{'input' if kind == 'down' else 'output'}_blocks.{number}.1.{rest}"
+        match = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", name)
+        if match:
+            return f"middle_block.1.{match.group(1)}"
+        raise LookalikeError(f"cannot export: no kohya name for the SDXL layer {name}")
 
     def text_shapes(self, architecture, tokens):
         return {"prompt_embeds": (CLIP_TOKENS, architecture["cross_attention_dim"]),
