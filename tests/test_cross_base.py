@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from PIL import Image
 
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
@@ -15,7 +16,7 @@ from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.train.trainer import train
 from tests.conftest import run_cli, tiny_study
 
-BASES = {"flux": "tiny", "zimage": "tiny-z-image", "klein": "tiny-flux2-klein"}
+BASES = {"flux": "tiny", "klein": "tiny-flux2-klein", "sdxl": "tiny-sdxl", "sd15": "tiny-sd15"}
 
 
 def test_base_as_a_sweep_factor_names_its_experiments_and_sets_each_runs_base(tiny_config, tmp_path):
@@ -35,20 +36,23 @@ def test_an_unknown_factor_is_refused_with_the_keys_it_may_be(tiny_config):
 
 
 @pytest.mark.slow
-def test_one_study_trains_three_bases_and_reports_them_side_by_side(tmp_path, faces):
-    config = tiny_study(tmp_path, faces, train={"max_train_steps": 5}, evaluate={"clip_model": "tiny"},
-                        generate={"num_inference_steps": 2})
+def test_one_study_trains_four_bases_and_reports_them_side_by_side(tmp_path, faces):
+    """FLUX.1, FLUX.2 [klein], SDXL and SD 1.5, the last at its own resolution (half the study's)."""
+    config = tiny_study(tmp_path, faces, data={"resolution": 128}, train={"max_train_steps": 5},
+                        evaluate={"clip_model": "tiny"}, generate={"num_inference_steps": 2})
     config.write_text(config.read_text() + "".join(f'[[sweep.experiments]]\nname = "{name}"\nbase = "{base}"\n'
+                                                   + ("resolution = 64\n" if name == "sd15" else "")
                                                    for name, base in BASES.items()))
     result = run_cli("run", str(config), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     workspace = tmp_path / "work"
     assert result.stdout.count("4 photos inspected") == 1, "one prepare serves every base"
     assert result.stdout.count("prepare sks: up to date") == len(BASES)
-    # FLUX.1 and Z-Image draw with guidance 5; the distilled FLUX.2 [klein] without guidance.
-    stems = {"flux": "p00_s0_g5", "zimage": "p00_s0_g5", "klein": "p00_s0"}
+    # FLUX.1 and the SD bases draw with guidance 5; the distilled FLUX.2 [klein] without guidance.
+    stems = {"flux": "p00_s0_g5", "klein": "p00_s0", "sdxl": "p00_s0_g5", "sd15": "p00_s0_g5"}
     for name, stem in stems.items():
-        assert (workspace / "runs" / name / "images" / f"{stem}.png").is_file()
+        with Image.open(workspace / "runs" / name / "images" / f"{stem}.png") as image:
+            assert image.size == ((64, 64) if name == "sd15" else (128, 128)), name
     summary = (workspace / "report" / "summary.md").read_text()
     assert "| run | base | state |" in summary
     for name, base in BASES.items():
@@ -60,9 +64,9 @@ def test_one_study_trains_three_bases_and_reports_them_side_by_side(tmp_path, fa
     rows = {row["name"]: row["base"] for row in refresh(workspace / "runs", workspace / "results.sqlite")}
     assert rows == BASES
 
-    flux, zimage = (workspace / "runs" / name / "lora.safetensors" for name in ("flux", "zimage"))
+    flux, sdxl = (workspace / "runs" / name / "lora.safetensors" for name in ("flux", "sdxl"))
     with pytest.raises(LookalikeError, match="cannot merge LoRAs of different base models"):
-        merge_loras(flux, zimage, tmp_path / "merged.safetensors")
+        merge_loras(flux, sdxl, tmp_path / "merged.safetensors")
 
 
 @pytest.mark.slow

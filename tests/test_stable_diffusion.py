@@ -266,3 +266,20 @@ def test_kohya_export_round_trips_through_diffusers_converter_on_full_size_shape
     assert {f"unet.{key}" for key in peft} == set(ours)
     for key, tensor in peft.items():
         torch.testing.assert_close(tensor, ours[f"unet.{key}"], rtol=0, atol=0)
+
+
+def test_each_base_trains_at_its_own_size_unless_the_run_says_otherwise(tiny_config):
+    from lookalike.generate import image_size
+    from lookalike.models.base import training_resolution
+
+    study = load_config(tiny_config(data={"resolution": 1024}))
+
+    def at(base, **train):
+        config = study.with_experiment({"base": base, **train}, "test")
+        return training_resolution(config), image_size(config)
+
+    assert at("sd15") == (512, 512) and at("sd14") == (512, 512), "SD 1.x trains and draws at 512 in a 1024 study"
+    assert at("sdxl") == (1024, 1024) and at("flux-dev") == (1024, 1024)
+    assert at("sd15", resolution=768) == (768, 768), "[train] resolution wins"
+    small = load_config(tiny_config(data={"resolution": 256}))
+    assert training_resolution(small.with_experiment({"base": "sdxl"}, "test")) == 256, "never above [data]'s"

@@ -138,6 +138,10 @@ class TrainConfig(Section):
     """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
     guidance: float = Field(1.0, ge=0)
     """Guidance fed to guidance-distilled models (FLUX.1-dev) while training: 1.0, as FLUX trainers advise."""
+    resolution: int | None = Field(None, ge=16, le=MAX_RESOLUTION)
+    """The side this run trains (and by default draws) at, its prepared crops scaled to it; None: [data]
+    resolution, or the base's own size where that is smaller (SD 1.x 512, SDXL 1024), so that one study at 1024 px
+    trains each base at its size. An experiment may set it like any [train] key."""
     noise_offset: float = Field(0.0, ge=0, le=1)
     """Stable Diffusion bases (noise prediction): add this times noise constant over each channel (0.05-0.1 is
     common); flow-matching bases do not use it."""
@@ -163,6 +167,13 @@ class TrainConfig(Section):
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_16(cls, resolution: int | None) -> int | None:
+        if resolution is not None and resolution % 16:
+            raise ValueError(f"must be a multiple of 16 (got {resolution})")
+        return resolution
 
     @model_validator(mode="after")
     def _compile_without_torchao(self) -> "TrainConfig":
@@ -198,7 +209,8 @@ class GenerateConfig(Section):
     num_inference_steps: int | None = Field(None, ge=1)
     """None: the base's own (28 for FLUX.1-dev and local folders like it, 4 for schnell)."""
     resolution: int | None = Field(None, ge=16, le=MAX_RESOLUTION)
-    """Image side in pixels; None uses [data].resolution."""
+    """Image side in pixels; None: the run's training resolution ([train] resolution, else [data] resolution or
+    the base's own size where smaller)."""
     vae_tiling: bool = False
     """Decode images tile by tile: far less memory for large images, faint seams possible."""
     fuse_lora: bool = False

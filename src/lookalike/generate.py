@@ -30,6 +30,7 @@ from lookalike.models.base import (
     max_sequence_length,
     pick_device,
     resolve_base,
+    training_resolution,
 )
 from lookalike.models.families import pipeline_family
 from lookalike.models.lora import check_lora_file, load_lora_into
@@ -107,8 +108,8 @@ def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]
 
 
 def image_size(config: StudyConfig) -> int:
-    """The side of generated images: [generate] resolution, else the training photos' [data] resolution."""
-    return config.generate.resolution or config.data.resolution
+    """The side of generated images: [generate] resolution, else the run's training resolution."""
+    return config.generate.resolution or training_resolution(config)
 
 
 def current_image(folder: Path, job: ImageJob, settings: dict[str, Any]) -> Path | None:

@@ -58,6 +58,13 @@ def guidance_scales(config) -> list[float | None]:
     return list(config.generate.guidance_scales) if base_info(config.model.base).guidance else [None]
 
 
+def training_resolution(config) -> int:
+    """The side a run trains at: [train] resolution, else [data] resolution or the base's own size where that is
+    smaller (SD 1.x: 512)."""
+    native = base_info(config.model.base).resolution
+    return config.train.resolution or min(config.data.resolution, native or config.data.resolution)
+
+
 def max_sequence_length(model) -> int:
     """Text tokens per prompt: [model] max_sequence_length, else the base's own default."""
     return model.max_sequence_length or base_info(model.base).max_sequence_length

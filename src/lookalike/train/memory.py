@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
-from lookalike.models.base import max_sequence_length, resolve_base
+from lookalike.models.base import max_sequence_length, resolve_base, training_resolution
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
 from lookalike.models.lora import add_lora
 
@@ -113,7 +113,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     architecture = transformer_config(config)
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name)
     per_value = BYTES[precision]
-    values = family.activation_values(architecture, config.data.resolution, max_sequence_length(config.model),
+    values = family.activation_values(architecture, training_resolution(config), max_sequence_length(config.model),
                                       t.gradient_checkpointing, t.gradient_checkpointing_every)
     activations = values * per_value * t.batch_size / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
@@ -148,9 +148,9 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate, proces
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
         # The same model: counted once.
         lighter.append((label, estimate(changed, precision, base.counts, processes).total))
-    if config.data.resolution > 512:
-        smaller = config.model_copy(update={"data": config.data.model_copy(update={"resolution": 512})})
-        lighter.append(("data.resolution=512", estimate(smaller, precision, base.counts, processes).total))
+    if training_resolution(config) > 512:
+        smaller = config.model_copy(update={"train": t.model_copy(update={"resolution": 512})})
+        lighter.append(("train.resolution=512", estimate(smaller, precision, base.counts, processes).total))
     return sorted(lighter, key=lambda item: -item[1])
 
 
@@ -160,7 +160,7 @@ def out_of_memory_message(config: StudyConfig, precision: str, processes: int = 
     lighter = "; ".join(f"{label} (~{size(gb).strip()})"
                         for label, gb in lighter_settings(config, precision, base, processes))
     return (f"out of accelerator memory: this run is estimated to need ~{base.total:.1f} GB at "
-            f"{config.data.resolution} px, batch {config.train.batch_size}. "
+            f"{training_resolution(config)} px, batch {config.train.batch_size}. "
             + (f"Estimated to need less: {lighter}." if lighter else "No lighter setting is known to lookalike."))
 
 
@@ -220,6 +220,6 @@ def fitting_lines(config: StudyConfig, precision: str, base: Estimate, gpu_memor
         lines.append(f"unquantised, sharded across {sharded[0]} such GPUs: train.shard=true, "
                      f"train.gradient_checkpointing=true, --processes {sharded[0]}: ~{size(sharded[1]).strip()} each")
     elif not fitting:
-        lines.append("nor sharded across 8 such GPUs: use bigger GPUs or a lower data.resolution")
+        lines.append("nor sharded across 8 such GPUs: use bigger GPUs or a lower train.resolution")
     return lines
 

@@ -27,7 +27,13 @@ from lookalike.data.dataset import training_images
 from lookalike.display import cell
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
-from lookalike.models.base import guidance_scales, load_component, max_sequence_length, resolve_base
+from lookalike.models.base import (
+    guidance_scales,
+    load_component,
+    max_sequence_length,
+    resolve_base,
+    training_resolution,
+)
 from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
@@ -263,7 +269,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
     with accelerator.main_process_first():
-        latents = cache.latents(images, config.data.resolution)
+        latents = cache.latents(images, training_resolution(config))
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
         texts = cache.texts([image.caption for image in images] + sample_prompts + negative, max_len)
     if processes > 1 and accelerator.is_main_process:
@@ -445,7 +451,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     paths = [run.samples / f"step-{step:06d}_p{index}.png" for index in range(len(prompts))]
     for prompt, path in zip(prompts, paths):
         image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
-                       steps=config.train.sample_steps, size=config.data.resolution, max_sequence_length=max_len,
+                       steps=config.train.sample_steps, size=training_resolution(config), max_sequence_length=max_len,
                        embeddings=family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype))
         if write:
             with atomic_path(path) as tmp:

@@ -20,6 +20,9 @@ class BaseModelInfo:
     # A hub base's transformer as published (the sizes of its config.json), so that `--dry-run` builds it on the
     # meta device without any download; None for a model whose own config file is read (local, tiny).
     architecture: dict | None = None
+    # The side a base was trained at, where runs should not go beyond it unless [train] resolution says so
+    # (SD 1.x: 512, SDXL: 1024); None: no such limit, runs train at [data] resolution.
+    resolution: int | None = None
 
 
 class Family:

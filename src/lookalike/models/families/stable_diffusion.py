@@ -153,8 +153,10 @@ class StableDiffusion(Family):
 
         return NoisePrediction(folder)
 
+    native_resolution = 512
+
     def local_info(self, folder: Path) -> BaseModelInfo:
-        return BaseModelInfo(self.name, None, CLIP_TOKENS, 50)
+        return BaseModelInfo(self.name, None, CLIP_TOKENS, 50, resolution=self.native_resolution)
 
     def ensure_tiny(self, name: str) -> Path:
         spec = TinyStableDiffusionSpec(xl=self.xl)
@@ -191,8 +193,9 @@ class StableDiffusion1(StableDiffusion):
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 7.5 (the study's guidance_scales choose), 512 px.
         "sd15": BaseModelInfo("sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5", CLIP_TOKENS, 50,
-                              architecture=SD1_UNET),
-        "sd14": BaseModelInfo("sd1", "CompVis/stable-diffusion-v1-4", CLIP_TOKENS, 50, architecture=SD1_UNET),
+                              architecture=SD1_UNET, resolution=512),
+        "sd14": BaseModelInfo("sd1", "CompVis/stable-diffusion-v1-4", CLIP_TOKENS, 50, architecture=SD1_UNET,
+                              resolution=512),
         "tiny-sd15": BaseModelInfo("sd1", None, CLIP_TOKENS, 50),
     }
     negative_prompt = ""  # the pipeline's unconditional prompt when none is given
@@ -234,7 +237,7 @@ class StableDiffusionXL(StableDiffusion):
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0, 1024 px.
         "sdxl": BaseModelInfo("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", CLIP_TOKENS, 50,
-                              architecture=SDXL_UNET),
+                              architecture=SDXL_UNET, resolution=1024),
         "tiny-sdxl": BaseModelInfo("sdxl", None, CLIP_TOKENS, 50),
     }
     # None: SDXL's pipeline guides against zero embeddings when no negative prompt is given
@@ -243,6 +246,7 @@ class StableDiffusionXL(StableDiffusion):
     negative_prompt = None
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architectures = {"sdxl": "stable-diffusion-xl-v1-base/lora"}
+    native_resolution = 1024
     xl = True
 
     def kohya_name(self, name: str, layers_per_block: int) -> str:
