@@ -29,13 +29,18 @@ from lookalike.generate import apply_loras, render
 from lookalike.models.base import load_component, quiet_libraries, resolve_base
 from lookalike.models.families import FAMILIES, KNOWN_BASES
 from lookalike.models.families.flux1 import FLUX_SCHEDULER, FLUX_VAE
+from lookalike.models.families.stable_diffusion import SD_SCHEDULE
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 
 TINY_VAE = dict(FLUX_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
 TEXT_TOKENS = 512
 # Each family's published VAE: FLUX.1's 16-channel autoencoder (Z-Image uses it too); FLUX.2's and
 # Qwen-Image's are their classes' defaults (diffusers' conversion scripts build them so).
-PUBLISHED_VAES = {"flux1": FLUX_VAE, "z-image": FLUX_VAE, "flux2": {}, "qwen-image": {}}
+# SD's VAE: four blocks to 4 latent channels (SD 1.x's scaling factor; SDXL's differs only in it).
+SD_VAE = dict(FLUX_VAE, latent_channels=4, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
+              use_post_quant_conv=True)
+PUBLISHED_VAES = {"flux1": FLUX_VAE, "z-image": FLUX_VAE, "flux2": {}, "qwen-image": {}, "sd1": SD_VAE,
+                  "sdxl": SD_VAE}
 
 
 def random_lora_file(transformer, folder: Path, rank: int) -> Path:
@@ -58,16 +63,16 @@ def seconds_per_image(pipe, args, embeddings: dict, guidance: float | None, imag
         started = time.perf_counter()
         render(pipe, seed=seed, guidance=guidance, steps=args.steps, size=args.resolution,
                max_sequence_length=TEXT_TOKENS, embeddings=embeddings)
-        if pipe.transformer.device.type == "cuda":
+        if pipe.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return times
 
 
 def build_pipeline(model: str, tiny: bool, device, dtype):
-    """The base's pipeline without text encoders: its transformer and VAE at full size with random weights, or
-    with --tiny its family's tiny model's (FLUX.1: the TINY sizes)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    """The base's pipeline without text encoders: its denoiser and VAE at full size with random weights, or
+    with --tiny its family's tiny model's (FLUX.1: the TINY sizes), and its scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
     family = FAMILIES[KNOWN_BASES[model].family]
     transformer = build_transformer(architecture_of(model, tiny), device, dtype, family.name)
@@ -78,9 +83,9 @@ def build_pipeline(model: str, tiny: bool, device, dtype):
         vae = AutoencoderKL(**TINY_VAE)
     else:
         vae = family.component_class("vae")(**PUBLISHED_VAES[family.name])
-    pipe = family.pipeline_class()(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-                                   vae=vae.to(device, dtype), transformer=transformer,
-                                   **{name: None for name in family.text_components})
+    scheduler = (EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading") if family.denoiser == "unet"
+                 else FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER))
+    pipe = family.sample_pipeline(transformer, vae.to(device, dtype), scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -102,13 +107,14 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
 
     pipe = build_pipeline(args.model, args.tiny, device, dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        apply_loras(pipe, [(random_lora_file(pipe.transformer, Path(tmp), args.rank), 1.0)], fuse=True)
     family, info = FAMILIES[KNOWN_BASES[args.model].family], KNOWN_BASES[args.model]
+    denoiser = getattr(pipe, family.denoiser)
+    with tempfile.TemporaryDirectory() as tmp:
+        apply_loras(pipe, [(random_lora_file(denoiser, Path(tmp), args.rank), 1.0)], fuse=True)
     tokens = TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS
 
     def random_text():
-        return {name: torch.randn(shape) for name, shape in family.text_shapes(pipe.transformer.config, tokens).items()}
+        return {name: torch.randn(shape) for name, shape in family.text_shapes(denoiser.config, tokens).items()}
 
     negative = random_text() if family.negative_prompt is not None else None
     embeddings = family.pipeline_embeddings(random_text(), negative, device, dtype)
@@ -119,7 +125,7 @@ def main() -> None:
     results = {}
     for mode in ("eager", "compiled"):
         if mode == "compiled":
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            denoiser.compile_repeated_blocks(fullgraph=True)
         warm_up = seconds_per_image(pipe, args, embeddings, guidance, 1)[0]
         results[mode] = statistics.median(seconds_per_image(pipe, args, embeddings, guidance, args.images))
         peak = f", peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if device.type == "cuda" else ""

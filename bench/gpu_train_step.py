@@ -54,7 +54,7 @@ def build_transformer(architecture: dict, device: torch.device, dtype: torch.dty
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return FAMILIES[family].component_class("transformer")(**architecture)
+            return FAMILIES[family].component_class(FAMILIES[family].denoiser)(**architecture)
     finally:
         torch.set_default_dtype(previous)
 
@@ -67,8 +67,8 @@ def architecture_of(model: str, tiny: bool) -> dict:
     if info.family == "flux1":
         return TINY
     tiny_base = next(name for name, base in FAMILIES[info.family].bases.items() if base.repo is None)
-    return {k: v for k, v in json.loads((resolve_base(tiny_base) / "transformer" / "config.json").read_text()).items()
-            if not k.startswith("_")}
+    config = resolve_base(tiny_base) / FAMILIES[info.family].denoiser / "config.json"
+    return {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
 
 
 def quantize_base(transformer, kind: str, dtype: torch.dtype) -> None:

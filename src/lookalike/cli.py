@@ -34,8 +34,8 @@ from lookalike.train.memory import estimate, fitting_lines, lighter_settings, pa
 from lookalike.workspace import UNFINISHED, Workspace, check_run_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Teach a diffusion model (FLUX.1, FLUX.2 [klein], Z-Image, Qwen-Image) one person's face "
-                       "with LoRA, and prove how well it learned.")
+                  help="Teach a diffusion model (FLUX.1, FLUX.2 [klein], Z-Image, Qwen-Image, SDXL, SD 1.x) one "
+                       "person's face with LoRA, and prove how well it learned.")
 # Captured output (a sweep's log, a pipe) is read in wide editors, not an 80-column terminal.
 console = display.console() if Console().is_terminal or "COLUMNS" in os.environ else display.console(width=140)
 error_console = display.console(stderr=True)
