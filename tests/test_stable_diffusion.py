@@ -283,3 +283,15 @@ def test_each_base_trains_at_its_own_size_unless_the_run_says_otherwise(tiny_con
     assert at("sd15", resolution=768) == (768, 768), "[train] resolution wins"
     small = load_config(tiny_config(data={"resolution": 256}))
     assert training_resolution(small.with_experiment({"base": "sdxl"}, "test")) == 256, "never above [data]'s"
+
+
+def test_a_vae_that_overflows_in_float16_encodes_in_float32(tmp_path, faces):
+    """SDXL's VAE config says force_upcast: under fp16 training its latents are cached as float32 encodes them."""
+    from lookalike.data.dataset import TrainingImage
+
+    photo = TrainingImage(next((faces / "train" / "guido_van_rossum").iterdir()), "sks")
+    folder = resolve_base("tiny-sdxl")
+    assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"]
+    half = EmbeddingCache(tmp_path / "half", folder, torch.device("cpu"), torch.float16).latents([photo], 64)[0]
+    full = EmbeddingCache(tmp_path / "full", folder, torch.device("cpu"), torch.float32).latents([photo], 64)[0]
+    torch.testing.assert_close(half.mean, full.mean, rtol=0, atol=0)

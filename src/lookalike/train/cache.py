@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +85,12 @@ class EmbeddingCache:
         paths = [self.latent_path(image, resolution) for image in images]
         missing = [(image, path) for image, path in zip(images, paths) if not path.exists()]
         if missing:
-            vae = load_component(self.model_folder, "vae", dtype=self.dtype).to(self.device)
+            # A VAE that overflows in float16 (SDXL's says force_upcast) encodes in float32, as its pipeline does.
+            upcast = json.loads((self.model_folder / "vae" / "config.json").read_text()).get("force_upcast", False)
+            dtype = torch.float32 if self.dtype == torch.float16 and upcast else self.dtype
+            vae = load_component(self.model_folder, "vae", dtype=dtype).to(self.device)
             for image, path in missing:
-                pixels = _to_tensor(load_training_image(image, resolution)).to(self.device, self.dtype)
+                pixels = _to_tensor(load_training_image(image, resolution)).to(self.device, dtype)
                 with torch.no_grad():
                     mean, std = self.family.encode_pixels(vae, pixels)
                 _save(path, {"mean": mean.float().cpu(), "std": std.float().cpu()})
