@@ -295,3 +295,26 @@ def test_a_vae_that_overflows_in_float16_encodes_in_float32(tmp_path, faces):
     half = EmbeddingCache(tmp_path / "half", folder, torch.device("cpu"), torch.float16).latents([photo], 64)[0]
     full = EmbeddingCache(tmp_path / "full", folder, torch.device("cpu"), torch.float32).latents([photo], 64)[0]
     torch.testing.assert_close(half.mean, full.mean, rtol=0, atol=0)
+
+
+def test_a_negative_prompt_guides_as_the_stock_pipelines_and_is_refused_where_none_is_taken(tiny_config, tmp_path):
+    from lookalike.errors import LookalikeError
+
+    negative = "blurry, lowres"
+    config = load_config(tiny_config(model={"base": "tiny-sd15"}, generate={
+        "num_inference_steps": 3, "guidance_scales": [4.0], "negative_prompt": negative}))
+    folder = generate(config, out=tmp_path / "with")
+    ours = np.asarray(Image.open(folder / "p00_s0_g4.png")).astype(int)
+    assert json.loads((folder / "p00_s0_g4.json").read_text())["settings"]["negative_prompt"] == negative
+    pipe = folder_family(resolve_base("tiny-sd15")).pipeline_class().from_pretrained(resolve_base("tiny-sd15"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def stock(**negative_prompt):
+        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
+                               generator=torch.Generator("cpu").manual_seed(0), **negative_prompt).images[0])
+
+    assert np.abs(ours - stock(negative_prompt=negative).astype(int)).max() <= 1
+    assert np.abs(ours - stock().astype(int)).max() > 1, "the negative prompt changed the image"
+    flux = load_config(tiny_config(name="flux.toml", generate={"negative_prompt": negative}))
+    with pytest.raises(LookalikeError, match="generate.negative_prompt: tiny does not guide against a negative"):
+        generate(flux, out=tmp_path / "flux")

@@ -220,6 +220,9 @@ class GenerateConfig(Section):
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks, once the LoRAs are loaded: faster images once
     the first one has paid for the compile."""
+    negative_prompt: str | None = None
+    """What classifier-free guidance steers away from (SDXL, SD 1.x, Z-Image, Qwen-Image), e.g. "blurry, lowres";
+    None: the pipeline's own (an empty prompt; zero embeddings for SDXL)."""
     lora_scales: list[Annotated[float, Field(gt=0, le=4)]] = Field([1.0], min_length=1)
     """Strengths the LoRA is applied at, an inference factor beside guidance (e.g. [0.6, 0.8, 1.0, 1.2]): each
     image is made and scored at each, and the report names the best. [1.0]: the LoRA as trained."""

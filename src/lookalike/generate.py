@@ -23,6 +23,7 @@ from lookalike import display
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
 from lookalike.models.base import (
+    base_info,
     guidance_scales,
     inference_dtype,
     inference_steps,
@@ -32,7 +33,7 @@ from lookalike.models.base import (
     resolve_base,
     training_resolution,
 )
-from lookalike.models.families import pipeline_family
+from lookalike.models.families import base_family, pipeline_family
 from lookalike.models.lora import check_lora_file, load_lora_into
 from lookalike.progress import progress_bar
 from lookalike.workspace import Workspace, atomic_path, write_json
@@ -54,20 +55,25 @@ class ImageJob:
 
 
 def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, max_sequence_length: int,
-           prompt: str | None = None, embeddings: dict | None = None, output_type: str = "pil", callback=None):
-    """One image from a base's pipeline: by prompt, or by precomputed embeddings (training samples: the keyword
-    arguments of the family's pipeline_embeddings). callback: diffusers' callback_on_step_end, called after every
-    denoising step (progress bars)."""
+           prompt: str | None = None, embeddings: dict | None = None, output_type: str = "pil", callback=None,
+           negative_prompt: str | None = None):
+    """One image from a base's pipeline: by prompt (and a negative prompt, where the family takes one), or by
+    precomputed embeddings (training samples: the keyword arguments of the family's pipeline_embeddings).
+    callback: diffusers' callback_on_step_end, called after every denoising step (progress bars)."""
     import torch
 
+    family = pipeline_family(pipe)
+    guided = family.guidance_arguments(guidance, by_embeddings=embeddings is not None)
+    if negative_prompt is not None and guidance is not None:
+        guided["negative_prompt"] = negative_prompt
     result = pipe(
         prompt=prompt,
         **(embeddings or {}),
         height=size,
         width=size,
         num_inference_steps=steps,
-        **pipeline_family(pipe).guidance_arguments(guidance, by_embeddings=embeddings is not None),
-        **pipeline_family(pipe).text_arguments(max_sequence_length),
+        **guided,
+        **family.text_arguments(max_sequence_length),
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
         callback_on_step_end=callback,
@@ -101,10 +107,12 @@ def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]
     (a LoRA's weight there is the one the image was made at: its own times the job's strength)."""
     g = config.generate
     loras = [{**lora, "weight": lora["weight"] * strength(job)} for lora in loras]
-    return {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance, "steps": inference_steps(config),
-            "size": image_size(config), "base_model": config.model.base,
-            "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
-            "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
+    settings = {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance,
+                "steps": inference_steps(config), "size": image_size(config), "base_model": config.model.base,
+                "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
+                "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
+    # Only when given: images made before the setting existed stay current.
+    return settings | ({"negative_prompt": g.negative_prompt} if g.negative_prompt is not None else {})
 
 
 def image_size(config: StudyConfig) -> int:
@@ -160,6 +168,15 @@ def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[di
     return info
 
 
+def _check_negative_prompt(config: StudyConfig) -> None:
+    if config.generate.negative_prompt is None:
+        return
+    info = base_info(config.model.base)
+    if not (base_family(config.model.base).takes_negative_prompt and info.guidance):
+        raise LookalikeError(f"generate.negative_prompt: {config.model.base} does not guide against a negative prompt "
+                             "(SDXL, SD 1.x, Z-Image and Qwen-Image do); leave it unset for this base")
+
+
 def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = (),
              weights: list[float] | None = None, console: Console | None = None, out: Path | None = None,
              checkpoint: str = "final") -> Path:
@@ -182,6 +199,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     adapters = list(zip(loras, weights))
     for path, _ in adapters:
         check_lora_file(path)  # refuse a bad file before loading a multi-GB model
+    _check_negative_prompt(config)
     folder = out or output_folder(config, run, adapters, checkpoint)
     if "guidance_scales" in config.generate.model_fields_set and guidance_scales(config) == [None]:
         console.print(f"note: {config.model.base} takes no guidance: generate.guidance_scales is not used, and each "
@@ -216,7 +234,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
                 applied = strength(job)
                 pipe.set_adapters(adapter_names(len(adapters)), [weight * applied for _, weight in adapters])
             image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=settings["steps"],
-                           size=settings["size"], max_sequence_length=settings["max_sequence_length"])
+                           size=settings["size"], max_sequence_length=settings["max_sequence_length"],
+                           negative_prompt=config.generate.negative_prompt)
             # An old image of this name loses its sidecar first and gets the new one last: the sidecar marks the
             # job done, and at no moment does an image sit beside settings that did not make it.
             (folder / f"{job.stem}.json").unlink(missing_ok=True)

@@ -108,6 +108,7 @@ class QwenImage(Family):
         "diffusers": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)",
         "attention+mlp": rf"{_ATTENTION}|{_MLP}",
     }
+    takes_negative_prompt = True
     negative_prompt = " "  # what the pipeline's documentation uses to turn true CFG on
     # Measured by bench/activation_figures.py on Qwen-Image's blocks; the backward pass's working values at FLUX.1's
     # measured ratio to its largest block's figure (11.0 / 13.2).

@@ -131,6 +131,7 @@ class StableDiffusion(Family):
         "attention+mlp": rf".*\.({_ATTENTION}|ff\.net\.0\.proj|ff\.net\.2)",
     }
     hub_ignore = HUB_IGNORE
+    takes_negative_prompt = True
     xl = False
     comfyui_reads_kohya = True  # ComfyUI's key map takes kohya's lora_unet_<layer> names for these UNets
 

@@ -91,6 +91,7 @@ class ZImage(Family):
         "diffusers": rf"{_BLOCKS}\.{_ATTENTION}",
         "attention+mlp": rf"{_BLOCKS}\.({_ATTENTION}|feed_forward\.(w1|w2|w3))",
     }
+    takes_negative_prompt = True
     negative_prompt = ""  # the pipeline's own negative prompt when none is given
     # Measured by bench/activation_figures.py on Z-Image's blocks (a refiner is the same block as a main layer,
     # without the text); the backward pass's working values at FLUX.1's measured ratio to its largest block's
