@@ -219,36 +219,45 @@ def assert_comfyui_reads(family: str, folder, tensors: dict) -> None:
         assert (tensors[f"{layer}.lora_B.weight"] @ tensors[f"{layer}.lora_A.weight"]).shape == weight.shape
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", TINY)
-def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(tiny_config, tmp_path, family):
-    config = load_config(tiny_config(model={"base": TINY[family]}, data={"crop": "center"},
+def train_sampled_run(tiny_config, base: str):
+    """A 10-step run of `base` with samples at steps 5 and 10 (checked), and its first image drawn by lookalike at
+    guidance 4 (where the base takes guidance): (the LoRA file, that image's pixels)."""
+    config = load_config(tiny_config(model={"base": base}, data={"crop": "center"},
                                      train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
                                             "sample_steps": 2},
                                      generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
     lora = train(config, "r")
-    run = lora.parent
+    samples = sorted(p.name for p in (lora.parent / "samples").glob("*.png"))
+    assert samples == ["step-000005_p0.png", "step-000010_p0.png"]
+    stem = "p00_s0_g4" if base_info(base).guidance else "p00_s0"
+    return lora, np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)
+
+
+def stock_image(base: str, lora_file=None, **arguments) -> np.ndarray:
+    """The image the stock pipeline of `base` draws for the first prompt and seed at 64 px in 3 steps, with the
+    LoRA file loaded by load_lora_weights (or none)."""
+    pipe = folder_family(resolve_base(base)).pipeline_class().from_pretrained(resolve_base(base))
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe.set_progress_bar_config(disable=True)
+    return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
+                           generator=torch.Generator("cpu").manual_seed(0), **arguments).images[0]).astype(int)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY)
+def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(tiny_config, tmp_path, family):
+    lora, ours = train_sampled_run(tiny_config, TINY[family])
     from safetensors import safe_open
 
     with safe_open(str(lora), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["lookalike.base_model"] == TINY[family]
     assert "ss_base_model_version" not in metadata, "never labelled as another family's (FLUX.1's) LoRA"
-    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000005_p0.png", "step-000010_p0.png"]
-    stem = "p00_s0_g4" if base_info(TINY[family]).guidance else "p00_s0"
-    ours = np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)
-
-    def stock_image(with_lora: bool):
-        pipe = folder_family(resolve_base(TINY[family])).pipeline_class().from_pretrained(resolve_base(TINY[family]))
-        if with_lora:
-            pipe.load_lora_weights(str(run), weight_name=lora.name)
-        pipe.set_progress_bar_config(disable=True)
-        guidance = STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0})
-        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, **guidance,
-                               max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0)).images[0])
-
-    assert np.abs(ours - stock_image(True).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
-    assert np.abs(ours - stock_image(False).astype(int)).max() > 1, "the LoRA changed the image"
+    stock = dict(STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0}), max_sequence_length=32)
+    assert np.abs(ours - stock_image(TINY[family], lora, **stock)).max() <= 1, \
+        "within 1/255 of the stock pipeline with the LoRA"
+    assert np.abs(ours - stock_image(TINY[family], **stock)).max() > 1, "the LoRA changed the image"
 
     # Export: diffusers' layout, which the stock pipeline loads and ComfyUI reads for these families; kohya has
     # no layout for them.

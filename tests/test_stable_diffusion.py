@@ -21,7 +21,7 @@ from lookalike.models.families import denoiser_family, folder_family
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.objectives import NoisePrediction
-from lookalike.train.trainer import train
+from tests.test_families import stock_image, train_sampled_run
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}
@@ -155,36 +155,21 @@ def test_noise_offset_adds_per_channel_noise_as_the_reference_scripts_do():
 @pytest.mark.parametrize("family", TINY)
 def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_config, tmp_path, family):
     """Also in kohya's layout: the exported file, loaded by the stock pipeline, draws the same image."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from lookalike.models.export import export_lora
 
-    config = load_config(tiny_config(model={"base": TINY[family]}, data={"crop": "center"},
-                                     train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
-                                            "sample_steps": 2},
-                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
-    lora = train(config, "r")
-    run = lora.parent
-    from safetensors import safe_open
-
+    lora, ours = train_sampled_run(tiny_config, TINY[family])
     with safe_open(str(lora), "pt") as handle:
         assert all(key.startswith("unet.") for key in handle.keys())
         assert handle.metadata()["lookalike.base_model"] == TINY[family]
-    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000005_p0.png", "step-000010_p0.png"]
-    ours = np.asarray(Image.open(generate(config, run="r") / "p00_s0_g4.png")).astype(int)
-
-    def stock_image(lora_file=None):
-        pipe = folder_family(resolve_base(TINY[family])).pipeline_class().from_pretrained(resolve_base(TINY[family]))
-        if lora_file is not None:
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-        pipe.set_progress_bar_config(disable=True)
-        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
-                               guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(0)).images[0])
-
-    assert np.abs(ours - stock_image(lora).astype(int)).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
-    assert np.abs(ours - stock_image().astype(int)).max() > 1, "the LoRA changed the image"
+    assert np.abs(ours - stock_image(TINY[family], lora, guidance_scale=4.0)).max() <= 1, \
+        "within 1/255 of the stock pipeline with the LoRA"
+    assert np.abs(ours - stock_image(TINY[family], guidance_scale=4.0)).max() > 1, "the LoRA changed the image"
     kohya = export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
-    assert np.abs(ours - stock_image(kohya).astype(int)).max() <= 1, "the kohya file draws the same image"
+    assert np.abs(ours - stock_image(TINY[family], kohya, guidance_scale=4.0)).max() <= 1, \
+        "the kohya file draws the same image"
     comfyui = export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui")
     assert load_file(comfyui).keys() == load_file(kohya).keys(), "ComfyUI reads SD LoRAs in kohya's layout"
 
@@ -306,15 +291,8 @@ def test_a_negative_prompt_guides_as_the_stock_pipelines_and_is_refused_where_no
     folder = generate(config, out=tmp_path / "with")
     ours = np.asarray(Image.open(folder / "p00_s0_g4.png")).astype(int)
     assert json.loads((folder / "p00_s0_g4.json").read_text())["settings"]["negative_prompt"] == negative
-    pipe = folder_family(resolve_base("tiny-sd15")).pipeline_class().from_pretrained(resolve_base("tiny-sd15"))
-    pipe.set_progress_bar_config(disable=True)
-
-    def stock(**negative_prompt):
-        return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
-                               generator=torch.Generator("cpu").manual_seed(0), **negative_prompt).images[0])
-
-    assert np.abs(ours - stock(negative_prompt=negative).astype(int)).max() <= 1
-    assert np.abs(ours - stock().astype(int)).max() > 1, "the negative prompt changed the image"
+    assert np.abs(ours - stock_image("tiny-sd15", guidance_scale=4.0, negative_prompt=negative)).max() <= 1
+    assert np.abs(ours - stock_image("tiny-sd15", guidance_scale=4.0)).max() > 1, "the negative prompt changed it"
     flux = load_config(tiny_config(name="flux.toml", generate={"negative_prompt": negative}))
     with pytest.raises(LookalikeError, match="generate.negative_prompt: tiny does not guide against a negative"):
         generate(flux, out=tmp_path / "flux")
