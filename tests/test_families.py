@@ -219,12 +219,12 @@ def assert_comfyui_reads(family: str, folder, tensors: dict) -> None:
         assert (tensors[f"{layer}.lora_B.weight"] @ tensors[f"{layer}.lora_A.weight"]).shape == weight.shape
 
 
-def train_sampled_run(tiny_config, base: str):
-    """A 10-step run of `base` with samples at steps 5 and 10 (checked), and its first image drawn by lookalike at
-    guidance 4 (where the base takes guidance): (the LoRA file, that image's pixels)."""
+def train_sampled_run(tiny_config, base: str, **settings):
+    """A 10-step run of `base` (with [train] `settings`) with samples at steps 5 and 10 (checked), and its first image
+    drawn by lookalike at guidance 4 (where the base takes guidance): (the LoRA file, that image's pixels)."""
     config = load_config(tiny_config(model={"base": base}, data={"crop": "center"},
                                      train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
-                                            "sample_steps": 2},
+                                            "sample_steps": 2, **settings},
                                      generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
     lora = train(config, "r")
     samples = sorted(p.name for p in (lora.parent / "samples").glob("*.png"))

@@ -125,6 +125,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     gradient_checkpointing_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
+    adapter: Literal["lora", "dora"] = "lora"
+    """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
+    every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""
     target_modules: Literal["attention", "diffusers", "attention+mlp"] = "attention"
     """Which layers the LoRA adapts, as the base's family names them: attention (the fewest parameters and least
     memory: the default), diffusers (the default set of the family's diffusers reference script; FLUX.1's:
@@ -159,7 +162,13 @@ class TrainConfig(Section):
     """With several processes (`train --processes N`, torchrun or `accelerate launch`): shard the frozen
     transformer, the LoRA and AdamW's state across them (FSDP2), so that each GPU holds 1/N of the base: for
     bases too big for one GPU (Qwen-Image's 20B in bf16). Off: each process holds the whole model."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    """adamw; adamw8bit (bitsandbytes, CUDA): its moments in 8 bits; prodigy (the prodigyopt package): estimates its
+    own step size, and learning_rate is a multiplier of that estimate, 1.0 as its authors advise."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the LoRA weights (e.g. 0.999; diffusers' EMAModel, whose decay
+    warms up as min((1 + step) / (10 + step), ema_decay)). The samples, the best step and lora.safetensors are
+    then the average's; the raw weights are kept as lora-raw.safetensors. None: off."""
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -181,6 +190,14 @@ class TrainConfig(Section):
         if self.compile and self.base_quantization in ("int8", "fp8"):
             raise ValueError(f"compile = true cannot train on base_quantization = {self.base_quantization!r} "
                              "(torch.compile does not train through torchao's quantised weights yet); choose one")
+        return self
+
+    @model_validator(mode="after")
+    def _prodigy_learning_rate(self) -> "TrainConfig":
+        # Prodigy's learning rate multiplies the step size it finds: an Adam-sized one (1e-4) would stall it.
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"optimizer = 'prodigy' finds its own step size, and learning_rate multiplies it: use "
+                             f"1.0 as Prodigy's authors advise (got {self.learning_rate:g})")
         return self
 
     @model_validator(mode="after")

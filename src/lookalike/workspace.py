@@ -261,6 +261,11 @@ class RunPaths:
         return self.root / "front"
 
     @property
+    def raw_lora(self) -> Path:
+        """With train.ema_decay: the final raw weights (lora.safetensors is then their moving average)."""
+        return self.root / "lora-raw.safetensors"
+
+    @property
     def best_lora(self) -> Path:
         return self.root / "lora-best.safetensors"
 

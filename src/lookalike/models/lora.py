@@ -23,9 +23,9 @@ METADATA_PREFIX = "lookalike."
 DENOISERS = ("transformer", "unet")  # the pipeline components a LoRA file's keys may start with
 
 
-def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0) -> None:
+def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0, dora: bool = False) -> None:
     """Add a trainable LoRA adapter to the (frozen) denoiser, on the layers its family's preset `target` names
-    (train.target_modules)."""
+    (train.target_modules); `dora`: a DoRA adapter (train.adapter)."""
     import re
 
     import torch
@@ -45,6 +45,7 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
         lora_dropout=dropout,
         init_lora_weights="gaussian",
         target_modules=targets,
+        use_dora=dora,
     )
     transformer.add_adapter(config)
 
@@ -56,12 +57,13 @@ def full_tensor(tensor):
 
 def lora_state_dict(denoiser) -> dict[str, Any]:
     """The adapter's tensors with diffusers' key names (prefix: the family's denoiser, `transformer.` or
-    `unet.`), detached, whole and on the CPU (of a sharded transformer every process must call it)."""
+    `unet.`): a copy, whole and on the CPU, which later steps leave as it is (of a sharded transformer every
+    process must call it)."""
     from peft.utils import get_peft_model_state_dict
 
     prefix = denoiser_family(denoiser).denoiser
     return {
-        f"{prefix}.{key}": full_tensor(tensor.detach()).to("cpu").contiguous()
+        f"{prefix}.{key}": full_tensor(tensor.detach()).to("cpu", copy=True).contiguous()
         for key, tensor in get_peft_model_state_dict(denoiser).items()
     }
 
@@ -151,6 +153,9 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
 
     metadata = check_lora_file(path)
     tensors = load_file(str(path))
+    if any(key.endswith(".lora_magnitude_vector") for key in tensors):
+        raise LookalikeError(f"{path}: a DoRA adapter, whose weight change is not a low-rank product: merge and "
+                             "export take plain LoRAs only (train.adapter = 'lora'); generate and the demo load it")
     denoiser = denoiser_of(tensors)
     if denoiser not in DENOISERS or not all(key.startswith(f"{denoiser}.") and (".lora_A." in key or ".lora_B." in key)
                                             for key in tensors):

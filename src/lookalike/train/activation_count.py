@@ -20,7 +20,7 @@ from unittest import mock
 
 import torch
 
-VAE_FACTOR = 8  # pixels per latent, every family's VAE
+from lookalike.models.families.interface import VAE_FACTOR
 
 
 class _MemoryEfficientAttention(torch.autograd.Function):

@@ -89,14 +89,15 @@ def transformer_config(config: StudyConfig) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
-def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1") -> Counts:
-    """Parameter counts of the family's transformer with the run's adapter, built on the meta device."""
+def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1",
+                     dora: bool = False) -> Counts:
+    """Parameter counts of the family's denoiser with the run's adapter, built on the meta device."""
     import torch
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = FAMILIES[family].component_class(FAMILIES[family].denoiser).from_config(architecture)
-        add_lora(model, rank, alpha, target)
+        add_lora(model, rank, alpha, target, dora=dora)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.
     linear = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and
@@ -111,14 +112,18 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     shards = processes if t.shard else 1
     family = base_family(config.model.base)
     architecture = transformer_config(config)
-    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name)
+    counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name,
+                                        dora=t.adapter == "dora")
     per_value = BYTES[precision]
     values = family.activation_values(architecture, training_resolution(config), max_sequence_length(config.model),
                                       t.gradient_checkpointing, t.gradient_checkpointing_every)
     activations = values * per_value * t.batch_size / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
-    optimizer_bytes = 4 + (2 if t.optimizer == "adamw8bit" else 8)  # float32 gradient + the two moments
+    # A float32 gradient, and the optimizer's state: AdamW's two moments (8-bit or float32), Prodigy's four
+    # tensors (two moments, its step-size sum and the initial weights); an EMA's float32 copy.
+    state = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[t.optimizer] + (4 if t.ema_decay else 0)
+    optimizer_bytes = 4 + state
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
                     activations, counts, t.base_quantization, shards, family.denoiser)
 

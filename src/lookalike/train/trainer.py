@@ -96,7 +96,26 @@ def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> tor
         if bitsandbytes is None or not torch.cuda.is_available():
             raise LookalikeError("train.optimizer = 'adamw8bit' needs bitsandbytes and a CUDA GPU; use 'adamw'")
         return bitsandbytes.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+@contextlib.contextmanager
+def averaged_weights(ema, params):
+    """The LoRA's parameters hold the moving average meanwhile (when train.ema_decay keeps one), then their own
+    values again, bit for bit."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def enable_checkpointing(transformer, family, every: int) -> None:
@@ -253,6 +272,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     device = accelerator.device
     processes, rank = accelerator.num_processes, accelerator.process_index
     sharded = t.shard
+    if sharded and t.ema_decay:
+        raise LookalikeError("train.ema_decay averages whole LoRA weights, and train.shard splits them across "
+                             "processes: choose one")
     if sharded and processes == 1:
         raise LookalikeError("train.shard = true splits the model across processes, and this run has one: train "
                              "with --processes N (or under torchrun / accelerate launch), or set train.shard = false")
@@ -286,7 +308,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     transformer = load_component(folder, family.denoiser, dtype=weight_dtype, quantization=t.base_quantization)
     transformer = transformer if sharded else transformer.to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
-    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout)
+    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, dora=t.adapter == "dora")
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -312,6 +334,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     else:
         transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     model = accelerator.unwrap_model(transformer)
+    ema = None
+    if t.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=t.ema_decay)
 
     # 3. Continue from the latest checkpoint, restoring every piece of state the loop depends on. Every
     # process draws the same random numbers for the whole global batch and trains on its own slice of it, so
@@ -328,6 +355,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         order.load_state_dict(state["order"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_step = state["step"]
         console.print(f"train: resuming {run.name!r} from step {start_step} ({checkpoints[-1].name})")
     metrics = StepLog(run.metrics, start_step) if accelerator.is_main_process else None
@@ -347,7 +376,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         """What a resume restores (sharded: gathered from every process, so every process calls it)."""
         return {"step": step, "optimizer": optimizer_state(model, optimizer.optimizer) if sharded else
                 optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "order": order.state_dict()}
+                "order": order.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})}
 
     def whole_params() -> list[torch.Tensor]:
         """The LoRA's weights, gathered whole where sharded: every process then sees (and judges) the same."""
@@ -380,6 +409,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema is not None and accelerator.sync_gradients:  # once per optimizer step
+                        ema.step(params)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - step_started
@@ -396,10 +427,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             # the two resumes from the checkpoint before and makes them again, never skips them.
             if (accelerator.is_main_process or sharded) and t.sample_every and step % t.sample_every == 0:
                 # A sharded transformer draws with every process (each forward gathers its blocks); the main
-                # one writes the images.
-                samples = _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts,
-                                        max_len, write=accelerator.is_main_process)
-                tensors = lora_state_dict(model) if scoring else None  # every process of a sharded run gathers
+                # one writes the images. With an EMA, the samples (and so the best step) are the average's.
+                with averaged_weights(ema, params):
+                    samples = _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts,
+                                            max_len, write=accelerator.is_main_process)
+                    tensors = lora_state_dict(model) if scoring else None  # every process of a sharded run gathers
                 if scores is not None:
                     record = scores.record(step, samples, sample_prompts,
                                            lambda path: lora_file(path, tensors, step))
@@ -430,8 +462,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     spread = (copies - copies[0]).abs().max().item()
     last_step = stopped.get("stopped_at", t.max_train_steps)
     _stop_if_not_finite(last_step, loss_value, run.checkpoints, whole)
-    final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
+    raw = lora_state_dict(model) if accelerator.is_main_process or sharded else None
+    with averaged_weights(ema, params):
+        final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
+        if ema is not None:  # the run's LoRA is the average; the raw weights stay beside it
+            lora_file(run.raw_lora, raw, last_step)
         lora_file(run.lora, final, last_step)
     return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
             "best_step": scores.best if scores is not None else None, "final_step": last_step, **stopped}

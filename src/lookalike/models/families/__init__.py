@@ -45,13 +45,13 @@ def folder_family(folder: Path) -> Family:
 
 
 def denoiser_family(denoiser) -> Family:
-    """The family of a denoiser model (transformer or UNet), by its class, and by its config where families share
-    a class (SD 1.x and SDXL: UNet2DConditionModel)."""
-    name = type(denoiser).__name__
+    """The family of a denoiser model (transformer or UNet), by its class (or the class it was made from: sharding
+    subclasses it), and by its config where families share a class (SD 1.x and SDXL: UNet2DConditionModel)."""
+    classes = {cls.__name__ for cls in type(denoiser).__mro__}
     for family in FAMILIES.values():
-        if family.components[family.denoiser][1] == name and family.owns(denoiser.config):
+        if family.components[family.denoiser][1] in classes and family.owns(denoiser.config):
             return family
-    raise LookalikeError(f"no model family has the denoiser class {name}")
+    raise LookalikeError(f"no model family has the denoiser class {type(denoiser).__name__}")
 
 
 def pipeline_family(pipe) -> Family:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+VAE_FACTOR = 8  # pixels per latent: every family's VAE downsamples 8 times
+
 
 @dataclass(frozen=True)
 class BaseModelInfo:
@@ -156,7 +158,7 @@ class Family:
         recomputes the rest during the backward pass, one block at a time; the backward pass's own working values
         come on top."""
         hidden = self.hidden_size(architecture)
-        image_tokens = (resolution // 16) ** 2  # every family: 2x2 patches of 8x-downsampled latents
+        image_tokens = (resolution // (2 * VAE_FACTOR)) ** 2  # every family: 2x2 patches of the VAE's latents
         blocks = [(self.activation_figures[kind] * tokens * hidden, tokens * hidden)
                   for kind, tokens in self.blocks(architecture, image_tokens, text_tokens)]
         checkpointed = set(range(0, len(blocks), every)) if checkpointing else set()

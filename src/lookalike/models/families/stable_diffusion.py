@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import VAE_FACTOR, BaseModelInfo, Family
 from lookalike.models.tiny import byte_level_clip_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
 CLIP_TOKENS = 77  # both bases' CLIP prompt length
-VAE_FACTOR = 8  # pixels per latent of their VAE
 
 # The published UNets (their unet/config.json), for `--dry-run` and benchmarks without a download: SD 1.x
 # (v1-4 and v1-5 share it, 860M parameters) and SDXL base 1.0 (2.6B).
@@ -61,7 +60,8 @@ class TinyStableDiffusionSpec:
 
 
 def _tiny_clip(tokenizer, hidden: int, projection: bool):
-    """A one-layer CLIP text encoder (with a projection of its pooled output: SDXL's second encoder)."""
+    """A two-layer CLIP text encoder (SDXL reads the second-to-last layer), with a projection of its pooled output
+    for SDXL's second encoder."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
@@ -132,6 +132,7 @@ class StableDiffusion(Family):
     }
     hub_ignore = HUB_IGNORE
     takes_negative_prompt = True
+    native_resolution: int  # the side the base was trained at (BaseModelInfo.resolution)
     xl = False
     comfyui_reads_kohya = True  # ComfyUI's key map takes kohya's lora_unet_<layer> names for these UNets
 
@@ -154,8 +155,6 @@ class StableDiffusion(Family):
 
         return NoisePrediction(folder)
 
-    native_resolution = 512
-
     def local_info(self, folder: Path) -> BaseModelInfo:
         return BaseModelInfo(self.name, None, CLIP_TOKENS, 50, resolution=self.native_resolution)
 
@@ -167,8 +166,7 @@ class StableDiffusion(Family):
         return {}  # the CLIP encoders' own 77 tokens
 
     def model_input(self, latents, normalisation):
-        """Layout: the image's size in pixels, which SDXL's size conditioning reads (every VAE of these bases
-        downsamples 8 times)."""
+        """Layout: the image's size in pixels, which SDXL's size conditioning reads."""
         model_input, (height, width) = super().model_input(latents, normalisation)
         return model_input, (height * VAE_FACTOR, width * VAE_FACTOR)
 
@@ -191,12 +189,13 @@ class StableDiffusion1(StableDiffusion):
                   "scheduler": ("diffusers", "PNDMScheduler"), "text_encoder": ("transformers", "CLIPTextModel"),
                   "tokenizer": ("transformers", "CLIPTokenizer")}
     text_components = ("text_encoder", "tokenizer")
+    native_resolution = 512
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 7.5 (the study's guidance_scales choose), 512 px.
         "sd15": BaseModelInfo("sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5", CLIP_TOKENS, 50,
-                              architecture=SD1_UNET, resolution=512),
+                              architecture=SD1_UNET, resolution=native_resolution),
         "sd14": BaseModelInfo("sd1", "CompVis/stable-diffusion-v1-4", CLIP_TOKENS, 50, architecture=SD1_UNET,
-                              resolution=512),
+                              resolution=native_resolution),
         "tiny-sd15": BaseModelInfo("sd1", None, CLIP_TOKENS, 50),
     }
     negative_prompt = ""  # the pipeline's unconditional prompt when none is given
@@ -235,10 +234,11 @@ class StableDiffusionXL(StableDiffusion):
                   "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
                   "tokenizer_2": ("transformers", "CLIPTokenizer")}
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    native_resolution = 1024
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0, 1024 px.
         "sdxl": BaseModelInfo("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", CLIP_TOKENS, 50,
-                              architecture=SDXL_UNET, resolution=1024),
+                              architecture=SDXL_UNET, resolution=native_resolution),
         "tiny-sdxl": BaseModelInfo("sdxl", None, CLIP_TOKENS, 50),
     }
     # None: SDXL's pipeline guides against zero embeddings when no negative prompt is given
@@ -247,7 +247,6 @@ class StableDiffusionXL(StableDiffusion):
     negative_prompt = None
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architectures = {"sdxl": "stable-diffusion-xl-v1-base/lora"}
-    native_resolution = 1024
     xl = True
 
     def kohya_name(self, name: str, layers_per_block: int) -> str:

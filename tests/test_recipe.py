@@ -1,0 +1,76 @@
+"""The training recipe beyond plain AdamW: an exponential moving average of the LoRA weights (diffusers' EMAModel)
+and the Prodigy optimizer, each resumed exactly after a kill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lookalike.config import load_config
+from lookalike.errors import LookalikeError
+from lookalike.train.checkpoint import list_checkpoints
+from lookalike.train.memory import estimate
+from lookalike.train.trainer import train
+from tests.test_train import assert_a_killed_run_resumes_exactly
+
+
+def test_the_lora_is_the_moving_average_of_the_raw_weights_step_by_step(tiny_config):
+    """An EMA written out independently from the raw weights after every step (each step's checkpoint, and the
+    last step's lora-raw): the first step's weights, then decay d_k = min(k / (9 + k), ema_decay) at step k."""
+    steps, decay = 6, 0.6
+    config = load_config(tiny_config(train={"max_train_steps": steps, "learning_rate": 1e-2, "ema_decay": decay,
+                                            "checkpoint_every": 1, "checkpoints_keep": steps}))
+    lora = train(config, "ema")
+    run = lora.parent
+    raw = [load_file(c / "lora.safetensors") for c in list_checkpoints(run / "checkpoints")]
+    raw.append(load_file(run / "lora-raw.safetensors"))
+    assert len(raw) == steps
+    average = dict(raw[0])
+    for k, weights in enumerate(raw[1:], start=2):
+        d = min(k / (9 + k), decay)
+        average = {key: d * average[key] + (1 - d) * weights[key] for key in weights}
+    saved = load_file(lora)
+    assert saved.keys() == average.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key], average[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(saved[key], raw[-1][key]) for key in saved), "the average is not the raw weights"
+
+
+def test_prodigy_takes_its_own_learning_rate_and_counts_its_state(tiny_config):
+    with pytest.raises(LookalikeError, match="optimizer = 'prodigy' finds its own step size.*got 0.0005"):
+        load_config(tiny_config(train={"optimizer": "prodigy", "learning_rate": 5e-4}))
+    adamw = estimate(load_config(tiny_config(train={"rank": 4})), "no")
+    prodigy = estimate(load_config(tiny_config(train={"rank": 4, "optimizer": "prodigy", "learning_rate": 1.0,
+                                                      "ema_decay": 0.99})), "no")
+    # Per trainable value: a gradient and AdamW's two moments (12 bytes); Prodigy's four tensors and the EMA (24).
+    assert prodigy.optimizer == pytest.approx(adamw.optimizer * 24 / 12)
+
+
+@pytest.mark.slow
+def test_a_killed_prodigy_run_with_an_ema_resumes_exactly(tiny_config):
+    path = tiny_config(train={"max_train_steps": 40, "checkpoint_every": 10, "checkpoints_keep": 2,
+                              "optimizer": "prodigy", "learning_rate": 1.0, "ema_decay": 0.9, "batch_size": 2})
+    assert_a_killed_run_resumes_exactly(path, steps=40, killed_after="step-000010")
+    runs = load_config(path).workspace / "runs"
+    a, b = (load_file(runs / name / "lora-raw.safetensors") for name in ("straight", "killed"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_dora_adapter_draws_what_the_stock_pipeline_draws_and_is_refused_by_merge_and_export(tiny_config,
+                                                                                                tmp_path):
+    from lookalike.models.export import export_lora
+    from lookalike.models.merge import merge_loras
+    from tests.test_families import stock_image, train_sampled_run
+
+    lora, ours = train_sampled_run(tiny_config, "tiny", adapter="dora")
+    assert any(key.endswith(".lora_magnitude_vector") for key in load_file(lora))
+    assert abs(ours - stock_image("tiny", lora, guidance_scale=4.0, max_sequence_length=32)).max() <= 1, \
+        "within 1/255 of the stock pipeline with the DoRA file"
+    assert abs(ours - stock_image("tiny", guidance_scale=4.0, max_sequence_length=32)).max() > 1
+    with pytest.raises(LookalikeError, match="a DoRA adapter, whose weight change is not a low-rank product"):
+        export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
+    with pytest.raises(LookalikeError, match="a DoRA adapter"):
+        merge_loras(lora, lora, tmp_path / "merged.safetensors")
