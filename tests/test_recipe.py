@@ -74,3 +74,55 @@ def test_a_dora_adapter_draws_what_the_stock_pipeline_draws_and_is_refused_by_me
         export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
     with pytest.raises(LookalikeError, match="a DoRA adapter"):
         merge_loras(lora, lora, tmp_path / "merged.safetensors")
+
+
+def test_prior_preservation_adds_the_class_examples_loss_times_its_weight():
+    """The reference scripts' formula, written out: the batch's two halves (subject, class), each one's mean squared
+    error against its target, the class one times prior_loss_weight."""
+    from lookalike.config import TrainConfig
+    from lookalike.train.objectives import FlowMatching, with_prior
+
+    generator = torch.Generator().manual_seed(0)
+    x0, noise, prediction = (torch.randn(4, 16, 8, 8, generator=generator) for _ in range(3))
+    sigmas = torch.rand(4, generator=generator)
+    ours = with_prior(FlowMatching(), prediction, x0, noise, sigmas, TrainConfig(), subject_rows=2, weight=0.7)
+    target = noise - x0
+    subject_prediction, class_prediction = torch.chunk(prediction, 2, dim=0)
+    subject_target, class_target = torch.chunk(target, 2, dim=0)
+    reference = torch.nn.functional.mse_loss(subject_prediction, subject_target) + \
+        0.7 * torch.nn.functional.mse_loss(class_prediction, class_target)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resumes_exactly(tiny_config):
+    path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
+                              "learning_rate": 1e-3}, prior={"num_class_images": 3, "weight": 0.5})
+    config = load_config(path)
+    from lookalike.train.prior import class_folder
+
+    assert_a_killed_run_resumes_exactly(path, steps=30, killed_after="step-000010")
+    folder = class_folder(config)
+    assert sorted(p.name for p in folder.glob("*.png")) == ["p00_s0_g5.png", "p00_s1_g5.png", "p00_s2_g5.png"]
+    assert "a photo of a man" in (folder / "index.html").read_text()
+    drawn = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    train(config, "again")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == drawn, "drawn once, then reused"
+    plain = load_file(train(config.model_copy(update={"prior": config.prior.model_copy(
+        update={"num_class_images": 0})}), "plain"))
+    with_class = load_file(config.workspace / "runs" / "again" / "lora.safetensors")
+    assert any(not torch.equal(plain[key], with_class[key]) for key in plain), "the class examples were trained on"
+
+
+def test_class_images_from_a_folder_must_be_enough(tiny_config, tmp_path, faces):
+    from lookalike import display
+    from lookalike.train.prior import class_images
+
+    folder = faces / "train" / "guido_van_rossum"
+    config = load_config(tiny_config(prior={"num_class_images": 2, "images": str(folder)}))
+    taken = class_images(config, display.console(quiet=True))
+    assert len(taken) == 2 and all(image.caption == "a photo of a man" for image in taken)
+    many = load_config(tiny_config(name="many.toml", prior={"num_class_images": 50, "images": str(folder)}))
+    with pytest.raises(LookalikeError, match=f"prior.images: {folder} holds 4 images, and prior.num_class_images "
+                                             "asks for 50"):
+        class_images(many, display.console(quiet=True))

@@ -267,6 +267,20 @@ class EvaluateConfig(Section):
     """CLIP Score over all prompts x all images, as the study averaged it; default: each image with its prompt."""
 
 
+class PriorConfig(Section):
+    """Prior preservation (DreamBooth's second loss term): each step also trains on images of the subject's class
+    captioned with the class prompt, so the LoRA keeps what the base draws for the class."""
+
+    num_class_images: int = Field(0, ge=0)
+    """How many class images; 0: off."""
+    class_prompt: str = "a photo of a {class_word}"
+    """Their caption, and the prompt they are drawn with ({class_word}: [subject]'s)."""
+    weight: float = Field(1.0, gt=0)
+    """The class examples' loss is added times this weight."""
+    images: Path | None = None
+    """A folder of class images to take instead of drawing them with the base model."""
+
+
 class AblateConfig(Section):
     unknown_name: str = "Tobin Wrexley"
     """A name no model has seen: the ablation's person the base model cannot know (made up; change it if it
@@ -336,6 +350,7 @@ class StudyConfig(Section):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    prior: PriorConfig = PriorConfig()
     ablate: AblateConfig = AblateConfig()
     sweep: SweepConfig = SweepConfig()
 

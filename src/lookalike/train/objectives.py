@@ -30,8 +30,11 @@ class FlowMatching:
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         return noisy_latents(x0, noise, sigmas)
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return velocity_target(x0, noise)
+
     def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, t):
-        target = velocity_target(x0, noise).to(prediction.device)
+        target = self.target(x0, noise, sigmas).to(prediction.device)
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
@@ -59,9 +62,11 @@ class NoisePrediction:
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, timesteps)
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
+
     def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, t):
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
-        target = target.to(prediction.device)
+        target = self.target(x0, noise, timesteps).to(prediction.device)
         if t.snr_gamma is None:
             return torch.nn.functional.mse_loss(prediction.float(), target.float())
         from diffusers.training_utils import compute_snr
@@ -72,3 +77,14 @@ class NoisePrediction:
         weights = torch.clamp(snr, max=t.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
         per_example = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
         return (per_example.mean(dim=tuple(range(1, per_example.dim()))) * weights.to(prediction.device)).mean()
+
+
+def with_prior(objective, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, t,
+               subject_rows: int, weight: float) -> torch.Tensor:
+    """DreamBooth's loss with prior preservation, as diffusers' reference scripts compute it: the batch's first
+    `subject_rows` rows are the subject's, trained by the objective's own loss; the rest are class examples,
+    whose plain mean squared error against the objective's target is added times `weight`."""
+    own = objective.loss(prediction[:subject_rows], x0[:subject_rows], noise[:subject_rows], levels[:subject_rows], t)
+    target = objective.target(x0[subject_rows:], noise[subject_rows:], levels[subject_rows:]).to(prediction.device)
+    prior = torch.nn.functional.mse_loss(prediction[subject_rows:].float(), target.float())
+    return own + weight * prior

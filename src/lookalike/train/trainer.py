@@ -43,6 +43,8 @@ from lookalike.store import record_run
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.memory import out_of_memory_message
+from lookalike.train.objectives import with_prior
+from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
@@ -150,7 +152,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-_TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train")
+_TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train", "prior")
 
 
 def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
@@ -283,6 +285,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     with accelerator.main_process_first():
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
         folder = resolve_base(config.model.base, config.model.revision)
+        class_examples = class_images(config, console)  # prior preservation's, drawn once by the base
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     family = folder_family(folder)
     max_len = max_sequence_length(config.model)
@@ -292,8 +295,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
     with accelerator.main_process_first():
         latents = cache.latents(images, training_resolution(config))
+        class_latents = cache.latents(class_examples, training_resolution(config))
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
-        texts = cache.texts([image.caption for image in images] + sample_prompts + negative, max_len)
+        texts = cache.texts([image.caption for image in images + class_examples] + sample_prompts + negative,
+                            max_len)
     if processes > 1 and accelerator.is_main_process:
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
@@ -345,7 +350,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # N processes of batch b train exactly as one process of batch N x b would.
     generator = torch.Generator("cpu").manual_seed(t.seed)
     order = BatchOrder(len(images), t.batch_size * processes)
+    # With prior preservation every step also draws as many class examples, from their own order.
+    class_order = BatchOrder(len(class_examples), t.batch_size * processes) if class_examples else None
     mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
+    # This process's rows of the global batch: its subject examples, then (prior preservation) its class ones.
+    rows = list(range(processes * t.batch_size))[mine]
+    rows += [processes * t.batch_size + row for row in rows] if class_examples else []
     start_step = 0
     if state is not None:
         if sharded:
@@ -355,6 +365,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         order.load_state_dict(state["order"])
+        if class_order is not None:
+            class_order.load_state_dict(state["class_order"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_step = state["step"]
@@ -376,7 +388,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         """What a resume restores (sharded: gathered from every process, so every process calls it)."""
         return {"step": step, "optimizer": optimizer_state(model, optimizer.optimizer) if sharded else
                 optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "order": order.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})}
+                "order": order.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                **({"class_order": class_order.state_dict()} if class_order is not None else {})}
 
     def whole_params() -> list[torch.Tensor]:
         """The LoRA's weights, gathered whole where sharded: every process then sees (and judges) the same."""
@@ -392,17 +405,23 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             step_started = time.perf_counter()
             for _ in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(transformer):
-                    picked = order.next(generator)
-                    x0 = torch.stack([latents[i].mean + latents[i].std * torch.randn(latents[i].mean.shape,
-                                                                                     generator=generator)
-                                      for i in picked])
+                    examples = [(latents[i], images[i].caption) for i in order.next(generator)]
+                    if class_order is not None:
+                        examples += [(class_latents[i], class_examples[i].caption)
+                                     for i in class_order.next(generator)]
+                    x0 = torch.stack([stats.mean + stats.std * torch.randn(stats.mean.shape, generator=generator)
+                                      for stats, _ in examples])
                     x0, layout = family.model_input(x0, normalisation)
                     noise, levels = objective.draw(x0.shape, generator, t)
-                    x0, noise, levels, picked = x0[mine], noise[mine], levels[mine], picked[mine]
+                    x0, noise, levels = x0[rows], noise[rows], levels[rows]
                     prediction = family.predict(transformer, model.config, objective.noisy(x0, noise, levels), levels,
-                                                [texts[images[i].caption] for i in picked], t.guidance, layout,
+                                                [texts[examples[row][1]] for row in rows], t.guidance, layout,
                                                 device, weight_dtype)
-                    loss = objective.loss(prediction, x0, noise, levels, t)
+                    if class_order is None:
+                        loss = objective.loss(prediction, x0, noise, levels, t)
+                    else:  # this process's first half of rows are the subject's
+                        loss = with_prior(objective, prediction, x0, noise, levels, t, len(rows) // 2,
+                                          config.prior.weight)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, t.max_grad_norm)
