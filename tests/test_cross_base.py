@@ -31,7 +31,7 @@ def test_base_as_a_sweep_factor_names_its_experiments_and_sets_each_runs_base(ti
 
 
 def test_an_unknown_factor_is_refused_with_the_keys_it_may_be(tiny_config):
-    with pytest.raises(LookalikeError, match="'bse' is not a \\[train\\] key or base"):
+    with pytest.raises(LookalikeError, match="'bse' is not a \\[train\\] key, base or prior"):
         load_config(tiny_config(**{"sweep": {"design": "grid"}, "sweep.factors": {"bse": ["tiny"]}}))
 
 

@@ -126,3 +126,17 @@ def test_class_images_from_a_folder_must_be_enough(tiny_config, tmp_path, faces)
     with pytest.raises(LookalikeError, match=f"prior.images: {folder} holds 4 images, and prior.num_class_images "
                                              "asks for 50"):
         class_images(many, display.console(quiet=True))
+
+
+@pytest.mark.slow
+def test_a_sweep_compares_prior_preservation_on_and_off_in_one_report(tmp_path, faces):
+    from tests.conftest import run_cli, tiny_study
+
+    config = tiny_study(tmp_path, faces, train={"max_train_steps": 5}, prior={"num_class_images": 2},
+                        evaluate={"clip_model": "tiny"}, generate={"num_inference_steps": 2},
+                        **{"sweep": {"design": "grid"}, "sweep.factors": {"prior": [True, False]}})
+    result = run_cli("run", str(config), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = (tmp_path / "work" / "report" / "summary.md").read_text()
+    assert "| priorTrue | done |" in summary and "| priorFalse | done |" in summary
+    assert len(list((tmp_path / "work" / "prior").glob("*/*.png"))) == 2, "drawn once for the run that uses them"

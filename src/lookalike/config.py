@@ -289,14 +289,17 @@ class AblateConfig(Section):
     """The fine-tuned run to compare with the base model; None: the best run by the report's rule."""
 
 
-EXPERIMENT_MODEL_KEYS = ("base",)  # [model] keys an experiment may set: one study across several bases
+# Keys an experiment may set beside [train]'s: [model] base (one study across several bases), and prior (false:
+# this run trains without [prior]'s class images, so a sweep can compare prior preservation on and off).
+EXPERIMENT_MODEL_KEYS = ("base", "prior")
 
 
 def _experiment_model() -> type[BaseModel]:
-    """An experiment is a name plus any [train] keys and [model] base, each optional (it overrides the study's)."""
+    """An experiment is a name plus any [train] keys, [model] base and prior, each optional (it overrides the
+    study's)."""
     fields: dict[str, Any] = {name: (info.annotation | None, None) for name, info in TrainConfig.model_fields.items()}
     return create_model("Experiment", __base__=Section, name=(str, Field(min_length=1)), base=(str | None, None),
-                        **fields)
+                        prior=(bool | None, None), **fields)
 
 
 Experiment = _experiment_model()
@@ -314,7 +317,7 @@ class SweepConfig(Section):
     def _train_keys(cls, factors: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, levels in factors.items():
             if key not in TrainConfig.model_fields and key not in EXPERIMENT_MODEL_KEYS:
-                raise ValueError(f"{key!r} is not a [train] key or base")
+                raise ValueError(f"{key!r} is not a [train] key, base or prior")
             if not levels or len(set(map(repr, levels))) != len(levels):
                 raise ValueError(f"{key} needs one or more distinct levels (got {levels!r})")
         return factors
@@ -399,11 +402,17 @@ class StudyConfig(Section):
             raise LookalikeError(_format_errors(source, error)) from None
 
     def with_experiment(self, overrides: dict[str, Any], source: str) -> "StudyConfig":
-        """This config with an experiment's settings: [train] keys, and the base when it names one."""
+        """This config with an experiment's settings: [train] keys, the base when it names one, and prior
+        preservation off when it says prior = false."""
         train = {key: value for key, value in overrides.items() if key not in EXPERIMENT_MODEL_KEYS}
         config = self.with_train(train, source)
         if overrides.get("base") is not None:
             config = config.model_copy(update={"model": config.model.model_copy(update={"base": overrides["base"]})})
+        if overrides.get("prior") and not self.prior.num_class_images:
+            raise LookalikeError(f"{source}: prior = true needs [prior] num_class_images (the class images to train "
+                                 "on)")
+        if overrides.get("prior") is False:
+            config = config.model_copy(update={"prior": config.prior.model_copy(update={"num_class_images": 0})})
         return config
 
     def to_json_dict(self) -> dict[str, Any]:

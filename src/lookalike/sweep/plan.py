@@ -16,7 +16,7 @@ DEFAULT_RUN = "default"
 @dataclass(frozen=True)
 class Planned:
     name: str
-    overrides: dict[str, Any]  # [train] keys (and the base) this experiment sets
+    overrides: dict[str, Any]  # [train] keys (and the base, prior) this experiment sets
 
     def describe(self) -> str:
         return self.name + ("  " + " ".join(f"{k}={v}" for k, v in self.overrides.items()) if self.overrides else "")
@@ -28,7 +28,8 @@ def experiments(config: StudyConfig) -> list[Planned]:
     if sweep.design == "grid":
         made = designs.grid(sweep.factors)
     elif sweep.design == "one-at-a-time":
-        made = designs.one_at_a_time(sweep.factors, {**config.train.model_dump(), "base": config.model.base})
+        made = designs.one_at_a_time(sweep.factors, {**config.train.model_dump(), "base": config.model.base,
+                                                     "prior": bool(config.prior.num_class_images)})
     elif sweep.design == "pairwise":
         made = designs.pairwise(sweep.factors)
     else:
