@@ -140,3 +140,22 @@ def test_a_sweep_compares_prior_preservation_on_and_off_in_one_report(tmp_path, 
     summary = (tmp_path / "work" / "report" / "summary.md").read_text()
     assert "| priorTrue | done |" in summary and "| priorFalse | done |" in summary
     assert len(list((tmp_path / "work" / "prior").glob("*/*.png"))) == 2, "drawn once for the run that uses them"
+
+
+def test_caption_dropout_empties_captions_at_its_rate_from_the_runs_generator():
+    from lookalike.train.trainer import drop_captions
+
+    captions = ["a photo of sks"] * 4000
+    dropped = drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
+    assert set(dropped) == {"", "a photo of sks"} and 0.08 < dropped.count("") / len(captions) < 0.12
+    assert drop_captions(captions, 0.1, torch.Generator().manual_seed(0)) == dropped, "the same draws again"
+    untouched = torch.Generator().manual_seed(0)
+    assert drop_captions(captions, 0.0, untouched) == captions
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state()), "nothing drawn at 0"
+
+
+@pytest.mark.slow
+def test_a_killed_run_with_caption_dropout_resumes_exactly(tiny_config):
+    path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
+                              "learning_rate": 1e-3, "caption_dropout": 0.3})
+    assert_a_killed_run_resumes_exactly(path, steps=30, killed_after="step-000010")

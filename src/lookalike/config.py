@@ -125,6 +125,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     gradient_checkpointing_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
+    """The chance that a subject example is trained with the empty caption instead of its own (0.05-0.1 is
+    common): the face is then learned without the trigger word too, which helps prompts that do not name it."""
     adapter: Literal["lora", "dora"] = "lora"
     """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
     every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""

@@ -88,6 +88,15 @@ def resolve_mixed_precision(setting: str) -> str:
     return setting
 
 
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Each caption replaced by the empty one with `probability` (train.caption_dropout), drawn from the run's
+    generator (nothing is drawn at 0, so runs without dropout draw as before)."""
+    if not probability:
+        return captions
+    dropped = (torch.rand(len(captions), generator=generator) < probability).tolist()
+    return ["" if drop else caption for caption, drop in zip(captions, dropped)]
+
+
 def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "adamw8bit":
@@ -297,8 +306,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         latents = cache.latents(images, training_resolution(config))
         class_latents = cache.latents(class_examples, training_resolution(config))
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
-        texts = cache.texts([image.caption for image in images + class_examples] + sample_prompts + negative,
-                            max_len)
+        dropout = [""] if t.caption_dropout else []  # the empty caption of dropped examples
+        texts = cache.texts([image.caption for image in images + class_examples] + sample_prompts + negative
+                            + dropout, max_len)
     if processes > 1 and accelerator.is_main_process:
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
@@ -405,7 +415,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             step_started = time.perf_counter()
             for _ in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(transformer):
-                    examples = [(latents[i], images[i].caption) for i in order.next(generator)]
+                    picked = order.next(generator)
+                    captions = drop_captions([images[i].caption for i in picked], t.caption_dropout, generator)
+                    examples = [(latents[i], caption) for i, caption in zip(picked, captions)]
                     if class_order is not None:
                         examples += [(class_latents[i], class_examples[i].caption)
                                      for i in class_order.next(generator)]
