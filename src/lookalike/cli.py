@@ -63,6 +63,25 @@ def prepare(config: ConfigArg, set_: SetOption = None) -> None:
 
 
 @app.command()
+def caption(
+    config: ConfigArg,
+    set_: SetOption = None,
+    model: Annotated[Optional[str], typer.Option(help="The image-to-text model (hub id or folder); default: "
+                                                 "[data] captioner.")] = None,
+) -> None:
+    """Caption each subject's kept photos with a vision-language model into data/captions/ (edit them there), then
+    prepare with those captions."""
+    from lookalike.data.prepare import prepare_study
+
+    study = _load(config, set_)
+    chosen = model or study.data.captioner
+    if chosen is None:
+        raise LookalikeError("give --model ID, or set [data] captioner (e.g. Salesforce/blip-image-captioning-large)")
+    _quiet()
+    prepare_study(study.model_copy(update={"data": study.data.model_copy(update={"captioner": chosen})}), console)
+
+
+@app.command()
 def train(
     config: ConfigArg,
     set_: SetOption = None,

@@ -67,6 +67,10 @@ MAX_RESOLUTION = 4096  # 16 M pixels: far beyond the 1-2 M pixels FLUX.1 trains 
 
 
 class DataConfig(Section):
+    captioner: str | None = None
+    """An image-to-text model of transformers (hub id or folder, e.g. Salesforce/blip-image-captioning-large)
+    that describes each kept photo; its caption, with the trigger word in place of the person, is written once to
+    data/captions/ (edit it there). None: every photo gets [subject] caption."""
     resolution: int = Field(1024, ge=16, le=MAX_RESOLUTION)
     crop: Literal["face", "center"] = "face"
     face_scale: float = Field(0.4, gt=0, le=1)

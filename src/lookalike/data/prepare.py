@@ -25,6 +25,7 @@ from rich.console import Console
 from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
+from lookalike.data.captions import describe_photos
 from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
 from lookalike.data.images import load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
@@ -257,15 +258,18 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
                 inspected += 1
             bar.update()
 
-    # 2. Decide across photos.
+    # 2. Decide across photos; caption the kept ones (the model's words where [data] captioner says so).
     decide(photos, config, inspector.same_person_threshold)
+    kept = [p for p in photos if p.status == "kept"]
+    described = describe_photos(config.data.captioner, kept, data, config.data.resolution, subject.class_word,
+                                console)
     for photo in photos:
         if photo.status == "kept":
             photo.output = _output_name(photo, config.data.resolution)
-            photo.caption = config.fill(caption_for(Path(photo.source), subject.caption), subject)
+            default = described.get(photo.source) or subject.caption
+            photo.caption = config.fill(caption_for(Path(photo.source), default), subject)
         else:
             photo.output = photo.caption = None
-    kept = [p for p in photos if p.status == "kept"]
     manifest = json.loads(json.dumps({  # as it reads back from disk, to compare with the previous one
         "subject": subject.token, "images": str(subject.images), "resolution": config.data.resolution,
         "kept": len(kept),

@@ -19,6 +19,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 .card svg { width: 256px; height: 256px; background: #eee; }
 .status { font-weight: bold; } .kept .status { color: #282; } .excluded .status { color: #c33; }
 ul { padding-left: 1.2em; margin: 4px 0; font-size: 13px; }
+.caption { font-size: 13px; font-style: italic; margin-top: 4px; }
 """
 
 
@@ -46,8 +47,9 @@ def write_qa_page(data: Path, photos: list) -> None:
     cards = []
     for photo in photos:
         reasons = "".join(f"<li>{html.escape(r)}</li>" for r in photo.reasons) or "<li>all checks passed</li>"
+        caption = f'<div class="caption">“{html.escape(photo.caption)}”</div>' if photo.caption else ""
         cards.append(f'<div class="card {photo.status}">{_figure(photo)}<div>{html.escape(Path(photo.source).name)}'
-                     f' <span class="status">{photo.status}</span></div><ul>{reasons}</ul></div>')
+                     f' <span class="status">{photo.status}</span></div>{caption}<ul>{reasons}</ul></div>')
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>lookalike prepare: QA</title>'
             f"<style>{STYLE}</style></head><body><h1>Prepared photos</h1>"
             f"<p>{kept} kept, {len(photos) - kept} excluded. Green: the subject's face; orange: other faces; "

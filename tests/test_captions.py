@@ -1,0 +1,83 @@
+"""Captions by a vision-language model: a tiny random BLIP (the real classes, built offline) describes each kept
+photo, the trigger word takes the person's place, the captions are written once where a user may edit them, shown
+in qa.html, and trained on."""
+
+from __future__ import annotations
+
+import html
+import string
+from pathlib import Path
+
+import pytest
+
+from lookalike import display
+from lookalike.config import load_config
+from lookalike.data.captions import Captioner, caption_file, with_trigger
+from lookalike.data.crop import crop_and_resize
+from lookalike.data.images import load_rgb
+from lookalike.data.prepare import prepare_study, prepared_photos
+from tests.conftest import run_in_process
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    """A BlipForConditionalGeneration with its BlipProcessor (a BertTokenizer over a few words), random weights."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *string.ascii_lowercase, "man", "photo", "suit"]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=64)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=32)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(1)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)) \
+        .save_pretrained(folder / "model")
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer) \
+        .save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def test_the_trigger_word_takes_the_place_of_the_person_described():
+    assert with_trigger("a man in a suit at a desk", "man") == "{token} man in a suit at a desk"
+    assert with_trigger("The smiling woman waves", "woman") == "{token} woman waves"
+    assert with_trigger("an old gentleman reading", "man") == "{token} gentleman reading"
+    assert with_trigger("a red car on a street", "man") == "{token} man, a red car on a street"
+    assert with_trigger("", "man") == "{token} man"
+
+
+def test_photos_are_captioned_once_editably_shown_and_trained_on(tiny_config, tiny_blip):
+    config = load_config(tiny_config(data={"resolution": 64, "captioner": str(tiny_blip)}))
+    quiet = display.console(quiet=True)
+    photos = [p for p in prepare_study(config, quiet)["sks"] if p.status == "kept"]
+    data = config.workspace / "data"
+    captioner = Captioner(str(tiny_blip))
+    for photo in photos:  # the model's words for the training crop, the trigger word in front of them
+        crop = crop_and_resize(load_rgb(Path(photo.source)), tuple(photo.crop_box), 64)
+        assert caption_file(data, photo).read_text() == with_trigger(captioner.describe(crop), "man") + "\n"
+    files = sorted((data / "captions").glob("*.txt"))
+    assert len(files) == len(photos) == 4
+    captions = [caption for _, caption in prepared_photos(config, quiet)]
+    assert all(caption.startswith("sks man, ") for caption in captions), captions
+    assert html.escape(captions[0]) in (data / "qa.html").read_text()
+
+    # An edited caption is kept, and used from then on, with the captioner set or not.
+    files[0].write_text("{token} man at the beach\n")
+    plain = config.model_copy(update={"data": config.data.model_copy(update={"captioner": None})})
+    assert "sks man at the beach" in [caption for _, caption in prepared_photos(plain, quiet)]
+    assert files[0].read_text() == "{token} man at the beach\n"
+    for crop, caption in prepared_photos(plain, quiet):
+        assert crop.with_suffix(".txt").read_text() == caption, "the caption beside each crop is what trains"
+
+
+def test_the_caption_command_captions_with_the_model_it_is_given(tiny_config, tiny_blip):
+    path = tiny_config()
+    result = run_in_process("caption", str(path))
+    assert result.returncode == 2 and "give --model ID, or set [data] captioner" in result.stderr
+    assert run_in_process("caption", str(path), "--model", str(tiny_blip)).returncode == 0
+    assert len(list((load_config(path).workspace / "data" / "captions").glob("*.txt"))) == 4
