@@ -38,10 +38,10 @@ def test_an_unknown_factor_is_refused_with_the_keys_it_may_be(tiny_config):
 @pytest.mark.slow
 def test_one_study_trains_four_bases_and_reports_them_side_by_side(tmp_path, faces):
     """FLUX.1, FLUX.2 [klein], SDXL and SD 1.5, the last at its own resolution (half the study's)."""
-    config = tiny_study(tmp_path, faces, data={"resolution": 128}, train={"max_train_steps": 5},
+    config = tiny_study(tmp_path, faces, data={"resolution": 96}, train={"max_train_steps": 5},
                         evaluate={"clip_model": "tiny"}, generate={"num_inference_steps": 2})
     config.write_text(config.read_text() + "".join(f'[[sweep.experiments]]\nname = "{name}"\nbase = "{base}"\n'
-                                                   + ("resolution = 64\n" if name == "sd15" else "")
+                                                   + ("resolution = 48\n" if name == "sd15" else "")
                                                    for name, base in BASES.items()))
     result = run_cli("run", str(config), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,7 +52,7 @@ def test_one_study_trains_four_bases_and_reports_them_side_by_side(tmp_path, fac
     stems = {"flux": "p00_s0_g5", "klein": "p00_s0", "sdxl": "p00_s0_g5", "sd15": "p00_s0_g5"}
     for name, stem in stems.items():
         with Image.open(workspace / "runs" / name / "images" / f"{stem}.png") as image:
-            assert image.size == ((64, 64) if name == "sd15" else (128, 128)), name
+            assert image.size == ((48, 48) if name == "sd15" else (96, 96)), name
     summary = (workspace / "report" / "summary.md").read_text()
     assert "| run | base | state |" in summary
     for name, base in BASES.items():

@@ -281,16 +281,18 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config
     assert_a_killed_run_resumes_exactly(path, steps=80, killed_after="step-000020")
 
 
-@pytest.mark.parametrize("family", TINY)
-def test_dry_run_counts_the_familys_parameters_from_the_meta_device(tiny_config, family):
+@pytest.mark.parametrize("base", [*TINY.values(), "tiny-sdxl", "tiny-sd15"])
+def test_dry_run_counts_the_denoisers_parameters_from_the_meta_device(tiny_config, base):
     from lookalike.train.memory import estimate
 
-    config = load_config(tiny_config(model={"base": TINY[family]}))
-    real = load_component(resolve_base(TINY[family]), "transformer")
+    config = load_config(tiny_config(model={"base": base}))
+    denoiser = folder_family(resolve_base(base)).denoiser
+    real = load_component(resolve_base(base), denoiser)
     add_lora(real, config.train.rank, config.train.lora_alpha, config.train.target_modules)
     counted = estimate(config, "no")
     assert counted.counts.lora == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert counted.counts.frozen == sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    assert counted.lines()[0].startswith(f"{denoiser} weights")
 
 
 # The published sizes of each hub base's transformer, in billions of parameters.

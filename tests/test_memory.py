@@ -65,10 +65,10 @@ import ctypes, gc, json, re, sys, torch
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.families import base_family
 from lookalike.models.lora import add_lora
-resolution, text_tokens = int(sys.argv[1]), int(sys.argv[2])
+text_tokens = int(sys.argv[1])
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-def measure(base, checkpointing):
+def measure(base, checkpointing, resolution):
     family = base_family(base)
     transformer = load_component(resolve_base(base), family.denoiser, torch.float32)
     add_lora(transformer, 4, 4.0, "attention")
@@ -94,27 +94,30 @@ def measure(base, checkpointing):
     held = sum(p.nbytes for p in transformer.parameters()) + sum(
         v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim())
     return {"held": held, "step": status("VmHWM") - before}
-for base, checkpointing in json.loads(sys.argv[3]):
-    print(json.dumps({"base": base, "checkpointing": checkpointing, **measure(base, checkpointing)}), flush=True)
+for base, checkpointing, resolution in json.loads(sys.argv[2]):
+    print(json.dumps({"base": base, "checkpointing": checkpointing, **measure(base, checkpointing, resolution)}),
+          flush=True)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 """
-MEASURED = [("tiny", False), ("tiny", True), ("tiny-flux2-klein", False), ("tiny-z-image", False),
-            ("tiny-z-image", True), ("tiny-qwen-image", False), ("tiny-sd15", False), ("tiny-sd15", True),
-            ("tiny-sdxl", False), ("tiny-sdxl", True)]
+# (base, gradient checkpointing, resolution): the transformers at 4,096 image tokens, where the tiny models'
+# activations outweigh the noise; the tiny UNets, whose activations are per pixel and larger, at 512 px.
+MEASURED = [("tiny", False, 1024), ("tiny", True, 1024), ("tiny-flux2-klein", False, 1024),
+            ("tiny-z-image", False, 1024), ("tiny-z-image", True, 1024), ("tiny-qwen-image", False, 1024),
+            ("tiny-sd15", False, 512), ("tiny-sd15", True, 512), ("tiny-sdxl", False, 512), ("tiny-sdxl", True, 512)]
 
 
 @pytest.mark.slow
 def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config):
     """Every family, with and without gradient checkpointing where it has blocks to checkpoint."""
-    resolution, text_tokens = 1024, 32  # 4,096 image tokens: the tiny models' activations outweigh the noise
+    text_tokens = 32
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    result = subprocess.run([sys.executable, "-c", MEASURE_STEPS, str(resolution), str(text_tokens),
-                             json.dumps(MEASURED)], capture_output=True, text=True, env=environment, timeout=600)
+    result = subprocess.run([sys.executable, "-c", MEASURE_STEPS, str(text_tokens), json.dumps(MEASURED)],
+                            capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr
     measured = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [(m["base"], m["checkpointing"]) for m in measured] == MEASURED
-    for m in measured:
+    assert [(m["base"], m["checkpointing"]) for m in measured] == [(b, c) for b, c, _ in MEASURED]
+    for m, (_, _, resolution) in zip(measured, MEASURED):
         # The text the estimate counts is the text measured (SD's CLIP encoders read 77 tokens at any length).
         assert base_info(m["base"]).max_sequence_length == text_tokens or base_family(m["base"]).denoiser == "unet"
         config = load_config(tiny_config(model={"base": m["base"]}, data={"resolution": resolution},

@@ -96,8 +96,10 @@ def test_prior_preservation_adds_the_class_examples_loss_times_its_weight():
 
 @pytest.mark.slow
 def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resumes_exactly(tiny_config):
+    """With caption dropout too: both draw from the run's generator, so the resume is exact with both."""
     path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
-                              "learning_rate": 1e-3}, prior={"num_class_images": 3, "weight": 0.5})
+                              "learning_rate": 1e-3, "caption_dropout": 0.3},
+                       prior={"num_class_images": 3, "weight": 0.5})
     config = load_config(path)
     from lookalike.train.prior import class_folder
 
@@ -154,8 +156,8 @@ def test_caption_dropout_empties_captions_at_its_rate_from_the_runs_generator():
     assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state()), "nothing drawn at 0"
 
 
-@pytest.mark.slow
-def test_a_killed_run_with_caption_dropout_resumes_exactly(tiny_config):
-    path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
-                              "learning_rate": 1e-3, "caption_dropout": 0.3})
-    assert_a_killed_run_resumes_exactly(path, steps=30, killed_after="step-000010")
+
+def test_prior_preservation_doubles_the_estimated_activations(tiny_config):
+    plain = estimate(load_config(tiny_config()), "no")
+    prior = estimate(load_config(tiny_config(prior={"num_class_images": 4})), "no")
+    assert prior.activations == pytest.approx(2 * plain.activations) and prior.weights == plain.weights

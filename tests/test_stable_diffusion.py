@@ -177,23 +177,10 @@ def test_a_run_trains_samples_and_draws_what_the_stock_pipeline_draws(tiny_confi
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TINY)
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config, family):
-    path = tiny_config(model={"base": TINY[family]}, train={"max_train_steps": 80, "checkpoint_every": 20,
+    path = tiny_config(model={"base": TINY[family]}, train={"max_train_steps": 40, "checkpoint_every": 10,
                                                             "checkpoints_keep": 2, "learning_rate": 1e-3,
                                                             "batch_size": 2, "noise_offset": 0.05, "snr_gamma": 5.0})
-    assert_a_killed_run_resumes_exactly(path, steps=80, killed_after="step-000020")
-
-
-@pytest.mark.parametrize("family", TINY)
-def test_dry_run_counts_the_unets_parameters_from_the_meta_device(tiny_config, family):
-    from lookalike.train.memory import estimate
-
-    config = load_config(tiny_config(model={"base": TINY[family]}))
-    real = load_component(resolve_base(TINY[family]), "unet")
-    add_lora(real, config.train.rank, config.train.lora_alpha, config.train.target_modules)
-    counted = estimate(config, "no")
-    assert counted.counts.lora == sum(p.numel() for p in real.parameters() if p.requires_grad)
-    assert counted.counts.frozen == sum(p.numel() for p in real.parameters() if not p.requires_grad)
-    assert counted.lines()[0].startswith("unet weights")
+    assert_a_killed_run_resumes_exactly(path, steps=40, killed_after="step-000010")
 
 
 # The published UNets' parameters, in millions (SD 1.x: 859.5 M; SDXL base: 2,567.5 M).

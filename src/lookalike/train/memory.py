@@ -117,7 +117,8 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     per_value = BYTES[precision]
     values = family.activation_values(architecture, training_resolution(config), max_sequence_length(config.model),
                                       t.gradient_checkpointing, t.gradient_checkpointing_every)
-    activations = values * per_value * t.batch_size / GB
+    examples = t.batch_size * (2 if config.prior.num_class_images else 1)  # prior preservation: class ones too
+    activations = values * per_value * examples / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     # A float32 gradient, and the optimizer's state: AdamW's two moments (8-bit or float32), Prodigy's four

@@ -1,9 +1,10 @@
 """The LoRA trainer of a base's denoiser (its family says how to feed it and what it learns), on accelerate.
 
 `train()` reads top to bottom: check the run folder, encode (cached), build the LoRA, optimizer and
-schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, latent
-draws, noise, timesteps) comes from one CPU generator whose state is saved in every checkpoint, so a
-resumed run ends with exactly the weights of an uninterrupted one.
+schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, caption dropout,
+class examples, latent draws, noise, timesteps) comes from one CPU generator whose state is saved in every
+checkpoint, with the optimizer's and the moving average's, so a resumed run ends with exactly the weights of an
+uninterrupted one.
 """
 
 from __future__ import annotations
