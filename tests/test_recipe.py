@@ -107,6 +107,9 @@ def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resu
     folder = class_folder(config)
     assert sorted(p.name for p in folder.glob("*.png")) == ["p00_s0_g5.png", "p00_s1_g5.png", "p00_s2_g5.png"]
     assert "a photo of a man" in (folder / "index.html").read_text()
+    qa = (config.workspace / "data" / "qa.html").read_text()
+    assert "Class images (prior preservation)" in qa and f'href="../prior/{folder.name}/index.html"' in qa
+    assert f'src="../prior/{folder.name}/p00_s0_g5.png"' in qa
     drawn = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
     train(config, "again")
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == drawn, "drawn once, then reused"

@@ -281,7 +281,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
         _write_crops(data, kept, config.data.resolution)
         _remove_unused(data, previous, manifest)
         write_json(manifest_file, manifest)
-        write_qa_page(data, photos)
+        write_qa_page(data, photos, class_pages(config))
         console.print(f"prepare {subject.token}: {inspected} photos inspected, {len(kept)} kept, "
                       f"{len(photos) - len(kept)} excluded; report {data / 'qa.html'}")
     else:
@@ -331,6 +331,22 @@ def _remove_unused(data: Path, previous: dict, manifest: dict) -> None:
         path = (data / name).resolve()
         if path.parent in own:
             path.unlink(missing_ok=True)
+
+
+def class_pages(config: StudyConfig) -> list[Path]:
+    """The pages of the class images drawn for prior preservation (train/prior.py), one per base and size."""
+    return sorted((Workspace(config.workspace).root / "prior").glob("*/index.html"))
+
+
+def write_qa_pages(config: StudyConfig) -> None:
+    """Every person's qa.html again from their manifest: after class images were drawn, so that it shows them."""
+    with exclusive(Workspace(config.workspace).data / ".prepare.lock"):
+        for person in config.people:
+            data = data_folder(config, person)
+            if (data / "manifest.json").is_file():
+                photos = [Photo(**{k: v for k, v in p.items() if k in Photo.__dataclass_fields__})
+                          for p in read_json(data / "manifest.json")["photos"]]
+                write_qa_page(data, photos, class_pages(config))
 
 
 def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo]]:

@@ -1,9 +1,11 @@
 """What prepare shows a person: a summary table in the terminal and data/qa.html, a page with every photo's
-thumbnail (the chosen face and the crop drawn over it), whether it was kept, and why."""
+thumbnail (the chosen face and the crop drawn over it), whether it was kept, why, and its caption; and the class
+images prior preservation trains on, once drawn."""
 
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -42,7 +44,21 @@ def _figure(photo) -> str:
     return f'<svg viewBox="0 0 {width} {height}">{"".join(shapes)}</svg>'
 
 
-def write_qa_page(data: Path, photos: list) -> None:
+def _class_section(data: Path, class_pages: list[Path]) -> str:
+    """The class images of each prior/<base>-<size>/ folder, linked by paths relative to the page."""
+    if not class_pages:
+        return ""
+    parts = []
+    for page in class_pages:
+        folder = os.path.relpath(page.parent, data)
+        images = "".join(f'<img src="{html.escape(folder)}/{html.escape(image.name)}" width="96">'
+                         for image in sorted(page.parent.glob("*.png"))[:12])
+        parts.append(f'<p><a href="{html.escape(folder)}/index.html">{html.escape(page.parent.name)}</a></p>'
+                     f'<div class="grid">{images}</div>')
+    return f"<h2>Class images (prior preservation)</h2>{''.join(parts)}"
+
+
+def write_qa_page(data: Path, photos: list, class_pages: list[Path] = ()) -> None:
     kept = sum(p.status == "kept" for p in photos)
     cards = []
     for photo in photos:
@@ -53,7 +69,8 @@ def write_qa_page(data: Path, photos: list) -> None:
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>lookalike prepare: QA</title>'
             f"<style>{STYLE}</style></head><body><h1>Prepared photos</h1>"
             f"<p>{kept} kept, {len(photos) - kept} excluded. Green: the subject's face; orange: other faces; "
-            f'dashed blue: the training crop.</p><div class="grid">{"".join(cards)}</div></body></html>')
+            f'dashed blue: the training crop.</p><div class="grid">{"".join(cards)}</div>'
+            f"{_class_section(data, list(class_pages))}</body></html>")
     with atomic_path(data / "qa.html") as tmp:
         tmp.write_text(page)
 

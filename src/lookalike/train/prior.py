@@ -1,7 +1,7 @@
 """The class images of prior preservation ([prior]): taken from a folder, or drawn once by the base model itself
 (no LoRA) with the class prompt at the run's size, one seed each, into workspace/prior/<base>-<size>/ with
 `lookalike generate`'s sidecars, so an interrupted drawing continues and a changed setting draws again. That
-folder's index.html shows them."""
+folder's index.html shows them, and so does data/qa.html."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 from lookalike.config import StudyConfig
 from lookalike.data.dataset import TrainingImage
 from lookalike.data.images import list_images
+from lookalike.data.prepare import write_qa_pages
 from lookalike.display import base_label
 from lookalike.errors import LookalikeError
 from lookalike.generate import generate, image_jobs
@@ -53,7 +54,8 @@ def class_images(config: StudyConfig, console: Console) -> list[TrainingImage]:
     drawing = drawing_config(config)
     folder = generate(drawing, out=class_folder(config), console=console)
     paths = [folder / f"{job.stem}.png" for job in image_jobs(drawing, with_lora=False)]
-    _write_page(folder, paths, class_prompt(config))
+    _write_page(folder, paths, class_prompt(config))  # shown here, and in qa.html
+    write_qa_pages(config)
     return [TrainingImage(path, class_prompt(config)) for path in paths]
 
 
