@@ -135,6 +135,19 @@ def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sig
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
+def denoiser_with_a_lora(folder, component: str):
+    """The base's denoiser with a seeded rank-4 LoRA of the diffusers preset that changes something (peft starts
+    its B matrices at zero)."""
+    denoiser = load_component(folder, component)
+    torch.manual_seed(0)
+    add_lora(denoiser, 4, 4.0, "diffusers")
+    with torch.no_grad():
+        for name, parameter in denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return denoiser
+
+
 @pytest.mark.parametrize("family", TINY)
 def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_path, family):
     """One fixed batch (VAE latents, noise, sigmas, two captions): lookalike's loss, from its cached embeddings
@@ -142,13 +155,7 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
     pipeline's own prompt encoding."""
     folder = resolve_base(TINY[family])
     lookalike_family = folder_family(folder)
-    transformer = load_component(folder, "transformer")
-    torch.manual_seed(0)
-    add_lora(transformer, 4, 4.0, "diffusers")
-    with torch.no_grad():  # a LoRA that changes something: peft starts B at zero
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    transformer = denoiser_with_a_lora(folder, "transformer")
     captions = ["a photo of sks man", "sks"]
     generator = torch.Generator().manual_seed(1)
     channels = transformer.config.in_channels // (1 if family == "z-image" else 4)  # the others pack 2x2 patches

@@ -21,7 +21,7 @@ from lookalike.models.families import denoiser_family, folder_family
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.objectives import NoisePrediction
-from tests.test_families import stock_image, train_sampled_run
+from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}
@@ -109,13 +109,7 @@ def test_the_training_loss_equals_the_reference_scripts_on_one_batch(tmp_path, f
     schedule = folder / "scheduler" / "scheduler_config.json"
     schedule.write_text(json.dumps({**json.loads(schedule.read_text()), "prediction_type": prediction_type}))
     lookalike_family = folder_family(folder)
-    unet = load_component(folder, "unet")
-    torch.manual_seed(0)
-    add_lora(unet, 4, 4.0, "diffusers")
-    with torch.no_grad():  # a LoRA that changes something: peft starts B at zero
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    unet = denoiser_with_a_lora(folder, "unet")
     captions = ["a photo of sks man", "sks"]
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, 8, 8, generator=generator)  # as the VAE gives them, before scaling

@@ -252,7 +252,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
                 sha256 = hashlib.file_digest(handle, "sha256").hexdigest()  # in chunks, however big the file
             old = known.get((str(path), sha256, settings))
             if old is not None and (old["thumbnail"] is None or (data / old["thumbnail"]).is_file()):
-                photos.append(Photo(**{k: v for k, v in old.items() if k in Photo.__dataclass_fields__}))
+                photos.append(_photo(old))
             else:
                 photos.append(inspector.inspect(path, sha256, settings, data))
                 inspected += 1
@@ -333,6 +333,11 @@ def _remove_unused(data: Path, previous: dict, manifest: dict) -> None:
             path.unlink(missing_ok=True)
 
 
+def _photo(record: dict) -> Photo:
+    """A photo's record as its manifest holds it (keys of older formats left out)."""
+    return Photo(**{k: v for k, v in record.items() if k in Photo.__dataclass_fields__})
+
+
 def class_pages(config: StudyConfig) -> list[Path]:
     """The pages of the class images drawn for prior preservation (train/prior.py), one per base and size."""
     return sorted((Workspace(config.workspace).root / "prior").glob("*/index.html"))
@@ -344,8 +349,7 @@ def write_qa_pages(config: StudyConfig) -> None:
         for person in config.people:
             data = data_folder(config, person)
             if (data / "manifest.json").is_file():
-                photos = [Photo(**{k: v for k, v in p.items() if k in Photo.__dataclass_fields__})
-                          for p in read_json(data / "manifest.json")["photos"]]
+                photos = [_photo(record) for record in read_json(data / "manifest.json")["photos"]]
                 write_qa_page(data, photos, class_pages(config))
 
 

@@ -494,12 +494,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     spread = (copies - copies[0]).abs().max().item()
     last_step = stopped.get("stopped_at", t.max_train_steps)
     _stop_if_not_finite(last_step, loss_value, run.checkpoints, whole)
-    raw = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     with averaged_weights(ema, params):
         final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
-        if ema is not None:  # the run's LoRA is the average; the raw weights stay beside it
-            lora_file(run.raw_lora, raw, last_step)
+        if ema is not None:  # the run's LoRA is the average; the raw weights stay beside it (never sharded)
+            lora_file(run.raw_lora, lora_state_dict(model), last_step)
         lora_file(run.lora, final, last_step)
     return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
             "best_step": scores.best if scores is not None else None, "final_step": last_step, **stopped}
