@@ -1,5 +1,5 @@
 """Shared fixtures: an isolated lookalike home (the tiny model is built once per test session), the shared
-real faces, and a writer of study configs on the tiny model."""
+real faces, a writer of study configs on the tiny model, and a tiny random captioning model."""
 
 from __future__ import annotations
 
@@ -80,6 +80,32 @@ def tiny_config(tmp_path, faces):
         return tiny_study(tmp_path, faces, name, **sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory):
+    """A BlipForConditionalGeneration with its BlipProcessor (a BertTokenizer over a few words), random weights."""
+    import string
+
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *string.ascii_lowercase, "man", "photo", "suit"]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=64)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=32)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(1)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)) \
+        .save_pretrained(folder / "model")
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer) \
+        .save_pretrained(folder / "model")
+    return folder / "model"
 
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:

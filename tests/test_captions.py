@@ -5,10 +5,7 @@ in qa.html, and trained on."""
 from __future__ import annotations
 
 import html
-import string
 from pathlib import Path
-
-import pytest
 
 from lookalike import display
 from lookalike.config import load_config
@@ -17,30 +14,6 @@ from lookalike.data.crop import crop_and_resize
 from lookalike.data.images import load_rgb
 from lookalike.data.prepare import prepare_study, prepared_photos
 from tests.conftest import run_in_process
-
-
-@pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory):
-    """A BlipForConditionalGeneration with its BlipProcessor (a BertTokenizer over a few words), random weights."""
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-blip")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *string.ascii_lowercase, "man", "photo", "suit"]
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=64)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id,
-                pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=32)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(1)
-    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)) \
-        .save_pretrained(folder / "model")
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer) \
-        .save_pretrained(folder / "model")
-    return folder / "model"
 
 
 def test_the_trigger_word_takes_the_place_of_the_person_described():
@@ -62,16 +35,16 @@ def test_photos_are_captioned_once_editably_shown_and_trained_on(tiny_config, ti
         assert caption_file(data, photo).read_text() == with_trigger(captioner.describe(crop), "man") + "\n"
     files = sorted((data / "captions").glob("*.txt"))
     assert len(files) == len(photos) == 4
-    captions = [caption for _, caption in prepared_photos(config, quiet)]
+    captions = [caption for _, caption, _ in prepared_photos(config, quiet)]
     assert all(caption.startswith("sks man, ") for caption in captions), captions
     assert html.escape(captions[0]) in (data / "qa.html").read_text()
 
     # An edited caption is kept, and used from then on, with the captioner set or not.
     files[0].write_text("{token} man at the beach\n")
     plain = config.model_copy(update={"data": config.data.model_copy(update={"captioner": None})})
-    assert "sks man at the beach" in [caption for _, caption in prepared_photos(plain, quiet)]
+    assert "sks man at the beach" in [caption for _, caption, _ in prepared_photos(plain, quiet)]
     assert files[0].read_text() == "{token} man at the beach\n"
-    for crop, caption in prepared_photos(plain, quiet):
+    for crop, caption, _ in prepared_photos(plain, quiet):
         assert crop.with_suffix(".txt").read_text() == caption, "the caption beside each crop is what trains"
 
 

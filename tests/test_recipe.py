@@ -1,5 +1,5 @@
-"""The training recipe beyond plain AdamW: an exponential moving average of the LoRA weights (diffusers' EMAModel)
-and the Prodigy optimizer, each resumed exactly after a kill."""
+"""The training recipe beyond plain AdamW: an exponential moving average of the LoRA weights (diffusers' EMAModel),
+the Prodigy optimizer, DoRA, prior preservation and what captions train with, each resumed exactly after a kill."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
+from lookalike.models.base import max_sequence_length, resolve_base
+from lookalike.train.caption_draws import tag_orders
 from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.memory import estimate
 from lookalike.train.trainer import train
@@ -96,14 +98,21 @@ def test_prior_preservation_adds_the_class_examples_loss_times_its_weight():
 
 @pytest.mark.slow
 def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resumes_exactly(tiny_config):
-    """With caption dropout too: both draw from the run's generator, so the resume is exact with both."""
+    """With caption dropout and shuffled tags too: all draw from the run's generator, so the resume is exact with
+    all of them."""
     path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
-                              "learning_rate": 1e-3, "caption_dropout": 0.3},
+                              "learning_rate": 1e-3, "caption_dropout": 0.3, "tag_shuffle": 3},
+                       subject={"caption": "a photo of {token}, smiling, indoors, sharp focus"},
                        prior={"num_class_images": 3, "weight": 0.5})
     config = load_config(path)
+    from lookalike.train.cache import EmbeddingCache
     from lookalike.train.prior import class_folder
 
     assert_a_killed_run_resumes_exactly(path, steps=30, killed_after="step-000010")
+    cache = EmbeddingCache(config.workspace / "cache", resolve_base("tiny"), torch.device("cpu"), torch.float32)
+    orders = tag_orders("a photo of sks, smiling, indoors, sharp focus", 3, config.train.seed)
+    tokens = max_sequence_length(config.model)
+    assert len(orders) == 3 and all(cache.text_path(order, tokens).is_file() for order in orders), "each encoded"
     folder = class_folder(config)
     assert sorted(p.name for p in folder.glob("*.png")) == ["p00_s0_g5.png", "p00_s1_g5.png", "p00_s2_g5.png"]
     assert "a photo of a man" in (folder / "index.html").read_text()
@@ -134,21 +143,64 @@ def test_class_images_from_a_folder_must_be_enough(tiny_config, tmp_path, faces)
 
 
 @pytest.mark.slow
-def test_a_sweep_compares_prior_preservation_on_and_off_in_one_report(tmp_path, faces):
+def test_a_sweep_compares_prior_preservation_and_captions_on_and_off_in_one_report(tmp_path, faces, tiny_blip):
     from tests.conftest import run_cli, tiny_study
 
-    config = tiny_study(tmp_path, faces, train={"max_train_steps": 5}, prior={"num_class_images": 2},
-                        evaluate={"clip_model": "tiny"}, generate={"num_inference_steps": 2},
-                        **{"sweep": {"design": "grid"}, "sweep.factors": {"prior": [True, False]}})
+    config = tiny_study(tmp_path, faces, train={"max_train_steps": 3}, prior={"num_class_images": 2},
+                        data={"captioner": str(tiny_blip)}, evaluate={"clip_model": "tiny"},
+                        generate={"num_inference_steps": 2},
+                        **{"sweep": {"design": "grid"}, "sweep.factors": {"prior": [True, False],
+                                                                          "captions": [True, False]}})
     result = run_cli("run", str(config), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (tmp_path / "work" / "report" / "summary.md").read_text()
-    assert "| priorTrue | done |" in summary and "| priorFalse | done |" in summary
-    assert len(list((tmp_path / "work" / "prior").glob("*/*.png"))) == 2, "drawn once for the run that uses them"
+    for name in ("priorTrue-captionsTrue", "priorTrue-captionsFalse", "priorFalse-captionsTrue",
+                 "priorFalse-captionsFalse"):
+        assert f"| {name} | done |" in summary, summary
+    assert "## What each swept factor did" in summary
+    for factor in ("prior", "captions"):
+        assert f"| {factor} | runs | identity | CLIP | faceless share |" in summary, summary
+        assert "| True | 2 |" in summary and "| False | 2 |" in summary
+    assert len(list((tmp_path / "work" / "prior").glob("*/*.png"))) == 2, "drawn once for the runs that use them"
+
+
+def test_without_captions_every_photo_trains_on_its_persons_caption(tiny_config, tiny_blip):
+    from lookalike.data.dataset import training_images
+
+    config = load_config(tiny_config(data={"captioner": str(tiny_blip)}))
+    described = [image.caption for image in training_images(config)]
+    assert all(caption.startswith("sks man, ") for caption in described), described
+    plain = training_images(config.with_experiment({"captions": False}, "test"))
+    assert [image.path for image in plain] == [image.path for image in training_images(config)]
+    assert {image.caption for image in plain} == {"a photo of sks"}
+
+
+def test_tags_are_shuffled_behind_the_first_into_a_fixed_set_of_orders():
+    from lookalike.train.caption_draws import CaptionDraws, tag_orders
+
+    caption = "sks man, smiling,outdoors , red shirt"
+    orders = tag_orders(caption, 4, seed=0)
+    assert len(set(orders)) == 4 and orders == tag_orders(caption, 4, seed=0)
+    for order in orders:
+        first, *rest = order.split(", ")
+        assert first == "sks man" and sorted(rest) == ["outdoors", "red shirt", "smiling"]
+    assert len(tag_orders(caption, 100, seed=0)) == 6, "3 tags have 3! orders"
+    assert tag_orders("sks man smiling outdoors", 4, seed=0) == ["sks man smiling outdoors"]
+    assert tag_orders("sks man, smiling", 4, seed=0) == ["sks man, smiling"]
+    assert tag_orders(caption, 0, seed=0) == [caption]
+
+    draws = CaptionDraws([caption, "sks man"], tag_shuffle=4, dropout=0.0, seed=0)
+    assert sorted(draws.texts()) == sorted(orders + ["sks man"])
+    generator = torch.Generator().manual_seed(0)
+    drawn = [draws.draw([caption, "sks man"], generator) for _ in range(200)]
+    assert {first for first, _ in drawn} == set(orders) and {second for _, second in drawn} == {"sks man"}
+    untouched = torch.Generator().manual_seed(0)
+    assert CaptionDraws([caption], 0, 0.0, 0).draw([caption], untouched) == [caption]
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(0).get_state()), "nothing drawn when off"
 
 
 def test_caption_dropout_empties_captions_at_its_rate_from_the_runs_generator():
-    from lookalike.train.trainer import drop_captions
+    from lookalike.train.caption_draws import drop_captions
 
     captions = ["a photo of sks"] * 4000
     dropped = drop_captions(captions, 0.1, torch.Generator().manual_seed(0))

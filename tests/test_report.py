@@ -94,7 +94,7 @@ def test_best_settings_are_numbered_once_and_a_faceless_run_shows_one_identity(t
     assert [r["name"] for r in front] == ["faces", "faceless"] and not unplaced
     config = load_config(write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": "w"},
                                                             "subject": {"token": "sks", "images": "p"}}))
-    summary = _summary(config, runs, _best_lines(front, unplaced, [], None))
+    summary = _summary(config, runs, _best_lines(front, unplaced, [], None), effects={})
     best = summary.split("## Best settings")[1].split("## Every run")[0]
     assert "\n1. faces:" in best and "\n2. faceless:" in best and "1. 1." not in summary
     assert "identity -," in best and "-1" not in summary, "a run without faces shows '-' everywhere"
@@ -133,6 +133,23 @@ def test_the_report_names_the_best_checkpoint_and_the_best_run_checkpoint_and_st
     assert _best_lora({("a", "final"): {"per_lora_scale": {"1.0": at(0.5, 0.2)}},
                        ("b", "final"): at(0.4, 0.2)}, {}) is None
     assert _best_lora({}, {}) is None
+
+
+def test_each_swept_factor_gets_its_levels_mean_metrics_over_the_finished_runs(tiny_config):
+    from lookalike.config import load_config
+    from lookalike.report.effects import factor_effects
+    from lookalike.sweep.plan import experiments
+
+    config = load_config(tiny_config(prior={"num_class_images": 2}, sweep={"design": "grid"},
+                                     **{"sweep.factors": {"prior": [True, False], "rank": [4, 8]}}))
+    # prior True/False x rank 4/8: (identity, CLIP, faceless of 4 images)
+    metrics = [(0.6, 0.30, 0), (0.8, 0.20, 2), (0.4, None, 4), (None, 0.10, 4)]
+    done = [{"name": experiment.name, "identity_similarity": identity, "clip_score": clip, "faceless": faceless,
+             "images": 4} for experiment, (identity, clip, faceless) in zip(experiments(config), metrics)]
+    effects = factor_effects(config, done)
+    assert effects == {"prior": [("True", ["2", "0.7", "0.25", "0.25"]), ("False", ["2", "0.4", "0.1", "1"])],
+                       "rank": [("4", ["2", "0.5", "0.3", "0.5"]), ("8", ["2", "0.8", "0.15", "0.75"])]}
+    assert "rank" not in factor_effects(config, done[:1] + done[2:3]), "one level left: nothing to compare"
 
 
 def test_the_steps_figure_draws_a_line_per_run_and_stars_its_best_step():

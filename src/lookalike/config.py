@@ -129,9 +129,16 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     gradient_checkpointing_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
+    captions: bool = True
+    """Train each photo on its own caption (a .txt beside it, or the captioner's in data/captions/); false: every
+    photo on its person's [subject] caption, so that an experiment or sweep can measure what captions add."""
     caption_dropout: float = Field(0.0, ge=0, lt=1)
     """The chance that a subject example is trained with the empty caption instead of its own (0.05-0.1 is
     common): the face is then learned without the trigger word too, which helps prompts that do not name it."""
+    tag_shuffle: int = Field(0, ge=0, le=100)
+    """Shuffle the comma-separated tags of each caption, the first (the trigger word's) kept first, as kohya's
+    shuffle_caption does: this many orders of each caption are drawn once from the seed and encoded once (text
+    embeddings are cached, not made at every step), and each step trains on one of them. 0: off."""
     adapter: Literal["lora", "dora"] = "lora"
     """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
     every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""

@@ -19,10 +19,13 @@ class TrainingImage:
 
 
 def training_images(config, console: Console | None = None) -> list[TrainingImage]:
-    """The prepared crops of the subject's photos, preparing them first when missing or out of date."""
+    """The prepared crops of the subject's photos, preparing them first when missing or out of date. Each has its
+    own caption, or with train.captions = false its person's [subject] caption (a sweep measures what the photos'
+    own captions add)."""
     from lookalike.data.prepare import prepared_photos
 
-    return [TrainingImage(path, caption) for path, caption in prepared_photos(config, console or display.console())]
+    return [TrainingImage(path, caption if config.train.captions else config.fill(person.caption, person))
+            for path, caption, person in prepared_photos(config, console or display.console())]
 
 
 def load_training_image(image: TrainingImage, resolution: int):

@@ -362,8 +362,9 @@ def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo
         return {person.token: prepare(config, console, inspector, person) for person in config.people}
 
 
-def prepared_photos(config: StudyConfig, console: Console) -> list[tuple[Path, str]]:
-    """(crop, caption) of every kept photo of every person, preparing first what is missing or out of date."""
-    return [(data_folder(config, person) / p.output, p.caption)
+def prepared_photos(config: StudyConfig, console: Console) -> list[tuple[Path, str, SubjectConfig]]:
+    """(crop, caption, person) of every kept photo of every person, preparing first what is missing or out of
+    date."""
+    return [(data_folder(config, person) / p.output, p.caption, person)
             for person, photos in zip(config.people, prepare_study(config, console).values())
             for p in photos if p.status == "kept"]

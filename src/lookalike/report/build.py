@@ -21,6 +21,7 @@ from lookalike.display import cell, result_columns, several_bases, shown
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import guidance_scales
 from lookalike.report import figures
+from lookalike.report.effects import EFFECTS_TITLE, effects_html, effects_markdown, factor_effects
 from lookalike.report.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.store import refresh
 from lookalike.sweep.plan import config_for_run
@@ -183,8 +184,9 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             _best_lora(checkpoints, {name: status.get("best_step") for name, status in statuses.items()}),
             _best_checkpoint(scores)]
         best_lines = _best_lines(front, unplaced, failed, unrankable, best_of)
-        (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid))
-        (folder / "summary.md").write_text(_summary(config, rows, best_lines))
+        effects = factor_effects(config, done)
+        (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid, effects))
+        (folder / "summary.md").write_text(_summary(config, rows, best_lines, effects))
         (folder / ".inputs").write_text(digest)
     console.print(f"report: {report / 'index.html'}")
     return report / "index.html"
@@ -262,7 +264,7 @@ def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
     return headline, ranked, notes
 
 
-def _page(config, rows, front, best_lines, failed, shown, grid) -> str:
+def _page(config, rows, front, best_lines, failed, shown, grid, effects) -> str:
     headline, ranked, notes = best_lines
     best = "".join(f"<p><b>{html.escape(line)}</b></p>" for line in headline) + \
         (f"<ol>{''.join(f'<li>{html.escape(line)}</li>' for line in ranked)}</ol>" if ranked else "") + \
@@ -272,12 +274,13 @@ def _page(config, rows, front, best_lines, failed, shown, grid) -> str:
         f"<h3>{html.escape(title)}</h3>" + (f"<img class='figure' src='{path}' alt='{html.escape(title)}'>" if path
                                             else "<p>Nothing to plot: no image of any run shows a face.</p>")
         for title, path in shown)
+    effects_section = f"<h2>{EFFECTS_TITLE}</h2>{effects_html(effects)}" if effects else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lookalike: {html.escape(config.name)}</title>"
             f"<style>{STYLE}</style></head><body><h1>Study {html.escape(config.name)}</h1>"
             f"<p>Base model {html.escape(config.model.base)}; subject {html.escape(config.subject.token)} "
             f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed.</p>"
             f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p>{best or '<p>None yet.</p>'}"
-            f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}"
+            f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}{effects_section}"
             f"<h2>Figures</h2>{figures_html or '<p>No figure yet: no run has finished.</p>'}"
             f"<h2>Images</h2>{grid}"
             f"<h2>Config</h2><details><summary>the resolved config of the study</summary>"
@@ -285,7 +288,7 @@ def _page(config, rows, front, best_lines, failed, shown, grid) -> str:
             "</body></html>")
 
 
-def _summary(config, rows, best_lines) -> str:
+def _summary(config, rows, best_lines, effects) -> str:
     headline, ranked, notes = best_lines
     lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
     lines += [f"**{line}**\n" for line in headline]
@@ -293,4 +296,6 @@ def _summary(config, rows, best_lines) -> str:
     columns = result_columns(rows)
     lines += ["", "## Every run", "", "| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(shown(r, k) for k in columns) + " |" for r in rows]
+    if effects:
+        lines += ["", f"## {EFFECTS_TITLE}", *effects_markdown(effects)]
     return "\n".join(lines) + "\n"

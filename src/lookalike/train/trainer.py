@@ -42,6 +42,7 @@ from lookalike.processes import identity
 from lookalike.progress import progress_bar
 from lookalike.store import record_run
 from lookalike.train.cache import EmbeddingCache
+from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import with_prior
@@ -87,15 +88,6 @@ def resolve_mixed_precision(setting: str) -> str:
     if setting == "fp16" and not cuda:
         raise LookalikeError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16' on the CPU")
     return setting
-
-
-def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Each caption replaced by the empty one with `probability` (train.caption_dropout), drawn from the run's
-    generator (nothing is drawn at 0, so runs without dropout draw as before)."""
-    if not probability:
-        return captions
-    dropped = (torch.rand(len(captions), generator=generator) < probability).tolist()
-    return ["" if drop else caption for caption, drop in zip(captions, dropped)]
 
 
 def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -307,9 +299,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         latents = cache.latents(images, training_resolution(config))
         class_latents = cache.latents(class_examples, training_resolution(config))
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
-        dropout = [""] if t.caption_dropout else []  # the empty caption of dropped examples
-        texts = cache.texts([image.caption for image in images + class_examples] + sample_prompts + negative
-                            + dropout, max_len)
+        subject_captions = CaptionDraws([image.caption for image in images], t.tag_shuffle, t.caption_dropout, t.seed)
+        texts = cache.texts(subject_captions.texts() + [image.caption for image in class_examples] + sample_prompts
+                            + negative, max_len)
     if processes > 1 and accelerator.is_main_process:
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
@@ -417,7 +409,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             for _ in range(t.gradient_accumulation_steps):
                 with accelerator.accumulate(transformer):
                     picked = order.next(generator)
-                    captions = drop_captions([images[i].caption for i in picked], t.caption_dropout, generator)
+                    captions = subject_captions.draw([images[i].caption for i in picked], generator)
                     examples = [(latents[i], caption) for i, caption in zip(picked, captions)]
                     if class_order is not None:
                         examples += [(class_latents[i], class_examples[i].caption)
