@@ -1,8 +1,8 @@
 import torch
 
+from lookalike.train.batches import BatchOrder
 from lookalike.train.checkpoint import list_checkpoints, save_checkpoint
 from lookalike.train.flow_matching import noisy_latents, sample_sigmas, shift_sigmas, velocity_target
-from lookalike.train.trainer import BatchOrder
 
 
 def test_sigmas_lie_in_the_unit_interval_and_shift_moves_them_up():

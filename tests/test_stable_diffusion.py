@@ -258,8 +258,8 @@ def test_a_vae_that_overflows_in_float16_encodes_in_float32(tmp_path, faces):
     photo = TrainingImage(next((faces / "train" / "guido_van_rossum").iterdir()), "sks")
     folder = resolve_base("tiny-sdxl")
     assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"]
-    half = EmbeddingCache(tmp_path / "half", folder, torch.device("cpu"), torch.float16).latents([photo], 64)[0]
-    full = EmbeddingCache(tmp_path / "full", folder, torch.device("cpu"), torch.float32).latents([photo], 64)[0]
+    half = EmbeddingCache(tmp_path / "half", folder, torch.device("cpu"), torch.float16).latents([photo], [(64, 64)])[0]
+    full = EmbeddingCache(tmp_path / "full", folder, torch.device("cpu"), torch.float32).latents([photo], [(64, 64)])[0]
     torch.testing.assert_close(half.mean, full.mean, rtol=0, atol=0)
 
 

@@ -28,7 +28,8 @@ def packed_training_latents(config):
     vae = AutoencoderKL.load_config(folder, subfolder="vae")
     shift, scale = vae["shift_factor"], vae["scaling_factor"]
     cache = EmbeddingCache(config.workspace / "cache", folder, torch.device("cpu"), torch.float32)
-    stats = cache.latents(training_images(config), config.data.resolution)
+    images = training_images(config)
+    stats = cache.latents(images, [(config.data.resolution,) * 2] * len(images))
     latents = torch.stack([(s.mean - shift) * scale for s in stats])
     return FluxPipeline._pack_latents(latents, *latents.shape)
 

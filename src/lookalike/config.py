@@ -75,6 +75,10 @@ class DataConfig(Section):
     crop: Literal["face", "center"] = "face"
     face_scale: float = Field(0.4, gt=0, le=1)
     """The face box's side as a share of the square crop's side (0.4: head and shoulders)."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each photo keeps its own framing, trimmed to the nearest of 1:1, 4:5, 5:4, 3:4, 4:3,
+    2:3, 3:2, 9:16 and 16:9 (the strip cut where it keeps the face nearest the centre; face_scale does not apply)
+    at about resolution² pixels; each training batch holds photos of one ratio. False: square crops."""
     max_upscale: float = Field(2.0, ge=1)
     """A face whose crop must be enlarged more than this to reach the resolution is too small."""
     near_duplicate_bits: int = Field(8, ge=0, le=64)

@@ -8,13 +8,14 @@ from pathlib import Path
 from rich.console import Console
 
 from lookalike import display
-from lookalike.data.images import center_square, load_rgb
+from lookalike.data.crop import Size, bucket_size
+from lookalike.data.images import load_rgb
 from lookalike.errors import LookalikeError
 
 
 @dataclass(frozen=True)
 class TrainingImage:
-    path: Path  # a square crop at [data].resolution, written by prepare
+    path: Path  # a crop at [data].resolution (square, or its bucket's size), written by prepare; or a class image
     caption: str
 
 
@@ -28,9 +29,24 @@ def training_images(config, console: Console | None = None) -> list[TrainingImag
             for path, caption, person in prepared_photos(config, console or display.console())]
 
 
-def load_training_image(image: TrainingImage, resolution: int):
-    """The crop as the square RGB image that is encoded for training."""
+def training_size(image: TrainingImage, resolution: int, multiple: int) -> Size:
+    """The size a crop trains at in a run at `resolution`: its bucket (square crops: resolution x resolution),
+    told from its header."""
+    from PIL import Image
+
     try:
-        return center_square(load_rgb(image.path), resolution)
+        with Image.open(image.path) as crop:
+            return bucket_size(crop.width / crop.height, resolution, multiple)
+    except OSError as error:
+        raise LookalikeError(f"{image.path}: cannot read image ({error})") from None
+
+
+def load_training_image(image: TrainingImage, size: Size):
+    """The crop as the RGB image that is encoded for training: scaled to `size` (a centred strip cut away where
+    its aspect differs a little)."""
+    from PIL import Image, ImageOps
+
+    try:
+        return ImageOps.fit(load_rgb(image.path), size, method=Image.Resampling.LANCZOS)
     except OSError as error:
         raise LookalikeError(f"{image.path}: cannot read image ({error})") from None

@@ -72,10 +72,3 @@ def load_rgb(path: Path):
             return _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
         raise OSError(str(error)) from None
-
-
-def center_square(image, size: int):
-    """The largest centred square of `image`, resized to size x size with a high-quality filter."""
-    from PIL import Image, ImageOps
-
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)

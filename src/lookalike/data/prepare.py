@@ -1,5 +1,6 @@
-"""lookalike prepare: a subject's raw photos -> data/: square face crops at [data].resolution, a caption per
-crop, manifest.json (every photo, what was found in it, each check's result and reason) and qa.html.
+"""lookalike prepare: a subject's raw photos -> data/: square face crops at [data].resolution (or each photo's own
+framing, [data] buckets), a caption per crop, manifest.json (every photo, what was found in it, each check's
+result and reason) and qa.html.
 
 It works in three passes:
 1. inspect each photo on its own: read it, hash it, find its faces (MTCNN) and embed them (the evaluation's
@@ -26,7 +27,7 @@ from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.captions import describe_photos
-from lookalike.data.crop import center_crop_box, crop_and_resize, face_crop_box
+from lookalike.data.crop import bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
 from lookalike.data.images import load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
 from lookalike.errors import LookalikeError
@@ -187,18 +188,22 @@ def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: floa
                        f"{len(photo.faces)} faces; used face {photo.face + 1} at ({box}), {why}")
             else:
                 _check(photo, "several_faces", act.several_faces, False, "")
-        if photo.face is not None:
-            photo.crop_box = list(face_crop_box(tuple(photo.faces[photo.face]["box"]), tuple(photo.size),
-                                                data.face_scale))
-        elif data.crop == "center" or act.no_face != "exclude":
+        face_box = tuple(photo.faces[photo.face]["box"]) if photo.face is not None else None
+        cropped = face_box is not None or data.crop == "center" or act.no_face != "exclude"  # else excluded below
+        if cropped and data.buckets:
+            photo.crop_box = list(bucket_crop_box(face_box, tuple(photo.size)))
+        elif cropped and face_box is not None:
+            photo.crop_box = list(face_crop_box(face_box, tuple(photo.size), data.face_scale))
+        elif cropped:
             photo.crop_box = list(center_crop_box(tuple(photo.size)))
         if photo.crop_box is not None:
-            side = photo.crop_box[2] - photo.crop_box[0]
-            photo.upscale = round(data.resolution / side, 3)
-            what = "face crop" if photo.face is not None else "photo"
+            width, height = photo.crop_box[2] - photo.crop_box[0], photo.crop_box[3] - photo.crop_box[1]
+            size = crop_size(tuple(photo.crop_box), data.resolution)
+            photo.upscale = round(size[0] / width, 3)
+            what = "face crop" if photo.face is not None and not data.buckets else "photo"
             _check(photo, "face_too_small", act.face_too_small, photo.upscale > data.max_upscale,
-                   f"{what} is {side} px, enlarged {photo.upscale:.1f}x to {data.resolution} px "
-                   f"(limit {data.max_upscale:g}x)")
+                   f"{what} is {_dimensions((width, height))} px, enlarged {photo.upscale:.1f}x to "
+                   f"{_dimensions(size)} px (limit {data.max_upscale:g}x)")
         if index in repeats:
             kind, earlier, bits = repeats[index]
             detail = "same bytes" if kind == "exact" else f"perceptual hashes {bits} of 64 bits apart"
@@ -211,6 +216,11 @@ def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: floa
                    f"photos' faces, over the same-person threshold {same_person_threshold:g}")
         excluded = photo.crop_box is None or any(c["result"] == "exclude" for c in photo.checks.values())
         photo.status = "excluded" if excluded else "kept"
+
+
+def _dimensions(size: tuple[int, int]) -> str:
+    """A square's side ('512'), or width x height ('640x480')."""
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
 
 
 def _output_name(photo: Photo, resolution: int) -> str:

@@ -1,6 +1,6 @@
 """Text embeddings and VAE latents, computed once and cached on disk, keyed by what produced them.
 
-A key hashes the component's configuration and the exact input (image bytes, crop and size; caption and
+A key hashes the component's configuration and the exact input (image bytes and size; caption and
 token length), so a changed photo, caption or model gets a new entry and an unchanged one is never redone.
 The encoders are loaded only when something is missing, and released as soon as the encoding is done.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lookalike.data.crop import Size
 from lookalike.data.dataset import TrainingImage, load_training_image
 from lookalike.models.base import component_fingerprint, load_component, load_pipeline
 from lookalike.models.families import folder_family
@@ -71,8 +72,8 @@ class EmbeddingCache:
         self.device = device
         self.dtype = dtype
 
-    def latent_path(self, image: TrainingImage, resolution: int) -> Path:
-        key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), resolution)
+    def latent_path(self, image: TrainingImage, size: Size) -> Path:
+        key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), *size)
         return self.cache_dir / "latents" / f"{key}.safetensors"
 
     def text_path(self, caption: str, max_sequence_length: int) -> Path:
@@ -80,17 +81,17 @@ class EmbeddingCache:
         key = _key(self.family.name, *fingerprints, caption, max_sequence_length)
         return self.cache_dir / "text" / f"{key}.safetensors"
 
-    def latents(self, images: list[TrainingImage], resolution: int) -> list[LatentStats]:
-        """Posterior mean and std for every image; the VAE is loaded only if one is missing."""
-        paths = [self.latent_path(image, resolution) for image in images]
-        missing = [(image, path) for image, path in zip(images, paths) if not path.exists()]
+    def latents(self, images: list[TrainingImage], sizes: list[Size]) -> list[LatentStats]:
+        """Posterior mean and std for every image at its size; the VAE is loaded only if one is missing."""
+        paths = [self.latent_path(image, size) for image, size in zip(images, sizes)]
+        missing = [(image, size, path) for image, size, path in zip(images, sizes, paths) if not path.exists()]
         if missing:
             # A VAE that overflows in float16 (SDXL's says force_upcast) encodes in float32, as its pipeline does.
             upcast = json.loads((self.model_folder / "vae" / "config.json").read_text()).get("force_upcast", False)
             dtype = torch.float32 if self.dtype == torch.float16 and upcast else self.dtype
             vae = load_component(self.model_folder, "vae", dtype=dtype).to(self.device)
-            for image, path in missing:
-                pixels = _to_tensor(load_training_image(image, resolution)).to(self.device, dtype)
+            for image, size, path in missing:
+                pixels = _to_tensor(load_training_image(image, size)).to(self.device, dtype)
                 with torch.no_grad():
                     mean, std = self.family.encode_pixels(vae, pixels)
                 _save(path, {"mean": mean.float().cpu(), "std": std.float().cpu()})

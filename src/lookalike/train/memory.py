@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from lookalike.config import StudyConfig
+from lookalike.data.crop import largest_bucket_share
 from lookalike.errors import LookalikeError
 from lookalike.models.base import max_sequence_length, resolve_base, training_resolution
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
@@ -117,6 +118,8 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     per_value = BYTES[precision]
     values = family.activation_values(architecture, training_resolution(config), max_sequence_length(config.model),
                                       t.gradient_checkpointing, t.gradient_checkpointing_every)
+    if config.data.buckets:  # activations grow with the pixels: the largest bucket has a few more than the square
+        values *= largest_bucket_share(training_resolution(config), family.pixel_multiple(architecture))
     examples = t.batch_size * (2 if config.prior.num_class_images else 1)  # prior preservation: class ones too
     activations = values * per_value * examples / GB
     quantized = counts.linear if t.base_quantization != "none" else 0

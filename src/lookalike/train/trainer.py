@@ -1,8 +1,8 @@
 """The LoRA trainer of a base's denoiser (its family says how to feed it and what it learns), on accelerate.
 
 `train()` reads top to bottom: check the run folder, encode (cached), build the LoRA, optimizer and
-schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, caption dropout,
-class examples, latent draws, noise, timesteps) comes from one CPU generator whose state is saved in every
+schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, caption orders and
+dropout, class examples, latent draws, noise, timesteps) comes from one CPU generator whose state is saved in every
 checkpoint, with the optimizer's and the moving average's, so a resumed run ends with exactly the weights of an
 uninterrupted one.
 """
@@ -13,7 +13,6 @@ import contextlib
 import math
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from rich.console import Console
 
 from lookalike import __version__, display
 from lookalike.config import StudyConfig
-from lookalike.data.dataset import training_images
+from lookalike.data.dataset import training_images, training_size
 from lookalike.display import cell
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
@@ -41,6 +40,7 @@ from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
 from lookalike.progress import progress_bar
 from lookalike.store import record_run
+from lookalike.train.batches import BatchOrder, batch_order
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -50,34 +50,6 @@ from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
-
-
-@dataclass
-class BatchOrder:
-    """Which examples each step sees: a new permutation every epoch, drawn from the run's generator."""
-
-    size: int
-    batch_size: int
-    order: list[int] = field(default_factory=list)
-    position: int = 0
-    epoch: int = 0
-
-    def next(self, generator: torch.Generator) -> list[int]:
-        picked: list[int] = []
-        while len(picked) < self.batch_size:
-            if self.position >= len(self.order):
-                self.order = torch.randperm(self.size, generator=generator).tolist()
-                self.position, self.epoch = 0, self.epoch + 1
-            take = min(self.batch_size - len(picked), len(self.order) - self.position)
-            picked += self.order[self.position:self.position + take]
-            self.position += take
-        return picked
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"order": torch.tensor(self.order, dtype=torch.long), "position": self.position, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order, self.position, self.epoch = state["order"].tolist(), state["position"], state["epoch"]
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -291,13 +263,18 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     family = folder_family(folder)
     max_len = max_sequence_length(config.model)
+    # Each photo's size in this run: one square, or ([data] buckets) its aspect ratio's bucket.
+    multiple = family.pixel_multiple(read_json(folder / family.denoiser / "config.json"))
+    sizes = [training_size(image, training_resolution(config), multiple) for image in images]
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
     cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
     with accelerator.main_process_first():
-        latents = cache.latents(images, training_resolution(config))
-        class_latents = cache.latents(class_examples, training_resolution(config))
+        latents = cache.latents(images, sizes)
+        # Class examples join subject batches of every size: each class image fitted to each size.
+        class_latents = {size: cache.latents(class_examples, [size] * len(class_examples))
+                         for size in dict.fromkeys(sizes)}
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
         subject_captions = CaptionDraws([image.caption for image in images], t.tag_shuffle, t.caption_dropout, t.seed)
         texts = cache.texts(subject_captions.texts() + [image.caption for image in class_examples] + sample_prompts
@@ -352,7 +329,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # process draws the same random numbers for the whole global batch and trains on its own slice of it, so
     # N processes of batch b train exactly as one process of batch N x b would.
     generator = torch.Generator("cpu").manual_seed(t.seed)
-    order = BatchOrder(len(images), t.batch_size * processes)
+    order = batch_order(sizes, t.batch_size * processes)
     # With prior preservation every step also draws as many class examples, from their own order.
     class_order = BatchOrder(len(class_examples), t.batch_size * processes) if class_examples else None
     mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
@@ -412,7 +389,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     captions = subject_captions.draw([images[i].caption for i in picked], generator)
                     examples = [(latents[i], caption) for i, caption in zip(picked, captions)]
                     if class_order is not None:
-                        examples += [(class_latents[i], class_examples[i].caption)
+                        examples += [(class_latents[sizes[picked[0]]][i], class_examples[i].caption)
                                      for i in class_order.next(generator)]
                     x0 = torch.stack([stats.mean + stats.std * torch.randn(stats.mean.shape, generator=generator)
                                       for stats, _ in examples])

@@ -110,6 +110,11 @@ class Family:
         the prompt is given as embeddings (pipeline_embeddings), negative ones included."""
         return {"guidance_scale": 0.0 if guidance is None else guidance}
 
+    def pixel_multiple(self, architecture: dict) -> int:
+        """What a training image's sides must be multiples of, by the denoiser's config: the VAE's downsampling
+        times the transformer's 2x2 patches (what the family's pipeline asks of a height and width)."""
+        return 2 * VAE_FACTOR
+
     def latent_normalisation(self, folder: Path):
         """What model_input normalises the VAE's latents with: by default (shift_factor, scaling_factor) of the
         VAE's config (read without loading the VAE)."""

@@ -170,6 +170,11 @@ class StableDiffusion(Family):
         model_input, (height, width) = super().model_input(latents, normalisation)
         return model_input, (height * VAE_FACTOR, width * VAE_FACTOR)
 
+    def pixel_multiple(self, architecture: dict) -> int:
+        """The VAE's downsampling times the UNet's (each down block but the last halves the latents): 64 for SD
+        1.x's UNet, 32 for SDXL's."""
+        return VAE_FACTOR * 2 ** (len(architecture["down_block_types"]) - 1)
+
     def checkpointed_block_types(self, model) -> set[str]:
         return {"ResnetBlock2D", "BasicTransformerBlock"}  # the units diffusers' UNet blocks checkpoint
 
