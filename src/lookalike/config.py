@@ -176,6 +176,11 @@ class TrainConfig(Section):
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks (regional compilation: the blocks of a kind share
     one compiled graph). Faster steps after a compile of a minute or so at the start."""
+    offload: bool = False
+    """Keep the frozen weights of the denoiser's blocks in CPU memory and bring each block's to the GPU while it
+    runs: a base bigger than the GPU (FLUX.1's 12B on 12-16 GB) trains, slower, with as much CPU memory as the
+    base takes. Every block is then recomputed in the backward pass, as gradient_checkpointing does (which this
+    implies). Not with a quantised, compiled or sharded base, nor with several processes."""
     shard: bool = False
     """With several processes (`train --processes N`, torchrun or `accelerate launch`): shard the frozen
     transformer, the LoRA and AdamW's state across them (FSDP2), so that each GPU holds 1/N of the base: for
@@ -223,6 +228,16 @@ class TrainConfig(Section):
         if self.stop_when is not None and not (self.sample_every and self.score_samples):
             raise ValueError("stop_when judges the scored sample steps: it needs sample_every > 0 and "
                              "score_samples = true")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_alone(self) -> "TrainConfig":
+        if not self.offload:
+            return self
+        other = ("base_quantization = " + repr(self.base_quantization) if self.base_quantization != "none" else
+                 "compile = true" if self.compile else "shard = true" if self.shard else None)
+        if other:
+            raise ValueError(f"offload = true cannot be combined with {other}: offload plain weights on one GPU")
         return self
 
     @model_validator(mode="after")

@@ -46,6 +46,7 @@ from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import with_prior
+from lookalike.train.offload import BlockOffload
 from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
@@ -291,18 +292,28 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # 2. The frozen denoiser (transformer or UNet) with a trainable LoRA; LoRA weights stay in float32 under mixed
     # precision. A sharded one stays on the CPU until its shards move to each process's device.
     transformer = load_component(folder, family.denoiser, dtype=weight_dtype, quantization=t.base_quantization)
-    transformer = transformer if sharded else transformer.to(device)
+    # Sharded, or offloaded block by block: the whole model never goes to the device (peft initialises a LoRA on
+    # the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
+    transformer = transformer if sharded or t.offload else transformer.to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
     add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, dora=t.adapter == "dora")
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if t.offload:
+        if processes > 1:
+            raise LookalikeError("train.offload = true trains in one process: set it false to train with several")
+        offload = BlockOffload(transformer, family.checkpointed_block_types(transformer), device)
+        transformer = transformer.to(device)  # the LoRA and what lies outside the blocks
+        console.print(f"train: the frozen weights of the {family.denoiser}'s blocks ("
+                      f"{offload.offloaded_parameters / 1e6:,.0f} M parameters) stay in CPU memory, each block's "
+                      "brought to the device while it runs")
     # A resumed run's LoRA weights, set while the model is whole (before it is sharded or wrapped).
     checkpoints = list_checkpoints(run.checkpoints) if resume else []
     lora, state = load_checkpoint(checkpoints[-1]) if checkpoints else (None, None)
     if lora is not None:
         set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()})
-    if t.gradient_checkpointing:
+    if t.gradient_checkpointing and not t.offload:  # offloaded blocks are checkpointed by the offload
         enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
     if t.compile:
         transformer.compile_repeated_blocks(fullgraph=True)

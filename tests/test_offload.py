@@ -1,0 +1,59 @@
+"""Offloading the frozen base block by block (train.offload): the same LoRA as training with the whole base on the
+device, with one block's weights there at a time, through the forward pass, the backward pass's recomputation and
+the samples drawn while training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lookalike.config import load_config
+from lookalike.errors import LookalikeError
+from lookalike.train import offload as offload_module
+from lookalike.train.trainer import train
+
+
+@pytest.fixture
+def offloads(monkeypatch):
+    """Every BlockOffload a run makes."""
+    made = []
+
+    class Recorded(offload_module.BlockOffload):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr("lookalike.train.trainer.BlockOffload", Recorded)
+    return made
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-sd15"])
+def test_an_offloaded_base_trains_the_same_lora_with_one_block_on_the_device(tiny_config, offloads, base):
+    steps = 3
+    settings = {"max_train_steps": steps, "gradient_checkpointing": True, "learning_rate": 1e-3, "sample_every": 3,
+                "sample_steps": 2, "score_samples": False}
+    whole = load_config(tiny_config(model={"base": base}, train=settings))
+    offloaded = whole.with_train({"offload": True}, "test")
+    expected, got = load_file(train(whole, "whole")), load_file(train(offloaded, "offloaded"))
+    assert expected.keys() == got.keys() and expected
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    samples = sorted(p.name for p in (whole.workspace / "runs" / "offloaded" / "samples").glob("*.png"))
+    assert samples == ["step-000003_p0.png"], "samples are drawn from offloaded blocks too"
+
+    [offload] = offloads
+    blocks = len(offload.stored)
+    assert blocks >= 2 and offload.most_resident == 1
+    # Each step: every block's forward, and its recomputation in the backward pass; then the sample's steps.
+    assert offload.runs >= 2 * blocks * steps and offload.onloads >= steps * blocks
+    empty = [sum(p.numel() == 0 for p, _ in stored) == len(stored) for stored in offload.stored.values()]
+    assert empty.count(False) == 1, "all weights but the last block's are back in CPU memory"
+
+
+def test_offloading_takes_plain_weights(tiny_config):
+    config = load_config(tiny_config())
+    with pytest.raises(LookalikeError, match="offload = true cannot be combined with base_quantization = 'int8'"):
+        config.with_train({"offload": True, "base_quantization": "int8"}, "test")
+    with pytest.raises(LookalikeError, match="offload = true cannot be combined with compile = true"):
+        config.with_train({"offload": True, "compile": True}, "test")
