@@ -7,7 +7,9 @@ cached text embeddings (512 text tokens) called through its family as the traine
 then quantised with the trainer's own settings (models/quantize.py) where asked.
 
 The matrix: base `bf16`, `bf16+compile` (regional compilation of the repeated blocks), `nf4` (bitsandbytes)
-and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2. Each
+and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2; and on
+request `bf16+offload` (train.offload: built in host memory, each block's weights copied in while it runs; always
+checkpointed). Each
 base runs in its own process (a clean GPU and compile cache); a failing base is reported and the others go on.
 For each combination: seconds/step (median after warm-up), peak GPU memory beside what `lookalike train
 --dry-run` estimates for the same settings, and model-FLOPs utilisation: one forward at 1024^2 with 512 text
@@ -107,7 +109,8 @@ def _parameter_counts(model: str, rank: int):
     return count_parameters(dict(KNOWN_BASES[model].architecture), rank, rank, "attention", KNOWN_BASES[model].family)
 
 
-def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, rank: int) -> float:
+def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, rank: int, offload: bool = False
+                 ) -> float:
     """What `lookalike train --dry-run` estimates for this combination (bf16), in GB."""
     from lookalike.config import validate
     from lookalike.train.memory import estimate
@@ -115,7 +118,7 @@ def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, ra
     config = validate({"name": "bench", "workspace": "work", "model": {"base": model},
                        "subject": {"token": "sks", "images": "photos"},
                        "data": {"resolution": resolution},
-                       "train": {"rank": rank, "gradient_checkpointing": checkpointing,
+                       "train": {"rank": rank, "gradient_checkpointing": checkpointing, "offload": offload,
                                  "base_quantization": "none" if kind == "bf16" else kind}}, "bench", Path.cwd())
     return estimate(config, "bf16", _parameter_counts(model, rank)).total * 2**30 / 1e9
 
@@ -125,21 +128,29 @@ def measure_base(model: str, base: str, resolutions: list[int], checkpointing: l
     """In this process: build one base, then print a JSON line per (resolution, checkpointing)."""
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.bfloat16
-    kind, _, compiled = base.partition("+")
+    kind, _, variant = base.partition("+")
     family = FAMILIES[KNOWN_BASES[model].family]
-    transformer = build_transformer(architecture_of(model, tiny), device, dtype, family.name)
+    offloaded = variant == "offload"  # built in host memory, its blocks' weights kept there (train.offload)
+    transformer = build_transformer(architecture_of(model, tiny), torch.device("cpu") if offloaded else device, dtype,
+                                    family.name)
     if kind not in ("bf16", "fp32"):
         quantize_base(transformer, kind, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     params, optimizer = add_trainable_lora(transformer, rank)
-    if compiled:
+    if offloaded:
+        from lookalike.train.offload import BlockOffload
+
+        BlockOffload(transformer, family.checkpointed_block_types(transformer), device)
+        transformer.to(device)  # the LoRA (the optimizer keeps the same parameters) and what is outside the blocks
+        checkpointing = [True]  # every offloaded block is recomputed
+    if variant == "compile":
         transformer.compile_repeated_blocks(fullgraph=True)
     for resolution in resolutions:
         for checkpoint in checkpointing:
-            if checkpoint:
+            if checkpoint and not offloaded:  # an offloaded base's blocks are checkpointed by the offload
                 transformer.enable_gradient_checkpointing()
-            else:
+            elif not offloaded:
                 transformer.disable_gradient_checkpointing()
             forward, target = family_batch(family, transformer, resolution, TINY_TEXT_TOKENS if tiny else TEXT_TOKENS,
                                            device, dtype)
@@ -199,9 +210,10 @@ def main() -> None:
         measured = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
         for row in measured:
             peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
-            kind = base.partition("+")[0]
-            estimated = "-" if args.tiny else \
-                f"{estimated_gb(args.model, row['resolution'], row['checkpointing'], kind, args.rank):.2f}"
+            kind, _, variant = base.partition("+")
+            estimate = None if args.tiny else estimated_gb(args.model, row["resolution"], row["checkpointing"], kind,
+                                                           args.rank, variant == "offload")
+            estimated = "-" if estimate is None else f"{estimate:.2f}"
             mfu = step_tflop(row["resolution"], row["checkpointing"]) / row["s_per_step"] / peak_tflops \
                 if peak_tflops else None
             print(f"{base:14} {row['resolution']:>5} {'yes' if row['checkpointing'] else 'no':>5} "

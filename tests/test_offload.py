@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
 from lookalike.train import offload as offload_module
+from lookalike.train.memory import GB, estimate
 from lookalike.train.trainer import train
 
 
@@ -28,6 +29,7 @@ def offloads(monkeypatch):
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-sd15"])
 def test_an_offloaded_base_trains_the_same_lora_with_one_block_on_the_device(tiny_config, offloads, base):
     steps = 3
@@ -49,6 +51,24 @@ def test_an_offloaded_base_trains_the_same_lora_with_one_block_on_the_device(tin
     assert offload.runs >= 2 * blocks * steps and offload.onloads >= steps * blocks
     empty = [sum(p.numel() == 0 for p, _ in stored) == len(stored) for stored in offload.stored.values()]
     assert empty.count(False) == 1, "all weights but the last block's are back in CPU memory"
+
+    # What the estimate keeps in CPU memory is what the offload took there; on the device, one block's.
+    plain, estimated = estimate(whole, "no"), estimate(offloaded, "no")
+    assert estimated.counts.in_blocks == offload.offloaded_parameters
+    largest = max(sum(copy.numel() for _, copy in stored) for stored in offload.stored.values())
+    assert estimated.counts.largest_block == largest
+    assert estimated.offloaded * GB == pytest.approx(4 * offload.offloaded_parameters)
+    assert (plain.weights - estimated.weights) * GB == pytest.approx(4 * (offload.offloaded_parameters - largest))
+
+
+def test_the_dry_run_offers_offloading_where_the_base_does_not_fit(tiny_config):
+    from lookalike.train.memory import settings_that_fit
+
+    config = load_config(tiny_config(model={"base": "flux-dev"}))
+    base = estimate(config, "bf16")
+    fitting = dict(settings_that_fit(config, "bf16", base, gpu_memory=12))
+    assert "train.offload=true" in fitting and fitting["train.offload=true"] < 11
+    assert not any("offload" in label and "quantization" in label for label in fitting), "never both"
 
 
 def test_offloading_takes_plain_weights(tiny_config):

@@ -263,8 +263,9 @@ def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:
     precision = "bf16" if gpu_memory is not None and setting == "auto" else resolve_mixed_precision(setting)
     console.print(f"train --dry-run: {study.model.base}, {training_resolution(study)} px, batch "
                   f"{study.train.batch_size}, rank {study.train.rank}, precision {precision}, gradient checkpointing "
-                  f"{study.train.gradient_checkpointing}" + (f", {processes} processes" if processes > 1 else "")
-                  + (", sharded" if study.train.shard else ""), highlight=False)
+                  f"{study.train.gradient_checkpointing or study.train.offload}"
+                  + (f", {processes} processes" if processes > 1 else "") + (", sharded" if study.train.shard else "")
+                  + (", offloaded" if study.train.offload else ""), highlight=False)
     base = estimate(study, precision, processes=processes)
     for line in base.lines():
         console.print("  " + line, highlight=False)

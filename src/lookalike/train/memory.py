@@ -19,6 +19,7 @@ from lookalike.errors import LookalikeError
 from lookalike.models.base import max_sequence_length, resolve_base, training_resolution
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
 from lookalike.models.lora import add_lora
+from lookalike.train.offload import RESIDENT
 
 GB = 2**30
 FRAMEWORK_GB = 1.0  # what the framework itself takes on a GPU (CUDA context, kernels), beyond the estimate
@@ -33,6 +34,8 @@ class Counts:
     frozen: int  # every frozen parameter
     linear: int  # of which weights of linear layers: what a quantised base packs
     lora: int
+    in_blocks: int = 0  # of the frozen ones, those in the blocks: what train.offload keeps in CPU memory
+    largest_block: int = 0  # the frozen parameters of the largest block
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Estimate:
     quantization: str = "none"
     shards: int = 1  # processes the model is sharded across (train.shard): weights, LoRA and AdamW per process
     denoiser: str = "transformer"  # what the weights are of: the family's transformer or UNet
+    offloaded: float = 0.0  # GB of the blocks' weights kept in CPU memory (train.offload), not in `weights`
 
     @property
     def total(self) -> float:
@@ -53,6 +57,8 @@ class Estimate:
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
         quantized += f"; each of {self.shards} processes holds 1/{self.shards}" if self.shards > 1 else ""
+        quantized += (f"; the blocks' {size(self.offloaded).strip()} in CPU memory, one block at a time here"
+                      if self.offloaded else "")
         return [f"{self.denoiser + ' weights':20s} {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters"
                 f"{quantized})",
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
@@ -103,7 +109,10 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str, f
     # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.
     linear = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and
                  not m.weight.requires_grad)
-    return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora)
+    kinds = FAMILIES[family].checkpointed_block_types(model)
+    blocks = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in model.modules()
+              if type(m).__name__ in kinds]
+    return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora, sum(blocks), max(blocks, default=0))
 
 
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, processes: int = 1) -> Estimate:
@@ -116,20 +125,26 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name,
                                         dora=t.adapter == "dora")
     per_value = BYTES[precision]
+    # An offloaded base recomputes every block, as checkpointing every block does.
+    checkpointing, every = (True, 1) if t.offload else (t.gradient_checkpointing, t.gradient_checkpointing_every)
     values = family.activation_values(architecture, training_resolution(config), max_sequence_length(config.model),
-                                      t.gradient_checkpointing, t.gradient_checkpointing_every)
+                                      checkpointing, every)
     if config.data.buckets:  # activations grow with the pixels: the largest bucket has a few more than the square
         values *= largest_bucket_share(training_resolution(config), family.pixel_multiple(architecture))
     examples = t.batch_size * (2 if config.prior.num_class_images else 1)  # prior preservation: class ones too
     activations = values * per_value * examples / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
+    offloaded = 0
+    if t.offload:  # the blocks' weights wait in CPU memory; the device holds the rest and one block's at a time
+        offloaded = counts.in_blocks * per_value
+        weights += RESIDENT * counts.largest_block * per_value - offloaded
     # A float32 gradient, and the optimizer's state: AdamW's two moments (8-bit or float32), Prodigy's four
     # tensors (two moments, its step-size sum and the initial weights); an EMA's float32 copy.
     state = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[t.optimizer] + (4 if t.ema_decay else 0)
     optimizer_bytes = 4 + state
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
-                    activations, counts, t.base_quantization, shards, family.denoiser)
+                    activations, counts, t.base_quantization, shards, family.denoiser, offloaded / GB)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate, processes: int = 1
@@ -138,20 +153,24 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate, proces
     least memory last."""
     t = config.train
     options = []
-    if not t.gradient_checkpointing:
+    recomputed = t.offload  # an offloaded base recomputes every block already
+    if not recomputed and not t.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
-    elif t.gradient_checkpointing_every > 1:
+    elif not recomputed and t.gradient_checkpointing_every > 1:
         options.append(("train.gradient_checkpointing_every=1", {"gradient_checkpointing_every": 1}))
     if t.batch_size > 1:
         options.append(("train.batch_size=1 (raise gradient_accumulation_steps to keep the batch)",
                         {"batch_size": 1}))
-    if t.base_quantization == "none" and not t.shard:  # a sharded base is not quantised
+    quantizable = not t.shard and not t.offload  # a sharded or offloaded base is not quantised
+    if t.base_quantization == "none" and quantizable:
         options.append(("train.base_quantization=int8 (or fp8)", {"base_quantization": "int8"}))
-    if t.base_quantization != "nf4" and not t.shard:
+    if t.base_quantization != "nf4" and quantizable:
         options.append(("train.base_quantization=nf4 (CUDA, bitsandbytes)", {"base_quantization": "nf4"}))
     if len(options) > 1:
         together = {key: value for _, change in options for key, value in change.items()}  # nf4 wins over int8
         options.append(("the train settings above together (with nf4)", together))
+    if offloadable(t) and processes == 1:
+        options.append(("train.offload=true (the blocks' weights in CPU memory)", {"offload": True}))
     lighter = []
     for label, change in options:
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
@@ -161,6 +180,11 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate, proces
         smaller = config.model_copy(update={"train": t.model_copy(update={"resolution": 512})})
         lighter.append(("train.resolution=512", estimate(smaller, precision, base.counts, processes).total))
     return sorted(lighter, key=lambda item: -item[1])
+
+
+def offloadable(train) -> bool:
+    """Whether train.offload could be turned on with these settings (plain weights, one device)."""
+    return not train.offload and train.base_quantization == "none" and not train.compile and not train.shard
 
 
 def out_of_memory_message(config: StudyConfig, precision: str, processes: int = 1) -> str:
@@ -180,17 +204,22 @@ def settings_that_fit(config: StudyConfig, precision: str, base: Estimate, gpu_m
     memory (the least given up); the resolution is the study's choice and stays."""
     t = config.train
     factors = []
-    if not t.gradient_checkpointing or t.gradient_checkpointing_every > 1:
+    if not t.offload and (not t.gradient_checkpointing or t.gradient_checkpointing_every > 1):
         factors.append([{}, {"gradient_checkpointing": True, "gradient_checkpointing_every": 1}])
     if t.batch_size > 1:
         factors.append([{}, {"batch_size": 1}])
     quantizations = {"none": ["int8", "nf4"], "int8": ["nf4"], "fp8": ["nf4"]}.get(t.base_quantization, [])
-    factors.append([{}] + [{"base_quantization": kind} for kind in ([] if t.shard else quantizations)])
+    lighter_weights = [{"base_quantization": kind} for kind in ([] if t.shard or t.offload else quantizations)]
+    if offloadable(t) and processes == 1:  # plain weights, offloaded: the other way to hold less of the base
+        lighter_weights.append({"offload": True})
+    factors.append([{}] + lighter_weights)
     fitting = []
     for combination in itertools.product(*factors):
         change = {key: value for part in combination for key, value in part.items()}
         if not change:
             continue
+        if change.get("offload") and "gradient_checkpointing" in change:
+            continue  # the offload recomputes every block itself: the same as offloading alone
         total = estimate(config.model_copy(update={"train": t.model_copy(update=change)}), precision,
                          base.counts, processes).total
         if fits(total, gpu_memory):
