@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9's GPU figures, and issue 19's offloaded base, in one call of a lent machine (H100 or H200), logs under
 # $OUT. Prepare here first with bench/gpu_wheels.sh, then call the device tool with: command
-# "bash bench/gpu_run.sh", carry [".whl"], timeout_s 600. Each part has its own time limit, so that one that runs long still leaves the others time.
+# "bash bench/gpu_run.sh", carry [".whl"], timeout_s 600. Each part has its own time limit, so that one that runs
+# long still leaves the others time.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_run}
 mkdir -p "$out"

@@ -1,6 +1,7 @@
 """The README's table of the memory each hub base needs to train in a study at 1024 px (each at its own size: SD 1.x
 at 512): `train --dry-run`'s estimate (bf16, rank 16, batch 1, the attention preset) with and without gradient
-checkpointing and a quantised frozen base, plus the framework's own ~1 GB. Built on the meta device from each
+checkpointing, a quantised frozen base, and the base offloaded block by block (train.offload: the blocks' weights
+in CPU memory), plus the framework's own ~1 GB. Built on the meta device from each
 base's published architecture: no download, no GPU, a few seconds a base.
 
     python bench/memory_table.py            # Markdown rows, one per hub base
@@ -15,7 +16,8 @@ from lookalike.train.memory import FRAMEWORK_GB, count_parameters, estimate, tra
 
 SETTINGS = {"bf16": {}, "+ checkpointing": {"gradient_checkpointing": True},
             "int8 + checkpointing": {"gradient_checkpointing": True, "base_quantization": "int8"},
-            "nf4 + checkpointing": {"gradient_checkpointing": True, "base_quantization": "nf4"}}
+            "nf4 + checkpointing": {"gradient_checkpointing": True, "base_quantization": "nf4"},
+            "offload": {"offload": True}}
 
 
 def config_for(base: str) -> StudyConfig:
