@@ -241,3 +241,17 @@ def test_the_app_lists_only_the_loras_of_the_base_it_draws_with(tiny_config):
     assert DemoModels(config).lora_choices() == ["flux"]
     with pytest.raises(DemoError, match="not a trained run of this workspace"):
         DemoModels(config).lora_path("zimage")
+
+
+def test_an_offloaded_demo_draws_what_the_whole_pipeline_draws(demo):
+    """[generate] offload in the app: the LoRA is loaded after the pipeline is offloaded, as a user picks it."""
+    _, models, _ = demo
+    offloaded = DemoModels(models.config.model_copy(update={"generate": models.config.generate.model_copy(
+        update={"offload": True})}))
+    drawn = []
+    for loras in ([("r", 1.0)], [], [("r", 0.5)]):
+        expected = np.asarray(models.render(loras, "a photo of sks", seed=0, guidance=5.0, steps=2, size=64))
+        got = np.asarray(offloaded.render(loras, "a photo of sks", seed=0, guidance=5.0, steps=2, size=64))
+        np.testing.assert_array_equal(got, expected)
+        drawn.append(got)
+    assert not np.array_equal(drawn[0], drawn[1]), "the LoRA changes the image"

@@ -176,3 +176,29 @@ def test_lora_strength_is_an_inference_factor_that_is_scored_and_ranked(tiny_con
     assert (index.parent / "figures" / "lora_strength.png").is_file()
     # The tiny CLIP measures nothing, so the report names no best strength (tests/test_report.py ranks them).
     assert "Best LoRA:" not in (index.parent / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_an_offloaded_pipeline_draws_the_same_images_at_every_strength(tiny_config, tmp_path, monkeypatch):
+    """[generate] offload: diffusers' group offloading of every component, after the LoRA is loaded; here on the
+    CPU (onload and offload devices alike), where its hooks still move every block's weights in and out."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    import lookalike.generate as generation
+
+    config = load_config(tiny_config(train={"max_train_steps": 5, "learning_rate": 1e-2},
+                                     generate={"num_inference_steps": 2, "lora_scales": [0.5, 1.0]}))
+    train(config, "r")
+    whole = generate(config, run="r", out=tmp_path / "whole")
+    offloaded_pipes = []
+    offload = generation.offload_pipeline
+    monkeypatch.setattr(generation, "offload_pipeline",
+                        lambda pipe, device: (offload(pipe, device), offloaded_pipes.append(pipe)))
+    offloaded = generate(config.model_copy(update={"generate": config.generate.model_copy(update={"offload": True})}),
+                         run="r", out=tmp_path / "offloaded")
+    [pipe] = offloaded_pipes
+    assert _is_group_offload_enabled(pipe.transformer) and _is_group_offload_enabled(pipe.text_encoder_2)
+    names = sorted(p.name for p in whole.glob("*.png"))
+    assert names == ["p00_s0_g5_l0.5.png", "p00_s0_g5_l1.png"], names
+    for name in names:
+        np.testing.assert_array_equal(pixels(offloaded / name), pixels(whole / name))

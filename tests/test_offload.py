@@ -77,3 +77,27 @@ def test_offloading_takes_plain_weights(tiny_config):
         config.with_train({"offload": True, "base_quantization": "int8"}, "test")
     with pytest.raises(LookalikeError, match="offload = true cannot be combined with compile = true"):
         config.with_train({"offload": True, "compile": True}, "test")
+
+
+def test_captions_are_encoded_the_same_by_offloaded_text_encoders(tmp_path, monkeypatch):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    import lookalike.train.cache as cache_module
+    from lookalike.models.base import resolve_base
+    from lookalike.train.cache import EmbeddingCache
+
+    offloaded_encoders = []
+    offload = cache_module.offload_pipeline
+    monkeypatch.setattr(cache_module, "offload_pipeline",
+                        lambda pipe, device: (offload(pipe, device), offloaded_encoders.append(pipe)))
+
+    folder = resolve_base("tiny")
+    captions = ["a photo of sks", "sks man, smiling"]
+    whole, offloaded = (EmbeddingCache(tmp_path / name, folder, torch.device("cpu"), torch.float32, offload=offload)
+                        .texts(captions, 32) for name, offload in (("whole", False), ("offloaded", True)))
+    for caption in captions:
+        assert whole[caption].keys() == offloaded[caption].keys()
+        for name in whole[caption]:
+            assert torch.equal(offloaded[caption][name], whole[caption][name]), (caption, name)
+    [encoder] = offloaded_encoders
+    assert _is_group_offload_enabled(encoder.text_encoder_2), "T5 ran block by block"

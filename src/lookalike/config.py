@@ -270,6 +270,10 @@ class GenerateConfig(Section):
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks, once the LoRAs are loaded: faster images once
     the first one has paid for the compile."""
+    offload: bool = False
+    """Keep the pipeline's weights in CPU memory and bring each block to the GPU as it runs (diffusers' group
+    offloading; on CUDA the next block's copy overlaps this one's work): a base bigger than the GPU draws, slower,
+    the same images. Not with compile."""
     negative_prompt: str | None = None
     """What classifier-free guidance steers away from (SDXL, SD 1.x, Z-Image, Qwen-Image), e.g. "blurry, lowres";
     None: the pipeline's own (an empty prompt; zero embeddings for SDXL)."""
@@ -279,6 +283,12 @@ class GenerateConfig(Section):
     best_checkpoint: bool = True
     """`lookalike run` also draws and scores each run's best sample step's LoRA (train.score_samples), when it
     is not the final one, into images-best/: the report then names the best (run, checkpoint, strength)."""
+
+    @model_validator(mode="after")
+    def _offload_uncompiled(self) -> "GenerateConfig":
+        if self.offload and self.compile:
+            raise ValueError("offload = true cannot be combined with compile = true: choose one")
+        return self
 
     @model_validator(mode="after")
     def _one_fused_strength(self) -> "GenerateConfig":

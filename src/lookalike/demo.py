@@ -24,7 +24,7 @@ from lookalike.demo_guard import LoginThrottle, UploadLimit, is_loopback
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import ImageScore, clip_prompt
-from lookalike.generate import image_size, render
+from lookalike.generate import image_size, offload_pipeline, render
 from lookalike.models.base import (
     guidance_scales,
     inference_dtype,
@@ -91,8 +91,11 @@ class DemoModels:
     def pipe(self):
         if self._pipe is None:
             device = pick_device()
-            self._pipe = load_pipeline(resolve_base(self.config.model.base, self.config.model.revision),
-                                       dtype=inference_dtype(device)).to(device)
+            pipe = load_pipeline(resolve_base(self.config.model.base, self.config.model.revision),
+                                 dtype=inference_dtype(device))
+            if self.config.generate.offload:  # LoRAs load later: diffusers offloads their weights as they come
+                offload_pipeline(pipe, device)
+            self._pipe = pipe if self.config.generate.offload else pipe.to(device)
         return self._pipe
 
     def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float | None, steps: int,

@@ -54,6 +54,14 @@ class ImageJob:
         return f"p{self.prompt_index:02d}_s{self.seed}{guidance}{strength}"
 
 
+def offload_pipeline(pipe, device) -> None:
+    """[generate] offload: every component's weights in CPU memory, each block brought to `device` as it runs
+    (diffusers' group offloading, one block per group; on CUDA the copies run on a stream of their own, each block's
+    while the one before it works)."""
+    pipe.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                              use_stream=device.type == "cuda")
+
+
 def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, max_sequence_length: int,
            prompt: str | None = None, embeddings: dict | None = None, output_type: str = "pil", callback=None,
            negative_prompt: str | None = None):
@@ -215,7 +223,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     # compiled if asked.
     device = pick_device()
     base_folder = resolve_base(config.model.base, config.model.revision)
-    pipe = load_pipeline(base_folder, dtype=inference_dtype(device)).to(device)
+    pipe = load_pipeline(base_folder, dtype=inference_dtype(device))
+    pipe = pipe if config.generate.offload else pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if config.generate.vae_tiling:
         pipe.vae.enable_tiling()
@@ -223,6 +232,8 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     applied = strength(jobs[0][0])
     lora_info = apply_loras(pipe, [(path, weight * applied) for path, weight in adapters],
                             fuse=config.generate.fuse_lora)
+    if config.generate.offload:  # after the LoRAs, fused ones too: the copies kept in CPU memory hold them
+        offload_pipeline(pipe, device)
     if config.generate.compile:
         getattr(pipe, pipeline_family(pipe).denoiser).compile_repeated_blocks(fullgraph=True)
 

@@ -17,6 +17,7 @@ import torch
 
 from lookalike.data.crop import Size
 from lookalike.data.dataset import TrainingImage, load_training_image
+from lookalike.generate import offload_pipeline
 from lookalike.models.base import component_fingerprint, load_component, load_pipeline
 from lookalike.models.families import folder_family
 from lookalike.workspace import atomic_path
@@ -65,12 +66,14 @@ def _release(*modules) -> None:
 class EmbeddingCache:
     """The cache folder of a workspace for one base model folder."""
 
-    def __init__(self, cache_dir: Path, model_folder: Path, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cache_dir: Path, model_folder: Path, device: torch.device, dtype: torch.dtype,
+                 offload: bool = False):
         self.cache_dir = cache_dir
         self.model_folder = model_folder
         self.family = folder_family(model_folder)
         self.device = device
         self.dtype = dtype
+        self.offload = offload  # text encoders bigger than the device (Qwen-Image's 7B) run block by block
 
     def latent_path(self, image: TrainingImage, size: Size) -> Path:
         key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), *size)
@@ -104,8 +107,11 @@ class EmbeddingCache:
         paths = {caption: self.text_path(caption, max_sequence_length) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, path in paths.items() if not path.exists()]
         if missing:
-            encoder = load_pipeline(self.model_folder, dtype=self.dtype, vae=None,
-                                    **{self.family.denoiser: None}).to(self.device)
+            encoder = load_pipeline(self.model_folder, dtype=self.dtype, vae=None, **{self.family.denoiser: None})
+            if self.offload:
+                offload_pipeline(encoder, self.device)
+            else:
+                encoder.to(self.device)
             for caption in missing:
                 with torch.no_grad():
                     encoded = self.family.encode(encoder, caption, max_sequence_length, self.device)

@@ -269,7 +269,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     sizes = [training_size(image, training_resolution(config), multiple) for image in images]
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
-    cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype)
+    cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype, offload=t.offload)
     sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
     with accelerator.main_process_first():
         latents = cache.latents(images, sizes)
