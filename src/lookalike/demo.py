@@ -95,7 +95,9 @@ class DemoModels:
                                  dtype=inference_dtype(device))
             if self.config.generate.offload:  # LoRAs load later: diffusers offloads their weights as they come
                 offload_pipeline(pipe, device)
-            self._pipe = pipe if self.config.generate.offload else pipe.to(device)
+            else:
+                pipe.to(device)
+            self._pipe = pipe
         return self._pipe
 
     def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float | None, steps: int,
