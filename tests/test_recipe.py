@@ -151,7 +151,7 @@ def test_a_sweep_compares_prior_preservation_and_captions_on_and_off_in_one_repo
                         generate={"num_inference_steps": 2},
                         **{"sweep": {"design": "grid"}, "sweep.factors": {"prior": [True, False],
                                                                           "captions": [True, False]}})
-    result = run_cli("run", str(config), timeout=600)
+    result = run_cli("run", str(config), "--jobs", "2", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (tmp_path / "work" / "report" / "summary.md").read_text()
     for name in ("priorTrue-captionsTrue", "priorTrue-captionsFalse", "priorFalse-captionsTrue",

@@ -19,7 +19,6 @@ from lookalike.errors import LookalikeError
 from lookalike.models.base import max_sequence_length, resolve_base, training_resolution
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
 from lookalike.models.lora import add_lora
-from lookalike.train.offload import RESIDENT
 
 GB = 2**30
 FRAMEWORK_GB = 1.0  # what the framework itself takes on a GPU (CUDA context, kernels), beyond the estimate
@@ -137,6 +136,8 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     offloaded = 0
     if t.offload:  # the blocks' weights wait in CPU memory; the device holds the rest and one block's at a time
+        from lookalike.train.offload import RESIDENT  # (not at the top: it imports torch, which --help must not)
+
         offloaded = counts.in_blocks * per_value
         weights += RESIDENT * counts.largest_block * per_value - offloaded
     # A float32 gradient, and the optimizer's state: AdamW's two moments (8-bit or float32), Prodigy's four
