@@ -67,7 +67,7 @@ def test_bucket_batches_never_mix_sizes_and_use_every_example_each_epoch():
 def bucketed(tiny_config):
     return tiny_config(data={"resolution": 128, "buckets": True},
                        train={"max_train_steps": 12, "checkpoint_every": 4, "checkpoints_keep": 2,
-                              "batch_size": 3, "learning_rate": 1e-3},
+                              "batch_size": 3, "learning_rate": 1e-3, "offload": True},
                        prior={"num_class_images": 2})
 
 
@@ -89,7 +89,8 @@ def test_prepared_photos_keep_their_framing_with_the_face_inside(bucketed):
 
 @pytest.mark.slow
 def test_a_bucketed_run_with_class_images_caches_latents_per_size_and_resumes_exactly(bucketed):
-    """Batches of 3 from buckets of 2 photos (each filled up), class images fitted to each bucket's size."""
+    """Batches of 3 from buckets of 2 photos (each filled up), class images fitted to each bucket's size; the base
+    offloaded block by block (train.offload), which resumes exactly too."""
     config = load_config(bucketed)
     assert_a_killed_run_resumes_exactly(bucketed, steps=12, killed_after="step-000008")
     from safetensors.torch import load_file

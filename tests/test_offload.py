@@ -102,11 +102,3 @@ def test_captions_are_encoded_the_same_by_offloaded_text_encoders(tmp_path, monk
     [encoder] = offloaded_encoders
     assert _is_group_offload_enabled(encoder.text_encoder_2), "T5 ran block by block"
 
-
-@pytest.mark.slow
-def test_a_killed_offloaded_run_resumes_exactly(tiny_config):
-    from tests.test_train import assert_a_killed_run_resumes_exactly
-
-    path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2, "offload": True,
-                              "learning_rate": 1e-3})
-    assert_a_killed_run_resumes_exactly(path, steps=30, killed_after="step-000010")
