@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 # (a sweep's jobs, distributed ranks) on 2 cores ran a step up to 15 times slower with two threads each. Set
 # before torch is imported, here and in every lookalike process a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# pytest-xdist (`make test` runs the tests on two workers) gives its workers COLUMNS=80, and lookalike's console
+# would then wrap long paths where a plain run prints them whole: the commands a test starts see no such setting.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
