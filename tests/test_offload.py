@@ -30,11 +30,12 @@ def offloads(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["tiny", "tiny-sd15"])
-def test_an_offloaded_base_trains_the_same_lora_with_one_block_on_the_device(tiny_config, offloads, base):
+@pytest.mark.parametrize("base, adapter", [("tiny", "lora"), ("tiny-sd15", "lora"), ("tiny", "dora")])
+def test_an_offloaded_base_trains_the_same_lora_with_one_block_on_the_device(tiny_config, offloads, base, adapter):
+    """DoRA too: it reads its base weight's norm in the block's forward, where the weight has been brought."""
     steps = 3
     settings = {"max_train_steps": steps, "gradient_checkpointing": True, "learning_rate": 1e-3, "sample_every": 3,
-                "sample_steps": 2, "score_samples": False}
+                "sample_steps": 2, "score_samples": False, "adapter": adapter}
     whole = load_config(tiny_config(model={"base": base}, train=settings))
     offloaded = whole.with_train({"offload": True}, "test")
     expected, got = load_file(train(whole, "whole")), load_file(train(offloaded, "offloaded"))
