@@ -72,6 +72,18 @@ def test_the_dry_run_offers_offloading_where_the_base_does_not_fit(tiny_config):
     assert not any("offload" in label and "quantization" in label for label in fitting), "never both"
 
 
+def test_the_dry_run_of_an_offloaded_run_says_to_offload_drawing_too(tiny_config):
+    from tests.conftest import run_in_process
+
+    result = run_in_process("train", str(tiny_config(train={"offload": True})), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "in CPU memory, one block at a time here" in result.stdout
+    assert "set [generate] offload = true as well" in result.stdout
+    quiet = run_in_process("train", str(tiny_config("both.toml", train={"offload": True},
+                                                    generate={"offload": True})), "--dry-run")
+    assert quiet.returncode == 0 and "[generate] offload" not in quiet.stdout
+
+
 def test_offloading_takes_plain_weights(tiny_config):
     config = load_config(tiny_config())
     with pytest.raises(LookalikeError, match="offload = true cannot be combined with base_quantization = 'int8'"):

@@ -277,6 +277,9 @@ def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:
         check_quantization(study.train.base_quantization)
     except LookalikeError as error:  # the estimate still holds for a machine that can run it
         console.print(f"  note: {error}", highlight=False)
+    if study.train.offload and not study.generate.offload:
+        console.print("  note: to draw the study's images on a GPU too small for the base, set [generate] offload = "
+                      "true as well", highlight=False)
 
 
 def _launch_processes(processes: int) -> int:
