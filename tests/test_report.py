@@ -151,6 +151,13 @@ def test_each_swept_factor_gets_its_levels_mean_metrics_over_the_finished_runs(t
                        "rank": [("4", ["2", "0.5", "0.3", "0.5"]), ("8", ["2", "0.8", "0.15", "0.75"])]}
     assert "rank" not in factor_effects(config, done[:1] + done[2:3]), "one level left: nothing to compare"
 
+    # A base in a local folder is named by the folder's name, as the tables name it.
+    bases = load_config(tiny_config("bases.toml", sweep={"design": "grid"},
+                                    **{"sweep.factors": {"base": ["tiny", "models/my-flux"]}}))
+    rows = [{"name": e.name, "identity_similarity": 0.5, "clip_score": 0.2, "faceless": 0, "images": 4}
+            for e in experiments(bases)]
+    assert [level for level, _ in factor_effects(bases, rows)["base"]] == ["tiny", "my-flux"]
+
 
 def test_the_steps_figure_draws_a_line_per_run_and_stars_its_best_step():
     scores = {"a": [{"step": 100, "identity_similarity": 0.4, "clip_score": 0.25},

@@ -7,7 +7,7 @@ from __future__ import annotations
 from statistics import mean
 
 from lookalike.config import StudyConfig
-from lookalike.display import cell
+from lookalike.display import base_label, cell
 from lookalike.sweep.plan import experiments
 
 EFFECTS_TITLE = "What each swept factor did (means over each level's finished runs)"
@@ -30,7 +30,8 @@ def factor_effects(config: StudyConfig, done: list[dict]) -> dict[str, list[tupl
         levels: dict[str, list[dict]] = {}
         for name, overrides in settings.items():
             if factor in overrides:
-                levels.setdefault(str(overrides[factor]), []).append(rows[name])
+                value = overrides[factor]
+                levels.setdefault(base_label(value) if factor == "base" else str(value), []).append(rows[name])
         if len(levels) < 2:
             continue
         effects[factor] = [(level, [str(len(runs)), cell(_mean([r["identity_similarity"] for r in runs])),
