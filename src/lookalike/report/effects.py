@@ -4,6 +4,7 @@ in a grid every other level is averaged over equally)."""
 
 from __future__ import annotations
 
+import html
 from statistics import mean
 
 from lookalike.config import StudyConfig
@@ -50,8 +51,6 @@ def effects_markdown(effects: dict[str, list[tuple[str, list[str]]]]) -> list[st
 
 
 def effects_html(effects: dict[str, list[tuple[str, list[str]]]]) -> str:
-    import html
-
     tables = []
     for factor, levels in effects.items():
         head = f"<th>{html.escape(factor)}</th>" + "".join(f"<th>{c}</th>" for c in COLUMNS)
