@@ -77,9 +77,17 @@ def test_design_in_the_config_names_its_experiments(tmp_path):
     assert names == ["lr0.001-r4", "lr0.001-r8", "lr0.0001-r4", "lr0.0001-r8"]
 
 
+def test_factors_without_a_design_make_a_grid(tmp_path):
+    path = write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": "w"},
+                                              "subject": {"token": "sks", "images": "p"},
+                                              "sweep.factors": {"rank": [4, 8], "captions": [True, False]}})
+    names = [p.name for p in experiments(load_config(path))]
+    assert names == ["r4-captionsTrue", "r4-captionsFalse", "r8-captionsTrue", "r8-captionsFalse"]
+
+
 @pytest.mark.parametrize("sweep, factors, message", [
     ({"design": "grid"}, {"rnak": [1, 2]}, "'rnak' is not a [train] key"),
-    ({}, {"rank": [4, 8]}, "sweep.design and sweep.factors go together"),
+    ({"design": "pairwise"}, {}, "sweep.design = 'pairwise' needs [sweep.factors]"),
     ({"design": "grid"}, {"rank": [4, 4]}, "distinct levels"),
 ])
 def test_bad_designs_are_named(tmp_path, sweep, factors, message):

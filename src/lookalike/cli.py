@@ -224,9 +224,8 @@ def _print_results(study, sort: str | None) -> None:
     rows = sort_runs(rows, sort) if sort else rows
     columns = result_columns(rows)
     table = Table(*columns.values(), title=f"results ({workspace.results})")
-    for column, key in zip(table.columns, columns):
-        if key in ("name", "base"):
-            column.overflow = "fold"  # a long run or base name wraps rather than losing its end
+    for column in table.columns:
+        column.overflow = "fold"  # a long name or number wraps rather than losing its end to an ellipsis
     for row in rows:
         table.add_row(*(shown(row, k) for k in columns))
     console.print(table)

@@ -352,6 +352,7 @@ class SweepConfig(Section):
     experiments: list[Experiment] = []  # type: ignore[valid-type]
     """Experiments named one by one, each overriding [train]."""
     design: Literal["grid", "one-at-a-time", "pairwise"] | None = None
+    """None: factors make a grid."""
     factors: dict[str, list[Any]] = {}
     """[train] key -> its levels; the design turns them into experiments, added to the listed ones."""
 
@@ -366,9 +367,9 @@ class SweepConfig(Section):
         return factors
 
     @model_validator(mode="after")
-    def _design_and_factors(self) -> "SweepConfig":
-        if bool(self.factors) != (self.design is not None):
-            raise ValueError("sweep.design and sweep.factors go together (give both, or neither)")
+    def _design_needs_factors(self) -> "SweepConfig":
+        if self.design is not None and not self.factors:
+            raise ValueError(f"sweep.design = {self.design!r} needs [sweep.factors] to design over")
         return self
 
     @field_validator("experiments")

@@ -25,15 +25,15 @@ class Planned:
 def experiments(config: StudyConfig) -> list[Planned]:
     sweep = config.sweep
     planned = [Planned(e.name, e.model_dump(exclude={"name"}, exclude_none=True)) for e in sweep.experiments]
-    if sweep.design == "grid":
+    if not sweep.factors:
+        made = []
+    elif sweep.design in (None, "grid"):
         made = designs.grid(sweep.factors)
     elif sweep.design == "one-at-a-time":
         made = designs.one_at_a_time(sweep.factors, {**config.train.model_dump(), "base": config.model.base,
                                                      "prior": bool(config.prior.num_class_images)})
-    elif sweep.design == "pairwise":
-        made = designs.pairwise(sweep.factors)
     else:
-        made = []
+        made = designs.pairwise(sweep.factors)
     planned += [Planned(designs.experiment_name(settings), settings) for settings in made]
     names = [p.name for p in planned]
     repeated = sorted({n for n in names if names.count(n) > 1})
