@@ -39,7 +39,7 @@ def test_alpha_defaults_to_rank(tmp_path):
     ("train", "rank", 0, "train.rank"),
     ("train", "learning_rate", -1e-4, "train.learning_rate"),
     ("train", "max_train_steps", 0, "train.max_train_steps"),
-    ("train", "lr_scheduler", "linear", "train.lr_scheduler"),
+    ("train", "lr_scheduler", "exponential", "train.lr_scheduler"),
     ("data", "resolution", 100, "multiple of 16"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, section, key, value, expected):

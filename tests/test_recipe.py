@@ -1,7 +1,10 @@
 """The training recipe beyond plain AdamW: an exponential moving average of the LoRA weights (diffusers' EMAModel),
-the Prodigy optimizer, DoRA, prior preservation and what captions train with, each resumed exactly after a kill."""
+the Prodigy optimizer, LoRA+, learning-rate schedules, DoRA, prior preservation and what captions train with, each
+resumed exactly after a kill."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -47,6 +50,58 @@ def test_prodigy_takes_its_own_learning_rate_and_counts_its_state(tiny_config):
                                                       "ema_decay": 0.99})), "no")
     # Per trainable value: a gradient and AdamW's two moments (12 bytes); Prodigy's four tensors and the EMA (24).
     assert prodigy.optimizer == pytest.approx(adamw.optimizer * 24 / 12)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", lambda progress: 1.0),
+    ("cosine", lambda progress: 0.5 * (1 + math.cos(math.pi * progress))),
+    ("linear", lambda progress: 1 - progress),
+    # Two cosines, each from the top: the second starts again at half way.
+    ("cosine_with_restarts", lambda progress: 0.5 * (1 + math.cos(math.pi * ((2 * progress) % 1)))),
+    # Down to 1e-7 (of a learning rate of 1) along the square of what remains.
+    ("polynomial", lambda progress: (1 - 1e-7) * (1 - progress) ** 2 + 1e-7),
+])
+def test_learning_rate_schedules_follow_their_formulas_after_the_warm_up(schedule, expected):
+    from lookalike.config import TrainConfig
+    from lookalike.train.trainer import make_scheduler
+
+    t = TrainConfig(lr_scheduler=schedule, lr_warmup_steps=4, max_train_steps=20, lr_num_cycles=2, lr_power=2.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(t, optimizer, processes=1)
+    rates = []
+    for _ in range(t.max_train_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0, 0.25, 0.5, 0.75]), "a linear warm-up from 0"
+    assert rates[4:] == pytest.approx([expected((step - 4) / 16) for step in range(4, 20)], abs=1e-12)
+
+
+def test_loraplus_trains_the_up_matrices_at_the_ratio_times_the_learning_rate(tiny_config):
+    """AdamW's first step moves every weight with a gradient by the learning rate (its update is the gradient over its
+    own magnitude): the B matrices, which start at zero, move by it times the ratio. The A matrices get no gradient
+    while B is zero, so only weight decay moves them, and it moves them alike either way."""
+    runs = {}
+    for name, ratio in (("plain", None), ("plus", 4.0)):
+        plus = {"loraplus_lr_ratio": ratio} if ratio else {}
+        config = load_config(tiny_config(train={"max_train_steps": 1, "learning_rate": 1e-3, "sample_every": 0,
+                                                "checkpoint_every": 0, **plus}))
+        runs[name] = load_file(train(config, name))
+    up = [key for key in runs["plain"] if ".lora_B." in key]
+    down = [key for key in runs["plain"] if ".lora_A." in key]
+    assert up and down
+    for key in up:
+        assert runs["plain"][key].abs().max() == pytest.approx(1e-3, rel=1e-3)
+        assert runs["plus"][key].abs().max() == pytest.approx(4e-3, rel=1e-3)
+    for key in down:
+        torch.testing.assert_close(runs["plus"][key], runs["plain"][key], rtol=0, atol=0)
+
+
+def test_loraplus_needs_a_ratio_above_one_and_one_learning_rate_for_prodigy(tiny_config):
+    with pytest.raises(LookalikeError, match="train.loraplus_lr_ratio"):
+        load_config(tiny_config(train={"loraplus_lr_ratio": 1.0}))
+    with pytest.raises(LookalikeError, match="loraplus_lr_ratio cannot be combined with optimizer = 'prodigy'"):
+        load_config(tiny_config(train={"loraplus_lr_ratio": 16.0, "optimizer": "prodigy", "learning_rate": 1.0}))
 
 
 @pytest.mark.slow
@@ -99,9 +154,10 @@ def test_prior_preservation_adds_the_class_examples_loss_times_its_weight():
 @pytest.mark.slow
 def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resumes_exactly(tiny_config):
     """With caption dropout and shuffled tags too: all draw from the run's generator, so the resume is exact with
-    all of them."""
+    all of them. And with LoRA+ and a schedule that restarts: the optimizer's groups and the schedule resume too."""
     path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
-                              "learning_rate": 1e-3, "caption_dropout": 0.3, "tag_shuffle": 3},
+                              "learning_rate": 1e-3, "caption_dropout": 0.3, "tag_shuffle": 3,
+                              "loraplus_lr_ratio": 4.0, "lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 3},
                        subject={"caption": "a photo of {token}, smiling, indoors, sharp focus"},
                        prior={"num_class_images": 3, "weight": 0.5})
     config = load_config(path)

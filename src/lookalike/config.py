@@ -110,8 +110,20 @@ class TrainConfig(Section):
     alpha: float | None = Field(None, gt=0)
     """LoRA alpha; None means alpha = rank (scale 1). The study's script had it stuck at rank."""
     max_train_steps: int = Field(1000, ge=1)
-    lr_scheduler: Literal["constant", "cosine"] = "cosine"
+    lr_scheduler: Literal["constant", "cosine", "linear", "cosine_with_restarts", "polynomial"] = "cosine"
+    """How the learning rate moves after the warm-up, as diffusers' get_scheduler (its reference scripts'
+    --lr_scheduler) shapes it: constant; cosine (half a cosine, down to 0); linear (down to 0); cosine_with_restarts
+    (lr_num_cycles cosines, each from the top); polynomial (down to 1e-7 along (1 - progress) ** lr_power)."""
     lr_warmup_steps: int = Field(0, ge=0)
+    """Steps over which the learning rate rises linearly from 0, before any schedule."""
+    lr_num_cycles: int = Field(1, ge=1)
+    """cosine_with_restarts: how many cosines (hard restarts) the run makes."""
+    lr_power: float = Field(1.0, gt=0)
+    """polynomial: the power of its decay (1.0: linear)."""
+    loraplus_lr_ratio: float | None = Field(None, gt=1)
+    """LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): the LoRA's B (up) matrices learn at learning_rate
+    times this, the A (down) matrices at learning_rate; 16 is the paper's advice for such fine-tuning. None: one
+    learning rate for both."""
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     checkpoint_every: int = Field(250, ge=0)
@@ -221,6 +233,13 @@ class TrainConfig(Section):
         if self.optimizer == "prodigy" and self.learning_rate < 0.1:
             raise ValueError(f"optimizer = 'prodigy' finds its own step size, and learning_rate multiplies it: use "
                              f"1.0 as Prodigy's authors advise (got {self.learning_rate:g})")
+        return self
+
+    @model_validator(mode="after")
+    def _loraplus_with_one_rate_per_group(self) -> "TrainConfig":
+        if self.loraplus_lr_ratio is not None and self.optimizer == "prodigy":
+            raise ValueError("loraplus_lr_ratio cannot be combined with optimizer = 'prodigy' (Prodigy finds one step "
+                             "size for every weight): use adamw, or leave loraplus_lr_ratio unset")
         return self
 
     @model_validator(mode="after")

@@ -63,7 +63,19 @@ def resolve_mixed_precision(setting: str) -> str:
     return setting
 
 
-def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def parameter_groups(model, t) -> list[dict[str, Any]]:
+    """The trained parameters as the optimizer's groups: one at the learning rate, or with LoRA+ (loraplus_lr_ratio)
+    the B (up) matrices in a second group at the learning rate times the ratio."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if t.loraplus_lr_ratio is None:
+        return [{"params": [p for _, p in trained]}]
+    up = [p for name, p in trained if ".lora_B." in name]
+    return [{"params": [p for name, p in trained if ".lora_B." not in name]},
+            {"params": up, "lr": t.learning_rate * t.loraplus_lr_ratio}]
+
+
+def make_optimizer(config: StudyConfig, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer over these parameter groups (a group without its own lr takes train.learning_rate)."""
     t = config.train
     if t.optimizer == "adamw8bit":
         try:
@@ -78,6 +90,17 @@ def make_optimizer(config: StudyConfig, params: list[torch.nn.Parameter]) -> tor
 
         return Prodigy(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def make_scheduler(t, optimizer: torch.optim.Optimizer, processes: int):
+    """train.lr_scheduler after train.lr_warmup_steps' warm-up, by diffusers' get_scheduler as its reference
+    scripts call it. accelerate steps a prepared scheduler once per process, hence the scaling by their number."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps * processes,
+                         num_training_steps=t.max_train_steps * processes, num_cycles=t.lr_num_cycles,
+                         power=t.lr_power)
 
 
 @contextlib.contextmanager
@@ -234,7 +257,6 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
 def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from diffusers.optimization import get_scheduler
     from peft.utils import set_peft_model_state_dict
 
     t = config.train
@@ -319,12 +341,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         transformer.compile_repeated_blocks(fullgraph=True)
     if sharded:
         shard_transformer(transformer, weight_dtype, device)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, params)
-    # accelerate steps a prepared scheduler once per process, hence the scaling by the number of processes.
-    schedule = {"cosine": "cosine", "constant": "constant_with_warmup"}[t.lr_scheduler]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=t.max_train_steps * accelerator.num_processes)
+    groups = parameter_groups(transformer, t)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = make_optimizer(config, groups)
+    scheduler = make_scheduler(t, optimizer, accelerator.num_processes)
     if sharded:  # sharding reduces the gradients itself: accelerate wraps no data-parallel layer around it
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     else:
