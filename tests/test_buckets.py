@@ -67,7 +67,8 @@ def test_bucket_batches_never_mix_sizes_and_use_every_example_each_epoch():
 def bucketed(tiny_config):
     return tiny_config(data={"resolution": 128, "buckets": True},
                        train={"max_train_steps": 12, "checkpoint_every": 4, "checkpoints_keep": 2,
-                              "batch_size": 3, "learning_rate": 1e-3, "offload": True},
+                              "batch_size": 3, "learning_rate": 1e-3, "offload": True,
+                              "background_loss_weight": 0.2},
                        prior={"num_class_images": 2})
 
 
@@ -90,7 +91,8 @@ def test_prepared_photos_keep_their_framing_with_the_face_inside(bucketed):
 @pytest.mark.slow
 def test_a_bucketed_run_with_class_images_caches_latents_per_size_and_resumes_exactly(bucketed):
     """Batches of 3 from buckets of 2 photos (each filled up), class images fitted to each bucket's size; the base
-    offloaded block by block (train.offload), which resumes exactly too."""
+    offloaded block by block (train.offload), and the loss weighted towards each photo's face (the class images'
+    plain), which resume exactly too."""
     config = load_config(bucketed)
     assert_a_killed_run_resumes_exactly(bucketed, steps=12, killed_after="step-000008")
     from safetensors.torch import load_file
@@ -105,13 +107,13 @@ def test_a_bucketed_run_with_class_images_caches_latents_per_size_and_resumes_ex
 @pytest.mark.parametrize("base", ["tiny-flux2-klein", "tiny-qwen-image", "tiny-z-image", "tiny-sdxl", "tiny-sd15"])
 def test_every_family_trains_on_buckets(tiny_config, base):
     """(The FLUX.1 family's run above.) SDXL conditions on each bucket's size; a transformer gets its latents'
-    layout."""
+    layout, and the face's loss weights laid out as them."""
     from safetensors.torch import load_file
 
     from lookalike.train.trainer import train
 
     config = load_config(tiny_config(model={"base": base}, data={"resolution": 128, "buckets": True},
-                                     train={"max_train_steps": 2, "batch_size": 2}))
+                                     train={"max_train_steps": 2, "batch_size": 2, "background_loss_weight": 0.5}))
     assert load_file(train(config, "bucketed")), "a LoRA"
     sides = {load_file(path)["mean"].shape[-2:] for path in (config.workspace / "cache" / "latents").glob("*")}
     assert sorted(sides) == [(12, 22), (14, 18)], "trained on both buckets"

@@ -175,6 +175,12 @@ class TrainConfig(Section):
     """The side this run trains (and by default draws) at, its prepared crops scaled to it; None: [data]
     resolution, or the base's own size where that is smaller (SD 1.x 512, SDXL 1024), so that one study at 1024 px
     trains each base at its size. An experiment may set it like any [train] key."""
+    background_loss_weight: float = Field(1.0, ge=0, le=1)
+    """Masked training around the face: the loss weight of each photo's latent cells outside its face (the face
+    prepare found, grown by a quarter on every side for hair and ears), against 1 inside. Below 1 (e.g. 0.1) the
+    LoRA learns the face more than the photos' backgrounds and clothes, which otherwise come back in every image;
+    0 learns the face alone. 1.0: the plain loss, as diffusers' scripts. Photos without a face and class images
+    always train with the plain loss."""
     noise_offset: float = Field(0.0, ge=0, le=1)
     """Stable Diffusion bases (noise prediction): add this times noise constant over each channel (0.05-0.1 is
     common); flow-matching bases do not use it."""

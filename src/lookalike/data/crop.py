@@ -76,6 +76,15 @@ def crop_size(box: Box, resolution: int) -> Size:
     return bucket_size((right - left) / (bottom - top), resolution, 16)
 
 
+def box_in_crop(box: tuple[float, float, float, float], crop: Box) -> tuple[float, float, float, float]:
+    """A box of the photo (a face's) within its crop, as fractions of the crop's width and height (they hold at
+    any size the crop is resized to), clipped to it."""
+    left, top, right, bottom = crop
+    width, height = right - left, bottom - top
+    return (min(max((box[0] - left) / width, 0.0), 1.0), min(max((box[1] - top) / height, 0.0), 1.0),
+            min(max((box[2] - left) / width, 0.0), 1.0), min(max((box[3] - top) / height, 0.0), 1.0))
+
+
 def crop_and_resize(image, box: Box, resolution: int):
     """The crop, resized to its size at `resolution` with Lanczos (sharp when shrinking, smooth when enlarging)."""
     from PIL import Image

@@ -17,6 +17,7 @@ from lookalike.errors import LookalikeError
 class TrainingImage:
     path: Path  # a crop at [data].resolution (square, or its bucket's size), written by prepare; or a class image
     caption: str
+    face: tuple[float, float, float, float] | None = None  # the face's box, as fractions of the crop's sides
 
 
 def training_images(config, console: Console | None = None) -> list[TrainingImage]:
@@ -25,20 +26,37 @@ def training_images(config, console: Console | None = None) -> list[TrainingImag
     own captions add)."""
     from lookalike.data.prepare import prepared_photos
 
-    return [TrainingImage(path, caption if config.train.captions else config.fill(person.caption, person))
-            for path, caption, person in prepared_photos(config, console or display.console())]
+    return [TrainingImage(photo.crop, photo.caption if config.train.captions else
+                          config.fill(photo.person.caption, photo.person), photo.face)
+            for photo in prepared_photos(config, console or display.console())]
 
 
-def training_size(image: TrainingImage, resolution: int, multiple: int) -> Size:
-    """The size a crop trains at in a run at `resolution`: its bucket (square crops: resolution x resolution),
-    told from its header."""
+def crop_pixel_size(image: TrainingImage) -> Size:
+    """The crop's (width, height) in pixels, read from its header."""
     from PIL import Image
 
     try:
         with Image.open(image.path) as crop:
-            return bucket_size(crop.width / crop.height, resolution, multiple)
+            return crop.size
     except OSError as error:
         raise LookalikeError(f"{image.path}: cannot read image ({error})") from None
+
+
+def training_size(image: TrainingImage, resolution: int, multiple: int) -> Size:
+    """The size a crop trains at in a run at `resolution`: its bucket (square crops: resolution x resolution)."""
+    width, height = crop_pixel_size(image)
+    return bucket_size(width / height, resolution, multiple)
+
+
+def fitted_fractions(crop_size: Size, size: Size) -> tuple[float, float, float, float]:
+    """The part of a crop that load_training_image keeps at `size` (ImageOps.fit's centred cut), as (left, top,
+    width, height) fractions of the crop's sides."""
+    crop_aspect, aspect = crop_size[0] / crop_size[1], size[0] / size[1]
+    if crop_aspect > aspect:
+        width = aspect / crop_aspect
+        return (1 - width) / 2, 0.0, width, 1.0
+    height = crop_aspect / aspect
+    return 0.0, (1 - height) / 2, 1.0, height
 
 
 def load_training_image(image: TrainingImage, size: Size):

@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
@@ -27,7 +28,7 @@ from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.captions import describe_photos
-from lookalike.data.crop import bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
+from lookalike.data.crop import box_in_crop, bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
 from lookalike.data.images import load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
 from lookalike.errors import LookalikeError
@@ -372,9 +373,16 @@ def prepare_study(config: StudyConfig, console: Console) -> dict[str, list[Photo
         return {person.token: prepare(config, console, inspector, person) for person in config.people}
 
 
-def prepared_photos(config: StudyConfig, console: Console) -> list[tuple[Path, str, SubjectConfig]]:
-    """(crop, caption, person) of every kept photo of every person, preparing first what is missing or out of
-    date."""
-    return [(data_folder(config, person) / p.output, p.caption, person)
+class PreparedPhoto(NamedTuple):
+    crop: Path
+    caption: str
+    person: SubjectConfig
+    face: tuple[float, float, float, float] | None  # the face used, as fractions of the crop (None: no face)
+
+
+def prepared_photos(config: StudyConfig, console: Console) -> list[PreparedPhoto]:
+    """Every kept photo of every person, preparing first what is missing or out of date."""
+    return [PreparedPhoto(data_folder(config, person) / p.output, p.caption, person,
+                          box_in_crop(p.faces[p.face]["box"], tuple(p.crop_box)) if p.face is not None else None)
             for person, photos in zip(config.people, prepare_study(config, console).values())
             for p in photos if p.status == "kept"]

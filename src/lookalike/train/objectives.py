@@ -33,9 +33,12 @@ class FlowMatching:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         return velocity_target(x0, noise)
 
-    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, t):
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, t,
+             weights: torch.Tensor | None = None):
         target = self.target(x0, noise, sigmas).to(prediction.device)
-        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        if weights is None:
+            return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        return squared_errors(prediction, target, weights).mean()
 
 
 class NoisePrediction:
@@ -65,26 +68,41 @@ class NoisePrediction:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
 
-    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, t):
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, t,
+             weights: torch.Tensor | None = None):
         target = self.target(x0, noise, timesteps).to(prediction.device)
-        if t.snr_gamma is None:
+        if t.snr_gamma is None and weights is None:
             return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        per_example = squared_errors(prediction, target, weights)
+        if t.snr_gamma is None:
+            return per_example.mean()
         from diffusers.training_utils import compute_snr
 
         # Min-SNR weighting (Hang et al. 2023): each example's loss times min(SNR, gamma) / SNR for epsilon, over
         # SNR + 1 for v-prediction, so that the easy low-noise timesteps stop dominating.
         snr = compute_snr(self.scheduler, timesteps)
-        weights = torch.clamp(snr, max=t.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
-        per_example = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-        return (per_example.mean(dim=tuple(range(1, per_example.dim()))) * weights.to(prediction.device)).mean()
+        snr_weights = torch.clamp(snr, max=t.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
+        return (per_example * snr_weights.to(prediction.device)).mean()
+
+
+def squared_errors(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each example's mean squared error; with `weights` (laid out as the prediction), its weighted mean
+    sum(w e²) / sum(w) (train/face_weights.py)."""
+    errors = (prediction.float() - target.float()) ** 2
+    dims = tuple(range(1, errors.dim()))
+    if weights is None:
+        return errors.mean(dim=dims)
+    weights = weights.to(errors.device, errors.dtype)
+    return (errors * weights).sum(dim=dims) / weights.sum(dim=dims)
 
 
 def with_prior(objective, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, t,
-               subject_rows: int, weight: float) -> torch.Tensor:
+               subject_rows: int, weight: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """DreamBooth's loss with prior preservation, as diffusers' reference scripts compute it: the batch's first
-    `subject_rows` rows are the subject's, trained by the objective's own loss; the rest are class examples,
-    whose plain mean squared error against the objective's target is added times `weight`."""
-    own = objective.loss(prediction[:subject_rows], x0[:subject_rows], noise[:subject_rows], levels[:subject_rows], t)
+    `subject_rows` rows are the subject's, trained by the objective's own loss (with their `weights`); the rest
+    are class examples, whose plain mean squared error against the objective's target is added times `weight`."""
+    own = objective.loss(prediction[:subject_rows], x0[:subject_rows], noise[:subject_rows], levels[:subject_rows], t,
+                         None if weights is None else weights[:subject_rows])
     target = objective.target(x0[subject_rows:], noise[subject_rows:], levels[subject_rows:]).to(prediction.device)
     prior = torch.nn.functional.mse_loss(prediction[subject_rows:].float(), target.float())
     return own + weight * prior

@@ -44,6 +44,7 @@ from lookalike.train.batches import BatchOrder, batch_order
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lookalike.train.face_weights import batch_weights, photo_weights
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import with_prior
 from lookalike.train.offload import BlockOffload
@@ -310,6 +311,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                                         "LoRA and optimizer state" if sharded else ""))
     normalisation = family.latent_normalisation(folder)
     objective = family.objective(folder)
+    face_weights = photo_weights(images, sizes, latents, t.background_loss_weight) \
+        if t.background_loss_weight < 1 else None
 
     # 2. The frozen denoiser (transformer or UNet) with a trainable LoRA; LoRA weights stay in float32 under mixed
     # precision. A sharded one stays on the CPU until its shards move to each process's device.
@@ -424,6 +427,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                      for i in class_order.next(generator)]
                     x0 = torch.stack([stats.mean + stats.std * torch.randn(stats.mean.shape, generator=generator)
                                       for stats, _ in examples])
+                    weights = None if face_weights is None else batch_weights(
+                        family, [face_weights[i] for i in picked] + [None] * (len(examples) - len(picked)),
+                        x0.shape[1:])[rows]
                     x0, layout = family.model_input(x0, normalisation)
                     noise, levels = objective.draw(x0.shape, generator, t)
                     x0, noise, levels = x0[rows], noise[rows], levels[rows]
@@ -431,10 +437,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                                 [texts[examples[row][1]] for row in rows], t.guidance, layout,
                                                 device, weight_dtype)
                     if class_order is None:
-                        loss = objective.loss(prediction, x0, noise, levels, t)
+                        loss = objective.loss(prediction, x0, noise, levels, t, weights)
                     else:  # this process's first half of rows are the subject's
                         loss = with_prior(objective, prediction, x0, noise, levels, t, len(rows) // 2,
-                                          config.prior.weight)
+                                          config.prior.weight, weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, t.max_grad_norm)
