@@ -1,6 +1,6 @@
 """Aspect-ratio buckets ([data] buckets): each photo keeps its own framing, trimmed to the nearest aspect ratio
 around its face; a run trains each batch on one size, uses every photo every epoch, caches latents per size, and
-resumes exactly after a kill."""
+resumes exactly after a kill. Multi-resolution training ([train] extra_resolutions) trains on sizes as buckets do."""
 
 from __future__ import annotations
 
@@ -131,3 +131,36 @@ def test_sides_are_multiples_of_what_each_denoiser_needs_and_the_estimate_counts
     bucketed = estimate(load_config(tiny_config(data={"resolution": 512, "buckets": True})), "no")
     assert largest_bucket_share(512, 16) == 1.01953125  # 4:5, 464 x 576 pixels
     assert bucketed.activations == pytest.approx(square.activations * 1.01953125)
+
+
+def test_with_extra_resolutions_every_photo_trains_at_every_side(tiny_config):
+    """Multi-resolution training: an example of each photo at each side, latents cached per size; the estimate
+    counts the largest side, and names the extra sides among the lighter settings."""
+    from safetensors.torch import load_file
+
+    from lookalike.train.memory import estimate, lighter_settings
+    from lookalike.train.trainer import train
+
+    config = load_config(tiny_config(data={"resolution": 128},
+                                     train={"resolution": 64, "extra_resolutions": [128, 32], "max_train_steps": 3,
+                                            "batch_size": 2, "background_loss_weight": 0.5}))
+    assert load_file(train(config, "sides")), "a LoRA"
+    shapes = sorted(tuple(load_file(path)["mean"].shape[-2:]) for path in (config.workspace / "cache" / "latents")
+                    .glob("*.safetensors"))
+    assert shapes == [(4, 4)] * 4 + [(8, 8)] * 4 + [(16, 16)] * 4, "4 photos at 32, 64 and 128 px"
+    alone = load_config(tiny_config(name="alone.toml", data={"resolution": 128},
+                                    train={"resolution": 128, "batch_size": 2}))
+    ours = estimate(config, "no")
+    assert ours.activations == pytest.approx(estimate(alone, "no").activations), "the largest side's"
+    assert "train.extra_resolutions=[]" in [label for label, _ in lighter_settings(config, "no", ours)]
+
+
+@pytest.mark.parametrize("sides, message", [
+    ([256], r"train.extra_resolutions \[256\] above \[data\] resolution 128"),
+    ([100], "multiple of 16"),
+])
+def test_extra_resolutions_are_multiples_of_16_within_the_crops(tiny_config, sides, message):
+    from lookalike.errors import LookalikeError
+
+    with pytest.raises(LookalikeError, match=message):
+        load_config(tiny_config(data={"resolution": 128}, train={"extra_resolutions": sides}))

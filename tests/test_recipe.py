@@ -154,10 +154,12 @@ def test_prior_preservation_adds_the_class_examples_loss_times_its_weight():
 @pytest.mark.slow
 def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resumes_exactly(tiny_config):
     """With caption dropout and shuffled tags too: all draw from the run's generator, so the resume is exact with
-    all of them. And with LoRA+ and a schedule that restarts: the optimizer's groups and the schedule resume too."""
+    all of them. And with LoRA+, a schedule that restarts and a second side (extra_resolutions): the optimizer's
+    groups, the schedule and the order of the sizes' batches resume too."""
     path = tiny_config(train={"max_train_steps": 30, "checkpoint_every": 10, "checkpoints_keep": 2,
                               "learning_rate": 1e-3, "caption_dropout": 0.3, "tag_shuffle": 3,
-                              "loraplus_lr_ratio": 4.0, "lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 3},
+                              "loraplus_lr_ratio": 4.0, "lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 3,
+                              "extra_resolutions": [32]},
                        subject={"caption": "a photo of {token}, smiling, indoors, sharp focus"},
                        prior={"num_class_images": 3, "weight": 0.5})
     config = load_config(path)

@@ -21,7 +21,7 @@ from lookalike.display import result_columns, shown
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
 from lookalike.generate import generate as generate_images
-from lookalike.models.base import quiet_libraries, training_resolution
+from lookalike.models.base import quiet_libraries, training_sides
 from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.quantize import check_quantization
@@ -260,7 +260,8 @@ def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:
     # For a GPU named by its memory, 'auto' means what it means on today's GPUs: bf16.
     setting = study.train.mixed_precision
     precision = "bf16" if gpu_memory is not None and setting == "auto" else resolve_mixed_precision(setting)
-    console.print(f"train --dry-run: {study.model.base}, {training_resolution(study)} px, batch "
+    sides = " and ".join(str(side) for side in training_sides(study))
+    console.print(f"train --dry-run: {study.model.base}, {sides} px, batch "
                   f"{study.train.batch_size}, rank {study.train.rank}, precision {precision}, gradient checkpointing "
                   f"{study.train.gradient_checkpointing or study.train.offload}"
                   + (f", {processes} processes" if processes > 1 else "") + (", sharded" if study.train.shard else "")

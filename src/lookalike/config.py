@@ -181,6 +181,11 @@ class TrainConfig(Section):
     LoRA learns the face more than the photos' backgrounds and clothes, which otherwise come back in every image;
     0 learns the face alone. 1.0: the plain loss, as diffusers' scripts. Photos without a face and class images
     always train with the plain loss."""
+    extra_resolutions: list[Annotated[int, Field(ge=16, le=MAX_RESOLUTION, multiple_of=16)]] = []
+    """More sides every photo also trains at, beside the run's resolution (ai-toolkit's multi-resolution training,
+    e.g. [512, 768] in a 1024 px run), so that the LoRA draws as well at those sizes: each photo is an example at
+    each size, and a batch never mixes sizes. Samples stay at the run's resolution. Each a multiple of 16 and at
+    most [data] resolution (the size the crops are made at)."""
     noise_offset: float = Field(0.0, ge=0, le=1)
     """Stable Diffusion bases (noise prediction): add this times noise constant over each channel (0.05-0.1 is
     common); flow-matching bases do not use it."""
@@ -430,6 +435,14 @@ class StudyConfig(Section):
     def _warmup_fits(self) -> "StudyConfig":
         if self.train.lr_warmup_steps >= self.train.max_train_steps:
             raise ValueError("train.lr_warmup_steps must be smaller than train.max_train_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _extra_resolutions_within_the_crops(self) -> "StudyConfig":
+        larger = [side for side in self.train.extra_resolutions if side > self.data.resolution]
+        if larger:
+            raise ValueError(f"train.extra_resolutions {larger} above [data] resolution {self.data.resolution}: the "
+                             "photos' crops are made at that size, so raise it or leave those sides out")
         return self
 
     @model_validator(mode="after")

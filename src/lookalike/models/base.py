@@ -65,6 +65,11 @@ def training_resolution(config) -> int:
     return config.train.resolution or min(config.data.resolution, native or config.data.resolution)
 
 
+def training_sides(config) -> list[int]:
+    """Every side a run trains at: its resolution, then train.extra_resolutions (multi-resolution training)."""
+    return list(dict.fromkeys([training_resolution(config), *config.train.extra_resolutions]))
+
+
 def max_sequence_length(model) -> int:
     """Text tokens per prompt: [model] max_sequence_length, else the base's own default."""
     return model.max_sequence_length or base_info(model.base).max_sequence_length

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from lookalike.config import StudyConfig
 from lookalike.data.crop import largest_bucket_share
 from lookalike.errors import LookalikeError
-from lookalike.models.base import max_sequence_length, resolve_base, training_resolution
+from lookalike.models.base import max_sequence_length, resolve_base, training_resolution, training_sides
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family
 from lookalike.models.lora import add_lora
 
@@ -126,10 +126,10 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     per_value = BYTES[precision]
     # An offloaded base recomputes every block, as checkpointing every block does.
     checkpointing, every = (True, 1) if t.offload else (t.gradient_checkpointing, t.gradient_checkpointing_every)
-    values = family.activation_values(architecture, training_resolution(config), max_sequence_length(config.model),
-                                      checkpointing, every)
+    side = max(training_sides(config))  # the largest side a batch trains at (train.extra_resolutions)
+    values = family.activation_values(architecture, side, max_sequence_length(config.model), checkpointing, every)
     if config.data.buckets:  # activations grow with the pixels: the largest bucket has a few more than the square
-        values *= largest_bucket_share(training_resolution(config), family.pixel_multiple(architecture))
+        values *= largest_bucket_share(side, family.pixel_multiple(architecture))
     examples = t.batch_size * (2 if config.prior.num_class_images else 1)  # prior preservation: class ones too
     activations = values * per_value * examples / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
@@ -177,6 +177,9 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate, proces
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
         # The same model: counted once.
         lighter.append((label, estimate(changed, precision, base.counts, processes).total))
+    if max(training_sides(config)) > training_resolution(config):
+        fewer = config.model_copy(update={"train": t.model_copy(update={"extra_resolutions": []})})
+        lighter.append(("train.extra_resolutions=[]", estimate(fewer, precision, base.counts, processes).total))
     if training_resolution(config) > 512:
         smaller = config.model_copy(update={"train": t.model_copy(update={"resolution": 512})})
         lighter.append(("train.resolution=512", estimate(smaller, precision, base.counts, processes).total))

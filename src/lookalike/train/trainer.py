@@ -33,6 +33,7 @@ from lookalike.models.base import (
     max_sequence_length,
     resolve_base,
     training_resolution,
+    training_sides,
 )
 from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
@@ -287,9 +288,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     family = folder_family(folder)
     max_len = max_sequence_length(config.model)
-    # Each photo's size in this run: one square, or ([data] buckets) its aspect ratio's bucket.
+    # Each photo's size in this run: one square, or ([data] buckets) its aspect ratio's bucket; with
+    # train.extra_resolutions, an example of each photo at each side.
     multiple = family.pixel_multiple(read_json(folder / family.denoiser / "config.json"))
-    sizes = [training_size(image, training_resolution(config), multiple) for image in images]
+    sides = training_sides(config)
+    sizes = [training_size(image, side, multiple) for side in sides for image in images]
+    images = [image for _ in sides for image in images]
 
     # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
     cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype, offload=t.offload)
