@@ -35,17 +35,17 @@ def test_photos_are_captioned_once_editably_shown_and_trained_on(tiny_config, ti
         assert caption_file(data, photo).read_text() == with_trigger(captioner.describe(crop), "man") + "\n"
     files = sorted((data / "captions").glob("*.txt"))
     assert len(files) == len(photos) == 4
-    captions = [caption for _, caption, _ in prepared_photos(config, quiet)]
+    captions = [photo.caption for photo in prepared_photos(config, quiet)]
     assert all(caption.startswith("sks man, ") for caption in captions), captions
     assert html.escape(captions[0]) in (data / "qa.html").read_text()
 
     # An edited caption is kept, and used from then on, with the captioner set or not.
     files[0].write_text("{token} man at the beach\n")
     plain = config.model_copy(update={"data": config.data.model_copy(update={"captioner": None})})
-    assert "sks man at the beach" in [caption for _, caption, _ in prepared_photos(plain, quiet)]
+    assert "sks man at the beach" in [photo.caption for photo in prepared_photos(plain, quiet)]
     assert files[0].read_text() == "{token} man at the beach\n"
-    for crop, caption, _ in prepared_photos(plain, quiet):
-        assert crop.with_suffix(".txt").read_text() == caption, "the caption beside each crop is what trains"
+    for photo in prepared_photos(plain, quiet):
+        assert photo.crop.with_suffix(".txt").read_text() == photo.caption, "the caption beside the crop trains"
 
 
 def test_the_caption_command_captions_with_the_model_it_is_given(tiny_config, tiny_blip):
