@@ -230,7 +230,7 @@ def _print_results(study, sort: str | None) -> None:
         table.add_row(*(shown(row, k) for k in columns))
     console.print(table)
     for row in rows:
-        if row["reason"] and row["state"] != "done":
+        if row["reason"]:  # why it failed, or why a finished run is of other settings or photos
             console.print(f"{row['name']}: {row['state']}: {row['reason']}", highlight=False)
 
 

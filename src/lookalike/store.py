@@ -63,7 +63,7 @@ def _reason(state: str, status: dict) -> str | None:
     if state == "interrupted" and status["state"] == "running":  # killed before it could say so
         return (f"its process (pid {status.get('pid')}) is gone; `lookalike train --resume` or `lookalike sweep` "
                 "continues it from its last checkpoint")
-    return status.get("reason")
+    return status.get("stale") if state == "done" else status.get("reason")
 
 
 def _record(db: sqlite3.Connection, run: RunPaths) -> None:

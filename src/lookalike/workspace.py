@@ -232,6 +232,11 @@ class RunPaths:
         return self.root / "status.json"
 
     @property
+    def photos(self) -> Path:
+        """The examples the run trains on: crop -> caption (train/trained_on.py)."""
+        return self.root / "photos.json"
+
+    @property
     def log(self) -> Path:
         return self.root / "train.log"
 
@@ -328,6 +333,14 @@ class RunPaths:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def mark_stale(self, reason: str | None) -> None:
+        """Say in a finished run's status why its results are not of what the study now asks for it (None: they
+        are); results and the report show it beside the run."""
+        status = self.read_status() or {}
+        if status.get("stale") != reason:
+            write_json(self.status, {key: value for key, value in status.items() if key != "stale"}
+                       | ({"stale": reason} if reason else {}))
 
     def state(self) -> str:
         """The run's state as it truly is now: done | failed | interrupted | running (by a live process that holds

@@ -183,7 +183,8 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
         best_of = [] if unrankable else [
             _best_lora(checkpoints, {name: status.get("best_step") for name, status in statuses.items()}),
             _best_checkpoint(scores)]
-        best_lines = _best_lines(front, unplaced, failed, unrankable, best_of)
+        stale = [r for r in done if r["reason"]]  # finished on other settings or photos than asked for now
+        best_lines = _best_lines(front, unplaced, failed + stale, unrankable, best_of)
         effects = factor_effects(config, done)
         (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid, effects))
         (folder / "summary.md").write_text(_summary(config, rows, best_lines, effects))
@@ -246,11 +247,11 @@ def _best_lora(evaluations: dict[tuple[str, str], dict], best_steps: dict[str, i
             "with it)")
 
 
-def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
+def _best_lines(front: list[dict], unplaced: dict[str, str], troubled: list[dict],
                 unrankable: str | None, best_of: list[str | None] = ()) -> tuple[list[str], list[str], list[str]]:
     """(the headline: the best LoRA over every run's evaluated checkpoints and strengths, the best checkpoint
     over every run's scored steps; the ranked runs, best first; notes: why nothing is ranked, runs left out,
-    failed runs)."""
+    failed runs, finished runs trained on other settings or photos than the study now asks for)."""
     bases = several_bases(front)
     ranked = [f"{r['name']}: " + (f"{shown(r, 'base')}, " if bases else "") +
               f"lr {cell(r['learning_rate'])}, rank {cell(r['rank'])}, alpha {cell(r['alpha'])}, "
@@ -260,7 +261,8 @@ def _best_lines(front: list[dict], unplaced: dict[str, str], failed: list[dict],
     headline = [line for line in best_of if line]
     notes = [f"No best settings: this study's numbers cannot rank runs: {unrankable}."] if unrankable else []
     notes += [f"not ranked: {name} ({why})" for name, why in unplaced.items()]
-    notes += [f"failed: {r['name']} ({r['reason']})" for r in failed]
+    notes += [f"{'failed' if r['state'] in UNFINISHED else r['state']}: {r['name']} ({r['reason']})"
+              for r in troubled]
     return headline, ranked, notes
 
 

@@ -23,12 +23,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lookalike import display
 from lookalike.config import StudyConfig
+from lookalike.data.dataset import training_images
 from lookalike.display import cell
 from lookalike.errors import RunBusy
 from lookalike.processes import how_it_ended
 from lookalike.store import record_run
 from lookalike.sweep.plan import Planned
+from lookalike.train.trained_on import stale_reason
 from lookalike.workspace import RunPaths, Workspace, read_metrics
 
 STOP_GRACE_S = 60  # how long an interrupted run may take to write its status before it is killed
@@ -130,7 +133,10 @@ class Sweep:
             paths = self.workspace.run(experiment.name)
             state = paths.state()
             if state == "done":
-                left.append(Outcome(experiment.name, "skipped", "done earlier", best=best_sample(paths)))
+                stale = self.stale_reason(paths, experiment)
+                paths.mark_stale(stale)
+                left.append(Outcome(experiment.name, "skipped", "done earlier" + (f", {stale}" if stale else ""),
+                                    best=best_sample(paths)))
             elif state == "running":
                 left.append(Outcome(experiment.name, "running elsewhere", f"pid {paths.read_status()['pid']}"))
             elif state == "failed" and not retry_failed:
@@ -142,6 +148,12 @@ class Sweep:
         for experiment in planned:
             record_run(self.workspace.results, self.workspace.run(experiment.name))
         return run, left
+
+    def stale_reason(self, paths: RunPaths, experiment: Planned) -> str | None:
+        """Why a finished run's results are not of what the study now asks for this experiment, or None."""
+        config = self.config.with_experiment(experiment.overrides, f"sweep experiment {experiment.name}")
+        images = training_images(config, display.console(quiet=True))  # prepares what is out of date, as a run would
+        return stale_reason(paths, config, images, config.workspace)
 
     def _run_local(self, experiment: Planned, gpus: queue.Queue | None) -> Outcome:
         paths = self.workspace.run(experiment.name)

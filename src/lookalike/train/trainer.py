@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from pydantic import ValidationError
 from rich.console import Console
 
 from lookalike import __version__, display
@@ -52,6 +51,7 @@ from lookalike.train.offload import BlockOffload
 from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
+from lookalike.train.trained_on import changed_settings, photo_changes, record_photos
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
 
@@ -142,19 +142,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-_TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train", "prior")
-
-
 def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
     """True if the run is already done. A started run continues only with --resume and the same config."""
     status = run.read_status()
@@ -166,24 +153,13 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
         raise LookalikeError(f"run {run.name!r} already exists in {run.root}: add --resume to continue it, "
                              "or choose another --run name")
     if run.config.exists():
-        # Only what shapes the weights must match; [generate] or [evaluate] may change between sessions. A key
-        # added to lookalike since the run started reads as its default there.
-        before, now = ({k: v for k, v in _flatten(data).items() if k.split(".")[0] in _TRAINING_SECTIONS}
-                       for data in (_with_current_defaults(read_json(run.config)), config.to_json_dict()))
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        # Only what shapes the weights must match. A key added to lookalike since the run started reads as its
+        # default there.
+        changed = changed_settings(run, config)
         if changed:
             raise LookalikeError(f"cannot resume run {run.name!r}: its config differs in {', '.join(changed)} "
                                  "(start a new --run instead)")
     return bool(status and status["state"] == "done" and run.lora.is_file())
-
-
-def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A run's saved config with the keys this version added at their defaults; as saved where it no longer
-    validates (a key since removed: the comparison then names it)."""
-    try:
-        return StudyConfig.model_validate(saved).to_json_dict()
-    except ValidationError:
-        return saved
 
 
 def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) -> None:
@@ -285,6 +261,13 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
         folder = resolve_base(config.model.base, config.model.revision)
         class_examples = class_images(config, console)  # prior preservation's, drawn once by the base
+    checkpoints = list_checkpoints(run.checkpoints) if resume else []
+    changes = photo_changes(run, images, config.workspace) if checkpoints else None
+    if changes:
+        raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes} (put "
+                             "them back, or start a new --run)")
+    if accelerator.is_main_process:
+        record_photos(run, images, config.workspace)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     family = folder_family(folder)
     max_len = max_sequence_length(config.model)
@@ -338,7 +321,6 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                       f"{offload.offloaded_parameters / 1e6:,.0f} M parameters) stay in CPU memory, each block's "
                       "brought to the device while it runs")
     # A resumed run's LoRA weights, set while the model is whole (before it is sharded or wrapped).
-    checkpoints = list_checkpoints(run.checkpoints) if resume else []
     lora, state = load_checkpoint(checkpoints[-1]) if checkpoints else (None, None)
     if lora is not None:
         set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()})

@@ -1,0 +1,82 @@
+"""What a run was trained on, kept in its folder (config.json: the settings; photos.json: each example's crop and
+caption), and how that differs from what the study asks for now. A run resumes only on the same settings and
+photos (a checkpoint's data order means nothing for another set of photos), and a finished run trained on others
+is named as such wherever its results are shown, never passed off as the study's current settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lookalike.config import StudyConfig
+from lookalike.workspace import RunPaths, read_json, write_json
+
+# The config sections that shape a LoRA's weights; [generate] or [evaluate] may change between sessions.
+TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train", "prior")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config with the keys this version added at their defaults; as saved where it no longer
+    validates (a key since removed: the comparison then names it)."""
+    try:
+        return StudyConfig.model_validate(saved).to_json_dict()
+    except ValidationError:
+        return saved
+
+
+def changed_settings(run: RunPaths, config: StudyConfig) -> list[str]:
+    """The training keys (section.key) whose values differ between the run's saved config and `config`."""
+    before, now = ({k: v for k, v in _flatten(data).items() if k.split(".")[0] in TRAINING_SECTIONS}
+                   for data in (_with_current_defaults(read_json(run.config)), config.to_json_dict()))
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def _examples(images, workspace: Path) -> dict[str, str]:
+    """crop (relative to the workspace) -> caption, of the subject examples a run trains on."""
+    return {str(Path(image.path).relative_to(workspace)): image.caption for image in images}
+
+
+def record_photos(run: RunPaths, images, workspace: Path) -> None:
+    write_json(run.photos, _examples(images, workspace))
+
+
+def photo_changes(run: RunPaths, images, workspace: Path) -> str | None:
+    """How the photos a run trained on differ from `images`, e.g. "1 added (images/5_1a2b3c4d.png), 1 caption
+    changed (images/2_5e6f7a8b.png)"; None when they are the same, or the run kept no record (an older one)."""
+    if not run.photos.is_file():
+        return None
+    before, now = read_json(run.photos), _examples(images, workspace)
+    added = sorted(now.keys() - before.keys())
+    removed = sorted(before.keys() - now.keys())
+    recaptioned = sorted(crop for crop in now.keys() & before.keys() if now[crop] != before[crop])
+    parts = [f"{len(names)} {what} ({', '.join(names)})"
+             for what, names in (("added", added), ("removed", removed), ("caption changed", recaptioned)) if names]
+    return ", ".join(parts) or None
+
+
+def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) -> str | None:
+    """Why a finished run's results are not of what the study now asks for it (other settings or photos), or None
+    when they are."""
+    differences = []
+    settings = changed_settings(run, config) if run.config.is_file() else []
+    if settings:
+        differences.append(f"settings ({', '.join(settings)})")
+    photos = photo_changes(run, images, workspace)
+    if photos:
+        differences.append(f"photos ({photos})")
+    if not differences:
+        return None
+    return (f"trained on other {' and '.join(differences)} than the study now asks for, so its results are of "
+            f"those; to train it anew, rename the experiment or move {run.root} away")

@@ -1,0 +1,91 @@
+"""What a run was trained on: a run resumes only on the photos it started with, and a finished run trained on other
+photos or settings than the study now asks for is named as such in the sweep, the results and the report, never
+passed off as the study's (its files are kept as they are)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import closing
+
+import pytest
+
+from lookalike import display
+from lookalike.config import load_config
+from lookalike.errors import LookalikeError
+from lookalike.store import connect
+from lookalike.sweep.plan import Planned
+from lookalike.sweep.runner import Sweep
+from lookalike.train import trainer
+from lookalike.train.trainer import train
+from lookalike.workspace import Workspace
+
+
+@pytest.fixture
+def own_photos(tmp_path, faces):
+    """A copy of one person's photos that a test may change (the shared ones are never touched)."""
+    folder = tmp_path / "photos"
+    shutil.copytree(faces / "train" / "guido_van_rossum", folder)
+    return folder
+
+
+def test_a_run_resumes_only_on_the_photos_it_started_with(tiny_config, own_photos, monkeypatch, faces):
+    path = tiny_config(subject={"images": str(own_photos)},
+                       train={"max_train_steps": 4, "checkpoint_every": 2, "checkpoints_keep": 2})
+    config = load_config(path)
+    real_check = trainer._stop_if_not_finite
+
+    def fail_at_step_3(step, *args):  # a run that stops after its checkpoint at step 2, as a killed one would
+        if step == 3:
+            raise LookalikeError("stopped for the test")
+        return real_check(step, *args)
+
+    monkeypatch.setattr(trainer, "_stop_if_not_finite", fail_at_step_3)
+    with pytest.raises(LookalikeError, match="stopped for the test"):
+        train(config, "run")
+    run = Workspace(config.workspace).run("run")
+    recorded = json.loads(run.photos.read_text())
+    assert len(recorded) == 4 and set(recorded.values()) == {"a photo of sks"}
+    monkeypatch.undo()
+
+    shutil.copy(faces / "test" / "guido_van_rossum.jpg", own_photos / "5.jpg")
+    (own_photos / "1.txt").write_text("{token} at a desk\n")
+    with pytest.raises(LookalikeError) as refused:
+        train(config, "run", resume=True)
+    message = str(refused.value)
+    assert message.startswith("cannot resume run 'run': its photos changed since it started: 1 added (data/images/5_")
+    assert "1 caption changed (data/images/1_" in message
+    assert json.loads(run.photos.read_text()) == recorded, "the record stays the run's"
+
+    (own_photos / "5.jpg").unlink()
+    (own_photos / "1.txt").unlink()
+    assert train(config, "run", resume=True).is_file(), "back on its own photos, it resumes"
+
+
+def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_config, own_photos, faces):
+    path = tiny_config(subject={"images": str(own_photos)}, train={"max_train_steps": 2})
+    config = load_config(path)
+    lora = train(config, "r4")
+    trained = lora.read_bytes()
+    sweep = Sweep(config, path, [], display.console(quiet=True))
+    workspace = Workspace(config.workspace)
+
+    def outcome(overrides: dict) -> tuple[str, str | None]:
+        _, left = sweep.todo([Planned("r4", overrides)], retry_failed=False)
+        with closing(connect(workspace.results)) as db:
+            stored = db.execute("SELECT reason FROM runs WHERE name = 'r4'").fetchone()[0]
+        return left[0].reason, stored
+
+    assert outcome({}) == ("done earlier", None)
+    shutil.copy(faces / "test" / "guido_van_rossum.jpg", own_photos / "5.jpg")
+    reason, stored = outcome({})
+    assert reason.startswith("done earlier, trained on other photos (1 added (data/images/5_")
+    assert stored == reason.removeprefix("done earlier, ") and "rename the experiment" in stored
+
+    (own_photos / "5.jpg").unlink()
+    reason, stored = outcome({"learning_rate": 1e-2})
+    assert "trained on other settings (train.learning_rate) than the study now asks for" in reason
+
+    assert outcome({}) == ("done earlier", None), "as asked again: nothing to say"
+    assert "stale" not in json.loads(workspace.run("r4").status.read_text())
+    assert lora.read_bytes() == trained, "the run's LoRA is never touched"
