@@ -82,6 +82,11 @@ def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_co
     assert reason.startswith("done earlier, trained on other photos (1 added (data/images/5_")
     assert stored == reason.removeprefix("done earlier, ") and "rename the experiment" in stored
 
+    said = display.console(record=True, width=400)
+    assert train(config, "r4", console=said) == lora
+    text = said.export_text()
+    assert "train: run 'r4' is already done: " in text and "trained on other photos (1 added" in text
+
     (own_photos / "5.jpg").unlink()
     reason, stored = outcome({"learning_rate": 1e-2})
     assert "trained on other settings (train.learning_rate) than the study now asks for" in reason

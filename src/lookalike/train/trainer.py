@@ -51,7 +51,7 @@ from lookalike.train.offload import BlockOffload
 from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
-from lookalike.train.trained_on import changed_settings, photo_changes, record_photos
+from lookalike.train.trained_on import changed_settings, photo_changes, record_photos, stale_reason
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
 
@@ -194,7 +194,11 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
     done = _check_run_folder(run, config, resume)
     state.wait_for_everyone()  # every rank has looked at the run folder before the main one writes to it
     if done:
-        console.print(f"train: run {run.name!r} is already done: {run.lora}")
+        stale = None
+        if main:  # say so when it was trained on other settings or photos than these
+            stale = stale_reason(run, config, training_images(config, display.console(quiet=True)), config.workspace)
+            run.mark_stale(stale)
+        console.print(f"train: run {run.name!r} is already done: {run.lora}" + (f"; {stale}" if stale else ""))
         return run.lora
     before = run.seconds_so_far()
     started = time.time()
