@@ -56,6 +56,8 @@ def test_a_run_resumes_only_on_the_photos_it_started_with(tiny_config, own_photo
     assert message.startswith("cannot resume run 'run': its photos changed since it started: 1 added (data/images/5_")
     assert "1 caption changed (data/images/1_" in message
     assert json.loads(run.photos.read_text()) == recorded, "the record stays the run's"
+    status = json.loads(run.status.read_text())
+    assert status["state"] == "failed" and status["resumable"] and status["reason"] == message, "said where it shows"
 
     (own_photos / "5.jpg").unlink()
     (own_photos / "1.txt").unlink()

@@ -268,8 +268,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     checkpoints = list_checkpoints(run.checkpoints) if resume else []
     changes = photo_changes(run, images, config.workspace) if checkpoints else None
     if changes:
-        raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes} (put "
-                             "them back, or start a new --run)")
+        raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes}; put "
+                             "them back and resume it (`lookalike sweep --retry-failed` or `train --resume`), or "
+                             "start a new --run")
     if accelerator.is_main_process:
         record_photos(run, images, config.workspace)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
