@@ -22,6 +22,7 @@ from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
 from lookalike.generate import generate as generate_images
 from lookalike.models.base import quiet_libraries, training_sides
+from lookalike.models.card import card_path, write_card
 from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.quantize import check_quantization
@@ -352,14 +353,25 @@ def export(
     dtype: Annotated[str, typer.Option(help="fp32, or bf16: half the size, as most shared LoRAs are.")] = "fp32",
     checkpoint: Annotated[str, typer.Option(help="With --run: final, best (the best sample step's) or a kept "
                                             "step's number.")] = "final",
+    card: Annotated[bool, typer.Option(help="With --run: also write a model card (README.md, as the Hugging Face Hub "
+                                       "reads one) and a few of the run's images beside the file.")] = False,
 ) -> None:
     """Write a LoRA in the layout ComfyUI, kohya's sd-scripts or diffusers read."""
     if (config is None or run is None) == (lora is None):
         raise LookalikeError("give CONFIG --run NAME, or --lora FILE")
+    if card and run is None:
+        raise LookalikeError("--card describes a run's LoRA: give CONFIG --run NAME")
     _quiet()
-    source = lora if lora is not None else Workspace(_load(config, None).workspace).run(run).lora_at(checkpoint)
-    written = export_lora(source, out or source.with_name(f"{source.stem}.{format}.safetensors"), format, dtype)
+    study = _load(config, None) if config is not None else None
+    paths = Workspace(study.workspace).run(run) if run is not None else None
+    source = lora if lora is not None else paths.lora_at(checkpoint)
+    target = out or source.with_name(f"{source.stem}.{format}.safetensors")
+    if card:
+        card_path(target)  # a README.md that is not lookalike's: refused before anything is written
+    written = export_lora(source, target, format, dtype)
     console.print(f"export: {written}")
+    if card:
+        console.print(f"export: model card {write_card(study, paths, checkpoint, written, format)}")
 
 
 @app.command()

@@ -305,6 +305,11 @@ class RunPaths:
         _check_checkpoint(checkpoint)
         return self.images if checkpoint == "final" else self.root / f"images-{checkpoint}"
 
+    def results_at(self, checkpoint: str) -> Path:
+        """Where the evaluation of the run's LoRA at `checkpoint` goes (metrics.json, scores.csv): the run's folder
+        for the final one (the results table's), else beside its images."""
+        return self.root if checkpoint == "final" else self.images_at(checkpoint)
+
     @property
     def images(self) -> Path:
         return self.root / "images"

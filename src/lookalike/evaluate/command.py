@@ -188,11 +188,6 @@ def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) ->
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
 
-def _results_folder(paths, checkpoint: str) -> Path:
-    """Where a run's metrics of a checkpoint go: the run's folder for the final LoRA, else its images'."""
-    return paths.root if checkpoint == "final" else paths.images_at(checkpoint)
-
-
 def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None, force: bool = False,
                   checkpoint: str = "final") -> list[str]:
     """Score the generated images of one run, or of every run that has some; runs whose images, references
@@ -217,7 +212,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
     for name in names:
         paths = workspace.run(name)
         digest = _inputs_digest(config, paths.images_at(checkpoint), [p for group in photos.values() for p in group])
-        done = _results_folder(paths, checkpoint) / "metrics.json"
+        done = paths.results_at(checkpoint) / "metrics.json"
         if not force and done.is_file() and read_json(done).get("inputs_digest") == digest:
             console.print(f"evaluate: {name} is up to date")
             continue
@@ -247,9 +242,9 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
             order = {row.image: index for index, row in enumerate(rows)}  # rows were scored person by person
             group_rows.sort(key=lambda group: order[group["image"]])
             group = _group_metrics(evaluator, group_rows, list(references))
-            _write_group(_results_folder(paths, checkpoint), group_rows, group)
+            _write_group(paths.results_at(checkpoint), group_rows, group)
             _print_group(console, f"evaluate run {name}: people", group)
-        write_results(_results_folder(paths, checkpoint), rows, metrics)
+        write_results(paths.results_at(checkpoint), rows, metrics)
         if checkpoint == "final":
             record_run(workspace.results, paths)
         print_metrics(console, f"evaluate run {name}" + (f" ({checkpoint})" if checkpoint != "final" else ""),

@@ -1,0 +1,145 @@
+"""A model card for an exported run's LoRA (`lookalike export --card`): README.md beside the file, as the Hugging
+Face Hub reads one (YAML front matter: base model, tags, trigger word, a widget of its images), saying how to load
+it, what lookalike measured of it (likeness and prompt adherence, and the models that measured them) and the
+settings it was trained with. A few of its images are copied beside it, each with the code that draws it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lookalike.config import StudyConfig
+from lookalike.display import base_label, cell
+from lookalike.errors import LookalikeError
+from lookalike.models.base import base_info, resolve_base, training_resolution
+from lookalike.models.families import base_family
+from lookalike.workspace import RunPaths, atomic_path, read_json
+
+# The card's first line after its front matter: a README.md without it is someone else's and is never written over.
+MARK = "<!-- written by `lookalike export --card`, which writes it again: edit a copy -->"
+SHOWN_IMAGES = 4
+MEASURES = (("identity_similarity", "identity similarity (cosine, higher is more alike)"),
+            ("face_distance", "face distance (lower is more alike)"),
+            ("id_match_rate", "share of images whose face passes for the person"),
+            ("faceless", "images without a face"),
+            ("several_faces", "images with several faces"),
+            ("clip_score", "CLIP Score (prompt adherence)"))
+
+
+def card_path(lora_file: Path) -> Path:
+    """Where the card of `lora_file` goes: README.md beside it, refused when a README.md that is not a card of
+    lookalike's is there (checked before anything is written)."""
+    card = lora_file.parent / "README.md"
+    if card.is_file() and MARK not in card.read_text(errors="replace"):
+        raise LookalikeError(f"{card}: a README.md that lookalike did not write is there; export with --out into "
+                             "another folder")
+    return card
+
+
+def write_card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, layout: str) -> Path:
+    """README.md beside `lora_file` (the run's LoRA at `checkpoint`, exported in `layout`), and images/ with up to
+    SHOWN_IMAGES of the images generate made of it."""
+    card = card_path(lora_file)
+    shown = _copy_images(run, checkpoint, lora_file.parent / "images")
+    with atomic_path(card) as tmp:
+        tmp.write_text(_card(config, run, checkpoint, lora_file, layout, shown))
+    return card
+
+
+def _copy_images(run: RunPaths, checkpoint: str, folder: Path) -> list[tuple[str, dict]]:
+    """(file name in `folder`, its sidecar) of the first images of the LoRA at full strength."""
+    sidecars = sorted(path for path in run.images_at(checkpoint).glob("*.json") if path.name != "config.json")
+    shown = []
+    for sidecar in sidecars:
+        facts = read_json(sidecar)
+        image = sidecar.with_suffix(".png")
+        if facts.get("lora_scale", 1.0) != 1.0 or not image.is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{run.name}-{checkpoint}-{image.name}"
+        with atomic_path(folder / name) as tmp:
+            shutil.copyfile(image, tmp)
+        shown.append((name, facts))
+        if len(shown) == SHOWN_IMAGES:
+            break
+    return shown
+
+
+def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, layout: str,
+          shown: list[tuple[str, dict]]) -> str:
+    trained = StudyConfig.model_validate(read_json(run.config))
+    status = run.read_status() or {}
+    base = trained.model.base
+    repo = base_info(base).repo
+    family = base_family(base)
+    trigger = " ".join(person.token for person in trained.people)
+    step = {"final": status.get("final_step"), "best": status.get("best_step")}.get(checkpoint, checkpoint)
+    front = ["---", *([f"base_model: {repo}"] if repo else []), "library_name: diffusers",
+             "tags: [text-to-image, lora, diffusers, lookalike]", f"instance_prompt: {json.dumps(trigger)}"]
+    if shown:
+        front.append("widget:")
+        for name, facts in shown:
+            front += [f"  - text: {json.dumps(facts['prompt'])}", "    output:", f"      url: images/{name}"]
+    front.append("---")
+    people_words = ", ".join(f"`{person.token}` ({person.class_word})" for person in trained.people)
+    lines = [*front, MARK, "", f"# {run.name}: a LoRA of {people_words} on {base_label(base)}", "",
+             f"Trained by lookalike in the study `{config.name}`, checkpoint {checkpoint} "
+             f"(step {cell(step)}). Trigger word: `{trigger}`. File: `{lora_file.name}` ({layout} layout).", "",
+             "## Use it", ""]
+    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None)
+    lines += ["", "## How well it learned", ""] + _measured(run, checkpoint)
+    t = trained.train
+    settings = {"rank": t.rank, "alpha": t.lora_alpha, "learning_rate": t.learning_rate,
+                "lr_scheduler": t.lr_scheduler, "batch_size": t.batch_size, "optimizer": t.optimizer,
+                "adapter": t.adapter, "target_modules": t.target_modules,
+                "resolution": training_resolution(trained), "photos": len(read_json(run.photos))
+                if run.photos.is_file() else None, "seed": t.seed}
+    lines += ["", "## Training", "", "| setting | value |", "| --- | --- |",
+              f"| base | {base_label(base)} |", f"| steps | {cell(step)} of {t.max_train_steps} |"]
+    lines += [f"| {key} | {cell(value)} |" for key, value in settings.items()]
+    if shown:
+        lines += ["", "## Images", ""] + [f"![{facts['prompt']}](images/{name})" for name, facts in shown]
+    return "\n".join(lines) + "\n"
+
+
+def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, example: dict | None) -> list[str]:
+    """How to draw with the file: diffusers' stock pipeline and load_lora_weights, drawing the card's first image
+    as lookalike drew it; ComfyUI's loader for the other layouts."""
+    if layout != "diffusers":
+        return [f"Put `{lora_file.name}` in ComfyUI's `models/loras` folder and load it with a LoraLoader node "
+                "(strength 1.0)" + (", or with kohya's sd-scripts" if layout == "kohya" else "") + "."]
+    source = repo or str(resolve_base(base))
+    if example is None:
+        call, seed = {"prompt": "a photo of sks"}, 0
+    else:  # as generate drew it (generate.render)
+        settings, guidance = example["settings"], example["guidance_scale"]
+        call = {"prompt": example["prompt"], "height": settings["size"], "width": settings["size"],
+                "num_inference_steps": settings["steps"], **family.guidance_arguments(guidance, False),
+                **({"negative_prompt": settings["negative_prompt"]}
+                   if "negative_prompt" in settings and guidance is not None else {}),
+                **family.text_arguments(settings["max_sequence_length"])}
+        seed = settings["seed"]
+    arguments = "".join(f"    {key}={value!r},\n" for key, value in call.items())
+    return ["```python", "import torch", f"from diffusers import {family.pipeline_class_name}", "",
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            f"pipe = {family.pipeline_class_name}.from_pretrained({source!r}, "
+            "torch_dtype=torch.bfloat16 if device == \"cuda\" else torch.float32).to(device)",
+            "# the folder of this card (or its Hub repository):",
+            f"pipe.load_lora_weights(\".\", weight_name={lora_file.name!r})",
+            f"image = pipe(\n{arguments}    generator=torch.Generator(\"cpu\").manual_seed({seed}),\n).images[0]",
+            "```"]
+
+
+def _measured(run: RunPaths, checkpoint: str) -> list[str]:
+    evaluation = run.results_at(checkpoint) / "metrics.json"
+    if not evaluation.is_file():
+        return [f"Not evaluated yet: `lookalike evaluate CONFIG --run {run.name} --checkpoint {checkpoint}` "
+                "measures it."]
+    metrics = read_json(evaluation)
+    # Drawn at several strengths ([generate] lora_scales), the file as it loads is the one at full strength.
+    at_full = metrics.get("per_lora_scale", {}).get(str(1.0), metrics)
+    return ([f"Measured by lookalike on its {at_full['images']} images at full strength against "
+             f"{metrics['references']} reference photos (faces: {metrics['face_backend']}; CLIP: "
+             f"{metrics['clip_model']}, {metrics['clip_pairs']}).", "", "| measure | value |", "| --- | --- |"]
+            + [f"| {label} | {cell(at_full.get(key))} |" for key, label in MEASURES])
