@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from lookalike.train.batches import BatchOrder
@@ -15,6 +18,37 @@ def test_sigmas_lie_in_the_unit_interval_and_shift_moves_them_up():
     assert abs(uniform.mean().item() - 0.5) < 0.01
     logit = sample_sigmas(100_000, "logit_normal", torch.Generator().manual_seed(0), logit_mean=1.0)
     assert abs(torch.logit(logit).mean().item() - 1.0) < 0.02
+
+
+def test_mode_sampling_has_the_sd3_papers_quantiles():
+    """f(u) = 1 - u - s (cos²(pi u / 2) - 1 + u) falls as u rises, so the q-quantile of f(U) is f(1 - q)."""
+    def f(u: float, s: float) -> float:
+        return 1 - u - s * (math.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+    for scale in (1.29, 0.0, -0.5):
+        sigmas = sample_sigmas(200_000, "mode", torch.Generator().manual_seed(0), mode_scale=scale)
+        assert 0 <= sigmas.min() and sigmas.max() <= 1
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+            assert torch.quantile(sigmas, q).item() == pytest.approx(f(1 - q, scale), abs=5e-3), (scale, q)
+    middle = sample_sigmas(100_000, "mode", torch.Generator().manual_seed(0), mode_scale=1.29)
+    assert ((middle > 0.25) & (middle < 0.75)).float().mean() > 0.6, "heavier in the middle than uniform's 0.5"
+
+
+@pytest.mark.parametrize("scheme, weight", [
+    ("sigma_sqrt", lambda sigma: sigma ** -2),
+    ("cosmap", lambda sigma: 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))),
+])
+def test_loss_weighting_scales_each_examples_loss_by_its_noise_level(scheme, weight):
+    from lookalike.config import TrainConfig
+    from lookalike.train.objectives import FlowMatching
+
+    generator = torch.Generator().manual_seed(0)
+    prediction, x0, noise = (torch.randn(3, 4, 6, generator=generator) for _ in range(3))
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    errors = ((prediction - (noise - x0)) ** 2).mean(dim=(1, 2))
+    expected = torch.stack([errors[i] * weight(sigmas[i].item()) for i in range(3)]).mean()
+    ours = FlowMatching().loss(prediction, x0, noise, sigmas, TrainConfig(loss_weighting=scheme))
+    torch.testing.assert_close(ours, expected)
 
 
 def test_shift_matches_the_flux_schedulers_own_sigmas():

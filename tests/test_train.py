@@ -74,7 +74,8 @@ def _train_process(config_path, run, *extra):
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tiny_config):
     path = tiny_config(train={"max_train_steps": 150, "checkpoint_every": 25, "checkpoints_keep": 2,
-                              "learning_rate": 1e-3, "batch_size": 2})
+                              "learning_rate": 1e-3, "batch_size": 2, "timestep_sampling": "mode",
+                              "loss_weighting": "cosmap"})
     assert_a_killed_run_resumes_exactly(path, steps=150, killed_after="step-000050")
 
 

@@ -162,11 +162,19 @@ class TrainConfig(Section):
     """Which layers the LoRA adapts, as the base's family names them: attention (the fewest parameters and least
     memory: the default), diffusers (the default set of the family's diffusers reference script; FLUX.1's:
     attention and the double blocks' feed-forward), attention+mlp (every feed-forward too)."""
-    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
     """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call
-    'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale."""
+    'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale; mode: the SD3 paper's mode
+    sampling with mode_scale (diffusers' reference scripts' --weighting_scheme mode)."""
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = Field(1.29, ge=-1, le=1.75)
+    """timestep_sampling = "mode": how much heavier the middle noise levels are (0: uniform; diffusers' 1.29; the
+    SD3 paper's range, where it stays a density on (0, 1): -1 to 2 / (pi - 2))."""
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow-matching bases: each example's loss weighted by its noise level, as the SD3 paper's and diffusers'
+    reference scripts' --weighting_scheme: sigma_sqrt (sigma^-2), cosmap (2 / (pi (1 - 2 sigma + 2 sigma^2))); none:
+    plain. Stable Diffusion bases weight by snr_gamma instead."""
     timestep_shift: float = Field(1.0, gt=0)
     """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
     guidance: float = Field(1.0, ge=0)

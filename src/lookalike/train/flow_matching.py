@@ -12,13 +12,18 @@ import torch
 
 def sample_sigmas(
     batch: int, sampling: str, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
-    shift: float = 1.0,
+    shift: float = 1.0, mode_scale: float = 1.29,
 ) -> torch.Tensor:
-    """Noise levels in (0, 1), one per example: uniform or logit-normal, then shifted towards noise if shift > 1."""
+    """Noise levels in (0, 1), one per example: uniform, logit-normal, or the SD3 paper's mode sampling (diffusers'
+    own, with its mode_scale: heavier in the middle); then shifted towards noise if shift > 1."""
     if sampling == "uniform":
         sigmas = torch.rand(batch, generator=generator)
     elif sampling == "logit_normal":
         sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator))
+    elif sampling == "mode":
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        sigmas = compute_density_for_timestep_sampling("mode", batch, mode_scale=mode_scale, generator=generator)
     else:
         raise ValueError(f"unknown timestep sampling {sampling!r}")
     return shift_sigmas(sigmas, shift)

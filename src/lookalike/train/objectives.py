@@ -24,7 +24,8 @@ class FlowMatching:
     def draw(self, shape: torch.Size, generator: torch.Generator, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(noise, sigmas) for a batch of latents of `shape` (the order of the draws is part of resuming)."""
         noise = torch.randn(shape, generator=generator)
-        sigmas = sample_sigmas(shape[0], t.timestep_sampling, generator, t.logit_mean, t.logit_std, t.timestep_shift)
+        sigmas = sample_sigmas(shape[0], t.timestep_sampling, generator, t.logit_mean, t.logit_std, t.timestep_shift,
+                               t.mode_scale)
         return noise, sigmas
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,17 @@ class FlowMatching:
     def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, t,
              weights: torch.Tensor | None = None):
         target = self.target(x0, noise, sigmas).to(prediction.device)
-        if weights is None:
+        if weights is None and t.loss_weighting == "none":
             return torch.nn.functional.mse_loss(prediction.float(), target.float())
-        return squared_errors(prediction, target, weights).mean()
+        per_example = squared_errors(prediction, target, weights)
+        if t.loss_weighting == "none":
+            return per_example.mean()
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        # The SD3 paper's weightings of each example's loss by its noise level, as diffusers' reference scripts
+        # apply them (--weighting_scheme sigma_sqrt or cosmap).
+        weighting = compute_loss_weighting_for_sd3(t.loss_weighting, sigmas.float()).to(prediction.device)
+        return (per_example * weighting).mean()
 
 
 class NoisePrediction:
