@@ -60,7 +60,7 @@ def test_one_study_trains_four_bases_and_reports_them_side_by_side(tmp_path, fac
     page = (workspace / "report" / "index.html").read_text()
     assert all(f"grid/{name}_{stem}.jpg" in page for name, stem in stems.items())
     results = run_cli("results", str(config))
-    assert results.returncode == 0 and re.search(r"┃ run\s+┃ base\s+┃ state", results.stdout), results.stdout
+    assert results.returncode == 0 and re.search(r"┃ run\s+┃\s*base\s+┃\s*state", results.stdout), results.stdout
     rows = {row["name"]: row["base"] for row in refresh(workspace / "runs", workspace / "results.sqlite")}
     assert rows == BASES
 

@@ -224,7 +224,8 @@ def _print_results(study, sort: str | None) -> None:
         return
     rows = sort_runs(rows, sort) if sort else rows
     columns = result_columns(rows)
-    table = Table(*columns.values(), title=f"results ({workspace.results})")
+    # One space between columns (collapsed padding): the fifteen columns fit a 140-column terminal whole.
+    table = Table(*columns.values(), title=f"results ({workspace.results})", collapse_padding=True)
     for column in table.columns:
         column.overflow = "fold"  # a long name or number wraps rather than losing its end to an ellipsis
     for row in rows:
