@@ -137,3 +137,44 @@ def test_models_load_once_per_process_for_the_same_settings():
     evaluator = load_evaluator(settings, with_clip=True)
     assert load_evaluator(EvaluateConfig(face_backend="dlib", clip_model="tiny"), with_clip=True) is evaluator
     assert load_evaluator(settings, with_clip=False).clip is None, "other settings, other models"
+
+
+@pytest.mark.slow
+def test_likeness_is_measured_against_held_out_photos_when_given(tiny_config, faces, tmp_path):
+    """[subject] references: a run's faces are measured against those photos alone, exactly as `evaluate --images
+    --references` measures a folder; the report says so; a training photo among them is refused by name."""
+    from tests.conftest import run_in_process
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    shutil.copy(faces / "test" / "guido_van_rossum.jpg", held_out / "guido.jpg")
+    config = tiny_config(subject={"references": "held_out"})  # relative to the config file, as every path
+    run = fake_run(tmp_path / "work", faces)
+    result = run_in_process("evaluate", str(config), "--run", "r")
+    assert result.returncode == 0, result.stderr
+    assert "references: 1 held-out photos of sks" in result.stdout
+    ours = json.loads((run.root / "metrics.json").read_text())
+    assert ours["references"] == 1 and ours["references_held_out"] is True
+    alone = run_in_process("evaluate", "--images", str(run.images), "--references", str(held_out),
+                           "--face-backend", "dlib", "--clip-model", "tiny", "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    theirs = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    for key in ("face_distance", "identity_similarity", "id_match_rate"):
+        assert ours[key] == pytest.approx(theirs[key]), key
+    plain = run_in_process("evaluate", str(tiny_config(name="plain.toml")), "--run", "r")
+    assert plain.returncode == 0 and "r is up to date" not in plain.stdout, "other references: scored again"
+    trained_on = json.loads((run.root / "metrics.json").read_text())
+    assert trained_on["references"] == 4 and not trained_on["references_held_out"]
+    assert trained_on["face_distance"] != pytest.approx(ours["face_distance"]), "other references, other distances"
+
+    run.lora.write_bytes(b"stands in for the run's LoRA, which the report's image grid fingerprints")
+    assert run_in_process("report", str(config)).returncode == 0
+    summary = (tmp_path / "work" / "report" / "summary.md").read_text()
+    assert "Likeness is measured against held-out photos of each person ([subject] references)" in summary
+
+    training_photo = sorted((faces / "train" / "guido_van_rossum").iterdir())[0]
+    shutil.copy(training_photo, held_out / "again.jpg")
+    refused = run_in_process("evaluate", str(config), "--run", "r", "--force")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"error: subject.references: {held_out / 'again.jpg'} is the training photo "
+                                      f"{training_photo}: held-out references are photos the LoRA never trained on")

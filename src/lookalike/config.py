@@ -39,6 +39,10 @@ class SubjectConfig(Section):
     real_name: str | None = None
     caption: str = "a photo of {token}"
     """Caption of every photo without a .txt caption beside it; {token} and {class_word} are filled in."""
+    references: Path | None = None
+    """A folder of other photos of this person, never trained on, that likeness is measured against (held out:
+    a LoRA that copies its training photos gains nothing there). None: the photos prepare kept for training, as
+    the seed study measured."""
 
     @field_validator("token")
     @classmethod
@@ -588,9 +592,11 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
         raise LookalikeError(_format_errors(source, error)) from None
 
     keys = ["subject", *(f"more_subjects[{i}]" for i in range(len(config.more_subjects)))]
-    subject, *more = (person.model_copy(update={"images": _resolved(base_dir / person.images,
-                                                                    f"{source}: {key}.images")})
-                      for key, person in zip(keys, config.people))
+    subject, *more = (person.model_copy(update={
+        "images": _resolved(base_dir / person.images, f"{source}: {key}.images"),
+        "references": None if person.references is None else _resolved(base_dir / person.references,
+                                                                       f"{source}: {key}.references")})
+        for key, person in zip(keys, config.people))
     workspace = _resolved(base_dir / config.workspace, f"{source}: workspace")
     data = workspace / "data"
     for key, person in zip(keys, [subject, *more]):

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from lookalike import display
 from lookalike.config import StudyConfig
+from lookalike.data.images import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import (
     base_info,
@@ -105,8 +106,7 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
     """Each LoRA file by its content (not its name: a retrained run keeps its file name) and its weight."""
     fingerprints = []
     for path, weight in adapters:
-        with open(path, "rb") as handle:
-            fingerprints.append({"sha256": hashlib.file_digest(handle, "sha256").hexdigest(), "weight": weight})
+        fingerprints.append({"sha256": file_sha256(path), "weight": weight})
     return fingerprints
 
 

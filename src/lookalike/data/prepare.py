@@ -29,7 +29,7 @@ from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.captions import describe_photos
 from lookalike.data.crop import box_in_crop, bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
-from lookalike.data.images import load_rgb, not_an_image
+from lookalike.data.images import file_sha256, load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
 from lookalike.errors import LookalikeError
 from lookalike.faces import BACKENDS, FaceRule, backend_class, load_backend
@@ -259,8 +259,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
                 photos.append(Photo(source=str(path), inspected_with=settings, error=f"unreadable: {problem}"))
                 bar.update()
                 continue
-            with open(path, "rb") as handle:
-                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()  # in chunks, however big the file
+            sha256 = file_sha256(path)
             old = known.get((str(path), sha256, settings))
             if old is not None and (old["thumbnail"] is None or (data / old["thumbnail"]).is_file()):
                 photos.append(_photo(old))

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import EvaluateConfig, StudyConfig, SubjectConfig
-from lookalike.data.images import list_images
+from lookalike.data.images import file_sha256, list_images
 from lookalike.display import cell
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images, write_results
@@ -167,17 +167,35 @@ def _print_group(console: Console, title: str, metrics: dict) -> None:
 
 
 def reference_photos(config: StudyConfig, subject: SubjectConfig | None = None) -> list[Path]:
-    """A person's photos that prepare kept (outliers and duplicates out), at their full size, which suits
-    face embeddings better than the training crops; all of their photos before prepare has run."""
+    """The photos a person's likeness is measured against: their held-out photos ([subject] references) where
+    given; else the photos prepare kept for training (outliers and duplicates out), at their full size, which suits
+    face embeddings better than the training crops, and all of them before prepare has run."""
     from lookalike.data.prepare import data_folder
 
     subject = subject or config.subject
     manifest = data_folder(config, subject) / "manifest.json"
+    if subject.references is not None:
+        return held_out_photos(subject, manifest)
     if manifest.is_file():
         kept = [Path(p["source"]) for p in read_json(manifest)["photos"] if p["status"] == "kept"]
         if kept:
             return kept
     return list_images(subject.images)
+
+
+def held_out_photos(subject: SubjectConfig, manifest: Path) -> list[Path]:
+    """[subject] references, refused where one is a training photo (the same bytes): held out means never
+    trained on."""
+    references = list_images(subject.references, "subject.references")
+    if manifest.is_file():
+        trained = {p["sha256"]: p["source"] for p in read_json(manifest)["photos"] if p.get("sha256")}
+    else:
+        trained = {file_sha256(path): str(path) for path in list_images(subject.images)}
+    for path in references:
+        if file_sha256(path) in trained:
+            raise LookalikeError(f"subject.references: {path} is the training photo {trained[file_sha256(path)]}: "
+                                 "held-out references are photos the LoRA never trained on")
+    return references
 
 
 def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:
@@ -223,7 +241,9 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
     evaluator = load_evaluator(config.evaluate, with_clip=True)
     references = {token: evaluator.reference(group) for token, group in photos.items()}
     class_words = {person.token: person.class_word for person in config.people}
-    console.print("evaluate: references: " + ", ".join(f"{r.count} photos of {t}" for t, r in references.items())
+    held_out = {person.token: "held-out " if person.references is not None else "" for person in config.people}
+    console.print("evaluate: references: " + ", ".join(f"{r.count} {held_out[t]}photos of {t}"
+                                                      for t, r in references.items())
                   + "; CLIP prompts have " + ", ".join(f"{t!r} replaced by {w!r}" for t, w in class_words.items()))
     threshold = evaluator.backend.same_person_threshold
     for name, digest in todo:
@@ -238,6 +258,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         rows, metrics = _score_folder(evaluator, references, images, rows, config.evaluate, console,
                                       class_words=class_words, on_faces=score_people if len(references) > 1 else None)
         metrics["inputs_digest"] = digest
+        metrics["references_held_out"] = config.subject.references is not None
         if group_rows:
             order = {row.image: index for index, row in enumerate(rows)}  # rows were scored person by person
             group_rows.sort(key=lambda group: order[group["image"]])

@@ -139,7 +139,8 @@ def _measured(run: RunPaths, checkpoint: str) -> list[str]:
     metrics = read_json(evaluation)
     # Drawn at several strengths ([generate] lora_scales), the file as it loads is the one at full strength.
     at_full = metrics.get("per_lora_scale", {}).get(str(1.0), metrics)
+    references = "held-out photos, never trained on" if metrics.get("references_held_out") else "training photos"
     return ([f"Measured by lookalike on its {at_full['images']} images at full strength against "
-             f"{metrics['references']} reference photos (faces: {metrics['face_backend']}; CLIP: "
+             f"{metrics['references']} {references} (faces: {metrics['face_backend']}; CLIP: "
              f"{metrics['clip_model']}, {metrics['clip_pairs']}).", "", "| measure | value |", "| --- | --- |"]
             + [f"| {label} | {cell(at_full.get(key))} |" for key, label in MEASURES])

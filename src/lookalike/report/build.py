@@ -280,7 +280,8 @@ def _page(config, rows, front, best_lines, failed, shown, grid, effects) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lookalike: {html.escape(config.name)}</title>"
             f"<style>{STYLE}</style></head><body><h1>Study {html.escape(config.name)}</h1>"
             f"<p>Base model {html.escape(config.model.base)}; subject {html.escape(config.subject.token)} "
-            f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed.</p>"
+            f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed. "
+            f"Likeness is measured against {html.escape(likeness_measured_against(config))}.</p>"
             f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p>{best or '<p>None yet.</p>'}"
             f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}{effects_section}"
             f"<h2>Figures</h2>{figures_html or '<p>No figure yet: no run has finished.</p>'}"
@@ -290,9 +291,18 @@ def _page(config, rows, front, best_lines, failed, shown, grid, effects) -> str:
             "</body></html>")
 
 
+def likeness_measured_against(config) -> str:
+    """What the identity metrics compare each face with: held-out photos, or the photos trained on."""
+    if all(person.references is not None for person in config.people):
+        return "held-out photos of each person ([subject] references), never trained on"
+    return ("the photos it trained on (set [subject] references to a folder of held-out photos to measure likeness "
+            "on photos the LoRA never saw)")
+
+
 def _summary(config, rows, best_lines, effects) -> str:
     headline, ranked, notes = best_lines
-    lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "", "## Best settings", ""]
+    lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "",
+             f"Likeness is measured against {likeness_measured_against(config)}.", "", "## Best settings", ""]
     lines += [f"**{line}**\n" for line in headline]
     lines += [f"{i}. {line}" for i, line in enumerate(ranked, 1)] + [f"- {line}" for line in notes] or ["None yet."]
     columns = result_columns(rows)
