@@ -172,7 +172,17 @@ def test_likeness_is_measured_against_held_out_photos_when_given(tiny_config, fa
     summary = (tmp_path / "work" / "report" / "summary.md").read_text()
     assert "Likeness is measured against held-out photos of each person ([subject] references)" in summary
 
+    # Once prepared, training photos are known by the hashes prepare recorded.
+    assert run_in_process("prepare", str(config)).returncode == 0
     training_photo = sorted((faces / "train" / "guido_van_rossum").iterdir())[0]
+    with Image.open(training_photo) as photo:  # the same photo, smaller and recompressed: a near copy
+        photo.convert("RGB").resize((photo.width // 2, photo.height // 2)).save(held_out / "smaller.jpg", quality=70)
+    refused = run_in_process("evaluate", str(config), "--run", "r", "--force")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"error: subject.references: {held_out / 'smaller.jpg'} is a near copy of the "
+                                      f"training photo {training_photo}: held-out references are photos the LoRA "
+                                      "never trained on")
+    (held_out / "smaller.jpg").unlink()
     shutil.copy(training_photo, held_out / "again.jpg")
     refused = run_in_process("evaluate", str(config), "--run", "r", "--force")
     assert refused.returncode == 2

@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import EvaluateConfig, StudyConfig, SubjectConfig
-from lookalike.data.images import file_sha256, list_images
+from lookalike.data.checks import duplicates
+from lookalike.data.images import file_sha256, list_images, load_rgb
 from lookalike.display import cell
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images, write_results
@@ -175,7 +176,7 @@ def reference_photos(config: StudyConfig, subject: SubjectConfig | None = None) 
     subject = subject or config.subject
     manifest = data_folder(config, subject) / "manifest.json"
     if subject.references is not None:
-        return held_out_photos(subject, manifest)
+        return held_out_photos(config, subject, manifest)
     if manifest.is_file():
         kept = [Path(p["source"]) for p in read_json(manifest)["photos"] if p["status"] == "kept"]
         if kept:
@@ -183,19 +184,31 @@ def reference_photos(config: StudyConfig, subject: SubjectConfig | None = None) 
     return list_images(subject.images)
 
 
-def held_out_photos(subject: SubjectConfig, manifest: Path) -> list[Path]:
-    """[subject] references, refused where one is a training photo (the same bytes): held out means never
-    trained on."""
+def held_out_photos(config: StudyConfig, subject: SubjectConfig, manifest: Path) -> list[Path]:
+    """[subject] references, refused where one is a training photo or a near copy of one (perceptual hashes
+    within [data] near_duplicate_bits, as prepare finds duplicates): held out means never trained on."""
     references = list_images(subject.references, "subject.references")
     if manifest.is_file():
-        trained = {p["sha256"]: p["source"] for p in read_json(manifest)["photos"] if p.get("sha256")}
+        trained = [(p["source"], p["sha256"], int(p["phash"], 16)) for p in read_json(manifest)["photos"]
+                   if p.get("sha256") and p.get("phash")]
     else:
-        trained = {file_sha256(path): str(path) for path in list_images(subject.images)}
-    for path in references:
-        if file_sha256(path) in trained:
-            raise LookalikeError(f"subject.references: {path} is the training photo {trained[file_sha256(path)]}: "
-                                 "held-out references are photos the LoRA never trained on")
+        trained = [(str(path), *_photo_hashes(path)) for path in list_images(subject.images)]
+    photos = trained + [(str(path), *_photo_hashes(path)) for path in references]
+    copies = duplicates([sha for _, sha, _ in photos], [phash for _, _, phash in photos],
+                        config.data.near_duplicate_bits)
+    for index, (kind, earlier, _) in sorted(copies.items()):
+        if index >= len(trained) > earlier:
+            what = "the training photo" if kind == "exact" else "a near copy of the training photo"
+            raise LookalikeError(f"subject.references: {photos[index][0]} is {what} {photos[earlier][0]}: held-out "
+                                 "references are photos the LoRA never trained on")
     return references
+
+
+def _photo_hashes(path: Path) -> tuple[str, int]:
+    """(SHA-256, 64-bit perceptual hash) of a photo, as prepare records them."""
+    import imagehash
+
+    return file_sha256(path), int(str(imagehash.phash(load_rgb(path))), 16)
 
 
 def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:
