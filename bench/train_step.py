@@ -7,6 +7,7 @@ included), read from metrics.jsonl timestamps; the bare figure is forward + back
 batch. Both run in this process, one after the other, after warm-up steps.
 
     .venv/bin/python bench/train_step.py [--steps 40] [--photos ../shared/faces/train/guido_van_rossum]
+                                         [--background-loss-weight 0.1]   # masked training's cost
 
 Last line: overhead_ratio=<trainer / bare>.
 """
@@ -34,7 +35,7 @@ RESOLUTION, RANK, WARMUP = 512, 16, 5
 
 
 def bench_config(folder: Path, photos: Path, workdir: Path, name: str, steps: int, sample_every: int = 0,
-                 score_samples: bool = False) -> Path:
+                 score_samples: bool = False, background_loss_weight: float = 1.0) -> Path:
     """A study config of the bench's tiny model on `photos` (faces by dlib, CLIP tiny: offline)."""
     config_file = workdir / f"{name}.toml"
     config_file.write_text(f"""
@@ -57,12 +58,15 @@ max_train_steps = {steps}
 checkpoint_every = 0
 sample_every = {sample_every}
 score_samples = {str(score_samples).lower()}
+background_loss_weight = {background_loss_weight}
 """)
     return config_file
 
 
-def trainer_seconds_per_step(folder: Path, photos: Path, workdir: Path, steps: int) -> float:
-    lora = train(load_config(bench_config(folder, photos, workdir, "bench", steps)), "bench")
+def trainer_seconds_per_step(folder: Path, photos: Path, workdir: Path, steps: int,
+                             background_loss_weight: float = 1.0) -> float:
+    lora = train(load_config(bench_config(folder, photos, workdir, "bench", steps,
+                                          background_loss_weight=background_loss_weight)), "bench")
     records = [json.loads(line) for line in (lora.parent / "metrics.jsonl").read_text().splitlines()]
     timed = records[WARMUP:]
     return (timed[-1]["time"] - timed[0]["time"]) / (len(timed) - 1)
@@ -79,12 +83,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "faces" / "train" / "guido_van_rossum")
+    parser.add_argument("--background-loss-weight", type=float, default=1.0,
+                        help="train.background_loss_weight of the trainer's run (below 1: masked training's cost)")
     args = parser.parse_args()
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         folder = ensure_tiny_model(SPEC, cache_dir=workdir / "models")
-        trainer = trainer_seconds_per_step(folder, args.photos.resolve(), workdir, args.steps)
+        trainer = trainer_seconds_per_step(folder, args.photos.resolve(), workdir, args.steps,
+                                           args.background_loss_weight)
         bare = bare_seconds_per_step(folder, args.steps)
     print(f"model: hidden {SPEC.attention_head_dim * SPEC.num_attention_heads}, {SPEC.num_layers} double + "
           f"{SPEC.num_single_layers} single blocks, {RESOLUTION} px, rank {RANK}, torch threads "
