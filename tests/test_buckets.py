@@ -68,7 +68,7 @@ def bucketed(tiny_config):
     return tiny_config(data={"resolution": 128, "buckets": True},
                        train={"max_train_steps": 12, "checkpoint_every": 4, "checkpoints_keep": 2,
                               "batch_size": 3, "learning_rate": 1e-3, "offload": True,
-                              "background_loss_weight": 0.2},
+                              "background_loss_weight": 0.2, "flip": True},
                        prior={"num_class_images": 2})
 
 
@@ -91,16 +91,16 @@ def test_prepared_photos_keep_their_framing_with_the_face_inside(bucketed):
 @pytest.mark.slow
 def test_a_bucketed_run_with_class_images_caches_latents_per_size_and_resumes_exactly(bucketed):
     """Batches of 3 from buckets of 2 photos (each filled up), class images fitted to each bucket's size; the base
-    offloaded block by block (train.offload), and the loss weighted towards each photo's face (the class images'
-    plain), which resume exactly too."""
+    offloaded block by block (train.offload), the loss weighted towards each photo's face (the class images'
+    plain) and each photo mirrored too (train.flip), which resume exactly too."""
     config = load_config(bucketed)
     assert_a_killed_run_resumes_exactly(bucketed, steps=12, killed_after="step-000008")
     from safetensors.torch import load_file
 
     shapes = sorted(tuple(load_file(path)["mean"].shape[-2:]) for path in (config.workspace / "cache" / "latents")
                     .glob("*.safetensors"))
-    # 2 photos in each bucket (96x176 and 112x144 pixels), and the 2 class images fitted to each
-    assert shapes == [(12, 22)] * 4 + [(14, 18)] * 4
+    # 2 photos in each bucket (96x176 and 112x144 pixels), each also mirrored, and the 2 class images fitted to each
+    assert shapes == [(12, 22)] * 6 + [(14, 18)] * 6
 
 
 @pytest.mark.slow

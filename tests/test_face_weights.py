@@ -99,3 +99,36 @@ def test_a_run_that_learns_the_face_alone_differs_from_a_plain_one_and_is_finite
         loras[name] = load_file(train(config, name))
     assert all(torch.isfinite(tensor).all() for tensor in loras["face"].values())
     assert any(not torch.equal(loras["face"][key], loras["plain"][key]) for key in loras["plain"])
+
+
+def test_a_mirrored_example_is_encoded_from_mirrored_pixels_and_weighs_its_mirrored_face(tiny_config):
+    """[train] flip: each photo is also an example mirrored left to right; its latents are the VAE's of the mirrored
+    pixels (not the latents flipped), and its loss weights are the photo's, mirrored."""
+    from PIL import ImageOps
+
+    from lookalike.data.dataset import mirrored
+    from lookalike.models.base import load_component
+    from lookalike.models.families import folder_family
+    from lookalike.train.cache import EmbeddingCache, _to_tensor
+    from lookalike.train.face_weights import photo_weights
+
+    config = load_config(tiny_config(data={"resolution": 128, "buckets": True},
+                                     train={"max_train_steps": 2, "flip": True, "background_loss_weight": 0.0}))
+    assert load_file(train(config, "flipped")), "a LoRA"
+    latents = sorted((config.workspace / "cache" / "latents").glob("*.safetensors"))
+    assert len(latents) == 8, "4 photos, each also mirrored"
+
+    photo = training_images(config)[0]
+    flipped = mirrored(photo)
+    size = training_size(photo, 128, 16)
+    assert load_training_image(flipped, size).tobytes() == ImageOps.mirror(load_training_image(photo, size)).tobytes()
+    folder = resolve_base("tiny")
+    cache = EmbeddingCache(config.workspace / "cache", folder, torch.device("cpu"), torch.float32)
+    ours, theirs = cache.latents([photo, flipped], [size, size])
+    vae = load_component(folder, "vae")
+    with torch.no_grad():
+        mean, _ = folder_family(folder).encode_pixels(vae, _to_tensor(load_training_image(flipped, size)))
+    torch.testing.assert_close(theirs.mean, mean.float())
+    assert not torch.allclose(theirs.mean, ours.mean.flip(-1), atol=1e-3), "not the latents flipped"
+    plain, mirror = photo_weights([photo, flipped], [size, size], [ours, theirs], 0.0)
+    torch.testing.assert_close(mirror, plain.flip(-1), rtol=0, atol=0)

@@ -193,6 +193,10 @@ class TrainConfig(Section):
     LoRA learns the face more than the photos' backgrounds and clothes, which otherwise come back in every image;
     0 learns the face alone. 1.0: the plain loss, as diffusers' scripts. Photos without a face and class images
     always train with the plain loss."""
+    flip: bool = False
+    """Also train on each photo mirrored left to right (kohya's flip_aug, ai-toolkit's flip_x): twice the examples,
+    each encoded from its mirrored pixels. Faces are nearly symmetric, but a parting, a mole or a logo is mirrored
+    too. Class images are not mirrored."""
     extra_resolutions: list[Annotated[int, Field(ge=16, le=MAX_RESOLUTION, multiple_of=16)]] = []
     """More sides every photo also trains at, beside the run's resolution (ai-toolkit's multi-resolution training,
     e.g. [512, 768] in a 1024 px run), so that the LoRA draws as well at those sizes: each photo is an example at

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +18,13 @@ class TrainingImage:
     path: Path  # a crop at [data].resolution (square, or its bucket's size), written by prepare; or a class image
     caption: str
     face: tuple[float, float, float, float] | None = None  # the face's box, as fractions of the crop's sides
+    mirrored: bool = False  # trained mirrored left to right ([train] flip)
+
+
+def mirrored(image: TrainingImage) -> TrainingImage:
+    """The same photo mirrored left to right: a training example of its own, its face's box mirrored with it."""
+    face = None if image.face is None else (1 - image.face[2], image.face[1], 1 - image.face[0], image.face[3])
+    return replace(image, face=face, mirrored=True)
 
 
 def training_images(config, console: Console | None = None) -> list[TrainingImage]:
@@ -61,10 +68,11 @@ def fitted_fractions(crop_size: Size, size: Size) -> tuple[float, float, float, 
 
 def load_training_image(image: TrainingImage, size: Size):
     """The crop as the RGB image that is encoded for training: scaled to `size` (a centred strip cut away where
-    its aspect differs a little)."""
+    its aspect differs a little), and mirrored when the example is."""
     from PIL import Image, ImageOps
 
     try:
-        return ImageOps.fit(load_rgb(image.path), size, method=Image.Resampling.LANCZOS)
+        fitted = ImageOps.fit(load_rgb(image.path), size, method=Image.Resampling.LANCZOS)
+        return ImageOps.mirror(fitted) if image.mirrored else fitted
     except OSError as error:
         raise LookalikeError(f"{image.path}: cannot read image ({error})") from None

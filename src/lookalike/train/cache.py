@@ -17,6 +17,7 @@ import torch
 
 from lookalike.data.crop import Size
 from lookalike.data.dataset import TrainingImage, load_training_image
+from lookalike.data.images import file_sha256
 from lookalike.generate import offload_pipeline
 from lookalike.models.base import component_fingerprint, load_component, load_pipeline
 from lookalike.models.families import folder_family
@@ -37,10 +38,6 @@ def _key(*parts: object) -> str:
         digest.update(str(part).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -76,7 +73,9 @@ class EmbeddingCache:
         self.offload = offload  # text encoders bigger than the device (Qwen-Image's 7B) run block by block
 
     def latent_path(self, image: TrainingImage, size: Size) -> Path:
-        key = _key(component_fingerprint(self.model_folder, "vae"), _file_sha256(image.path), *size)
+        # A mirrored example is other pixels (its key alone says so: the others' keys stay as they were).
+        key = _key(component_fingerprint(self.model_folder, "vae"), file_sha256(image.path), *size,
+                   *(["mirrored"] if image.mirrored else []))
         return self.cache_dir / "latents" / f"{key}.safetensors"
 
     def text_path(self, caption: str, max_sequence_length: int) -> Path:

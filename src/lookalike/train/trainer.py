@@ -22,7 +22,7 @@ from rich.console import Console
 
 from lookalike import __version__, display
 from lookalike.config import StudyConfig
-from lookalike.data.dataset import training_images, training_size
+from lookalike.data.dataset import mirrored, training_images, training_size
 from lookalike.display import cell
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
@@ -273,6 +273,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                              "start a new --run")
     if accelerator.is_main_process:
         record_photos(run, images, config.workspace)
+    if t.flip:  # each photo mirrored too: an example of its own, encoded from the mirrored pixels
+        images = images + [mirrored(image) for image in images]
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     family = folder_family(folder)
     max_len = max_sequence_length(config.model)
