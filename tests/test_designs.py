@@ -85,6 +85,16 @@ def test_factors_without_a_design_make_a_grid(tmp_path):
     assert names == ["r4-captionsTrue", "r4-captionsFalse", "r8-captionsTrue", "r8-captionsFalse"]
 
 
+def test_list_levels_and_the_recipes_keys_make_plain_short_names(tmp_path):
+    path = write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": "w"},
+                                              "subject": {"token": "sks", "images": "p"}, "data": {"resolution": 256},
+                                              "sweep.factors": {"extra_resolutions": [[], [128, 192]],
+                                                                "background_loss_weight": [0.1],
+                                                                "loraplus_lr_ratio": [16.0]}})
+    names = [p.name for p in experiments(load_config(path))]
+    assert names == ["extranone-bg0.1-loraplus16", "extra128+192-bg0.1-loraplus16"]
+
+
 @pytest.mark.parametrize("sweep, factors, message", [
     ({"design": "grid"}, {"rnak": [1, 2]}, "'rnak' is not a [train] key"),
     ({"design": "pairwise"}, {}, "sweep.design = 'pairwise' needs [sweep.factors]"),

@@ -63,14 +63,18 @@ def pairwise(factors: Factors) -> list[dict[str, Any]]:
 
 
 ABBREVIATIONS = {"learning_rate": "lr", "rank": "r", "alpha": "a", "max_train_steps": "steps", "lr_scheduler": "",
-                 "base": ""}
+                 "base": "", "background_loss_weight": "bg", "loraplus_lr_ratio": "loraplus",
+                 "extra_resolutions": "extra"}
 
 
 def experiment_name(settings: dict[str, Any]) -> str:
     """A readable, unique name from the settings: lr0.0005-r16-steps1000-cosine."""
     parts = []
     for key, value in settings.items():
-        text = f"{value:g}" if isinstance(value, float) else str(value)
+        if isinstance(value, list):  # extra_resolutions = [512, 768]: extra512+768 (a plain folder name)
+            text = "+".join(str(item) for item in value) or "none"
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
         if key == "base":
             text = base_label(text)
         parts.append(f"{ABBREVIATIONS.get(key, key)}{text}")
