@@ -133,6 +133,7 @@ def test_sides_are_multiples_of_what_each_denoiser_needs_and_the_estimate_counts
     assert bucketed.activations == pytest.approx(square.activations * 1.01953125)
 
 
+@pytest.mark.slow
 def test_with_extra_resolutions_every_photo_trains_at_every_side(tiny_config):
     """Multi-resolution training: an example of each photo at each side, latents cached per size; the estimate
     counts the largest side, and names the extra sides among the lighter settings."""

@@ -29,6 +29,7 @@ def own_photos(tmp_path, faces):
     return folder
 
 
+@pytest.mark.slow
 def test_a_run_resumes_only_on_the_photos_it_started_with(tiny_config, own_photos, monkeypatch, faces):
     path = tiny_config(subject={"images": str(own_photos)},
                        train={"max_train_steps": 4, "checkpoint_every": 2, "checkpoints_keep": 2})
@@ -64,6 +65,7 @@ def test_a_run_resumes_only_on_the_photos_it_started_with(tiny_config, own_photo
     assert train(config, "run", resume=True).is_file(), "back on its own photos, it resumes"
 
 
+@pytest.mark.slow
 def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_config, own_photos, faces):
     path = tiny_config(subject={"images": str(own_photos)}, train={"max_train_steps": 2})
     config = load_config(path)
