@@ -62,6 +62,11 @@ def test_a_run_resumes_only_on_the_photos_it_started_with(tiny_config, own_photo
 
     (own_photos / "5.jpg").unlink()
     (own_photos / "1.txt").unlink()
+    # Sample steps are scored against the references: a run in progress keeps its own, so that they compare alike.
+    measured_elsewhere = config.model_copy(update={"subject": config.subject.model_copy(
+        update={"references": own_photos.parent / "held_out"})})
+    with pytest.raises(LookalikeError, match="its config differs in subject.references"):
+        train(measured_elsewhere, "run", resume=True)
     assert train(config, "run", resume=True).is_file(), "back on its own photos, it resumes"
 
 
@@ -96,5 +101,9 @@ def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_co
     assert "trained on other settings (train.learning_rate) than the study now asks for" in reason
 
     assert outcome({}) == ("done earlier", None), "as asked again: nothing to say"
+    # Held-out references only measure: a finished run's images are scored again against new ones.
+    sweep.config = config.model_copy(update={"subject": config.subject.model_copy(
+        update={"references": own_photos.parent / "held_out"})})
+    assert outcome({}) == ("done earlier", None)
     assert "stale" not in json.loads(workspace.run("r4").status.read_text())
     assert lora.read_bytes() == trained, "the run's LoRA is never touched"

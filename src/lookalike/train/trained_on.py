@@ -36,10 +36,21 @@ def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
-def changed_settings(run: RunPaths, config: StudyConfig) -> list[str]:
-    """The training keys (section.key) whose values differ between the run's saved config and `config`."""
-    before, now = ({k: v for k, v in _flatten(data).items() if k.split(".")[0] in TRAINING_SECTIONS}
-                   for data in (_with_current_defaults(read_json(run.config)), config.to_json_dict()))
+def _without_references(data: dict[str, Any]) -> dict[str, Any]:
+    """A config's data without each person's held-out references."""
+    people = {"subject": {k: v for k, v in data.get("subject", {}).items() if k != "references"},
+              "more_subjects": [{k: v for k, v in person.items() if k != "references"}
+                                for person in data.get("more_subjects", [])]}
+    return {**data, **people}
+
+
+def changed_settings(run: RunPaths, config: StudyConfig, references: bool = True) -> list[str]:
+    """The training keys (section.key) whose values differ between the run's saved config and `config`.
+    references=False leaves out each person's held-out references, which only measure (a finished run's images
+    are scored again against new ones; a run in progress keeps its own, so its sample steps compare alike)."""
+    views = [_with_current_defaults(read_json(run.config)), config.to_json_dict()]
+    before, now = ({k: v for k, v in _flatten(data if references else _without_references(data)).items()
+                    if k.split(".")[0] in TRAINING_SECTIONS} for data in views)
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
@@ -70,7 +81,7 @@ def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) ->
     """Why a finished run's results are not of what the study now asks for it (other settings or photos), or None
     when they are."""
     differences = []
-    settings = changed_settings(run, config) if run.config.is_file() else []
+    settings = changed_settings(run, config, references=False) if run.config.is_file() else []
     if settings:
         differences.append(f"settings ({', '.join(settings)})")
     photos = photo_changes(run, images, workspace)
