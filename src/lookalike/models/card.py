@@ -75,7 +75,8 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
     family = base_family(base)
     trigger = " ".join(person.token for person in trained.people)
     step = {"final": status.get("final_step"), "best": status.get("best_step")}.get(checkpoint, checkpoint)
-    front = ["---", *([f"base_model: {repo}"] if repo else []), "library_name: diffusers",
+    front = ["---", *([f"base_model: {repo}"] if repo else []),
+             *(["library_name: diffusers"] if layout == "diffusers" else []),  # what loads it as it is
              "tags: [text-to-image, lora, diffusers, lookalike]", f"instance_prompt: {json.dumps(trigger)}"]
     if shown:
         front.append("widget:")

@@ -72,9 +72,14 @@ def photo_changes(run: RunPaths, images, workspace: Path) -> str | None:
     added = sorted(now.keys() - before.keys())
     removed = sorted(before.keys() - now.keys())
     recaptioned = sorted(crop for crop in now.keys() & before.keys() if now[crop] != before[crop])
-    parts = [f"{len(names)} {what} ({', '.join(names)})"
+    parts = [f"{len(names)} {what} ({_some(names)})"
              for what, names in (("added", added), ("removed", removed), ("caption changed", recaptioned)) if names]
     return ", ".join(parts) or None
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first few names, and how many more: a line that stays readable in a table."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) -> str | None:
