@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.display import cell
 from lookalike.report import figures
 from lookalike.workspace import Workspace, write_json
 from tests.conftest import run_cli, tiny_study
@@ -43,6 +44,11 @@ def test_a_sweep_with_a_failed_run_gets_a_report_listing_the_failure(finished_st
     assert "<h2>Figures</h2>" in page and "figures/loss.png" in page and "grid/ok_p00_s0_g5.jpg" in page
     summary = (workspace / "report" / "summary.md").read_text()
     assert "| bad | failed |" in summary and "| ok | done |" in summary
+    # Each finished run's means with their 95% intervals over its 2 images (no face: no identity).
+    clip = [float(line.split(",")[-2]) for line in (workspace / "runs" / "ok" / "scores.csv").read_text()
+            .splitlines()[1:]]
+    row = next(line for line in summary.splitlines() if line.startswith("| ok | 2 |"))
+    assert row.startswith(f"| ok | 2 | - | {cell(sum(clip) / 2)} [") and "How sure: 95% intervals" in page
 
 
 def test_a_runs_best_sample_step_is_drawn_and_scored_when_it_is_not_the_final_one(finished_study):

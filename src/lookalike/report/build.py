@@ -21,6 +21,7 @@ from lookalike.display import cell, result_columns, several_bases, shown
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import guidance_scales
 from lookalike.report import figures
+from lookalike.report.confidence import confidence, confidence_html, confidence_markdown, image_scores
 from lookalike.report.effects import EFFECTS_TITLE, effects_html, effects_markdown, factor_effects
 from lookalike.report.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.store import refresh
@@ -186,8 +187,11 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
         stale = [r for r in done if r["reason"]]  # finished on other settings or photos than asked for now
         best_lines = _best_lines(front, unplaced, failed + stale, unrankable, best_of)
         effects = factor_effects(config, done)
-        (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid, effects))
-        (folder / "summary.md").write_text(_summary(config, rows, best_lines, effects))
+        per_image = {r["name"]: image_scores(workspace.run(r["name"]).root / "scores.csv") for r in done}
+        sure = confidence({name: rows for name, rows in per_image.items() if rows}, best[0] if best else None)
+        (folder / "index.html").write_text(_page(config, rows, front, best_lines, failed, shown, grid, effects,
+                                                 sure))
+        (folder / "summary.md").write_text(_summary(config, rows, best_lines, effects, sure))
         (folder / ".inputs").write_text(digest)
     console.print(f"report: {report / 'index.html'}")
     return report / "index.html"
@@ -266,7 +270,7 @@ def _best_lines(front: list[dict], unplaced: dict[str, str], troubled: list[dict
     return headline, ranked, notes
 
 
-def _page(config, rows, front, best_lines, failed, shown, grid, effects) -> str:
+def _page(config, rows, front, best_lines, failed, shown, grid, effects, sure) -> str:
     headline, ranked, notes = best_lines
     best = "".join(f"<p><b>{html.escape(line)}</b></p>" for line in headline) + \
         (f"<ol>{''.join(f'<li>{html.escape(line)}</li>' for line in ranked)}</ol>" if ranked else "") + \
@@ -283,7 +287,8 @@ def _page(config, rows, front, best_lines, failed, shown, grid, effects) -> str:
             f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed. "
             f"Likeness is measured against {html.escape(likeness_measured_against(config))}.</p>"
             f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p>{best or '<p>None yet.</p>'}"
-            f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}{effects_section}"
+            f"<h2>Every run</h2>{_runs_table(rows, [r['name'] for r in front])}"
+            f"{confidence_html(*sure) if sure[0] else ''}{effects_section}"
             f"<h2>Figures</h2>{figures_html or '<p>No figure yet: no run has finished.</p>'}"
             f"<h2>Images</h2>{grid}"
             f"<h2>Config</h2><details><summary>the resolved config of the study</summary>"
@@ -299,7 +304,7 @@ def likeness_measured_against(config) -> str:
             "on photos the LoRA never saw)")
 
 
-def _summary(config, rows, best_lines, effects) -> str:
+def _summary(config, rows, best_lines, effects, sure) -> str:
     headline, ranked, notes = best_lines
     lines = [f"# Study {config.name}", "", f"Rule: {RANK_RULE}.", "",
              f"Likeness is measured against {likeness_measured_against(config)}.", "", "## Best settings", ""]
@@ -308,6 +313,8 @@ def _summary(config, rows, best_lines, effects) -> str:
     columns = result_columns(rows)
     lines += ["", "## Every run", "", "| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(shown(r, k) for k in columns) + " |" for r in rows]
+    if sure[0]:
+        lines += confidence_markdown(*sure)
     if effects:
         lines += ["", f"## {EFFECTS_TITLE}", *effects_markdown(effects)]
     return "\n".join(lines) + "\n"
