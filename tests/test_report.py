@@ -100,7 +100,7 @@ def test_best_settings_are_numbered_once_and_a_faceless_run_shows_one_identity(t
     assert [r["name"] for r in front] == ["faces", "faceless"] and not unplaced
     config = load_config(write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": "w"},
                                                             "subject": {"token": "sks", "images": "p"}}))
-    summary = _summary(config, runs, _best_lines(front, unplaced, [], None), effects={})
+    summary = _summary(config, runs, _best_lines(front, unplaced, [], None), effects={}, sure=([], []))
     best = summary.split("## Best settings")[1].split("## Every run")[0]
     assert "\n1. faces:" in best and "\n2. faceless:" in best and "1. 1." not in summary
     assert "identity -," in best and "-1" not in summary, "a run without faces shows '-' everywhere"
