@@ -112,6 +112,10 @@ def train(
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
     try:
         train_run(study, run, resume=resume, console=console if main_rank else display.console(quiet=True))
+        if "WORLD_SIZE" in os.environ:  # no rank leaves the process group while another still writes through it
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
     finally:
         if "WORLD_SIZE" in os.environ:  # a rank of a distributed launch: leave the process group cleanly
             from accelerate import PartialState
