@@ -94,3 +94,17 @@ def test_a_readme_the_card_did_not_write_is_never_written_over(evaluated_run, tm
 def test_a_card_needs_a_run(tmp_path):
     result = run_in_process("export", "--lora", str(tmp_path / "x.safetensors"), "--card")
     assert result.returncode == 2 and "--card describes a run's LoRA: give CONFIG --run NAME" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_card_of_a_run_not_drawn_yet_says_how_to_measure_it(tiny_config, tmp_path):
+    path = tiny_config(train={"max_train_steps": 2})
+    train(load_config(path), "r4", console=display.console(quiet=True))
+    out = tmp_path / "shared" / "sks.safetensors"
+    assert run_in_process("export", str(path), "--run", "r4", "--format", "diffusers", "--out", str(out),
+                          "--card").returncode == 0
+    text = (out.parent / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert "widget" not in front and not (out.parent / "images").exists()
+    assert "Not evaluated yet: `lookalike evaluate CONFIG --run r4 --checkpoint final` measures it." in text
+    assert "image = pipe(\n    prompt='a photo of sks',\n    generator=" in text

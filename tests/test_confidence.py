@@ -38,6 +38,7 @@ def test_a_lead_is_measured_over_the_images_drawn_alike_and_judged_against_their
     lead, (low, high), _ = paired_lead(alike, other, "identity_similarity")
     assert low < 0 < high
 
+    assert confidence({"alike": alike}, best="ahead")[1] == [], "a best run without scores: nothing to compare"
     table, lines = confidence({"ahead": ahead, "alike": alike, "other": other}, best="ahead")
     assert [row[:2] for row in table] == [["ahead", "30"], ["alike", "30"], ["other", "31"]]
     assert lines[0].startswith("ahead against alike, identity: +0.0") and lines[0].endswith(

@@ -88,7 +88,7 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
              f"Trained by lookalike in the study `{config.name}`, checkpoint {checkpoint} "
              f"(step {cell(step)}). Trigger word: `{trigger}`. File: `{lora_file.name}` ({layout} layout).", "",
              "## Use it", ""]
-    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None)
+    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None, trigger)
     lines += ["", "## How well it learned", ""] + _measured(run, checkpoint)
     t = trained.train
     settings = {"rank": t.rank, "alpha": t.lora_alpha, "learning_rate": t.learning_rate,
@@ -104,15 +104,16 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
     return "\n".join(lines) + "\n"
 
 
-def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, example: dict | None) -> list[str]:
+def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, example: dict | None,
+           trigger: str) -> list[str]:
     """How to draw with the file: diffusers' stock pipeline and load_lora_weights, drawing the card's first image
-    as lookalike drew it; ComfyUI's loader for the other layouts."""
+    as lookalike drew it (a plain prompt where there is none); ComfyUI's loader for the other layouts."""
     if layout != "diffusers":
         return [f"Put `{lora_file.name}` in ComfyUI's `models/loras` folder and load it with a LoraLoader node "
                 "(strength 1.0)" + (", or with kohya's sd-scripts" if layout == "kohya" else "") + "."]
     source = repo or str(resolve_base(base))
-    if example is None:
-        call, seed = {"prompt": "a photo of sks"}, 0
+    if example is None or "settings" not in example:  # no image, or one drawn before sidecars held its settings
+        call, seed = {"prompt": f"a photo of {trigger}"}, 0
     else:  # as generate drew it (generate.render)
         settings, guidance = example["settings"], example["guidance_scale"]
         call = {"prompt": example["prompt"], "height": settings["size"], "width": settings["size"],

@@ -72,7 +72,7 @@ def confidence(scores: dict[str, list[dict]], best: str | None) -> tuple[list[li
                          + (f"[{cell(found[0])}, {cell(found[1])}]" if found else "(one image)"))
         table.append(cells)
     lines = []
-    for other in [name for name in scores if best is not None and name != best]:
+    for other in [name for name in scores if best in scores and name != best]:
         for metric, label in MEASURED:
             lead, found, pairs = paired_lead(scores[best], scores[other], metric)
             if found is None:
