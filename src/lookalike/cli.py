@@ -110,16 +110,15 @@ def train(
         _print_estimate(study, parse_gpu_memory(gpu_memory) if gpu_memory else None, processes)
         return
     main_rank = os.environ.get("RANK", "0") == "0"  # only the main rank of a distributed launch speaks
+    distributed = "WORLD_SIZE" in os.environ
+    from accelerate import PartialState  # (torch is loaded by now: the trainer's import)
+
     try:
         train_run(study, run, resume=resume, console=console if main_rank else display.console(quiet=True))
-        if "WORLD_SIZE" in os.environ:  # no rank leaves the process group while another still writes through it
-            from accelerate import PartialState
-
+        if distributed:  # no rank leaves the process group while another still writes through it
             PartialState().wait_for_everyone()
     finally:
-        if "WORLD_SIZE" in os.environ:  # a rank of a distributed launch: leave the process group cleanly
-            from accelerate import PartialState
-
+        if distributed:  # a rank of a distributed launch: leave the process group cleanly
             PartialState().destroy_process_group()
 
 

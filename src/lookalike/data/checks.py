@@ -33,6 +33,13 @@ def choose_faces(embeddings: list[np.ndarray | None], areas: list[list[float] | 
     return chosen
 
 
+def perceptual_hash(image) -> str:
+    """A photo's 64-bit perceptual hash (imagehash's pHash), hex: what prepare records and duplicates compares."""
+    import imagehash
+
+    return str(imagehash.phash(image))
+
+
 def duplicates(sha256s: list[str | None], hashes: list[int | None], max_bits: int) -> dict[int, tuple[str, int, int]]:
     """Photos that repeat an earlier one: index -> (kind, index of the earlier photo, differing hash bits); kind
     is 'exact' (same bytes) or 'near' (perceptual hashes within max_bits of 64). The first of a group stays."""

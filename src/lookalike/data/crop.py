@@ -76,13 +76,21 @@ def crop_size(box: Box, resolution: int) -> Size:
     return bucket_size((right - left) / (bottom - top), resolution, 16)
 
 
-def box_in_crop(box: tuple[float, float, float, float], crop: Box) -> tuple[float, float, float, float]:
+Fractions = tuple[float, float, float, float]  # left, top, right, bottom as fractions of an image's sides
+
+
+def clipped_to_image(box: Fractions) -> Fractions:
+    """A box in fractions of an image's sides, cut to the image (each value between 0 and 1)."""
+    return tuple(min(max(value, 0.0), 1.0) for value in box)
+
+
+def box_in_crop(box: tuple[float, float, float, float], crop: Box) -> Fractions:
     """A box of the photo (a face's) within its crop, as fractions of the crop's width and height (they hold at
     any size the crop is resized to), clipped to it."""
     left, top, right, bottom = crop
     width, height = right - left, bottom - top
-    return (min(max((box[0] - left) / width, 0.0), 1.0), min(max((box[1] - top) / height, 0.0), 1.0),
-            min(max((box[2] - left) / width, 0.0), 1.0), min(max((box[3] - top) / height, 0.0), 1.0))
+    return clipped_to_image(((box[0] - left) / width, (box[1] - top) / height, (box[2] - left) / width,
+                             (box[3] - top) / height))
 
 
 def crop_and_resize(image, box: Box, resolution: int):

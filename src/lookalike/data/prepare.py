@@ -115,7 +115,6 @@ class Inspector:
 
     def inspect(self, path: Path, sha256: str, settings: str, data: Path) -> Photo:
         """What one photo holds; its thumbnail goes into data/qa."""
-        import imagehash
         from PIL import Image
 
         photo = Photo(source=str(path), sha256=sha256, inspected_with=settings)
@@ -127,7 +126,7 @@ class Inspector:
             photo.error = f"unreadable: {error}"
             return photo
         photo.size = list(image.size)
-        photo.phash = str(imagehash.phash(image))
+        photo.phash = checks.perceptual_hash(image)
         thumbnail = image.copy()
         thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
         photo.thumbnail = f"qa/{photo.sha256[:16]}.jpg"

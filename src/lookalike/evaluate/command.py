@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lookalike.config import EvaluateConfig, StudyConfig, SubjectConfig
-from lookalike.data.checks import duplicates
+from lookalike.data.checks import duplicates, perceptual_hash
 from lookalike.data.images import file_sha256, list_images, load_rgb
 from lookalike.display import cell
 from lookalike.errors import LookalikeError
@@ -206,9 +206,7 @@ def held_out_photos(config: StudyConfig, subject: SubjectConfig, manifest: Path)
 
 def _photo_hashes(path: Path) -> tuple[str, int]:
     """(SHA-256, 64-bit perceptual hash) of a photo, as prepare records them."""
-    import imagehash
-
-    return file_sha256(path), int(str(imagehash.phash(load_rgb(path))), 16)
+    return file_sha256(path), int(perceptual_hash(load_rgb(path)), 16)
 
 
 def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:

@@ -133,7 +133,7 @@ class Sweep:
             paths = self.workspace.run(experiment.name)
             state = paths.state()
             if state == "done":
-                stale = self.stale_reason(paths, experiment)
+                stale = self.why_stale(paths, experiment)
                 paths.mark_stale(stale)
                 left.append(Outcome(experiment.name, "skipped", "done earlier" + (f", {stale}" if stale else ""),
                                     best=best_sample(paths)))
@@ -149,7 +149,7 @@ class Sweep:
             record_run(self.workspace.results, self.workspace.run(experiment.name))
         return run, left
 
-    def stale_reason(self, paths: RunPaths, experiment: Planned) -> str | None:
+    def why_stale(self, paths: RunPaths, experiment: Planned) -> str | None:
         """Why a finished run's results are not of what the study now asks for this experiment, or None."""
         config = self.config.with_experiment(experiment.overrides, f"sweep experiment {experiment.name}")
         images = training_images(config, display.console(quiet=True))  # prepares what is out of date, as a run would

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from lookalike.data.crop import Size
+from lookalike.data.crop import Fractions, Size, clipped_to_image
 from lookalike.data.dataset import crop_pixel_size, fitted_fractions
 
 # MTCNN's box runs from the brows to the chin: a quarter of its size more on every side takes in the hair, ears
@@ -23,22 +23,17 @@ from lookalike.data.dataset import crop_pixel_size, fitted_fractions
 FACE_MARGIN = 0.25
 
 
-def face_region(face: tuple[float, float, float, float], crop_size: Size,
-                size: Size) -> tuple[float, float, float, float]:
+def face_region(face: Fractions, crop_size: Size, size: Size) -> Fractions:
     """The face's region in the training image at `size` (the crop fitted to it), as fractions of its sides:
     the face's box in the crop grown by FACE_MARGIN on every side, clipped to the image."""
     cut_left, cut_top, cut_width, cut_height = fitted_fractions(crop_size, size)
     left, top, right, bottom = face
     grow_x, grow_y = (right - left) * FACE_MARGIN, (bottom - top) * FACE_MARGIN
-
-    def clipped(value: float) -> float:
-        return min(max(value, 0.0), 1.0)
-
-    return (clipped((left - grow_x - cut_left) / cut_width), clipped((top - grow_y - cut_top) / cut_height),
-            clipped((right + grow_x - cut_left) / cut_width), clipped((bottom + grow_y - cut_top) / cut_height))
+    return clipped_to_image(((left - grow_x - cut_left) / cut_width, (top - grow_y - cut_top) / cut_height,
+                             (right + grow_x - cut_left) / cut_width, (bottom + grow_y - cut_top) / cut_height))
 
 
-def loss_weights(region: tuple[float, float, float, float], cells: tuple[int, int], background: float) -> torch.Tensor:
+def loss_weights(region: Fractions, cells: tuple[int, int], background: float) -> torch.Tensor:
     """(h, w) weights over a latent grid of `cells` (h, w): 1 where a cell overlaps the region, `background`
     elsewhere. A region that touches no cell (its face cut away by the fit) gives the plain loss: all 1."""
     height, width = cells
