@@ -82,6 +82,17 @@ def test_a_readme_the_card_did_not_write_is_never_written_over(evaluated_run, tm
                                      "there; export with --out into another folder")
     assert os.listdir(theirs) == ["README.md"] and (theirs / "README.md").read_text() == "# my notes\n", \
         "refused before anything is written"
+    # Nor an image of its own in a folder without lookalike's card.
+    (theirs / "README.md").unlink()
+    (theirs / "images").mkdir()
+    (theirs / "images" / "r4-final-p00_s0_g5_l1.png").write_bytes(b"my picture")
+    result = run_in_process("export", str(path), "--run", "r4", "--format", "comfyui", "--out",
+                            str(theirs / "sks.safetensors"), "--card")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {theirs / 'images' / 'r4-final-p00_s0_g5_l1.png'}: a file lookalike "
+                                     "did not write is there; export with --out into another folder")
+    assert os.listdir(theirs) == ["images"] and os.listdir(theirs / "images") == ["r4-final-p00_s0_g5_l1.png"]
+    assert (theirs / "images" / "r4-final-p00_s0_g5_l1.png").read_bytes() == b"my picture"
     ours = tmp_path / "ours"
     assert run_in_process("export", str(path), "--run", "r4", "--format", "comfyui", "--out",
                           str(ours / "sks.safetensors"), "--card").returncode == 0
@@ -89,6 +100,9 @@ def test_a_readme_the_card_did_not_write_is_never_written_over(evaluated_run, tm
     assert run_in_process("export", str(path), "--run", "r4", "--format", "comfyui", "--out",
                           str(ours / "sks.safetensors"), "--card").returncode == 0, "its own card: written again"
     assert sorted(os.listdir(ours / "images")) == ["r4-final-p00_s0_g5_l1.png", "r4-final-p01_s0_g5_l1.png"]
+    (ours / "README.md").unlink()  # a card cut short before its README: its own images are no one else's
+    assert run_in_process("export", str(path), "--run", "r4", "--format", "comfyui", "--out",
+                          str(ours / "sks.safetensors"), "--card").returncode == 0
 
 
 def test_a_card_needs_a_run(tmp_path):

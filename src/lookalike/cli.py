@@ -22,7 +22,7 @@ from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
 from lookalike.generate import generate as generate_images
 from lookalike.models.base import quiet_libraries, training_sides
-from lookalike.models.card import card_path, write_card
+from lookalike.models.card import card_plan, write_card
 from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.quantize import check_quantization
@@ -370,12 +370,11 @@ def export(
     paths = Workspace(study.workspace).run(run) if run is not None else None
     source = lora if lora is not None else paths.lora_at(checkpoint)
     target = out or source.with_name(f"{source.stem}.{format}.safetensors")
-    if card:
-        card_path(target)  # a README.md that is not lookalike's: refused before anything is written
+    shown = card_plan(paths, checkpoint, target) if card else []  # refused before anything is written
     written = export_lora(source, target, format, dtype)
     console.print(f"export: {written}")
     if card:
-        console.print(f"export: model card {write_card(study, paths, checkpoint, written, format)}")
+        console.print(f"export: model card {write_card(study, paths, checkpoint, written, format, shown)}")
 
 
 @app.command()

@@ -27,43 +27,44 @@ MEASURES = (("identity_similarity", "identity similarity (cosine, higher is more
             ("clip_score", "CLIP Score (prompt adherence)"))
 
 
-def card_path(lora_file: Path) -> Path:
-    """Where the card of `lora_file` goes: README.md beside it, refused when a README.md that is not a card of
-    lookalike's is there (checked before anything is written)."""
+Shown = list[tuple[Path, str, dict]]  # (a run's image, its name in the card's images/, its sidecar)
+
+
+def card_plan(run: RunPaths, checkpoint: str, lora_file: Path) -> Shown:
+    """The images the card of `lora_file` will show: the first SHOWN_IMAGES of the run's LoRA at `checkpoint` at
+    full strength. Refused, before anything is written, where the card would write over a file lookalike did not
+    write: a README.md that is not its card, or an image of another content in a folder without its card."""
     card = lora_file.parent / "README.md"
-    if card.is_file() and MARK not in card.read_text(errors="replace"):
+    ours = card.is_file() and MARK in card.read_text(errors="replace")
+    if card.is_file() and not ours:
         raise LookalikeError(f"{card}: a README.md that lookalike did not write is there; export with --out into "
                              "another folder")
-    return card
-
-
-def write_card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, layout: str) -> Path:
-    """README.md beside `lora_file` (the run's LoRA at `checkpoint`, exported in `layout`), and images/ with up to
-    SHOWN_IMAGES of the images generate made of it."""
-    card = card_path(lora_file)
-    shown = _copy_images(run, checkpoint, lora_file.parent / "images")
-    with atomic_path(card) as tmp:
-        tmp.write_text(_card(config, run, checkpoint, lora_file, layout, shown))
-    return card
-
-
-def _copy_images(run: RunPaths, checkpoint: str, folder: Path) -> list[tuple[str, dict]]:
-    """(file name in `folder`, its sidecar) of the first images of the LoRA at full strength."""
-    sidecars = sorted(path for path in run.images_at(checkpoint).glob("*.json") if path.name != "config.json")
     shown = []
-    for sidecar in sidecars:
-        facts = read_json(sidecar)
-        image = sidecar.with_suffix(".png")
-        if facts.get("lora_scale", 1.0) != 1.0 or not image.is_file():
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{run.name}-{checkpoint}-{image.name}"
-        with atomic_path(folder / name) as tmp:
-            shutil.copyfile(image, tmp)
-        shown.append((name, facts))
-        if len(shown) == SHOWN_IMAGES:
-            break
+    for sidecar in sorted(path for path in run.images_at(checkpoint).glob("*.json") if path.name != "config.json"):
+        facts, image = read_json(sidecar), sidecar.with_suffix(".png")
+        if facts.get("lora_scale", 1.0) == 1.0 and image.is_file():
+            shown.append((image, f"{run.name}-{checkpoint}-{image.name}", facts))
+    shown = shown[:SHOWN_IMAGES]
+    for image, name, _ in shown if not ours else []:
+        there = lora_file.parent / "images" / name
+        if there.is_file() and there.read_bytes() != image.read_bytes():
+            raise LookalikeError(f"{there}: a file lookalike did not write is there; export with --out into another "
+                                 "folder")
     return shown
+
+
+def write_card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, layout: str,
+               shown: Shown) -> Path:
+    """README.md beside `lora_file` (the run's LoRA at `checkpoint`, exported in `layout`), and images/ with the
+    images card_plan chose."""
+    for image, name, _ in shown:
+        (lora_file.parent / "images").mkdir(parents=True, exist_ok=True)
+        with atomic_path(lora_file.parent / "images" / name) as tmp:
+            shutil.copyfile(image, tmp)
+    card = lora_file.parent / "README.md"
+    with atomic_path(card) as tmp:
+        tmp.write_text(_card(config, run, checkpoint, lora_file, layout, [(name, facts) for _, name, facts in shown]))
+    return card
 
 
 def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, layout: str,
