@@ -1,4 +1,4 @@
-"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein], Qwen-Image), each on a tiny model of its real classes:
+"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image), each on a tiny model of its real classes:
 the family recognised from a local folder, its diffusers preset equal to its reference script's default layers, the
 training objective equal to the computation of diffusers' reference script on one fixed batch, and generation
 equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
@@ -6,6 +6,7 @@ equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests
 from __future__ import annotations
 
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -25,13 +26,17 @@ from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.trainer import train
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
-TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "qwen-image": "tiny-qwen-image"}
+TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
+        "qwen-image": "tiny-qwen-image"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
 # whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
 # attn.to_out is a list, not a linear layer).
 REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
                     "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
+                    "flux2-dev": ("to_k", "to_q", "to_v", "to_out.0"),
                     "qwen-image": ("to_k", "to_q", "to_v", "to_out.0")}
+# The guidance scale fed to a guidance-distilled transformer while training (the reference scripts' default).
+TRAINING_GUIDANCE = 3.5
 # How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt.
 STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}}
 
@@ -87,26 +92,29 @@ def z_image_reference_loss(folder, transformer, captions, latents, noise, sigmas
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
-def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas, dev=False):
     """train_dreambooth_lora_flux2_klein.py's loss, written out: 2x2 patches normalised by the VAE's batch-norm
     statistics, packed tokens with 4-D ids, timestep t / 1000, the output unpacked by its ids, target
-    noise - x."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+    noise - x. dev: train_dreambooth_lora_flux2.py's, which differs in its stock pipeline (Flux2Pipeline, whose
+    prompt encoding is Mistral's) and in feeding the guidance scale to the transformer."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline
 
+    pipeline = Flux2Pipeline if dev else Flux2KleinPipeline
     vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae")
-    stock = Flux2KleinPipeline.from_pretrained(folder, transformer=None, vae=None)
+    stock = pipeline.from_pretrained(folder, transformer=None, vae=None)
     with torch.no_grad():
         prompt_embeds, text_ids = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    model_input = (Flux2KleinPipeline._patchify_latents(latents) - mean) / std
-    ids = Flux2KleinPipeline._prepare_latent_ids(model_input)
+    model_input = (pipeline._patchify_latents(latents) - mean) / std
+    ids = pipeline._prepare_latent_ids(model_input)
     sigma = sigmas.view(-1, 1, 1, 1)
-    noisy = Flux2KleinPipeline._pack_latents((1.0 - sigma) * model_input + sigma * noise)
+    noisy = pipeline._pack_latents((1.0 - sigma) * model_input + sigma * noise)
     timesteps = sigmas * 1000
-    prediction = transformer(hidden_states=noisy, timestep=timesteps / 1000, guidance=None,
+    guidance = torch.full([1], TRAINING_GUIDANCE).expand(len(captions)) if dev else None
+    prediction = transformer(hidden_states=noisy, timestep=timesteps / 1000, guidance=guidance,
                              encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-    prediction = Flux2KleinPipeline._unpack_latents_with_ids(prediction[:, :noisy.size(1)], ids)
+    prediction = pipeline._unpack_latents_with_ids(prediction[:, :noisy.size(1)], ids)
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
@@ -164,7 +172,7 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
 
     texts = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
     x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
-    if family == "flux2":  # the script draws noise beside the unpacked patches; lookalike beside its packed tokens
+    if family.startswith("flux2"):  # the script draws noise beside the unpacked patches; lookalike beside its tokens
         from diffusers import Flux2KleinPipeline
 
         noise = torch.randn(2, channels * 4, 4, 4, generator=generator)
@@ -178,10 +186,11 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
         noise = packed_noise = torch.randn(latents.shape, generator=generator)
     with torch.no_grad():
         prediction = lookalike_family.predict(transformer, transformer.config, noisy_latents(x0, packed_noise, sigmas),
-                                              sigmas, [texts[c] for c in captions], 1.0, layout, torch.device("cpu"),
-                                              torch.float32)
+                                              sigmas, [texts[c] for c in captions], TRAINING_GUIDANCE, layout,
+                                              torch.device("cpu"), torch.float32)
         ours = torch.nn.functional.mse_loss(prediction, velocity_target(x0, packed_noise)).item()
         reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
+                     "flux2-dev": partial(flux2_reference_loss, dev=True),
                      "qwen-image": qwen_image_reference_loss}[family](
             folder, transformer, captions, latents, noise, sigmas).item()
     print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
@@ -195,7 +204,7 @@ def comfyui_lora_keys(family: str, transformer) -> set[str]:
     (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), Qwen-Image every weight of its
     model, whose layers have diffusers' names."""
     config = transformer.config
-    if family == "flux2":
+    if family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
         double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                   "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                   "ff_context.linear_out"]
@@ -303,8 +312,8 @@ def test_dry_run_counts_the_denoisers_parameters_from_the_meta_device(tiny_confi
 
 
 # The published sizes of each hub base's transformer, in billions of parameters.
-PUBLISHED_BILLIONS = {"flux2-klein-4b": 3.9, "flux2-klein-9b": 9.1, "z-image": 6.2, "z-image-turbo": 6.2,
-                      "qwen-image": 20.4}
+PUBLISHED_BILLIONS = {"flux2-klein-4b": 3.9, "flux2-klein-9b": 9.1, "flux2-dev": 32.2, "z-image": 6.2,
+                      "z-image-turbo": 6.2, "qwen-image": 20.4}
 
 
 @pytest.mark.parametrize("base", PUBLISHED_BILLIONS)

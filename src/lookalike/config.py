@@ -25,8 +25,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     base: str = "flux-dev"
-    """A base of one of the model families (models/families/: flux-dev, flux2-klein-4b, z-image, qwen-image, ...,
-    and their tiny models), or a local diffusers folder, its family told by its model_index.json."""
+    """A base of one of the model families (models/families/: flux-dev, flux2-klein-4b, flux2-dev, z-image,
+    qwen-image, ..., and their tiny models), or a local diffusers folder, its family told by its model_index.json."""
     revision: str | None = None
     max_sequence_length: int | None = Field(None, ge=1, le=512)
     """Text tokens per prompt; None takes the base model's own default (512 for dev and Z-Image, 256 for schnell)."""

@@ -17,13 +17,13 @@ from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
 TEXT_LAYERS = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
 
-# The published transformers of FLUX.2 [klein] 4B and 9B (their joint_attention_dim: three stacked layers of
-# Qwen3-4B's 2560 and Qwen3-8B's 4096 hidden units).
-_KLEIN = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256, mlp_ratio=3.0,
-              axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
-KLEIN_4B_TRANSFORMER = dict(_KLEIN, num_layers=5, num_single_layers=20, num_attention_heads=24,
+# What the published FLUX.2 transformers share, and those of FLUX.2 [klein] 4B and 9B (their joint_attention_dim:
+# three stacked layers of Qwen3-4B's 2560 and Qwen3-8B's 4096 hidden units).
+FLUX2_COMMON = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256,
+                    mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
+KLEIN_4B_TRANSFORMER = dict(FLUX2_COMMON, num_layers=5, num_single_layers=20, num_attention_heads=24,
                             joint_attention_dim=7680)
-KLEIN_9B_TRANSFORMER = dict(_KLEIN, num_layers=8, num_single_layers=24, num_attention_heads=32,
+KLEIN_9B_TRANSFORMER = dict(FLUX2_COMMON, num_layers=8, num_single_layers=24, num_attention_heads=32,
                             joint_attention_dim=12288)
 
 _DOUBLE_ATTENTION = (r"transformer_blocks\.\d+\.attn\."
@@ -34,9 +34,9 @@ _DOUBLE_MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)
 
 
 @dataclass(frozen=True)
-class TinyFlux2Spec:
-    """Sizes of a tiny FLUX.2 [klein]: its real classes at sizes a CPU trains at 64 px in milliseconds a step.
-    The text encoder keeps 28 layers (layer 27 is read), each tiny."""
+class TinyFlux2Sizes:
+    """Sizes of a tiny FLUX.2 ([klein] or [dev]): its real classes at sizes a CPU trains at 64 px in milliseconds a
+    step. The text encoder keeps every layer up to the last one read, each tiny."""
 
     seed: int = 0
     num_layers: int = 1
@@ -46,6 +46,12 @@ class TinyFlux2Spec:
     latent_channels: int = 4
     text_hidden: int = 16
     vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # four blocks: 8x downsampling, as FLUX.2's VAE
+
+
+@dataclass(frozen=True)
+class TinyFlux2Spec(TinyFlux2Sizes):
+    """A tiny FLUX.2 [klein]."""
+
     distilled: bool = True  # like FLUX.2-klein-4B and -9B
 
     @property
@@ -53,33 +59,38 @@ class TinyFlux2Spec:
         return spec_folder_name(f"tiny-flux2-klein-v{TINY_FORMAT}", self)
 
 
+def tiny_flux2_transformer_and_vae(sizes: TinyFlux2Sizes, text_layers: int, guidance_embeds: bool):
+    """A tiny Flux2Transformer2DModel reading `text_layers` stacked text-encoder layers, and its tiny
+    AutoencoderKLFlux2, seeded from sizes.seed (the caller forks the random state)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    torch.manual_seed(sizes.seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=sizes.latent_channels * 4, num_layers=sizes.num_layers,
+        num_single_layers=sizes.num_single_layers, attention_head_dim=sizes.attention_head_dim,
+        num_attention_heads=sizes.num_attention_heads, joint_attention_dim=sizes.text_hidden * text_layers,
+        axes_dims_rope=[sizes.attention_head_dim // 4] * 4, guidance_embeds=guidance_embeds)
+    torch.manual_seed(sizes.seed + 1)
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(sizes.vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(sizes.vae_channels), block_out_channels=sizes.vae_channels,
+        layers_per_block=1, latent_channels=sizes.latent_channels, norm_num_groups=4, sample_size=64,
+        use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
+        vae.encoder.conv_out.bias[sizes.latent_channels:] = -12.0
+    return transformer, vae
+
+
 def build_tiny_flux2(spec: TinyFlux2Spec = TinyFlux2Spec()):
     """The tiny Flux2KleinPipeline, built in memory deterministically from spec.seed."""
     import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = byte_level_qwen_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=spec.latent_channels * 4, num_layers=spec.num_layers,
-            num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
-            num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.text_hidden * len(TEXT_LAYERS),
-            axes_dims_rope=[spec.attention_head_dim // 4] * 4, guidance_embeds=False)
-        torch.manual_seed(spec.seed + 1)
-        vae = AutoencoderKLFlux2(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
-            up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), block_out_channels=spec.vae_channels,
-            layers_per_block=1, latent_channels=spec.latent_channels, norm_num_groups=4, sample_size=64,
-            use_quant_conv=False, use_post_quant_conv=False)
-        with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
-            vae.encoder.conv_out.bias[spec.latent_channels:] = -12.0
+        transformer, vae = tiny_flux2_transformer_and_vae(spec, len(TEXT_LAYERS), guidance_embeds=False)
         torch.manual_seed(spec.seed + 2)
         text_encoder = Qwen3ForCausalLM(Qwen3Config(
             hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
@@ -124,6 +135,9 @@ class Flux2(Family):
         tokens = image_tokens + text_tokens  # both kinds run on the image and text tokens together
         return [("double", tokens)] * architecture["num_layers"] + [("single", tokens)] * architecture[
             "num_single_layers"]
+
+    def owns(self, denoiser_config) -> bool:
+        return not denoiser_config.get("guidance_embeds")  # FLUX.2 [dev]'s transformer takes the guidance scale
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         try:
