@@ -115,3 +115,38 @@ def test_captions_are_encoded_the_same_by_offloaded_text_encoders(tmp_path, monk
     [encoder] = offloaded_encoders
     assert _is_group_offload_enabled(encoder.text_encoder_2), "T5 ran block by block"
 
+
+
+def test_text_encoders_bigger_than_the_gpus_free_memory_run_block_by_block(tmp_path, monkeypatch):
+    """FLUX.2 [dev]'s text encoder (48 GB in bf16) on a GPU that trains its quantised base: counted from its file's
+    headers, it is found not to fit, and the captions are encoded block by block, to the same embeddings."""
+    import lookalike.train.cache as cache_module
+    from lookalike.models.base import load_component, resolve_base, weight_bytes
+    from lookalike.train.cache import EmbeddingCache
+
+    folder = resolve_base("tiny-flux2-dev")
+    parameters = sum(p.numel() for p in load_component(folder, "text_encoder").parameters())
+    assert weight_bytes(folder, "text_encoder", torch.float32) == 4 * parameters
+    needed = weight_bytes(folder, "text_encoder", torch.bfloat16)
+    assert needed == 2 * parameters
+
+    free_memory = {}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_memory["bytes"], 80 * 2**30))
+    on_gpu = EmbeddingCache(tmp_path / "gpu", folder, torch.device("cuda"), torch.bfloat16)
+    for free, fits in ((needed, False), (int(needed / 0.9) + 1, True), (2**40, True)):
+        free_memory["bytes"] = free
+        assert on_gpu.text_encoders_fit() == fits, free
+    assert EmbeddingCache(tmp_path / "cpu", folder, torch.device("cpu"), torch.bfloat16).text_encoders_fit()
+
+    offloaded_encoders = []
+    offload = cache_module.offload_pipeline
+    monkeypatch.setattr(cache_module, "offload_pipeline",
+                        lambda pipe, device: (offload(pipe, device), offloaded_encoders.append(pipe)))
+    captions = ["a photo of sks", "sks man, smiling"]
+    whole = EmbeddingCache(tmp_path / "whole", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
+    assert not offloaded_encoders
+    monkeypatch.setattr(EmbeddingCache, "text_encoders_fit", lambda self: False)
+    by_blocks = EmbeddingCache(tmp_path / "by-blocks", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
+    assert len(offloaded_encoders) == 1
+    for caption in captions:
+        assert torch.equal(by_blocks[caption]["prompt_embeds"], whole[caption]["prompt_embeds"]), caption

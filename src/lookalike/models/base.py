@@ -123,6 +123,20 @@ def component_fingerprint(folder: Path, component: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def weight_bytes(folder: Path, component: str, dtype) -> int:
+    """The memory a component's weights take at `dtype`, counted from its safetensors headers (no weights read)."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    values = 0
+    for weights in (Path(folder) / component).glob("*.safetensors"):
+        with safe_open(str(weights), framework="pt") as handle:
+            values += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return values * torch.finfo(dtype).bits // 8
+
+
 def pick_device():
     import torch
 

@@ -19,7 +19,7 @@ from lookalike.data.crop import Size
 from lookalike.data.dataset import TrainingImage, load_training_image
 from lookalike.data.images import file_sha256
 from lookalike.generate import offload_pipeline
-from lookalike.models.base import component_fingerprint, load_component, load_pipeline
+from lookalike.models.base import component_fingerprint, load_component, load_pipeline, weight_bytes
 from lookalike.models.families import folder_family
 from lookalike.workspace import atomic_path
 
@@ -70,7 +70,7 @@ class EmbeddingCache:
         self.family = folder_family(model_folder)
         self.device = device
         self.dtype = dtype
-        self.offload = offload  # text encoders bigger than the device (Qwen-Image's 7B) run block by block
+        self.offload = offload  # [train] offload: the text encoders run block by block too
 
     def latent_path(self, image: TrainingImage, size: Size) -> Path:
         # A mirrored example is other pixels (its key alone says so: the others' keys stay as they were).
@@ -100,6 +100,17 @@ class EmbeddingCache:
             _release(vae)
         return [LatentStats(**_load(path)) for path in paths]
 
+    def text_encoders_fit(self) -> bool:
+        """Whether the text encoders fit the GPU's free memory whole, with a tenth of it left for their work. Those
+        that do not (FLUX.2 [dev]'s Mistral Small 3.1 takes 48 GB in bf16) run block by block: slower, but a GPU
+        that trains the quantised base also encodes its captions."""
+        if self.device.type != "cuda":
+            return True
+        needed = sum(weight_bytes(self.model_folder, component, self.dtype)
+                     for component in self.family.text_components)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return needed <= 0.9 * free
+
     def texts(self, captions: list[str], max_sequence_length: int) -> dict[str, dict[str, torch.Tensor]]:
         """Embeddings of every caption, as the family encodes them (named tensors); the text encoders are loaded
         only if one is missing."""
@@ -107,7 +118,7 @@ class EmbeddingCache:
         missing = [caption for caption, path in paths.items() if not path.exists()]
         if missing:
             encoder = load_pipeline(self.model_folder, dtype=self.dtype, vae=None, **{self.family.denoiser: None})
-            if self.offload:
+            if self.offload or not self.text_encoders_fit():
                 offload_pipeline(encoder, self.device)
             else:
                 encoder.to(self.device)
