@@ -162,6 +162,12 @@ class TrainConfig(Section):
     adapter: Literal["lora", "dora"] = "lora"
     """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
     every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""
+    init_lora: Path | None = None
+    """Start from this LoRA file instead of a fresh LoRA (kohya's network_weights, SimpleTuner's init_lora): a
+    diffusers-layout file (as lookalike, diffusers' scripts and ai-toolkit write) of this base, on layers
+    target_modules adapts, of rank up to train.rank (a higher run rank adds directions that start at zero). Its
+    weight change is kept exactly whatever the run's alpha. The run keeps a copy, runs/<name>/init_lora.safetensors,
+    so it repeats from its own folder; a changed file makes the finished run stale."""
     target_modules: Literal["attention", "diffusers", "attention+mlp"] = "attention"
     """Which layers the LoRA adapts, as the base's family names them: attention (the fewest parameters and least
     memory: the default), diffusers (the default set of the family's diffusers reference script; FLUX.1's:
@@ -267,6 +273,13 @@ class TrainConfig(Section):
         if self.loraplus_lr_ratio is not None and self.optimizer == "prodigy":
             raise ValueError("loraplus_lr_ratio cannot be combined with optimizer = 'prodigy' (Prodigy finds one step "
                              "size for every weight): use adamw, or leave loraplus_lr_ratio unset")
+        return self
+
+    @model_validator(mode="after")
+    def _init_lora_is_a_lora(self) -> "TrainConfig":
+        if self.init_lora is not None and self.adapter == "dora":
+            raise ValueError("init_lora starts from a plain LoRA, and adapter = 'dora' learns each weight's norm "
+                             "apart from it: use adapter = 'lora', or leave init_lora unset")
         return self
 
     @model_validator(mode="after")
@@ -609,12 +622,15 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
                                  f"folder {data}, where prepare writes and removes files; keep the photos in a folder "
                                  "of their own")
     model = config.model.model_copy(update={"base": _base(config.model.base, base_dir)})
+    train = config.train.model_copy(update={"init_lora": _path(config.train.init_lora, base_dir)})
+    relative = {"base": _base, "init_lora": _path}  # the keys an experiment or a factor may give as a path
     sweep = config.sweep.model_copy(update={
-        "experiments": [e.model_copy(update={"base": _base(e.base, base_dir)}) for e in config.sweep.experiments],
-        "factors": {key: [_base(level, base_dir) for level in levels] if key == "base" else levels
+        "experiments": [e.model_copy(update={key: resolve(getattr(e, key), base_dir) for key, resolve in
+                                             relative.items()}) for e in config.sweep.experiments],
+        "factors": {key: [relative[key](level, base_dir) for level in levels] if key in relative else levels
                     for key, levels in config.sweep.factors.items()}})
     return config.model_copy(update={"workspace": workspace, "subject": subject, "more_subjects": more,
-                                     "model": model, "sweep": sweep})
+                                     "model": model, "train": train, "sweep": sweep})
 
 
 def _base(base: str | None, base_dir: Path) -> str | None:
@@ -622,6 +638,11 @@ def _base(base: str | None, base_dir: Path) -> str | None:
     if base is None or base in KNOWN_BASES:
         return base
     return str((base_dir / base).resolve())
+
+
+def _path(path: Path | str | None, base_dir: Path) -> Path | None:
+    """A file's path relative to the config file, like every path (None stays None)."""
+    return None if path is None else (base_dir / path).resolve()
 
 
 def _resolved(path: Path, what: str) -> Path:

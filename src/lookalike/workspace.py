@@ -237,6 +237,11 @@ class RunPaths:
         return self.root / "photos.json"
 
     @property
+    def init_lora(self) -> Path:
+        """The copy of the LoRA file the run started from (train.init_lora), so it repeats from its own folder."""
+        return self.root / "init_lora.safetensors"
+
+    @property
     def log(self) -> Path:
         return self.root / "train.log"
 

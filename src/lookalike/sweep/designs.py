@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 from lookalike.display import base_label
@@ -64,7 +65,7 @@ def pairwise(factors: Factors) -> list[dict[str, Any]]:
 
 ABBREVIATIONS = {"learning_rate": "lr", "rank": "r", "alpha": "a", "max_train_steps": "steps", "lr_scheduler": "",
                  "base": "", "background_loss_weight": "bg", "loraplus_lr_ratio": "loraplus",
-                 "extra_resolutions": "extra"}
+                 "extra_resolutions": "extra", "init_lora": "init"}
 
 
 def experiment_name(settings: dict[str, Any]) -> str:
@@ -77,5 +78,7 @@ def experiment_name(settings: dict[str, Any]) -> str:
             text = f"{value:g}" if isinstance(value, float) else str(value)
         if key == "base":
             text = base_label(text)
+        if key == "init_lora":  # a file: its name without its folders (init-my-lora)
+            text = "-" + Path(value).stem
         parts.append(f"{ABBREVIATIONS.get(key, key)}{text}")
     return "-".join(parts)

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lookalike.config import StudyConfig
+from lookalike.data.images import file_sha256
 from lookalike.workspace import RunPaths, read_json, write_json
 
 # The config sections that shape a LoRA's weights; [generate] or [evaluate] may change between sessions.
@@ -82,6 +83,15 @@ def _some(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+def init_lora_changed(run: RunPaths, config: StudyConfig) -> bool:
+    """Whether train.init_lora's file now differs from the copy the run started from (a run that kept none, or a
+    file since removed, has nothing to compare)."""
+    source = config.train.init_lora
+    if source is None or not run.init_lora.is_file() or not Path(source).is_file():
+        return False
+    return file_sha256(Path(source)) != file_sha256(run.init_lora)
+
+
 def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) -> str | None:
     """Why a finished run's results are not of what the study now asks for it (other settings or photos), or None
     when they are."""
@@ -89,6 +99,9 @@ def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) ->
     settings = changed_settings(run, config, references=False) if run.config.is_file() else []
     if settings:
         differences.append(f"settings ({', '.join(settings)})")
+    if init_lora_changed(run, config):
+        differences.append(f"settings (train.init_lora: {config.train.init_lora} changed since the run started from "
+                           "it)")
     photos = photo_changes(run, images, workspace)
     if photos:
         differences.append(f"photos ({photos})")

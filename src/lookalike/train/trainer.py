@@ -45,6 +45,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.face_weights import batch_weights, photo_weights
+from lookalike.train.init_lora import keep_copy, start_from
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import with_prior
 from lookalike.train.offload import BlockOffload
@@ -319,6 +320,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if t.init_lora is not None and not checkpoints:  # a resumed run's weights come from its checkpoint
+        own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
+        accelerator.wait_for_everyone()
+        layers = start_from(transformer, family.denoiser, own_copy, t.init_lora, t.rank, t.lora_alpha)
+        console.print(f"train: starting from the LoRA {t.init_lora} ({layers} layers)")
     if t.offload:
         if processes > 1:
             raise LookalikeError("train.offload = true trains in one process: set it false to train with several")

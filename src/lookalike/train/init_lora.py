@@ -1,0 +1,65 @@
+"""Starting a run from an existing LoRA (train.init_lora) instead of a fresh one.
+
+The file's weight change on each layer, B A times its scale alpha / r, is what the run starts from, whatever the
+run's own rank and alpha: its A matrix fills the first rows of the run's, its B matrix (rescaled to the run's alpha
+/ rank) the first columns of the run's. A higher run rank keeps its other directions as peft made them, A random
+and B zero, so they change nothing until they learn. Layers the run adapts and the file does not start fresh
+(B zero) in the same way.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from lookalike.errors import LookalikeError
+from lookalike.models.lora import denoiser_of, modules_of, read_lora
+from lookalike.workspace import RunPaths, atomic_path
+
+
+def keep_copy(source: Path, run: RunPaths) -> Path:
+    """Copy the file a run starts from into its folder (durably), so the run repeats from its own folder."""
+    if not Path(source).is_file():
+        raise LookalikeError(f"train.init_lora: {source} is not a file")
+    with atomic_path(run.init_lora) as tmp:
+        shutil.copyfile(source, tmp)
+    return run.init_lora
+
+
+def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: int, alpha: float) -> int:
+    """Set the adapter "default" of `denoiser` (just made by add_lora, float32) to start from the LoRA file `path`;
+    errors name it as `shown_as` (the file the config names). Returns how many layers it set."""
+    try:
+        tensors, adapter, _ = read_lora(path)
+    except LookalikeError as error:
+        raise LookalikeError(f"train.init_lora: {str(error).replace(str(path), str(shown_as))}") from None
+    if denoiser_of(tensors) != denoiser_name:
+        raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of a {denoiser_of(tensors)}, and this base's "
+                             f"denoiser is a {denoiser_name}")
+    modules = modules_of(tensors)
+    layers = {name: module for name, module in denoiser.named_modules()
+              if hasattr(module, "lora_A") and "default" in module.lora_A}
+    foreign = sorted(modules.keys() - layers.keys())
+    if foreign:
+        raise LookalikeError(
+            f"train.init_lora: {shown_as} adapts {len(foreign)} layers this run does not (first: {foreign[0]}): set "
+            "train.target_modules to a preset that adapts them ('attention+mlp' adapts the most), or this is a "
+            "LoRA of another base")
+    file_rank = max(down.shape[0] for down, _ in modules.values())
+    if file_rank > rank:
+        raise LookalikeError(f"train.init_lora: {shown_as} has rank {file_rank}, more than this run's train.rank = "
+                             f"{rank}: set train.rank to {file_rank} or more")
+    ratio = (adapter["lora_alpha"] / adapter["r"]) / (alpha / rank)  # the file's scale over the run's
+    with torch.no_grad():
+        for name, (down, up) in modules.items():
+            layer = layers[name]
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            if (down.shape[1], up.shape[0]) != (a.shape[1], b.shape[0]):
+                raise LookalikeError(
+                    f"train.init_lora: {shown_as} does not fit this base: its layer {name} maps {down.shape[1]} to "
+                    f"{up.shape[0]} features, this base's {a.shape[1]} to {b.shape[0]} (a LoRA of another base)")
+            a[:down.shape[0]] = down.to(a.device, a.dtype)
+            b[:, :up.shape[1]] = (up.double() * ratio).to(b.device, b.dtype)
+    return len(modules)
