@@ -162,6 +162,13 @@ class TrainConfig(Section):
     adapter: Literal["lora", "dora"] = "lora"
     """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
     every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""
+    train_text_encoder: bool = False
+    """Train a LoRA on the text encoders too (SD 1.x and SDXL: the reference scripts' --train_text_encoder, and
+    kohya's default), on their attention's q, k, v and out projections at the run's rank and alpha. The captions
+    are then encoded at every step instead of once. One process; not with shard."""
+    text_encoder_lr: float | None = Field(None, gt=0)
+    """The text encoders' learning rate (None: learning_rate, as train_dreambooth_lora.py and kohya; diffusers' SDXL
+    script defaults to 5e-6)."""
     init_lora: Path | None = None
     """Start from this LoRA file instead of a fresh LoRA (kohya's network_weights, SimpleTuner's init_lora): a
     diffusers-layout file (as lookalike, diffusers' scripts and ai-toolkit write) of this base, on layers
@@ -273,6 +280,19 @@ class TrainConfig(Section):
         if self.loraplus_lr_ratio is not None and self.optimizer == "prodigy":
             raise ValueError("loraplus_lr_ratio cannot be combined with optimizer = 'prodigy' (Prodigy finds one step "
                              "size for every weight): use adamw, or leave loraplus_lr_ratio unset")
+        return self
+
+    @model_validator(mode="after")
+    def _text_encoder_settings(self) -> "TrainConfig":
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("text_encoder_lr is set, and train_text_encoder is false: set train_text_encoder = true "
+                             "to train the text encoders, or leave text_encoder_lr unset")
+        if self.text_encoder_lr is not None and self.optimizer == "prodigy":
+            raise ValueError("text_encoder_lr cannot be combined with optimizer = 'prodigy' (Prodigy finds one step "
+                             "size for every weight): use adamw, or leave text_encoder_lr unset")
+        if self.train_text_encoder and self.shard:
+            raise ValueError("train_text_encoder = true trains in one process, and shard = true splits the model "
+                             "across several: choose one")
         return self
 
     @model_validator(mode="after")

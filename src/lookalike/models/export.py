@@ -9,7 +9,9 @@ Flux1.fused_layers), kohya's and ComfyUI's layouts use those names, with alpha p
 
 Stable Diffusion 1.x and XL LoRAs take kohya's layout for both (what ComfyUI, A1111/Forge and civitai read):
 lora_unet_<layer> with diffusers' layer names for SD 1.x, the original SGM UNet's for SDXL
-(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), as kohya's sd-scripts writes them.
+(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), as kohya's sd-scripts writes them; a LoRA of the
+text encoders too (train.train_text_encoder) adds lora_te_<layer> (SDXL: lora_te1_ and lora_te2_) with
+transformers' layer names (lora_te_text_model_encoder_layers_0_self_attn_q_proj).
 
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
 FLUX.2, Z-Image and Qwen-Image), so their ComfyUI layout is diffusers', and kohya has none.
@@ -21,7 +23,14 @@ from pathlib import Path
 
 from lookalike.errors import LookalikeError
 from lookalike.models.families import base_family
-from lookalike.models.lora import file_metadata, modules_of, read_lora, save_lora
+from lookalike.models.lora import (
+    file_metadata,
+    modules_of,
+    read_lora,
+    save_lora,
+    text_encoder_configs,
+    text_encoders_of,
+)
 from lookalike.workspace import atomic_path
 
 FORMATS = ("kohya", "comfyui", "diffusers")
@@ -52,13 +61,20 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
 
         fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
         save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)},
-                  dtype=cast)
+                  dtype=cast, text_encoder_configs=text_encoder_configs(tensors, config["r"], config["lora_alpha"]))
         return out
     kohya = format == "kohya" or family.comfyui_reads_kohya
     prefix, dotted = ("lora_unet_", False) if kohya else ("diffusion_model.", True)
+    layers = {prefix + (layer if dotted else layer.replace(".", "_")): value for layer, value in fused.items()}
+    for encoder in text_encoders_of(tensors):
+        if encoder not in family.trainable_text_encoders:
+            raise LookalikeError(f"--format {format}: {source} holds a LoRA of the {encoder}, which has no name in "
+                                 f"that layout for {info.get('base_model')}: export it with --format diffusers")
+        layers.update({f"{family.trainable_text_encoders[encoder]}_{name.replace('.', '_')}":
+                       (down.float(), up.float(), config["lora_alpha"])
+                       for name, (down, up) in modules_of(tensors, encoder).items()})
     result = {}
-    for layer, (down, up, alpha) in fused.items():
-        name = prefix + (layer if dotted else layer.replace(".", "_"))
+    for name, (down, up, alpha) in layers.items():
         result[f"{name}.lora_down.weight"] = down.to(cast).contiguous()
         result[f"{name}.lora_up.weight"] = up.to(cast).contiguous()
         result[f"{name}.alpha"] = torch.tensor(float(alpha))

@@ -1,9 +1,10 @@
-"""LoRA adapters of a base's denoiser (the transformer, or an SD UNet): how they are added, saved and checked on
-loading (which layers: the family's presets, models/families/).
+"""LoRA adapters of a base's denoiser (the transformer, or an SD UNet), and of its text encoders where a run trains
+them (train.train_text_encoder, SD 1.x and SDXL): how they are added, saved and checked on loading (which layers:
+the family's presets, models/families/).
 
-Saved files use diffusers' own layout (keys `<denoiser>.<module>.lora_A.weight`, `transformer.` or `unet.`, the
-peft config under the `lora_adapter_metadata` header), so the family pipeline's `load_lora_weights` loads them
-unchanged, alpha included.
+Saved files use diffusers' own layout (keys `<component>.<module>.lora_A.weight`, `transformer.` or `unet.`, and
+`text_encoder.` or `text_encoder_2.`; each component's peft config under the `lora_adapter_metadata` header), so
+the family pipeline's `load_lora_weights` loads them unchanged, alpha included.
 Only safetensors files are ever read: a pickle can run code on loading.
 """
 
@@ -21,6 +22,7 @@ from lookalike.workspace import atomic_path
 
 METADATA_PREFIX = "lookalike."
 DENOISERS = ("transformer", "unet")  # the pipeline components a LoRA file's keys may start with
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # and those of a run that trains its text encoders
 
 
 def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0, dora: bool = False) -> None:
@@ -68,14 +70,22 @@ def lora_state_dict(denoiser) -> dict[str, Any]:
     }
 
 
+def component_of(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
 def denoiser_of(tensors: dict[str, Any]) -> str:
-    """The component a LoRA's keys (diffusers' layout) start with: transformer or unet."""
-    return next(iter(tensors)).split(".", 1)[0] if tensors else DENOISERS[0]
+    """The denoiser a LoRA's keys (diffusers' layout) name: transformer or unet (the first component that is not a
+    text encoder)."""
+    return next((component_of(key) for key in tensors if component_of(key) not in TEXT_ENCODERS), DENOISERS[0])
 
 
-def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None) -> None:
+def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None,
+              text_encoder_configs: dict[str, Any] | None = None) -> None:
     """Write a LoRA file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts, and the
     facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version, modelspec.architecture).
+    `text_encoder_configs`: component -> peft config of each text encoder the tensors hold a LoRA of (of the same
+    rank and alpha as the denoiser's).
 
     The scale alpha / rank is folded into the B matrices and the file says alpha = rank, so that every reader
     applies the LoRA at its trained strength: ComfyUI and kohya's converters never read peft's metadata, and
@@ -90,11 +100,13 @@ def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, 
         folded = value.float() * scale if scale != 1 and ".lora_B." in key else value
         return folded.to(dtype or value.dtype)
 
+    configs = {denoiser_of(tensors): peft_config, **(text_encoder_configs or {})}
+    if any((config.r, config.lora_alpha) != (rank, peft_config.lora_alpha) for config in configs.values()):
+        raise ValueError("every component's LoRA must have the denoiser's rank and alpha: one scale is folded in")
     tensors = {key: written(key, value) for key, value in tensors.items()}
-    if scale != 1:
-        peft_config = dataclasses.replace(peft_config, lora_alpha=rank)
     info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
-    adapter = {f"{denoiser_of(tensors)}.{k}": v for k, v in peft_config.to_dict().items()}
+    adapter = {f"{component}.{k}": v for component, config in configs.items()
+               for k, v in (dataclasses.replace(config, lora_alpha=rank) if scale != 1 else config).to_dict().items()}
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True),
                 **file_metadata(rank, info)}
     with atomic_path(path) as tmp:
@@ -157,10 +169,10 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
         raise LookalikeError(f"{path}: a DoRA adapter, whose weight change is not a low-rank product: merge and "
                              "export take plain LoRAs only (train.adapter = 'lora'); generate and the demo load it")
     denoiser = denoiser_of(tensors)
-    if denoiser not in DENOISERS or not all(key.startswith(f"{denoiser}.") and (".lora_A." in key or ".lora_B." in key)
-                                            for key in tensors):
+    if denoiser not in DENOISERS or not all(component_of(key) in (denoiser, *TEXT_ENCODERS) and
+                                            (".lora_A." in key or ".lora_B." in key) for key in tensors):
         raise LookalikeError(f"{path}: not a LoRA in diffusers' layout (keys transformer.<module>.lora_A/lora_B.weight"
-                             ", or unet.<module>...)")
+                             ", or unet.<module>..., and text_encoder.<module>... for its text encoders)")
     try:
         adapter = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
     except ValueError:
@@ -169,7 +181,9 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
         raise LookalikeError(f"{path}: its header's {LORA_ADAPTER_METADATA_KEY} is not a JSON object of LoRA "
                              "settings")
     modules = _checked_modules(path, tensors)
-    config = {k.removeprefix(f"{denoiser}."): v for k, v in adapter.items()}
+    if not modules:
+        raise LookalikeError(f"{path}: holds a LoRA of text encoders only, none of a transformer or UNet")
+    config = {k.removeprefix(f"{denoiser}."): v for k, v in adapter.items() if component_of(k) not in TEXT_ENCODERS}
     if "r" not in config:
         rank = next(iter(modules.values()))[0].shape[0]
         config = {"r": rank, "lora_alpha": rank}
@@ -181,13 +195,13 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
 
 
 def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """modules_of(tensors), once every module is known to be a whole LoRA: both matrices, 2-D, of one rank of at
-    least 1, with finite values. Anything else would fail deep inside merge or export, or poison the weights."""
+    """modules_of(tensors), once every module (the text encoders' too) is known to be a whole LoRA: both matrices,
+    2-D, of one rank of at least 1, with finite values. Anything else would fail deep inside merge or export, or
+    poison the weights."""
     import torch
 
-    denoiser = denoiser_of(tensors)
     for name in _module_names(tensors):
-        down, up = (tensors.get(f"{denoiser}.{name}.lora_{part}.weight") for part in "AB")
+        down, up = (tensors.get(f"{name}.lora_{part}.weight") for part in "AB")
         if down is None or up is None:
             raise LookalikeError(f"{path}: module {name} lacks its lora_{'A' if down is None else 'B'} matrix")
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] < 1:
@@ -199,14 +213,31 @@ def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any
 
 
 def _module_names(tensors: dict[str, Any]) -> list[str]:
-    return sorted({key.split(".", 1)[1].rsplit(".lora_", 1)[0] for key in tensors})
+    """Every module's name with its component's prefix (unet.down_blocks..., text_encoder.text_model...)."""
+    return sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
 
 
-def modules_of(tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """module name (without the `transformer.` or `unet.` prefix) -> (lora_A, lora_B)."""
-    denoiser = denoiser_of(tensors)
-    return {name: (tensors[f"{denoiser}.{name}.lora_A.weight"], tensors[f"{denoiser}.{name}.lora_B.weight"])
-            for name in _module_names(tensors)}
+def modules_of(tensors: dict[str, Any], component: str | None = None) -> dict[str, tuple[Any, Any]]:
+    """module name (without its component's prefix) -> (lora_A, lora_B), of the denoiser or of `component`."""
+    component = component or denoiser_of(tensors)
+    return {name.removeprefix(f"{component}."): (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"])
+            for name in _module_names(tensors) if component_of(name) == component}
+
+
+def text_encoder_configs(tensors: dict[str, Any], r: int, lora_alpha: float) -> dict[str, Any]:
+    """The peft config of each text encoder the tensors hold a LoRA of (for save_lora), on the layers they adapt."""
+    from peft import LoraConfig
+
+    def layers(encoder: str) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in modules_of(tensors, encoder)})
+
+    return {encoder: LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=layers(encoder))
+            for encoder in text_encoders_of(tensors)}
+
+
+def text_encoders_of(tensors: dict[str, Any]) -> list[str]:
+    """The text encoders a LoRA's keys hold a LoRA of (a run that trained them), in the pipeline's order."""
+    return [encoder for encoder in TEXT_ENCODERS if any(component_of(key) == encoder for key in tensors)]
 
 
 def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:

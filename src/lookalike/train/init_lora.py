@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lookalike.errors import LookalikeError
-from lookalike.models.lora import denoiser_of, modules_of, read_lora
+from lookalike.models.lora import denoiser_of, modules_of, read_lora, text_encoders_of
 from lookalike.workspace import RunPaths, atomic_path
 
 
@@ -28,9 +28,11 @@ def keep_copy(source: Path, run: RunPaths) -> Path:
     return run.init_lora
 
 
-def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: int, alpha: float) -> int:
-    """Set the adapter "default" of `denoiser` (just made by add_lora, float32) to start from the LoRA file `path`;
-    errors name it as `shown_as` (the file the config names). Returns how many layers it set."""
+def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: int, alpha: float,
+               text_encoders: dict | None = None) -> int:
+    """Set the adapter "default" of `denoiser` (just made by add_lora, float32), and of each text encoder the run
+    trains (`text_encoders`: component -> model), to start from the LoRA file `path`; errors name it as `shown_as`
+    (the file the config names). Returns how many layers it set."""
     try:
         tensors, adapter, _ = read_lora(path)
     except LookalikeError as error:
@@ -38,8 +40,25 @@ def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: i
     if denoiser_of(tensors) != denoiser_name:
         raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of a {denoiser_of(tensors)}, and this base's "
                              f"denoiser is a {denoiser_name}")
-    modules = modules_of(tensors)
-    layers = {name: module for name, module in denoiser.named_modules()
+    text_encoders = text_encoders or {}
+    untrained = [name for name in text_encoders_of(tensors) if name not in text_encoders]
+    if untrained:
+        raise LookalikeError(f"train.init_lora: {shown_as} holds a LoRA of the {untrained[0]} too, which this run "
+                             "does not train: set train.train_text_encoder = true")
+    models = {denoiser_name: denoiser, **text_encoders}
+    everything = {component: modules_of(tensors, component) for component in models}
+    file_rank = max(down.shape[0] for modules in everything.values() for down, _ in modules.values())
+    if file_rank > rank:
+        raise LookalikeError(f"train.init_lora: {shown_as} has rank {file_rank}, more than this run's train.rank = "
+                             f"{rank}: set train.rank to {file_rank} or more")
+    ratio = (adapter["lora_alpha"] / adapter["r"]) / (alpha / rank)  # the file's scale over the run's
+    for component, modules in everything.items():
+        _set_layers(models[component], modules, ratio, shown_as)
+    return sum(len(modules) for modules in everything.values())
+
+
+def _set_layers(model, modules: dict, ratio: float, shown_as: Path) -> None:
+    layers = {name: module for name, module in model.named_modules()
               if hasattr(module, "lora_A") and "default" in module.lora_A}
     foreign = sorted(modules.keys() - layers.keys())
     if foreign:
@@ -47,11 +66,6 @@ def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: i
             f"train.init_lora: {shown_as} adapts {len(foreign)} layers this run does not (first: {foreign[0]}): set "
             "train.target_modules to a preset that adapts them ('attention+mlp' adapts the most), or this is a "
             "LoRA of another base")
-    file_rank = max(down.shape[0] for down, _ in modules.values())
-    if file_rank > rank:
-        raise LookalikeError(f"train.init_lora: {shown_as} has rank {file_rank}, more than this run's train.rank = "
-                             f"{rank}: set train.rank to {file_rank} or more")
-    ratio = (adapter["lora_alpha"] / adapter["r"]) / (alpha / rank)  # the file's scale over the run's
     with torch.no_grad():
         for name, (down, up) in modules.items():
             layer = layers[name]
@@ -62,4 +76,3 @@ def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: i
                     f"{up.shape[0]} features, this base's {a.shape[1]} to {b.shape[0]} (a LoRA of another base)")
             a[:down.shape[0]] = down.to(a.device, a.dtype)
             b[:, :up.shape[1]] = (up.double() * ratio).to(b.device, b.dtype)
-    return len(modules)

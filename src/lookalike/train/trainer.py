@@ -52,6 +52,7 @@ from lookalike.train.offload import BlockOffload
 from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
+from lookalike.train.text_encoders import TrainedTextEncoders
 from lookalike.train.trained_on import changed_settings, photo_changes, record_photos, stale_reason
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
@@ -296,8 +297,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                          for size in dict.fromkeys(sizes)}
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
         subject_captions = CaptionDraws([image.caption for image in images], t.tag_shuffle, t.caption_dropout, t.seed)
-        texts = cache.texts(subject_captions.texts() + [image.caption for image in class_examples] + sample_prompts
-                            + negative, max_len)
+        if not t.train_text_encoder:  # else encoded at every step, by the text encoders as they learn
+            texts = cache.texts(subject_captions.texts() + [image.caption for image in class_examples]
+                                + sample_prompts + negative, max_len)
     if processes > 1 and accelerator.is_main_process:
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
@@ -320,10 +322,17 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    text_encoders = None
+    if t.train_text_encoder:
+        if processes > 1:
+            raise LookalikeError("train.train_text_encoder = true trains in one process: set it false to train with "
+                                 "several")
+        texts = text_encoders = TrainedTextEncoders(folder, family, t, device, weight_dtype, max_len)
     if t.init_lora is not None and not checkpoints:  # a resumed run's weights come from its checkpoint
         own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
         accelerator.wait_for_everyone()
-        layers = start_from(transformer, family.denoiser, own_copy, t.init_lora, t.rank, t.lora_alpha)
+        layers = start_from(transformer, family.denoiser, own_copy, t.init_lora, t.rank, t.lora_alpha,
+                            text_encoders.encoders if text_encoders is not None else None)
         console.print(f"train: starting from the LoRA {t.init_lora} ({layers} layers)")
     if t.offload:
         if processes > 1:
@@ -336,7 +345,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # A resumed run's LoRA weights, set while the model is whole (before it is sharded or wrapped).
     lora, state = load_checkpoint(checkpoints[-1]) if checkpoints else (None, None)
     if lora is not None:
-        set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()})
+        set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()
+                                                if k.startswith(f"{family.denoiser}.")})
+        if text_encoders is not None:
+            text_encoders.load_lora(lora)
     if t.gradient_checkpointing and not t.offload:  # offloaded blocks are checkpointed by the offload
         enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
     if t.compile:
@@ -344,6 +356,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     if sharded:
         shard_transformer(transformer, weight_dtype, device)
     groups = parameter_groups(transformer, t)
+    if text_encoders is not None:
+        groups.append({"params": text_encoders.parameters(), "lr": t.text_encoder_lr or t.learning_rate})
     params = [p for group in groups for p in group["params"]]
     optimizer = make_optimizer(config, groups)
     scheduler = make_scheduler(t, optimizer, accelerator.num_processes)
@@ -389,13 +403,18 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     scoring = bool(t.sample_every and t.score_samples)
     scores = SampleScores(config, run, start_step) if scoring and accelerator.is_main_process else None
 
+    def lora_tensors() -> dict[str, torch.Tensor]:
+        """The run's LoRA: the denoiser's, and the text encoders' where it trains them (of a sharded transformer,
+        every process must call it)."""
+        return {**lora_state_dict(model), **(text_encoders.lora_state_dict() if text_encoders is not None else {})}
+
     def lora_file(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
         """The LoRA in diffusers' layout with our facts in its header (the final one, or a sample step's)."""
         save_lora(path, tensors, model.peft_config["default"], {
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
             "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
             "steps": step, "learning_rate": t.learning_rate, "run": run.name, "version": __version__,
-        })
+        }, text_encoder_configs=text_encoders.configs if text_encoders is not None else None)
 
     def training_state(step: int) -> dict[str, Any]:
         """What a resume restores (sharded: gathered from every process, so every process calls it)."""
@@ -468,7 +487,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                 with averaged_weights(ema, params):
                     samples = _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts,
                                             max_len, write=accelerator.is_main_process)
-                    tensors = lora_state_dict(model) if scoring else None  # every process of a sharded run gathers
+                    tensors = lora_tensors() if scoring else None  # every process of a sharded run gathers
                 if scores is not None:
                     record = scores.record(step, samples, sample_prompts,
                                            lambda path: lora_file(path, tensors, step))
@@ -483,7 +502,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
                 _stop_if_not_finite(step, loss_value, run.checkpoints, whole_params())  # every rank: together
                 if accelerator.is_main_process or sharded:  # gathering a sharded state takes every process
-                    checkpoint = lora_state_dict(model), training_state(step)
+                    checkpoint = lora_tensors(), training_state(step)
                 if accelerator.is_main_process:
                     save_checkpoint(run.checkpoints, step, *checkpoint, t.checkpoints_keep)
     if metrics is not None:
@@ -500,10 +519,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     last_step = stopped.get("stopped_at", t.max_train_steps)
     _stop_if_not_finite(last_step, loss_value, run.checkpoints, whole)
     with averaged_weights(ema, params):
-        final = lora_state_dict(model) if accelerator.is_main_process or sharded else None
+        final = lora_tensors() if accelerator.is_main_process or sharded else None
     if accelerator.is_main_process:
         if ema is not None:  # the run's LoRA is the average; the raw weights stay beside it (never sharded)
-            lora_file(run.raw_lora, lora_state_dict(model), last_step)
+            lora_file(run.raw_lora, lora_tensors(), last_step)
         lora_file(run.lora, final, last_step)
     return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
             "best_step": scores.best if scores is not None else None, "final_step": last_step, **stopped}
@@ -512,21 +531,27 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
                   prompts: list[str], max_len: int, write: bool = True) -> list[Path]:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
-    runs without gradients), from the cached embeddings: the text encoders stay unloaded. `write`: this process
-    saves them (a sharded transformer draws on every process, and one writes). Returns their paths, one per
-    prompt."""
+    runs without gradients), from the cached embeddings: the text encoders stay unloaded (or, where the run trains
+    them, `texts` encodes each prompt through them as they are now). `write`: this process saves them (a sharded
+    transformer draws on every process, and one writes). Returns their paths, one per prompt."""
     transformer.eval()
+    if isinstance(texts, TrainedTextEncoders):
+        texts.eval()
     pipe = family.sample_pipeline(transformer, vae, load_component(folder, "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     dtype = next(vae.parameters()).dtype
-    negative = texts[family.negative_prompt] if family.negative_prompt is not None else None
+    with torch.no_grad():
+        negative = texts[family.negative_prompt] if family.negative_prompt is not None else None
+        embeddings = [family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype) for prompt in prompts]
     paths = [run.samples / f"step-{step:06d}_p{index}.png" for index in range(len(prompts))]
-    for prompt, path in zip(prompts, paths):
+    for prompt_embeddings, path in zip(embeddings, paths):
         image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
                        steps=config.train.sample_steps, size=training_resolution(config), max_sequence_length=max_len,
-                       embeddings=family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype))
+                       embeddings=prompt_embeddings)
         if write:
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
     transformer.train()
+    if isinstance(texts, TrainedTextEncoders):
+        texts.train()
     return paths

@@ -44,6 +44,9 @@ class Family:
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
     comfyui_reads_kohya = False  # ComfyUI's layout is kohya's (SD UNets), not diffusion_model.<layer> (FLUX.1)
+    # The text encoders a run may train a LoRA on (train.train_text_encoder), as the family's reference script does
+    # with --train_text_encoder, and each one's prefix in kohya's layout (lora_te_<layer>).
+    trainable_text_encoders: dict[str, str] = {}
     # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
     # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
     activation_figures: dict[str, float]

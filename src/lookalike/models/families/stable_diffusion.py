@@ -195,6 +195,7 @@ class StableDiffusion1(StableDiffusion):
                   "tokenizer": ("transformers", "CLIPTokenizer")}
     text_components = ("text_encoder", "tokenizer")
     native_resolution = 512
+    trainable_text_encoders = {"text_encoder": "lora_te"}
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 7.5 (the study's guidance_scales choose), 512 px.
         "sd15": BaseModelInfo("sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5", CLIP_TOKENS, 50,
@@ -240,6 +241,7 @@ class StableDiffusionXL(StableDiffusion):
                   "tokenizer_2": ("transformers", "CLIPTokenizer")}
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     native_resolution = 1024
+    trainable_text_encoders = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0, 1024 px.
         "sdxl": BaseModelInfo("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", CLIP_TOKENS, 50,

@@ -1,0 +1,79 @@
+"""Training the text encoders too (train.train_text_encoder; SD 1.x and SDXL): a LoRA on each of the family's
+trainable text encoders, on the attention's q, k, v and out projections as diffusers' reference scripts add it
+with --train_text_encoder. The captions are then encoded at every step, through the pipeline's own encode_prompt
+(so as generation encodes them), instead of once into the cache.
+
+TrainedTextEncoders stands where the trainer otherwise holds the cached embeddings: `texts[caption]` is the
+caption's embeddings, named as the family caches them, with gradients to the LoRA while training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lookalike.errors import LookalikeError
+from lookalike.models.base import load_pipeline
+
+# The layers train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py adapt in a CLIP text encoder.
+TEXT_ENCODER_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class TrainedTextEncoders:
+    def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
+        from peft import LoraConfig
+
+        if not family.trainable_text_encoders:
+            raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of SD 1.x and SDXL "
+                                 f"only (their reference scripts' --train_text_encoder), and this base is "
+                                 f"{family.name}'s: set train_text_encoder = false")
+        self.family = family
+        self.device = device
+        self.max_sequence_length = max_sequence_length
+        self.pipe = load_pipeline(folder, dtype=dtype, vae=None, **{family.denoiser: None}).to(device)
+        self.encoders = {name: getattr(self.pipe, name) for name in family.trainable_text_encoders}
+        self.configs = {}
+        for name, encoder in self.encoders.items():
+            encoder.requires_grad_(False)
+            self.configs[name] = LoraConfig(r=t.rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LAYERS)
+            encoder.add_adapter(self.configs[name])
+            for parameter in encoder.parameters():
+                if parameter.requires_grad:  # the LoRA's weights stay in float32 under mixed precision
+                    parameter.data = parameter.data.float()
+        self.train()
+
+    def __getitem__(self, caption: str) -> dict[str, torch.Tensor]:
+        """The caption's embeddings through the text encoders as they are now (with gradients where enabled)."""
+        return self.family.encode(self.pipe, caption, self.max_sequence_length, self.device)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for encoder in self.encoders.values() for p in encoder.parameters() if p.requires_grad]
+
+    def train(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.train()
+
+    def eval(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.eval()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA's tensors, named as diffusers' layout names them (text_encoder.<module>.lora_A.weight): a copy on
+        the CPU."""
+        from peft.utils import get_peft_model_state_dict
+
+        return {f"{name}.{key}": tensor.detach().to("cpu", copy=True).contiguous()
+                for name, encoder in self.encoders.items()
+                for key, tensor in get_peft_model_state_dict(encoder).items()}
+
+    def load_lora(self, tensors: dict[str, Any]) -> None:
+        """Set the LoRA from tensors named as lora_state_dict names them (a checkpoint's)."""
+        from peft.utils import set_peft_model_state_dict
+
+        for name, encoder in self.encoders.items():
+            mine = {key.removeprefix(f"{name}."): value for key, value in tensors.items()
+                    if key.split(".", 1)[0] == name}
+            set_peft_model_state_dict(encoder, mine)
