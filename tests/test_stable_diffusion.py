@@ -49,28 +49,39 @@ def test_the_diffusers_preset_is_the_reference_scripts_layers(family):
     assert adapted == reference and adapted
 
 
-def reference_text(folder, family: str, captions: list[str]) -> dict:
-    """The scripts' own prompt encoding: each tokenizer pads to its model_max_length; SD 1.x takes the text
-    encoder's last hidden states, SDXL each encoder's second-to-last side by side and the second's pooled output."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def reference_text_encoders(folder, family: str) -> dict:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    encoders = {"text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")}
+    if family == "sdxl":
+        encoders["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    return encoders
+
+
+def reference_text(folder, family: str, captions: list[str], encoders: dict | None = None) -> dict:
+    """The scripts' own prompt encoding (by `encoders`, else the base's): each tokenizer pads to its
+    model_max_length; SD 1.x takes the text encoder's last hidden states, SDXL each encoder's second-to-last side by
+    side and the second's pooled output."""
+    from transformers import CLIPTokenizer
 
     def ids(tokenizer):
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
 
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    encoders = encoders or reference_text_encoders(folder, family)
+    tokenizer, encoder = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"), encoders["text_encoder"]
     if family == "sd1":
         return {"encoder_hidden_states": encoder(ids(tokenizer))[0]}
     tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-    encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    encoder_2 = encoders["text_encoder_2"]
     first = encoder(ids(tokenizer), output_hidden_states=True)
     second = encoder_2(ids(tokenizer_2), output_hidden_states=True)
     return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
             "pooled": second[0]}
 
 
-def reference_loss(folder, family, unet, captions, latents, noise, timesteps, resolution, snr_gamma=None):
+def reference_loss(folder, family, unet, captions, latents, noise, timesteps, resolution, snr_gamma=None,
+                   encoders=None):
     """train_dreambooth_lora.py's and train_dreambooth_lora_sdxl.py's loss, written out: latents times the VAE's
     scaling factor, DDPM's noising by the scheduler's cumulative alphas, the UNet called with the text (SDXL: and
     time ids of the original size, crop corner and target size), target noise or v, and min-SNR weights."""
@@ -80,7 +91,7 @@ def reference_loss(folder, family, unet, captions, latents, noise, timesteps, re
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[timesteps].view(-1, 1, 1, 1)
     model_input = latents * vae["scaling_factor"]
     noisy = alphas_cumprod.sqrt() * model_input + (1 - alphas_cumprod).sqrt() * noise
-    text = reference_text(folder, family, captions)
+    text = reference_text(folder, family, captions, encoders)
     added = None
     if family == "sdxl":
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions),

@@ -30,6 +30,7 @@ from lookalike.models.lora import (
     save_lora,
     text_encoder_configs,
     text_encoders_of,
+    text_layer_in_file,
 )
 from lookalike.workspace import atomic_path
 
@@ -70,7 +71,7 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         if encoder not in family.trainable_text_encoders:
             raise LookalikeError(f"--format {format}: {source} holds a LoRA of the {encoder}, which has no name in "
                                  f"that layout for {info.get('base_model')}: export it with --format diffusers")
-        layers.update({f"{family.trainable_text_encoders[encoder]}_{name.replace('.', '_')}":
+        layers.update({f"{family.trainable_text_encoders[encoder]}_{text_layer_in_file(name).replace('.', '_')}":
                        (down.float(), up.float(), config["lora_alpha"])
                        for name, (down, up) in modules_of(tensors, encoder).items()})
     result = {}

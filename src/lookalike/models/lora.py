@@ -224,6 +224,21 @@ def modules_of(tensors: dict[str, Any], component: str | None = None) -> dict[st
             for name in _module_names(tensors) if component_of(name) == component}
 
 
+# transformers 5 names a CLIP text encoder's layers without its text_model wrapper (encoder.layers.0...); files
+# keep the name every other tool reads (text_model.encoder.layers.0.self_attn.q_proj: ComfyUI, kohya, diffusers).
+TEXT_MODEL = "text_model."
+
+
+def text_layer_in_file(name: str) -> str:
+    """A text encoder layer's name as LoRA files give it."""
+    return name if name.startswith(TEXT_MODEL) else TEXT_MODEL + name
+
+
+def text_layer_in_model(model, name: str) -> str:
+    """A text encoder layer's name (as files give it) as `model` names it."""
+    return name if hasattr(model, TEXT_MODEL.rstrip(".")) else name.removeprefix(TEXT_MODEL)
+
+
 def text_encoder_configs(tensors: dict[str, Any], r: int, lora_alpha: float) -> dict[str, Any]:
     """The peft config of each text encoder the tensors hold a LoRA of (for save_lora), on the layers they adapt."""
     from peft import LoraConfig

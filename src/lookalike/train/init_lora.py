@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lookalike.errors import LookalikeError
-from lookalike.models.lora import denoiser_of, modules_of, read_lora, text_encoders_of
+from lookalike.models.lora import denoiser_of, modules_of, read_lora, text_encoders_of, text_layer_in_model
 from lookalike.workspace import RunPaths, atomic_path
 
 
@@ -46,7 +46,9 @@ def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: i
         raise LookalikeError(f"train.init_lora: {shown_as} holds a LoRA of the {untrained[0]} too, which this run "
                              "does not train: set train.train_text_encoder = true")
     models = {denoiser_name: denoiser, **text_encoders}
-    everything = {component: modules_of(tensors, component) for component in models}
+    everything = {denoiser_name: modules_of(tensors, denoiser_name)}
+    everything.update({encoder: {text_layer_in_model(model, name): weights for name, weights in
+                                 modules_of(tensors, encoder).items()} for encoder, model in text_encoders.items()})
     file_rank = max(down.shape[0] for modules in everything.values() for down, _ in modules.values())
     if file_rank > rank:
         raise LookalikeError(f"train.init_lora: {shown_as} has rank {file_rank}, more than this run's train.rank = "

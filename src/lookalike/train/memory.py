@@ -48,10 +48,12 @@ class Estimate:
     shards: int = 1  # processes the model is sharded across (train.shard): weights, LoRA and AdamW per process
     denoiser: str = "transformer"  # what the weights are of: the family's transformer or UNet
     offloaded: float = 0.0  # GB of the blocks' weights kept in CPU memory (train.offload), not in `weights`
+    text_encoders: float = 0.0  # GB, the text encoders a run trains a LoRA on (train.train_text_encoder), held too
+    text_encoder_parameters: int = 0
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.optimizer + self.activations
+        return self.weights + self.lora + self.optimizer + self.activations + self.text_encoders
 
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
@@ -63,6 +65,8 @@ class Estimate:
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
                 f"activations (est.)   {size(self.activations)}",
+                *([f"text encoders        {size(self.text_encoders)}  ({self.text_encoder_parameters / 1e6:,.1f} M "
+                   "parameters, with their LoRA and its AdamW state)"] if self.text_encoders else []),
                 f"total                {size(self.total)}  (plus the framework's own, about {FRAMEWORK_GB:.0f} GB on a "
                 "GPU)"]
 
@@ -93,6 +97,29 @@ def transformer_config(config: StudyConfig) -> dict:
     denoiser = base_family(config.model.base).denoiser
     path = resolve_base(config.model.base, config.model.revision) / denoiser / "config.json"  # tiny: built
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def text_encoder_parameters(config: StudyConfig) -> tuple[int, int]:
+    """(frozen, LoRA) parameters of the text encoders a run trains (train.train_text_encoder), built on the meta
+    device from their configs: a hub base's as published, a local or tiny folder's own."""
+    from accelerate import init_empty_weights
+
+    from lookalike.train.text_encoders import text_encoder_lora_config
+
+    family = base_family(config.model.base)
+    frozen = lora = 0
+    for component in family.trainable_text_encoders:
+        cls = family.component_class(component)
+        if config.model.base in KNOWN_BASES and KNOWN_BASES[config.model.base].repo is not None:
+            settings = cls.config_class(**family.published_text_encoders[component])
+        else:
+            settings = cls.config_class.from_pretrained(resolve_base(config.model.base) / component)
+        with init_empty_weights():
+            model = cls(settings)
+            model.add_adapter(text_encoder_lora_config(config.train))
+        lora += sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen += sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return frozen, lora
 
 
 def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1",
@@ -144,8 +171,11 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     # tensors (two moments, its step-size sum and the initial weights); an EMA's float32 copy.
     state = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[t.optimizer] + (4 if t.ema_decay else 0)
     optimizer_bytes = 4 + state
+    text_frozen, text_lora = text_encoder_parameters(config) if t.train_text_encoder else (0, 0)
+    text_encoders = (text_frozen * per_value + text_lora * (4 + optimizer_bytes)) / GB
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
-                    activations, counts, t.base_quantization, shards, family.denoiser, offloaded / GB)
+                    activations, counts, t.base_quantization, shards, family.denoiser, offloaded / GB,
+                    text_encoders, text_frozen)
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate, processes: int = 1

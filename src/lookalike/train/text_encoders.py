@@ -16,15 +16,22 @@ import torch
 
 from lookalike.errors import LookalikeError
 from lookalike.models.base import load_pipeline
+from lookalike.models.lora import text_layer_in_file, text_layer_in_model
 
 # The layers train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py adapt in a CLIP text encoder.
 TEXT_ENCODER_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
+def text_encoder_lora_config(t):
+    """The LoRA a run's text encoders train (the reference scripts' layers, the run's rank, alpha and dropout)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=t.rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, init_lora_weights="gaussian",
+                      target_modules=TEXT_ENCODER_LAYERS)
+
+
 class TrainedTextEncoders:
     def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
-        from peft import LoraConfig
-
         if not family.trainable_text_encoders:
             raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of SD 1.x and SDXL "
                                  f"only (their reference scripts' --train_text_encoder), and this base is "
@@ -37,8 +44,7 @@ class TrainedTextEncoders:
         self.configs = {}
         for name, encoder in self.encoders.items():
             encoder.requires_grad_(False)
-            self.configs[name] = LoraConfig(r=t.rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LAYERS)
+            self.configs[name] = text_encoder_lora_config(t)
             encoder.add_adapter(self.configs[name])
             for parameter in encoder.parameters():
                 if parameter.requires_grad:  # the LoRA's weights stay in float32 under mixed precision
@@ -61,11 +67,11 @@ class TrainedTextEncoders:
             encoder.eval()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA's tensors, named as diffusers' layout names them (text_encoder.<module>.lora_A.weight): a copy on
-        the CPU."""
+        """The LoRA's tensors, named as diffusers' layout names them (text_encoder.text_model.<module>.lora_A.weight):
+        a copy on the CPU."""
         from peft.utils import get_peft_model_state_dict
 
-        return {f"{name}.{key}": tensor.detach().to("cpu", copy=True).contiguous()
+        return {f"{name}.{text_layer_in_file(key)}": tensor.detach().to("cpu", copy=True).contiguous()
                 for name, encoder in self.encoders.items()
                 for key, tensor in get_peft_model_state_dict(encoder).items()}
 
@@ -74,6 +80,6 @@ class TrainedTextEncoders:
         from peft.utils import set_peft_model_state_dict
 
         for name, encoder in self.encoders.items():
-            mine = {key.removeprefix(f"{name}."): value for key, value in tensors.items()
+            mine = {text_layer_in_model(encoder, key.removeprefix(f"{name}.")): value for key, value in tensors.items()
                     if key.split(".", 1)[0] == name}
             set_peft_model_state_dict(encoder, mine)

@@ -47,6 +47,7 @@ class Family:
     # The text encoders a run may train a LoRA on (train.train_text_encoder), as the family's reference script does
     # with --train_text_encoder, and each one's prefix in kohya's layout (lora_te_<layer>).
     trainable_text_encoders: dict[str, str] = {}
+    published_text_encoders: dict[str, dict] = {}  # their hub bases' configs, for `--dry-run` without a download
     # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
     # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
     activation_figures: dict[str, float]

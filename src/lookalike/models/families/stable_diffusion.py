@@ -32,6 +32,13 @@ SDXL_UNET = dict(act_fn="silu", addition_embed_type="text_time", addition_time_e
                  layers_per_block=2, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
                  sample_size=128, transformer_layers_per_block=[1, 2, 10],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
+# The published text encoders (their text_encoder*/config.json), for `--dry-run` of a run that trains them: SD 1.x's
+# and SDXL's first, OpenAI's CLIP ViT-L/14 text model (123M parameters); SDXL's second, OpenCLIP ViT-bigG/14's
+# with its projection (695M).
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                   num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_BIG_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+                       num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
 # Both bases' noise schedule: DDPM's scaled-linear betas over 1000 timesteps, predicting the noise.
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                    steps_offset=1, prediction_type="epsilon")
@@ -196,6 +203,7 @@ class StableDiffusion1(StableDiffusion):
     text_components = ("text_encoder", "tokenizer")
     native_resolution = 512
     trainable_text_encoders = {"text_encoder": "lora_te"}
+    published_text_encoders = {"text_encoder": CLIP_L_TEXT}
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 7.5 (the study's guidance_scales choose), 512 px.
         "sd15": BaseModelInfo("sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5", CLIP_TOKENS, 50,
@@ -242,6 +250,7 @@ class StableDiffusionXL(StableDiffusion):
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     native_resolution = 1024
     trainable_text_encoders = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    published_text_encoders = {"text_encoder": CLIP_L_TEXT, "text_encoder_2": CLIP_BIG_G_TEXT}
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0, 1024 px.
         "sdxl": BaseModelInfo("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", CLIP_TOKENS, 50,
