@@ -102,6 +102,12 @@ def test_misuse_is_refused_by_name(tiny_config):
                                        "learning_rate": 1.0}))
 
 
+def test_a_sweep_over_text_encoder_training_names_its_runs_shortly():
+    from lookalike.sweep.designs import experiment_name
+
+    assert experiment_name({"train_text_encoder": True, "text_encoder_lr": 5e-6}) == "teTrue-telr5e-06"
+
+
 def test_init_lora_starts_the_text_encoders_too_and_refuses_a_run_that_does_not_train_them(tmp_path):
     folder = resolve_base("tiny-sd15")
     texts = text_encoders_with_a_lora(folder, rank=4)
