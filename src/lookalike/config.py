@@ -195,7 +195,8 @@ class TrainConfig(Section):
     timestep_shift: float = Field(1.0, gt=0)
     """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
     guidance: float = Field(1.0, ge=0)
-    """Guidance fed to guidance-distilled models (FLUX.1-dev) while training: 1.0, as FLUX trainers advise."""
+    """Guidance fed to guidance-distilled models (FLUX.1-dev, FLUX.2 [dev]) while training: 1.0, as FLUX trainers
+    advise (diffusers' scripts default to 3.5)."""
     resolution: int | None = Field(None, ge=16, le=MAX_RESOLUTION)
     """The side this run trains (and by default draws) at, its prepared crops scaled to it; None: [data]
     resolution, or the base's own size where that is smaller (SD 1.x 512, SDXL 1024), so that one study at 1024 px
