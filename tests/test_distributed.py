@@ -43,6 +43,19 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch_and_resum
     assert any(single[k].abs().max() > 1e-3 for k in single if "lora_B" in k), "the LoRA has learned something"
 
 
+def test_two_processes_train_the_text_encoders_as_one_process(tiny_config, tmp_path):
+    """train_text_encoder: each process encodes its own rows, and the text encoders' LoRA gradients are averaged
+    across them as the UNet's are."""
+    config = tiny_config(model={"base": "tiny-sd15"}, train={"max_train_steps": 6, "checkpoint_every": 3,
+                                                             "learning_rate": 1e-2, "train_text_encoder": True})
+    assert_a_two_process_run_resumes_exactly(str(config), tmp_path)
+    run = Workspace(tmp_path / "work").run("r")
+    assert run.read_status()["rank_weight_spread"] == 0.0, "both ranks end identical, text encoders included"
+    two, single = load_file(str(run.lora)), single_process_weights(config, tmp_path)
+    assert any(key.startswith("text_encoder.") for key in two)
+    assert_same_weights(two, single, rtol=1e-4, atol=1e-5)
+
+
 def assert_a_two_process_run_resumes_exactly(config: str, tmp_path) -> str:
     """A 2-process run (batch 1 each), set back to after its step-3 checkpoint once finished and resumed, ends
     with the same LoRA, every step logged once by the main process. Returns the first run's output."""

@@ -95,7 +95,8 @@ def test_misuse_is_refused_by_name(tiny_config):
                             TrainConfig(train_text_encoder=True), CPU, torch.float32, 32)
     with pytest.raises(LookalikeError, match="text_encoder_lr is set, and train_text_encoder is false"):
         load_config(tiny_config(train={"text_encoder_lr": 1e-5}))
-    with pytest.raises(LookalikeError, match="train_text_encoder = true trains in one process, and shard = true"):
+    with pytest.raises(LookalikeError, match="train_text_encoder = true holds the text encoders whole in every "
+                                             "process, and shard"):
         load_config(tiny_config(train={"train_text_encoder": True, "shard": True}))
     with pytest.raises(LookalikeError, match="text_encoder_lr cannot be combined with optimizer = 'prodigy'"):
         load_config(tiny_config(train={"train_text_encoder": True, "text_encoder_lr": 1.0, "optimizer": "prodigy",

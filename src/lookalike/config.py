@@ -165,7 +165,7 @@ class TrainConfig(Section):
     train_text_encoder: bool = False
     """Train a LoRA on the text encoders too (SD 1.x and SDXL: the reference scripts' --train_text_encoder, and
     kohya's default), on their attention's q, k, v and out projections at the run's rank and alpha. The captions
-    are then encoded at every step instead of once. One process; not with shard."""
+    are then encoded at every step instead of once. Not with shard."""
     text_encoder_lr: float | None = Field(None, gt=0)
     """The text encoders' learning rate (None: learning_rate, as train_dreambooth_lora.py and kohya; diffusers' SDXL
     script defaults to 5e-6)."""
@@ -292,8 +292,8 @@ class TrainConfig(Section):
             raise ValueError("text_encoder_lr cannot be combined with optimizer = 'prodigy' (Prodigy finds one step "
                              "size for every weight): use adamw, or leave text_encoder_lr unset")
         if self.train_text_encoder and self.shard:
-            raise ValueError("train_text_encoder = true trains in one process, and shard = true splits the model "
-                             "across several: choose one")
+            raise ValueError("train_text_encoder = true holds the text encoders whole in every process, and shard = "
+                             "true splits the model across them: choose one")
         return self
 
     @model_validator(mode="after")

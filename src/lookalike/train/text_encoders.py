@@ -58,6 +58,13 @@ class TrainedTextEncoders:
     def parameters(self) -> list[torch.Tensor]:
         return [p for encoder in self.encoders.values() for p in encoder.parameters() if p.requires_grad]
 
+    def average_gradients(self, accelerator) -> None:
+        """Average the LoRA's gradients across processes, as data parallelism does the denoiser's: every process
+        encoded its own rows of the batch."""
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+
     def train(self) -> None:
         for encoder in self.encoders.values():
             encoder.train()

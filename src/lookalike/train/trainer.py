@@ -324,9 +324,6 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             p.data = p.data.float()
     text_encoders = None
     if t.train_text_encoder:
-        if processes > 1:
-            raise LookalikeError("train.train_text_encoder = true trains in one process: set it false to train with "
-                                 "several")
         texts = text_encoders = TrainedTextEncoders(folder, family, t, device, weight_dtype, max_len)
     if t.init_lora is not None and not checkpoints:  # a resumed run's weights come from its checkpoint
         own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
@@ -461,6 +458,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                           config.prior.weight, weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        if text_encoders is not None and processes > 1:  # outside the denoiser's data parallelism
+                            text_encoders.average_gradients(accelerator)
                         accelerator.clip_grad_norm_(params, t.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
