@@ -5,6 +5,8 @@ and merged too; a killed run resumes exactly; init_lora carries the text encoder
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -20,21 +22,22 @@ from lookalike.models.families import folder_family
 from lookalike.models.lora import lora_state_dict, modules_of, save_lora, text_layer_in_model
 from lookalike.models.merge import merge_loras
 from lookalike.train.cache import EmbeddingCache
+from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.init_lora import start_from
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
 from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.test_stable_diffusion import reference_loss, reference_text_encoders
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
-TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}
+TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}  # FLUX.1's CLIP has tests of its own here
 CPU = torch.device("cpu")
 
 
-def text_encoders_with_a_lora(folder, rank: int = 4) -> TrainedTextEncoders:
+def text_encoders_with_a_lora(folder, rank: int = 4, max_sequence_length: int = 77) -> TrainedTextEncoders:
     """The base's text encoders with a seeded LoRA that changes something (peft starts its B matrices at zero)."""
     torch.manual_seed(0)
     texts = TrainedTextEncoders(folder, folder_family(folder), TrainConfig(rank=rank, train_text_encoder=True), CPU,
-                                torch.float32, 77)
+                                torch.float32, max_sequence_length)
     with torch.no_grad():
         for encoder in texts.encoders.values():
             for name, parameter in encoder.named_parameters():
@@ -89,9 +92,79 @@ def test_the_loss_and_the_text_encoders_gradients_equal_the_reference_scripts(fa
     assert any(parameter.grad.abs().max() > 0 for parameter in texts.parameters())
 
 
+def flux1_reference_loss(folder, transformer, encoders, captions, latents, noise, sigmas, guidance):
+    """train_dreambooth_lora_flux.py's loss with --train_text_encoder, written out: its prompt encoding (CLIP's
+    pooled output of 77 padded tokens, T5's last hidden states of 32), latents (x - shift) * scale, packed 2x2,
+    timestep t / 1000 and the guidance scale, the output unpacked, target noise - x."""
+    from diffusers import FluxPipeline
+    from transformers import AutoTokenizer
+
+    def ids(subfolder: str, length: int):
+        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder=subfolder)
+        return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids
+
+    pooled = encoders["text_encoder"](ids("tokenizer", 77), output_hidden_states=False).pooler_output
+    prompt_embeds = encoders["text_encoder_2"](ids("tokenizer_2", 32))[0]
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    model_input = (latents - vae["shift_factor"]) * vae["scaling_factor"]
+    batch, channels, height, width = model_input.shape
+    sigma = sigmas.view(-1, 1, 1, 1)
+    noisy = FluxPipeline._pack_latents((1.0 - sigma) * model_input + sigma * noise, batch, channels, height, width)
+    prediction = transformer(hidden_states=noisy, timestep=sigmas * 1000 / 1000,
+                             guidance=torch.tensor([guidance]).expand(batch), pooled_projections=pooled,
+                             encoder_hidden_states=prompt_embeds, txt_ids=torch.zeros(prompt_embeds.shape[1], 3),
+                             img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, CPU,
+                                                                            torch.float32), return_dict=False)[0]
+    prediction = FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
+    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(batch, -1).mean(1).mean()
+
+
+def test_flux1s_loss_and_its_clip_gradients_equal_the_reference_scripts():
+    """FLUX.1's --train_text_encoder trains its CLIP (T5 stays frozen): the same one-batch check."""
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    folder = resolve_base("tiny")
+    family = folder_family(folder)
+    texts = text_encoders_with_a_lora(folder, max_sequence_length=32)
+    transformer = denoiser_with_a_lora(folder, "transformer")
+    captions = ["a photo of sks man", "sks"]
+    generator = torch.Generator().manual_seed(1)
+    channels = transformer.config.in_channels // 4
+    latents = torch.randn(2, channels, 8, 8, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    sigmas = torch.tensor([0.3, 0.8])
+    x0, layout = family.model_input(latents, family.latent_normalisation(folder))
+    packed_noise = FluxPipeline._pack_latents(noise, 2, channels, 8, 8)
+    prediction = family.predict(transformer, transformer.config, noisy_latents(x0, packed_noise, sigmas), sigmas,
+                                [texts[c] for c in captions], 3.5, layout, CPU, torch.float32)
+    ours = torch.nn.functional.mse_loss(prediction, velocity_target(x0, packed_noise))
+    ours.backward()
+    assert not any(p.requires_grad for p in texts.pipe.text_encoder_2.parameters()), "T5 stays frozen"
+
+    clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    clip.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LAYERS))
+    loaded = set_peft_model_state_dict(clip, {text_layer_in_model(clip, k.removeprefix("text_encoder.")): v
+                                              for k, v in texts.lora_state_dict().items()})
+    assert not loaded.unexpected_keys
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2")
+    encoders = {"text_encoder": clip, "text_encoder_2": t5}
+    transformer.zero_grad()
+    reference = flux1_reference_loss(folder, transformer, encoders, captions, latents, noise, sigmas, 3.5)
+    reference.backward()
+    print(f"flux1 with its CLIP trained: lookalike {ours.item():.8f}, reference script {reference.item():.8f}, "
+          f"difference {abs(ours.item() - reference.item()):.2e}")
+    assert abs(ours.item() - reference.item()) < 1e-5
+    for key, parameter in clip.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(texts.encoders["text_encoder"].get_parameter(key).grad, parameter.grad,
+                                       rtol=1e-4, atol=1e-7)
+
+
 def test_misuse_is_refused_by_name(tiny_config):
-    with pytest.raises(LookalikeError, match="trains the text encoders of SD 1.x and SDXL only .* flux1's"):
-        TrainedTextEncoders(resolve_base("tiny"), folder_family(resolve_base("tiny")),
+    with pytest.raises(LookalikeError, match="trains the text encoders of FLUX.1 .* this base is flux2's"):
+        TrainedTextEncoders(resolve_base("tiny-flux2-klein"), folder_family(resolve_base("tiny-flux2-klein")),
                             TrainConfig(train_text_encoder=True), CPU, torch.float32, 32)
     with pytest.raises(LookalikeError, match="text_encoder_lr is set, and train_text_encoder is false"):
         load_config(tiny_config(train={"text_encoder_lr": 1e-5}))
@@ -133,28 +206,37 @@ def test_init_lora_starts_the_text_encoders_too_and_refuses_a_run_that_does_not_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", TINY)
+@pytest.mark.parametrize("family", {"flux1": "tiny", **TINY})
 def test_a_run_that_trains_its_text_encoders_draws_what_the_stock_pipeline_draws(tiny_config, tmp_path, family):
-    base = TINY[family]
+    base = {"flux1": "tiny", **TINY}[family]
     lora, ours = train_sampled_run(tiny_config, base, train_text_encoder=True, text_encoder_lr=5e-3)
     tensors = load_file(lora)
+    denoiser = "transformer" if family == "flux1" else "unet"
     encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    assert sorted({key.split(".", 1)[0] for key in tensors}) == sorted(["unet", *encoders])
-    with_lora = stock_image(base, lora, guidance_scale=4.0)
+    assert sorted({key.split(".", 1)[0] for key in tensors}) == sorted([denoiser, *encoders])
+    stock = {"guidance_scale": 4.0, **({"max_sequence_length": 32} if family == "flux1" else {})}  # tiny's T5 length
+    with_lora = stock_image(base, lora, **stock)
     assert np.abs(ours - with_lora).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
-    unet_only = tmp_path / "unet-only.safetensors"
-    save_file({k: v for k, v in tensors.items() if k.startswith("unet.")}, str(unet_only))
-    assert np.abs(with_lora - stock_image(base, unet_only, guidance_scale=4.0)).max() > 1, \
+    denoiser_only = tmp_path / "denoiser-only.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith(f"{denoiser}.")}, str(denoiser_only))
+    assert np.abs(with_lora - stock_image(base, denoiser_only, **stock)).max() > 1, \
         "the text encoders' LoRA changes the image"
 
-    kohya = export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
-    prefixes = {"sd1": ["lora_te", "lora_unet"], "sdxl": ["lora_te1", "lora_te2", "lora_unet"]}[family]
-    assert sorted({key.split("_text_model_")[0] if "_text_model_" in key else "lora_unet"
-                   for key in load_file(kohya)}) == prefixes
-    assert np.abs(ours - stock_image(base, kohya, guidance_scale=4.0)).max() <= 1, \
-        "the kohya file, text encoders included, draws the same image"
+    kohya = load_file(export_lora(lora, tmp_path / "kohya.safetensors", "kohya"))
+    prefixes = {"flux1": ["lora_te1", "lora_unet"], "sd1": ["lora_te", "lora_unet"],
+                "sdxl": ["lora_te1", "lora_te2", "lora_unet"]}[family]
+    assert sorted({key.split("_text_model_")[0] if "_text_model_" in key else "lora_unet" for key in kohya}) == prefixes
+    for encoder, prefix in folder_family(resolve_base(base)).trainable_text_encoders.items():
+        for name, (down, up) in modules_of(tensors, encoder).items():  # one for one: the file's scale is 1
+            kohya_name = f"{prefix}_{name.replace('.', '_')}"
+            assert torch.equal(kohya[f"{kohya_name}.lora_down.weight"], down)
+            assert torch.equal(kohya[f"{kohya_name}.lora_up.weight"], up)
+            assert kohya[f"{kohya_name}.alpha"].item() == down.shape[0]
+    if family != "flux1":  # diffusers' converter of kohya's FLUX.1 files takes full-size layer widths only
+        assert np.abs(ours - stock_image(base, tmp_path / "kohya.safetensors", **stock)).max() <= 1, \
+            "the kohya file, text encoders included, draws the same image"
     halves = merge_loras(lora, lora, tmp_path / "halves.safetensors", (0.5, 0.5))
-    assert np.abs(ours - stock_image(base, halves, guidance_scale=4.0)).max() <= 1, \
+    assert np.abs(ours - stock_image(base, halves, **stock)).max() <= 1, \
         "half of it plus half of it is it, text encoders included"
 
 
@@ -180,8 +262,9 @@ def test_a_run_that_trains_its_text_encoders_caches_no_caption(tiny_config, monk
 
 
 def test_the_dry_run_counts_the_text_encoders_a_run_trains(tiny_config, monkeypatch, tmp_path):
-    """On the tiny SDXL, against the encoders as the run holds them; on the hub's SDXL from its published configs
-    (OpenAI's CLIP ViT-L/14 text model, 123.1 M, and OpenCLIP ViT-bigG/14's, 694.7 M), with nothing downloaded."""
+    """On the tiny SDXL, against the encoders as the run holds them; on the hub's SDXL and FLUX.1-dev from their
+    published configs (OpenAI's CLIP ViT-L/14 text model, 123.1 M, OpenCLIP ViT-bigG/14's, 694.7 M, T5-XXL's
+    encoder), with nothing downloaded."""
     from lookalike.train.memory import GB, estimate
 
     config = load_config(tiny_config(model={"base": "tiny-sdxl"}, train={"train_text_encoder": True}))
@@ -200,4 +283,7 @@ def test_the_dry_run_counts_the_text_encoders_a_run_trains(tiny_config, monkeypa
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: anything read from the hub would fail
     hub = estimate(load_config(tiny_config(model={"base": "sdxl"}, train={"train_text_encoder": True})), "bf16")
     assert hub.text_encoder_parameters / 1e6 == pytest.approx(123.1 + 694.7, abs=0.2)
+    # FLUX.1 holds its frozen T5 (google/t5-v1_1-xxl's encoder, 4,893.9 M: its 9.79 GB fp16 file) beside the CLIP.
+    flux = estimate(load_config(tiny_config(model={"base": "flux-dev"}, train={"train_text_encoder": True})), "bf16")
+    assert flux.text_encoder_parameters / 1e6 == pytest.approx(123.1 + 4893.9, abs=0.2)
     assert not (tmp_path / "hf").exists()

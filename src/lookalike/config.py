@@ -163,12 +163,12 @@ class TrainConfig(Section):
     """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
     every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""
     train_text_encoder: bool = False
-    """Train a LoRA on the text encoders too (SD 1.x and SDXL: the reference scripts' --train_text_encoder, and
-    kohya's default), on their attention's q, k, v and out projections at the run's rank and alpha. The captions
-    are then encoded at every step instead of once. Not with shard."""
+    """Train a LoRA on the text encoders too (FLUX.1's CLIP, SD 1.x's and SDXL's: the reference scripts'
+    --train_text_encoder, and kohya's default for SD), on their attention's q, k, v and out projections at the
+    run's rank and alpha. The captions are then encoded at every step instead of once. Not with shard."""
     text_encoder_lr: float | None = Field(None, gt=0)
     """The text encoders' learning rate (None: learning_rate, as train_dreambooth_lora.py and kohya; diffusers' SDXL
-    script defaults to 5e-6)."""
+    and FLUX.1 scripts default to 5e-6)."""
     init_lora: Path | None = None
     """Start from this LoRA file instead of a fresh LoRA (kohya's network_weights, SimpleTuner's init_lora): a
     diffusers-layout file (as lookalike, diffusers' scripts and ai-toolkit write) of this base, on layers

@@ -100,23 +100,25 @@ def transformer_config(config: StudyConfig) -> dict:
 
 
 def text_encoder_parameters(config: StudyConfig) -> tuple[int, int]:
-    """(frozen, LoRA) parameters of the text encoders a run trains (train.train_text_encoder), built on the meta
-    device from their configs: a hub base's as published, a local or tiny folder's own."""
+    """(frozen, LoRA) parameters of the text encoders a run that trains them (train.train_text_encoder) holds, the
+    frozen ones beside them included (FLUX.1's T5), built on the meta device from their configs: a hub base's as
+    published, a local or tiny folder's own."""
     from accelerate import init_empty_weights
 
     from lookalike.train.text_encoders import text_encoder_lora_config
 
     family = base_family(config.model.base)
     frozen = lora = 0
-    for component in family.trainable_text_encoders:
+    for component in family.published_text_encoders:
         cls = family.component_class(component)
         if config.model.base in KNOWN_BASES and KNOWN_BASES[config.model.base].repo is not None:
             settings = cls.config_class(**family.published_text_encoders[component])
         else:
             settings = cls.config_class.from_pretrained(resolve_base(config.model.base) / component)
         with init_empty_weights():
-            model = cls(settings)
-            model.add_adapter(text_encoder_lora_config(config.train))
+            model = cls(settings).requires_grad_(False)
+            if component in family.trainable_text_encoders:
+                model.add_adapter(text_encoder_lora_config(config.train))
         lora += sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen += sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return frozen, lora

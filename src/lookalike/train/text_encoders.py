@@ -1,7 +1,8 @@
-"""Training the text encoders too (train.train_text_encoder; SD 1.x and SDXL): a LoRA on each of the family's
-trainable text encoders, on the attention's q, k, v and out projections as diffusers' reference scripts add it
-with --train_text_encoder. The captions are then encoded at every step, through the pipeline's own encode_prompt
-(so as generation encodes them), instead of once into the cache.
+"""Training the text encoders too (train.train_text_encoder; FLUX.1's CLIP, SD 1.x and SDXL): a LoRA on each of the
+family's trainable text encoders, on the attention's q, k, v and out projections as diffusers' reference scripts
+add it with --train_text_encoder (the others, FLUX.1's T5, stay frozen and encode beside them). The captions are
+then encoded at every step, through the pipeline's own encode_prompt (so as generation encodes them), instead of
+once into the cache.
 
 TrainedTextEncoders stands where the trainer otherwise holds the cached embeddings: `texts[caption]` is the
 caption's embeddings, named as the family caches them, with gradients to the LoRA while training.
@@ -33,17 +34,19 @@ def text_encoder_lora_config(t):
 class TrainedTextEncoders:
     def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
         if not family.trainable_text_encoders:
-            raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of SD 1.x and SDXL "
-                                 f"only (their reference scripts' --train_text_encoder), and this base is "
-                                 f"{family.name}'s: set train_text_encoder = false")
+            raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of FLUX.1 (its CLIP), "
+                                 f"SD 1.x and SDXL, as their reference scripts' --train_text_encoder does, and this "
+                                 f"base is {family.name}'s: set train_text_encoder = false")
         self.family = family
         self.device = device
         self.max_sequence_length = max_sequence_length
         self.pipe = load_pipeline(folder, dtype=dtype, vae=None, **{family.denoiser: None}).to(device)
+        for component in self.pipe.components.values():  # frozen, and (as loaded) in eval mode: FLUX.1's T5 stays so
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
         self.encoders = {name: getattr(self.pipe, name) for name in family.trainable_text_encoders}
         self.configs = {}
         for name, encoder in self.encoders.items():
-            encoder.requires_grad_(False)
             self.configs[name] = text_encoder_lora_config(t)
             encoder.add_adapter(self.configs[name])
             for parameter in encoder.parameters():

@@ -9,6 +9,11 @@ from typing import Any
 
 VAE_FACTOR = 8  # pixels per latent: every family's VAE downsamples 8 times
 
+# OpenAI's CLIP ViT-L/14 text model as published (text_encoder/config.json of FLUX.1, SD 1.x and SDXL; 123M
+# parameters), for `--dry-run` of a run that trains or holds it, without a download.
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                   num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
 
 @dataclass(frozen=True)
 class BaseModelInfo:
@@ -47,7 +52,9 @@ class Family:
     # The text encoders a run may train a LoRA on (train.train_text_encoder), as the family's reference script does
     # with --train_text_encoder, and each one's prefix in kohya's layout (lora_te_<layer>).
     trainable_text_encoders: dict[str, str] = {}
-    published_text_encoders: dict[str, dict] = {}  # their hub bases' configs, for `--dry-run` without a download
+    # Every text encoder's config as the family's hub bases publish it, where a run can train one: what a run that
+    # does holds (`--dry-run` counts them without a download).
+    published_text_encoders: dict[str, dict] = {}
     # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
     # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
     activation_figures: dict[str, float]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import VAE_FACTOR, BaseModelInfo, Family
+from lookalike.models.families.interface import CLIP_L_TEXT, VAE_FACTOR, BaseModelInfo, Family
 from lookalike.models.tiny import byte_level_clip_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
 CLIP_TOKENS = 77  # both bases' CLIP prompt length
@@ -32,11 +32,8 @@ SDXL_UNET = dict(act_fn="silu", addition_embed_type="text_time", addition_time_e
                  layers_per_block=2, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
                  sample_size=128, transformer_layers_per_block=[1, 2, 10],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
-# The published text encoders (their text_encoder*/config.json), for `--dry-run` of a run that trains them: SD 1.x's
-# and SDXL's first, OpenAI's CLIP ViT-L/14 text model (123M parameters); SDXL's second, OpenCLIP ViT-bigG/14's
-# with its projection (695M).
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
-                   num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+# SDXL's second text encoder as published: OpenCLIP ViT-bigG/14's text model with its projection (695M parameters;
+# its first is CLIP_L_TEXT, as SD 1.x's).
 CLIP_BIG_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
                        num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
 # Both bases' noise schedule: DDPM's scaled-linear betas over 1000 timesteps, predicting the noise.
