@@ -265,7 +265,7 @@ def test_the_dry_run_counts_the_text_encoders_a_run_trains(tiny_config, monkeypa
     """On the tiny SDXL, against the encoders as the run holds them; on the hub's SDXL and FLUX.1-dev from their
     published configs (OpenAI's CLIP ViT-L/14 text model, 123.1 M, OpenCLIP ViT-bigG/14's, 694.7 M, T5-XXL's
     encoder), with nothing downloaded."""
-    from lookalike.train.memory import GB, estimate
+    from lookalike.train.memory import GB, estimate, fitting_lines, lighter_settings
 
     config = load_config(tiny_config(model={"base": "tiny-sdxl"}, train={"train_text_encoder": True}))
     plain = estimate(config.with_train({"train_text_encoder": False}, "test"), "no")
@@ -284,6 +284,15 @@ def test_the_dry_run_counts_the_text_encoders_a_run_trains(tiny_config, monkeypa
     hub = estimate(load_config(tiny_config(model={"base": "sdxl"}, train={"train_text_encoder": True})), "bf16")
     assert hub.text_encoder_parameters / 1e6 == pytest.approx(123.1 + 694.7, abs=0.2)
     # FLUX.1 holds its frozen T5 (google/t5-v1_1-xxl's encoder, 4,893.9 M: its 9.79 GB fp16 file) beside the CLIP.
-    flux = estimate(load_config(tiny_config(model={"base": "flux-dev"}, train={"train_text_encoder": True})), "bf16")
+    flux_config = load_config(tiny_config(model={"base": "flux-dev"}, data={"resolution": 1024},
+                                          train={"train_text_encoder": True}))
+    flux = estimate(flux_config, "bf16")
     assert flux.text_encoder_parameters / 1e6 == pytest.approx(123.1 + 4893.9, abs=0.2)
+    lighter = dict(lighter_settings(flux_config, "bf16", flux))
+    without = estimate(flux_config.with_train({"train_text_encoder": False}, "test"), "bf16").total
+    assert lighter["train.train_text_encoder=false (the captions cached, the text encoders unloaded)"] == \
+        pytest.approx(without)
+    advice = fitting_lines(flux_config, "bf16", flux, 24)
+    assert advice[0].startswith("does not fit a 24 GB GPU") and not any("shard" in line for line in advice), \
+        "a run that trains its text encoders is never told to shard, which it cannot"
     assert not (tmp_path / "hf").exists()

@@ -204,6 +204,9 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate, proces
         options.append(("the train settings above together (with nf4)", together))
     if offloadable(t) and processes == 1:
         options.append(("train.offload=true (the blocks' weights in CPU memory)", {"offload": True}))
+    if t.train_text_encoder:
+        options.append(("train.train_text_encoder=false (the captions cached, the text encoders unloaded)",
+                        {"train_text_encoder": False, "text_encoder_lr": None}))
     lighter = []
     for label, change in options:
         changed = config.model_copy(update={"train": t.model_copy(update=change)})
@@ -289,7 +292,9 @@ def fitting_lines(config: StudyConfig, precision: str, base: Estimate, gpu_memor
     lines = ([f"does not fit a {gpu_memory:g} GB GPU as configured; it fits with (fewest changes first):"] +
              [f"  {label}: ~{size(total).strip()}" for label, total in fitting[:3]] if fitting else
              [f"does not fit a {gpu_memory:g} GB GPU with any setting of one process"])
-    sharded = processes_that_fit(config, precision, base.counts, gpu_memory)
+    # A run that trains its text encoders holds them whole in every process: it is not sharded.
+    sharded = None if config.train.train_text_encoder else processes_that_fit(config, precision, base.counts,
+                                                                              gpu_memory)
     if sharded is not None:
         lines.append(f"unquantised, sharded across {sharded[0]} such GPUs: train.shard=true, "
                      f"train.gradient_checkpointing=true, --processes {sharded[0]}: ~{size(sharded[1]).strip()} each")
