@@ -78,6 +78,10 @@ def test_a_file_that_cannot_be_the_runs_start_is_refused_by_name(tmp_path):
     klein = made_lora(tmp_path / "klein.safetensors", base="tiny-flux2-klein")
     with pytest.raises(LookalikeError, match=r"train.init_lora: .*klein.safetensors (adapts|does not fit)"):
         started_denoiser(klein, 4, 4.0, target="attention+mlp")
+    with pytest.raises(LookalikeError, match=r"train.init_lora: .*klein.safetensors is a LoRA of tiny-flux2-klein "
+                                             r"\(family flux2\), and this run trains tiny \(family flux1\)"):
+        start_from(load_component(resolve_base("tiny"), "transformer"), "transformer", klein, klein, 4, 4.0,
+                   base="tiny")
     kohya = export_lora(source, tmp_path / "kohya.safetensors", "kohya")
     with pytest.raises(LookalikeError, match=r"train.init_lora: .*kohya.safetensors: not a LoRA in diffusers' layout"):
         started_denoiser(kohya, 8, 8.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lookalike.errors import LookalikeError
+from lookalike.models.families import KNOWN_BASES, base_family
 from lookalike.models.lora import denoiser_of, modules_of, read_lora, text_encoders_of, text_layer_in_model
 from lookalike.workspace import RunPaths, atomic_path
 
@@ -29,14 +30,22 @@ def keep_copy(source: Path, run: RunPaths) -> Path:
 
 
 def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: int, alpha: float,
-               text_encoders: dict | None = None) -> int:
+               text_encoders: dict | None = None, base: str | None = None) -> int:
     """Set the adapter "default" of `denoiser` (just made by add_lora, float32), and of each text encoder the run
     trains (`text_encoders`: component -> model), to start from the LoRA file `path`; errors name it as `shown_as`
-    (the file the config names). Returns how many layers it set."""
+    (the file the config names), and a file whose header names a base of another family than `base` (the run's)
+    as such. Returns how many layers it set."""
     try:
-        tensors, adapter, _ = read_lora(path)
+        tensors, adapter, info = read_lora(path)
     except LookalikeError as error:
         raise LookalikeError(f"train.init_lora: {str(error).replace(str(path), str(shown_as))}") from None
+    recorded = info.get("base_model")
+    if base and recorded and recorded != base and (
+            recorded in KNOWN_BASES or (Path(recorded) / "model_index.json").is_file()):
+        theirs, ours = base_family(recorded).name, base_family(base).name
+        if theirs != ours:
+            raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of {recorded} (family {theirs}), and this "
+                                 f"run trains {base} (family {ours})")
     if denoiser_of(tensors) != denoiser_name:
         raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of a {denoiser_of(tensors)}, and this base's "
                              f"denoiser is a {denoiser_name}")

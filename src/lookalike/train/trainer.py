@@ -329,7 +329,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
         accelerator.wait_for_everyone()
         layers = start_from(transformer, family.denoiser, own_copy, t.init_lora, t.rank, t.lora_alpha,
-                            text_encoders.encoders if text_encoders is not None else None)
+                            text_encoders.encoders if text_encoders is not None else None, config.model.base)
         console.print(f"train: starting from the LoRA {t.init_lora} ({layers} layers)")
     if t.offload:
         if processes > 1:
