@@ -69,6 +69,7 @@ def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: i
 
 
 def _set_layers(model, modules: dict, ratio: float, shown_as: Path) -> None:
+    """Write each module's (A, B) from the file into the same layer's adapter of `model`, B times `ratio`."""
     layers = {name: module for name, module in model.named_modules()
               if hasattr(module, "lora_A") and "default" in module.lora_A}
     foreign = sorted(modules.keys() - layers.keys())

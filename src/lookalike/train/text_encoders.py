@@ -19,7 +19,7 @@ from lookalike.errors import LookalikeError
 from lookalike.models.base import load_pipeline
 from lookalike.models.lora import text_layer_in_file, text_layer_in_model
 
-# The layers train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py adapt in a CLIP text encoder.
+# The layers diffusers' reference scripts (train_dreambooth_lora.py, _sdxl.py, _flux.py) adapt in a CLIP text encoder.
 TEXT_ENCODER_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -32,6 +32,8 @@ def text_encoder_lora_config(t):
 
 
 class TrainedTextEncoders:
+    """The base's text encoders on the device, frozen, with a trainable LoRA on each of the family's trainable ones."""
+
     def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
         if not family.trainable_text_encoders:
             raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of FLUX.1 (its CLIP), "
