@@ -9,9 +9,10 @@ Flux1.fused_layers), kohya's and ComfyUI's layouts use those names, with alpha p
 
 Stable Diffusion 1.x and XL LoRAs take kohya's layout for both (what ComfyUI, A1111/Forge and civitai read):
 lora_unet_<layer> with diffusers' layer names for SD 1.x, the original SGM UNet's for SDXL
-(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), as kohya's sd-scripts writes them; a LoRA of the
-text encoders too (train.train_text_encoder) adds lora_te_<layer> (SDXL: lora_te1_ and lora_te2_) with
-transformers' layer names (lora_te_text_model_encoder_layers_0_self_attn_q_proj).
+(lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), as kohya's sd-scripts writes them. A LoRA of the
+text encoders too (train.train_text_encoder) adds, in kohya's and ComfyUI's layouts, lora_te_<layer> (SDXL:
+lora_te1_ and lora_te2_; FLUX.1's CLIP: lora_te1_) with the text model's layer names
+(lora_te_text_model_encoder_layers_0_self_attn_q_proj).
 
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
 FLUX.2, Z-Image and Qwen-Image), so their ComfyUI layout is diffusers', and kohya has none.

@@ -4,7 +4,7 @@ A LoRA changes a weight by ΔW = (alpha / r) · B @ A. Stacking the two A matric
 a · (alphaA / rA) · B_A and b · (alphaB / rB) · B_B side by side gives B_M @ A_M = a·ΔA + b·ΔB exactly; the
 merged file stores alpha = rank, so its own scale is 1. A module only one LoRA adapts gets zero rows from
 the other, so every module has the same rank (diffusers and peft then load it as one plain adapter). The text
-encoders' LoRAs of SD runs that trained them merge alike.
+encoders' LoRAs of runs that trained them (train_text_encoder) merge alike.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, floa
     rank_a, rank_b = config_a["r"], config_b["r"]
     scale_a = weights[0] * config_a["lora_alpha"] / rank_a
     scale_b = weights[1] * config_b["lora_alpha"] / rank_b
-    # The denoiser's modules, then the text encoders' where either LoRA trained them (SD's train_text_encoder).
+    # The denoiser's modules, then the text encoders' where either LoRA trained them (train_text_encoder).
     components = [denoiser] + [encoder for encoder in TEXT_ENCODERS
                                if encoder in text_encoders_of(tensors_a) + text_encoders_of(tensors_b)]
     merged = {}
