@@ -15,15 +15,16 @@ from lookalike.models.base import load_component, resolve_base
 from lookalike.models.export import export_lora
 from lookalike.models.lora import add_lora, lora_state_dict, modules_of, read_lora, save_lora
 from lookalike.sweep.designs import experiment_name
-from lookalike.train.init_lora import start_from
+from lookalike.train.init_lora import read_start, start_from
 from lookalike.train.trained_on import stale_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 
-def made_lora(path, base="tiny", rank=4, alpha=2.0, target="attention", seed=0):
-    """A LoRA file of `base` in diffusers' layout whose B matrices are not zero (a trained one's change)."""
+def made_lora(path, base="tiny", rank=4, alpha=2.0, target="attention", seed=0, named=True):
+    """A LoRA file of `base` in diffusers' layout whose B matrices are not zero (a trained one's change); `named`:
+    its header names the base, as lookalike's files do (other tools' may not)."""
     denoiser = load_component(resolve_base(base), "transformer")
     torch.manual_seed(seed)
     add_lora(denoiser, rank, alpha, target)
@@ -31,7 +32,7 @@ def made_lora(path, base="tiny", rank=4, alpha=2.0, target="attention", seed=0):
         for name, parameter in denoiser.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
-    save_lora(path, lora_state_dict(denoiser), denoiser.peft_config["default"], {"base_model": base})
+    save_lora(path, lora_state_dict(denoiser), denoiser.peft_config["default"], {"base_model": base} if named else {})
     return path
 
 
@@ -47,10 +48,12 @@ def file_changes(path) -> dict[str, torch.Tensor]:
 
 
 def started_denoiser(path, rank: int, alpha: float, target="attention"):
+    """The tiny FLUX's transformer with a LoRA of rank and alpha, started from `path` as a run does."""
+    start = read_start(path, path, rank, "tiny", trains_text_encoders=False)
     denoiser = load_component(resolve_base("tiny"), "transformer")
     torch.manual_seed(1)
     add_lora(denoiser, rank, alpha, target)
-    layers = start_from(denoiser, "transformer", path, path, rank, alpha)
+    layers = start_from(denoiser, "transformer", start, path, rank, alpha)
     return denoiser, layers
 
 
@@ -76,12 +79,12 @@ def test_a_file_that_cannot_be_the_runs_start_is_refused_by_name(tmp_path):
     with pytest.raises(LookalikeError, match=r"mlp.safetensors adapts \d+ layers this run does not .*attention\+mlp"):
         started_denoiser(mlp, 4, 4.0, target="attention")
     klein = made_lora(tmp_path / "klein.safetensors", base="tiny-flux2-klein")
-    with pytest.raises(LookalikeError, match=r"train.init_lora: .*klein.safetensors (adapts|does not fit)"):
-        started_denoiser(klein, 4, 4.0, target="attention+mlp")
     with pytest.raises(LookalikeError, match=r"train.init_lora: .*klein.safetensors is a LoRA of tiny-flux2-klein "
                                              r"\(family flux2\), and this run trains tiny \(family flux1\)"):
-        start_from(load_component(resolve_base("tiny"), "transformer"), "transformer", klein, klein, 4, 4.0,
-                   base="tiny")
+        started_denoiser(klein, 4, 4.0, target="attention+mlp")
+    unnamed = made_lora(tmp_path / "unnamed.safetensors", base="tiny-flux2-klein", named=False)
+    with pytest.raises(LookalikeError, match=r"train.init_lora: .*unnamed.safetensors (adapts|does not fit)"):
+        started_denoiser(unnamed, 4, 4.0, target="attention+mlp")
     kohya = export_lora(source, tmp_path / "kohya.safetensors", "kohya")
     with pytest.raises(LookalikeError, match=r"train.init_lora: .*kohya.safetensors: not a LoRA in diffusers' layout"):
         started_denoiser(kohya, 8, 8.0)
@@ -127,3 +130,13 @@ def test_a_killed_run_started_from_a_file_resumes_exactly(tiny_config, tmp_path)
     path = tiny_config(train={"init_lora": str(source), "max_train_steps": 40, "checkpoint_every": 10,
                               "learning_rate": 1e-3})
     assert_a_killed_run_resumes_exactly(path, steps=40, killed_after="step-000010")
+
+
+def test_a_run_checks_the_file_it_starts_from_before_it_encodes_anything(tiny_config, tmp_path):
+    wide = made_lora(tmp_path / "wide.safetensors", rank=8, alpha=8.0)
+    config = load_config(tiny_config(train={"init_lora": str(wide), "rank": 4}))
+    with pytest.raises(LookalikeError, match="wide.safetensors has rank 8, more than this run's train.rank = 4"):
+        train(config, "r")
+    cache = config.workspace / "cache"
+    assert not cache.exists() or not [path for path in cache.rglob("*") if path.is_file()], \
+        "no latent or caption was encoded for a run that cannot start"

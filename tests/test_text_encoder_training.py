@@ -23,7 +23,7 @@ from lookalike.models.lora import lora_state_dict, modules_of, save_lora, text_l
 from lookalike.models.merge import merge_loras
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents, velocity_target
-from lookalike.train.init_lora import start_from
+from lookalike.train.init_lora import read_start, start_from
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
 from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.test_stable_diffusion import reference_loss, reference_text_encoders
@@ -192,12 +192,13 @@ def test_init_lora_starts_the_text_encoders_too_and_refuses_a_run_that_does_not_
     fresh_unet = denoiser_with_a_lora(folder, "unet")
     with pytest.raises(LookalikeError, match="holds a LoRA of the text_encoder too, which this run does not train: "
                                              "set train.train_text_encoder = true"):
-        start_from(fresh_unet, "unet", source, source, 4, 4.0)
+        read_start(source, source, 4, "tiny-sd15", trains_text_encoders=False)
     torch.manual_seed(3)
     started = TrainedTextEncoders(folder, folder_family(folder), TrainConfig(rank=8, alpha=2.0,
                                                                              train_text_encoder=True),
                                   CPU, torch.float32, 77)
-    start_from(fresh_unet, "unet", source, source, 8, 2.0, started.encoders)
+    start = read_start(source, source, 8, "tiny-sd15", trains_text_encoders=True)
+    start_from(fresh_unet, "unet", start, source, 8, 2.0, started.encoders)
     expected, got = texts.lora_state_dict(), started.lora_state_dict()
     for name, (down, up) in modules_of(expected, "text_encoder").items():  # the source's scale 1, the run's 1/4
         new_down, new_up = modules_of(got, "text_encoder")[name]

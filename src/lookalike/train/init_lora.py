@@ -29,39 +29,46 @@ def keep_copy(source: Path, run: RunPaths) -> Path:
     return run.init_lora
 
 
-def start_from(denoiser, denoiser_name: str, path: Path, shown_as: Path, rank: int, alpha: float,
-               text_encoders: dict | None = None, base: str | None = None) -> int:
-    """Set the adapter "default" of `denoiser` (just made by add_lora, float32), and of each text encoder the run
-    trains (`text_encoders`: component -> model), to start from the LoRA file `path`; errors name it as `shown_as`
-    (the file the config names), and a file whose header names a base of another family than `base` (the run's)
-    as such. Returns how many layers it set."""
+def read_start(path: Path, shown_as: Path, rank: int, base: str, trains_text_encoders: bool) -> tuple[dict, dict]:
+    """(tensors, adapter config) of the LoRA file `path` a run of `base` starts from, once what the file alone can
+    tell is known to fit the run: its layout, its base's family (as its header names it), its denoiser, its rank, and
+    text encoders' layers only where the run trains them. Errors name it as `shown_as` (the file the config names).
+    Cheap: a run checks it before anything slow is made."""
     try:
         tensors, adapter, info = read_lora(path)
     except LookalikeError as error:
         raise LookalikeError(f"train.init_lora: {str(error).replace(str(path), str(shown_as))}") from None
     recorded = info.get("base_model")
-    if base and recorded and recorded != base and (
-            recorded in KNOWN_BASES or (Path(recorded) / "model_index.json").is_file()):
+    if recorded and recorded != base and (recorded in KNOWN_BASES or (Path(recorded) / "model_index.json").is_file()):
         theirs, ours = base_family(recorded).name, base_family(base).name
         if theirs != ours:
             raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of {recorded} (family {theirs}), and this "
                                  f"run trains {base} (family {ours})")
-    if denoiser_of(tensors) != denoiser_name:
+    denoiser = base_family(base).denoiser
+    if denoiser_of(tensors) != denoiser:
         raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of a {denoiser_of(tensors)}, and this base's "
-                             f"denoiser is a {denoiser_name}")
-    text_encoders = text_encoders or {}
-    untrained = [name for name in text_encoders_of(tensors) if name not in text_encoders]
-    if untrained:
-        raise LookalikeError(f"train.init_lora: {shown_as} holds a LoRA of the {untrained[0]} too, which this run "
-                             "does not train: set train.train_text_encoder = true")
-    models = {denoiser_name: denoiser, **text_encoders}
-    everything = {denoiser_name: modules_of(tensors, denoiser_name)}
-    everything.update({encoder: {text_layer_in_model(model, name): weights for name, weights in
-                                 modules_of(tensors, encoder).items()} for encoder, model in text_encoders.items()})
-    file_rank = max(down.shape[0] for modules in everything.values() for down, _ in modules.values())
+                             f"denoiser is a {denoiser}")
+    if text_encoders_of(tensors) and not trains_text_encoders:
+        raise LookalikeError(f"train.init_lora: {shown_as} holds a LoRA of the {text_encoders_of(tensors)[0]} too, "
+                             "which this run does not train: set train.train_text_encoder = true")
+    file_rank = max(tensors[key].shape[0] for key in tensors if ".lora_A." in key)
     if file_rank > rank:
         raise LookalikeError(f"train.init_lora: {shown_as} has rank {file_rank}, more than this run's train.rank = "
                              f"{rank}: set train.rank to {file_rank} or more")
+    return tensors, adapter
+
+
+def start_from(denoiser, denoiser_name: str, start: tuple[dict, dict], shown_as: Path, rank: int, alpha: float,
+               text_encoders: dict | None = None) -> int:
+    """Set the adapter "default" of `denoiser` (just made by add_lora, float32), and of each text encoder the run
+    trains (`text_encoders`: component -> model), to start from `start`, what read_start read of the file the
+    config names `shown_as`. Returns how many layers it set."""
+    tensors, adapter = start
+    models = {denoiser_name: denoiser, **(text_encoders or {})}
+    everything = {denoiser_name: modules_of(tensors, denoiser_name)}
+    everything.update({encoder: {text_layer_in_model(model, name): weights for name, weights in
+                                 modules_of(tensors, encoder).items()} for encoder, model in models.items()
+                       if encoder != denoiser_name})
     ratio = (adapter["lora_alpha"] / adapter["r"]) / (alpha / rank)  # the file's scale over the run's
     for component, modules in everything.items():
         _set_layers(models[component], modules, ratio, shown_as)

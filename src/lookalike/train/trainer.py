@@ -45,7 +45,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.face_weights import batch_weights, photo_weights
-from lookalike.train.init_lora import keep_copy, start_from
+from lookalike.train.init_lora import keep_copy, read_start, start_from
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import with_prior
 from lookalike.train.offload import BlockOffload
@@ -266,8 +266,14 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     with accelerator.main_process_first():
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
         folder = resolve_base(config.model.base, config.model.revision)
+        checkpoints = list_checkpoints(run.checkpoints) if resume else []
+        # The LoRA a new run starts from (a resumed one's weights are its checkpoint's), kept in the run's folder
+        # and checked before anything slow is made.
+        start = None
+        if t.init_lora is not None and not checkpoints:
+            own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
+            start = read_start(own_copy, t.init_lora, t.rank, config.model.base, t.train_text_encoder)
         class_examples = class_images(config, console)  # prior preservation's, drawn once by the base
-    checkpoints = list_checkpoints(run.checkpoints) if resume else []
     changes = photo_changes(run, images, config.workspace) if checkpoints else None
     if changes:
         raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes}; put "
@@ -325,11 +331,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     text_encoders = None
     if t.train_text_encoder:
         texts = text_encoders = TrainedTextEncoders(folder, family, t, device, weight_dtype, max_len)
-    if t.init_lora is not None and not checkpoints:  # a resumed run's weights come from its checkpoint
-        own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
-        accelerator.wait_for_everyone()
-        layers = start_from(transformer, family.denoiser, own_copy, t.init_lora, t.rank, t.lora_alpha,
-                            text_encoders.encoders if text_encoders is not None else None, config.model.base)
+    if start is not None:
+        layers = start_from(transformer, family.denoiser, start, t.init_lora, t.rank, t.lora_alpha,
+                            text_encoders.encoders if text_encoders is not None else None)
         console.print(f"train: starting from the LoRA {t.init_lora} ({layers} layers)")
     if t.offload:
         if processes > 1:
