@@ -25,6 +25,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.init_lora import read_start, start_from
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
+from lookalike.train.trainer import train
 from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.test_stable_diffusion import reference_loss, reference_text_encoders
 from tests.test_train import assert_a_killed_run_resumes_exactly
@@ -166,6 +167,10 @@ def test_misuse_is_refused_by_name(tiny_config):
     with pytest.raises(LookalikeError, match="trains the text encoders of FLUX.1 .* this base is flux2's"):
         TrainedTextEncoders(resolve_base("tiny-flux2-klein"), folder_family(resolve_base("tiny-flux2-klein")),
                             TrainConfig(train_text_encoder=True), CPU, torch.float32, 32)
+    klein = load_config(tiny_config(model={"base": "tiny-flux2-klein"}, train={"train_text_encoder": True}))
+    with pytest.raises(LookalikeError, match="trains the text encoders of FLUX.1 .* this base is flux2's"):
+        train(klein, "r")  # before anything is encoded
+    assert not (klein.workspace / "cache").exists()
     with pytest.raises(LookalikeError, match="text_encoder_lr is set, and train_text_encoder is false"):
         load_config(tiny_config(train={"text_encoder_lr": 1e-5}))
     with pytest.raises(LookalikeError, match="train_text_encoder = true holds the text encoders whole in every "
@@ -251,8 +256,6 @@ def test_a_killed_run_that_trains_its_text_encoder_resumes_exactly(tiny_config):
 
 def test_a_run_that_trains_its_text_encoders_caches_no_caption(tiny_config, monkeypatch):
     """Its captions are encoded by the text encoders as they learn: the cache's text encoders never load."""
-    from lookalike.train.trainer import train
-
     def cached(*args, **kwargs):
         raise AssertionError("a run that trains its text encoders encoded captions into the cache")
 

@@ -31,14 +31,19 @@ def text_encoder_lora_config(t):
                       target_modules=TEXT_ENCODER_LAYERS)
 
 
+def check_trainable(family) -> None:
+    """Refuse train_text_encoder for a family whose text encoders lookalike does not train."""
+    if not family.trainable_text_encoders:
+        raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of FLUX.1 (its CLIP), "
+                             f"SD 1.x and SDXL, as their reference scripts' --train_text_encoder does, and this base "
+                             f"is {family.name}'s: set train_text_encoder = false")
+
+
 class TrainedTextEncoders:
     """The base's text encoders on the device, frozen, with a trainable LoRA on each of the family's trainable ones."""
 
     def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
-        if not family.trainable_text_encoders:
-            raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of FLUX.1 (its CLIP), "
-                                 f"SD 1.x and SDXL, as their reference scripts' --train_text_encoder does, and this "
-                                 f"base is {family.name}'s: set train_text_encoder = false")
+        check_trainable(family)
         self.family = family
         self.device = device
         self.max_sequence_length = max_sequence_length

@@ -52,7 +52,7 @@ from lookalike.train.offload import BlockOffload
 from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
-from lookalike.train.text_encoders import TrainedTextEncoders
+from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
 from lookalike.train.trained_on import changed_settings, photo_changes, record_photos, stale_reason
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
@@ -266,6 +266,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     with accelerator.main_process_first():
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
         folder = resolve_base(config.model.base, config.model.revision)
+        if t.train_text_encoder:
+            check_trainable(folder_family(folder))
         checkpoints = list_checkpoints(run.checkpoints) if resume else []
         # The LoRA a new run starts from (a resumed one's weights are its checkpoint's), kept in the run's folder
         # and checked before anything slow is made.
