@@ -69,8 +69,12 @@ def test_all_pairs_contains_the_paired_scores(clip):
     np.testing.assert_allclose(matrix.diagonal().numpy(), scorer.paired(pictures, TEXTS), rtol=1e-5, atol=1e-6)
 
 
-def test_unknown_clip_model_offline_is_a_clear_error():
+def test_unknown_clip_model_offline_is_a_clear_error(monkeypatch):
+    """Offline as HF_HUB_OFFLINE=1 makes it: without it, this machine's blocked network takes ~45 s to fail."""
+    import huggingface_hub.constants
+
     from lookalike.errors import LookalikeError
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(LookalikeError, match="evaluate.clip_model: cannot load 'no-such/clip-model'"):
         load_clip("no-such/clip-model")
