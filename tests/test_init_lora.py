@@ -140,3 +140,16 @@ def test_a_run_checks_the_file_it_starts_from_before_it_encodes_anything(tiny_co
     cache = config.workspace / "cache"
     assert not cache.exists() or not [path for path in cache.rglob("*") if path.is_file()], \
         "no latent or caption was encoded for a run that cannot start"
+
+
+def test_the_dry_run_checks_the_file_a_run_would_start_from(tiny_config, tmp_path):
+    from tests.conftest import run_in_process
+
+    good = made_lora(tmp_path / "good.safetensors")
+    checked = run_in_process("train", str(tiny_config(train={"init_lora": str(good)})), "--dry-run")
+    assert checked.returncode == 0, checked.stderr
+    assert "starts from" in checked.stdout and "good.safetensors" in checked.stdout
+    wide = made_lora(tmp_path / "wide.safetensors", rank=8, alpha=8.0)
+    refused = run_in_process("train", str(tiny_config("wide.toml", train={"init_lora": str(wide)})), "--dry-run")
+    assert refused.returncode != 0
+    assert "error: train.init_lora:" in refused.stderr and "has rank 8" in refused.stderr

@@ -285,6 +285,12 @@ def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:
     if study.train.offload and not study.generate.offload:
         console.print("  note: to draw the study's images on a GPU too small for the base, set [generate] offload = "
                       "true as well", highlight=False)
+    if study.train.init_lora is not None:  # what the file alone can tell, checked now rather than after loading
+        from lookalike.train.init_lora import read_start
+
+        tensors, _ = read_start(study.train.init_lora, study.train.init_lora, study.train.rank, study.model.base,
+                                study.train.train_text_encoder)
+        console.print(f"  starts from {study.train.init_lora} ({len(tensors) // 2} layers)", highlight=False)
 
 
 def _launch_processes(processes: int) -> int:
