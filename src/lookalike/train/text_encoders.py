@@ -17,7 +17,7 @@ import torch
 
 from lookalike.errors import LookalikeError
 from lookalike.models.base import load_pipeline
-from lookalike.models.lora import text_layer_in_file, text_layer_in_model
+from lookalike.models.lora import component_of, text_layer_in_file, text_layer_in_model
 
 # The layers diffusers' reference scripts (train_dreambooth_lora.py, _sdxl.py, _flux.py) adapt in a CLIP text encoder.
 TEXT_ENCODER_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -98,5 +98,5 @@ class TrainedTextEncoders:
 
         for name, encoder in self.encoders.items():
             mine = {text_layer_in_model(encoder, key.removeprefix(f"{name}.")): value for key, value in tensors.items()
-                    if key.split(".", 1)[0] == name}
+                    if component_of(key) == name}
             set_peft_model_state_dict(encoder, mine)
