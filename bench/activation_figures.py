@@ -29,16 +29,23 @@ TEXT_TOKENS = 64
 HEADS = 8
 
 # Per family: a hub base whose published architecture is measured, the config keys of its heads (narrowed to
-# HEADS) and hidden size where it names one, and for each kind of block the config key whose count adds one more
-# block of that kind.
+# HEADS) and hidden size where it names one, the config keys that count its blocks (set to one block each), and
+# for each kind of block the config changes that add one more block of that kind.
 FAMILY_SETUPS = {
-    "flux1": dict(base="flux-dev", heads=("num_attention_heads",),
-                  kinds={"double": "num_layers", "single": "num_single_layers"}),
-    "flux2": dict(base="flux2-klein-4b", heads=("num_attention_heads",),
-                  kinds={"double": "num_layers", "single": "num_single_layers"}),
-    "z-image": dict(base="z-image", heads=("n_heads", "n_kv_heads"), hidden="dim",
-                    kinds={"layer": "n_layers", "refiner": "n_refiner_layers"}),
-    "qwen-image": dict(base="qwen-image", heads=("num_attention_heads",), kinds={"block": "num_layers"}),
+    "flux1": dict(base="flux-dev", heads=("num_attention_heads",), counts=("num_layers", "num_single_layers"),
+                  kinds={"double": {"num_layers": 2}, "single": {"num_single_layers": 2}}),
+    "flux2": dict(base="flux2-klein-4b", heads=("num_attention_heads",), counts=("num_layers", "num_single_layers"),
+                  kinds={"double": {"num_layers": 2}, "single": {"num_single_layers": 2}}),
+    "z-image": dict(base="z-image", heads=("n_heads", "n_kv_heads"), hidden="dim", counts=("n_layers",
+                                                                                            "n_refiner_layers"),
+                    kinds={"layer": {"n_layers": 2}, "refiner": {"n_refiner_layers": 2}}),
+    "qwen-image": dict(base="qwen-image", heads=("num_attention_heads",), counts=("num_layers",),
+                       kinds={"block": {"num_layers": 2}}),
+    # SD3.5 Medium's blocks: a joint block, and one with its second self-attention over the image (MMDiT-X).
+    "sd3": dict(base="sd3.5-medium", heads=("num_attention_heads",), hidden="caption_projection_dim",
+                counts=("num_layers",),
+                fixed={"dual_attention_layers": ()},
+                kinds={"joint": {"num_layers": 2}, "dual": {"num_layers": 2, "dual_attention_layers": (1,)}}),
 }
 
 
@@ -50,7 +57,7 @@ def narrowed(setup: dict) -> dict:
     architecture.update({key: HEADS for key in setup["heads"]})
     if "hidden" in setup:
         architecture[setup["hidden"]] = HEADS * head
-    architecture.update({key: 1 for key in setup["kinds"].values()})
+    architecture.update({key: 1 for key in setup["counts"]}, **setup.get("fixed", {}))
     return architecture
 
 
@@ -87,8 +94,8 @@ def figures(name: str) -> dict[str, float]:
     tokens = IMAGE_SIDE * IMAGE_SIDE + TEXT_TOKENS
     one = saved_values(family, architecture)
     measured = {}
-    for kind, key in setup["kinds"].items():
-        two = saved_values(family, dict(architecture, **{key: 2}))
+    for kind, changes in setup["kinds"].items():
+        two = saved_values(family, dict(architecture, **changes))
         measured[kind] = (two - one) / (tokens * hidden)
     return measured
 

@@ -1,7 +1,7 @@
-"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image), each on a tiny model of its real classes:
-the family recognised from a local folder, its diffusers preset equal to its reference script's default layers, the
-training objective equal to the computation of diffusers' reference script on one fixed batch, and generation
-equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
+"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image, SD3), each on a tiny model of its real
+classes: the family recognised from a local folder, its diffusers preset equal to its reference script's default
+layers, the training objective equal to the computation of diffusers' reference script on one fixed batch, and
+generation equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lookalike.config import load_config
+from lookalike.config import TrainConfig, load_config
 from lookalike.errors import LookalikeError
 from lookalike.generate import generate
 from lookalike.models.base import base_info, load_component, load_pipeline, resolve_base
@@ -22,19 +22,21 @@ from lookalike.models.export import export_lora
 from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
-from lookalike.train.flow_matching import noisy_latents, velocity_target
+from lookalike.train.flow_matching import noisy_latents
 from lookalike.train.trainer import train
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
-        "qwen-image": "tiny-qwen-image"}
+        "qwen-image": "tiny-qwen-image", "sd3": "tiny-sd3"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
 # whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
 # attn.to_out is a list, not a linear layer).
 REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
                     "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
                     "flux2-dev": ("to_k", "to_q", "to_v", "to_out.0"),
-                    "qwen-image": ("to_k", "to_q", "to_v", "to_out.0")}
+                    "qwen-image": ("to_k", "to_q", "to_v", "to_out.0"),
+                    "sd3": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                            "attn.to_out.0", "attn.to_q", "attn.to_v")}
 # The guidance scale fed to a guidance-distilled transformer while training (the reference scripts' default).
 TRAINING_GUIDANCE = 3.5
 # How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt.
@@ -143,6 +145,42 @@ def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sig
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
+def sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+    """train_dreambooth_lora_sd3.py's loss, written out from its own prompt encoding: each CLIP's second-to-last
+    hidden states over 77 tokens (padded to the longest) side by side, padded to T5's width and followed by T5's
+    tokens; both CLIPs' projected pooled outputs side by side; latents (x - shift) * scale, timestep sigma x 1000;
+    the output preconditioned (output x -sigma + noisy latents) against the clean latents."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    vae = AutoencoderKL.load_config(folder, subfolder="vae")
+    hidden, pooled = [], []
+    for suffix in ("", "_2"):
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{suffix}")
+        encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder=f"text_encoder{suffix}")
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            output = encoder(ids, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled.append(output[0])
+    t5_tokenizer = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3")
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3")
+    ids = t5_tokenizer(captions, padding="max_length", max_length=32, truncation=True, add_special_tokens=True,
+                       return_tensors="pt").input_ids
+    with torch.no_grad():
+        t5_embeds = t5(ids)[0]
+    clip_embeds = torch.cat(hidden, dim=-1)
+    clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
+    prompt_embeds = torch.cat([clip_embeds, t5_embeds], dim=-2)
+    model_input = (latents - vae["shift_factor"]) * vae["scaling_factor"]
+    sigma = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - sigma) * model_input + sigma * noise
+    output = transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
+                         pooled_projections=torch.cat(pooled, dim=-1), return_dict=False)[0]
+    prediction = output * (-sigma) + noisy
+    return ((prediction.float() - model_input.float()) ** 2).reshape(len(captions), -1).mean(1).mean()
+
+
 def denoiser_with_a_lora(folder, component: str):
     """The base's denoiser with a seeded rank-4 LoRA of the diffusers preset that changes something (peft starts
     its B matrices at zero)."""
@@ -166,7 +204,7 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
     transformer = denoiser_with_a_lora(folder, "transformer")
     captions = ["a photo of sks man", "sks"]
     generator = torch.Generator().manual_seed(1)
-    channels = transformer.config.in_channels // (1 if family == "z-image" else 4)  # the others pack 2x2 patches
+    channels = transformer.config.in_channels // (1 if family in ("z-image", "sd3") else 4)  # the others pack 2x2
     latents = torch.randn(2, channels, 8, 8, generator=generator)  # as the VAE gives them, before normalisation
     sigmas = torch.tensor([0.3, 0.8])
 
@@ -188,10 +226,10 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
         prediction = lookalike_family.predict(transformer, transformer.config, noisy_latents(x0, packed_noise, sigmas),
                                               sigmas, [texts[c] for c in captions], TRAINING_GUIDANCE, layout,
                                               torch.device("cpu"), torch.float32)
-        ours = torch.nn.functional.mse_loss(prediction, velocity_target(x0, packed_noise)).item()
+        ours = lookalike_family.objective(folder).loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
         reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
                      "flux2-dev": partial(flux2_reference_loss, dev=True),
-                     "qwen-image": qwen_image_reference_loss}[family](
+                     "qwen-image": qwen_image_reference_loss, "sd3": sd3_reference_loss}[family](
             folder, transformer, captions, latents, noise, sigmas).item()
     print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
           f"difference {abs(ours - reference):.2e}")
@@ -277,7 +315,7 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
 
     # Export: diffusers' layout, which the stock pipeline loads and ComfyUI reads for these families; kohya has
     # no layout for them.
-    with pytest.raises(LookalikeError, match="--format kohya: kohya's layout exists for FLUX.1 and SD LoRAs only"):
+    with pytest.raises(LookalikeError, match="--format kohya: kohya's layout exists for FLUX.1, SDXL and SD 1.x LoRAs"):
         export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
     exported = export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers")
     pipe = load_pipeline(resolve_base(TINY[family]))
@@ -313,7 +351,7 @@ def test_dry_run_counts_the_denoisers_parameters_from_the_meta_device(tiny_confi
 
 # The published sizes of each hub base's transformer, in billions of parameters.
 PUBLISHED_BILLIONS = {"flux2-klein-4b": 3.9, "flux2-klein-9b": 9.1, "flux2-dev": 32.2, "z-image": 6.2,
-                      "z-image-turbo": 6.2, "qwen-image": 20.4}
+                      "z-image-turbo": 6.2, "qwen-image": 20.4, "sd3.5-large": 8.1, "sd3-medium": 2.0}
 
 
 @pytest.mark.parametrize("base", PUBLISHED_BILLIONS)

@@ -167,7 +167,10 @@ def load_component(folder: Path, component: str, dtype=None, quantization: str =
         kwargs = {"dtype": dtype} if dtype is not None else {}
         if quantization != "none":
             kwargs["quantization_config"] = quantization_config(quantization, dtype)
-        return loader.from_pretrained(folder, subfolder=component, **kwargs)
+        model = loader.from_pretrained(folder, subfolder=component, **kwargs)
+    if component == family.denoiser:
+        family.adjust_denoiser(model)
+    return model
 
 
 def load_pipeline(folder: Path, dtype=None, **components):
@@ -179,6 +182,8 @@ def load_pipeline(folder: Path, dtype=None, **components):
         pipe = family.pipeline_class().from_pretrained(folder, **{**family.pipeline_overrides(), **components},
                                                        **kwargs)
     family.adjust_pipeline(pipe)
+    if getattr(pipe, family.denoiser, None) is not None:
+        family.adjust_denoiser(getattr(pipe, family.denoiser))
     return pipe
 
 

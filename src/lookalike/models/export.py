@@ -56,8 +56,8 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
     family = base_family(info.get("base_model") or "")  # a file that names no base: as FLUX.1
     fused = None if format == "diffusers" else family.fused_layers(modules_of(tensors), config["lora_alpha"])
     if fused is None and format == "kohya":
-        raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1 and SD LoRAs only; {source} is for "
-                             f"{info['base_model']}: export it with --format comfyui or diffusers")
+        raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1, SDXL and SD 1.x LoRAs only; {source} "
+                             f"is for {info['base_model']}: export it with --format comfyui or diffusers")
     if fused is None:  # diffusers' layout, which ComfyUI reads for this family too
         from peft import LoraConfig
 

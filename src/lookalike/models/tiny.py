@@ -75,6 +75,30 @@ def byte_level_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def tiny_clip_text_encoder(tokenizer, hidden: int, projection: bool, layers: int = 2):
+    """A tiny CLIP text encoder of `layers` layers (SDXL and SD3 read the second-to-last), with a projection of its
+    pooled output where the pipeline reads one (SDXL's second encoder, both of SD3's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                            num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, projection_dim=hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def unigram_t5_tokenizer():
+    """A T5TokenizerFast over a small Unigram vocabulary (characters, with and without the word marker)."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    characters = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen's ChatML, the layout of the prompt the pipeline builds with apply_chat_template.
 QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"

@@ -2,8 +2,11 @@
 names its objective (Family.objective); the trainer draws every random number through it from the run's one
 generator, so a resumed run draws exactly what an uninterrupted one would.
 
-- FlowMatching (FLUX.1, FLUX.2, Z-Image, Qwen-Image): x_t = (1 - sigma) x0 + sigma noise, target noise - x0
+- FlowMatching (FLUX.1, FLUX.2, Z-Image, Qwen-Image, SD3): x_t = (1 - sigma) x0 + sigma noise, target noise - x0
   (train/flow_matching.py); train.timestep_sampling, logit_mean, logit_std and timestep_shift choose sigma.
+  Preconditioned (SD3, as its reference script's default --precondition_outputs): the loss compares the clean
+  latents the predicted velocity implies, x_t - sigma v, with x0, which weights each example's velocity error by
+  sigma squared.
 - NoisePrediction (Stable Diffusion 1.x and XL): DDPM's x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise at a uniform
   integer timestep, target the noise (epsilon) or v = sqrt(a_t) noise - sqrt(1 - a_t) x0, as the base's scheduler
   config says; train.noise_offset and train.snr_gamma (min-SNR weighting) as diffusers' reference scripts apply
@@ -21,6 +24,9 @@ from lookalike.train.flow_matching import noisy_latents, sample_sigmas, velocity
 
 
 class FlowMatching:
+    def __init__(self, preconditioned: bool = False):
+        self.preconditioned = preconditioned
+
     def draw(self, shape: torch.Size, generator: torch.Generator, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(noise, sigmas) for a batch of latents of `shape` (the order of the draws is part of resuming)."""
         noise = torch.randn(shape, generator=generator)
@@ -31,12 +37,19 @@ class FlowMatching:
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         return noisy_latents(x0, noise, sigmas)
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        return velocity_target(x0, noise)
+    def compared(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                 sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the loss compares, with what): the predicted velocity with noise - x0, or, preconditioned, the
+        clean latents it implies with x0."""
+        if not self.preconditioned:
+            return prediction, velocity_target(x0, noise).to(prediction.device)
+        x0, noise = x0.to(prediction.device), noise.to(prediction.device)
+        implied = noisy_latents(x0, noise, sigmas.to(prediction.device)) - _per_example(sigmas, x0) * prediction
+        return implied, x0
 
     def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, t,
              weights: torch.Tensor | None = None):
-        target = self.target(x0, noise, sigmas).to(prediction.device)
+        prediction, target = self.compared(prediction, x0, noise, sigmas)
         if weights is None and t.loss_weighting == "none":
             return torch.nn.functional.mse_loss(prediction.float(), target.float())
         per_example = squared_errors(prediction, target, weights)
@@ -74,12 +87,15 @@ class NoisePrediction:
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, timesteps)
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
+    def compared(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                 timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prediction, its target): the noise, or v."""
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
+        return prediction, target.to(prediction.device)
 
     def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, t,
              weights: torch.Tensor | None = None):
-        target = self.target(x0, noise, timesteps).to(prediction.device)
+        prediction, target = self.compared(prediction, x0, noise, timesteps)
         if t.snr_gamma is None and weights is None:
             return torch.nn.functional.mse_loss(prediction.float(), target.float())
         per_example = squared_errors(prediction, target, weights)
@@ -92,6 +108,11 @@ class NoisePrediction:
         snr = compute_snr(self.scheduler, timesteps)
         snr_weights = torch.clamp(snr, max=t.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
         return (per_example * snr_weights.to(prediction.device)).mean()
+
+
+def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per example, shaped to broadcast over a batch laid out as `like`."""
+    return values.view(-1, *([1] * (like.dim() - 1))).to(like.device, like.dtype)
 
 
 def squared_errors(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -112,6 +133,7 @@ def with_prior(objective, prediction: torch.Tensor, x0: torch.Tensor, noise: tor
     are class examples, whose plain mean squared error against the objective's target is added times `weight`."""
     own = objective.loss(prediction[:subject_rows], x0[:subject_rows], noise[:subject_rows], levels[:subject_rows], t,
                          None if weights is None else weights[:subject_rows])
-    target = objective.target(x0[subject_rows:], noise[subject_rows:], levels[subject_rows:]).to(prediction.device)
-    prior = torch.nn.functional.mse_loss(prediction[subject_rows:].float(), target.float())
+    compared, target = objective.compared(prediction[subject_rows:], x0[subject_rows:], noise[subject_rows:],
+                                          levels[subject_rows:])
+    prior = torch.nn.functional.mse_loss(compared.float(), target.float())
     return own + weight * prior

@@ -11,7 +11,13 @@ from typing import Any
 
 from lookalike.errors import LookalikeError
 from lookalike.models.families.interface import CLIP_L_TEXT, BaseModelInfo, Family
-from lookalike.models.tiny import byte_level_clip_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
+from lookalike.models.tiny import (
+    byte_level_clip_tokenizer,
+    ensure_built,
+    spec_folder_name,
+    tiny_autoencoder,
+    unigram_t5_tokenizer,
+)
 
 CLIP_TOKENS = 77  # FLUX's CLIP prompt length, whatever a tokenizer's config says (as diffusers' scripts do)
 
@@ -80,18 +86,6 @@ class TinySpec:
         return spec_folder_name(f"tiny-flux-v{TINY_FORMAT}", self)
 
 
-def _unigram_t5_tokenizer():
-    """A T5TokenizerFast over a small Unigram vocabulary (characters, with and without the word marker)."""
-    import string
-
-    from transformers import T5TokenizerFast
-
-    characters = string.ascii_letters + string.digits + string.punctuation
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
-
-
 def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     """Build the tiny FluxPipeline in memory, deterministically from spec.seed."""
     import torch
@@ -99,7 +93,7 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec()):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tokenizer = byte_level_clip_tokenizer()
-    t5_tokenizer = _unigram_t5_tokenizer()
+    t5_tokenizer = unigram_t5_tokenizer()
     rope_rest = (spec.attention_head_dim - spec.attention_head_dim // 4) // 2
     axes = (spec.attention_head_dim - 2 * rope_rest, rope_rest, rope_rest)  # sums to the head dimension
 

@@ -83,6 +83,9 @@ class Family:
     def adjust_pipeline(self, pipe) -> None:
         """Settings a loaded pipeline needs whatever its folder's configs say (none by default)."""
 
+    def adjust_denoiser(self, denoiser) -> None:
+        """Settings a loaded denoiser needs whatever its folder's configs say (none by default)."""
+
     def owns(self, denoiser_config) -> bool:
         """Whether a denoiser of this family's class is this family's (for families sharing one class)."""
         return True

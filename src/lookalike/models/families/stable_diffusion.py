@@ -16,7 +16,13 @@ from typing import Any
 
 from lookalike.errors import LookalikeError
 from lookalike.models.families.interface import CLIP_L_TEXT, VAE_FACTOR, BaseModelInfo, Family
-from lookalike.models.tiny import byte_level_clip_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
+from lookalike.models.tiny import (
+    byte_level_clip_tokenizer,
+    ensure_built,
+    spec_folder_name,
+    tiny_autoencoder,
+    tiny_clip_text_encoder,
+)
 
 CLIP_TOKENS = 77  # both bases' CLIP prompt length
 
@@ -63,18 +69,6 @@ class TinyStableDiffusionSpec:
         return spec_folder_name(f"tiny-sd-v{TINY_FORMAT}", self)
 
 
-def _tiny_clip(tokenizer, hidden: int, projection: bool):
-    """A two-layer CLIP text encoder (SDXL reads the second-to-last layer), with a projection of its pooled output
-    for SDXL's second encoder."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_TOKENS,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, projection_dim=hidden)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
 def build_tiny_stable_diffusion(spec: TinyStableDiffusionSpec):
     """The tiny StableDiffusionPipeline (or StableDiffusionXLPipeline), deterministically from spec.seed."""
     import torch
@@ -108,10 +102,10 @@ def build_tiny_stable_diffusion(spec: TinyStableDiffusionSpec):
         torch.manual_seed(spec.seed + 1)
         vae = tiny_autoencoder(spec.vae_channels, 4)
         torch.manual_seed(spec.seed + 2)
-        text_encoder = _tiny_clip(tokenizer, spec.text_hidden, projection=False)
+        text_encoder = tiny_clip_text_encoder(tokenizer, spec.text_hidden, projection=False)
         if spec.xl:
             torch.manual_seed(spec.seed + 3)
-            text_encoder_2 = _tiny_clip(tokenizer, spec.text_hidden, projection=True)
+            text_encoder_2 = tiny_clip_text_encoder(tokenizer, spec.text_hidden, projection=True)
     if spec.xl:
         scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading")
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
