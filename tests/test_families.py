@@ -145,30 +145,31 @@ def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sig
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
-def sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+def sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas, encoders=None):
     """train_dreambooth_lora_sd3.py's loss, written out from its own prompt encoding: each CLIP's second-to-last
     hidden states over 77 tokens (padded to the longest) side by side, padded to T5's width and followed by T5's
     tokens; both CLIPs' projected pooled outputs side by side; latents (x - shift) * scale, timestep sigma x 1000;
-    the output preconditioned (output x -sigma + noisy latents) against the clean latents."""
+    the output preconditioned (output x -sigma + noisy latents) against the clean latents. encoders: the three text
+    encoders by component name (with --train_text_encoder, the CLIPs with its LoRA); default the base's own."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+    encoders = encoders or {
+        "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder"),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
+        "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3")}
     vae = AutoencoderKL.load_config(folder, subfolder="vae")
     hidden, pooled = [], []
     for suffix in ("", "_2"):
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{suffix}")
-        encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder=f"text_encoder{suffix}")
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            output = encoder(ids, output_hidden_states=True)
+        output = encoders[f"text_encoder{suffix}"](ids, output_hidden_states=True)
         hidden.append(output.hidden_states[-2])
         pooled.append(output[0])
     t5_tokenizer = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3")
-    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3")
     ids = t5_tokenizer(captions, padding="max_length", max_length=32, truncation=True, add_special_tokens=True,
                        return_tensors="pt").input_ids
-    with torch.no_grad():
-        t5_embeds = t5(ids)[0]
+    t5_embeds = encoders["text_encoder_3"](ids)[0]
     clip_embeds = torch.cat(hidden, dim=-1)
     clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
     prompt_embeds = torch.cat([clip_embeds, t5_embeds], dim=-2)

@@ -1,7 +1,8 @@
-"""train.train_text_encoder (SD 1.x and SDXL): a LoRA on the text encoders too. The loss and the text encoders'
-gradients equal the reference scripts' (--train_text_encoder) on one fixed batch; a trained run draws what the
-stock pipeline draws with the file loaded (its text encoders' part included, and it matters), in kohya's layout
-and merged too; a killed run resumes exactly; init_lora carries the text encoders' part; misuse is refused."""
+"""train.train_text_encoder (FLUX.1's CLIP, SD 1.x, SDXL, SD3's CLIPs): a LoRA on the text encoders too. The loss
+and the text encoders' gradients equal the reference scripts' (--train_text_encoder) on one fixed batch; a trained
+run draws what the stock pipeline draws with the file loaded (its text encoders' part included, and it matters), in
+kohya's layout (where there is one) and merged too; a killed run resumes exactly; init_lora carries the text
+encoders' part; misuse is refused."""
 
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.init_lora import read_start, start_from
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
 from lookalike.train.trainer import train
-from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
+from tests.test_families import denoiser_with_a_lora, sd3_reference_loss, stock_image, train_sampled_run
 from tests.test_stable_diffusion import reference_loss, reference_text_encoders
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
-TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}  # FLUX.1's CLIP has tests of its own here
+TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}  # FLUX.1's CLIPs and SD3's have tests of their own here
 CPU = torch.device("cpu")
 
 
@@ -212,15 +213,63 @@ def test_init_lora_starts_the_text_encoders_too_and_refuses_a_run_that_does_not_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", {"flux1": "tiny", **TINY})
+def test_sd3s_loss_and_its_clip_gradients_equal_the_reference_scripts():
+    """SD3's --train_text_encoder trains both CLIPs (T5 stays frozen): the same one-batch check, against the
+    script's own prompt encoding through the CLIPs with its LoraConfig and lookalike's weights."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    folder = resolve_base("tiny-sd3")
+    family = folder_family(folder)
+    texts = text_encoders_with_a_lora(folder, max_sequence_length=32)
+    transformer = denoiser_with_a_lora(folder, "transformer")
+    captions = ["a photo of sks man", "sks"]
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    sigmas = torch.tensor([0.3, 0.8])
+    objective = family.objective(folder)
+    x0, layout = family.model_input(latents, family.latent_normalisation(folder))
+    prediction = family.predict(transformer, transformer.config, objective.noisy(x0, noise, sigmas), sigmas,
+                                [texts[c] for c in captions], 1.0, layout, CPU, torch.float32)
+    ours = objective.loss(prediction, x0, noise, sigmas, TrainConfig())
+    ours.backward()
+    assert not any(p.requires_grad for p in texts.pipe.text_encoder_3.parameters()), "T5 stays frozen"
+
+    encoders = {"text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3")}
+    weights = texts.lora_state_dict()
+    for name in ("text_encoder", "text_encoder_2"):
+        clip = encoders[name] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder=name)
+        clip.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=TEXT_ENCODER_LAYERS))
+        loaded = set_peft_model_state_dict(clip, {text_layer_in_model(clip, k.removeprefix(f"{name}.")): v
+                                                  for k, v in weights.items() if k.split(".", 1)[0] == name})
+        assert not loaded.unexpected_keys
+    transformer.zero_grad()
+    reference = sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas, encoders=encoders)
+    reference.backward()
+    print(f"sd3 with its CLIPs trained: lookalike {ours.item():.8f}, reference script {reference.item():.8f}, "
+          f"difference {abs(ours.item() - reference.item()):.2e}")
+    assert abs(ours.item() - reference.item()) < 1e-5
+    compared = 0
+    for name in ("text_encoder", "text_encoder_2"):
+        for key, parameter in encoders[name].named_parameters():
+            if parameter.requires_grad:
+                torch.testing.assert_close(texts.encoders[name].get_parameter(key).grad, parameter.grad,
+                                           rtol=1e-4, atol=1e-7)
+                compared += 1
+    assert compared == 2 * 8 * 2, "q, k, v and out of both tiny layers, A and B, in both CLIPs"
+
+
+@pytest.mark.parametrize("family", {"flux1": "tiny", **TINY, "sd3": "tiny-sd3"})
 def test_a_run_that_trains_its_text_encoders_draws_what_the_stock_pipeline_draws(tiny_config, tmp_path, family):
-    base = {"flux1": "tiny", **TINY}[family]
+    base = {"flux1": "tiny", **TINY, "sd3": "tiny-sd3"}[family]
     lora, ours = train_sampled_run(tiny_config, base, train_text_encoder=True, text_encoder_lr=5e-3)
     tensors = load_file(lora)
-    denoiser = "transformer" if family == "flux1" else "unet"
-    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    denoiser = folder_family(resolve_base(base)).denoiser
+    encoders = ["text_encoder"] + (["text_encoder_2"] if family in ("sdxl", "sd3") else [])
     assert sorted({key.split(".", 1)[0] for key in tensors}) == sorted([denoiser, *encoders])
-    stock = {"guidance_scale": 4.0, **({"max_sequence_length": 32} if family == "flux1" else {})}  # tiny's T5 length
+    t5_length = {"max_sequence_length": 32} if family in ("flux1", "sd3") else {}  # the tiny T5's prompt length
+    stock = {"guidance_scale": 4.0, **t5_length}
     with_lora = stock_image(base, lora, **stock)
     assert np.abs(ours - with_lora).max() <= 1, "within 1/255 of the stock pipeline with the LoRA"
     denoiser_only = tmp_path / "denoiser-only.safetensors"
@@ -228,6 +277,12 @@ def test_a_run_that_trains_its_text_encoders_draws_what_the_stock_pipeline_draws
     assert np.abs(with_lora - stock_image(base, denoiser_only, **stock)).max() > 1, \
         "the text encoders' LoRA changes the image"
 
+    halves = merge_loras(lora, lora, tmp_path / "halves.safetensors", (0.5, 0.5))
+    assert np.abs(ours - stock_image(base, halves, **stock)).max() <= 1, \
+        "half of it plus half of it is it, text encoders included"
+    if family == "sd3":  # no kohya layout: diffusers' layout, which ComfyUI reads too, keeps every key
+        assert load_file(export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui")).keys() == tensors.keys()
+        return
     kohya = load_file(export_lora(lora, tmp_path / "kohya.safetensors", "kohya"))
     prefixes = {"flux1": ["lora_te1", "lora_unet"], "sd1": ["lora_te", "lora_unet"],
                 "sdxl": ["lora_te1", "lora_te2", "lora_unet"]}[family]
@@ -241,9 +296,6 @@ def test_a_run_that_trains_its_text_encoders_draws_what_the_stock_pipeline_draws
     if family != "flux1":  # diffusers' converter of kohya's FLUX.1 files takes full-size layer widths only
         assert np.abs(ours - stock_image(base, tmp_path / "kohya.safetensors", **stock)).max() <= 1, \
             "the kohya file, text encoders included, draws the same image"
-    halves = merge_loras(lora, lora, tmp_path / "halves.safetensors", (0.5, 0.5))
-    assert np.abs(ours - stock_image(base, halves, **stock)).max() <= 1, \
-        "half of it plus half of it is it, text encoders included"
 
 
 @pytest.mark.slow
@@ -292,6 +344,9 @@ def test_the_dry_run_counts_the_text_encoders_a_run_trains(tiny_config, monkeypa
                                           train={"train_text_encoder": True}))
     flux = estimate(flux_config, "bf16")
     assert flux.text_encoder_parameters / 1e6 == pytest.approx(123.1 + 4893.9, abs=0.2)
+    # SD3.5 holds both CLIPs (the first with its 0.6 M projection, CLIPTextModelWithProjection) and its frozen T5.
+    sd3 = estimate(load_config(tiny_config(model={"base": "sd3.5-large"}, train={"train_text_encoder": True})), "bf16")
+    assert sd3.text_encoder_parameters / 1e6 == pytest.approx(123.1 + 0.6 + 694.7 + 4893.9, abs=0.2)
     lighter = dict(lighter_settings(flux_config, "bf16", flux))
     without = estimate(flux_config.with_train({"train_text_encoder": False}, "test"), "bf16").total
     assert lighter["train.train_text_encoder=false (the captions cached, the text encoders unloaded)"] == \

@@ -26,7 +26,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     base: str = "flux-dev"
     """A base of one of the model families (models/families/: flux-dev, flux2-klein-4b, flux2-dev, z-image,
-    qwen-image, ..., and their tiny models), or a local diffusers folder, its family told by its model_index.json."""
+    qwen-image, sdxl, sd15, sd3.5-large, ..., and their tiny models), or a local diffusers folder, its family told
+    by its model_index.json."""
     revision: str | None = None
     max_sequence_length: int | None = Field(None, ge=1, le=512)
     """Text tokens per prompt; None takes the base model's own default (512 for dev and Z-Image, 256 for schnell)."""
@@ -163,7 +164,7 @@ class TrainConfig(Section):
     """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
     every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""
     train_text_encoder: bool = False
-    """Train a LoRA on the text encoders too (FLUX.1's CLIP, SD 1.x's and SDXL's: the reference scripts'
+    """Train a LoRA on the text encoders too (FLUX.1's CLIP, SD 1.x's, SDXL's and SD3's CLIPs: the reference scripts'
     --train_text_encoder, and kohya's default for SD), on their attention's q, k, v and out projections at the
     run's rank and alpha. The captions are then encoded at every step instead of once. Not with shard."""
     text_encoder_lr: float | None = Field(None, gt=0)

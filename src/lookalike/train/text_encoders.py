@@ -1,8 +1,8 @@
-"""Training the text encoders too (train.train_text_encoder; FLUX.1's CLIP, SD 1.x and SDXL): a LoRA on each of the
-family's trainable text encoders, on the attention's q, k, v and out projections as diffusers' reference scripts
-add it with --train_text_encoder (the others, FLUX.1's T5, stay frozen and encode beside them). The captions are
-then encoded at every step, through the pipeline's own encode_prompt (so as generation encodes them), instead of
-once into the cache.
+"""Training the text encoders too (train.train_text_encoder; FLUX.1's CLIP, SD 1.x, SDXL and SD3's CLIPs): a LoRA on
+each of the family's trainable text encoders, on the attention's q, k, v and out projections as diffusers' reference
+scripts add it with --train_text_encoder (the others, FLUX.1's and SD3's T5, stay frozen and encode beside them).
+The captions are then encoded at every step, through the pipeline's own encode_prompt (so as generation encodes
+them), instead of once into the cache.
 
 TrainedTextEncoders stands where the trainer otherwise holds the cached embeddings: `texts[caption]` is the
 caption's embeddings, named as the family caches them, with gradients to the LoRA while training.
@@ -35,8 +35,8 @@ def check_trainable(family) -> None:
     """Refuse train_text_encoder for a family whose text encoders lookalike does not train."""
     if not family.trainable_text_encoders:
         raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of FLUX.1 (its CLIP), "
-                             f"SD 1.x and SDXL, as their reference scripts' --train_text_encoder does, and this base "
-                             f"is {family.name}'s: set train_text_encoder = false")
+                             f"SD 1.x, SDXL and SD3 (its CLIPs), as their reference scripts' --train_text_encoder "
+                             f"does, and this base is {family.name}'s: set train_text_encoder = false")
 
 
 class TrainedTextEncoders:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import CLIP_L_TEXT, BaseModelInfo, Family
+from lookalike.models.families.interface import CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo, Family
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -34,12 +34,6 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
                 use_quant_conv=False, use_post_quant_conv=False)
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-
-# FLUX.1's T5 text encoder as published (google/t5-v1_1-xxl's encoder, 4.8B parameters), which a run that trains
-# its CLIP holds beside it.
-T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-                      relative_attention_max_distance=128)
 
 MLP_RATIO = 4  # FLUX.1's MLP width over its hidden size: a single block's linear1 is 3 hidden + 4 hidden wide
 

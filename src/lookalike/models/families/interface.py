@@ -9,10 +9,18 @@ from typing import Any
 
 VAE_FACTOR = 8  # pixels per latent: every family's VAE downsamples 8 times
 
-# OpenAI's CLIP ViT-L/14 text model as published (text_encoder/config.json of FLUX.1, SD 1.x and SDXL; 123M
-# parameters), for `--dry-run` of a run that trains or holds it, without a download.
+# The text encoders several families hold, as published, for `--dry-run` of a run that trains or holds them,
+# without a download. OpenAI's CLIP ViT-L/14 text model (text_encoder/config.json of FLUX.1, SD 1.x, SDXL and SD3;
+# 123M parameters):
 CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
                    num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+# OpenCLIP ViT-bigG/14's text model with its projection (SDXL's and SD3's second; 695M parameters):
+CLIP_BIG_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+                       num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
+# google/t5-v1_1-xxl's encoder (FLUX.1's and SD3's T5; 4.8B parameters):
+T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                      relative_attention_max_distance=128)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo, Family
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -136,6 +136,10 @@ class StableDiffusion3(Family):
     hub_ignore = ["sd3*.safetensors", "text_encoders/*"]
     takes_negative_prompt = True
     negative_prompt = ""  # the pipeline's own negative prompt when none is given
+    # The script's --train_text_encoder trains both CLIPs (T5 stays frozen), named in kohya's way as SDXL's are.
+    trainable_text_encoders = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    published_text_encoders = {"text_encoder": CLIP_L_TEXT, "text_encoder_2": CLIP_BIG_G_TEXT,
+                               "text_encoder_3": T5_XXL_ENCODER}
     modelspec_architectures = {"sd3-medium": "stable-diffusion-3-m/lora",
                                "sd3.5-large": "stable-diffusion-3-5-large/lora"}
     # Measured by bench/activation_figures.py on SD3.5 Medium's blocks: a joint block, and one with the second

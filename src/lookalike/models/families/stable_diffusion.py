@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import CLIP_L_TEXT, VAE_FACTOR, BaseModelInfo, Family
+from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, VAE_FACTOR, BaseModelInfo, Family
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -38,10 +38,6 @@ SDXL_UNET = dict(act_fn="silu", addition_embed_type="text_time", addition_time_e
                  layers_per_block=2, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
                  sample_size=128, transformer_layers_per_block=[1, 2, 10],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
-# SDXL's second text encoder as published: OpenCLIP ViT-bigG/14's text model with its projection (695M parameters;
-# its first is CLIP_L_TEXT, as SD 1.x's).
-CLIP_BIG_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
-                       num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
 # Both bases' noise schedule: DDPM's scaled-linear betas over 1000 timesteps, predicting the noise.
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                    steps_offset=1, prediction_type="epsilon")
