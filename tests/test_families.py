@@ -352,7 +352,8 @@ def test_dry_run_counts_the_denoisers_parameters_from_the_meta_device(tiny_confi
 
 # The published sizes of each hub base's transformer, in billions of parameters.
 PUBLISHED_BILLIONS = {"flux2-klein-4b": 3.9, "flux2-klein-9b": 9.1, "flux2-dev": 32.2, "z-image": 6.2,
-                      "z-image-turbo": 6.2, "qwen-image": 20.4, "sd3.5-large": 8.1, "sd3-medium": 2.0}
+                      "z-image-turbo": 6.2, "qwen-image": 20.4, "qwen-image-2512": 20.4, "flux-krea-dev": 11.9,
+                      "sd3.5-large": 8.1, "sd3-medium": 2.0}
 
 
 @pytest.mark.parametrize("base", PUBLISHED_BILLIONS)

@@ -171,6 +171,9 @@ class Flux1(Family):
     published_text_encoders = {"text_encoder": CLIP_L_TEXT, "text_encoder_2": T5_XXL_ENCODER}
     bases = {
         "flux-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-dev", 512, 28, architecture=FLUX_TRANSFORMER),
+        # FLUX.1 Krea [dev]: FLUX.1-dev's architecture, trained further for photographic realism (gated too).
+        "flux-krea-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-Krea-dev", 512, 28,
+                                       architecture=FLUX_TRANSFORMER),
         "flux-schnell": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False,
                                       architecture=dict(FLUX_TRANSFORMER, guidance_embeds=False)),
         "tiny": BaseModelInfo("flux1", None, 32, 28),
@@ -195,7 +198,8 @@ class Flux1(Family):
     activation_figures = {"double": 13.2, "single": 11.2}
     backward_working = 11.0
     kohya_base_version = "flux1"
-    modelspec_architectures = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
+    modelspec_architectures = {"flux-dev": "flux-1-dev/lora", "flux-krea-dev": "flux-1-dev/lora",
+                               "flux-schnell": "flux-1-schnell/lora"}
 
     def text_shapes(self, architecture, tokens):
         return {"prompt_embeds": (tokens, architecture["joint_attention_dim"]),

@@ -97,8 +97,11 @@ class QwenImage(Family):
                   "tokenizer": ("transformers", "AutoTokenizer")}
     text_components = ("text_encoder", "tokenizer")
     bases = {
-        # The pipeline's own defaults: 50 steps, true CFG 4.0.
+        # The pipeline's own defaults: 50 steps, true CFG 4.0. Qwen-Image-2512 is its December 2025 update, of the
+        # same architecture (more realistic people, its card says).
         "qwen-image": BaseModelInfo("qwen-image", "Qwen/Qwen-Image", 512, 50, architecture=QWEN_IMAGE_TRANSFORMER),
+        "qwen-image-2512": BaseModelInfo("qwen-image", "Qwen/Qwen-Image-2512", 512, 50,
+                                         architecture=QWEN_IMAGE_TRANSFORMER),
         "tiny-qwen-image": BaseModelInfo("qwen-image", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_qwen_image.py adapts to_q, to_k, to_v and to_out.0 (the image stream's
