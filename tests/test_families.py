@@ -240,8 +240,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
 def comfyui_lora_keys(family: str, transformer) -> set[str]:
     """The diffusers-named layers ComfyUI's LoRA loader takes as `transformer.<layer>` for each family, transcribed
     from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.2 through flux_to_diffusers
-    (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), Qwen-Image every weight of its
-    model, whose layers have diffusers' names."""
+    (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), SD3 through mmdit_to_diffusers,
+    Qwen-Image every weight of its model, whose layers have diffusers' names."""
     config = transformer.config
     if family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
         double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
@@ -256,6 +256,11 @@ def comfyui_lora_keys(family: str, transformer) -> set[str]:
         prefixes = [f"layers.{i}" for i in range(config.n_layers)] + [
             f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(config.n_refiner_layers)]
         names = [f"{prefix}.{layer}" for prefix in prefixes for layer in block]
+    elif family == "sd3":  # mmdit_to_diffusers: each joint block's layers (none of SD3.5 Medium's attn2)
+        block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                 "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
+        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in block]
     else:
         names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
     return {f"transformer.{name}" for name in names}

@@ -124,13 +124,14 @@ class StableDiffusion3(Family):
         "tiny-sd3": BaseModelInfo("sd3", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_sd3.py adapts, by default, every block's joint attention: the image's
-    # to_q/k/v/out.0 and the text's add_q/k/v_proj and to_add_out (its peft suffixes `attn.<layer>`, so SD3.5
-    # Medium's second attention, attn2, is left alone). attention adds attn2 where there is one; attention+mlp
-    # the feed-forward of both streams.
+    # to_q/k/v/out.0 and the text's add_q/k/v_proj and to_add_out (its peft suffixes `attn.<layer>`); attention
+    # is that set too, and attention+mlp adds both streams' feed-forward. No preset adapts SD3.5 Medium's second
+    # attention over the image (attn2), as the script does not: ComfyUI's SD3 key map has no names for it, so a
+    # LoRA of it would not load there.
     target_modules = {
-        "attention": rf"{_BLOCK}\.(attn|attn2)\.{_PROJECTIONS}",
+        "attention": rf"{_BLOCK}\.attn\.{_PROJECTIONS}",
         "diffusers": rf"{_BLOCK}\.attn\.{_PROJECTIONS}",
-        "attention+mlp": rf"{_BLOCK}\.((attn|attn2)\.{_PROJECTIONS}|{_MLP})",
+        "attention+mlp": rf"{_BLOCK}\.(attn\.{_PROJECTIONS}|{_MLP})",
     }
     # The single-file checkpoints beside the diffusers folders (ComfyUI's: the model and its text encoders).
     hub_ignore = ["sd3*.safetensors", "text_encoders/*"]
