@@ -41,6 +41,12 @@ FAMILY_SETUPS = {
                     kinds={"layer": {"n_layers": 2}, "refiner": {"n_refiner_layers": 2}}),
     "qwen-image": dict(base="qwen-image", heads=("num_attention_heads",), counts=("num_layers",),
                        kinds={"block": {"num_layers": 2}}),
+    # Krea 2's blocks, at 12 heads (its 4:1 grouped-query attention and its feed-forward's 8/3 of the hidden size
+    # kept whole). Its text-fusion blocks run before any layer the LoRA adapts, so they keep nothing.
+    "krea2": dict(base="krea2-raw", heads=(), counts=("num_layers", "num_layerwise_text_blocks",
+                                                      "num_refiner_text_blocks"),
+                  fixed={"num_attention_heads": 12, "num_key_value_heads": 3, "intermediate_size": 4096},
+                  kinds={"block": {"num_layers": 2}}),
     # SD3.5 Medium's blocks: a joint block, and one with its second self-attention over the image (MMDiT-X).
     "sd3": dict(base="sd3.5-medium", heads=("num_attention_heads",), hidden="caption_projection_dim",
                 counts=("num_layers",),

@@ -1,7 +1,7 @@
-"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image, SD3), each on a tiny model of its real
-classes: the family recognised from a local folder, its diffusers preset equal to its reference script's default
-layers, the training objective equal to the computation of diffusers' reference script on one fixed batch, and
-generation equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
+"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image, Krea 2, SD3), each on a tiny model of
+its real classes: the family recognised from a local folder, its diffusers preset equal to its reference script's
+default layers, the training objective equal to the computation of diffusers' reference script on one fixed batch,
+and generation equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from lookalike.train.trainer import train
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
-        "qwen-image": "tiny-qwen-image", "sd3": "tiny-sd3"}
+        "qwen-image": "tiny-qwen-image", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
 # whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
 # attn.to_out is a list, not a linear layer).
@@ -35,6 +35,9 @@ REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
                     "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
                     "flux2-dev": ("to_k", "to_q", "to_v", "to_out.0"),
                     "qwen-image": ("to_k", "to_q", "to_v", "to_out.0"),
+                    "krea2": ("img_in", "final_layer.linear", "to_q", "to_k", "to_v", "to_out.0", "to_gate", "ff.up",
+                              "ff.down", "text_fusion.projector", "txt_in.linear_1", "txt_in.linear_2",
+                              "time_embed.linear_1", "time_embed.linear_2", "time_mod_proj"),
                     "sd3": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                             "attn.to_out.0", "attn.to_q", "attn.to_v")}
 # The guidance scale fed to a guidance-distilled transformer while training (the reference scripts' default).
@@ -145,6 +148,34 @@ def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sig
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
+def krea2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+    """train_dreambooth_lora_krea2.py's loss, written out: the stock pipeline's prompt encoding (its fixed-length
+    template, padding included, and the mask), one-frame latents normalised per channel ((x - mean) * (1 / std)),
+    2x2 patches packed as the script inlines it, rotary ids from Krea2Pipeline.prepare_position_ids, timestep
+    t / 1000, the output unpacked, target noise - x."""
+    from diffusers import AutoencoderKLQwenImage, Krea2Pipeline
+
+    vae = AutoencoderKLQwenImage.load_config(folder, subfolder="vae")
+    stock = Krea2Pipeline.from_pretrained(folder, transformer=None, vae=None)
+    with torch.no_grad():
+        prompt_embeds, prompt_embeds_mask = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
+    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
+    model_input = (latents[:, :, None] - mean) * inverse_std  # (B, C, 1, H, W)
+    sigma = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = ((1.0 - sigma) * model_input + sigma * noise).permute(0, 2, 1, 3, 4)
+    batch, channels, _, height, width = model_input.shape
+    packed = noisy.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    packed = packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
+    ids = Krea2Pipeline.prepare_position_ids(prompt_embeds.shape[1], height // 2, width // 2, "cpu")
+    timesteps = sigmas * 1000
+    prediction = transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds, timestep=timesteps / 1000,
+                             position_ids=ids, encoder_attention_mask=prompt_embeds_mask, return_dict=False)[0]
+    prediction = prediction.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    prediction = prediction.reshape(batch, channels, 1, height, width)
+    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
+
+
 def sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas, encoders=None):
     """train_dreambooth_lora_sd3.py's loss, written out from its own prompt encoding: each CLIP's second-to-last
     hidden states over 77 tokens (padded to the longest) side by side, padded to T5's width and followed by T5's
@@ -216,7 +247,7 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
 
         noise = torch.randn(2, channels * 4, 4, 4, generator=generator)
         packed_noise = Flux2KleinPipeline._pack_latents(noise)
-    elif family == "qwen-image":  # the script's noise is beside its (B, C, 1, H, W) latents
+    elif family in ("qwen-image", "krea2"):  # the script's noise is beside its (B, C, 1, H, W) latents
         from diffusers import QwenImagePipeline
 
         noise = torch.randn(2, channels, 1, 8, 8, generator=generator)
@@ -230,7 +261,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
         ours = lookalike_family.objective(folder).loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
         reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
                      "flux2-dev": partial(flux2_reference_loss, dev=True),
-                     "qwen-image": qwen_image_reference_loss, "sd3": sd3_reference_loss}[family](
+                     "qwen-image": qwen_image_reference_loss, "krea2": krea2_reference_loss,
+                     "sd3": sd3_reference_loss}[family](
             folder, transformer, captions, latents, noise, sigmas).item()
     print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
           f"difference {abs(ours - reference):.2e}")
@@ -327,6 +359,10 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
     pipe = load_pipeline(resolve_base(TINY[family]))
     pipe.load_lora_weights(str(exported.parent), weight_name=exported.name)
     assert pipe.get_active_adapters() == ["default_0"]
+    if not folder_family(resolve_base(TINY[family])).comfyui_layout_known:
+        with pytest.raises(LookalikeError, match="--format comfyui: no ComfyUI layout is known for krea2 LoRAs"):
+            export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui")
+        return
     comfyui = load_file(export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui"))
     assert comfyui.keys() == load_file(exported).keys()
     assert_comfyui_reads(family, resolve_base(TINY[family]), comfyui)

@@ -15,7 +15,8 @@ lora_te1_ and lora_te2_; FLUX.1's CLIP: lora_te1_) with the text model's layer n
 (lora_te_text_model_encoder_layers_0_self_attn_q_proj).
 
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
-FLUX.2, Z-Image and Qwen-Image), so their ComfyUI layout is diffusers', and kohya has none.
+FLUX.2, Z-Image, Qwen-Image and SD3), so their ComfyUI layout is diffusers', and kohya has none. Krea 2 has no
+layout ComfyUI is known to read: its LoRAs export in diffusers' layout only.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
     if fused is None and format == "kohya":
         raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1, SDXL and SD 1.x LoRAs only; {source} "
                              f"is for {info['base_model']}: export it with --format comfyui or diffusers")
+    if format == "comfyui" and not family.comfyui_layout_known:
+        raise LookalikeError(f"--format comfyui: no ComfyUI layout is known for {family.name} LoRAs; {source} is for "
+                             f"{info['base_model']}: export it with --format diffusers")
     if fused is None:  # diffusers' layout, which ComfyUI reads for this family too
         from peft import LoraConfig
 

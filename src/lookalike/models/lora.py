@@ -34,12 +34,13 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
     from peft import LoraConfig
 
     targets = denoiser_family(transformer).target_modules[target]
-    # A rank above a layer's narrower side adds parameters that cannot change anything: a user's slip.
+    # A rank above every adapted layer's narrower side adds parameters that cannot change anything: a user's slip.
+    # (Above some layers' only is usual: Krea 2's reference set adapts a 12-to-1 projection at any rank.)
     widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
               if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*(?:{targets})", name)]
-    if widths and rank > min(widths):
-        raise LookalikeError(f"train.rank = {rank} is more than the narrowest adapted layer's width {min(widths)}: "
-                             f"a LoRA's rank can be at most {min(widths)} on this base")
+    if widths and rank > max(widths):
+        raise LookalikeError(f"train.rank = {rank} is more than any adapted layer's width: a LoRA's rank can be at "
+                             f"most {max(widths)} on this base")
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank,

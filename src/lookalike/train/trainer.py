@@ -542,7 +542,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     transformer.eval()
     if isinstance(texts, TrainedTextEncoders):
         texts.eval()
-    pipe = family.sample_pipeline(transformer, vae, load_component(folder, "scheduler"))
+    pipe = family.sample_pipeline(folder, transformer, vae, load_component(folder, "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     dtype = next(vae.parameters()).dtype
     with torch.no_grad():

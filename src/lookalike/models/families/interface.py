@@ -57,6 +57,7 @@ class Family:
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
     comfyui_reads_kohya = False  # ComfyUI's layout is kohya's (SD UNets), not diffusion_model.<layer> (FLUX.1)
+    comfyui_layout_known = True  # ComfyUI is known to read this family's LoRAs (in diffusers' layout, or kohya's)
     # The text encoders a run may train a LoRA on (train.train_text_encoder), as the family's reference script does
     # with --train_text_encoder, and each one's prefix in kohya's layout (lora_te_<layer>).
     trainable_text_encoders: dict[str, str] = {}
@@ -109,8 +110,9 @@ class Family:
         """Components every pipeline of the family is loaded with instead of its folder's (none by default)."""
         return {}
 
-    def sample_pipeline(self, denoiser, vae, scheduler):
-        """The family's pipeline around a training denoiser, drawing from cached embeddings (no text encoders)."""
+    def sample_pipeline(self, folder: Path, denoiser, vae, scheduler):
+        """The family's pipeline around a training denoiser, drawing from cached embeddings (no text encoders);
+        `folder`: the base's."""
         return self.pipeline_class()(scheduler=scheduler, vae=vae, **{self.denoiser: denoiser},
                                      **{name: None for name in self.text_components}, **self.pipeline_overrides())
 

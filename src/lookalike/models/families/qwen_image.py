@@ -42,15 +42,25 @@ class TinyQwenImageSpec:
         return spec_folder_name(f"tiny-qwen-image-v{TINY_FORMAT}", self)
 
 
+def tiny_qwen_image_vae(base_dim: int, latent_channels: int):
+    """A tiny AutoencoderKLQwenImage (Qwen-Image's and Krea 2's VAE): 8x downsampling, channel statistics unlike 0
+    and 1 so that the normalisation is exercised as the real one is."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = AutoencoderKLQwenImage(
+        base_dim=base_dim, z_dim=latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True], latents_mean=[0.1 * (i - 1) for i in range(latent_channels)],
+        latents_std=[0.5 + 0.25 * i for i in range(latent_channels)])
+    with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
+        vae.quant_conv.bias[latent_channels:] = -12.0
+    return vae
+
+
 def build_tiny_qwen_image(spec: TinyQwenImageSpec = TinyQwenImageSpec()):
     """The tiny QwenImagePipeline, built in memory deterministically from spec.seed."""
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = byte_level_qwen_tokenizer()
@@ -63,13 +73,7 @@ def build_tiny_qwen_image(spec: TinyQwenImageSpec = TinyQwenImageSpec()):
             num_layers=spec.num_layers, attention_head_dim=head, num_attention_heads=spec.num_attention_heads,
             joint_attention_dim=spec.text_hidden, axes_dims_rope=(head // 4, 3 * head // 8, 3 * head // 8))
         torch.manual_seed(spec.seed + 1)
-        # Channel statistics unlike 0 and 1, so that the normalisation is exercised as the real one is.
-        vae = AutoencoderKLQwenImage(
-            base_dim=spec.vae_base, z_dim=spec.latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-            temperal_downsample=[False, True, True], latents_mean=[0.1 * (i - 1) for i in range(spec.latent_channels)],
-            latents_std=[0.5 + 0.25 * i for i in range(spec.latent_channels)])
-        with torch.no_grad():  # a nearly deterministic posterior, as a trained VAE's (see models/tiny.py)
-            vae.quant_conv.bias[spec.latent_channels:] = -12.0
+        vae = tiny_qwen_image_vae(spec.vae_base, spec.latent_channels)
         torch.manual_seed(spec.seed + 2)
         text = dict(hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
@@ -87,7 +91,31 @@ def build_tiny_qwen_image(spec: TinyQwenImageSpec = TinyQwenImageSpec()):
                              transformer=transformer)
 
 
-class QwenImage(Family):
+class QwenImageLatents:
+    """The latents of a family with Qwen-Image's VAE (Qwen-Image, Krea 2): one frame of a video VAE, normalised per
+    channel by its config's latents_mean and latents_std, packed into 2x2 tokens."""
+
+    def encode_pixels(self, vae, pixels):
+        posterior = vae.encode(pixels[None, :, None]).latent_dist  # one frame of a video
+        return posterior.mean[0, :, 0], posterior.std[0, :, 0]
+
+    def latent_normalisation(self, folder: Path):
+        import torch
+
+        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        return (torch.tensor(config["latents_mean"]).view(1, -1, 1, 1),
+                torch.tensor(config["latents_std"]).view(1, -1, 1, 1))
+
+    def model_input(self, latents, normalisation):
+        from diffusers import QwenImagePipeline
+
+        mean, std = normalisation
+        latents = (latents - mean) / std
+        batch, channels, height, width = latents.shape
+        return QwenImagePipeline._pack_latents(latents, batch, channels, height, width), (height, width)
+
+
+class QwenImage(QwenImageLatents, Family):
     name = "qwen-image"
     pipeline_class_name = "QwenImagePipeline"
     components = {"transformer": ("diffusers", "QwenImageTransformer2DModel"),
@@ -131,29 +159,10 @@ class QwenImage(Family):
         embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)
         return {"prompt_embeds": embeds[0]}  # one caption: no padding, every token is its own
 
-    def encode_pixels(self, vae, pixels):
-        posterior = vae.encode(pixels[None, :, None]).latent_dist  # one frame of a video
-        return posterior.mean[0, :, 0], posterior.std[0, :, 0]
-
     def guidance_arguments(self, guidance, by_embeddings) -> dict:
         if guidance is None:
             return {"true_cfg_scale": 1.0}
         return {"true_cfg_scale": guidance, **({} if by_embeddings else {"negative_prompt": self.negative_prompt})}
-
-    def latent_normalisation(self, folder: Path):
-        import torch
-
-        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        return (torch.tensor(config["latents_mean"]).view(1, -1, 1, 1),
-                torch.tensor(config["latents_std"]).view(1, -1, 1, 1))
-
-    def model_input(self, latents, normalisation):
-        from diffusers import QwenImagePipeline
-
-        mean, std = normalisation
-        latents = (latents - mean) / std
-        batch, channels, height, width = latents.shape
-        return QwenImagePipeline._pack_latents(latents, batch, channels, height, width), (height, width)
 
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
         import torch
