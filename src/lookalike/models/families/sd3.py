@@ -52,11 +52,12 @@ TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizers change,
 
 @dataclass(frozen=True)
 class TinySD3Spec:
-    """Sizes of a tiny SD3 of the real classes: two blocks, the first with SD3.5 Medium's second attention."""
+    """Sizes of a tiny SD3 of the real classes: two blocks, the second with SD3.5 Medium's second attention (as
+    its blocks after the first have, whose input already depends on the LoRA)."""
 
     seed: int = 0
     layers: int = 2
-    dual_attention_layers: tuple[int, ...] = (0,)
+    dual_attention_layers: tuple[int, ...] = (1,)
     heads: int = 2
     head_dim: int = 8
     clip_hidden: int = 16  # each CLIP's width: side by side they are the pooled embedding's
