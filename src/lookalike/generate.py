@@ -34,7 +34,7 @@ from lookalike.models.base import (
     resolve_base,
     training_resolution,
 )
-from lookalike.models.families import base_family, pipeline_family
+from lookalike.models.families import FAMILIES, base_family, pipeline_family
 from lookalike.models.lora import check_lora_file, load_lora_into
 from lookalike.progress import progress_bar
 from lookalike.workspace import Workspace, atomic_path, write_json
@@ -181,8 +181,9 @@ def _check_negative_prompt(config: StudyConfig) -> None:
         return
     info = base_info(config.model.base)
     if not (base_family(config.model.base).takes_negative_prompt and info.guidance):
+        guiding = ", ".join(sorted(family.name for family in FAMILIES.values() if family.takes_negative_prompt))
         raise LookalikeError(f"generate.negative_prompt: {config.model.base} does not guide against a negative prompt "
-                             "(SDXL, SD 1.x, Z-Image and Qwen-Image do); leave it unset for this base")
+                             f"(the bases of {guiding} do); leave it unset for this base")
 
 
 def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = (),
