@@ -202,3 +202,52 @@ def test_an_offloaded_pipeline_draws_the_same_images_at_every_strength(tiny_conf
     assert names == ["p00_s0_g5_l0.5.png", "p00_s0_g5_l1.png"], names
     for name in names:
         np.testing.assert_array_equal(pixels(offloaded / name), pixels(whole / name))
+
+
+@pytest.mark.slow
+def test_a_lora_trained_on_one_base_is_drawn_with_another_of_its_family(tiny_config, tmp_path):
+    """Krea 2's recipe (train on RAW, draw with Turbo), with a local distilled copy of tiny Krea 2 as Turbo: its own
+    8 steps and no guidance, the image the stock pipeline of that folder draws with the run's file; the training
+    samples and class images stay the trained base's."""
+    import shutil
+
+    import torch
+    from diffusers import Krea2Pipeline
+
+    from lookalike.errors import LookalikeError
+    from lookalike.models.base import guidance_scales, resolve_base
+    from lookalike.train.prior import drawing_config
+
+    turbo = tmp_path / "bases" / "krea2-turbo-like"
+    shutil.copytree(resolve_base("tiny-krea2"), turbo)
+    index = json.loads((turbo / "model_index.json").read_text())
+    (turbo / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    path = tiny_config(model={"base": "tiny-krea2"}, data={"crop": "center"},
+                       train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 4, "sample_steps": 2},
+                       generate={"base": "bases/krea2-turbo-like", "guidance_scales": [4.0]})
+    loaded = load_config(path)
+    config = loaded.model_copy(update={"generate": loaded.generate.model_copy(update={"num_inference_steps": None})})
+    assert config.generate.base == str(turbo), "a local folder is taken relative to the config file"
+    assert guidance_scales(config) == [None] and guidance_scales(config, config.model.base) == [4.0], \
+        "drawn without guidance; the trained base's samples with it"
+    assert drawing_config(config).generate.base is None, "class images come from the trained base"
+
+    lora = train(config, "r")
+    folder = generate(config, run="r")
+    sidecar = json.loads((folder / "p00_s0.json").read_text())
+    assert (sidecar["base_model"], sidecar["steps"], sidecar["guidance_scale"]) == (str(turbo), 8, None)
+    stock = Krea2Pipeline.from_pretrained(turbo)
+    stock.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    stock.set_progress_bar_config(disable=True)
+    expected = np.asarray(stock(prompt="a photo of sks", height=64, width=64, num_inference_steps=8,
+                                guidance_scale=0.0, max_sequence_length=32,
+                                generator=torch.Generator("cpu").manual_seed(0)).images[0]).astype(int)
+    assert np.abs(pixels(folder / "p00_s0.png").astype(int) - expected).max() <= 1
+
+    with pytest.raises(LookalikeError, match="generate.base: tiny-z-image is a z-image base, and the LoRAs of "
+                                             "model.base tiny-krea2 are krea2's"):
+        generate(config.model_copy(update={"generate": config.generate.model_copy(update={"base": "tiny-z-image"})}),
+                 run="r")
+    with pytest.raises(LookalikeError, match="generate.base: 'krea2-trubo' is neither a known model"):
+        generate(config.model_copy(update={"generate": config.generate.model_copy(update={"base": "krea2-trubo"})}),
+                 run="r")

@@ -104,8 +104,9 @@ for base, checkpointing, resolution in json.loads(sys.argv[2]):
 # activations outweigh the noise; the tiny UNets, whose activations are per pixel and larger, at 512 px.
 MEASURED = [("tiny", False, 1024), ("tiny", True, 1024), ("tiny-flux2-klein", False, 1024),
             ("tiny-z-image", False, 1024), ("tiny-z-image", True, 1024), ("tiny-qwen-image", False, 1024),
-            ("tiny-krea2", False, 1024), ("tiny-krea2", True, 1024), ("tiny-sd3", False, 1024), ("tiny-sd3", True, 1024),
-            ("tiny-sd15", False, 512), ("tiny-sd15", True, 512), ("tiny-sdxl", False, 512), ("tiny-sdxl", True, 512)]
+            ("tiny-krea2", False, 1024), ("tiny-krea2", True, 1024), ("tiny-sd3", False, 1024),
+            ("tiny-sd3", True, 1024), ("tiny-sd15", False, 512), ("tiny-sd15", True, 512), ("tiny-sdxl", False, 512),
+            ("tiny-sdxl", True, 512)]
 
 
 @pytest.mark.slow

@@ -333,6 +333,11 @@ class TrainConfig(Section):
 
 
 class GenerateConfig(Section):
+    base: str | None = None
+    """The base images are drawn with; None: the one trained on ([model] base, or an experiment's). Another base of
+    the same family, as LoRAs trained on a non-distilled base are drawn with its distilled one (Krea 2's reference
+    recipe: trained on krea2-raw, drawn with krea2-turbo; z-image and z-image-turbo alike). Its own steps and
+    guidance apply. A local diffusers folder is taken relative to the config file."""
     prompts: list[str] = Field(["a photo of {token}"], min_length=1)
     seeds: list[int] = Field([0], min_length=1)
     guidance_scales: list[float] = Field([5.0], min_length=1)
@@ -644,6 +649,7 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
                                  f"folder {data}, where prepare writes and removes files; keep the photos in a folder "
                                  "of their own")
     model = config.model.model_copy(update={"base": _base(config.model.base, base_dir)})
+    generate = config.generate.model_copy(update={"base": _base(config.generate.base, base_dir)})
     train = config.train.model_copy(update={"init_lora": _path(config.train.init_lora, base_dir)})
     relative = {"base": _base, "init_lora": _path}  # the keys an experiment or a factor may give as a path
     sweep = config.sweep.model_copy(update={
@@ -652,7 +658,7 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
         "factors": {key: [relative[key](level, base_dir) for level in levels] if key in relative else levels
                     for key, levels in config.sweep.factors.items()}})
     return config.model_copy(update={"workspace": workspace, "subject": subject, "more_subjects": more,
-                                     "model": model, "train": train, "sweep": sweep})
+                                     "model": model, "generate": generate, "train": train, "sweep": sweep})
 
 
 def _base(base: str | None, base_dir: Path) -> str | None:

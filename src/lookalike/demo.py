@@ -26,13 +26,14 @@ from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import ImageScore, clip_prompt
 from lookalike.generate import image_size, offload_pipeline, render
 from lookalike.models.base import (
+    drawing_base,
     guidance_scales,
     inference_dtype,
     inference_steps,
     load_pipeline,
     max_sequence_length,
     pick_device,
-    resolve_base,
+    resolve_drawing_base,
 )
 from lookalike.models.lora import check_lora_file, load_lora_into, lookalike_metadata
 from lookalike.workspace import Workspace, atomic_path, write_json
@@ -91,8 +92,7 @@ class DemoModels:
     def pipe(self):
         if self._pipe is None:
             device = pick_device()
-            pipe = load_pipeline(resolve_base(self.config.model.base, self.config.model.revision),
-                                 dtype=inference_dtype(device))
+            pipe = load_pipeline(resolve_drawing_base(self.config), dtype=inference_dtype(device))
             if self.config.generate.offload:  # LoRAs load later: diffusers offloads their weights as they come
                 offload_pipeline(pipe, device)
             else:
@@ -206,7 +206,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             guidance = float(guidance) if takes_guidance else None
             image = models.render(loras, prompt, int(seed), guidance, int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": guidance, "steps": int(steps),
-                     "size": side, "loras": loras, "base_model": config.model.base}
+                     "size": side, "loras": loras, "base_model": drawing_base(config)}
             path = models.keep_image(image, facts)
             scores = models.score(path, prompt, references)
         except DemoError as error:
@@ -245,7 +245,9 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
 
     choices = models.lora_choices()
     with gr.Blocks(title=f"lookalike: {config.name}", delete_cache=(TEMPORARY_FILES_S, TEMPORARY_FILES_S)) as app:
-        gr.Markdown(f"# lookalike: {config.name}\nBase model `{config.model.base}`, subject `{config.subject.token}`."
+        drawn = "" if drawing_base(config) == config.model.base else f", drawn with `{drawing_base(config)}`"
+        gr.Markdown(f"# lookalike: {config.name}\nBase model `{config.model.base}`{drawn}, subject "
+                    f"`{config.subject.token}`."
                     " Every image is scored at once against the reference photos below.")
         references = gr.State(starting_references)
         history = gr.State([])

@@ -25,13 +25,15 @@ from lookalike.data.images import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import (
     base_info,
+    check_drawing_base,
+    drawing_base,
     guidance_scales,
     inference_dtype,
     inference_steps,
     load_pipeline,
     max_sequence_length,
     pick_device,
-    resolve_base,
+    resolve_drawing_base,
     training_resolution,
 )
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
@@ -116,7 +118,7 @@ def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]
     g = config.generate
     loras = [{**lora, "weight": lora["weight"] * strength(job)} for lora in loras]
     settings = {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance,
-                "steps": inference_steps(config), "size": image_size(config), "base_model": config.model.base,
+                "steps": inference_steps(config), "size": image_size(config), "base_model": drawing_base(config),
                 "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
                 "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
     # Only when given: images made before the setting existed stay current.
@@ -179,10 +181,10 @@ def apply_loras(pipe, adapters: list[tuple[Path, float]], fuse: bool) -> list[di
 def _check_negative_prompt(config: StudyConfig) -> None:
     if config.generate.negative_prompt is None:
         return
-    info = base_info(config.model.base)
-    if not (base_family(config.model.base).takes_negative_prompt and info.guidance):
+    base = drawing_base(config)
+    if not (base_family(base).takes_negative_prompt and base_info(base).guidance):
         guiding = ", ".join(sorted(family.name for family in FAMILIES.values() if family.takes_negative_prompt))
-        raise LookalikeError(f"generate.negative_prompt: {config.model.base} does not guide against a negative prompt "
+        raise LookalikeError(f"generate.negative_prompt: {base} does not guide against a negative prompt "
                              f"(the bases of {guiding} do); leave it unset for this base")
 
 
@@ -208,10 +210,11 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     adapters = list(zip(loras, weights))
     for path, _ in adapters:
         check_lora_file(path)  # refuse a bad file before loading a multi-GB model
+    check_drawing_base(config)
     _check_negative_prompt(config)
     folder = out or output_folder(config, run, adapters, checkpoint)
     if "guidance_scales" in config.generate.model_fields_set and guidance_scales(config) == [None]:
-        console.print(f"note: {config.model.base} takes no guidance: generate.guidance_scales is not used, and each "
+        console.print(f"note: {drawing_base(config)} takes no guidance: generate.guidance_scales is not used, and each "
                       "prompt and seed makes one image")
     fingerprints = lora_fingerprints(adapters)
     planned = [(job, job_settings(config, job, fingerprints)) for job in image_jobs(config, with_lora=bool(adapters))]
@@ -223,8 +226,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     # 1. The pipeline with the LoRAs (as diffusers' adapters, or fused into the weights when asked), then
     # compiled if asked.
     device = pick_device()
-    base_folder = resolve_base(config.model.base, config.model.revision)
-    pipe = load_pipeline(base_folder, dtype=inference_dtype(device))
+    pipe = load_pipeline(resolve_drawing_base(config), dtype=inference_dtype(device))
     pipe = pipe if config.generate.offload else pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if config.generate.vae_tiling:
@@ -257,7 +259,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
                 "prompt": job.prompt, "prompt_index": job.prompt_index, "seed": job.seed,
                 "guidance_scale": job.guidance, "lora_scale": job.lora_scale, "steps": settings["steps"],
                 "size": settings["size"],
-                "base_model": config.model.base, "run": run, "checkpoint": checkpoint if run else None,
+                "base_model": drawing_base(config), "run": run, "checkpoint": checkpoint if run else None,
                 "loras": [{**info, "weight": weight * strength(job)} for info, (_, weight) in zip(lora_info, adapters)],
                 "settings": settings,
             })

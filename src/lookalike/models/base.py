@@ -47,15 +47,44 @@ def base_info(base: str) -> BaseModelInfo:
     return base_family(base).local_info(Path(base))
 
 
+def drawing_base(config) -> str:
+    """The base images are drawn with: [generate] base, else the one trained on."""
+    return config.generate.base or config.model.base
+
+
+def check_drawing_base(config) -> None:
+    """Refuse a drawing base other than the trained one's family (its LoRAs would not load into it), before
+    anything is loaded or downloaded."""
+    base = drawing_base(config)
+    if base == config.model.base:
+        return
+    if base not in KNOWN_BASES and not (Path(base) / "model_index.json").is_file():
+        raise LookalikeError(f"generate.base: {base!r} is neither a known model ({', '.join(KNOWN_BASES)}) nor a "
+                             "local diffusers folder")
+    drawing, trained = base_family(base), base_family(config.model.base)
+    if drawing is not trained:
+        raise LookalikeError(f"generate.base: {base} is a {drawing.name} base, and the LoRAs of model.base "
+                             f"{config.model.base} are {trained.name}'s: draw with a base of that family")
+
+
+def resolve_drawing_base(config) -> Path:
+    """The drawing base's folder (model.revision applies to model.base only)."""
+    check_drawing_base(config)
+    base = drawing_base(config)
+    return resolve_base(base, config.model.revision if base == config.model.base else None)
+
+
 def inference_steps(config) -> int:
-    """[generate] num_inference_steps, else the base's own (28 for FLUX.1-dev, 4 for schnell, 50 for Z-Image)."""
-    return config.generate.num_inference_steps or base_info(config.model.base).steps
+    """[generate] num_inference_steps, else the drawing base's own (28 for FLUX.1-dev, 4 for schnell, 50 for
+    Z-Image)."""
+    return config.generate.num_inference_steps or base_info(drawing_base(config)).steps
 
 
-def guidance_scales(config) -> list[float | None]:
+def guidance_scales(config, base: str | None = None) -> list[float | None]:
     """The guidance scales images are made at: [generate] guidance_scales, or [None] for a base that takes no
-    guidance (schnell), whose images would be the same at every scale."""
-    return list(config.generate.guidance_scales) if base_info(config.model.base).guidance else [None]
+    guidance (schnell), whose images would be the same at every scale. `base`: the one drawing (default the
+    drawing base; training samples and class images are drawn by the trained one)."""
+    return list(config.generate.guidance_scales) if base_info(base or drawing_base(config)).guidance else [None]
 
 
 def training_resolution(config) -> int:

@@ -27,11 +27,12 @@ def class_prompt(config: StudyConfig) -> str:
 
 def drawing_config(config: StudyConfig) -> StudyConfig:
     """The settings class images are drawn with: the class prompt, seeds 0 to N - 1, the study's first guidance
-    scale, the base alone, at the run's training size."""
+    scale, the base trained on alone (what the LoRA should keep drawing for the class), at the run's training
+    size."""
     g = config.generate.model_copy(update={
-        "prompts": [config.prior.class_prompt], "seeds": list(range(config.prior.num_class_images)),
-        "guidance_scales": [guidance_scales(config)[0] or 0.0], "lora_scales": [1.0], "fuse_lora": False,
-        "resolution": training_resolution(config)})
+        "base": None, "prompts": [config.prior.class_prompt], "seeds": list(range(config.prior.num_class_images)),
+        "guidance_scales": [guidance_scales(config, config.model.base)[0] or 0.0], "lora_scales": [1.0],
+        "fuse_lora": False, "resolution": training_resolution(config)})
     return config.model_copy(update={"generate": g})
 
 

@@ -550,7 +550,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
         embeddings = [family.pipeline_embeddings(texts[prompt], negative, vae.device, dtype) for prompt in prompts]
     paths = [run.samples / f"step-{step:06d}_p{index}.png" for index in range(len(prompts))]
     for prompt_embeddings, path in zip(embeddings, paths):
-        image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config)[0],
+        image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config, config.model.base)[0],
                        steps=config.train.sample_steps, size=training_resolution(config), max_sequence_length=max_len,
                        embeddings=prompt_embeddings)
         if write:
