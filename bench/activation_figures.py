@@ -41,6 +41,8 @@ FAMILY_SETUPS = {
                     kinds={"layer": {"n_layers": 2}, "refiner": {"n_refiner_layers": 2}}),
     "qwen-image": dict(base="qwen-image", heads=("num_attention_heads",), counts=("num_layers",),
                        kinds={"block": {"num_layers": 2}}),
+    "qwen-image21": dict(base="qwen-image-2.1", heads=("num_attention_heads",), counts=("num_layers",),
+                         kinds={"block": {"num_layers": 2}}),
     # Krea 2's blocks, at 12 heads (its 4:1 grouped-query attention and its feed-forward's 8/3 of the hidden size
     # kept whole). Its text-fusion blocks run before any layer the LoRA adapts, so they keep nothing.
     "krea2": dict(base="krea2-raw", heads=(), counts=("num_layers", "num_layerwise_text_blocks",
@@ -74,7 +76,8 @@ def saved_values(family, architecture: dict) -> int:
     transformer = family.component_class("transformer").from_config(architecture)
     add_lora(transformer, 16, 16.0, "attention")
     parameters = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
-    latents = torch.randn(1, family.latent_channels(architecture), IMAGE_SIDE * 2, IMAGE_SIDE * 2)
+    side = IMAGE_SIDE * family.latent_patch
+    latents = torch.randn(1, family.latent_channels(architecture), side, side)
     noisy, layout = family.model_input(latents, (0.0, 1.0))  # normalised as (x - 0) * 1: values do not matter
     text = {name: torch.randn(shape) for name, shape in family.text_shapes(architecture, TEXT_TOKENS).items()}
     saved: dict[int, int] = {}

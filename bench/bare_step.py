@@ -43,7 +43,8 @@ def family_batch(family, transformer, resolution: int, text_tokens: int, device,
     """One random example of `resolution` pixels for any family, called through the family as the trainer calls
     it: a forward function and its target."""
     config = transformer.config
-    latents = torch.randn(1, family.latent_channels(config), resolution // 8, resolution // 8)
+    latents = torch.randn(1, family.latent_channels(config), resolution // family.vae_factor,
+                          resolution // family.vae_factor)
     noisy, layout = family.model_input(latents, (0.0, 1.0))  # normalised as (x - 0) * 1: values do not matter
     text = {name: torch.randn(shape, device=device, dtype=dtype)
             for name, shape in family.text_shapes(config, text_tokens).items()}

@@ -1,7 +1,7 @@
-"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image, Krea 2, SD3), each on a tiny model of
-its real classes: the family recognised from a local folder, its diffusers preset equal to its reference script's
-default layers, the training objective equal to the computation of diffusers' reference script on one fixed batch,
-and generation equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
+"""The families beyond FLUX.1 (Z-Image, FLUX.2 [klein] and [dev], Qwen-Image and 2.1, Krea 2, SD3), each on a tiny
+model of its real classes: the family recognised from a local folder, its diffusers preset equal to its reference
+script's default layers, the training objective equal to the computation of diffusers' reference script on one
+fixed batch, and generation equal to the stock pipeline with the LoRA file loaded. (FLUX.1 has its own tests.)"""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from lookalike.train.trainer import train
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
-        "qwen-image": "tiny-qwen-image", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
+        "qwen-image": "tiny-qwen-image", "qwen-image21": "tiny-qwen-image21", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
 # whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
 # attn.to_out is a list, not a linear layer).
@@ -35,6 +35,7 @@ REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
                     "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
                     "flux2-dev": ("to_k", "to_q", "to_v", "to_out.0"),
                     "qwen-image": ("to_k", "to_q", "to_v", "to_out.0"),
+                    "qwen-image21": ("to_k", "to_q", "to_v", "to_out.0"),
                     "krea2": ("img_in", "final_layer.linear", "to_q", "to_k", "to_v", "to_out.0", "to_gate", "ff.up",
                               "ff.down", "text_fusion.projector", "txt_in.linear_1", "txt_in.linear_2",
                               "time_embed.linear_1", "time_embed.linear_2", "time_mod_proj"),
@@ -42,8 +43,9 @@ REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
                             "attn.to_out.0", "attn.to_q", "attn.to_v")}
 # The guidance scale fed to a guidance-distilled transformer while training (the reference scripts' default).
 TRAINING_GUIDANCE = 3.5
-# How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt.
-STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}}
+# How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt; Qwen-Image 2.1
+# draws without guidance.
+STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}, "qwen-image21": {}}
 
 
 @pytest.mark.parametrize("family", TINY)
@@ -148,6 +150,34 @@ def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sig
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
+def qwen_image21_reference_loss(folder, transformer, captions, latents, noise, sigmas):
+    """train_dreambooth_lora_qwenimage21.py's loss, written out: the stock pipeline's prompt encoding (its
+    embeddings and mask), one-frame latents normalised per channel ((x - mean) * (1 / std)), flattened one latent a
+    token, img_shapes and the image slots (one per 2x2 latents) after the prompt's, timestep t / 1000, the
+    prediction's tail unpacked, target noise - x."""
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Pipeline
+
+    vae = AutoencoderKLQwenImage21.load_config(folder, subfolder="vae")
+    stock = QwenImage21Pipeline.from_pretrained(folder, transformer=None, vae=None)
+    with torch.no_grad():
+        prompt_embeds, prompt_embeds_mask, _ = stock.encode_prompt(captions, device="cpu")
+    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
+    model_input = (latents[:, :, None] - mean) * inverse_std  # (B, C, 1, H, W)
+    sigma = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1.0 - sigma) * model_input + sigma * noise
+    batch, channels, _, height, width = model_input.shape
+    packed = QwenImage21Pipeline._pack_latents(noisy, batch, channels, height, width)
+    slots = torch.cat([torch.zeros(batch, prompt_embeds.shape[1], dtype=torch.bool),
+                       torch.ones(batch, height * width // 4, dtype=torch.bool)], dim=1)
+    timesteps = sigmas * 1000
+    prediction = transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds,
+                             encoder_hidden_states_mask=prompt_embeds_mask, timestep=timesteps / 1000,
+                             img_shapes=[[(1, height, width)]] * batch, img_mask=slots, return_dict=False)[0]
+    prediction = QwenImage21Pipeline._unpack_latents(prediction[:, -packed.shape[1]:], height * 16, width * 16, 16)
+    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
+
+
 def krea2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
     """train_dreambooth_lora_krea2.py's loss, written out: the stock pipeline's prompt encoding (its fixed-length
     template, padding included, and the mask), one-frame latents normalised per channel ((x - mean) * (1 / std)),
@@ -236,7 +266,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
     transformer = denoiser_with_a_lora(folder, "transformer")
     captions = ["a photo of sks man", "sks"]
     generator = torch.Generator().manual_seed(1)
-    channels = transformer.config.in_channels // (1 if family in ("z-image", "sd3") else 4)  # the others pack 2x2
+    unpacked = ("z-image", "sd3", "qwen-image21")
+    channels = transformer.config.in_channels // (1 if family in unpacked else 4)  # the others pack 2x2
     latents = torch.randn(2, channels, 8, 8, generator=generator)  # as the VAE gives them, before normalisation
     sigmas = torch.tensor([0.3, 0.8])
 
@@ -247,11 +278,12 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
 
         noise = torch.randn(2, channels * 4, 4, 4, generator=generator)
         packed_noise = Flux2KleinPipeline._pack_latents(noise)
-    elif family in ("qwen-image", "krea2"):  # the script's noise is beside its (B, C, 1, H, W) latents
-        from diffusers import QwenImagePipeline
+    elif family in ("qwen-image", "krea2", "qwen-image21"):  # the script's noise is beside its (B, C, 1, H, W) latents
+        from diffusers import QwenImage21Pipeline, QwenImagePipeline
 
         noise = torch.randn(2, channels, 1, 8, 8, generator=generator)
-        packed_noise = QwenImagePipeline._pack_latents(noise[:, :, 0], 2, channels, 8, 8)
+        pack = QwenImage21Pipeline._pack_latents if family == "qwen-image21" else QwenImagePipeline._pack_latents
+        packed_noise = pack(noise[:, :, 0], 2, channels, 8, 8)
     else:
         noise = packed_noise = torch.randn(latents.shape, generator=generator)
     with torch.no_grad():
@@ -261,7 +293,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
         ours = lookalike_family.objective(folder).loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
         reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
                      "flux2-dev": partial(flux2_reference_loss, dev=True),
-                     "qwen-image": qwen_image_reference_loss, "krea2": krea2_reference_loss,
+                     "qwen-image": qwen_image_reference_loss, "qwen-image21": qwen_image21_reference_loss,
+                     "krea2": krea2_reference_loss,
                      "sd3": sd3_reference_loss}[family](
             folder, transformer, captions, latents, noise, sigmas).item()
     print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
@@ -332,8 +365,9 @@ def stock_image(base: str, lora_file=None, **arguments) -> np.ndarray:
     if lora_file is not None:
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     pipe.set_progress_bar_config(disable=True)
-    return np.asarray(pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
-                           generator=torch.Generator("cpu").manual_seed(0), **arguments).images[0]).astype(int)
+    image = pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
+                 generator=torch.Generator("cpu").manual_seed(0), **arguments).images[0]
+    return np.asarray(image.convert("RGB")).astype(int)  # Qwen-Image 2.1 draws RGBA; lookalike keeps the colour
 
 
 @pytest.mark.slow
@@ -346,7 +380,8 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
         metadata = handle.metadata()
     assert metadata["lookalike.base_model"] == TINY[family]
     assert "ss_base_model_version" not in metadata, "never labelled as another family's (FLUX.1's) LoRA"
-    stock = dict(STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0}), max_sequence_length=32)
+    text_length = folder_family(resolve_base(TINY[family])).text_arguments(32)  # the tiny text encoder's length
+    stock = dict(STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0}), **text_length)
     assert np.abs(ours - stock_image(TINY[family], lora, **stock)).max() <= 1, \
         "within 1/255 of the stock pipeline with the LoRA"
     assert np.abs(ours - stock_image(TINY[family], **stock)).max() > 1, "the LoRA changed the image"
@@ -360,7 +395,7 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
     pipe.load_lora_weights(str(exported.parent), weight_name=exported.name)
     assert pipe.get_active_adapters() == ["default_0"]
     if not folder_family(resolve_base(TINY[family])).comfyui_layout_known:
-        with pytest.raises(LookalikeError, match="--format comfyui: no ComfyUI layout is known for krea2 LoRAs"):
+        with pytest.raises(LookalikeError, match=f"--format comfyui: no ComfyUI layout is known for {family} LoRAs"):
             export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui")
         return
     comfyui = load_file(export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui"))
@@ -437,3 +472,12 @@ def test_gpu_memory_is_read_as_users_write_it():
     for text in ("lots", "0GB", "24TB"):
         with pytest.raises(LookalikeError, match=f"--gpu-memory: '{text}' is not a memory size like 24GB"):
             parse_gpu_memory(text)
+
+
+def test_a_side_the_denoiser_cannot_take_is_refused_by_name_before_anything_is_encoded(tiny_config):
+    """Qwen-Image 2.1's pipeline takes sides in multiples of 32 px (its VAE's 16 times its 2x2 image slots)."""
+    config = load_config(tiny_config(model={"base": "tiny-qwen-image21"}, train={"resolution": 48}))
+    with pytest.raises(LookalikeError, match="the run trains at 48 px .* tiny-qwen-image21 takes sides that are "
+                                             "multiples of 32 px"):
+        train(config, "r")
+    assert not (config.workspace / "cache").exists()

@@ -77,7 +77,8 @@ def measure(base, checkpointing, resolution):
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     config = transformer.config
-    latents = torch.randn(1, family.latent_channels(config), resolution // 8, resolution // 8)
+    latents = torch.randn(1, family.latent_channels(config), resolution // family.vae_factor,
+                          resolution // family.vae_factor)
     noisy, layout = family.model_input(latents, (0.0, 1.0))
     text = {name: torch.randn(shape) for name, shape in family.text_shapes(config, text_tokens).items()}
     def step():
@@ -104,9 +105,9 @@ for base, checkpointing, resolution in json.loads(sys.argv[2]):
 # activations outweigh the noise; the tiny UNets, whose activations are per pixel and larger, at 512 px.
 MEASURED = [("tiny", False, 1024), ("tiny", True, 1024), ("tiny-flux2-klein", False, 1024),
             ("tiny-z-image", False, 1024), ("tiny-z-image", True, 1024), ("tiny-qwen-image", False, 1024),
-            ("tiny-krea2", False, 1024), ("tiny-krea2", True, 1024), ("tiny-sd3", False, 1024),
-            ("tiny-sd3", True, 1024), ("tiny-sd15", False, 512), ("tiny-sd15", True, 512), ("tiny-sdxl", False, 512),
-            ("tiny-sdxl", True, 512)]
+            ("tiny-qwen-image21", False, 1024), ("tiny-krea2", False, 1024), ("tiny-krea2", True, 1024),
+            ("tiny-sd3", False, 1024), ("tiny-sd3", True, 1024), ("tiny-sd15", False, 512), ("tiny-sd15", True, 512),
+            ("tiny-sdxl", False, 512), ("tiny-sdxl", True, 512)]
 
 
 @pytest.mark.slow

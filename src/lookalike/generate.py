@@ -89,7 +89,10 @@ def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, ma
         output_type=output_type,
         callback_on_step_end=callback,
     )
-    return result.images[0]
+    # Images are RGB everywhere after this (scoring, grids, the demo): a pipeline that draws RGBA (Qwen-Image 2.1)
+    # has its alpha channel dropped.
+    image = result.images[0]
+    return image.convert("RGB") if output_type == "pil" and image.mode != "RGB" else image
 
 
 def output_folder(config: StudyConfig, run: str | None, loras: list[tuple[Path, float]],

@@ -191,7 +191,7 @@ def load_component(folder: Path, component: str, dtype=None, quantization: str =
     family = folder_family(folder)
     with _naming_failures(folder, component):
         loader = family.component_class(component)
-        if component.startswith("tokenizer") or component == "scheduler":
+        if component.startswith("tokenizer") or component in ("scheduler", "processor"):  # no weights
             return loader.from_pretrained(folder, subfolder=component)
         kwargs = {"dtype": dtype} if dtype is not None else {}
         if quantization != "none":

@@ -15,8 +15,8 @@ lora_te1_ and lora_te2_; FLUX.1's CLIP: lora_te1_) with the text model's layer n
 (lora_te_text_model_encoder_layers_0_self_attn_q_proj).
 
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
-FLUX.2, Z-Image, Qwen-Image and SD3), so their ComfyUI layout is diffusers', and kohya has none. Krea 2 has no
-layout ComfyUI is known to read: its LoRAs export in diffusers' layout only.
+FLUX.2, Z-Image, Qwen-Image and SD3), so their ComfyUI layout is diffusers', and kohya has none. Krea 2 and
+Qwen-Image 2.1 have no layout ComfyUI is known to read: their LoRAs export in diffusers' layout only.
 """
 
 from __future__ import annotations

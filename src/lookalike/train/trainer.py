@@ -292,6 +292,11 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # train.extra_resolutions, an example of each photo at each side.
     multiple = family.pixel_multiple(read_json(folder / family.denoiser / "config.json"))
     sides = training_sides(config)
+    for side in sides:
+        if side % multiple:
+            raise LookalikeError(f"train.resolution: the run trains at {side} px ([train] resolution, else [data] "
+                                 f"resolution, and train.extra_resolutions), and {config.model.base} takes sides "
+                                 f"that are multiples of {multiple} px: set one that is")
     sizes = [training_size(image, side, multiple) for side in sides for image in images]
     images = [image for _ in sides for image in images]
 

@@ -7,8 +7,8 @@ LoRA target presets, and how a pipeline is handed cached embeddings. The trainer
 the CLI ask the family; none of them knows a base's internals.
 
 Families: FLUX.1 (flux1.py), FLUX.2 [klein] (flux2.py), FLUX.2 [dev] (flux2_dev.py), Qwen-Image (qwen_image.py),
-Z-Image (z_image.py), Krea 2 (krea2.py), Stable Diffusion 1.x and XL (stable_diffusion.py), and Stable Diffusion 3
-and 3.5 (sd3.py).
+Qwen-Image 2.1 (qwen_image21.py), Z-Image (z_image.py), Krea 2 (krea2.py), Stable Diffusion 1.x and XL
+(stable_diffusion.py), and Stable Diffusion 3 and 3.5 (sd3.py).
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from lookalike.models.families.flux2_dev import Flux2Dev
 from lookalike.models.families.interface import BaseModelInfo, Family
 from lookalike.models.families.krea2 import Krea2
 from lookalike.models.families.qwen_image import QwenImage
+from lookalike.models.families.qwen_image21 import QwenImage21
 from lookalike.models.families.sd3 import StableDiffusion3
 from lookalike.models.families.stable_diffusion import StableDiffusion1, StableDiffusionXL
 from lookalike.models.families.z_image import ZImage
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (Flux1(), Flux2(), Flux2Dev(), QwenImage(),
-                                                                  ZImage(), Krea2(), StableDiffusionXL(),
-                                                                  StableDiffusion1(), StableDiffusion3())}
+                                                                  QwenImage21(), ZImage(), Krea2(),
+                                                                  StableDiffusionXL(), StableDiffusion1(),
+                                                                  StableDiffusion3())}
 KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.values()
                                          for name, info in family.bases.items()}
 # Each family by the pipeline class it is recognised by.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-VAE_FACTOR = 8  # pixels per latent: every family's VAE downsamples 8 times
+VAE_FACTOR = 8  # pixels per latent: every family's VAE downsamples 8 times but Qwen-Image 2.1's (Family.vae_factor)
 
 # The text encoders several families hold, as published, for `--dry-run` of a run that trains or holds them,
 # without a download. OpenAI's CLIP ViT-L/14 text model (text_encoder/config.json of FLUX.1, SD 1.x, SDXL and SD3;
@@ -57,6 +57,8 @@ class Family:
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established
     comfyui_reads_kohya = False  # ComfyUI's layout is kohya's (SD UNets), not diffusion_model.<layer> (FLUX.1)
+    vae_factor = VAE_FACTOR  # pixels per latent side
+    latent_patch = 2  # latents per token side: the transformers' 2x2 patches
     comfyui_layout_known = True  # ComfyUI is known to read this family's LoRAs (in diffusers' layout, or kohya's)
     # The text encoders a run may train a LoRA on (train.train_text_encoder), as the family's reference script does
     # with --train_text_encoder, and each one's prefix in kohya's layout (lora_te_<layer>).
@@ -136,8 +138,8 @@ class Family:
 
     def pixel_multiple(self, architecture: dict) -> int:
         """What a training image's sides must be multiples of, by the denoiser's config: the VAE's downsampling
-        times the transformer's 2x2 patches (what the family's pipeline asks of a height and width)."""
-        return 2 * VAE_FACTOR
+        times the transformer's patches (what the family's pipeline asks of a height and width)."""
+        return self.vae_factor * self.latent_patch
 
     def latent_normalisation(self, folder: Path):
         """What model_input normalises the VAE's latents with: by default (shift_factor, scaling_factor) of the
@@ -187,7 +189,7 @@ class Family:
         recomputes the rest during the backward pass, one block at a time; the backward pass's own working values
         come on top."""
         hidden = self.hidden_size(architecture)
-        image_tokens = (resolution // (2 * VAE_FACTOR)) ** 2  # every family: 2x2 patches of the VAE's latents
+        image_tokens = (resolution // (self.vae_factor * self.latent_patch)) ** 2
         blocks = [(self.activation_figures[kind] * tokens * hidden, tokens * hidden)
                   for kind, tokens in self.blocks(architecture, image_tokens, text_tokens)]
         checkpointed = set(range(0, len(blocks), every)) if checkpointing else set()
