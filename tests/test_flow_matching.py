@@ -51,6 +51,24 @@ def test_loss_weighting_scales_each_examples_loss_by_its_noise_level(scheme, wei
     torch.testing.assert_close(ours, expected)
 
 
+def test_the_preconditioned_loss_is_the_velocity_loss_weighted_by_sigma_squared():
+    """SD3's objective (its script's --precondition_outputs): x_t - sigma v against x0 differs from the velocity
+    target by sigma (v* - v), so each example's loss is its velocity error times sigma², with and without a
+    loss weighting; sigma_sqrt's sigma^-2 then cancels it."""
+    from lookalike.config import TrainConfig
+    from lookalike.train.objectives import FlowMatching
+
+    generator = torch.Generator().manual_seed(0)
+    prediction, x0, noise = (torch.randn(3, 4, 6, generator=generator) for _ in range(3))
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    errors = ((prediction - (noise - x0)) ** 2).mean(dim=(1, 2))
+    preconditioned = FlowMatching(preconditioned=True)
+    torch.testing.assert_close(preconditioned.loss(prediction, x0, noise, sigmas, TrainConfig()),
+                               (errors * sigmas ** 2).mean())
+    weighted = TrainConfig(loss_weighting="sigma_sqrt")
+    torch.testing.assert_close(preconditioned.loss(prediction, x0, noise, sigmas, weighted), errors.mean())
+
+
 def test_shift_matches_the_flux_schedulers_own_sigmas():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

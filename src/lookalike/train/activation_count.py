@@ -20,8 +20,6 @@ from unittest import mock
 
 import torch
 
-from lookalike.models.families.interface import VAE_FACTOR
-
 
 class _MemoryEfficientAttention(torch.autograd.Function):
     """What a memory-efficient attention kernel saves: query, key, value, output and a log-sum-exp per query."""
@@ -73,7 +71,7 @@ def _counted(family_name: str, architecture_json: str, resolution: int, text_tok
                 lambda _, args: blocks.append([sum(saved.values()), args[0].numel()])))
             hooks.append(module.register_forward_hook(
                 lambda *_: blocks[-1].__setitem__(0, sum(saved.values()) - blocks[-1][0])))
-    side = resolution // VAE_FACTOR
+    side = resolution // family.vae_factor
     with torch.device("meta"), contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _attention))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor))

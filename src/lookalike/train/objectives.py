@@ -2,8 +2,9 @@
 names its objective (Family.objective); the trainer draws every random number through it from the run's one
 generator, so a resumed run draws exactly what an uninterrupted one would.
 
-- FlowMatching (FLUX.1, FLUX.2, Z-Image, Qwen-Image, SD3): x_t = (1 - sigma) x0 + sigma noise, target noise - x0
-  (train/flow_matching.py); train.timestep_sampling, logit_mean, logit_std and timestep_shift choose sigma.
+- FlowMatching (FLUX.1, FLUX.2, Z-Image, Qwen-Image and 2.1, Krea 2, SD3): x_t = (1 - sigma) x0 + sigma noise,
+  target noise - x0 (train/flow_matching.py); train.timestep_sampling, logit_mean, logit_std and timestep_shift
+  choose sigma.
   Preconditioned (SD3, as its reference script's default --precondition_outputs): the loss compares the clean
   latents the predicted velocity implies, x_t - sigma v, with x0, which weights each example's velocity error by
   sigma squared.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-VAE_FACTOR = 8  # pixels per latent: every family's VAE downsamples 8 times but Qwen-Image 2.1's (Family.vae_factor)
+VAE_FACTOR = 8  # pixels per latent side: every family's VAE but Qwen-Image 2.1's (Family.vae_factor)
 
 # The text encoders several families hold, as published, for `--dry-run` of a run that trains or holds them,
 # without a download. OpenAI's CLIP ViT-L/14 text model (text_encoder/config.json of FLUX.1, SD 1.x, SDXL and SD3;

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, VAE_FACTOR, BaseModelInfo, Family
+from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, BaseModelInfo, Family
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -162,12 +162,12 @@ class StableDiffusion(Family):
     def model_input(self, latents, normalisation):
         """Layout: the image's size in pixels, which SDXL's size conditioning reads."""
         model_input, (height, width) = super().model_input(latents, normalisation)
-        return model_input, (height * VAE_FACTOR, width * VAE_FACTOR)
+        return model_input, (height * self.vae_factor, width * self.vae_factor)
 
     def pixel_multiple(self, architecture: dict) -> int:
         """The VAE's downsampling times the UNet's (each down block but the last halves the latents): 64 for SD
         1.x's UNet, 32 for SDXL's."""
-        return VAE_FACTOR * 2 ** (len(architecture["down_block_types"]) - 1)
+        return self.vae_factor * 2 ** (len(architecture["down_block_types"]) - 1)
 
     def checkpointed_block_types(self, model) -> set[str]:
         return {"ResnetBlock2D", "BasicTransformerBlock"}  # the units diffusers' UNet blocks checkpoint
