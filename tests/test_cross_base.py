@@ -35,6 +35,19 @@ def test_an_unknown_factor_is_refused_with_the_keys_it_may_be(tiny_config):
         load_config(tiny_config(**{"sweep": {"design": "grid"}, "sweep.factors": {"bse": ["tiny"]}}))
 
 
+def test_a_drawing_base_no_runs_lora_fits_stops_the_study_before_it_trains(tiny_config):
+    """[generate] base of one family, a sweep across two: `lookalike run` refuses before prepare or training."""
+    from tests.conftest import run_in_process
+
+    path = tiny_config(**{"generate": {"base": "tiny-krea2"}, "sweep": {"design": "grid"},
+                          "sweep.factors": {"base": ["tiny-krea2", "tiny-z-image"]}})
+    result = run_in_process("run", str(path))
+    assert result.returncode != 0
+    assert "error: generate.base: tiny-krea2 is a krea2 base, and the LoRAs of model.base tiny-z-image are " \
+           "z-image's" in result.stderr
+    assert not (load_config(path).workspace / "runs").exists()
+
+
 @pytest.mark.slow
 def test_one_study_trains_four_bases_and_reports_them_side_by_side(tmp_path, faces):
     """FLUX.1, FLUX.2 [klein], SDXL and SD 1.5, the last at its own resolution (half the study's)."""

@@ -19,7 +19,7 @@ from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import evaluate_runs
 from lookalike.generate import generate
-from lookalike.models.base import quiet_libraries
+from lookalike.models.base import check_drawing_base, quiet_libraries
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep
 from lookalike.workspace import UNFINISHED, Workspace
@@ -31,13 +31,15 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     from lookalike.data.prepare import prepare_study
 
     quiet_libraries()
+    plan = experiments(config)
+    for planned in plan:  # a drawing base no run's LoRA fits fails now, not after the training
+        check_drawing_base(config.with_experiment(planned.overrides, f"sweep experiment {planned.name}"))
     stage = lambda name: console.rule(Text(name, style="bold"))  # noqa: E731
     stage("1/4 prepare")
     prepare_study(config, console)
 
     stage("2/4 train (sweep)")
-    outcomes = sweep(config, config_file, experiments(config), console, overrides, jobs=jobs, backend=backend,
-                     address=address)
+    outcomes = sweep(config, config_file, plan, console, overrides, jobs=jobs, backend=backend, address=address)
     problems = [f"run {o.name} {o.state}: {o.reason}" for o in outcomes if o.state in UNFINISHED]
     trained = [o.name for o in outcomes if o.state in ("done", "skipped")]
 
