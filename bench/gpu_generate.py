@@ -34,13 +34,15 @@ from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 
 TINY_VAE = dict(FLUX_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
 TEXT_TOKENS = 512
-# Each family's published VAE: FLUX.1's 16-channel autoencoder (Z-Image uses it too); FLUX.2's and
-# Qwen-Image's are their classes' defaults (diffusers' conversion scripts build them so).
+# Each family's published VAE: FLUX.1's 16-channel autoencoder (Z-Image uses it too; SD3's has its layout with a
+# scaling and shift of its own); FLUX.2's, Qwen-Image's (Krea 2's too) and Qwen-Image 2.1's are their classes'
+# defaults (diffusers' conversion scripts build them so).
 # SD's VAE: four blocks to 4 latent channels (SD 1.x's scaling factor; SDXL's differs only in it).
 SD_VAE = dict(FLUX_VAE, latent_channels=4, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
               use_post_quant_conv=True)
-PUBLISHED_VAES = {"flux1": FLUX_VAE, "z-image": FLUX_VAE, "flux2": {}, "qwen-image": {}, "sd1": SD_VAE,
-                  "sdxl": SD_VAE}
+PUBLISHED_VAES = {"flux1": FLUX_VAE, "z-image": FLUX_VAE, "flux2": {}, "flux2-dev": {}, "qwen-image": {},
+                  "qwen-image21": {}, "krea2": {}, "sd1": SD_VAE, "sdxl": SD_VAE,
+                  "sd3": dict(FLUX_VAE, scaling_factor=1.5305, shift_factor=0.0609)}
 
 
 def random_lora_file(transformer, folder: Path, rank: int) -> Path:
@@ -76,16 +78,18 @@ def build_pipeline(model: str, tiny: bool, device, dtype):
 
     family = FAMILIES[KNOWN_BASES[model].family]
     transformer = build_transformer(architecture_of(model, tiny), device, dtype, family.name)
+    # The family's tiny folder stands for the base's own where the pipeline reads settings from it (Krea 2's tapped
+    # layers, Qwen-Image 2.1's processor): the embeddings are given, so they do not change the work.
+    tiny_folder = resolve_base(next(name for name, base in family.bases.items() if base.repo is None))
     if tiny and family.name != "flux1":
-        tiny_base = next(name for name, base in family.bases.items() if base.repo is None)
-        vae = load_component(resolve_base(tiny_base), "vae", dtype)
+        vae = load_component(tiny_folder, "vae", dtype)
     elif tiny:
         vae = AutoencoderKL(**TINY_VAE)
     else:
         vae = family.component_class("vae")(**PUBLISHED_VAES[family.name])
     scheduler = (EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading") if family.denoiser == "unet"
                  else FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER))
-    pipe = family.sample_pipeline(transformer, vae.to(device, dtype), scheduler)
+    pipe = family.sample_pipeline(tiny_folder, transformer, vae.to(device, dtype), scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -56,9 +56,11 @@ def build_transformer(architecture: dict, device: torch.device, dtype: torch.dty
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return FAMILIES[family].component_class(FAMILIES[family].denoiser)(**architecture)
+            denoiser = FAMILIES[family].component_class(FAMILIES[family].denoiser)(**architecture)
     finally:
         torch.set_default_dtype(previous)
+    FAMILIES[family].adjust_denoiser(denoiser)  # as lookalike loads it (SD3: its blocks named for compile)
+    return denoiser
 
 
 def architecture_of(model: str, tiny: bool) -> dict:
