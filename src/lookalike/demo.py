@@ -45,6 +45,9 @@ MAX_REFERENCES = 32
 REFRESH_S = 15  # how often the list of trained runs is read again
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 LIMITS = {"steps": (1, 100), "size": (64, 2048), "guidance": (0.0, 30.0)}
+# Image sides every base draws at: multiples of 32 px (Qwen-Image 2.1's 16x VAE and 2x2 image slots; the other
+# transformers need 16, the SD pipelines 8).
+SIDE_STEP = 32
 TEMPORARY_FILES_S = 3600  # gradio's own copies (uploads, images it serves) are deleted after an hour
 
 
@@ -202,7 +205,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             if not prompt or not prompt.strip():
                 raise DemoError("write a prompt first")
             _check_settings(seed, steps, side, guidance)
-            side = int(side) // 16 * 16  # every base here works in 16-pixel patches (8x VAE, 2x2 patches)
+            side = int(side) // SIDE_STEP * SIDE_STEP
             guidance = float(guidance) if takes_guidance else None
             image = models.render(loras, prompt, int(seed), guidance, int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": guidance, "steps": int(steps),
@@ -266,7 +269,8 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                                          interactive=takes_guidance, label="guidance scale" if takes_guidance
                                          else "guidance (this base takes none)")
                     steps = gr.Slider(1, 50, value=inference_steps(config), step=1, label="steps")
-                    side = gr.Slider(64, max(1536, size), value=size, step=16, label="size (pixels)")
+                    side = gr.Slider(64, max(1536, size), value=size // SIDE_STEP * SIDE_STEP, step=SIDE_STEP,
+                                     label="size (pixels)")
                 go = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(type="pil", label="image", interactive=False, format="png", height=360)
