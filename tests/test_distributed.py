@@ -56,6 +56,16 @@ def test_two_processes_train_the_text_encoders_as_one_process(tiny_config, tmp_p
     assert_same_weights(two, single, rtol=1e-4, atol=1e-5)
 
 
+def test_two_processes_preserve_the_class_output_as_one_process(tiny_config, tmp_path):
+    """train.output_preservation: each process runs its rows' preserved captions in the same forward as its
+    training rows, so the data-parallel wrapper sees one forward per step."""
+    config = tiny_config(train={"max_train_steps": 4, "learning_rate": 1e-2, "output_preservation": 1.0})
+    result = run_cli("train", str(config), "--run", "r", "--processes", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    two = load_file(str(Workspace(tmp_path / "work").run("r").lora))
+    assert_same_weights(two, single_process_weights(config, tmp_path), rtol=1e-4, atol=1e-5)
+
+
 def assert_a_two_process_run_resumes_exactly(config: str, tmp_path) -> str:
     """A 2-process run (batch 1 each), set back to after its step-3 checkpoint once finished and resumed, ends
     with the same LoRA, every step logged once by the main process. Returns the first run's output."""

@@ -170,6 +170,12 @@ class TrainConfig(Section):
     text_encoder_lr: float | None = Field(None, gt=0)
     """The text encoders' learning rate (None: learning_rate, as train_dreambooth_lora.py and kohya; diffusers' SDXL
     and FLUX.1 scripts default to 5e-6)."""
+    output_preservation: float = Field(0.0, ge=0)
+    """Differential output preservation (ai-toolkit's DOP), e.g. 1.0: the LoRA is also taught to leave the base's
+    output for the subject's class alone (each caption with its trigger word made the class word, compared with the
+    base's prediction), added to the loss times this; no class images needed, and "sks next to a person" keeps two
+    people. Each step runs the subject's examples twice more (once without gradients). 0 (the default): off, so a
+    sweep can compare [0, 1.0]. Not with train_text_encoder."""
     init_lora: Path | None = None
     """Start from this LoRA file instead of a fresh LoRA (kohya's network_weights, SimpleTuner's init_lora): a
     diffusers-layout file (as lookalike, diffusers' scripts and ai-toolkit write) of this base, on layers
@@ -292,6 +298,9 @@ class TrainConfig(Section):
         if self.text_encoder_lr is not None and self.optimizer == "prodigy":
             raise ValueError("text_encoder_lr cannot be combined with optimizer = 'prodigy' (Prodigy finds one step "
                              "size for every weight): use adamw, or leave text_encoder_lr unset")
+        if self.train_text_encoder and self.output_preservation:
+            raise ValueError("output_preservation compares the LoRA with the base on the class's captions, which "
+                             "train_text_encoder = true encodes with its own LoRA: choose one")
         if self.train_text_encoder and self.shard:
             raise ValueError("train_text_encoder = true holds the text encoders whole in every process, and shard = "
                              "true splits the model across them: choose one")

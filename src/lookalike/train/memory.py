@@ -159,7 +159,9 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     values = family.activation_values(architecture, side, max_sequence_length(config.model), checkpointing, every)
     if config.data.buckets:  # activations grow with the pixels: the largest bucket has a few more than the square
         values *= largest_bucket_share(side, family.pixel_multiple(architecture))
-    examples = t.batch_size * (2 if config.prior.num_class_images else 1)  # prior preservation: class ones too
+    # Examples in the training forward: prior preservation adds a class example to each subject one, and
+    # output_preservation runs each subject one again with its preserved caption.
+    examples = t.batch_size * ((2 if config.prior.num_class_images else 1) + (1 if t.output_preservation else 0))
     activations = values * per_value * examples / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)

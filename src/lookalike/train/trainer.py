@@ -49,6 +49,7 @@ from lookalike.train.init_lora import keep_copy, read_start, start_from
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import with_prior
 from lookalike.train.offload import BlockOffload
+from lookalike.train.preservation import preservation_loss, preserved_caption
 from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
@@ -310,9 +311,12 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                          for size in dict.fromkeys(sizes)}
         negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
         subject_captions = CaptionDraws([image.caption for image in images], t.tag_shuffle, t.caption_dropout, t.seed)
+        # train.output_preservation: each caption a subject example may train with, its trigger words made class words
+        preserved = {caption: preserved_caption(caption, config.people) for caption in subject_captions.texts()} \
+            if t.output_preservation else {}
         if not t.train_text_encoder:  # else encoded at every step, by the text encoders as they learn
             texts = cache.texts(subject_captions.texts() + [image.caption for image in class_examples]
-                                + sample_prompts + negative, max_len)
+                                + sample_prompts + negative + list(preserved.values()), max_len)
     if processes > 1 and accelerator.is_main_process:
         console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
                       f"{t.gradient_accumulation_steps} = effective batch "
@@ -459,14 +463,28 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     x0, layout = family.model_input(x0, normalisation)
                     noise, levels = objective.draw(x0.shape, generator, t)
                     x0, noise, levels = x0[rows], noise[rows], levels[rows]
-                    prediction = family.predict(transformer, model.config, objective.noisy(x0, noise, levels), levels,
-                                                [texts[examples[row][1]] for row in rows], t.guidance, layout,
-                                                device, weight_dtype)
+                    noisy = objective.noisy(x0, noise, levels)
+                    batch_texts = [texts[examples[row][1]] for row in rows]
+                    subject_rows = len(rows) // 2 if class_order is not None else len(rows)  # the first ones
+                    if preserved:  # the subject's rows again with their preserved captions, in the same forward
+                        preserved_texts = [texts[preserved[examples[row][1]]] for row in rows[:subject_rows]]
+                        prediction = family.predict(
+                            transformer, model.config, torch.cat([noisy, noisy[:subject_rows]]),
+                            torch.cat([levels, levels[:subject_rows]]), batch_texts + preserved_texts, t.guidance,
+                            layout, device, weight_dtype)
+                        prediction, kept = prediction[:len(rows)], prediction[len(rows):]
+                    else:
+                        prediction = family.predict(transformer, model.config, noisy, levels, batch_texts, t.guidance,
+                                                    layout, device, weight_dtype)
                     if class_order is None:
                         loss = objective.loss(prediction, x0, noise, levels, t, weights)
-                    else:  # this process's first half of rows are the subject's
-                        loss = with_prior(objective, prediction, x0, noise, levels, t, len(rows) // 2,
+                    else:
+                        loss = with_prior(objective, prediction, x0, noise, levels, t, subject_rows,
                                           config.prior.weight, weights)
+                    if preserved:
+                        loss = loss + t.output_preservation * preservation_loss(
+                            family, transformer, model, noisy[:subject_rows], levels[:subject_rows], preserved_texts,
+                            kept, t.guidance, layout, device, weight_dtype)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if text_encoders is not None and processes > 1:  # outside the denoiser's data parallelism
