@@ -116,6 +116,15 @@ def test_a_bad_login_setting_is_refused_before_anything_starts(tmp_path):
     assert result.returncode == 2 and "error: --auth: expected user:password" in result.stderr
 
 
+def test_a_drawing_base_of_another_family_is_refused_before_anything_serves(tiny_config):
+    from tests.conftest import run_in_process
+
+    result = run_in_process("demo", str(tiny_config(generate={"base": "tiny-z-image"})))
+    assert result.returncode != 0
+    assert "error: generate.base: tiny-z-image is a z-image base, and the LoRAs of model.base tiny are flux1's" \
+        in result.stderr
+
+
 def test_the_page_shows_its_main_controls_in_headless_chromium(demo, tmp_path):
     from playwright.sync_api import sync_playwright
 

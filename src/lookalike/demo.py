@@ -26,6 +26,7 @@ from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import ImageScore, clip_prompt
 from lookalike.generate import image_size, offload_pipeline, render
 from lookalike.models.base import (
+    check_drawing_base,
     drawing_base,
     guidance_scales,
     inference_dtype,
@@ -353,6 +354,7 @@ def serve_options(credentials: tuple[str, str] | None) -> dict:
 def launch(config: StudyConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            credentials: tuple[str, str] | None = None, block: bool = True):
     """Start the app; returns the Blocks (with block=False, once it serves)."""
+    check_drawing_base(config)  # a drawing base no LoRA here fits is refused before anything serves
     if credentials is None and (share or not is_loopback(host)):
         reach = "a public gradio.live link" if share else f"every machine that can reach {host}:{port}"
         print(f"WARNING: the demo is open to {reach} without a password: anyone there can generate with your "
