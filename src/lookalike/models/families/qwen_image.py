@@ -92,8 +92,9 @@ def build_tiny_qwen_image(spec: TinyQwenImageSpec = TinyQwenImageSpec()):
 
 
 class QwenImageLatents:
-    """The latents of a family with Qwen-Image's VAE (Qwen-Image, Krea 2): one frame of a video VAE, normalised per
-    channel by its config's latents_mean and latents_std, packed into 2x2 tokens."""
+    """The latents of a family with a video VAE of Qwen-Image's kind (Qwen-Image and Krea 2; Qwen-Image 2.1 feeds
+    its own RGBA and flattens instead of packing): one frame, normalised per channel by its config's latents_mean and
+    latents_std, packed into 2x2 tokens."""
 
     def encode_pixels(self, vae, pixels):
         posterior = vae.encode(pixels[None, :, None]).latent_dist  # one frame of a video
@@ -115,7 +116,32 @@ class QwenImageLatents:
         return QwenImagePipeline._pack_latents(latents, batch, channels, height, width), (height, width)
 
 
-class QwenImage(QwenImageLatents, Family):
+class UnpaddedPrompts:
+    """The prompts of a family whose cache keeps each caption's own tokens (Qwen-Image and 2.1): a batch is padded
+    again with a mask, and a pipeline is handed one prompt's embeddings as they are."""
+
+    @staticmethod
+    def padded(texts, device, dtype):
+        """(embeddings, mask) of a batch of captions, zeros after each one's tokens; as the pipelines'
+        encode_prompt, a batch of captions of one length needs no mask (None)."""
+        import torch
+
+        lengths = [t["prompt_embeds"].shape[0] for t in texts]
+        longest = max(lengths)
+        embeds = torch.stack([torch.cat([t["prompt_embeds"], t["prompt_embeds"].new_zeros(
+            longest - length, t["prompt_embeds"].shape[1])]) for t, length in zip(texts, lengths)]).to(device, dtype)
+        mask = None if len(set(lengths)) == 1 else torch.tensor(
+            [[1] * length + [0] * (longest - length) for length in lengths], device=device)
+        return embeds, mask
+
+    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
+        embeddings = {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype)}
+        if negative is not None:
+            embeddings["negative_prompt_embeds"] = negative["prompt_embeds"][None].to(device, dtype)
+        return embeddings
+
+
+class QwenImage(QwenImageLatents, UnpaddedPrompts, Family):
     name = "qwen-image"
     pipeline_class_name = "QwenImagePipeline"
     components = {"transformer": ("diffusers", "QwenImageTransformer2DModel"),
@@ -167,13 +193,7 @@ class QwenImage(QwenImageLatents, Family):
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
         import torch
 
-        lengths = [t["prompt_embeds"].shape[0] for t in texts]
-        longest = max(lengths)
-        embeds = torch.stack([torch.cat([t["prompt_embeds"], t["prompt_embeds"].new_zeros(
-            longest - length, t["prompt_embeds"].shape[1])]) for t, length in zip(texts, lengths)]).to(device, dtype)
-        # As the pipeline's encode_prompt: a batch of captions of one length needs no mask.
-        mask = None if len(set(lengths)) == 1 else torch.tensor(
-            [[1] * length + [0] * (longest - length) for length in lengths], device=device)
+        embeds, mask = self.padded(texts, device, dtype)
         height, width = layout
         return transformer(
             hidden_states=noisy.to(device, dtype),
@@ -184,9 +204,3 @@ class QwenImage(QwenImageLatents, Family):
             guidance=torch.full((len(texts),), guidance, device=device) if config.guidance_embeds else None,
             return_dict=False,
         )[0]
-
-    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
-        embeddings = {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype)}
-        if negative is not None:
-            embeddings["negative_prompt_embeds"] = negative["prompt_embeds"][None].to(device, dtype)
-        return embeddings

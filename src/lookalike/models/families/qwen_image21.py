@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.qwen_image import QwenImageLatents, UnpaddedPrompts
 from lookalike.models.tiny import QWEN_SPECIAL_TOKENS, byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 # Qwen-Image 2.1's transformer as diffusers' QwenImage21Transformer2DModel documents its defaults (32 blocks at hidden
@@ -105,7 +106,7 @@ def build_tiny_qwen_image21(spec: TinyQwenImage21Spec = TinyQwenImage21Spec()):
                                transformer=transformer)
 
 
-class QwenImage21(Family):
+class QwenImage21(QwenImageLatents, UnpaddedPrompts, Family):
     name = "qwen-image21"
     pipeline_class_name = "QwenImage21Pipeline"
     components = {"transformer": ("diffusers", "QwenImage21Transformer2DModel"),
@@ -183,13 +184,6 @@ class QwenImage21(Family):
         posterior = vae.encode(rgba[None, :, None]).latent_dist
         return posterior.mean[0, :, 0], posterior.std[0, :, 0]
 
-    def latent_normalisation(self, folder: Path):
-        import torch
-
-        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        return (torch.tensor(config["latents_mean"]).view(1, -1, 1, 1),
-                torch.tensor(config["latents_std"]).view(1, -1, 1, 1))
-
     def model_input(self, latents, normalisation):
         """Normalised latents, one token per latent (the pipeline's plain spatial flatten)."""
         from diffusers import QwenImage21Pipeline
@@ -202,25 +196,13 @@ class QwenImage21(Family):
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
         import torch
 
-        lengths = [t["prompt_embeds"].shape[0] for t in texts]
-        longest = max(lengths)
-        embeds = torch.stack([torch.cat([t["prompt_embeds"], t["prompt_embeds"].new_zeros(
-            longest - length, t["prompt_embeds"].shape[1])]) for t, length in zip(texts, lengths)]).to(device, dtype)
-        # As the pipeline's encode_prompt: a batch of captions of one length needs no mask.
-        mask = None if len(set(lengths)) == 1 else torch.tensor(
-            [[True] * length + [False] * (longest - length) for length in lengths], device=device)
+        embeds, mask = self.padded(texts, device, dtype)
         height, width = layout
         batch = len(texts)
-        slots = torch.cat([torch.zeros(batch, longest, dtype=torch.bool), torch.ones(batch, height * width // 4,
-                                                                                       dtype=torch.bool)], dim=1)
+        slots = torch.cat([torch.zeros(batch, embeds.shape[1], dtype=torch.bool),
+                           torch.ones(batch, height * width // 4, dtype=torch.bool)], dim=1)
         output = transformer(hidden_states=noisy.to(device, dtype), encoder_hidden_states=embeds,
                              encoder_hidden_states_mask=mask, timestep=sigmas.to(device, dtype),
                              img_shapes=[[(1, height, width)]] * batch, img_mask=slots.to(device),
                              return_dict=False)[0]
         return output[:, -noisy.shape[1]:]  # the prediction spans the joint sequence: the target's tail
-
-    def pipeline_embeddings(self, text, negative, device, dtype) -> dict:
-        embeddings = {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype)}
-        if negative is not None:
-            embeddings["negative_prompt_embeds"] = negative["prompt_embeds"][None].to(device, dtype)
-        return embeddings
