@@ -48,26 +48,35 @@ def text_encoders_with_a_lora(folder, rank: int = 4, max_sequence_length: int = 
     return texts
 
 
+CAPTIONS = ["a photo of sks man", "sks"]
+
+
+def backpropagated_loss(folder, denoiser, texts, channels: int, levels):
+    """lookalike's loss on one fixed batch (unpacked latents of `channels`, noise, the two CAPTIONS through the text
+    encoders' LoRA), backpropagated: (the loss, the latents, the noise)."""
+    family = folder_family(folder)
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, channels, 8, 8, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    objective = family.objective(folder)
+    x0, layout = family.model_input(latents, family.latent_normalisation(folder))
+    prediction = family.predict(denoiser, denoiser.config, objective.noisy(x0, noise, levels), levels,
+                                [texts[c] for c in CAPTIONS], 1.0, layout, CPU, torch.float32)
+    loss = objective.loss(prediction, x0, noise, levels, TrainConfig())
+    loss.backward()
+    return loss, latents, noise
+
+
 @pytest.mark.parametrize("family", TINY)
 def test_the_loss_and_the_text_encoders_gradients_equal_the_reference_scripts(family):
     """One fixed batch: lookalike's loss through its text encoders' LoRA (the pipeline's encode_prompt) and its
     gradients on that LoRA, against the scripts' computation: their LoraConfig on the text encoders' q, k, v and
     out projections, with the same weights, and their own prompt encoding."""
     folder = resolve_base(TINY[family])
-    lookalike_family = folder_family(folder)
     texts = text_encoders_with_a_lora(folder)
     unet = denoiser_with_a_lora(folder, "unet")
-    captions = ["a photo of sks man", "sks"]
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 4, 8, 8, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.tensor([100, 700])
-    objective = lookalike_family.objective(folder)
-    x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
-    prediction = lookalike_family.predict(unet, unet.config, objective.noisy(x0, noise, timesteps), timesteps,
-                                          [texts[c] for c in captions], 1.0, layout, CPU, torch.float32)
-    ours = objective.loss(prediction, x0, noise, timesteps, TrainConfig())
-    ours.backward()
+    ours, latents, noise = backpropagated_loss(folder, unet, texts, 4, timesteps)
 
     encoders = reference_text_encoders(folder, family)
     weights = texts.lora_state_dict()
@@ -78,7 +87,7 @@ def test_the_loss_and_the_text_encoders_gradients_equal_the_reference_scripts(fa
                                                      for k, v in weights.items() if k.split(".", 1)[0] == name})
         assert not loaded.unexpected_keys
     unet.zero_grad()
-    reference = reference_loss(folder, family, unet, captions, latents, noise, timesteps, 64, encoders=encoders)
+    reference = reference_loss(folder, family, unet, CAPTIONS, latents, noise, timesteps, 64, encoders=encoders)
     reference.backward()
     print(f"{family} with its text encoders trained: lookalike {ours.item():.8f}, reference script "
           f"{reference.item():.8f}, difference {abs(ours.item() - reference.item()):.2e}")
@@ -131,7 +140,7 @@ def test_flux1s_loss_and_its_clip_gradients_equal_the_reference_scripts():
     family = folder_family(folder)
     texts = text_encoders_with_a_lora(folder, max_sequence_length=32)
     transformer = denoiser_with_a_lora(folder, "transformer")
-    captions = ["a photo of sks man", "sks"]
+    captions = CAPTIONS
     generator = torch.Generator().manual_seed(1)
     channels = transformer.config.in_channels // 4
     latents = torch.randn(2, channels, 8, 8, generator=generator)
@@ -219,20 +228,10 @@ def test_sd3s_loss_and_its_clip_gradients_equal_the_reference_scripts():
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     folder = resolve_base("tiny-sd3")
-    family = folder_family(folder)
     texts = text_encoders_with_a_lora(folder, max_sequence_length=32)
     transformer = denoiser_with_a_lora(folder, "transformer")
-    captions = ["a photo of sks man", "sks"]
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 16, 8, 8, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
     sigmas = torch.tensor([0.3, 0.8])
-    objective = family.objective(folder)
-    x0, layout = family.model_input(latents, family.latent_normalisation(folder))
-    prediction = family.predict(transformer, transformer.config, objective.noisy(x0, noise, sigmas), sigmas,
-                                [texts[c] for c in captions], 1.0, layout, CPU, torch.float32)
-    ours = objective.loss(prediction, x0, noise, sigmas, TrainConfig())
-    ours.backward()
+    ours, latents, noise = backpropagated_loss(folder, transformer, texts, 16, sigmas)
     assert not any(p.requires_grad for p in texts.pipe.text_encoder_3.parameters()), "T5 stays frozen"
 
     encoders = {"text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3")}
@@ -245,7 +244,7 @@ def test_sd3s_loss_and_its_clip_gradients_equal_the_reference_scripts():
                                                   for k, v in weights.items() if k.split(".", 1)[0] == name})
         assert not loaded.unexpected_keys
     transformer.zero_grad()
-    reference = sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas, encoders=encoders)
+    reference = sd3_reference_loss(folder, transformer, CAPTIONS, latents, noise, sigmas, encoders=encoders)
     reference.backward()
     print(f"sd3 with its CLIPs trained: lookalike {ours.item():.8f}, reference script {reference.item():.8f}, "
           f"difference {abs(ours.item() - reference.item()):.2e}")
