@@ -31,7 +31,7 @@ def offloads(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("base, adapter", [("tiny", "lora"), ("tiny-sd15", "lora"), ("tiny-sd3", "lora"),
-                                           ("tiny", "dora")])
+                                           ("tiny-krea2", "lora"), ("tiny-qwen-image21", "lora"), ("tiny", "dora")])
 def test_an_offloaded_base_trains_the_same_lora_with_one_block_on_the_device(tiny_config, offloads, base, adapter):
     """DoRA too: it reads its base weight's norm in the block's forward, where the weight has been brought."""
     steps = 3

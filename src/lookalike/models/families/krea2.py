@@ -57,7 +57,7 @@ class TinyKrea2Spec:
     estimate's figures hold for it too."""
 
     seed: int = 0
-    num_layers: int = 1
+    num_layers: int = 2
     attention_head_dim: int = 12
     num_attention_heads: int = 4
     latent_channels: int = 4

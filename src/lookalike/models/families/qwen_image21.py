@@ -39,7 +39,7 @@ class TinyQwenImage21Spec:
     small enough to train at 64 px in milliseconds per step."""
 
     seed: int = 0
-    num_layers: int = 1
+    num_layers: int = 2
     attention_head_dim: int = 16
     num_attention_heads: int = 2
     latent_channels: int = 8
