@@ -188,3 +188,68 @@ def test_likeness_is_measured_against_held_out_photos_when_given(tiny_config, fa
     assert refused.returncode == 2
     assert refused.stderr.strip() == (f"error: subject.references: {held_out / 'again.jpg'} is the training photo "
                                       f"{training_photo}: held-out references are photos the LoRA never trained on")
+
+
+def test_likeness_counts_the_images_that_name_a_person_and_bleed_the_others():
+    """Hand-made scores: an image whose prompt names nobody measures how much of the subject leaks into anyone
+    drawn (bleed), and stays out of likeness; face failures and CLIP count every image."""
+    from lookalike.evaluate.scoring import ImageScore, aggregate
+
+    def row(named, face, similarity=None, match=None):
+        return ImageScore(image="x.png", names_person=named, face_found=face, n_faces=int(face),
+                          identity_similarity=similarity, face_distance=None if similarity is None else 1 - similarity,
+                          id_match=match, clip_score=0.3)
+
+    rows = [row(True, True, 0.8, True), row(True, True, 0.6, False), row(True, False),
+            row(False, True, 0.3, True), row(False, True, 0.1, False), row(False, False)]
+    metrics = aggregate(rows)
+    assert metrics["identity_similarity"] == pytest.approx(0.7) and metrics["id_match_rate"] == pytest.approx(1 / 3)
+    assert metrics["bleed_similarity"] == pytest.approx(0.2)
+    assert (metrics["images"], metrics["faceless"], metrics["clip_score"]) == (6, 2, pytest.approx(0.3))
+    unknown = aggregate([row(None, True, 0.5, True)])  # a folder of images: who a prompt names is not known
+    assert unknown["identity_similarity"] == 0.5 and unknown["bleed_similarity"] is None
+
+
+def test_a_results_store_written_before_bleed_gets_its_column_and_keeps_each_metric_in_place(tmp_path):
+    import sqlite3
+
+    from lookalike.store import refresh
+    from lookalike.workspace import Workspace, write_json
+
+    store = tmp_path / "results.sqlite"
+    old = sqlite3.connect(store)  # the metrics table as it was: no bleed_similarity
+    old.executescript("CREATE TABLE metrics (run TEXT NOT NULL, grouping TEXT NOT NULL, value TEXT NOT NULL, "
+                      "images REAL, unreadable REAL, face_distance REAL, identity_similarity REAL, id_match_rate REAL, "
+                      "faceless REAL, several_faces REAL, clip_score REAL, face_backend TEXT, clip_model TEXT, "
+                      "PRIMARY KEY (run, grouping, value));")
+    old.close()
+    run = Workspace(tmp_path / "work").run("r")
+    run.root.mkdir(parents=True)
+    write_json(run.config, {"train": {"rank": 4}})
+    run.write_status("done", seconds=1.0, final_loss=0.5)
+    write_json(run.root / "metrics.json", {"images": 4, "identity_similarity": 0.7, "bleed_similarity": 0.2,
+                                           "clip_score": 0.3, "faceless": 1})
+    [stored] = refresh(tmp_path / "work" / "runs", store)
+    assert (stored["identity_similarity"], stored["bleed_similarity"], stored["clip_score"], stored["faceless"]) == \
+        (0.7, 0.2, 0.3, 1)
+
+
+@pytest.mark.slow
+def test_an_image_whose_prompt_names_nobody_measures_bleed_not_likeness(tiny_config, faces, tmp_path):
+    """The study's prompts may name nobody ("a photo of a man"): such an image of the subject is bleed."""
+    from lookalike.workspace import write_json
+
+    config = tiny_config(evaluate={"face_backend": "dlib", "clip_model": "tiny"})
+    run = fake_run(tmp_path / "work", faces)
+    Image.open(faces / "test" / "guido_van_rossum.jpg").convert("RGB").save(run.images / "p03_s0_g3.5.png")
+    write_json(run.images / "p03_s0_g3.5.json", {"prompt": "a photo of a man", "seed": 0, "guidance_scale": 3.5})
+    result = run_cli("evaluate", str(config), "--run", "r")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((run.root / "scores.csv").open()))
+    assert [r["names_person"] for r in rows] == ["True", "True", "True", "False"]
+    metrics = json.loads((run.root / "metrics.json").read_text())
+    assert metrics["id_match_rate"] == pytest.approx(2 / 3), "likeness: the three images that name the subject"
+    assert metrics["bleed_similarity"] == pytest.approx(float(rows[3]["identity_similarity"]))
+    assert metrics["per_prompt"]["a photo of a man"]["identity_similarity"] is None
+    shown = run_cli("results", str(config))
+    assert "bleed" in shown.stdout, "the results table shows bleed when a run measured it"

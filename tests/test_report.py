@@ -3,6 +3,7 @@ figure from runs generated at three guidance scales."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -45,8 +46,8 @@ def test_a_sweep_with_a_failed_run_gets_a_report_listing_the_failure(finished_st
     summary = (workspace / "report" / "summary.md").read_text()
     assert "| bad | failed |" in summary and "| ok | done |" in summary
     # Each finished run's means with their 95% intervals over its 2 images (no face: no identity).
-    clip = [float(line.split(",")[-2]) for line in (workspace / "runs" / "ok" / "scores.csv").read_text()
-            .splitlines()[1:]]
+    with open(workspace / "runs" / "ok" / "scores.csv", newline="") as scores:
+        clip = [float(row["clip_score"]) for row in csv.DictReader(scores)]
     row = next(line for line in summary.splitlines() if line.startswith("| ok | 2 |"))
     assert row.startswith(f"| ok | 2 | - | {cell(sum(clip) / 2)} [") and "How sure: 95% intervals" in page
 

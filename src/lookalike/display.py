@@ -29,10 +29,15 @@ def several_bases(rows: list[dict]) -> bool:
 
 
 def result_columns(rows: list[dict]) -> dict[str, str]:
-    """RESULT_COLUMNS, with the base beside the run's name when the runs were trained on different bases."""
-    if not several_bases(rows):
-        return RESULT_COLUMNS
-    return {"name": RESULT_COLUMNS["name"], "base": "base", **RESULT_COLUMNS}
+    """RESULT_COLUMNS, with the base beside the run's name when the runs were trained on different bases, and
+    bleed beside identity when a run measured it (its prompts name nobody too)."""
+    columns = dict(RESULT_COLUMNS)
+    if any(row.get("bleed_similarity") is not None for row in rows):
+        at = list(columns).index("identity_similarity") + 1
+        columns = dict([*list(columns.items())[:at], ("bleed_similarity", "bleed"), *list(columns.items())[at:]])
+    if several_bases(rows):
+        columns = {"name": columns["name"], "base": "base", **columns}
+    return columns
 
 
 def base_label(base: str) -> str:

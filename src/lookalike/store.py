@@ -17,8 +17,8 @@ from pathlib import Path
 from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, read_metrics
 
-METRICS = ("images", "unreadable", "face_distance", "identity_similarity", "id_match_rate", "faceless",
-           "several_faces", "clip_score")
+METRICS = ("images", "unreadable", "face_distance", "identity_similarity", "id_match_rate", "bleed_similarity",
+           "faceless", "several_faces", "clip_score")
 SETTINGS = ("learning_rate", "rank", "alpha", "max_train_steps", "lr_scheduler")
 
 SCHEMA = f"""
@@ -51,6 +51,10 @@ def connect(path: Path | str) -> sqlite3.Connection:
     columns = [row["name"] for row in connection.execute("PRAGMA table_info(runs)")]
     if "base" not in columns:  # a results.sqlite written before runs named their base
         connection.execute("ALTER TABLE runs ADD COLUMN base TEXT")
+    measured = [row["name"] for row in connection.execute("PRAGMA table_info(metrics)")]
+    for name in METRICS:
+        if name not in measured:  # a results.sqlite written before this metric existed (bleed_similarity)
+            connection.execute(f"ALTER TABLE metrics ADD COLUMN {name} REAL")
     return connection
 
 
@@ -87,7 +91,9 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
         for grouping in ("prompt", "guidance_scale"):
             groups += [(grouping, value, m) for value, m in evaluation.get(f"per_{grouping}", {}).items()]
         db.executemany(
-            f"INSERT INTO metrics VALUES (?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
+            # Columns by name: a migrated table holds an added metric last.
+            f"INSERT INTO metrics (run, grouping, value, {', '.join(METRICS)}, face_backend, clip_model)"
+            f" VALUES (?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
             [(run.name, grouping, value, *(m.get(name) for name in METRICS), evaluation.get("face_backend"),
               evaluation.get("clip_model")) for grouping, value, m in groups])
 
@@ -98,7 +104,7 @@ def record_run(path: Path, run: RunPaths) -> None:
         _record(db, run)
 
 
-HIGHER_IS_BETTER = {"identity_similarity", "id_match_rate", "clip_score"}
+HIGHER_IS_BETTER = {"identity_similarity", "id_match_rate", "clip_score"}  # bleed_similarity: lower is better
 
 
 def refresh(runs_folder: Path, path: Path) -> list[dict]:

@@ -27,7 +27,7 @@ from lookalike.progress import progress_bar
 from lookalike.store import record_run
 from lookalike.workspace import Workspace, atomic_path, read_json, write_json
 
-SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "faceless", "several_faces",
+SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "bleed_similarity", "faceless", "several_faces",
          "clip_score")
 
 
@@ -66,8 +66,10 @@ def score_named(evaluator, references: dict[str, object], paths: list[Path], row
     tokens = list(references)
     groups: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
-        named = next((t for t in tokens if row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)), tokens[0])
-        groups.setdefault(named, []).append(index)
+        named = next((t for t in tokens if row.prompt and re.search(rf"\b{re.escape(t)}\b", row.prompt)), None)
+        if all(tokens) and row.prompt is not None:  # the study's people: a prompt naming none of them measures bleed
+            row.names_person = named is not None
+        groups.setdefault(named or tokens[0], []).append(index)
     for token, members in groups.items():
         evaluator.score([paths[i] for i in members], [rows[i] for i in members], references[token],
                         all_pairs=all_pairs, progress=progress, on_faces=on_faces)

@@ -36,6 +36,9 @@ class ImageScore:
     id_match: bool | None = None
     clip_score: float | None = None
     error: str | None = None
+    # Whether its prompt names one of the study's people (None: not known, as for a folder of images): an image
+    # whose prompt names nobody ("a photo of a person") measures bleed, not likeness.
+    names_person: bool | None = None
 
 
 def clip_prompt(prompt: str, class_words: dict[str, str] | None) -> str:
@@ -86,17 +89,22 @@ def _mean(values) -> float | None:
 
 
 def aggregate(rows: list[ImageScore]) -> dict:
-    """The study's figures over a set of images: face distance and similarity over images with a face; the
-    id-match rate and the face failures over all readable images."""
+    """The study's figures over a set of images. Likeness (face distance and similarity over images with a face,
+    the id-match rate over all) counts the images whose prompt names a person (every image, where that is not
+    known); bleed, the identity similarity of faces in images whose prompt names nobody (the subject's look leaking
+    into anyone the LoRA draws: lower is better), the others. Face failures and CLIP Score count every readable
+    image."""
     readable = [r for r in rows if r.error is None]
-    with_face = [r for r in readable if r.face_found]
+    likeness = [r for r in readable if r.names_person is not False]
+    with_face = [r for r in likeness if r.face_found]
     clip = _mean(r.clip_score for r in readable)
     return {
         "images": len(rows),
         "unreadable": len(rows) - len(readable),
         "face_distance": _mean(r.face_distance for r in with_face),
         "identity_similarity": _mean(r.identity_similarity for r in with_face),
-        "id_match_rate": (sum(bool(r.id_match) for r in with_face) / len(readable)) if readable else None,
+        "id_match_rate": (sum(bool(r.id_match) for r in with_face) / len(likeness)) if likeness else None,
+        "bleed_similarity": _mean(r.identity_similarity for r in readable if r.names_person is False and r.face_found),
         "faceless": sum(not r.face_found for r in readable),
         "several_faces": sum(r.n_faces > 1 for r in readable),
         "clip_score": clip,
