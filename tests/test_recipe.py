@@ -217,7 +217,7 @@ def test_a_sweep_compares_prior_preservation_and_captions_on_and_off_in_one_repo
         assert f"| {name} | done |" in summary, summary
     assert "## What each swept factor did" in summary
     for factor in ("prior", "captions"):
-        assert f"| {factor} | runs | identity | CLIP | faceless share |" in summary, summary
+        assert f"| {factor} | runs | identity | bleed | CLIP | faceless share |" in summary, summary
         assert "| True | 2 |" in summary and "| False | 2 |" in summary
     assert len(list((tmp_path / "work" / "prior").glob("*/*.png"))) == 2, "drawn once for the runs that use them"
 

@@ -149,13 +149,15 @@ def test_each_swept_factor_gets_its_levels_mean_metrics_over_the_finished_runs(t
 
     config = load_config(tiny_config(prior={"num_class_images": 2}, sweep={"design": "grid"},
                                      **{"sweep.factors": {"prior": [True, False], "rank": [4, 8]}}))
-    # prior True/False x rank 4/8: (identity, CLIP, faceless of 4 images)
-    metrics = [(0.6, 0.30, 0), (0.8, 0.20, 2), (0.4, None, 4), (None, 0.10, 4)]
-    done = [{"name": experiment.name, "identity_similarity": identity, "clip_score": clip, "faceless": faceless,
-             "images": 4} for experiment, (identity, clip, faceless) in zip(experiments(config), metrics)]
+    # prior True/False x rank 4/8: (identity, bleed, CLIP, faceless of 4 images)
+    metrics = [(0.6, 0.2, 0.30, 0), (0.8, None, 0.20, 2), (0.4, 0.4, None, 4), (None, 0.1, 0.10, 4)]
+    done = [{"name": experiment.name, "identity_similarity": identity, "bleed_similarity": bleed, "clip_score": clip,
+             "faceless": faceless, "images": 4}
+            for experiment, (identity, bleed, clip, faceless) in zip(experiments(config), metrics)]
     effects = factor_effects(config, done)
-    assert effects == {"prior": [("True", ["2", "0.7", "0.25", "0.25"]), ("False", ["2", "0.4", "0.1", "1"])],
-                       "rank": [("4", ["2", "0.5", "0.3", "0.5"]), ("8", ["2", "0.8", "0.15", "0.75"])]}
+    assert effects == {"prior": [("True", ["2", "0.7", "0.2", "0.25", "0.25"]),
+                                 ("False", ["2", "0.4", "0.25", "0.1", "1"])],
+                       "rank": [("4", ["2", "0.5", "0.3", "0.3", "0.5"]), ("8", ["2", "0.8", "0.1", "0.15", "0.75"])]}
     assert "rank" not in factor_effects(config, done[:1] + done[2:3]), "one level left: nothing to compare"
 
     # A base in a local folder is named by the folder's name, as the tables name it.

@@ -12,7 +12,7 @@ from lookalike.display import base_label, cell
 from lookalike.sweep.plan import experiments
 
 EFFECTS_TITLE = "What each swept factor did (means over each level's finished runs)"
-COLUMNS = ("runs", "identity", "CLIP", "faceless share")
+COLUMNS = ("runs", "identity", "bleed", "CLIP", "faceless share")  # bleed: where a prompt names nobody
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -36,6 +36,7 @@ def factor_effects(config: StudyConfig, done: list[dict]) -> dict[str, list[tupl
         if len(levels) < 2:
             continue
         effects[factor] = [(level, [str(len(runs)), cell(_mean([r["identity_similarity"] for r in runs])),
+                                    cell(_mean([r.get("bleed_similarity") for r in runs])),
                                     cell(_mean([r["clip_score"] for r in runs])),
                                     cell(_mean([r["faceless"] / r["images"] if r["images"] else None for r in runs]))])
                            for level, runs in levels.items()]
