@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import BaseModelInfo, Family, is_distilled
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
@@ -140,12 +140,9 @@ class Flux2(Family):
         return not denoiser_config.get("guidance_embeds")  # FLUX.2 [dev]'s transformer takes the guidance scale
 
     def local_info(self, folder: Path) -> BaseModelInfo:
-        try:
-            distilled = json.loads((Path(folder) / "model_index.json").read_text()).get("is_distilled", False)
-        except (OSError, ValueError):
-            distilled = False
-        return BaseModelInfo("flux2", None, 512, 4, guidance=False) if distilled else BaseModelInfo(
-            "flux2", None, 512, 50)
+        if is_distilled(folder):
+            return BaseModelInfo("flux2", None, 512, 4, guidance=False)
+        return BaseModelInfo("flux2", None, 512, 50)
 
     def ensure_tiny(self, name: str) -> Path:
         return ensure_built(TinyFlux2Spec().folder_name, build_tiny_flux2)

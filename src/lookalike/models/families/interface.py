@@ -23,6 +23,15 @@ T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_l
                       relative_attention_max_distance=128)
 
 
+def is_distilled(folder: Path) -> bool:
+    """Whether a local pipeline folder says its transformer is distilled (model_index.json `is_distilled`, as
+    FLUX.2 [klein] and Krea 2 write it); a folder not readable yet: no (loading it will say what is wrong)."""
+    try:
+        return bool(json.loads((Path(folder) / "model_index.json").read_text()).get("is_distilled", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True)
 class BaseModelInfo:
     """What a base is made for: its family and its generation defaults."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import BaseModelInfo, Family, is_distilled
 from lookalike.models.families.qwen_image import QwenImageLatents, tiny_qwen_image_vae
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
@@ -156,12 +156,9 @@ class Krea2(QwenImageLatents, Family):
                 "prompt_embeds_mask": (tokens,)}
 
     def local_info(self, folder: Path) -> BaseModelInfo:
-        try:
-            distilled = json.loads((Path(folder) / "model_index.json").read_text()).get("is_distilled", False)
-        except (OSError, ValueError):
-            distilled = False
-        return BaseModelInfo("krea2", None, 512, 8, guidance=False) if distilled else BaseModelInfo(
-            "krea2", None, 512, 28)
+        if is_distilled(folder):
+            return BaseModelInfo("krea2", None, 512, 8, guidance=False)
+        return BaseModelInfo("krea2", None, 512, 28)
 
     def ensure_tiny(self, name: str) -> Path:
         return ensure_built(TinyKrea2Spec().folder_name, build_tiny_krea2)
