@@ -45,3 +45,14 @@ def test_a_lead_is_measured_over_the_images_drawn_alike_and_judged_against_their
         "over 29 images drawn alike, a lead beyond the images' spread")
     assert lines[1] == ("ahead against alike, CLIP: +0 [+0, +0] over 30 images drawn alike, within the images' "
                         "spread: not a result"), "the same CLIP Score on every image: no lead at all"
+
+
+def test_an_image_whose_prompt_names_nobody_gives_no_identity_to_the_intervals(tmp_path):
+    """As the run's likeness leaves it out (it measures bleed); its CLIP Score still counts."""
+    from lookalike.report.confidence import image_scores
+
+    scores = tmp_path / "scores.csv"
+    scores.write_text("image,prompt,identity_similarity,clip_score,names_person\n"
+                      "a.png,a photo of sks,0.8,0.3,True\nb.png,a photo of a man,0.7,0.2,False\n")
+    rows = image_scores(scores)
+    assert [(r["identity_similarity"], r["clip_score"]) for r in rows] == [(0.8, 0.3), (None, 0.2)]

@@ -20,7 +20,8 @@ RESAMPLES = 2000
 
 
 def image_scores(scores_csv: Path) -> list[dict]:
-    """evaluate's per-image rows (scores.csv), with their numbers as floats (None where there is none)."""
+    """evaluate's per-image rows (scores.csv), with their numbers as floats (None where there is none; no identity
+    for an image whose prompt names nobody, as the run's likeness leaves it out)."""
     if not scores_csv.is_file():
         return []
     with scores_csv.open(newline="") as handle:
@@ -28,6 +29,8 @@ def image_scores(scores_csv: Path) -> list[dict]:
     for row in rows:
         for key, _ in MEASURED:
             row[key] = float(row[key]) if row.get(key) else None
+        if row.get("names_person") == "False":  # its prompt names nobody: it measures bleed, not likeness
+            row["identity_similarity"] = None
     return rows
 
 
