@@ -1,4 +1,5 @@
-"""The one schema of a study (DESIGN.md), loading from TOML/JSON/YAML, and `--set section.key=value` overrides.
+"""The one schema of a study (the README's "A study is one config file"), loading from TOML/JSON/YAML, and `--set
+section.key=value` overrides.
 
 Unknown keys and bad values are errors that name the key: every model forbids extra fields, and
 validation errors are turned into one line that names the file and the dotted key.

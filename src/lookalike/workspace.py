@@ -435,7 +435,7 @@ def check_run_name(name: str, what: str = "--run") -> str:
 
 @dataclass(frozen=True)
 class Workspace:
-    """Everything a study writes lives under `root` (DESIGN.md, 'Workspace layout')."""
+    """Everything a study writes lives under `root` (the README's "Workspace" lists what goes where)."""
 
     root: Path
 
