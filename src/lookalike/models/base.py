@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family, folder_family
+from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family, folder_family, is_base
 from lookalike.models.families.interface import BaseModelInfo
 from lookalike.models.quantize import quantization_config
 
@@ -58,7 +58,7 @@ def check_drawing_base(config) -> None:
     base = drawing_base(config)
     if base == config.model.base:
         return
-    if base not in KNOWN_BASES and not (Path(base) / "model_index.json").is_file():
+    if not is_base(base):
         raise LookalikeError(f"generate.base: {base!r} is neither a known model ({', '.join(KNOWN_BASES)}) nor a "
                              "local diffusers folder")
     drawing, trained = base_family(base), base_family(config.model.base)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import KNOWN_BASES, base_family
+from lookalike.models.families import base_family, is_base
 from lookalike.models.lora import denoiser_of, modules_of, read_lora, text_encoders_of, text_layer_in_model
 from lookalike.workspace import RunPaths, atomic_path
 
@@ -39,7 +39,7 @@ def read_start(path: Path, shown_as: Path, rank: int, base: str, trains_text_enc
     except LookalikeError as error:
         raise LookalikeError(f"train.init_lora: {str(error).replace(str(path), str(shown_as))}") from None
     recorded = info.get("base_model")
-    if recorded and recorded != base and (recorded in KNOWN_BASES or (Path(recorded) / "model_index.json").is_file()):
+    if recorded and recorded != base and is_base(recorded):
         theirs, ours = base_family(recorded).name, base_family(base).name
         if theirs != ours:
             raise LookalikeError(f"train.init_lora: {shown_as} is a LoRA of {recorded} (family {theirs}), and this "

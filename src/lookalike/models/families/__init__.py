@@ -69,11 +69,16 @@ def pipeline_family(pipe) -> Family:
     return _BY_PIPELINE[name]
 
 
+def is_base(base: str) -> bool:
+    """Whether `base` names a base whose family can be told: a known name, or a local diffusers folder."""
+    return base in KNOWN_BASES or (Path(base) / "model_index.json").is_file()
+
+
 def base_family(base: str) -> Family:
     """The family of a base: a known name's, or a local folder's (FLUX.1 for a folder not readable yet, so that
     loading it says what is wrong)."""
     if base in KNOWN_BASES:
         return FAMILIES[KNOWN_BASES[base].family]
-    if not (Path(base) / "model_index.json").is_file():
+    if not is_base(base):
         return FAMILIES["flux1"]
     return folder_family(Path(base))
