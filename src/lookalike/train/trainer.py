@@ -464,18 +464,16 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     noise, levels = objective.draw(x0.shape, generator, t)
                     x0, noise, levels = x0[rows], noise[rows], levels[rows]
                     noisy = objective.noisy(x0, noise, levels)
-                    batch_texts = [texts[examples[row][1]] for row in rows]
                     subject_rows = len(rows) // 2 if class_order is not None else len(rows)  # the first ones
+                    noisy_in, levels_in, texts_in = noisy, levels, [texts[examples[row][1]] for row in rows]
                     if preserved:  # the subject's rows again with their preserved captions, in the same forward
                         preserved_texts = [texts[preserved[examples[row][1]]] for row in rows[:subject_rows]]
-                        prediction = family.predict(
-                            transformer, model.config, torch.cat([noisy, noisy[:subject_rows]]),
-                            torch.cat([levels, levels[:subject_rows]]), batch_texts + preserved_texts, t.guidance,
-                            layout, device, weight_dtype)
-                        prediction, kept = prediction[:len(rows)], prediction[len(rows):]
-                    else:
-                        prediction = family.predict(transformer, model.config, noisy, levels, batch_texts, t.guidance,
-                                                    layout, device, weight_dtype)
+                        noisy_in = torch.cat([noisy, noisy[:subject_rows]])
+                        levels_in = torch.cat([levels, levels[:subject_rows]])
+                        texts_in = texts_in + preserved_texts
+                    prediction = family.predict(transformer, model.config, noisy_in, levels_in, texts_in, t.guidance,
+                                                layout, device, weight_dtype)
+                    prediction, kept = prediction[:len(rows)], prediction[len(rows):]
                     if class_order is None:
                         loss = objective.loss(prediction, x0, noise, levels, t, weights)
                     else:
