@@ -125,6 +125,17 @@ def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas, 
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
+def one_frame_noisy(vae: dict, latents, noise, sigmas):
+    """What the scripts of the families with a Qwen-Image kind of VAE (Qwen-Image and 2.1, Krea 2) each do first:
+    one-frame latents normalised per channel ((x - mean) * (1 / std)), (B, C, 1, H, W), and their noisy mix
+    (1 - sigma) x + sigma noise."""
+    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
+    model_input = (latents[:, :, None] - mean) * inverse_std
+    sigma = sigmas.view(-1, 1, 1, 1, 1)
+    return model_input, (1.0 - sigma) * model_input + sigma * noise
+
+
 def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sigmas):
     """train_dreambooth_lora_qwen_image.py's loss, written out: one-frame latents normalised per channel
     ((x - mean) * (1 / std)), packed 2x2 tokens, the batch's prompt embeddings with their mask, timestep
@@ -135,11 +146,8 @@ def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sig
     stock = QwenImagePipeline.from_pretrained(folder, transformer=None, vae=None)
     with torch.no_grad():
         prompt_embeds, prompt_embeds_mask = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
-    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
-    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
-    model_input = (latents[:, :, None] - mean) * inverse_std  # (B, C, 1, H, W)
-    sigma = sigmas.view(-1, 1, 1, 1, 1)
-    noisy = ((1.0 - sigma) * model_input + sigma * noise).permute(0, 2, 1, 3, 4)
+    model_input, noisy = one_frame_noisy(vae, latents, noise, sigmas)
+    noisy = noisy.permute(0, 2, 1, 3, 4)
     batch, channels, _, height, width = model_input.shape
     packed = QwenImagePipeline._pack_latents(noisy, batch, channels, height, width)
     timesteps = sigmas * 1000
@@ -161,11 +169,7 @@ def qwen_image21_reference_loss(folder, transformer, captions, latents, noise, s
     stock = QwenImage21Pipeline.from_pretrained(folder, transformer=None, vae=None)
     with torch.no_grad():
         prompt_embeds, prompt_embeds_mask, _ = stock.encode_prompt(captions, device="cpu")
-    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
-    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
-    model_input = (latents[:, :, None] - mean) * inverse_std  # (B, C, 1, H, W)
-    sigma = sigmas.view(-1, 1, 1, 1, 1)
-    noisy = (1.0 - sigma) * model_input + sigma * noise
+    model_input, noisy = one_frame_noisy(vae, latents, noise, sigmas)
     batch, channels, _, height, width = model_input.shape
     packed = QwenImage21Pipeline._pack_latents(noisy, batch, channels, height, width)
     slots = torch.cat([torch.zeros(batch, prompt_embeds.shape[1], dtype=torch.bool),
@@ -189,11 +193,8 @@ def krea2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
     stock = Krea2Pipeline.from_pretrained(folder, transformer=None, vae=None)
     with torch.no_grad():
         prompt_embeds, prompt_embeds_mask = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
-    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
-    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
-    model_input = (latents[:, :, None] - mean) * inverse_std  # (B, C, 1, H, W)
-    sigma = sigmas.view(-1, 1, 1, 1, 1)
-    noisy = ((1.0 - sigma) * model_input + sigma * noise).permute(0, 2, 1, 3, 4)
+    model_input, noisy = one_frame_noisy(vae, latents, noise, sigmas)
+    noisy = noisy.permute(0, 2, 1, 3, 4)
     batch, channels, _, height, width = model_input.shape
     packed = noisy.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
     packed = packed.reshape(batch, (height // 2) * (width // 2), channels * 4)

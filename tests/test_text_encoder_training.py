@@ -51,6 +51,15 @@ def text_encoders_with_a_lora(folder, rank: int = 4, max_sequence_length: int = 
 CAPTIONS = ["a photo of sks man", "sks"]
 
 
+def with_the_scripts_lora(encoder, name: str, weights: dict) -> None:
+    """Give a reference text encoder the scripts' LoraConfig (q, k, v and out projections, rank 4, alpha = rank),
+    set to lookalike's weights for that component (every one of them taken)."""
+    encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LAYERS))
+    loaded = set_peft_model_state_dict(encoder, {text_layer_in_model(encoder, k.removeprefix(f"{name}.")): v
+                                                 for k, v in weights.items() if k.split(".", 1)[0] == name})
+    assert not loaded.unexpected_keys
+
+
 def backpropagated_loss(folder, denoiser, texts, channels: int, levels):
     """lookalike's loss on one fixed batch (unpacked latents of `channels`, noise, the two CAPTIONS through the text
     encoders' LoRA), backpropagated: (the loss, the latents, the noise)."""
@@ -81,11 +90,7 @@ def test_the_loss_and_the_text_encoders_gradients_equal_the_reference_scripts(fa
     encoders = reference_text_encoders(folder, family)
     weights = texts.lora_state_dict()
     for name, encoder in encoders.items():
-        encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=TEXT_ENCODER_LAYERS))
-        loaded = set_peft_model_state_dict(encoder, {text_layer_in_model(encoder, k.removeprefix(f"{name}.")): v
-                                                     for k, v in weights.items() if k.split(".", 1)[0] == name})
-        assert not loaded.unexpected_keys
+        with_the_scripts_lora(encoder, name, weights)
     unet.zero_grad()
     reference = reference_loss(folder, family, unet, CAPTIONS, latents, noise, timesteps, 64, encoders=encoders)
     reference.backward()
@@ -155,10 +160,7 @@ def test_flux1s_loss_and_its_clip_gradients_equal_the_reference_scripts():
     assert not any(p.requires_grad for p in texts.pipe.text_encoder_2.parameters()), "T5 stays frozen"
 
     clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    clip.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LAYERS))
-    loaded = set_peft_model_state_dict(clip, {text_layer_in_model(clip, k.removeprefix("text_encoder.")): v
-                                              for k, v in texts.lora_state_dict().items()})
-    assert not loaded.unexpected_keys
+    with_the_scripts_lora(clip, "text_encoder", texts.lora_state_dict())
     t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2")
     encoders = {"text_encoder": clip, "text_encoder_2": t5}
     transformer.zero_grad()
@@ -238,11 +240,7 @@ def test_sd3s_loss_and_its_clip_gradients_equal_the_reference_scripts():
     weights = texts.lora_state_dict()
     for name in ("text_encoder", "text_encoder_2"):
         clip = encoders[name] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder=name)
-        clip.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                    target_modules=TEXT_ENCODER_LAYERS))
-        loaded = set_peft_model_state_dict(clip, {text_layer_in_model(clip, k.removeprefix(f"{name}.")): v
-                                                  for k, v in weights.items() if k.split(".", 1)[0] == name})
-        assert not loaded.unexpected_keys
+        with_the_scripts_lora(clip, name, weights)
     transformer.zero_grad()
     reference = sd3_reference_loss(folder, transformer, CAPTIONS, latents, noise, sigmas, encoders=encoders)
     reference.backward()
