@@ -253,3 +253,19 @@ def test_an_image_whose_prompt_names_nobody_measures_bleed_not_likeness(tiny_con
     assert metrics["per_prompt"]["a photo of a man"]["identity_similarity"] is None
     shown = run_cli("results", str(config))
     assert "bleed" in shown.stdout, "the results table shows bleed when a run measured it"
+
+
+def test_runs_scored_by_an_earlier_meaning_of_the_metrics_are_scored_again(tiny_config, faces, tmp_path,
+                                                                             monkeypatch):
+    """SCORING_VERSION is part of what a run's metrics depend on: a run scored before a metric changed meaning (as
+    likeness did when bleed came) is not kept as up to date."""
+    from lookalike.config import load_config
+    from lookalike.evaluate import command
+    from lookalike.evaluate.command import _inputs_digest, reference_photos
+
+    config = load_config(tiny_config())
+    run = fake_run(tmp_path / "work", faces)
+    now = _inputs_digest(config, run.images, reference_photos(config))
+    assert now == _inputs_digest(config, run.images, reference_photos(config))
+    monkeypatch.setattr(command, "SCORING_VERSION", command.SCORING_VERSION + 1)
+    assert _inputs_digest(config, run.images, reference_photos(config)) != now

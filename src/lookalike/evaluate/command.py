@@ -20,7 +20,7 @@ from lookalike.data.checks import duplicates, perceptual_hash
 from lookalike.data.images import file_sha256, list_images, load_rgb
 from lookalike.display import cell
 from lookalike.errors import LookalikeError
-from lookalike.evaluate.scoring import aggregate, aggregate_by, describe_images, write_results
+from lookalike.evaluate.scoring import SCORING_VERSION, aggregate, aggregate_by, describe_images, write_results
 from lookalike.models.base import quiet_libraries
 from lookalike.models.clip import load_clip
 from lookalike.progress import progress_bar
@@ -212,10 +212,12 @@ def _photo_hashes(path: Path) -> tuple[str, int]:
 
 
 def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:
-    """What the metrics of a run depend on: its images and sidecars, the references and the settings."""
+    """What the metrics of a run depend on: its images and sidecars, the references, the settings and how
+    lookalike scores (SCORING_VERSION)."""
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [*sorted(images.iterdir()), *references]
              if p.is_file() and not p.name.startswith(".") and p.name not in ("metrics.json", "scores.csv")]
-    facts = [files, config.evaluate.model_dump(mode="json"), [p.model_dump(mode="json") for p in config.people]]
+    facts = [files, config.evaluate.model_dump(mode="json"), [p.model_dump(mode="json") for p in config.people],
+             SCORING_VERSION]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
 

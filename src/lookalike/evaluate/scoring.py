@@ -18,6 +18,10 @@ from pathlib import Path
 from lookalike.errors import LookalikeError
 from lookalike.workspace import atomic_path, write_json
 
+# Bumped when what a metric means changes, so that runs scored before are scored again rather than kept under the
+# new meaning (2: an image whose prompt names nobody counts as bleed, not likeness).
+SCORING_VERSION = 2
+
 
 @dataclass
 class ImageScore:
