@@ -161,9 +161,15 @@ class TrainConfig(Section):
     """Shuffle the comma-separated tags of each caption, the first (the trigger word's) kept first, as kohya's
     shuffle_caption does: this many orders of each caption are drawn once from the seed and encoded once (text
     embeddings are cached, not made at every step), and each step trains on one of them. 0: off."""
-    adapter: Literal["lora", "dora"] = "lora"
-    """lora; or dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which
-    every family's diffusers pipeline loads with load_lora_weights. merge and export take plain LoRAs only."""
+    adapter: Literal["lora", "dora", "lokr"] = "lora"
+    """lora; dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which every
+    family's diffusers pipeline loads with load_lora_weights; or lokr (peft's LoKr, LyCORIS's Kronecker-product
+    adapter, as kohya's LyCORIS, SimpleTuner and ai-toolkit train it): each weight change is kron(w1, w2), w1 a
+    small matrix of lokr_factor rows, w2 of rank `rank` (a full matrix at a rank of half its side or more: "full"
+    LoKr). merge takes plain LoRAs only; export takes LoRAs and LoKrs."""
+    lokr_factor: int = Field(-1, ge=-1, le=4096)
+    """With adapter = 'lokr': the side of the small Kronecker factor w1 where it divides the layer's width
+    (LyCORIS's factor; SimpleTuner's FLUX recipe: 16 with a full w2); -1: the divisor nearest the square root."""
     train_text_encoder: bool = False
     """Train a LoRA on the text encoders too (FLUX.1's CLIP, SD 1.x's, SDXL's and SD3's CLIPs: the reference scripts'
     --train_text_encoder, and kohya's default for SD), on their attention's q, k, v and out projections at the
@@ -312,6 +318,25 @@ class TrainConfig(Section):
         if self.init_lora is not None and self.adapter == "dora":
             raise ValueError("init_lora starts from a plain LoRA, and adapter = 'dora' learns each weight's norm "
                              "apart from it: use adapter = 'lora', or leave init_lora unset")
+        return self
+
+    @model_validator(mode="after")
+    def _lokr_settings(self) -> "TrainConfig":
+        if self.adapter != "lokr":  # lokr_factor is then unused: a sweep over adapters shares one [train]
+            return self
+        if self.lokr_factor == 0:
+            raise ValueError("lokr_factor must be a positive side, or -1 (the divisor nearest the square root)")
+        # Settings made for a LoRA's two matrices, which a LoKr does not have, or that it cannot train on.
+        refused = {"init_lora": (self.init_lora is not None, "it starts from a LoRA's two matrices"),
+                   "loraplus_lr_ratio": (self.loraplus_lr_ratio is not None, "it speeds up a LoRA's B matrix"),
+                   "lora_dropout": (self.lora_dropout > 0, "it drops out a LoRA's input"),
+                   "train_text_encoder": (self.train_text_encoder, "it trains a LoRA of the text encoders"),
+                   "base_quantization": (self.base_quantization == "nf4",
+                                         "'nf4' packs the weights into a shape peft's LoKr layers cannot read")}
+        for setting, (used, why) in refused.items():
+            if used:
+                raise ValueError(f"adapter = 'lokr' cannot be combined with {setting} ({why}): use adapter = "
+                                 f"'lora', or leave {setting} unset")
         return self
 
     @model_validator(mode="after")

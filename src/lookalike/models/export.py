@@ -17,6 +17,11 @@ lora_te1_ and lora_te2_; FLUX.1's CLIP: lora_te1_) with the text model's layer n
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
 FLUX.2, Z-Image, Qwen-Image and SD3), so their ComfyUI layout is diffusers', and kohya has none. Krea 2 and
 Qwen-Image 2.1 have no layout ComfyUI is known to read: their LoRAs export in diffusers' layout only.
+
+A LoKr (train.adapter = 'lokr') keeps each layer apart, so its ComfyUI layout is diffusers' for every transformer
+(ComfyUI maps FLUX.1's diffusers names onto the parts of its fused layers), and kohya's only for the SD UNets
+(lora_unet_<layer>.lokr_w1 | .lokr_w2_a | .lokr_w2_b, as kohya's LyCORIS writes them), with no alpha tensors: the
+file's scale is 1.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from pathlib import Path
 from lookalike.errors import LookalikeError
 from lookalike.models.families import base_family
 from lookalike.models.lora import (
+    LOKR,
+    adapter_config,
     file_metadata,
+    is_lokr,
     modules_of,
     read_lora,
     save_lora,
@@ -52,9 +60,11 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         raise LookalikeError(f"--dtype: unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
     if Path(out).resolve() == Path(source).resolve():
         raise LookalikeError(f"--out: {out} is the LoRA being exported; write the export to a new file")
-    tensors, config, info = read_lora(source)
+    tensors, config, info = read_lora(source, lokr=True)
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     family = base_family(info.get("base_model") or "")  # a file that names no base: as FLUX.1
+    if is_lokr(tensors):
+        return _export_lokr(source, out, format, tensors, config, info, cast)
     fused = None if format == "diffusers" else family.fused_layers(modules_of(tensors), config["lora_alpha"])
     if fused is None and format == "kohya":
         raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1, SDXL and SD 1.x LoRAs only; {source} "
@@ -63,11 +73,8 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         raise LookalikeError(f"--format comfyui: no ComfyUI layout is known for {family.name} LoRAs; {source} is for "
                              f"{info['base_model']}: export it with --format diffusers")
     if fused is None:  # diffusers' layout, which ComfyUI reads for this family too
-        from peft import LoraConfig
-
-        fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
-        save_lora(out, tensors, LoraConfig(**fields), {k: v for k, v in info.items() if k in ("base_model",)},
-                  dtype=cast, text_encoder_configs=text_encoder_configs(tensors, config["r"], config["lora_alpha"]))
+        save_lora(out, tensors, adapter_config(config), base_model_of(info), dtype=cast,
+                  text_encoder_configs=text_encoder_configs(tensors, config["r"], config["lora_alpha"]))
         return out
     kohya = format == "kohya" or family.comfyui_reads_kohya
     prefix, dotted = ("lora_unet_", False) if kohya else ("diffusion_model.", True)
@@ -86,6 +93,41 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         result[f"{name}.alpha"] = torch.tensor(float(alpha))
     # Every layer's scale, its alpha tensor over its own rank, is the source's alpha / rank.
     metadata = {"format": "pt", **file_metadata(config["r"], info), "ss_network_alpha": f"{config['lora_alpha']:g}"}
+    with atomic_path(out) as tmp:
+        save_file(result, str(tmp), metadata=metadata)
+    return out
+
+
+def base_model_of(info: dict[str, str]) -> dict[str, str]:
+    """Of a file's own facts, those an export keeps: the base it is for."""
+    return {k: v for k, v in info.items() if k in ("base_model",)}
+
+
+def _export_lokr(source: Path, out: Path, format: str, tensors: dict, config: dict, info: dict, cast) -> Path:
+    """A LoKr (its scale folded in, as lookalike writes it) in `format`. ComfyUI reads diffusers' layer names for
+    the transformers (FLUX.1's too, onto the parts of its fused layers) and kohya's for the SD UNets, as LyCORIS
+    writes them there (lora_unet_<layer>.lokr_w1); kohya's FLUX.1 layout fuses q, k and v into one layer, whose
+    change no one Kronecker product of the separate ones can be."""
+    from safetensors.torch import save_file
+
+    family = base_family(info.get("base_model") or "")
+    names = family.kohya_layer_names({key.rsplit(LOKR, 1)[0].split(".", 1)[1] for key in tensors})
+    if format == "kohya" and names is None:
+        raise LookalikeError(f"--format kohya: {source} is a LoKr, and kohya's layout exists for LoKrs of SDXL and SD "
+                             f"1.x only (FLUX.1's fuses layers a LoKr cannot be split across); {source} is for "
+                             f"{info.get('base_model')}: export it with --format comfyui or diffusers")
+    if format == "comfyui" and not family.comfyui_layout_known:
+        raise LookalikeError(f"--format comfyui: no ComfyUI layout is known for {family.name} LoKrs; {source} is for "
+                             f"{info['base_model']}: export it with --format diffusers")
+    if format == "diffusers" or names is None:  # diffusers' layout, which ComfyUI reads for these transformers
+        save_lora(out, tensors, adapter_config(config), base_model_of(info), dtype=cast)
+        return out
+    result = {}
+    for key, value in tensors.items():
+        module, part = key.rsplit(LOKR, 1)
+        layer = names[module.split(".", 1)[1]].replace(".", "_")
+        result[f"lora_unet_{layer}{LOKR}{part}"] = value.to(cast).contiguous()
+    metadata = {"format": "pt", **file_metadata(config["r"], info, adapter_config(config))}
     with atomic_path(out) as tmp:
         save_file(result, str(tmp), metadata=metadata)
     return out

@@ -25,31 +25,32 @@ DENOISERS = ("transformer", "unet")  # the pipeline components a LoRA file's key
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # and those of a run that trains its text encoders
 
 
-def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0, dora: bool = False) -> None:
-    """Add a trainable LoRA adapter to the (frozen) denoiser, on the layers its family's preset `target` names
-    (train.target_modules); `dora`: a DoRA adapter (train.adapter)."""
+def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0, adapter: str = "lora",
+             lokr_factor: int = -1) -> None:
+    """Add a trainable adapter to the (frozen) denoiser, on the layers its family's preset `target` names
+    (train.target_modules): `adapter` lora, dora or lokr (train.adapter; `lokr_factor`: train.lokr_factor)."""
     import re
 
     import torch
-    from peft import LoraConfig
+    from peft import LoKrConfig, LoraConfig
 
     targets = denoiser_family(transformer).target_modules[target]
     # A rank above every adapted layer's narrower side adds parameters that cannot change anything: a user's slip.
-    # (Above some layers' only is usual: Krea 2's reference set adapts a 12-to-1 projection at any rank.)
+    # (Above some layers' only is usual: Krea 2's reference set adapts a 12-to-1 projection at any rank.) A LoKr's
+    # rank only says when its factor is a full matrix.
     widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
               if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*(?:{targets})", name)]
-    if widths and rank > max(widths):
+    if adapter != "lokr" and widths and rank > max(widths):
         raise LookalikeError(f"train.rank = {rank} is more than any adapted layer's width: a LoRA's rank can be at "
                              f"most {max(widths)} on this base")
     transformer.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=targets,
-        use_dora=dora,
-    )
+    if adapter == "lokr":
+        # LyCORIS's initialisation (w2 zero, w1 random), as kohya's LyCORIS and SimpleTuner start a LoKr.
+        config = LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=lokr_factor,
+                            init_weights="lycoris")
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                            target_modules=targets, use_dora=adapter == "dora")
     transformer.add_adapter(config)
 
 
@@ -81,45 +82,72 @@ def denoiser_of(tensors: dict[str, Any]) -> str:
     return next((component_of(key) for key in tensors if component_of(key) not in TEXT_ENCODERS), DENOISERS[0])
 
 
+LOKR = ".lokr_"  # in every LoKr key: <module>.lokr_w1, .lokr_w2_a, ...
+
+
+def alpha_field(peft_config) -> str:
+    """The name of a peft adapter config's alpha: LoRA's lora_alpha, LoKr's alpha."""
+    return "lora_alpha" if hasattr(peft_config, "lora_alpha") else "alpha"
+
+
+def is_lokr(keys) -> bool:
+    """Whether a file's tensors (or keys) are a LoKr's (train.adapter = 'lokr')."""
+    return any(LOKR in key for key in keys)
+
+
+def scaled(key: str) -> bool:
+    """Whether a tensor is the factor an adapter's scale is folded into, one its change is linear in: a LoRA's B
+    matrix, or a LoKr's w1 (whole, or the first half of a split one)."""
+    return ".lora_B." in key or key.endswith((".lokr_w1", ".lokr_w1_a"))
+
+
 def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None,
               text_encoder_configs: dict[str, Any] | None = None) -> None:
-    """Write a LoRA file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts, and the
-    facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version, modelspec.architecture).
-    `text_encoder_configs`: component -> peft config of each text encoder the tensors hold a LoRA of (of the same
-    rank and alpha as the denoiser's).
+    """Write a LoRA (or LoKr) file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts,
+    and the facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version,
+    modelspec.architecture). `text_encoder_configs`: component -> peft config of each text encoder the tensors hold
+    a LoRA of (of the same rank and alpha as the denoiser's).
 
-    The scale alpha / rank is folded into the B matrices and the file says alpha = rank, so that every reader
-    applies the LoRA at its trained strength: ComfyUI and kohya's converters never read peft's metadata, and
-    would apply a file with alpha != rank at rank / alpha times its strength. `dtype`: the tensors' type in the
-    file (default: each their own); the scale is folded in float32, before any cast."""
+    The scale alpha / rank is folded into the B matrices (a LoKr's w1) and the file says alpha = rank, so that
+    every reader applies the adapter at its trained strength: ComfyUI and kohya's converters never read peft's
+    metadata, and would apply a file with alpha != rank at rank / alpha times its strength (ComfyUI applies a LoKr
+    without alpha tensors at scale 1). `dtype`: the tensors' type in the file (default: each their own); the scale
+    is folded in float32, before any cast."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
 
-    rank, scale = peft_config.r, peft_config.lora_alpha / peft_config.r
+    alpha = alpha_field(peft_config)
+    rank, scale = peft_config.r, getattr(peft_config, alpha) / peft_config.r
 
     def written(key: str, value):
-        folded = value.float() * scale if scale != 1 and ".lora_B." in key else value
+        folded = value.float() * scale if scale != 1 and scaled(key) else value
         return folded.to(dtype or value.dtype)
 
     configs = {denoiser_of(tensors): peft_config, **(text_encoder_configs or {})}
-    if any((config.r, config.lora_alpha) != (rank, peft_config.lora_alpha) for config in configs.values()):
+    if any((config.r, getattr(config, alpha_field(config))) != (rank, getattr(peft_config, alpha))
+           for config in configs.values()):
         raise ValueError("every component's LoRA must have the denoiser's rank and alpha: one scale is folded in")
     tensors = {key: written(key, value) for key, value in tensors.items()}
     info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
     adapter = {f"{component}.{k}": v for component, config in configs.items()
-               for k, v in (dataclasses.replace(config, lora_alpha=rank) if scale != 1 else config).to_dict().items()}
+               for k, v in (dataclasses.replace(config, **{alpha_field(config): rank}) if scale != 1 else config
+                            ).to_dict().items()}
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, default=_jsonable, sort_keys=True),
-                **file_metadata(rank, info)}
+                **file_metadata(rank, info, peft_config)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def file_metadata(rank: int, info: dict[str, Any]) -> dict[str, str]:
+def file_metadata(rank: int, info: dict[str, Any], peft_config=None) -> dict[str, str]:
     """The header facts of a LoRA file whose scale is 1 (alpha = rank): kohya's and the sites' `ss_*` and
-    `modelspec.*`, and our own `lookalike.*`."""
+    `modelspec.*`, and our own `lookalike.*`. A LoKr (`peft_config` a LoKrConfig) is named as kohya's LyCORIS
+    names one (ss_network_module, and its algorithm and factor in ss_network_args)."""
     base = info.get("base_model") or ""
     family = base_family(base)  # a file that names no base: FLUX.1, as lookalike's LoRAs were
     metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    if peft_config is not None and alpha_field(peft_config) == "alpha":
+        metadata["ss_network_module"] = "lycoris.kohya"
+        metadata["ss_network_args"] = json.dumps({"algo": "lokr", "factor": str(peft_config.decompose_factor)})
     if family.kohya_base_version is not None:
         metadata["ss_base_model_version"] = family.kohya_base_version
     if base in family.modelspec_architectures:
@@ -147,8 +175,8 @@ def check_lora_file(path: Path) -> dict[str, str]:
             keys = list(handle.keys())
     except (SafetensorError, OSError, ValueError) as error:
         raise LookalikeError(f"{path}: not a valid safetensors file ({error})") from None
-    if not any("lora" in key for key in keys):
-        raise LookalikeError(f"{path}: holds no LoRA weights (no key contains 'lora')")
+    if not any("lora" in key or LOKR in key for key in keys):
+        raise LookalikeError(f"{path}: holds no LoRA weights (no key contains 'lora' or '{LOKR}')")
     return metadata
 
 
@@ -157,10 +185,11 @@ def lookalike_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
 
 
-def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-    """(tensors, adapter config, lookalike facts) of a checked LoRA file in diffusers' layout. The adapter
-    config is the peft LoraConfig diffusers stored (rank `r`, `lora_alpha`, ...); a file without one gets
-    rank and alpha from its tensors, as diffusers itself assumes (alpha = rank)."""
+def read_lora(path: Path, lokr: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(tensors, adapter config, lookalike facts) of a checked LoRA file in diffusers' layout; with `lokr`, a
+    LoKr file is read too (its config's peft_type is then LOKR). The adapter config is the peft config diffusers
+    stored (rank `r`, `lora_alpha` or a LoKr's `alpha`, ...); a file without one gets rank and alpha from its
+    tensors, as diffusers itself assumes (alpha = rank)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import load_file
 
@@ -169,9 +198,14 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
     if any(key.endswith(".lora_magnitude_vector") for key in tensors):
         raise LookalikeError(f"{path}: a DoRA adapter, whose weight change is not a low-rank product: merge and "
                              "export take plain LoRAs only (train.adapter = 'lora'); generate and the demo load it")
+    kronecker = is_lokr(tensors)
+    if kronecker and not lokr:
+        raise LookalikeError(f"{path}: a LoKr adapter, whose weight change is a Kronecker product, not a low-rank "
+                             "one: merge and init_lora take plain LoRAs only (train.adapter = 'lora'); generate, "
+                             "export and the demo take it")
     denoiser = denoiser_of(tensors)
     if denoiser not in DENOISERS or not all(component_of(key) in (denoiser, *TEXT_ENCODERS) and
-                                            (".lora_A." in key or ".lora_B." in key) for key in tensors):
+                                            (".lora_A." in key or ".lora_B." in key or LOKR in key) for key in tensors):
         raise LookalikeError(f"{path}: not a LoRA in diffusers' layout (keys transformer.<module>.lora_A/lora_B.weight"
                              ", or unet.<module>..., and text_encoder.<module>... for its text encoders)")
     try:
@@ -181,18 +215,66 @@ def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str
     if not isinstance(adapter, dict):
         raise LookalikeError(f"{path}: its header's {LORA_ADAPTER_METADATA_KEY} is not a JSON object of LoRA "
                              "settings")
-    modules = _checked_modules(path, tensors)
-    if not modules:
+    ranks = _checked_lokr_ranks(path, tensors) if kronecker else \
+        [down.shape[0] for down, _ in _checked_modules(path, tensors).values()]
+    if not ranks:
         raise LookalikeError(f"{path}: holds a LoRA of text encoders only, none of a transformer or UNet")
+    alpha = "alpha" if kronecker else "lora_alpha"
     config = {k.removeprefix(f"{denoiser}."): v for k, v in adapter.items() if component_of(k) not in TEXT_ENCODERS}
     if "r" not in config:
-        rank = next(iter(modules.values()))[0].shape[0]
-        config = {"r": rank, "lora_alpha": rank}
-    for key in ("r", "lora_alpha"):
+        config = {"r": ranks[0], alpha: ranks[0]}
+    for key in ("r", alpha):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise LookalikeError(f"{path}: its LoRA setting {key} is {value!r}, not a positive number")
+    if kronecker:
+        config["peft_type"] = "LOKR"
     return tensors, config, lookalike_metadata(metadata)
+
+
+def adapter_config(settings: dict[str, Any]):
+    """The peft config (LoraConfig, or a LoKr's LoKrConfig) of a file's adapter settings, as read_lora gives them."""
+    from peft import LoKrConfig, LoraConfig
+
+    kind = LoKrConfig if settings.get("peft_type") == "LOKR" else LoraConfig
+    return kind(**{k: v for k, v in settings.items() if k in kind.__dataclass_fields__ and k != "peft_type"})
+
+
+# A LoKr module's tensors: each factor whole, or split into two matrices (LyCORIS's names).
+LOKR_PARTS = {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"}
+
+
+def _checked_lokr_ranks(path: Path, tensors: dict[str, Any]) -> list[int]:
+    """The rank of each of a LoKr's modules (that of its split w2, or of its whole w2's larger side), once every
+    module is known to be whole: w1 and w2, each one matrix or two that multiply, 2-D, with finite values."""
+    import torch
+
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, part = key.rpartition(LOKR)
+        modules.setdefault(name, {})[part] = value
+    ranks = []
+    for name, parts in sorted(modules.items()):
+        unknown = parts.keys() - LOKR_PARTS
+        if unknown:
+            raise LookalikeError(f"{path}: module {name} holds lokr_{sorted(unknown)[0]}, which lookalike does not "
+                                 "read (a LoKr of linear layers has w1 and w2, each whole or split in _a and _b)")
+        for factor in ("w1", "w2"):
+            a, b = parts.get(f"{factor}_a"), parts.get(f"{factor}_b")
+            if factor in parts and a is None and b is None:
+                matrices = [parts[factor]]
+            elif factor not in parts and a is not None and b is not None:
+                matrices = [a, b]
+            else:
+                raise LookalikeError(f"{path}: module {name} needs its lokr_{factor} once: whole, or as "
+                                     f"lokr_{factor}_a and lokr_{factor}_b")
+            if any(m.ndim != 2 for m in matrices) or (len(matrices) == 2 and a.shape[1] != b.shape[0]):
+                raise LookalikeError(f"{path}: module {name}'s lokr_{factor} is not a matrix, or two that multiply")
+        if not all(torch.isfinite(t).all() for t in parts.values()):
+            raise LookalikeError(f"{path}: module {name}'s LoKr weights hold NaN or infinite values")
+        if component_of(name) not in TEXT_ENCODERS:
+            ranks.append(parts["w2_a"].shape[1] if "w2_a" in parts else max(parts["w2"].shape))
+    return ranks
 
 
 def _checked_modules(path: Path, tensors: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -257,8 +339,20 @@ def text_encoders_of(tensors: dict[str, Any]) -> list[str]:
 
 
 def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:
-    """Load a checked LoRA file into a pipeline with diffusers' own loader; return its metadata."""
+    """Load a checked LoRA (or LoKr) file into a pipeline with diffusers' own loader; return its metadata. A LoKr
+    loads through its denoiser's loader (load_lora_adapter), which every pipeline's load_lora_weights calls but
+    only some (Z-Image's, FLUX.2's) let a LoKr reach."""
+    from safetensors import safe_open
+
     metadata = check_lora_file(path)
     path = Path(path)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name, use_safetensors=True)
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    if is_lokr(keys):
+        denoiser = denoiser_of(keys)
+        getattr(pipe, denoiser).load_lora_adapter(str(path.parent), weight_name=path.name, prefix=denoiser,
+                                                  adapter_name=adapter_name, use_safetensors=True)
+    else:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
+                               use_safetensors=True)
     return lookalike_metadata(metadata)

@@ -35,6 +35,9 @@ class Counts:
     lora: int
     in_blocks: int = 0  # of the frozen ones, those in the blocks: what train.offload keeps in CPU memory
     largest_block: int = 0  # the frozen parameters of the largest block
+    # A LoKr's weight changes: the weights of the layers it adapts, per block in the model's order, and outside them.
+    changes_by_block: tuple[int, ...] = ()
+    changes_outside: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Estimate:
     optimizer: float  # GB, its gradients and AdamW's two moments
     activations: float  # GB, kept for the backward pass and working values
     counts: Counts
+    changes: float = 0.0  # GB, the whole weight changes a LoKr builds in the forward pass and keeps for the backward
     quantization: str = "none"
     shards: int = 1  # processes the model is sharded across (train.shard): weights, LoRA and AdamW per process
     denoiser: str = "transformer"  # what the weights are of: the family's transformer or UNet
@@ -53,7 +57,7 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.optimizer + self.activations + self.text_encoders
+        return self.weights + self.lora + self.optimizer + self.activations + self.changes + self.text_encoders
 
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
@@ -65,6 +69,8 @@ class Estimate:
                 f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
                 f"activations (est.)   {size(self.activations)}",
+                *([f"LoKr weight changes  {size(self.changes)}  (each adapted layer's, built for its forward pass)"]
+                  if self.changes else []),
                 *([f"text encoders        {size(self.text_encoders)}  ({self.text_encoder_parameters / 1e6:,.1f} M "
                    "parameters, with their LoRA and its AdamW state)"] if self.text_encoders else []),
                 f"total                {size(self.total)}  (plus the framework's own, about {FRAMEWORK_GB:.0f} GB on a "
@@ -125,22 +131,41 @@ def text_encoder_parameters(config: StudyConfig) -> tuple[int, int]:
 
 
 def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1",
-                     dora: bool = False) -> Counts:
+                     adapter: str = "lora", lokr_factor: int = -1) -> Counts:
     """Parameter counts of the family's denoiser with the run's adapter, built on the meta device."""
     import torch
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = FAMILIES[family].component_class(FAMILIES[family].denoiser).from_config(architecture)
-        add_lora(model, rank, alpha, target, dora=dora)
+        add_lora(model, rank, alpha, target, adapter=adapter, lokr_factor=lokr_factor)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.
     linear = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and
                  not m.weight.requires_grad)
     kinds = FAMILIES[family].checkpointed_block_types(model)
-    blocks = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in model.modules()
-              if type(m).__name__ in kinds]
-    return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora, sum(blocks), max(blocks, default=0))
+    block_modules = [m for m in model.modules() if type(m).__name__ in kinds]
+    blocks = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in block_modules]
+    changes = [changed_weights(block) for block in block_modules] if adapter == "lokr" else []
+    return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora, sum(blocks), max(blocks, default=0),
+                  tuple(changes), changed_weights(model) - sum(changes) if adapter == "lokr" else 0)
+
+
+def changed_weights(module) -> int:
+    """The weights of the layers a LoKr adapts in `module`: the size of the weight changes it builds."""
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    return sum(m.get_base_layer().weight.numel() for m in module.modules() if isinstance(m, LoKrLayer))
+
+
+def changes_held(counts: Counts, checkpointing: bool, every: int) -> int:
+    """The LoKr weight-change values held at a training step's peak. Each adapted layer builds its whole change,
+    kron(w1, w2), for its forward pass, and keeps it for the backward pass: a kept block holds its layers' changes
+    until then; a checkpointed block builds them again when it is recomputed, one block at a time."""
+    blocks = counts.changes_by_block
+    checkpointed = set(range(0, len(blocks), every)) if checkpointing else set()
+    kept = sum(changes for index, changes in enumerate(blocks) if index not in checkpointed)
+    return counts.changes_outside + kept + max((blocks[index] for index in checkpointed), default=0)
 
 
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, processes: int = 1) -> Estimate:
@@ -151,7 +176,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     family = base_family(config.model.base)
     architecture = transformer_config(config)
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name,
-                                        dora=t.adapter == "dora")
+                                        t.adapter, t.lokr_factor)
     per_value = BYTES[precision]
     # An offloaded base recomputes every block, as checkpointing every block does.
     checkpointing, every = (True, 1) if t.offload else (t.gradient_checkpointing, t.gradient_checkpointing_every)
@@ -163,6 +188,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     # output_preservation runs each subject one again with its preserved caption.
     examples = t.batch_size * ((2 if config.prior.num_class_images else 1) + (1 if t.output_preservation else 0))
     activations = values * per_value * examples / GB
+    changes = changes_held(counts, checkpointing, every) * per_value / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
     offloaded = 0
@@ -178,7 +204,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     text_frozen, text_lora = text_encoder_parameters(config) if t.train_text_encoder else (0, 0)
     text_encoders = (text_frozen * per_value + text_lora * (4 + optimizer_bytes)) / GB
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
-                    activations, counts, t.base_quantization, shards, family.denoiser, offloaded / GB,
+                    activations, counts, changes, t.base_quantization, shards, family.denoiser, offloaded / GB,
                     text_encoders, text_frozen)
 
 

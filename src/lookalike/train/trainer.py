@@ -335,7 +335,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
     transformer = transformer if sharded or t.offload else transformer.to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
-    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, dora=t.adapter == "dora")
+    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor)
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -425,7 +425,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         save_lora(path, tensors, model.peft_config["default"], {
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
             "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
-            "steps": step, "learning_rate": t.learning_rate, "run": run.name, "version": __version__,
+            "adapter": t.adapter, "steps": step, "learning_rate": t.learning_rate, "run": run.name,
+            "version": __version__,
         }, text_encoder_configs=text_encoders.configs if text_encoders is not None else None)
 
     def training_state(step: int) -> dict[str, Any]:

@@ -214,6 +214,11 @@ class Family:
         names."""
         return None
 
+    def kohya_layer_names(self, names) -> dict[str, str] | None:
+        """For a family whose kohya layout names each layer apart (the SD UNets): diffusers' layer name -> kohya's
+        (dotted). None (the default): its kohya layout fuses layers (FLUX.1's q, k and v are one), or it has none."""
+        return None
+
     def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
         """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""
         raise NotImplementedError

@@ -134,12 +134,16 @@ class StableDiffusion(Family):
         """The layer's name in kohya's files (diffusers' own for SD 1.x: kohya trains SD 1.x on diffusers' UNet)."""
         return name
 
+    def kohya_layer_names(self, names) -> dict[str, str]:
+        """Each layer's kohya name, one for one (nothing is fused in these UNets)."""
+        # An up block holds one attention more than a down block: the adapter's own names give layers_per_block.
+        ups = [int(m.group(1)) for name in names if (m := re.match(r"up_blocks\.\d+\.attentions\.(\d+)\.", name))]
+        return {name: self.kohya_name(name, max(ups, default=0)) for name in names}
+
     def fused_layers(self, modules, alpha):
-        """kohya's layout, one layer for one (nothing is fused in these UNets), with the LoRA's alpha."""
-        # An up block holds one attention more than a down block: the LoRA's own names give layers_per_block.
-        ups = [int(m.group(1)) for name in modules if (m := re.match(r"up_blocks\.\d+\.attentions\.(\d+)\.", name))]
-        return {self.kohya_name(name, max(ups, default=0)): (down.float(), up.float(), alpha)
-                for name, (down, up) in modules.items()}
+        """kohya's layout, one layer for one, with the LoRA's alpha."""
+        names = self.kohya_layer_names(modules)
+        return {names[name]: (down.float(), up.float(), alpha) for name, (down, up) in modules.items()}
 
     def owns(self, denoiser_config) -> bool:
         return (denoiser_config.get("addition_embed_type") == "text_time") == self.xl
