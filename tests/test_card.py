@@ -22,9 +22,11 @@ from tests.conftest import run_in_process
 
 
 @pytest.fixture
-def evaluated_run(tiny_config):
-    """A tiny FLUX.1 run with its images drawn at two strengths, and scored."""
-    path = tiny_config(train={"max_train_steps": 2, "learning_rate": 1e-2},
+def evaluated_run(tiny_config, request):
+    """A tiny FLUX.1 run (of a LoRA, or the adapter a test's parameter names) with its images drawn at two
+    strengths, and scored."""
+    adapter = getattr(request, "param", "lora")
+    path = tiny_config(train={"max_train_steps": 2, "learning_rate": 1e-2, "adapter": adapter},
                        generate={"prompts": ["a photo of {token}", "{token} smiling"], "num_inference_steps": 3,
                                  "lora_scales": [0.5, 1.0]})
     config = load_config(path)
@@ -36,7 +38,9 @@ def evaluated_run(tiny_config):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("evaluated_run", ["lora", "lokr"], indirect=True)
 def test_the_card_describes_the_run_measures_it_and_draws_its_first_image(evaluated_run, tmp_path, monkeypatch):
+    """A LoKr's card loads it with the denoiser's load_lora_adapter: FLUX.1's load_lora_weights takes no LoKr."""
     path, config = evaluated_run
     out = tmp_path / "shared" / "sks.safetensors"
     result = run_in_process("export", str(path), "--run", "r4", "--format", "diffusers", "--out", str(out), "--card")
@@ -44,6 +48,8 @@ def test_the_card_describes_the_run_measures_it_and_draws_its_first_image(evalua
     text = (out.parent / "README.md").read_text()
     front = yaml.safe_load(text.split("---\n")[1])
     assert front["instance_prompt"] == "sks" and "lora" in front["tags"]
+    lokr = config.train.adapter == "lokr"
+    assert ("lokr" in front["tags"]) == lokr and f"# r4: a {'LoKr' if lokr else 'LoRA'} of `sks` (man)" in text
     assert "base_model" not in front, "a base built here has no Hub repository to name"
     run = Workspace(config.workspace).run("r4")
     widget = front["widget"]

@@ -305,11 +305,18 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
 
 def comfyui_lora_keys(family: str, transformer) -> set[str]:
     """The diffusers-named layers ComfyUI's LoRA loader takes as `transformer.<layer>` for each family, transcribed
-    from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.2 through flux_to_diffusers
-    (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), SD3 through mmdit_to_diffusers,
-    Qwen-Image every weight of its model, whose layers have diffusers' names."""
+    from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.1 and FLUX.2 through
+    flux_to_diffusers (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), SD3 through
+    mmdit_to_diffusers, Qwen-Image every weight of its model, whose layers have diffusers' names."""
     config = transformer.config
-    if family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
+    if family == "flux1":  # flux_to_diffusers: FLUX.1's layers, each mapped onto its part of a fused one
+        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
+        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
+        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
+    elif family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
         double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                   "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                   "ff_context.linear_out"]
@@ -359,11 +366,16 @@ def train_sampled_run(tiny_config, base: str, **settings):
     return lora, np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)
 
 
-def stock_image(base: str, lora_file=None, **arguments) -> np.ndarray:
+def stock_image(base: str, lora_file=None, through_denoiser: bool = False, **arguments) -> np.ndarray:
     """The image the stock pipeline of `base` draws for the first prompt and seed at 64 px in 3 steps, with the
-    LoRA file loaded by load_lora_weights (or none)."""
-    pipe = folder_family(resolve_base(base)).pipeline_class().from_pretrained(resolve_base(base))
-    if lora_file is not None:
+    LoRA file loaded by load_lora_weights (or none); `through_denoiser`: by its denoiser's load_lora_adapter
+    (diffusers' loader for a LoKr, which most pipelines' load_lora_weights do not pass on)."""
+    family = folder_family(resolve_base(base))
+    pipe = family.pipeline_class().from_pretrained(resolve_base(base))
+    if lora_file is not None and through_denoiser:
+        getattr(pipe, family.denoiser).load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name,
+                                                         prefix=family.denoiser)
+    elif lora_file is not None:
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     pipe.set_progress_bar_config(disable=True)
     image = pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,

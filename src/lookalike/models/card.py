@@ -76,20 +76,23 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
     family = base_family(base)
     trigger = " ".join(person.token for person in trained.people)
     step = {"final": status.get("final_step"), "best": status.get("best_step")}.get(checkpoint, checkpoint)
+    lokr = trained.train.adapter == "lokr"
+    adapter = "LoKr" if lokr else "LoRA"
     front = ["---", *([f"base_model: {repo}"] if repo else []),
              *(["library_name: diffusers"] if layout == "diffusers" else []),  # what loads it as it is
-             "tags: [text-to-image, lora, diffusers, lookalike]", f"instance_prompt: {json.dumps(trigger)}"]
+             f"tags: [text-to-image, lora, {'lokr, lycoris, ' if lokr else ''}diffusers, lookalike]",
+             f"instance_prompt: {json.dumps(trigger)}"]
     if shown:
         front.append("widget:")
         for name, facts in shown:
             front += [f"  - text: {json.dumps(facts['prompt'])}", "    output:", f"      url: images/{name}"]
     front.append("---")
     people_words = ", ".join(f"`{person.token}` ({person.class_word})" for person in trained.people)
-    lines = [*front, MARK, "", f"# {run.name}: a LoRA of {people_words} on {base_label(base)}", "",
+    lines = [*front, MARK, "", f"# {run.name}: a {adapter} of {people_words} on {base_label(base)}", "",
              f"Trained by lookalike in the study `{config.name}`, checkpoint {checkpoint} "
              f"(step {cell(step)}). Trigger word: `{trigger}`. File: `{lora_file.name}` ({layout} layout).", "",
              "## Use it", ""]
-    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None, trigger)
+    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None, trigger, lokr)
     lines += ["", "## How well it learned", ""] + _measured(run, checkpoint)
     t = trained.train
     settings = {"rank": t.rank, "alpha": t.lora_alpha, "learning_rate": t.learning_rate,
@@ -106,9 +109,10 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
 
 
 def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, example: dict | None,
-           trigger: str) -> list[str]:
-    """How to draw with the file: diffusers' stock pipeline and load_lora_weights, drawing the card's first image
-    as lookalike drew it (a plain prompt where there is none); ComfyUI's loader for the other layouts."""
+           trigger: str, lokr: bool) -> list[str]:
+    """How to draw with the file: diffusers' stock pipeline and load_lora_weights (a LoKr: its denoiser's
+    load_lora_adapter, which every family's takes), drawing the card's first image as lookalike drew it (a plain
+    prompt where there is none); ComfyUI's loader for the other layouts."""
     if layout != "diffusers":
         return [f"Put `{lora_file.name}` in ComfyUI's `models/loras` folder and load it with a LoraLoader node "
                 "(strength 1.0)" + (", or with kohya's sd-scripts" if layout == "kohya" else "") + "."]
@@ -124,12 +128,15 @@ def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, ex
                 **family.text_arguments(settings["max_sequence_length"])}
         seed = settings["seed"]
     arguments = "".join(f"    {key}={value!r},\n" for key, value in call.items())
+    file = f"\".\", weight_name={lora_file.name!r}"
+    load = (f"pipe.{family.denoiser}.load_lora_adapter({file}, prefix={family.denoiser!r})" if lokr else
+            f"pipe.load_lora_weights({file})")
     return ["```python", "import torch", f"from diffusers import {family.pipeline_class_name}", "",
             'device = "cuda" if torch.cuda.is_available() else "cpu"',
             f"pipe = {family.pipeline_class_name}.from_pretrained({source!r}, "
             "torch_dtype=torch.bfloat16 if device == \"cuda\" else torch.float32).to(device)",
             "# the folder of this card (or its Hub repository):",
-            f"pipe.load_lora_weights(\".\", weight_name={lora_file.name!r})",
+            load,
             f"image = pipe(\n{arguments}    generator=torch.Generator(\"cpu\").manual_seed({seed}),\n).images[0]",
             "```"]
 

@@ -66,7 +66,7 @@ def pairwise(factors: Factors) -> list[dict[str, Any]]:
 ABBREVIATIONS = {"learning_rate": "lr", "rank": "r", "alpha": "a", "max_train_steps": "steps", "lr_scheduler": "",
                  "base": "", "background_loss_weight": "bg", "loraplus_lr_ratio": "loraplus",
                  "extra_resolutions": "extra", "init_lora": "init", "train_text_encoder": "te",
-                 "text_encoder_lr": "telr", "output_preservation": "dop"}
+                 "text_encoder_lr": "telr", "output_preservation": "dop", "adapter": "", "lokr_factor": "factor"}
 
 
 def experiment_name(settings: dict[str, Any]) -> str:

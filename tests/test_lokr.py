@@ -1,0 +1,204 @@
+"""LoKr adapters (train.adapter = 'lokr'): the file changes each weight as the trained adapter did when diffusers'
+loader and ComfyUI's LoKr code read it (its scale folded into w1), runs draw what the stock pipelines draw with
+it, exports land where ComfyUI and kohya's LyCORIS look, and the settings made for a LoRA's two matrices are
+refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lookalike.config import load_config
+from lookalike.errors import LookalikeError
+from lookalike.models.base import load_component, resolve_base
+from lookalike.models.export import export_lora
+from lookalike.models.families import base_family
+from lookalike.models.lora import add_lora, lora_state_dict, read_lora, save_lora
+from lookalike.models.merge import merge_loras
+from lookalike.train.memory import estimate
+from tests.test_families import comfyui_lora_keys, stock_image, train_sampled_run
+from tests.test_train import assert_a_killed_run_resumes_exactly
+
+
+def comfyui_lokr_change(tensors: dict, layer: str, shape) -> torch.Tensor:
+    """The weight change ComfyUI's LoKr adapter (comfy/weight_adapter/lokr.py, calculate_weight) makes of a file's
+    layer at strength 1, transcribed: kron(w1, w2), each factor whole or the product of its halves, times the layer's
+    alpha tensor over the split factor's rank, or 1 where the file has no alpha tensor or no split factor."""
+    def factor(name):
+        if f"{layer}.lokr_{name}" in tensors:
+            return tensors[f"{layer}.lokr_{name}"].float(), None
+        a, b = tensors[f"{layer}.lokr_{name}_a"].float(), tensors[f"{layer}.lokr_{name}_b"].float()
+        return a @ b, b.shape[0]
+
+    (w1, dim1), (w2, dim2) = factor("w1"), factor("w2")
+    dim = dim2 if dim2 is not None else dim1
+    alpha = tensors.get(f"{layer}.alpha")
+    scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+    return scale * torch.kron(w1, w2).reshape(shape)
+
+
+def trained_lokr(rank: int, alpha: float, factor: int):
+    """Tiny FLUX.1's transformer with a LoKr whose every factor is random (a trained one's are), and each adapted
+    layer's weight change as peft computes it in training."""
+    transformer = load_component(resolve_base("tiny"), "transformer")
+    add_lora(transformer, rank, alpha, "attention+mlp", adapter="lokr", lokr_factor=factor)
+    torch.manual_seed(0)
+    for name, parameter in transformer.named_parameters():
+        if ".lokr_" in name:
+            parameter.data.normal_()
+    changes = {name: module.get_delta_weight("default").detach() for name, module in transformer.named_modules()
+               if hasattr(module, "lokr_w1")}
+    return transformer, changes
+
+
+@pytest.mark.parametrize("rank, factor", [(4, 4), (64, 4)])  # w2 split in two at rank 4; whole (full) at rank 64
+def test_a_lokr_file_changes_each_weight_as_training_did_where_diffusers_and_comfyui_read_it(tmp_path, rank, factor):
+    """alpha 2 at rank 4 scales the change by 1/2 in training: the file carries that scale in w1 and says alpha =
+    rank, so that diffusers (its metadata) and ComfyUI (no alpha tensor: scale 1) both apply it."""
+    transformer, changes = trained_lokr(rank, 2.0, factor)
+    path = tmp_path / "lokr.safetensors"
+    save_lora(path, lora_state_dict(transformer), transformer.peft_config["default"], {"base_model": "tiny"})
+    tensors = load_file(path)
+    assert not any(key.endswith(".alpha") for key in tensors)
+    assert any(key.endswith(".lokr_w2" if rank == 64 else ".lokr_w2_a") for key in tensors)
+
+    for name, change in changes.items():
+        shape = transformer.get_submodule(name).get_base_layer().weight.shape
+        torch.testing.assert_close(comfyui_lokr_change(tensors, f"transformer.{name}", shape), change)
+
+    fresh = load_component(resolve_base("tiny"), "transformer")
+    fresh.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix="transformer", adapter_name="file")
+    for name, change in changes.items():
+        torch.testing.assert_close(fresh.get_submodule(name).get_delta_weight("file"), change)
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_network_module"]) == \
+        (str(rank), str(rank), "lycoris.kohya")
+    assert metadata["ss_network_args"] == f'{{"algo": "lokr", "factor": "{factor}"}}'
+
+
+def test_merge_and_init_lora_refuse_a_lokr_by_name(tmp_path, tiny_config):
+    transformer, _ = trained_lokr(4, 4.0, 4)
+    path = tmp_path / "lokr.safetensors"
+    save_lora(path, lora_state_dict(transformer), transformer.peft_config["default"], {"base_model": "tiny"})
+    refusal = "a LoKr adapter, whose weight change is a Kronecker product, not a low-rank one"
+    with pytest.raises(LookalikeError, match=refusal):
+        merge_loras(path, path, tmp_path / "merged.safetensors")
+    with pytest.raises(LookalikeError, match=refusal):
+        read_lora(path)
+    tensors, config, _ = read_lora(path, lokr=True)
+    assert (config["r"], config["alpha"], config["peft_type"]) == (4, 4, "LOKR")
+
+
+def test_a_lokr_file_with_a_factor_missing_is_refused_by_module(tmp_path):
+    transformer, _ = trained_lokr(4, 4.0, 4)
+    tensors = lora_state_dict(transformer)
+    broken = next(key for key in tensors if key.endswith(".lokr_w2_b"))
+    del tensors[broken]
+    path = tmp_path / "broken.safetensors"
+    save_lora(path, tensors, transformer.peft_config["default"], {"base_model": "tiny"})
+    module = broken.removesuffix(".lokr_w2_b")
+    with pytest.raises(LookalikeError, match=f"module {module} needs its lokr_w2 once: whole, or as lokr_w2_a and"):
+        export_lora(path, tmp_path / "out.safetensors", "diffusers")
+
+
+@pytest.mark.parametrize("setting, value", [("init_lora", "x.safetensors"), ("loraplus_lr_ratio", 16.0),
+                                            ("lora_dropout", 0.1), ("train_text_encoder", True),
+                                            ("base_quantization", "nf4")])
+def test_settings_made_for_a_loras_two_matrices_are_refused_with_lokr(tiny_config, setting, value):
+    with pytest.raises(LookalikeError, match=f"adapter = 'lokr' cannot be combined with {setting}"):
+        load_config(tiny_config(train={"adapter": "lokr", setting: value}))
+
+
+def test_a_lokr_factor_must_be_a_side_or_minus_one_and_goes_unused_by_other_adapters(tiny_config):
+    with pytest.raises(LookalikeError, match="lokr_factor must be a positive side, or -1"):
+        load_config(tiny_config(train={"adapter": "lokr", "lokr_factor": 0}))
+    # A sweep over adapters shares one [train]: a LoRA run ignores the LoKr's factor.
+    assert load_config(tiny_config(train={"adapter": "lora", "lokr_factor": 16})).train.adapter == "lora"
+
+
+def test_the_estimate_counts_the_weight_changes_a_lokr_builds(tiny_config):
+    """Each adapted layer's change is as large as its weight and is held for the backward pass: every block's
+    without checkpointing, one block's at a time with it. Checked on FLUX.1-dev, built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from lookalike.models.families.flux1 import FLUX_TRANSFORMER
+
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(FLUX_TRANSFORMER)
+        add_lora(model, 4, 4.0, "attention")  # the same layers, adapted by a LoRA: their weights, counted apart
+    adapted = {name.removesuffix(".lora_A"): model.get_submodule(name.removesuffix(".lora_A")).base_layer.weight
+               for name, _ in model.named_modules() if name.endswith(".lora_A")}
+    total = sum(weight.numel() for weight in adapted.values())
+    double = sum(w.numel() for name, w in adapted.items() if name.startswith("transformer_blocks.0."))
+
+    config = load_config(tiny_config(model={"base": "flux-dev"}, train={"adapter": "lokr", "lokr_factor": 16}))
+    plain = estimate(config, "bf16")
+    assert plain.changes == pytest.approx(total * 2 / 2**30) and plain.changes > 4, "about 5 GB on FLUX.1-dev"
+    checkpointed = estimate(config.with_train({"gradient_checkpointing": True}, "test"), "bf16")
+    assert checkpointed.changes == pytest.approx(double * 2 / 2**30), "a double block is FLUX.1's largest"
+    assert any(line.startswith("LoKr weight changes") for line in plain.lines())
+    lora = estimate(load_config(tiny_config(model={"base": "flux-dev"})), "bf16")
+    assert lora.changes == 0 and not any(line.startswith("LoKr") for line in lora.lines())
+
+
+# Each base's stock pipeline, with the LoKr loaded as a user of diffusers would: load_lora_weights where the
+# pipeline's loader takes a LoKr (Z-Image's, FLUX.2's), its denoiser's load_lora_adapter elsewhere.
+PIPELINE_TAKES_LOKR = {"tiny": False, "tiny-z-image": True, "tiny-flux2-klein": True, "tiny-sd15": False}
+STOCK_ARGUMENTS = {"tiny": {"guidance_scale": 4.0, "max_sequence_length": 32},
+                   "tiny-z-image": {"guidance_scale": 4.0, "max_sequence_length": 32},
+                   "tiny-flux2-klein": {"max_sequence_length": 32}, "tiny-sd15": {"guidance_scale": 4.0}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", PIPELINE_TAKES_LOKR)
+def test_a_lokr_run_draws_what_the_stock_pipeline_draws_with_its_file(tiny_config, tmp_path, base):
+    lora, ours = train_sampled_run(tiny_config, base, adapter="lokr", rank=4, alpha=2.0, lokr_factor=4,
+                                   learning_rate=5e-2)
+    tensors = load_file(lora)
+    assert tensors and all(".lokr_" in key for key in tensors)
+    stock = STOCK_ARGUMENTS[base]
+    with_file = stock_image(base, lora, through_denoiser=not PIPELINE_TAKES_LOKR[base], **stock)
+    assert np.abs(ours - with_file).max() <= 1, "within 1/255 of the stock pipeline with the LoKr"
+    assert np.abs(ours - stock_image(base, **stock)).max() > 1, "the LoKr changed the image"
+
+    family = base_family(base)
+    diffusers = load_file(export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers"))
+    assert diffusers.keys() == tensors.keys()
+    comfyui = load_file(export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui"))
+    if family.denoiser == "transformer":  # ComfyUI reads diffusers' names; kohya's layout fuses FLUX.1's layers
+        assert comfyui.keys() == tensors.keys()
+        transformer = load_component(resolve_base(base), "transformer")
+        layers = {key.rsplit(".lokr_", 1)[0] for key in comfyui}
+        assert layers <= comfyui_lora_keys(family.name, transformer), layers - comfyui_lora_keys(family.name,
+                                                                                                 transformer)
+        with pytest.raises(LookalikeError, match="--format kohya: .* is a LoKr, and kohya's layout exists for LoKrs "
+                                                 "of SDXL and SD 1.x only"):
+            export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
+        return
+    # SD 1.x: kohya's names, which ComfyUI's key map takes for a UNet's layers (lora_unet_ and diffusers' name with
+    # underscores), each changing its weight as the file in diffusers' layout does.
+    kohya = load_file(export_lora(lora, tmp_path / "kohya.safetensors", "kohya"))
+    assert kohya.keys() == comfyui.keys()
+    unet = load_component(resolve_base(base), "unet")
+    comfyui_names = {f"lora_unet_{name.replace('.', '_')}": name for name, module in unet.named_modules()
+                     if isinstance(module, torch.nn.Linear)}
+    layers = {key.rsplit(".lokr_", 1)[0] for key in kohya}
+    assert layers and layers <= comfyui_names.keys()
+    for layer in layers:
+        name = comfyui_names[layer]
+        shape = unet.get_submodule(name).weight.shape
+        torch.testing.assert_close(comfyui_lokr_change(kohya, layer, shape),
+                                   comfyui_lokr_change(tensors, f"unet.{name}", shape))
+
+
+@pytest.mark.slow
+def test_a_killed_lokr_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config):
+    path = tiny_config(train={"max_train_steps": 40, "checkpoint_every": 10, "checkpoints_keep": 2,
+                              "learning_rate": 1e-3, "batch_size": 2, "adapter": "lokr", "lokr_factor": 4})
+    assert_a_killed_run_resumes_exactly(path, steps=40, killed_after="step-000010")
