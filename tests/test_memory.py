@@ -56,18 +56,30 @@ def test_dry_run_prints_the_estimate_and_loads_or_writes_nothing(tiny_config, tm
     assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "data").exists()
 
 
+# What a training step adds to the resident size at its peak (VmHWM, reset before it), `step` run twice: in a
+# process run with MEASURING, whose allocations of 64 KB and more are mapped and unmapped one by one (glibc
+# otherwise keeps freed memory resident), that is the step's own peak.
+PEAK_OF_A_STEP = """
+import ctypes, re
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+def peak_of(step):
+    step()  # the optimizer's state and the kernels' caches exist from here on
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM
+    before = status("VmRSS")
+    step()
+    return status("VmHWM") - before
+"""
+MEASURING = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 # One training step of each tiny transformer asked for (base, checkpointing), with its LoRA and AdamW, called
-# through its family as the trainer calls it, in one fresh process whose allocations of 64 KB and more are
-# mapped and unmapped one by one (glibc otherwise keeps freed memory resident), so that the peak resident size
-# during a step (VmHWM, reset before it) is that step's own peak; each model is freed before the next.
-MEASURE_STEPS = """
-import ctypes, gc, json, re, sys, torch
+# through its family as the trainer calls it, in one fresh process; each model is freed before the next.
+MEASURE_STEPS = PEAK_OF_A_STEP + """
+import ctypes, gc, json, sys, torch
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.families import base_family
 from lookalike.models.lora import add_lora
 text_tokens = int(sys.argv[1])
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 def measure(base, checkpointing, resolution):
     family = base_family(base)
     transformer = load_component(resolve_base(base), family.denoiser, torch.float32)
@@ -87,14 +99,10 @@ def measure(base, checkpointing, resolution):
         torch.nn.functional.mse_loss(prediction, noisy).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    step()  # the optimizer's state and the kernels' caches exist from here on
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM
-    before = status("VmRSS")
-    step()
+    peak = peak_of(step)
     held = sum(p.nbytes for p in transformer.parameters()) + sum(
         v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim())
-    return {"held": held, "step": status("VmHWM") - before}
+    return {"held": held, "step": peak}
 for base, checkpointing, resolution in json.loads(sys.argv[2]):
     print(json.dumps({"base": base, "checkpointing": checkpointing, **measure(base, checkpointing, resolution)}),
           flush=True)
@@ -114,9 +122,8 @@ MEASURED = [("tiny", False, 1024), ("tiny", True, 1024), ("tiny-flux2-klein", Fa
 def test_estimate_is_within_20_percent_of_a_measured_training_step(tiny_config):
     """Every family, with and without gradient checkpointing where it has blocks to checkpoint."""
     text_tokens = 32
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     result = subprocess.run([sys.executable, "-c", MEASURE_STEPS, str(text_tokens), json.dumps(MEASURED)],
-                            capture_output=True, text=True, env=environment, timeout=600)
+                            capture_output=True, text=True, env=MEASURING, timeout=600)
     assert result.returncode == 0, result.stderr
     measured = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [(m["base"], m["checkpointing"]) for m in measured] == [(b, c) for b, c, _ in MEASURED]

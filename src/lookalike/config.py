@@ -326,13 +326,15 @@ class TrainConfig(Section):
             return self
         if self.lokr_factor == 0:
             raise ValueError("lokr_factor must be a positive side, or -1 (the divisor nearest the square root)")
-        # Settings made for a LoRA's two matrices, which a LoKr does not have, or that it cannot train on.
+        # Settings made for a LoRA's two matrices, which a LoKr does not have, or that it cannot train with.
         refused = {"init_lora": (self.init_lora is not None, "it starts from a LoRA's two matrices"),
                    "loraplus_lr_ratio": (self.loraplus_lr_ratio is not None, "it speeds up a LoRA's B matrix"),
                    "lora_dropout": (self.lora_dropout > 0, "it drops out a LoRA's input"),
                    "train_text_encoder": (self.train_text_encoder, "it trains a LoRA of the text encoders"),
                    "base_quantization": (self.base_quantization == "nf4",
-                                         "'nf4' packs the weights into a shape peft's LoKr layers cannot read")}
+                                         "'nf4' packs the weights into a shape peft's LoKr layers cannot read"),
+                   "compile": (self.compile, "peft's LoKr layers branch on a random draw while training, which "
+                               "torch.compile cannot trace")}
         for setting, (used, why) in refused.items():
             if used:
                 raise ValueError(f"adapter = 'lokr' cannot be combined with {setting} ({why}): use adapter = "

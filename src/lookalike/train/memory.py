@@ -35,9 +35,11 @@ class Counts:
     lora: int
     in_blocks: int = 0  # of the frozen ones, those in the blocks: what train.offload keeps in CPU memory
     largest_block: int = 0  # the frozen parameters of the largest block
-    # A LoKr's weight changes: the weights of the layers it adapts, per block in the model's order, and outside them.
+    # A LoKr's weight changes: the weights of the layers it adapts, per block in the model's order, outside them, and
+    # the largest layer's.
     changes_by_block: tuple[int, ...] = ()
     changes_outside: int = 0
+    largest_change: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,26 +148,30 @@ def count_parameters(architecture: dict, rank: int, alpha: float, target: str, f
     kinds = FAMILIES[family].checkpointed_block_types(model)
     block_modules = [m for m in model.modules() if type(m).__name__ in kinds]
     blocks = [sum(p.numel() for p in m.parameters() if not p.requires_grad) for m in block_modules]
-    changes = [changed_weights(block) for block in block_modules] if adapter == "lokr" else []
+    changes = [sum(lokr_changes(block)) for block in block_modules]
+    everywhere = lokr_changes(model)
     return Counts(sum(p.numel() for p in model.parameters()) - lora, linear, lora, sum(blocks), max(blocks, default=0),
-                  tuple(changes), changed_weights(model) - sum(changes) if adapter == "lokr" else 0)
+                  tuple(changes), sum(everywhere) - sum(changes), max(everywhere, default=0))
 
 
-def changed_weights(module) -> int:
-    """The weights of the layers a LoKr adapts in `module`: the size of the weight changes it builds."""
+def lokr_changes(module) -> list[int]:
+    """The weight sizes of the layers a LoKr adapts in `module` (none for another adapter): the sizes of the
+    weight changes it builds."""
     from peft.tuners.lokr.layer import LoKrLayer
 
-    return sum(m.get_base_layer().weight.numel() for m in module.modules() if isinstance(m, LoKrLayer))
+    return [m.get_base_layer().weight.numel() for m in module.modules() if isinstance(m, LoKrLayer)]
 
 
 def changes_held(counts: Counts, checkpointing: bool, every: int) -> int:
     """The LoKr weight-change values held at a training step's peak. Each adapted layer builds its whole change,
     kron(w1, w2), for its forward pass, and keeps it for the backward pass: a kept block holds its layers' changes
-    until then; a checkpointed block builds them again when it is recomputed, one block at a time."""
+    until then; a checkpointed block builds them again when it is recomputed, one block at a time. The backward
+    pass makes each change's gradient, one layer at a time, on top."""
     blocks = counts.changes_by_block
     checkpointed = set(range(0, len(blocks), every)) if checkpointing else set()
     kept = sum(changes for index, changes in enumerate(blocks) if index not in checkpointed)
-    return counts.changes_outside + kept + max((blocks[index] for index in checkpointed), default=0)
+    return (counts.changes_outside + kept + max((blocks[index] for index in checkpointed), default=0) +
+            counts.largest_change)
 
 
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, processes: int = 1) -> Estimate:
