@@ -253,3 +253,13 @@ def test_the_lokr_changes_the_estimate_counts_are_within_20_percent_of_what_a_st
     print(f"checkpointing {checkpointing}: LoKr changes estimated {predicted / 2**20:.1f} MB, measured "
           f"{measured / 2**20:.1f} MB")
     assert abs(predicted - measured) <= 0.2 * measured
+
+
+def test_a_sweep_over_adapters_names_its_runs_by_adapter(tiny_config):
+    from lookalike.sweep.designs import experiment_name
+    from lookalike.sweep.plan import config_for_run, experiments
+
+    assert experiment_name({"adapter": "lokr", "lokr_factor": 16}) == "lokr-factor16"
+    config = load_config(tiny_config(train={"lokr_factor": 8}, sweep={"factors": {"adapter": ["lora", "lokr"]}}))
+    assert [e.name for e in experiments(config)] == ["lora", "lokr"]
+    assert [config_for_run(config, name).train.adapter for name in ("lora", "lokr")] == ["lora", "lokr"]
