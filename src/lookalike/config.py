@@ -8,6 +8,7 @@ validation errors are turned into one line that names the file and the dotted ke
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -193,6 +194,10 @@ class TrainConfig(Section):
     """Which layers the LoRA adapts, as the base's family names them: attention (the fewest parameters and least
     memory: the default), diffusers (the default set of the family's diffusers reference script; FLUX.1's:
     attention and the double blocks' feed-forward), attention+mlp (every feed-forward too)."""
+    layer_filter: str | None = None
+    """A regular expression: of the layers target_modules adapts, only those whose names it matches anywhere, as
+    kohya's train_double_block_indices / train_single_block_indices and ai-toolkit's only_if_contains single out
+    blocks; e.g. 'single_transformer_blocks\\.(7|20)\\.' adapts two of FLUX.1's single blocks. None: all of them."""
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
     """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call
     'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale; mode: the SD3 paper's mode
@@ -266,6 +271,15 @@ class TrainConfig(Section):
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
+
+    @field_validator("layer_filter")
+    @classmethod
+    def _layer_filter_is_a_pattern(cls, pattern: str | None) -> str | None:
+        try:
+            re.compile(pattern or "")
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return pattern
 
     @field_validator("resolution")
     @classmethod

@@ -97,7 +97,7 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
     t = trained.train
     settings = {"rank": t.rank, "alpha": t.lora_alpha, "learning_rate": t.learning_rate,
                 "lr_scheduler": t.lr_scheduler, "batch_size": t.batch_size, "optimizer": t.optimizer,
-                "adapter": t.adapter, "target_modules": t.target_modules,
+                "adapter": t.adapter, "target_modules": t.target_modules, "layer_filter": t.layer_filter,
                 "resolution": training_resolution(trained), "photos": len(read_json(run.photos))
                 if run.photos.is_file() else None, "seed": t.seed}
     lines += ["", "## Training", "", "| setting | value |", "| --- | --- |",

@@ -26,20 +26,27 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # and those of a run that tr
 
 
 def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float = 0.0, adapter: str = "lora",
-             lokr_factor: int = -1) -> None:
+             lokr_factor: int = -1, layer_filter: str | None = None) -> None:
     """Add a trainable adapter to the (frozen) denoiser, on the layers its family's preset `target` names
-    (train.target_modules): `adapter` lora, dora or lokr (train.adapter; `lokr_factor`: train.lokr_factor)."""
+    (train.target_modules), of those only the ones whose names `layer_filter` matches (train.layer_filter):
+    `adapter` lora, dora or lokr (train.adapter; `lokr_factor`: train.lokr_factor)."""
     import re
 
     import torch
     from peft import LoKrConfig, LoraConfig
 
-    targets = denoiser_family(transformer).target_modules[target]
+    preset = denoiser_family(transformer).target_modules[target]
+    # peft adapts the linear layers whose whole name the pattern matches; a filter is a lookahead, anywhere in it.
+    targets = preset if layer_filter is None else rf"(?=.*?(?:{layer_filter}))(?:{preset})"
+    adapted = [module for name, module in transformer.named_modules()
+               if isinstance(module, torch.nn.Linear) and re.fullmatch(targets, name)]
+    if layer_filter is not None and not adapted:
+        raise LookalikeError(f"train.layer_filter = {layer_filter!r} matches none of the layers train.target_modules "
+                             f"= {target!r} adapts on this base")
     # A rank above every adapted layer's narrower side adds parameters that cannot change anything: a user's slip.
     # (Above some layers' only is usual: Krea 2's reference set adapts a 12-to-1 projection at any rank.) A LoKr's
     # rank only says when its factor is a full matrix.
-    widths = [min(module.in_features, module.out_features) for name, module in transformer.named_modules()
-              if isinstance(module, torch.nn.Linear) and re.fullmatch(rf".*(?:{targets})", name)]
+    widths = [min(module.in_features, module.out_features) for module in adapted]
     if adapter != "lokr" and widths and rank > max(widths):
         raise LookalikeError(f"train.rank = {rank} is more than any adapted layer's width: a LoRA's rank can be at "
                              f"most {max(widths)} on this base")

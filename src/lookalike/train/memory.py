@@ -133,14 +133,14 @@ def text_encoder_parameters(config: StudyConfig) -> tuple[int, int]:
 
 
 def count_parameters(architecture: dict, rank: int, alpha: float, target: str, family: str = "flux1",
-                     adapter: str = "lora", lokr_factor: int = -1) -> Counts:
+                     adapter: str = "lora", lokr_factor: int = -1, layer_filter: str | None = None) -> Counts:
     """Parameter counts of the family's denoiser with the run's adapter, built on the meta device."""
     import torch
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = FAMILIES[family].component_class(FAMILIES[family].denoiser).from_config(architecture)
-        add_lora(model, rank, alpha, target, adapter=adapter, lokr_factor=lokr_factor)
+        add_lora(model, rank, alpha, target, adapter=adapter, lokr_factor=lokr_factor, layer_filter=layer_filter)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Under a LoRA the frozen linear layer is its base_layer, a plain nn.Linear as well.
     linear = sum(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and
@@ -182,7 +182,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     family = base_family(config.model.base)
     architecture = transformer_config(config)
     counts = counts or count_parameters(architecture, t.rank, t.lora_alpha, t.target_modules, family.name,
-                                        t.adapter, t.lokr_factor)
+                                        t.adapter, t.lokr_factor, t.layer_filter)
     per_value = BYTES[precision]
     # An offloaded base recomputes every block, as checkpointing every block does.
     checkpointing, every = (True, 1) if t.offload else (t.gradient_checkpointing, t.gradient_checkpointing_every)

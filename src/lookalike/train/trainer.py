@@ -335,7 +335,8 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
     transformer = transformer if sharded or t.offload else transformer.to(device)
     torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
-    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor)
+    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor,
+             t.layer_filter)
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
