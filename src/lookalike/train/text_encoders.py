@@ -17,6 +17,7 @@ import torch
 
 from lookalike.errors import LookalikeError
 from lookalike.models.base import load_pipeline
+from lookalike.models.families import FAMILIES
 from lookalike.models.lora import component_of, text_layer_in_file, text_layer_in_model
 
 # The layers diffusers' reference scripts (train_dreambooth_lora.py, _sdxl.py, _flux.py) adapt in a CLIP text encoder.
@@ -34,9 +35,10 @@ def text_encoder_lora_config(t):
 def check_trainable(family) -> None:
     """Refuse train_text_encoder for a family whose text encoders lookalike does not train."""
     if not family.trainable_text_encoders:
-        raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of FLUX.1 (its CLIP), "
-                             f"SD 1.x, SDXL and SD3 (its CLIPs), as their reference scripts' --train_text_encoder "
-                             f"does, and this base is {family.name}'s: set train_text_encoder = false")
+        trained = ", ".join(sorted(f.name for f in FAMILIES.values() if f.trainable_text_encoders))
+        raise LookalikeError(f"train.train_text_encoder: lookalike trains the text encoders of the bases of "
+                             f"{trained} (their CLIPs), as their reference scripts' --train_text_encoder does, and "
+                             f"this base is {family.name}'s: set train_text_encoder = false")
 
 
 class TrainedTextEncoders:
