@@ -251,3 +251,28 @@ def test_a_lora_trained_on_one_base_is_drawn_with_another_of_its_family(tiny_con
     with pytest.raises(LookalikeError, match="generate.base: 'krea2-trubo' is neither a known model"):
         generate(config.model_copy(update={"generate": config.generate.model_copy(update={"base": "krea2-trubo"})}),
                  run="r")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["lora", "lokr"])
+def test_a_lora_file_of_another_family_is_refused_by_name_and_one_that_loads_nothing_too(tiny_config, tmp_path,
+                                                                                        adapter):
+    """Before the model loads when its header names its base; else when diffusers loaded none of its layers (it
+    would only warn, and the images would be labelled with a LoRA they never had)."""
+    from safetensors.torch import load_file, save_file
+
+    from lookalike.errors import LookalikeError
+
+    sd = load_config(tiny_config("sd.toml", model={"base": "tiny-sd15"}, data={"crop": "center"},
+                                 train={"max_train_steps": 1, "sample_every": 0, "adapter": adapter}))
+    lora = train(sd, "r")
+    flux = load_config(tiny_config(generate={"num_inference_steps": 2}))
+    with pytest.raises(LookalikeError, match=r"lora.safetensors: a LoRA of tiny-sd15 \(sd1\), which tiny \(flux1\) "
+                                             "cannot load: use a LoRA of a flux1 base"):
+        generate(flux, loras=[lora])
+    unnamed = tmp_path / "from-another-tool.safetensors"
+    save_file(load_file(lora), str(unnamed))  # the same layers, with no header naming a base
+    with pytest.raises(LookalikeError, match="from-another-tool.safetensors: none of its layers is one of this "
+                                             r"base's \(FluxPipeline\): a LoRA of another base\?"):
+        generate(flux, loras=[unnamed])
+    assert not list((flux.workspace / "generated").rglob("*.png")), "no image was labelled with it"

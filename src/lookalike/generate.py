@@ -37,7 +37,7 @@ from lookalike.models.base import (
     training_resolution,
 )
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
-from lookalike.models.lora import check_lora_file, load_lora_into
+from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar
 from lookalike.workspace import Workspace, atomic_path, write_json
 
@@ -211,9 +211,9 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     if len(weights) != len(loras):
         raise LookalikeError(f"--weights: {len(weights)} weights for {len(loras)} LoRA files")
     adapters = list(zip(loras, weights))
-    for path, _ in adapters:
-        check_lora_file(path)  # refuse a bad file before loading a multi-GB model
     check_drawing_base(config)
+    for path, _ in adapters:  # refuse a bad file before loading a multi-GB model
+        check_lora_base(path, drawing_base(config))
     _check_negative_prompt(config)
     folder = out or output_folder(config, run, adapters, checkpoint)
     if "guidance_scales" in config.generate.model_fields_set and guidance_scales(config) == [None]:

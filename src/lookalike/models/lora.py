@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import base_family, denoiser_family
+from lookalike.models.families import base_family, denoiser_family, is_base
 from lookalike.workspace import atomic_path
 
 METADATA_PREFIX = "lookalike."
@@ -345,21 +345,34 @@ def text_encoders_of(tensors: dict[str, Any]) -> list[str]:
     return [encoder for encoder in TEXT_ENCODERS if any(component_of(key) == encoder for key in tensors)]
 
 
+def check_lora_base(path: Path, base: str) -> None:
+    """Refuse a LoRA file whose header names a base of another family than `base`'s (a file that names none, or a
+    base that cannot be told, is checked when it loads: load_lora_into)."""
+    trained_on = lookalike_metadata(check_lora_file(path)).get("base_model")
+    if trained_on and is_base(trained_on) and base_family(trained_on).name != base_family(base).name:
+        raise LookalikeError(f"{path}: a LoRA of {trained_on} ({base_family(trained_on).name}), which {base} "
+                             f"({base_family(base).name}) cannot load: use a LoRA of a {base_family(base).name} base")
+
+
 def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str, str]:
     """Load a checked LoRA (or LoKr) file into a pipeline with diffusers' own loader; return its metadata. A LoKr
     loads through its denoiser's loader (load_lora_adapter), which every pipeline's load_lora_weights calls but
-    only some (Z-Image's, FLUX.2's) let a LoKr reach."""
+    only some (Z-Image's, FLUX.2's) let a LoKr reach. A file none of whose layers the pipeline has is refused:
+    diffusers would only warn, and images would be labelled with a LoRA they never had."""
     from safetensors import safe_open
 
     metadata = check_lora_file(path)
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
-    if is_lokr(keys):
-        denoiser = denoiser_of(keys)
+    denoiser = denoiser_of(keys)
+    if is_lokr(keys) and hasattr(pipe, denoiser):
         getattr(pipe, denoiser).load_lora_adapter(str(path.parent), weight_name=path.name, prefix=denoiser,
                                                   adapter_name=adapter_name, use_safetensors=True)
-    else:
+    elif not is_lokr(keys):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
                                use_safetensors=True)
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        raise LookalikeError(f"{path}: none of its layers is one of this base's ({type(pipe).__name__}): a LoRA of "
+                             "another base?")
     return lookalike_metadata(metadata)
