@@ -22,6 +22,7 @@ from lookalike.models.export import export_lora
 from lookalike.models.families import base_family
 from lookalike.models.lora import add_lora, lora_state_dict, read_lora, save_lora
 from lookalike.models.merge import merge_loras
+from lookalike.models.resize import resize_lora
 from lookalike.train.memory import changes_held, count_parameters, estimate
 from tests.test_families import comfyui_lora_keys, stock_image, train_sampled_run
 from tests.test_memory import MEASURING, PEAK_OF_A_STEP
@@ -86,13 +87,15 @@ def test_a_lokr_file_changes_each_weight_as_training_did_where_diffusers_and_com
     assert metadata["ss_network_args"] == f'{{"algo": "lokr", "factor": "{factor}"}}'
 
 
-def test_merge_and_init_lora_refuse_a_lokr_by_name(tmp_path, tiny_config):
+def test_merge_resize_and_init_lora_refuse_a_lokr_by_name(tmp_path, tiny_config):
     transformer, _ = trained_lokr(4, 4.0, 4)
     path = tmp_path / "lokr.safetensors"
     save_lora(path, lora_state_dict(transformer), transformer.peft_config["default"], {"base_model": "tiny"})
     refusal = "a LoKr adapter, whose weight change is a Kronecker product, not a low-rank one"
     with pytest.raises(LookalikeError, match=refusal):
         merge_loras(path, path, tmp_path / "merged.safetensors")
+    with pytest.raises(LookalikeError, match=refusal):
+        resize_lora(path, tmp_path / "resized.safetensors", 2)
     with pytest.raises(LookalikeError, match=refusal):
         read_lora(path)
     tensors, config, _ = read_lora(path, lokr=True)

@@ -26,6 +26,7 @@ from lookalike.models.card import card_plan, write_card
 from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.quantize import check_quantization
+from lookalike.models.resize import kept_share, resize_lora
 from lookalike.pipeline import run_study
 from lookalike.report.ablate import ablate as run_ablation
 from lookalike.store import refresh, sort_runs
@@ -351,6 +352,26 @@ def merge(
     _quiet()
     merge_loras(sources[0], sources[1], out, (pair[0], pair[1]))
     console.print(f"merge: {out}")
+
+
+@app.command()
+def resize(
+    lora: Annotated[str, typer.Argument(help="The LoRA file; with --config a run, NAME or NAME@CHECKPOINT.")],
+    rank: Annotated[int, typer.Option(help="The rank to lower it to.", min=1)],
+    out: Annotated[Path, typer.Option(help="The resized LoRA file to write.")],
+    config: Annotated[Optional[Path], typer.Option(help="The study's config: the LoRA is its run's.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="With --config: the run's final LoRA, its best sample step's "
+                                            "(best) or a kept step's number.")] = "final",
+) -> None:
+    """Lower a LoRA's rank, keeping each layer's largest singular values (kohya's resize_lora)."""
+    if config is None and checkpoint != "final":
+        raise LookalikeError("--checkpoint picks a run's LoRA: give --config with a run name")
+    source = Workspace(_load(config, None).workspace).lora_of(lora, checkpoint) if config else Path(lora)
+    _quiet()
+    written, norms = resize_lora(source, out, rank)
+    share, worst_share, worst = kept_share(norms)
+    console.print(f"resize: {written} (rank {rank}): it keeps {share:.1%} of the weight change (squared Frobenius "
+                  f"norm), the least of any layer {worst_share:.1%} ({worst})")
 
 
 @app.command()

@@ -203,13 +203,13 @@ def read_lora(path: Path, lokr: bool = False) -> tuple[dict[str, Any], dict[str,
     metadata = check_lora_file(path)
     tensors = load_file(str(path))
     if any(key.endswith(".lora_magnitude_vector") for key in tensors):
-        raise LookalikeError(f"{path}: a DoRA adapter, whose weight change is not a low-rank product: merge and "
-                             "export take plain LoRAs only (train.adapter = 'lora'); generate and the demo load it")
+        raise LookalikeError(f"{path}: a DoRA adapter, whose weight change is not a low-rank product: merge, resize "
+                             "and export take plain LoRAs only (train.adapter = 'lora'); generate and the demo load it")
     kronecker = is_lokr(tensors)
     if kronecker and not lokr:
         raise LookalikeError(f"{path}: a LoKr adapter, whose weight change is a Kronecker product, not a low-rank "
-                             "one: merge and init_lora take plain LoRAs only (train.adapter = 'lora'); generate, "
-                             "export and the demo take it")
+                             "one: merge, resize and init_lora take plain LoRAs only (train.adapter = 'lora'); "
+                             "generate, export and the demo take it")
     denoiser = denoiser_of(tensors)
     if denoiser not in DENOISERS or not all(component_of(key) in (denoiser, *TEXT_ENCODERS) and
                                             (".lora_A." in key or ".lora_B." in key or LOKR in key) for key in tensors):
