@@ -357,7 +357,7 @@ def merge(
 @app.command()
 def resize(
     lora: Annotated[str, typer.Argument(help="The LoRA file; with --config a run, NAME or NAME@CHECKPOINT.")],
-    rank: Annotated[int, typer.Option(help="The rank to lower it to.", min=1)],
+    rank: Annotated[int, typer.Option(help="The rank to lower it to.")],
     out: Annotated[Path, typer.Option(help="The resized LoRA file to write.")],
     config: Annotated[Optional[Path], typer.Option(help="The study's config: the LoRA is its run's.")] = None,
     checkpoint: Annotated[str, typer.Option(help="With --config: the run's final LoRA, its best sample step's "

@@ -38,6 +38,8 @@ def resize_lora(source: Path, out: Path, rank: int) -> tuple[Path, dict[str, tup
     from peft import LoraConfig
 
     out = Path(out)
+    if rank < 1:
+        raise LookalikeError(f"--rank: a LoRA's rank is 1 or more (got {rank})")
     if out.suffix != ".safetensors":
         raise LookalikeError(f"--out: {out} must end in .safetensors (the only LoRA format lookalike writes)")
     if out.resolve() == Path(source).resolve():
