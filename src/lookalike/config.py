@@ -166,8 +166,8 @@ class TrainConfig(Section):
     """lora; dora (peft's DoRA: each adapted weight's direction by the LoRA, its norm learned apart), which every
     family's diffusers pipeline loads with load_lora_weights; or lokr (peft's LoKr, LyCORIS's Kronecker-product
     adapter, as kohya's LyCORIS, SimpleTuner and ai-toolkit train it): each weight change is kron(w1, w2), w1 a
-    small matrix of lokr_factor rows, w2 of rank `rank` (a full matrix at a rank of half its side or more: "full"
-    LoKr). merge takes plain LoRAs only; export takes LoRAs and LoKrs."""
+    small matrix of side lokr_factor, w2 of rank `rank` (a full matrix at a rank of half its side or more: "full"
+    LoKr). merge and resize take plain LoRAs only; export takes LoRAs and LoKrs."""
     lokr_factor: int = Field(-1, ge=-1, le=4096)
     """With adapter = 'lokr': the side of the small Kronecker factor w1 where it divides the layer's width
     (LyCORIS's factor; SimpleTuner's FLUX recipe: 16 with a full w2); -1: the divisor nearest the square root."""

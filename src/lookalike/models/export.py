@@ -64,7 +64,7 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     family = base_family(info.get("base_model") or "")  # a file that names no base: as FLUX.1
     if is_lokr(tensors):
-        return _export_lokr(source, out, format, tensors, config, info, cast)
+        return _export_lokr(source, out, format, tensors, config, info, family, cast)
     fused = None if format == "diffusers" else family.fused_layers(modules_of(tensors), config["lora_alpha"])
     if fused is None and format == "kohya":
         raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1, SDXL and SD 1.x LoRAs only; {source} "
@@ -103,14 +103,13 @@ def base_model_of(info: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in info.items() if k in ("base_model",)}
 
 
-def _export_lokr(source: Path, out: Path, format: str, tensors: dict, config: dict, info: dict, cast) -> Path:
+def _export_lokr(source: Path, out: Path, format: str, tensors: dict, config: dict, info: dict, family, cast) -> Path:
     """A LoKr (its scale folded in, as lookalike writes it) in `format`. ComfyUI reads diffusers' layer names for
     the transformers (FLUX.1's too, onto the parts of its fused layers) and kohya's for the SD UNets, as LyCORIS
     writes them there (lora_unet_<layer>.lokr_w1); kohya's FLUX.1 layout fuses q, k and v into one layer, whose
     change no one Kronecker product of the separate ones can be."""
     from safetensors.torch import save_file
 
-    family = base_family(info.get("base_model") or "")
     names = family.kohya_layer_names({key.rsplit(LOKR, 1)[0].split(".", 1)[1] for key in tensors})
     if format == "kohya" and names is None:
         raise LookalikeError(f"--format kohya: {source} is a LoKr, and kohya's layout exists for LoKrs of SDXL and SD "

@@ -258,6 +258,8 @@ def _checked_lokr_ranks(path: Path, tensors: dict[str, Any]) -> list[int]:
 
     modules: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
+        if LOKR not in key:
+            raise LookalikeError(f"{path}: holds LoKr tensors and others ({key}) together: one adapter per file")
         name, _, part = key.rpartition(LOKR)
         modules.setdefault(name, {})[part] = value
     ranks = []
@@ -366,12 +368,12 @@ def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str,
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
     denoiser = denoiser_of(keys)
-    if is_lokr(keys) and hasattr(pipe, denoiser):
-        getattr(pipe, denoiser).load_lora_adapter(str(path.parent), weight_name=path.name, prefix=denoiser,
-                                                  adapter_name=adapter_name, use_safetensors=True)
-    elif not is_lokr(keys):
+    if not is_lokr(keys):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
                                use_safetensors=True)
+    elif hasattr(pipe, denoiser):  # a LoKr of a UNet loads nothing into a transformer's pipeline, and vice versa
+        getattr(pipe, denoiser).load_lora_adapter(str(path.parent), weight_name=path.name, prefix=denoiser,
+                                                  adapter_name=adapter_name, use_safetensors=True)
     if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
         raise LookalikeError(f"{path}: none of its layers is one of this base's ({type(pipe).__name__}): a LoRA of "
                              "another base?")
