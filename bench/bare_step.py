@@ -10,10 +10,11 @@ import torch
 from lookalike.models.lora import add_lora
 
 
-def add_trainable_lora(transformer, rank: int) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """A LoRA in fp32 with its AdamW, as the trainer keeps them."""
+def add_trainable_lora(transformer, rank: int, adapter: str = "lora", lokr_factor: int = -1
+                       ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """A LoRA (or the `adapter` train.adapter names) in fp32 with its AdamW, as the trainer keeps them."""
     torch.manual_seed(0)
-    add_lora(transformer, rank, rank, "attention")
+    add_lora(transformer, rank, rank, "attention", adapter=adapter, lokr_factor=lokr_factor)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

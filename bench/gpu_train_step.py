@@ -19,6 +19,7 @@ with gradient checkpointing (one more forward).
     python bench/gpu_train_step.py                                  # the whole matrix (over 10 min on an H100)
     python bench/gpu_train_step.py --bases bf16 --resolutions 1024  # a part of it
     python bench/gpu_train_step.py --model qwen-image --bases nf4   # another base (MFU is FLUX.1-dev's only)
+    python bench/gpu_train_step.py --adapter lokr --lokr-factor 16  # a LoKr instead of the LoRA
     python bench/gpu_train_step.py --tiny     # a tiny architecture on the CPU (fp32, int8, fp8): checks the script
 
 Last line: s_per_step=<bf16 at 1024^2 without checkpointing, or the first combination measured>.
@@ -105,14 +106,15 @@ def quantize_base(transformer, kind: str, dtype: torch.dtype) -> None:
 
 
 @functools.cache
-def _parameter_counts(model: str, rank: int):
+def _parameter_counts(model: str, rank: int, adapter: str, lokr_factor: int):
     from lookalike.train.memory import count_parameters
 
-    return count_parameters(dict(KNOWN_BASES[model].architecture), rank, rank, "attention", KNOWN_BASES[model].family)
+    return count_parameters(dict(KNOWN_BASES[model].architecture), rank, rank, "attention", KNOWN_BASES[model].family,
+                            adapter, lokr_factor)
 
 
-def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, rank: int, offload: bool = False
-                 ) -> float:
+def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, rank: int, offload: bool = False,
+                 adapter: str = "lora", lokr_factor: int = -1) -> float:
     """What `lookalike train --dry-run` estimates for this combination (bf16), in GB."""
     from lookalike.config import validate
     from lookalike.train.memory import estimate
@@ -121,12 +123,13 @@ def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, ra
                        "subject": {"token": "sks", "images": "photos"},
                        "data": {"resolution": resolution},
                        "train": {"rank": rank, "gradient_checkpointing": checkpointing, "offload": offload,
-                                 "base_quantization": "none" if kind == "bf16" else kind}}, "bench", Path.cwd())
-    return estimate(config, "bf16", _parameter_counts(model, rank)).total * 2**30 / 1e9
+                                 "base_quantization": "none" if kind == "bf16" else kind, "adapter": adapter,
+                                 "lokr_factor": lokr_factor}}, "bench", Path.cwd())
+    return estimate(config, "bf16", _parameter_counts(model, rank, adapter, lokr_factor)).total * 2**30 / 1e9
 
 
 def measure_base(model: str, base: str, resolutions: list[int], checkpointing: list[bool], tiny: bool, rank: int,
-                 steps: int, warmup: int) -> None:
+                 steps: int, warmup: int, adapter: str = "lora", lokr_factor: int = -1) -> None:
     """In this process: build one base, then print a JSON line per (resolution, checkpointing)."""
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -139,7 +142,7 @@ def measure_base(model: str, base: str, resolutions: list[int], checkpointing: l
         quantize_base(transformer, kind, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    params, optimizer = add_trainable_lora(transformer, rank)
+    params, optimizer = add_trainable_lora(transformer, rank, adapter, lokr_factor)
     if offloaded:
         from lookalike.train.offload import BlockOffload
 
@@ -180,6 +183,8 @@ def main() -> None:
     parser.add_argument("--model", default="flux-dev", choices=[name for name, info in KNOWN_BASES.items()
                                                                     if info.architecture is not None])
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--adapter", choices=["lora", "dora", "lokr"], default="lora")
+    parser.add_argument("--lokr-factor", type=int, default=-1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny architecture on the CPU (checks the script)")
@@ -190,7 +195,7 @@ def main() -> None:
     checkpointing = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     if args.one_base:
         measure_base(args.model, args.one_base, resolutions, checkpointing, args.tiny, args.rank, args.steps,
-                     args.warmup)
+                     args.warmup, args.adapter, args.lokr_factor)
         return
 
     bases = (args.bases or ("fp32,int8,fp8" if args.tiny else "bf16,bf16+compile,nf4,fp8")).split(",")
@@ -198,7 +203,7 @@ def main() -> None:
     # Model-FLOPs utilisation is counted for FLUX.1-dev's transformer only (its FLOPs per forward are known).
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None) \
         if args.model == "flux-dev" else None
-    print(f"architecture: {'tiny ' if args.tiny else ''}{args.model}, rank {args.rank}, "
+    print(f"architecture: {'tiny ' if args.tiny else ''}{args.model}, {args.adapter} of rank {args.rank}, "
           f"{TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS} text tokens; "
           f"device: {device_name}")
     print(f"{'base':14} {'res':>5} {'ckpt':>5} {'s/step':>8} {'peak GB':>8} {'est. GB':>8} {'MFU':>6}")
@@ -207,14 +212,16 @@ def main() -> None:
         child = subprocess.run([sys.executable, __file__, "--one-base", base, "--model", args.model,
                                 "--resolutions", args.resolutions,
                                 "--checkpointing", args.checkpointing, "--rank", str(args.rank), "--steps",
-                                str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else []),
+                                str(args.steps), "--warmup", str(args.warmup), "--adapter", args.adapter,
+                                "--lokr-factor", str(args.lokr_factor)] + (["--tiny"] if args.tiny else []),
                                capture_output=True, text=True)
         measured = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
         for row in measured:
             peak = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
             kind, _, variant = base.partition("+")
             estimate = None if args.tiny else estimated_gb(args.model, row["resolution"], row["checkpointing"], kind,
-                                                           args.rank, variant == "offload")
+                                                           args.rank, variant == "offload", args.adapter,
+                                                           args.lokr_factor)
             estimated = "-" if estimate is None else f"{estimate:.2f}"
             mfu = step_tflop(row["resolution"], row["checkpointing"]) / row["s_per_step"] / peak_tflops \
                 if peak_tflops else None
