@@ -24,7 +24,7 @@ from lookalike.models.lora import add_lora, lora_state_dict, read_lora, save_lor
 from lookalike.models.merge import merge_loras
 from lookalike.models.resize import resize_lora
 from lookalike.train.memory import changes_held, count_parameters, estimate
-from tests.test_families import comfyui_lora_keys, stock_image, train_sampled_run
+from tests.test_families import STOCK_GUIDANCE, comfyui_lora_keys, stock_image, train_sampled_run
 from tests.test_memory import MEASURING, PEAK_OF_A_STEP
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
@@ -159,10 +159,8 @@ def test_the_estimate_counts_the_weight_changes_a_lokr_builds(tiny_config):
 
 # Each base's stock pipeline, with the LoKr loaded as a user of diffusers would: load_lora_weights where the
 # pipeline's loader takes a LoKr (Z-Image's, FLUX.2's), its denoiser's load_lora_adapter elsewhere.
-PIPELINE_TAKES_LOKR = {"tiny": False, "tiny-z-image": True, "tiny-flux2-klein": True, "tiny-sd15": False}
-STOCK_ARGUMENTS = {"tiny": {"guidance_scale": 4.0, "max_sequence_length": 32},
-                   "tiny-z-image": {"guidance_scale": 4.0, "max_sequence_length": 32},
-                   "tiny-flux2-klein": {"max_sequence_length": 32}, "tiny-sd15": {"guidance_scale": 4.0}}
+PIPELINE_TAKES_LOKR = {"tiny": False, "tiny-z-image": True, "tiny-flux2-klein": True, "tiny-sd15": False,
+                       "tiny-sdxl": False, "tiny-qwen-image": False, "tiny-sd3": False, "tiny-krea2": False}
 
 
 @pytest.mark.slow
@@ -172,7 +170,8 @@ def test_a_lokr_run_draws_what_the_stock_pipeline_draws_with_its_file(tiny_confi
                                    learning_rate=5e-2)
     tensors = load_file(lora)
     assert tensors and all(".lokr_" in key for key in tensors)
-    stock = STOCK_ARGUMENTS[base]
+    family = base_family(base)
+    stock = dict(STOCK_GUIDANCE.get(family.name, {"guidance_scale": 4.0}), **family.text_arguments(32))
     with_file = stock_image(base, lora, through_denoiser=not PIPELINE_TAKES_LOKR[base], **stock)
     assert np.abs(ours - with_file).max() <= 1, "within 1/255 of the stock pipeline with the LoKr"
     assert np.abs(ours - stock_image(base, **stock)).max() > 1, "the LoKr changed the image"
@@ -180,6 +179,10 @@ def test_a_lokr_run_draws_what_the_stock_pipeline_draws_with_its_file(tiny_confi
     family = base_family(base)
     diffusers = load_file(export_lora(lora, tmp_path / "diffusers.safetensors", "diffusers"))
     assert diffusers.keys() == tensors.keys()
+    if not family.comfyui_layout_known:
+        with pytest.raises(LookalikeError, match=f"--format comfyui: no ComfyUI layout is known for {family.name}"):
+            export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui")
+        return
     comfyui = load_file(export_lora(lora, tmp_path / "comfyui.safetensors", "comfyui"))
     if family.denoiser == "transformer":  # ComfyUI reads diffusers' names; kohya's layout fuses FLUX.1's layers
         assert comfyui.keys() == tensors.keys()
@@ -191,17 +194,19 @@ def test_a_lokr_run_draws_what_the_stock_pipeline_draws_with_its_file(tiny_confi
                                                  "of SDXL and SD 1.x only"):
             export_lora(lora, tmp_path / "kohya.safetensors", "kohya")
         return
-    # SD 1.x: kohya's names, which ComfyUI's key map takes for a UNet's layers (lora_unet_ and diffusers' name with
-    # underscores), each changing its weight as the file in diffusers' layout does.
+    # The UNets: kohya's names (the ones their LoRA exports use, which tests/test_stable_diffusion.py reads back
+    # through diffusers' converter), each changing its weight as the file in diffusers' layout does; for SD 1.x those
+    # are ComfyUI's lora_unet_ and diffusers' name with underscores.
     kohya = load_file(export_lora(lora, tmp_path / "kohya.safetensors", "kohya"))
     assert kohya.keys() == comfyui.keys()
     unet = load_component(resolve_base(base), "unet")
-    comfyui_names = {f"lora_unet_{name.replace('.', '_')}": name for name, module in unet.named_modules()
-                     if isinstance(module, torch.nn.Linear)}
-    layers = {key.rsplit(".lokr_", 1)[0] for key in kohya}
-    assert layers and layers <= comfyui_names.keys()
-    for layer in layers:
-        name = comfyui_names[layer]
+    modules = {key.rsplit(".lokr_", 1)[0].removeprefix("unet.") for key in tensors}
+    renamed = {f"lora_unet_{kohya_name.replace('.', '_')}": name
+               for name, kohya_name in family.kohya_layer_names(modules).items()}
+    assert {key.rsplit(".lokr_", 1)[0] for key in kohya} == renamed.keys()
+    if family.name == "sd1":
+        assert renamed == {f"lora_unet_{name.replace('.', '_')}": name for name in modules}
+    for layer, name in renamed.items():
         shape = unet.get_submodule(name).weight.shape
         torch.testing.assert_close(comfyui_lokr_change(kohya, layer, shape),
                                    comfyui_lokr_change(tensors, f"unet.{name}", shape))
