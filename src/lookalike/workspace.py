@@ -287,9 +287,14 @@ class RunPaths:
     def front_lora(self, step: int) -> Path:
         return self.front / f"step-{step:06d}.safetensors"
 
+    def step_lora(self, step: int) -> Path:
+        """The final LoRA of a run since trained on to more steps (train --resume with a larger max_train_steps)."""
+        return self.root / f"lora-step-{step:06d}.safetensors"
+
     def lora_at(self, checkpoint: str) -> Path:
         """The run's LoRA at `checkpoint`: final (lora.safetensors), best (the best sample step's, by the
-        report's rule), or the number of a step whose LoRA was kept (one on the front of the scored steps)."""
+        report's rule), or the number of a step whose LoRA was kept (one on the front of the scored steps, or the
+        final one of a run since trained on)."""
         _check_checkpoint(checkpoint)
         if checkpoint == "final":
             return self.lora
@@ -299,11 +304,14 @@ class RunPaths:
                                      "(train.sample_every = 0 or train.score_samples = false), or it has not "
                                      "reached its first sample step")
             return self.best_lora
-        if not self.front_lora(int(checkpoint)).is_file():
+        step = int(checkpoint)
+        if self.step_lora(step).is_file():  # the final LoRA of a run since trained on
+            return self.step_lora(step)
+        if not self.front_lora(step).is_file():
             kept = sorted(int(p.stem.removeprefix("step-")) for p in self.front.glob("step-*.safetensors"))
-            raise LookalikeError(f"run {self.name!r} kept no LoRA of step {int(checkpoint)}: only the best scored "
+            raise LookalikeError(f"run {self.name!r} kept no LoRA of step {step}: only the best scored "
                                  f"steps' are kept ({', '.join(map(str, kept)) or 'none'})")
-        return self.front_lora(int(checkpoint))
+        return self.front_lora(step)
 
     def images_at(self, checkpoint: str) -> Path:
         """Where the images of the run's LoRA at `checkpoint` go: images/ for the final one."""

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from lookalike.config import StudyConfig
 from lookalike.data.images import file_sha256
+from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, write_json
 
 # The config sections that shape a LoRA's weights; [generate] or [evaluate] may change between sessions.
@@ -109,3 +110,32 @@ def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) ->
         return None
     return (f"trained on other {' and '.join(differences)} than the study now asks for, so its results are of "
             f"those; to train it anew, rename the experiment or move {run.root} away")
+
+
+# The only learning-rate schedule whose rates do not depend on max_train_steps: a run of it trained longer is what a
+# run of the longer length gives (the warm-up, counted in steps, is the same).
+STEP_COUNT_FREE_SCHEDULES = ("constant",)
+
+
+def extended_from(run: RunPaths, config: StudyConfig) -> int | None:
+    """The steps a run was trained for, when `config` asks for more of it and nothing else (train --resume then
+    trains it on to the new length); None when `config` asks for anything else. Refuses a longer run that would
+    not be what that many steps from the start give: a schedule whose rates depend on the step count, a run that
+    stopped early."""
+    if changed_settings(run, config) != ["train.max_train_steps"]:
+        return None
+    before, now = read_json(run.config)["train"]["max_train_steps"], config.train.max_train_steps
+    if now < before:
+        raise LookalikeError(f"cannot resume run {run.name!r} at train.max_train_steps = {now}: it trains for "
+                             f"{before}; its scored sample steps' LoRAs are kept (generate --checkpoint STEP), or "
+                             "start a new --run")
+    if config.train.lr_scheduler not in STEP_COUNT_FREE_SCHEDULES:
+        raise LookalikeError(f"cannot train run {run.name!r} on to {now} steps: its lr_scheduler "
+                             f"{config.train.lr_scheduler!r} sets each step's rate from max_train_steps ({before}), so "
+                             f"the longer run would not be a {now}-step one; start a new --run (runs of lr_scheduler "
+                             "'constant' can be trained on)")
+    stopped = (run.read_status() or {}).get("stopped_at")
+    if stopped is not None:
+        raise LookalikeError(f"cannot train run {run.name!r} on to {now} steps: train.stop_when stopped it at step "
+                             f"{stopped}; start a new --run")
+    return before

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
-from lookalike.train.trained_on import changed_settings, photo_changes, record_photos, stale_reason
+from lookalike.train.trained_on import changed_settings, extended_from, photo_changes, record_photos, stale_reason
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
 
@@ -146,7 +147,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
-    """True if the run is already done. A started run continues only with --resume and the same config."""
+    """True if the run is already done. A started run continues only with --resume and the same config, or with
+    more steps and nothing else changed (trained on: trained_on.extended_from)."""
     status = run.read_status()
     if (status is None or status["state"] == "pending") and not run.config.exists():
         return False
@@ -156,6 +158,8 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
         raise LookalikeError(f"run {run.name!r} already exists in {run.root}: add --resume to continue it, "
                              "or choose another --run name")
     if run.config.exists():
+        if extended_from(run, config) is not None:  # trained on to more steps: not done
+            return False
         # Only what shapes the weights must match. A key added to lookalike since the run started reads as its
         # default there.
         changed = changed_settings(run, config)
@@ -163,6 +167,19 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
             raise LookalikeError(f"cannot resume run {run.name!r}: its config differs in {', '.join(changed)} "
                                  "(start a new --run instead)")
     return bool(status and status["state"] == "done" and run.lora.is_file())
+
+
+def _keep_shorter_lora(run: RunPaths, config: StudyConfig, console: Console) -> None:
+    """Before a finished run is trained on to more steps: its LoRA stays, as the LoRA of that step."""
+    steps = extended_from(run, config) if run.config.exists() else None
+    if steps is None:
+        return
+    kept = ""
+    if run.lora.is_file():
+        with atomic_path(run.step_lora(steps)) as tmp:
+            shutil.copyfile(run.lora, tmp)
+        kept = f"; its {steps}-step LoRA stays as {run.step_lora(steps).name} (--checkpoint {steps})"
+    console.print(f"train: training run {run.name!r} on from {steps} to {config.train.max_train_steps} steps{kept}")
 
 
 def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) -> None:
@@ -208,6 +225,7 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
     if main:
         run.root.mkdir(parents=True, exist_ok=True)
         run.remove_temporary_files()
+        _keep_shorter_lora(run, config, console)  # before the saved config becomes the new one
         write_json(run.config, config.to_json_dict())
         run.write_status("running", **identity(), started=started, seconds_before=before)
 
