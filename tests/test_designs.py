@@ -115,3 +115,12 @@ def test_a_bad_level_is_found_when_planning(tmp_path):
                                               "sweep": {"design": "grid"}, "sweep.factors": {"rank": [4, 0]}})
     with pytest.raises(LookalikeError, match="sweep experiment r0: rank: Input should be greater than or equal to 1"):
         experiments(load_config(path))
+
+
+def test_a_level_that_makes_an_unusable_run_name_is_refused_when_planning(tmp_path):
+    path = write_config(tmp_path / "s.toml", {"": {"name": "s", "workspace": "w"},
+                                              "subject": {"token": "sks", "images": "p"},
+                                              "sweep.factors": {"sample_prompts": [["{token}"], ["{token}/beach"]]}})
+    with pytest.raises(LookalikeError, match=r"sweep: the experiment \{'sample_prompts': \['\{token\}/beach'\]\} makes "
+                                             "a run name that cannot be used .*: list it in \\[\\[sweep.experiments"):
+        experiments(load_config(path))

@@ -58,3 +58,14 @@ def test_a_filtered_run_trains_and_writes_those_layers_alone(tiny_config):
     layers = {key.rsplit(".lora_", 1)[0] for key in tensors}
     assert layers and all(layer.startswith("transformer.transformer_blocks.0.attn.") for layer in layers)
     assert any(tensor.abs().sum() > 0 for key, tensor in tensors.items() if ".lora_B." in key), "it trained"
+
+
+def test_a_sweep_over_layer_filters_names_its_runs_by_the_patterns_words(tiny_config):
+    from lookalike.sweep.plan import experiments
+    from lookalike.workspace import run_name_problem
+
+    levels = [r"^transformer_blocks\.", TWO_SINGLE_BLOCKS]
+    config = load_config(tiny_config(sweep={"factors": {"layer_filter": levels}}))
+    names = [e.name for e in experiments(config)]
+    assert names == ["layers-transformer_blocks", "layers-single_transformer_blocks_7_20"]
+    assert not any(run_name_problem(name) for name in names)

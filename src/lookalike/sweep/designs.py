@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ def pairwise(factors: Factors) -> list[dict[str, Any]]:
 ABBREVIATIONS = {"learning_rate": "lr", "rank": "r", "alpha": "a", "max_train_steps": "steps", "lr_scheduler": "",
                  "base": "", "background_loss_weight": "bg", "loraplus_lr_ratio": "loraplus",
                  "extra_resolutions": "extra", "init_lora": "init", "train_text_encoder": "te",
-                 "text_encoder_lr": "telr", "output_preservation": "dop", "adapter": "", "lokr_factor": "factor"}
+                 "text_encoder_lr": "telr", "output_preservation": "dop", "adapter": "", "lokr_factor": "factor",
+                 "layer_filter": "layers"}
 
 
 def experiment_name(settings: dict[str, Any]) -> str:
@@ -81,5 +83,7 @@ def experiment_name(settings: dict[str, Any]) -> str:
             text = base_label(text)
         if key == "init_lora":  # a file: its name without its folders (init-my-lora)
             text = "-" + Path(value).stem
+        if key == "layer_filter":  # a pattern: its words, as a folder name may hold them (layers-single_blocks_7)
+            text = "-" + "_".join(re.findall(r"[A-Za-z0-9]+", value))
         parts.append(f"{ABBREVIATIONS.get(key, key)}{text}")
     return "-".join(parts)

@@ -9,6 +9,7 @@ from typing import Any
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
 from lookalike.sweep import designs
+from lookalike.workspace import run_name_problem
 
 DEFAULT_RUN = "default"
 
@@ -34,7 +35,13 @@ def experiments(config: StudyConfig) -> list[Planned]:
                                                      "prior": bool(config.prior.num_class_images)})
     else:
         made = designs.pairwise(sweep.factors)
-    planned += [Planned(designs.experiment_name(settings), settings) for settings in made]
+    for settings in made:
+        name = designs.experiment_name(settings)
+        problem = run_name_problem(name)
+        if problem:  # a name made of the settings' values, which a value can make unusable
+            raise LookalikeError(f"sweep: the experiment {settings} makes a run name that cannot be used "
+                                 f"({problem}): list it in [[sweep.experiments]] with a name of its own")
+        planned.append(Planned(name, settings))
     names = [p.name for p in planned]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
