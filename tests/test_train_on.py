@@ -68,3 +68,24 @@ def test_a_schedule_that_depends_on_the_step_count_a_shorter_run_or_an_early_sto
     run.write_status("done", stopped_at=1, stop_reason="identity similarity did not improve")
     with pytest.raises(LookalikeError, match="train.stop_when stopped it at step 1"):
         train(config.with_train({"max_train_steps": 4}, "test"), "cosine", resume=True)
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_a_finished_run_on_when_the_study_asks_for_more_steps(tiny_config):
+    """And a run whose schedule depends on the step count stays as it is, named stale."""
+    from lookalike import display
+    from lookalike.sweep.plan import Planned
+    from lookalike.sweep.runner import Sweep
+
+    path = tiny_config(train={**SETTINGS, "max_train_steps": 2, "lr_warmup_steps": 0, "sample_every": 0})
+    config = load_config(path)
+    train(config, "constant")
+    train(config.with_train({"lr_scheduler": "cosine"}, "test"), "cosine")
+    longer = config.with_train({"max_train_steps": 4}, "test")
+    sweep = Sweep(longer, path, [], display.console(quiet=True))
+    run, left = sweep.todo([Planned("constant", {}), Planned("cosine", {"lr_scheduler": "cosine"})],
+                           retry_failed=False)
+    assert [e.name for e in run] == ["constant"]
+    [stale] = left
+    assert stale.name == "cosine"
+    assert stale.reason.startswith("done earlier, trained on other settings (train.max_train_steps)")

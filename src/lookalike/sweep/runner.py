@@ -31,7 +31,7 @@ from lookalike.errors import RunBusy
 from lookalike.processes import how_it_ended
 from lookalike.store import record_run
 from lookalike.sweep.plan import Planned
-from lookalike.train.trained_on import stale_reason
+from lookalike.train.trained_on import stale_reason, trains_on
 from lookalike.workspace import RunPaths, Workspace, read_metrics
 
 STOP_GRACE_S = 60  # how long an interrupted run may take to write its status before it is killed
@@ -132,7 +132,9 @@ class Sweep:
         for experiment in planned:
             paths = self.workspace.run(experiment.name)
             state = paths.state()
-            if state == "done":
+            if state == "done" and trains_on(paths, self.experiment_config(experiment)):
+                run.append(experiment)  # the study asks for more steps: trained on (train --resume)
+            elif state == "done":
                 stale = self.why_stale(paths, experiment)
                 paths.mark_stale(stale)
                 left.append(Outcome(experiment.name, "skipped", "done earlier" + (f", {stale}" if stale else ""),
@@ -149,9 +151,12 @@ class Sweep:
             record_run(self.workspace.results, self.workspace.run(experiment.name))
         return run, left
 
+    def experiment_config(self, experiment: Planned) -> StudyConfig:
+        return self.config.with_experiment(experiment.overrides, f"sweep experiment {experiment.name}")
+
     def why_stale(self, paths: RunPaths, experiment: Planned) -> str | None:
         """Why a finished run's results are not of what the study now asks for this experiment, or None."""
-        config = self.config.with_experiment(experiment.overrides, f"sweep experiment {experiment.name}")
+        config = self.experiment_config(experiment)
         images = training_images(config, display.console(quiet=True))  # prepares what is out of date, as a run would
         return stale_reason(paths, config, images, config.workspace)
 

@@ -139,3 +139,12 @@ def extended_from(run: RunPaths, config: StudyConfig) -> int | None:
         raise LookalikeError(f"cannot train run {run.name!r} on to {now} steps: train.stop_when stopped it at step "
                              f"{stopped}; start a new --run")
     return before
+
+
+def trains_on(run: RunPaths, config: StudyConfig) -> bool:
+    """Whether `config` asks a finished run for more steps that it can be trained on to (extended_from); a run that
+    cannot is stale instead, as for any other change."""
+    try:
+        return extended_from(run, config) is not None
+    except LookalikeError:
+        return False
