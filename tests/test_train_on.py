@@ -27,6 +27,8 @@ def test_a_run_trained_on_ends_as_a_run_of_that_length_and_keeps_its_shorter_lor
     config = load_config(path)
     shorter = load_file(train(config, "on"))
     longer = config.with_train({"max_train_steps": 7}, "test")
+    said = run_in_process("train", str(path), "--run", "on", "--set", "train.max_train_steps=7")
+    assert "add --resume to train it on to 7 steps" in " ".join(said.stdout.split()), "without --resume: said how"
 
     result = run_in_process("train", str(path), "--run", "on", "--resume", "--set", "train.max_train_steps=7")
     assert result.returncode == 0, result.stderr

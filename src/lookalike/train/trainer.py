@@ -55,7 +55,14 @@ from lookalike.train.prior import class_images
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
-from lookalike.train.trained_on import changed_settings, extended_from, photo_changes, record_photos, stale_reason
+from lookalike.train.trained_on import (
+    changed_settings,
+    extended_from,
+    photo_changes,
+    record_photos,
+    stale_reason,
+    trains_on,
+)
 from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
 
 
@@ -218,7 +225,9 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
         if main:  # say so when it was trained on other settings or photos than these
             stale = stale_reason(run, config, training_images(config, display.console(quiet=True)), config.workspace)
             run.mark_stale(stale)
-        console.print(f"train: run {run.name!r} is already done: {run.lora}" + (f"; {stale}" if stale else ""))
+        hint = f"; add --resume to train it on to {config.train.max_train_steps} steps" \
+            if trains_on(run, config) else ""
+        console.print(f"train: run {run.name!r} is already done: {run.lora}" + (f"; {stale}" if stale else "") + hint)
         return run.lora
     before = run.seconds_so_far()
     started = time.time()
