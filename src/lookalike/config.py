@@ -31,6 +31,11 @@ class ModelConfig(Section):
     qwen-image, sdxl, sd15, sd3.5-large, ..., and their tiny models), or a local diffusers folder, its family told
     by its model_index.json."""
     revision: str | None = None
+    checkpoint: Path | None = None
+    """A single-file checkpoint of the base's transformer (a community fine-tune, as ComfyUI's diffusion_models
+    folder holds one: its original layout or diffusers'), whose weights replace the base's; made once into the
+    workspace's bases/ folder (models/checkpoint.py). Not for SD 1.x or SDXL, whose single files hold their text
+    encoders and VAE too. Taken relative to the config file."""
     max_sequence_length: int | None = Field(None, ge=1, le=512)
     """Text tokens per prompt; None takes the base model's own default (512 for dev and Z-Image, 256 for schnell)."""
 
@@ -595,8 +600,10 @@ class StudyConfig(Section):
         preservation off when it says prior = false."""
         train = {key: value for key, value in overrides.items() if key not in EXPERIMENT_MODEL_KEYS}
         config = self.with_train(train, source)
-        if overrides.get("base") is not None:
-            config = config.model_copy(update={"model": config.model.model_copy(update={"base": overrides["base"]})})
+        if overrides.get("base") is not None and overrides["base"] != self.model.base:
+            # model.checkpoint holds model.base's weights: another base trains on its own.
+            model = config.model.model_copy(update={"base": overrides["base"], "checkpoint": None})
+            config = config.model_copy(update={"model": model})
         if overrides.get("prior") and not self.prior.num_class_images:
             raise LookalikeError(f"{source}: prior = true needs [prior] num_class_images (the class images to train "
                                  "on)")
@@ -699,7 +706,8 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
             raise LookalikeError(f"{source}: {key}.images: {person.images} overlaps the workspace's prepared-data "
                                  f"folder {data}, where prepare writes and removes files; keep the photos in a folder "
                                  "of their own")
-    model = config.model.model_copy(update={"base": _base(config.model.base, base_dir)})
+    model = config.model.model_copy(update={"base": _base(config.model.base, base_dir),
+                                            "checkpoint": _path(config.model.checkpoint, base_dir)})
     generate = config.generate.model_copy(update={"base": _base(config.generate.base, base_dir)})
     train = config.train.model_copy(update={"init_lora": _path(config.train.init_lora, base_dir)})
     relative = {"base": _base, "init_lora": _path}  # the keys an experiment or a factor may give as a path

@@ -34,8 +34,8 @@ from lookalike.models.base import (
     load_pipeline,
     max_sequence_length,
     pick_device,
-    resolve_drawing_base,
 )
+from lookalike.models.checkpoint import resolve_drawing_base
 from lookalike.models.lora import check_lora_file, load_lora_into, lookalike_metadata
 from lookalike.workspace import Workspace, atomic_path, write_json
 

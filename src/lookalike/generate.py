@@ -33,9 +33,9 @@ from lookalike.models.base import (
     load_pipeline,
     max_sequence_length,
     pick_device,
-    resolve_drawing_base,
     training_resolution,
 )
+from lookalike.models.checkpoint import resolve_drawing_base
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
 from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar

@@ -67,13 +67,6 @@ def check_drawing_base(config) -> None:
                              f"{config.model.base} are {trained.name}'s: draw with a base of that family")
 
 
-def resolve_drawing_base(config) -> Path:
-    """The drawing base's folder (model.revision applies to model.base only)."""
-    check_drawing_base(config)
-    base = drawing_base(config)
-    return resolve_base(base, config.model.revision if base == config.model.base else None)
-
-
 def inference_steps(config) -> int:
     """[generate] num_inference_steps, else the drawing base's own (28 for FLUX.1-dev, 4 for schnell, 50 for
     Z-Image)."""
@@ -145,8 +138,10 @@ def resolve_base(base: str, revision: str | None = None) -> Path:
 
 
 def component_fingerprint(folder: Path, component: str) -> str:
-    """A short hash naming a component's configuration, for cache keys (cheap: reads config files only)."""
-    digest = hashlib.sha256(str(folder.resolve()).encode())
+    """A short hash naming a component's configuration, for cache keys (cheap: reads config files only). A
+    component linked from another folder (a single-file checkpoint's base, models/checkpoint.py) is named as there,
+    so the two share its cache."""
+    digest = hashlib.sha256(str((folder / component).resolve()).encode())
     for config_file in sorted((folder / component).glob("*.json")):
         digest.update(config_file.read_bytes())
     return digest.hexdigest()[:16]

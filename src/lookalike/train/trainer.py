@@ -31,10 +31,10 @@ from lookalike.models.base import (
     guidance_scales,
     load_component,
     max_sequence_length,
-    resolve_base,
     training_resolution,
     training_sides,
 )
+from lookalike.models.checkpoint import trained_base_folder
 from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
@@ -293,7 +293,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
     # built by another rank would lack its text encoder's weights: transformers saves them on rank 0 only.)
     with accelerator.main_process_first():
         images = training_images(config, console)  # bad photo folders fail before any model is loaded
-        folder = resolve_base(config.model.base, config.model.revision)
+        folder = trained_base_folder(config)
         if t.train_text_encoder:
             check_trainable(folder_family(folder))
         checkpoints = list_checkpoints(run.checkpoints) if resume else []
@@ -454,7 +454,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
             "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
             "adapter": t.adapter, "steps": step, "learning_rate": t.learning_rate, "run": run.name,
-            "version": __version__,
+            "version": __version__, **({"checkpoint": config.model.checkpoint.name} if config.model.checkpoint else {}),
         }, text_encoder_configs=text_encoders.configs if text_encoders is not None else None)
 
     def training_state(step: int) -> dict[str, Any]:

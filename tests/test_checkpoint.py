@@ -1,0 +1,100 @@
+"""[model] checkpoint: a single-file fine-tune of a base's transformer becomes the base's transformer in a folder made
+once; a run trains on it and draws what the stock pipeline draws with that file's transformer and the run's LoRA;
+files it cannot read are refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lookalike.config import ModelConfig, load_config
+from lookalike.errors import LookalikeError
+from lookalike.generate import generate
+from lookalike.models.base import load_component, resolve_base
+from lookalike.models.checkpoint import checkpoint_folder
+from lookalike.train.trainer import train
+
+
+def fine_tune() -> dict[str, torch.Tensor]:
+    """Tiny FLUX.1's transformer weights, each moved a little: a fine-tune of it."""
+    generator = torch.Generator().manual_seed(0)
+    weights = load_component(resolve_base("tiny"), "transformer").state_dict()
+    return {k: (v + 0.05 * torch.randn(v.shape, generator=generator)).contiguous() for k, v in weights.items()}
+
+
+def test_a_fine_tunes_single_file_becomes_the_bases_transformer_once(tmp_path, monkeypatch):
+    """In diffusers' layout: diffusers' converter of Black Forest Labs' layout knows FLUX.1's full sizes only."""
+    tuned = fine_tune()
+    file = tmp_path / "my-flux-finetune.safetensors"
+    save_file(tuned, str(file))
+    model = ModelConfig(base="tiny", checkpoint=file)
+    folder = checkpoint_folder(model, tmp_path / "work")
+    assert folder.parent == tmp_path / "work" / "bases" and folder.name.startswith("my-flux-finetune-")
+    loaded = load_component(folder, "transformer").state_dict()
+    assert loaded.keys() == tuned.keys()
+    for key, value in tuned.items():
+        assert torch.equal(loaded[key], value), key
+    assert (folder / "vae").resolve() == (resolve_base("tiny") / "vae").resolve(), "the rest is the base's"
+
+    from diffusers import FluxTransformer2DModel
+
+    def never(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(FluxTransformer2DModel, "from_single_file", never)
+    assert checkpoint_folder(model, tmp_path / "work") == folder, "made once, found again without hashing"
+
+
+def test_a_file_it_cannot_read_is_refused_by_name(tmp_path, tiny_config):
+    z_image = tmp_path / "z-image-transformer.safetensors"
+    save_file(load_component(resolve_base("tiny-z-image"), "transformer").state_dict(), str(z_image))
+    with pytest.raises(LookalikeError, match="model.checkpoint: .*z-image-transformer.safetensors is not a checkpoint "
+                                             "of tiny's transformer"):
+        checkpoint_folder(ModelConfig(base="tiny", checkpoint=z_image), tmp_path / "work")
+    assert not (tmp_path / "work" / "bases").exists() or not any((tmp_path / "work" / "bases").iterdir())
+    with pytest.raises(LookalikeError, match="model.checkpoint: file not found: .*nope.safetensors"):
+        checkpoint_folder(ModelConfig(base="tiny", checkpoint=tmp_path / "nope.safetensors"), tmp_path / "work")
+    with pytest.raises(LookalikeError, match="model.checkpoint: single files of sd1 bases hold their text encoders "
+                                             "and VAE too"):
+        checkpoint_folder(ModelConfig(base="tiny-sd15", checkpoint=z_image), tmp_path / "work")
+    config = load_config(tiny_config(model={"checkpoint": "finetune.safetensors"}))
+    assert config.model.checkpoint == tmp_path / "finetune.safetensors", "taken relative to the config file"
+
+
+@pytest.mark.slow
+def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_transformer_and_the_lora(tiny_config,
+                                                                                                     tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    file = tmp_path / "finetune.safetensors"
+    save_file(fine_tune(), str(file))
+    study = load_config(tiny_config(model={"checkpoint": str(file)}, data={"crop": "center"},
+                                    train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
+                                    generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
+    lora = train(study, "r")
+    assert "lookalike.checkpoint" in _header(lora) and _header(lora)["lookalike.checkpoint"] == file.name
+    ours = np.asarray(Image.open(generate(study, run="r") / "p00_s0_g4.png")).astype(int)
+
+    def stock(transformer) -> np.ndarray:
+        pipe = FluxPipeline.from_pretrained(resolve_base("tiny"), transformer=transformer)
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
+                     max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+        return np.asarray(image).astype(int)
+
+    tuned = FluxTransformer2DModel.from_single_file(str(file), config=str(resolve_base("tiny")),
+                                                    subfolder="transformer", local_files_only=True)
+    assert np.abs(ours - stock(tuned)).max() <= 1, "the stock pipeline with the file's transformer and the LoRA"
+    base = load_component(resolve_base("tiny"), "transformer")
+    assert np.abs(ours - stock(base)).max() > 1, "the fine-tune's weights made the difference"
+
+
+def _header(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
