@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lookalike import display
+from lookalike.data.images import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import check_drawing_base, drawing_base, resolve_base
 from lookalike.models.families import folder_family
@@ -38,8 +40,6 @@ def resolve_drawing_base(config) -> Path:
 
 def checkpoint_folder(model, workspace: Path) -> Path:
     """The folder of `model.base` with `model.checkpoint`'s transformer, made on first use."""
-    from lookalike.data.images import file_sha256
-
     file = Path(model.checkpoint)
     if not file.is_file():
         raise LookalikeError(f"model.checkpoint: file not found: {file}")
@@ -57,6 +57,8 @@ def checkpoint_folder(model, workspace: Path) -> Path:
     for record in made.glob(f"*/{RECORD}") if made.is_dir() else []:  # made before: no need to hash the file again
         if {k: v for k, v in read_json(record).items() if k in seen} == seen:
             return record.parent
+    display.console().print(f"model.checkpoint: making {file.name} into a diffusers folder of {model.base} under "
+                            f"{made} (once per file; its SHA-256 first)")
     digest = file_sha256(file)
 
     def convert(tmp: Path) -> None:
