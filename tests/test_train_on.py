@@ -33,7 +33,8 @@ def test_a_run_trained_on_ends_as_a_run_of_that_length_and_keeps_its_shorter_lor
     result = run_in_process("train", str(path), "--run", "on", "--resume", "--set", "train.max_train_steps=7")
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stdout.split())
-    assert "training run 'on' on from 4 to 7 steps; its 4-step LoRA stays as lora-step-000004.safetensors" in said
+    assert "run 'on' now trains for 7 steps instead of 4; its 4-step LoRA stays as lora-step-000004.safetensors" \
+        in said
 
     straight = load_file(train(longer, "straight"))
     runs = Workspace(config.workspace)

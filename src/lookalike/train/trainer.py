@@ -186,7 +186,8 @@ def _keep_shorter_lora(run: RunPaths, config: StudyConfig, console: Console) -> 
         with atomic_path(run.step_lora(steps)) as tmp:
             shutil.copyfile(run.lora, tmp)
         kept = f"; its {steps}-step LoRA stays as {run.step_lora(steps).name} (--checkpoint {steps})"
-    console.print(f"train: training run {run.name!r} on from {steps} to {config.train.max_train_steps} steps{kept}")
+    console.print(f"train: run {run.name!r} now trains for {config.train.max_train_steps} steps instead of {steps}"
+                  f"{kept}")
 
 
 def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) -> None:
