@@ -99,7 +99,8 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
                 "lr_scheduler": t.lr_scheduler, "batch_size": t.batch_size, "optimizer": t.optimizer,
                 "adapter": t.adapter, "target_modules": t.target_modules, "layer_filter": t.layer_filter,
                 "resolution": training_resolution(trained), "photos": len(read_json(run.photos))
-                if run.photos.is_file() else None, "seed": t.seed}
+                if run.photos.is_file() else None, "seed": t.seed,
+                **({"checkpoint": trained.model.checkpoint.name} if trained.model.checkpoint else {})}
     lines += ["", "## Training", "", "| setting | value |", "| --- | --- |",
               f"| base | {base_label(base)} |", f"| steps | {cell(step)} of {t.max_train_steps} |"]
     lines += [f"| {key} | {cell(value)} |" for key, value in settings.items()]
