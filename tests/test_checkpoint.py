@@ -16,6 +16,7 @@ from lookalike.generate import generate
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.checkpoint import checkpoint_folder
 from lookalike.train.trainer import train
+from tests.conftest import run_in_process
 
 
 def fine_tune() -> dict[str, torch.Tensor]:
@@ -71,9 +72,10 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
 
     file = tmp_path / "finetune.safetensors"
     save_file(fine_tune(), str(file))
-    study = load_config(tiny_config(model={"checkpoint": str(file)}, data={"crop": "center"},
-                                    train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
-                                    generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
+    study_file = tiny_config(model={"checkpoint": str(file)}, data={"crop": "center"},
+                             train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
+                             generate={"num_inference_steps": 3, "guidance_scales": [4.0]})
+    study = load_config(study_file)
     lora = train(study, "r")
     assert "lookalike.checkpoint" in _header(lora) and _header(lora)["lookalike.checkpoint"] == file.name
     ours = np.asarray(Image.open(generate(study, run="r") / "p00_s0_g4.png")).astype(int)
@@ -91,6 +93,11 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
     assert np.abs(ours - stock(tuned)).max() <= 1, "the stock pipeline with the file's transformer and the LoRA"
     base = load_component(resolve_base("tiny"), "transformer")
     assert np.abs(ours - stock(base)).max() > 1, "the fine-tune's weights made the difference"
+
+    result = run_in_process("export", str(study_file), "--run", "r", "--format", "diffusers", "--out",
+                            str(tmp_path / "shared" / "sks.safetensors"), "--card")
+    assert result.returncode == 0, result.stderr
+    assert "| checkpoint | finetune.safetensors |" in (tmp_path / "shared" / "README.md").read_text()
 
 
 def _header(path) -> dict[str, str]:
