@@ -105,3 +105,20 @@ def _header(path) -> dict[str, str]:
 
     with safe_open(str(path), "pt") as handle:
         return handle.metadata()
+
+
+def test_a_hub_base_under_a_checkpoint_is_downloaded_without_its_transformers_weights(tmp_path, monkeypatch):
+    """The file's weights replace them: FLUX.1-dev's 24 GB are not fetched (the download is played by tiny's folder,
+    of the same family)."""
+    asked = []
+
+    def download(repo, revision, ignore):
+        asked.append((repo, ignore))
+        return resolve_base("tiny")
+
+    monkeypatch.setattr("lookalike.models.base._download", download)
+    file = tmp_path / "finetune.safetensors"
+    save_file(fine_tune(), str(file))
+    folder = checkpoint_folder(ModelConfig(base="flux-dev", checkpoint=file), tmp_path / "work")
+    assert asked == [("black-forest-labs/FLUX.1-dev", ["transformer/*.safetensors"])]
+    assert (folder / "transformer" / "config.json").is_file()

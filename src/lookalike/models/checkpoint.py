@@ -17,7 +17,7 @@ from lookalike import display
 from lookalike.data.images import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import check_drawing_base, drawing_base, resolve_base
-from lookalike.models.families import folder_family
+from lookalike.models.families import base_family
 from lookalike.workspace import build_once, read_json, write_json
 
 RECORD = "checkpoint.json"  # in a made folder: the file it was made of (its path, size, time and SHA-256)
@@ -45,12 +45,12 @@ def checkpoint_folder(model, workspace: Path) -> Path:
         raise LookalikeError(f"model.checkpoint: file not found: {file}")
     if file.suffix != ".safetensors":
         raise LookalikeError(f"model.checkpoint: {file} is not a .safetensors file (a pickled one can run code)")
-    base = resolve_base(model.base, model.revision)
-    family = folder_family(base)
+    family = base_family(model.base)  # told before anything is downloaded
     if family.denoiser != "transformer":
         raise LookalikeError(f"model.checkpoint: single files of {family.name} bases hold their text encoders and VAE "
                              "too, which lookalike does not read from them: convert the file to a diffusers folder "
                              "(diffusers' from_single_file, then save_pretrained) and set model.base to it")
+    base = resolve_base(model.base, model.revision, denoiser_weights=False)  # the file's replace them
     made = workspace / "bases"
     stat = file.stat()
     seen = {"file": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "base": str(base)}
