@@ -11,11 +11,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lookalike.config import ModelConfig, load_config
+from lookalike.data.dataset import training_images
 from lookalike.errors import LookalikeError
 from lookalike.generate import generate
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.checkpoint import checkpoint_folder
+from lookalike.train.trained_on import stale_reason
 from lookalike.train.trainer import train
+from lookalike.workspace import Workspace
 from tests.conftest import run_in_process
 
 
@@ -73,7 +76,8 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
     file = tmp_path / "finetune.safetensors"
     save_file(fine_tune(), str(file))
     study_file = tiny_config(model={"checkpoint": str(file)}, data={"crop": "center"},
-                             train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
+                             train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0,
+                                    "checkpoint_every": 2},
                              generate={"num_inference_steps": 3, "guidance_scales": [4.0]})
     study = load_config(study_file)
     lora = train(study, "r")
@@ -98,6 +102,15 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
                             str(tmp_path / "shared" / "sks.safetensors"), "--card")
     assert result.returncode == 0, result.stderr
     assert "| checkpoint | finetune.safetensors |" in (tmp_path / "shared" / "README.md").read_text()
+
+    # The file changed in place: the finished run is named stale, and a started one will not resume on it.
+    save_file({k: v + 0.01 for k, v in fine_tune().items()}, str(file))
+    run = Workspace(study.workspace).run("r")
+    stale = stale_reason(run, study, training_images(study), study.workspace)
+    assert f"model.checkpoint: {file} changed since the run trained on it" in stale
+    run.write_status("failed", reason="interrupted")  # as if killed after its checkpoint of step 2
+    with pytest.raises(LookalikeError, match="cannot resume run 'r': model.checkpoint .* changed since it started"):
+        train(study, "r", resume=True)
 
 
 def _header(path) -> dict[str, str]:

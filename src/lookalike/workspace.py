@@ -237,6 +237,12 @@ class RunPaths:
         return self.root / "photos.json"
 
     @property
+    def checkpoint_record(self) -> Path:
+        """Of a run on a single-file checkpoint ([model] checkpoint): the file it trained on (path, size, time,
+        SHA-256)."""
+        return self.root / "checkpoint.json"
+
+    @property
     def init_lora(self) -> Path:
         """The copy of the LoRA file the run started from (train.init_lora), so it repeats from its own folder."""
         return self.root / "init_lora.safetensors"

@@ -93,6 +93,18 @@ def init_lora_changed(run: RunPaths, config: StudyConfig) -> bool:
     return file_sha256(Path(source)) != file_sha256(run.init_lora)
 
 
+def checkpoint_changed(run: RunPaths, config: StudyConfig) -> bool:
+    """Whether model.checkpoint's file now differs from the one the run trained on (hashed again only when its size
+    or time changed; a run that kept no record, or a file since removed, has nothing to compare)."""
+    file = config.model.checkpoint
+    if file is None or not run.checkpoint_record.is_file() or not Path(file).is_file():
+        return False
+    trained, stat = read_json(run.checkpoint_record), Path(file).stat()
+    if (trained.get("size"), trained.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+        return False
+    return file_sha256(Path(file)) != trained.get("sha256")
+
+
 def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) -> str | None:
     """Why a finished run's results are not of what the study now asks for it (other settings or photos), or None
     when they are."""
@@ -102,6 +114,9 @@ def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) ->
         differences.append(f"settings ({', '.join(settings)})")
     if init_lora_changed(run, config):
         differences.append(f"settings (train.init_lora: {config.train.init_lora} changed since the run started from "
+                           "it)")
+    if checkpoint_changed(run, config):
+        differences.append(f"settings (model.checkpoint: {config.model.checkpoint} changed since the run trained on "
                            "it)")
     photos = photo_changes(run, images, workspace)
     if photos:

@@ -34,7 +34,7 @@ from lookalike.models.base import (
     training_resolution,
     training_sides,
 )
-from lookalike.models.checkpoint import trained_base_folder
+from lookalike.models.checkpoint import RECORD, trained_base_folder
 from lookalike.models.families import folder_family
 from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
@@ -57,6 +57,7 @@ from lookalike.train.sharding import load_optimizer_state, optimizer_state, shar
 from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
 from lookalike.train.trained_on import (
     changed_settings,
+    checkpoint_changed,
     extended_from,
     photo_changes,
     record_photos,
@@ -310,8 +311,13 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes}; put "
                              "them back and resume it (`lookalike sweep --retry-failed` or `train --resume`), or "
                              "start a new --run")
+    if checkpoints and checkpoint_changed(run, config):
+        raise LookalikeError(f"cannot resume run {run.name!r}: model.checkpoint {config.model.checkpoint} changed "
+                             "since it started; put the file back and resume it, or start a new --run")
     if accelerator.is_main_process:
         record_photos(run, images, config.workspace)
+        if config.model.checkpoint is not None:
+            write_json(run.checkpoint_record, read_json(folder / RECORD))
     if t.flip:  # each photo mirrored too: an example of its own, encoded from the mirrored pixels
         images = images + [mirrored(image) for image in images]
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
