@@ -153,8 +153,10 @@ def test_the_estimate_counts_the_weight_changes_a_lokr_builds(tiny_config):
     checkpointed = estimate(config.with_train({"gradient_checkpointing": True}, "test"), "bf16")
     assert checkpointed.changes == pytest.approx((double + largest) * 2 / 2**30), "a double block is the largest"
     assert any(line.startswith("LoKr weight changes") for line in plain.lines())
+    assert any(line.startswith("LoKr  ") and "M parameters" in line for line in plain.lines())
     lora = estimate(load_config(tiny_config(model={"base": "flux-dev"})), "bf16")
     assert lora.changes == 0 and not any(line.startswith("LoKr") for line in lora.lines())
+    assert any(line.startswith("LoRA  ") for line in lora.lines())
 
 
 # Each base's stock pipeline, with the LoKr loaded as a user of diffusers would: load_lora_weights where the

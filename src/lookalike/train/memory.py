@@ -26,6 +26,7 @@ BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 # Bytes per quantised linear weight: NF4 packs two per byte with a float32 scale per 64; int8 and fp8 one
 # byte, with a scale per output row (negligible).
 QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr"}  # train.adapter as the estimate's lines name it
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Estimate:
     offloaded: float = 0.0  # GB of the blocks' weights kept in CPU memory (train.offload), not in `weights`
     text_encoders: float = 0.0  # GB, the text encoders a run trains a LoRA on (train.train_text_encoder), held too
     text_encoder_parameters: int = 0
+    adapter: str = "LoRA"  # what trains: LoRA, DoRA or LoKr (train.adapter)
 
     @property
     def total(self) -> float:
@@ -68,7 +70,7 @@ class Estimate:
                       if self.offloaded else "")
         return [f"{self.denoiser + ' weights':20s} {size(self.weights)}  ({self.counts.frozen / 1e6:,.1f} M parameters"
                 f"{quantized})",
-                f"LoRA                 {size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
+                f"{self.adapter:21s}{size(self.lora)}  ({self.counts.lora / 1e6:,.2f} M parameters)",
                 f"gradients + AdamW    {size(self.optimizer)}",
                 f"activations (est.)   {size(self.activations)}",
                 *([f"LoKr weight changes  {size(self.changes)}  (each adapted layer's, built for its forward pass)"]
@@ -211,7 +213,7 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     text_encoders = (text_frozen * per_value + text_lora * (4 + optimizer_bytes)) / GB
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
                     activations, counts, changes, t.base_quantization, shards, family.denoiser, offloaded / GB,
-                    text_encoders, text_frozen)
+                    text_encoders, text_frozen, ADAPTER_NAMES[t.adapter])
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate, processes: int = 1
