@@ -315,6 +315,7 @@ def test_a_run_that_trains_its_text_encoders_caches_no_caption(tiny_config, monk
     assert train(config, "r").is_file()
 
 
+@pytest.mark.slow  # 13 s: the published text encoders built on the meta device
 def test_the_dry_run_counts_the_text_encoders_a_run_trains(tiny_config, monkeypatch, tmp_path):
     """On the tiny SDXL, against the encoders as the run holds them; on the hub's SDXL and FLUX.1-dev from their
     published configs (OpenAI's CLIP ViT-L/14 text model, 123.1 M, OpenCLIP ViT-bigG/14's, 694.7 M, T5-XXL's
