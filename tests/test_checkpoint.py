@@ -1,6 +1,6 @@
-"""[model] checkpoint: a single-file fine-tune of a base's transformer becomes the base's transformer in a folder made
-once; a run trains on it and draws what the stock pipeline draws with that file's transformer and the run's LoRA;
-files it cannot read are refused by name."""
+"""[model] checkpoint: a single-file fine-tune of a base's transformer, in diffusers' layout or Black Forest Labs',
+becomes the base's transformer in a folder made once; a run trains on it and draws what the stock pipeline draws
+with that file's transformer and the run's LoRA; files it cannot read are refused by name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lookalike.config import ModelConfig, load_config
 from lookalike.data.dataset import training_images
@@ -30,7 +30,7 @@ def fine_tune() -> dict[str, torch.Tensor]:
 
 
 def test_a_fine_tunes_single_file_becomes_the_bases_transformer_once(tmp_path, monkeypatch):
-    """In diffusers' layout: diffusers' converter of Black Forest Labs' layout knows FLUX.1's full sizes only."""
+    """In diffusers' layout (Black Forest Labs' is tested at FLUX.1's full width below)."""
     tuned = fine_tune()
     file = tmp_path / "my-flux-finetune.safetensors"
     save_file(tuned, str(file))
@@ -50,6 +50,88 @@ def test_a_fine_tunes_single_file_becomes_the_bases_transformer_once(tmp_path, m
 
     monkeypatch.setattr(FluxTransformer2DModel, "from_single_file", never)
     assert checkpoint_folder(model, tmp_path / "work") == folder, "made once, found again without hashing"
+
+
+def in_bfl_layout(weights: dict[str, torch.Tensor], double: int, single: int) -> dict[str, torch.Tensor]:
+    """FLUX.1 transformer weights as Black Forest Labs' checkpoints hold them, transcribed from their model
+    (flux/modules/layers.py: q, k and v in one qkv layer, a single block's q, k, v and MLP input in one linear1, the
+    last layer's modulation as shift then scale) and ComfyUI's flux_to_diffusers, which pairs each with diffusers'
+    layer."""
+    used: set[str] = set()
+
+    def take(*names: str) -> torch.Tensor:
+        used.update(names)
+        return torch.cat([weights[name] for name in names])
+
+    out = {}
+    linear = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+              "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+              "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+              "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+              "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+              "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+              "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2"}
+    for i in range(double):
+        d = f"transformer_blocks.{i}"
+        linear.update({f"double_blocks.{i}.{ours}": f"{d}.{theirs}" for ours, theirs in {
+            "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear", "img_attn.proj": "attn.to_out.0",
+            "txt_attn.proj": "attn.to_add_out", "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+            "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}.items()})
+        for end in ("weight", "bias"):
+            out[f"double_blocks.{i}.img_attn.qkv.{end}"] = take(*(f"{d}.attn.to_{p}.{end}" for p in "qkv"))
+            out[f"double_blocks.{i}.txt_attn.qkv.{end}"] = take(*(f"{d}.attn.add_{p}_proj.{end}" for p in "qkv"))
+        for stream, norm in (("img", ""), ("txt", "added_")):
+            for part in ("query", "key"):
+                out[f"double_blocks.{i}.{stream}_attn.norm.{part}_norm.scale"] = take(
+                    f"{d}.attn.norm_{norm}{part[0]}.weight")
+    for i in range(single):
+        s = f"single_transformer_blocks.{i}"
+        linear.update({f"single_blocks.{i}.linear2": f"{s}.proj_out",
+                       f"single_blocks.{i}.modulation.lin": f"{s}.norm.linear"})
+        for end in ("weight", "bias"):
+            out[f"single_blocks.{i}.linear1.{end}"] = take(*(f"{s}.attn.to_{p}.{end}" for p in "qkv"),
+                                                           f"{s}.proj_mlp.{end}")
+        for part in ("query", "key"):
+            out[f"single_blocks.{i}.norm.{part}_norm.scale"] = take(f"{s}.attn.norm_{part[0]}.weight")
+    for ours, theirs in linear.items():
+        for end in ("weight", "bias"):
+            out[f"{ours}.{end}"] = take(f"{theirs}.{end}")
+    for end in ("weight", "bias"):  # diffusers' norm_out gives scale then shift
+        scale, shift = weights[f"norm_out.linear.{end}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{end}"] = torch.cat([shift, scale])
+        used.add(f"norm_out.linear.{end}")
+    assert used == weights.keys(), sorted(weights.keys() - used)  # every weight has its place
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+@pytest.mark.slow  # 16 s and 4.5 GB: one double and one single block of FLUX.1's full width, in bf16
+def test_a_fine_tune_in_black_forest_labs_layout_becomes_the_bases_transformer(tmp_path):
+    """diffusers' converter of that layout knows FLUX.1's full sizes (3072 wide, MLP 12288) only: a base of that
+    width with one block of each kind, its other components tiny's (only the transformer's config is read)."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    from lookalike.models.families.flux1 import FLUX_TRANSFORMER
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1))
+    generator = torch.Generator().manual_seed(0)
+    tuned = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+             for name, shape in ((k, v.shape) for k, v in transformer.state_dict().items())}
+    file = tmp_path / "flux1-dev-finetune.safetensors"
+    save_file(in_bfl_layout(tuned, 1, 1), str(file))
+    base = tmp_path / "wide-base"
+    shutil.copytree(resolve_base("tiny"), base, ignore=shutil.ignore_patterns("transformer"))
+    transformer.save_config(base / "transformer")
+
+    folder = checkpoint_folder(ModelConfig(base=str(base), checkpoint=file), tmp_path / "work")
+    loaded = {}
+    for part in (folder / "transformer").glob("*.safetensors"):
+        loaded.update(load_file(part))
+    assert loaded.keys() == tuned.keys()
+    for key, value in tuned.items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_a_file_it_cannot_read_is_refused_by_name(tmp_path, tiny_config):
