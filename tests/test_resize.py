@@ -71,3 +71,31 @@ def test_resize_from_the_command_line_takes_a_runs_best_step_and_says_what_it_ke
     assert result.returncode == 0, result.stderr
     assert f"resize: {out} (rank 2): it keeps " in " ".join(result.stdout.split())
     assert read_lora(out)[1]["r"] == 2
+
+
+def test_merge_at_a_lower_rank_is_the_exact_merge_resized_and_never_writes_over_an_input(tmp_path):
+    """kohya's SVD merge in one command: `merge A B --rank N`."""
+    from safetensors.torch import load_file
+
+    first = random_lora(tmp_path / "a.safetensors", rank=4, alpha=8, target="attention", seed=1)
+    second = random_lora(tmp_path / "b.safetensors", rank=2, alpha=1, target="attention", seed=2)
+    out = tmp_path / "pair" / "ab.safetensors"
+    result = run_in_process("merge", str(first), str(second), "--out", str(out), "--weights", "0.7,1.3",
+                            "--rank", "3")
+    assert result.returncode == 0, result.stderr
+    assert f"merge: {out} (rank 3): it keeps " in " ".join(result.stdout.split())
+    exact = merge_loras(first, second, tmp_path / "exact.safetensors", weights=(0.7, 1.3))
+    expected, _ = resize_lora(exact, tmp_path / "expected.safetensors", 3)
+    got, want = load_file(out), load_file(expected)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert [p.name for p in out.parent.iterdir()] == ["ab.safetensors"], "the exact merge was a temporary file"
+    info = read_lora(out)[2]
+    assert info["resized_from"] == "the exact merge (rank 6)"
+    assert info["merged_from"] == "a.safetensors x 0.7 + b.safetensors x 1.3"
+
+    before = first.read_bytes()
+    refused = run_in_process("merge", str(first), str(second), "--out", str(first), "--rank", "3")
+    assert refused.returncode == 2 and "is one of the LoRAs being merged" in refused.stderr
+    assert first.read_bytes() == before
+    too_high = run_in_process("merge", str(first), str(second), "--out", str(tmp_path / "c.safetensors"), "--rank", "6")
+    assert too_high.returncode == 2 and "--rank: the merge of" in too_high.stderr and "has rank 6" in too_high.stderr

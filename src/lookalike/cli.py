@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,7 +25,8 @@ from lookalike.generate import generate as generate_images
 from lookalike.models.base import quiet_libraries, training_sides
 from lookalike.models.card import card_plan, write_card
 from lookalike.models.export import export_lora
-from lookalike.models.merge import merge_loras
+from lookalike.models.lora import read_lora
+from lookalike.models.merge import check_merge_out, merge_loras
 from lookalike.models.quantize import check_quantization
 from lookalike.models.resize import kept_share, resize_lora
 from lookalike.pipeline import run_study
@@ -337,8 +339,10 @@ def merge(
     checkpoint: Annotated[str, typer.Option(help="With --config: the runs' final LoRAs, their best sample steps' "
                                             "(best) or a kept step's number (NAME@CHECKPOINT sets one run's).")]
         = "final",
+    rank: Annotated[Optional[int], typer.Option(help="Lower the merge to this rank, as `resize` does (kohya's SVD "
+                                                "merge); default: exact, the two ranks added.")] = None,
 ) -> None:
-    """Merge two LoRAs exactly into one file (ranks concatenated, alpha included)."""
+    """Merge two LoRAs exactly into one file (ranks concatenated, alpha included), or at a lower --rank."""
     pair = _weights(weights)
     if len(pair) != 2:
         raise LookalikeError(f"--weights: give two weights, like 1,0.5 (got {weights!r})")
@@ -350,8 +354,25 @@ def merge(
         workspace = Workspace(_load(config, None).workspace)
         sources = [workspace.lora_of(choice, checkpoint) for choice in (lora_a, lora_b)]
     _quiet()
-    merge_loras(sources[0], sources[1], out, (pair[0], pair[1]))
-    console.print(f"merge: {out}")
+    if rank is None:
+        merge_loras(sources[0], sources[1], out, (pair[0], pair[1]))
+        console.print(f"merge: {out}")
+        return
+    out = check_merge_out(out, sources[0], sources[1])
+    exact_rank = sum(read_lora(source)[1]["r"] for source in sources)
+    if rank >= exact_rank:
+        raise LookalikeError(f"--rank: the merge of {sources[0]} and {sources[1]} has rank {exact_rank}; give a lower "
+                             "rank, or leave --rank out for the exact merge")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as folder:  # the exact merge, then lowered
+        exact = merge_loras(sources[0], sources[1], Path(folder) / f"{out.stem}-exact.safetensors", (pair[0], pair[1]))
+        _print_lowered("merge", rank, *resize_lora(exact, out, rank, source_name="the exact merge"))
+
+
+def _print_lowered(command: str, rank: int, written: Path, norms: dict) -> None:
+    share, worst_share, worst = kept_share(norms)
+    console.print(f"{command}: {written} (rank {rank}): it keeps {share:.1%} of the weight change (squared Frobenius "
+                  f"norm), the least of any layer {worst_share:.1%} ({worst})")
 
 
 @app.command()
@@ -368,10 +389,7 @@ def resize(
         raise LookalikeError("--checkpoint picks a run's LoRA: give --config with a run name")
     source = Workspace(_load(config, None).workspace).lora_of(lora, checkpoint) if config else Path(lora)
     _quiet()
-    written, norms = resize_lora(source, out, rank)
-    share, worst_share, worst = kept_share(norms)
-    console.print(f"resize: {written} (rank {rank}): it keeps {share:.1%} of the weight change (squared Frobenius "
-                  f"norm), the least of any layer {worst_share:.1%} ({worst})")
+    _print_lowered("resize", rank, *resize_lora(source, out, rank))
 
 
 @app.command()

@@ -33,8 +33,9 @@ def lower_rank(tensors: dict[str, Any], scale: float, rank: int) -> tuple[dict[s
     return lowered, norms
 
 
-def resize_lora(source: Path, out: Path, rank: int) -> tuple[Path, dict[str, tuple]]:
-    """Write `source` at `rank` to `out`; return it and each layer's (kept, whole) squared Frobenius norm."""
+def resize_lora(source: Path, out: Path, rank: int, source_name: str | None = None) -> tuple[Path, dict[str, tuple]]:
+    """Write `source` at `rank` to `out`; return it and each layer's (kept, whole) squared Frobenius norm.
+    `source_name`: what the header's resized_from calls the source (default: its file name)."""
     from peft import LoraConfig
 
     out = Path(out)
@@ -51,7 +52,8 @@ def resize_lora(source: Path, out: Path, rank: int) -> tuple[Path, dict[str, tup
     lowered, norms = lower_rank(tensors, config["lora_alpha"] / config["r"], rank)
     denoiser = denoiser_of(lowered)
     peft_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(modules_of(lowered, denoiser)))
-    save_lora(out, lowered, peft_config, {**info, "resized_from": f"{Path(source).name} (rank {config['r']})"},
+    resized_from = f"{source_name or Path(source).name} (rank {config['r']})"
+    save_lora(out, lowered, peft_config, {**info, "resized_from": resized_from},
               text_encoder_configs=text_encoder_configs(lowered, rank, rank))
     return out, norms
 
