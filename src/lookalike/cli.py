@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,10 +24,9 @@ from lookalike.generate import generate as generate_images
 from lookalike.models.base import quiet_libraries, training_sides
 from lookalike.models.card import card_plan, write_card
 from lookalike.models.export import export_lora
-from lookalike.models.lora import read_lora
-from lookalike.models.merge import check_merge_out, merge_loras
+from lookalike.models.merge import merge_loras
 from lookalike.models.quantize import check_quantization
-from lookalike.models.resize import kept_share, resize_lora
+from lookalike.models.resize import kept_share, merge_at_rank, resize_lora
 from lookalike.pipeline import run_study
 from lookalike.report.ablate import ablate as run_ablation
 from lookalike.store import refresh, sort_runs
@@ -358,15 +356,7 @@ def merge(
         merge_loras(sources[0], sources[1], out, (pair[0], pair[1]))
         console.print(f"merge: {out}")
         return
-    out = check_merge_out(out, sources[0], sources[1])
-    exact_rank = sum(read_lora(source)[1]["r"] for source in sources)
-    if rank >= exact_rank:
-        raise LookalikeError(f"--rank: the merge of {sources[0]} and {sources[1]} has rank {exact_rank}; give a lower "
-                             "rank, or leave --rank out for the exact merge")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as folder:  # the exact merge, then lowered
-        exact = merge_loras(sources[0], sources[1], Path(folder) / f"{out.stem}-exact.safetensors", (pair[0], pair[1]))
-        _print_lowered("merge", rank, *resize_lora(exact, out, rank, source_name="the exact merge"))
+    _print_lowered("merge", rank, *merge_at_rank(sources[0], sources[1], out, (pair[0], pair[1]), rank))
 
 
 def _print_lowered(command: str, rank: int, written: Path, norms: dict) -> None:

@@ -6,11 +6,13 @@ hold. The file says alpha = rank, so its scale is 1 in every reader, as all of l
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
 from lookalike.models.lora import TEXT_ENCODERS, denoiser_of, modules_of, read_lora, save_lora, text_encoder_configs
+from lookalike.models.merge import check_merge_out, merge_loras
 
 
 def lower_rank(tensors: dict[str, Any], scale: float, rank: int) -> tuple[dict[str, Any], dict[str, tuple]]:
@@ -56,6 +58,21 @@ def resize_lora(source: Path, out: Path, rank: int, source_name: str | None = No
     save_lora(out, lowered, peft_config, {**info, "resized_from": resized_from},
               text_encoder_configs=text_encoder_configs(lowered, rank, rank))
     return out, norms
+
+
+def merge_at_rank(first: Path, second: Path, out: Path, weights: tuple[float, float], rank: int
+                  ) -> tuple[Path, dict[str, tuple]]:
+    """kohya's SVD merge: the exact merge of two LoRAs (merge_loras, in a temporary file beside `out`) lowered to
+    `rank`; `out` is checked before anything is written."""
+    out = check_merge_out(out, first, second)
+    exact_rank = sum(read_lora(source)[1]["r"] for source in (first, second))
+    if rank >= exact_rank:
+        raise LookalikeError(f"--rank: the merge of {first} and {second} has rank {exact_rank}; give a lower rank, or "
+                             "leave --rank out for the exact merge")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as folder:
+        exact = merge_loras(first, second, Path(folder) / f"{out.stem}-exact.safetensors", weights)
+        return resize_lora(exact, out, rank, source_name="the exact merge")
 
 
 def kept_share(norms: dict[str, tuple]) -> tuple[float, float, str]:
