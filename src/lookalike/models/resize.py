@@ -1,7 +1,8 @@
 """Lower a LoRA's rank, as kohya's resize_lora does: each layer's weight change ΔW = (alpha / r) · B @ A becomes
 its best approximation of the new rank (Eckart-Young: its largest singular values), from QR factors of A and B,
 never the whole ΔW. What each layer keeps is the share of ΔW's squared Frobenius norm its kept singular values
-hold. The file says alpha = rank, so its scale is 1 in every reader, as all of lookalike's files.
+hold. The file says alpha = rank, so its scale is 1 in every reader, as all of lookalike's files. A merge lowered
+so is kohya's SVD merge (merge_at_rank).
 """
 
 from __future__ import annotations
