@@ -8,6 +8,7 @@ import time
 import torch
 
 from lookalike.models.lora import add_lora
+from lookalike.train.attention import training_attention
 
 
 def add_trainable_lora(transformer, rank: int, adapter: str = "lora", lokr_factor: int = -1
@@ -58,20 +59,21 @@ def family_batch(family, transformer, resolution: int, text_tokens: int, device,
 
 
 def timed_steps(forward, params, optimizer, target, steps: int, autocast_dtype=None) -> list[float]:
-    """Seconds of each of `steps` forward + backward + clip + AdamW steps (GPU work waited for); `forward()`
-    returns the transformer's prediction."""
-    device = target.device
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            prediction = forward()
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return times
+    """Seconds of each of `steps` forward + backward + clip + AdamW steps (GPU work waited for), on the attention
+    kernels the trainer uses; `forward()` returns the transformer's prediction."""
+    with training_attention():
+        return [_timed_step(forward, params, optimizer, target, autocast_dtype) for _ in range(steps)]
+
+
+def _timed_step(forward, params, optimizer, target, autocast_dtype) -> float:
+    started = time.perf_counter()
+    with torch.autocast(target.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        prediction = forward()
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if target.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started

@@ -269,3 +269,21 @@ def test_two_runs_in_one_process_may_use_different_precisions(tiny_config):
     bf16 = train(config.with_train({"mixed_precision": "bf16"}, "test"), "bf16")
     a, b = load_file(full), load_file(bf16)
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), "bf16 computed otherwise"
+
+
+@pytest.mark.slow
+def test_training_runs_without_cudnn_attention_and_generation_keeps_it(tiny_config, monkeypatch):
+    """cuDNN's attention backward fails on some GPUs (lookalike.train.attention): every attention of a run is computed
+    with that backend off, and it is on again once the run ends."""
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    train(load_config(tiny_config(train={"max_train_steps": 2})))
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

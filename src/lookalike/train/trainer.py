@@ -41,6 +41,7 @@ from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
 from lookalike.progress import progress_bar
 from lookalike.store import record_run
+from lookalike.train.attention import training_attention
 from lookalike.train.batches import BatchOrder, batch_order
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
@@ -246,7 +247,8 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
                              seconds=round(before + time.time() - started, 2))
 
     try:
-        result = _train(config, run, resume, console)
+        with training_attention():
+            result = _train(config, run, resume, console)
         if main:
             run.write_status("done", seconds=round(before + time.time() - started, 2), **result)
     except KeyboardInterrupt:
