@@ -195,3 +195,20 @@ def test_sharding_is_refused_where_it_cannot_work(tiny_config):
     with pytest.raises(LookalikeError, match="train.shard = true splits the model across processes, and this run "
                                              "has one: train with --processes N"):
         train(load_config(tiny_config(train={"shard": True})), "alone")
+
+
+def test_estimate_is_within_5_percent_of_every_step_measured_on_a_gpu(tiny_config):
+    """The GPU's own figures (bench/gpu_figures.json, full-size FLUX.1-dev): the autocast and dequantization
+    factors were read off three of these rows (bf16 and fp8 at 1024 px without checkpointing, nf4 at 1024 px with
+    it); the other four check them."""
+    from pathlib import Path
+
+    figures = json.loads((Path(__file__).parent.parent / "bench" / "gpu_figures.json").read_text())
+    counts = None
+    for row in figures["train_steps"]:
+        config = load_config(tiny_config(model={"base": "flux-dev"}, data={"resolution": row["resolution"]}, train={
+            "gradient_checkpointing": row["checkpointing"],
+            "base_quantization": "none" if row["base"] == "bf16" else row["base"]}))
+        estimated = estimate(config, "bf16", counts)
+        counts = estimated.counts
+        assert estimated.total * 2**30 / 1e9 == pytest.approx(row["peak_gb"], rel=0.05), row

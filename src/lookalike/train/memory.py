@@ -26,6 +26,17 @@ BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 # Bytes per quantised linear weight: NF4 packs two per byte with a float32 scale per 64; int8 and fp8 one
 # byte, with a scale per output row (negligible).
 QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
+# Measured on a GPU (bench/gpu_run.sh: FLUX.1-dev, rank-16 attention LoRA, an H200), for each kind of base: under
+# bf16 autocast the blocks keep this many times the values their float32 count finds (the counts are made in float32
+# on the CPU): autocast's bf16 copies of each adapted layer's input for the float32 LoRA, float32 copies for the norms
+# and softmax, and for nf4 bitsandbytes' own bf16 copy of each layer's input. bf16: 26.5 GB of activations measured
+# for 19.5 counted at 1024 px; with checkpointing 2.4 for 2.3, so there the factor overstates, by 2.6% of the run's
+# total. nf4: 1.85 fits all four measurements (512 and 1024 px, with and without checkpointing) within 3.5% of the
+# total. The measurements: bench/gpu_figures.json.
+ACTIVATIONS_UNDER_AUTOCAST = {"none": 1.36, "int8": 1.36, "fp8": 1.36, "nf4": 1.85}
+# torchao's weight-only int8 and fp8 layers also keep a dequantized copy of their weight for the backward pass
+# (counted on the CPU too): with an fp8 base, 17.3 GB more than bf16's at 1024 px, 0.73 of the linear weights in bf16.
+DEQUANTIZED_KEPT = 0.73
 ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr"}  # train.adapter as the estimate's lines name it
 
 
@@ -51,6 +62,7 @@ class Estimate:
     activations: float  # GB, kept for the backward pass and working values
     counts: Counts
     changes: float = 0.0  # GB, the whole weight changes a LoKr builds in the forward pass and keeps for the backward
+    dequantized: float = 0.0  # GB, the dequantized weights int8 and fp8 layers keep for the backward pass
     quantization: str = "none"
     shards: int = 1  # processes the model is sharded across (train.shard): weights, LoRA and AdamW per process
     denoiser: str = "transformer"  # what the weights are of: the family's transformer or UNet
@@ -61,7 +73,8 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.optimizer + self.activations + self.changes + self.text_encoders
+        return (self.weights + self.lora + self.optimizer + self.activations + self.changes + self.dequantized
+                + self.text_encoders)
 
     def lines(self) -> list[str]:
         quantized = "" if self.quantization == "none" else f", linear weights in {self.quantization}"
@@ -75,6 +88,8 @@ class Estimate:
                 f"activations (est.)   {size(self.activations)}",
                 *([f"LoKr weight changes  {size(self.changes)}  (each adapted layer's, built for its forward pass)"]
                   if self.changes else []),
+                *([f"dequantized weights  {size(self.dequantized)}  (what {self.quantization} layers keep for the "
+                   "backward pass)"] if self.dequantized else []),
                 *([f"text encoders        {size(self.text_encoders)}  ({self.text_encoder_parameters / 1e6:,.1f} M "
                    "parameters, with their LoRA and its AdamW state)"] if self.text_encoders else []),
                 f"total                {size(self.total)}  (plus the framework's own, about {FRAMEWORK_GB:.0f} GB on a "
@@ -176,6 +191,13 @@ def changes_held(counts: Counts, checkpointing: bool, every: int) -> int:
             counts.largest_change)
 
 
+def dequantized_kept(counts: Counts, checkpointing: bool, every: int) -> float:
+    """The dequantized weight values int8 and fp8 layers keep at a training step's peak: those of every block
+    without checkpointing; with it, those of the blocks not checkpointed and of the one recomputed."""
+    kept = counts.linear if not checkpointing else counts.linear * (1 - 1 / every) + counts.largest_block
+    return DEQUANTIZED_KEPT * kept
+
+
 def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, processes: int = 1) -> Estimate:
     """The run's memory per process with its settings; `precision` is the resolved mixed precision (no, bf16,
     fp16); a sharded run's (train.shard) weights, LoRA and AdamW state are split across its `processes`."""
@@ -195,10 +217,13 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     # Examples in the training forward: prior preservation adds a class example to each subject one, and
     # output_preservation runs each subject one again with its preserved caption.
     examples = t.batch_size * ((2 if config.prior.num_class_images else 1) + (1 if t.output_preservation else 0))
-    activations = values * per_value * examples / GB
+    autocast = 1.0 if precision == "no" else ACTIVATIONS_UNDER_AUTOCAST[t.base_quantization]
+    activations = values * per_value * examples * autocast / GB
     changes = changes_held(counts, checkpointing, every) * per_value / GB
     quantized = counts.linear if t.base_quantization != "none" else 0
     weights = (counts.frozen - quantized) * per_value + quantized * QUANTIZED_BYTES.get(t.base_quantization, 0)
+    dequantized = dequantized_kept(counts, checkpointing, every) * per_value / GB \
+        if t.base_quantization in ("int8", "fp8") else 0.0
     offloaded = 0
     if t.offload:  # the blocks' weights wait in CPU memory; the device holds the rest and one block's at a time
         from lookalike.train.offload import RESIDENT  # (not at the top: it imports torch, which --help must not)
@@ -212,8 +237,8 @@ def estimate(config: StudyConfig, precision: str, counts: Counts | None = None, 
     text_frozen, text_lora = text_encoder_parameters(config) if t.train_text_encoder else (0, 0)
     text_encoders = (text_frozen * per_value + text_lora * (4 + optimizer_bytes)) / GB
     return Estimate(weights / GB / shards, counts.lora * 4 / GB / shards, counts.lora * optimizer_bytes / GB / shards,
-                    activations, counts, changes, t.base_quantization, shards, family.denoiser, offloaded / GB,
-                    text_encoders, text_frozen, ADAPTER_NAMES[t.adapter])
+                    activations, counts, changes, dequantized, t.base_quantization, shards, family.denoiser,
+                    offloaded / GB, text_encoders, text_frozen, ADAPTER_NAMES[t.adapter])
 
 
 def lighter_settings(config: StudyConfig, precision: str, base: Estimate, processes: int = 1
