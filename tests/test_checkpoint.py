@@ -143,9 +143,13 @@ def test_a_file_it_cannot_read_is_refused_by_name(tmp_path, tiny_config):
     assert not (tmp_path / "work" / "bases").exists() or not any((tmp_path / "work" / "bases").iterdir())
     with pytest.raises(LookalikeError, match="model.checkpoint: file not found: .*nope.safetensors"):
         checkpoint_folder(ModelConfig(base="tiny", checkpoint=tmp_path / "nope.safetensors"), tmp_path / "work")
-    with pytest.raises(LookalikeError, match="model.checkpoint: single files of sd1 bases hold their text encoders "
-                                             "and VAE too"):
+    with pytest.raises(LookalikeError, match="model.checkpoint: .*z-image-transformer.safetensors holds no sd1 UNet "
+                                             "\\(no key starts with 'model.diffusion_model.'\\)"):
         checkpoint_folder(ModelConfig(base="tiny-sd15", checkpoint=z_image), tmp_path / "work")
+    not_safetensors = tmp_path / "broken.safetensors"
+    not_safetensors.write_bytes(b"not a safetensors file")
+    with pytest.raises(LookalikeError, match="model.checkpoint: .*broken.safetensors is not a readable .safetensors"):
+        checkpoint_folder(ModelConfig(base="tiny-sd15", checkpoint=not_safetensors), tmp_path / "work")
     config = load_config(tiny_config(model={"checkpoint": "finetune.safetensors"}))
     assert config.model.checkpoint == tmp_path / "finetune.safetensors", "taken relative to the config file"
 

@@ -32,10 +32,10 @@ class ModelConfig(Section):
     by its model_index.json."""
     revision: str | None = None
     checkpoint: Path | None = None
-    """A single-file checkpoint of the base's transformer (a community fine-tune, as ComfyUI's diffusion_models
-    folder holds one: its original layout or diffusers'), whose weights replace the base's; made once into the
-    workspace's bases/ folder (models/checkpoint.py). Not for SD 1.x or SDXL, whose single files hold their text
-    encoders and VAE too. Taken relative to the config file."""
+    """A single-file checkpoint of the base (a community fine-tune): a transformer base's transformer, as ComfyUI's
+    diffusion_models folder holds one (its original layout or diffusers'), or an SD 1.x / SDXL model in its original
+    layout (UNet, VAE, text encoders), whose weights replace the base's; made once into the workspace's bases/
+    folder (models/checkpoint.py). Taken relative to the config file."""
     max_sequence_length: int | None = Field(None, ge=1, le=512)
     """Text tokens per prompt; None takes the base model's own default (512 for dev and Z-Image, 256 for schnell)."""
 

@@ -120,13 +120,13 @@ def _download(repo: str, revision: str | None, ignore: list[str]) -> Path:
         ) from None
 
 
-def resolve_base(base: str, revision: str | None = None, denoiser_weights: bool = True) -> Path:
-    """The local diffusers folder of a base model, downloading or building it where needed; without
-    `denoiser_weights`, a download leaves its transformer's weights out (a single-file checkpoint replaces them)."""
+def resolve_base(base: str, revision: str | None = None, without_weights: tuple[str, ...] = ()) -> Path:
+    """The local diffusers folder of a base model, downloading or building it where needed; a download leaves out
+    the weights of the components `without_weights` names (a single-file checkpoint's replace them)."""
     info = KNOWN_BASES.get(base)
     if info is not None:
         family = FAMILIES[info.family]
-        ignore = family.hub_ignore + ([] if denoiser_weights else [f"{family.denoiser}/*.safetensors"])
+        ignore = family.hub_ignore + [f"{component}/*.safetensors" for component in without_weights]
         return _download(info.repo, revision, ignore) if info.repo is not None else family.ensure_tiny(base)
     folder = Path(base)
     if not (folder / "model_index.json").is_file():

@@ -1,11 +1,12 @@
-"""A single-file checkpoint of a base's transformer ([model] checkpoint): a community fine-tune, as ComfyUI's
-diffusion_models folder and ai-toolkit take one, in its original layout (Black Forest Labs' for FLUX.1) or in
-diffusers'. Its weights become the base's transformer in a folder of the workspace, bases/<file>-<hash>/, made once
-per file: the transformer converted by diffusers' own from_single_file with the base's config, the other
-components linked to the base's. Every later step loads that folder as a local diffusers base.
+"""A single-file checkpoint of a base ([model] checkpoint): a community fine-tune, as ComfyUI's checkpoints and
+diffusion_models folders, kohya and ai-toolkit take one. For a transformer base it is the transformer alone, in its
+original layout (Black Forest Labs' for FLUX.1) or in diffusers'; for SD 1.x and SDXL, the whole model in the
+original (LDM / SGM) layout: UNet, and usually VAE and text encoders, which a fine-tune may have changed too.
 
-SD 1.x and SDXL single files hold their text encoders and VAE too, which a fine-tune may have changed, so they are
-refused rather than half read.
+Its weights become the base's components in a folder of the workspace, bases/<file>-<hash>/, made once per file:
+converted by diffusers' own from_single_file with the base's configs; the components the file does not hold
+(tokenizers, scheduler, and any model it lacks) are links to the base's. Every later step loads that folder as a
+local diffusers base.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from lookalike import display
 from lookalike.data.images import file_sha256
 from lookalike.errors import LookalikeError
-from lookalike.models.base import check_drawing_base, drawing_base, resolve_base
+from lookalike.models.base import check_drawing_base, drawing_base, load_component, resolve_base
 from lookalike.models.families import base_family
 from lookalike.workspace import build_once, read_json, write_json
 
@@ -39,18 +40,15 @@ def resolve_drawing_base(config) -> Path:
 
 
 def checkpoint_folder(model, workspace: Path) -> Path:
-    """The folder of `model.base` with `model.checkpoint`'s transformer, made on first use."""
+    """The folder of `model.base` with the components `model.checkpoint` holds, made on first use."""
     file = Path(model.checkpoint)
     if not file.is_file():
         raise LookalikeError(f"model.checkpoint: file not found: {file}")
     if file.suffix != ".safetensors":
         raise LookalikeError(f"model.checkpoint: {file} is not a .safetensors file (a pickled one can run code)")
     family = base_family(model.base)  # told before anything is downloaded
-    if family.denoiser != "transformer":
-        raise LookalikeError(f"model.checkpoint: single files of {family.name} bases hold their text encoders and VAE "
-                             "too, which lookalike does not read from them: convert the file to a diffusers folder "
-                             "(diffusers' from_single_file, then save_pretrained) and set model.base to it")
-    base = resolve_base(model.base, model.revision, denoiser_weights=False)  # the file's replace them
+    parts = held_components(file, family)
+    base = resolve_base(model.base, model.revision, without_weights=parts)  # the file's replace them
     made = workspace / "bases"
     stat = file.stat()
     seen = {"file": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "base": str(base)}
@@ -62,22 +60,55 @@ def checkpoint_folder(model, workspace: Path) -> Path:
     digest = file_sha256(file)
 
     def convert(tmp: Path) -> None:
-        transformer = family.component_class("transformer")
         try:
-            weights = transformer.from_single_file(str(file), config=str(base), subfolder="transformer",
-                                                   torch_dtype=_stored_dtype(file), local_files_only=True)
+            models = _read_single_file(file, family, base, parts)
         except MemoryError:
             raise
         except Exception as error:  # diffusers' converters fail in many ways on another model's keys
-            raise LookalikeError(f"model.checkpoint: {file} is not a checkpoint of {model.base}'s transformer "
+            what = model.base if family.single_file_parts else f"{model.base}'s transformer"
+            raise LookalikeError(f"model.checkpoint: {file} is not a checkpoint of {what} "
                                  f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-        weights.save_pretrained(tmp / "transformer")
+        for name, weights in models.items():
+            weights.save_pretrained(tmp / name)
         for entry in base.iterdir():  # the rest is the base's own, linked
-            if entry.name != "transformer" and not entry.name.startswith("."):
+            if entry.name not in models and not entry.name.startswith("."):
                 os.symlink(entry.resolve(), tmp / entry.name)
         write_json(tmp / RECORD, {**seen, "sha256": digest})
 
     return build_once(made / f"{file.stem}-{digest[:12]}", RECORD, convert)
+
+
+def held_components(file: Path, family) -> tuple[str, ...]:
+    """The base's components whose weights `file` holds: the denoiser alone for a transformer family; for SD 1.x
+    and SDXL, each part whose keys the file has (read from its header only), the UNet at least."""
+    if family.single_file_parts is None:
+        return (family.denoiser,)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:  # safetensors' own error for a file that is not one
+        raise LookalikeError(f"model.checkpoint: {file} is not a readable .safetensors file ({error})") from None
+    held = tuple(name for name, prefix in family.single_file_parts.items() if any(k.startswith(prefix) for k in keys))
+    if family.denoiser not in held:
+        raise LookalikeError(f"model.checkpoint: {file} holds no {family.name} UNet (no key starts with "
+                             f"{family.single_file_parts[family.denoiser]!r}): is it a checkpoint of another model?")
+    return held
+
+
+def _read_single_file(file: Path, family, base: Path, parts: tuple[str, ...]) -> dict:
+    """The models `file` holds, by component, converted by diffusers with the configs of `base`."""
+    dtype = _stored_dtype(file)
+    if family.single_file_parts is None:
+        denoiser = family.component_class(family.denoiser)
+        return {family.denoiser: denoiser.from_single_file(str(file), config=str(base), subfolder=family.denoiser,
+                                                            torch_dtype=dtype, local_files_only=True)}
+    # A part the file lacks (many fine-tunes leave the VAE out) is the base's: diffusers would not look for it.
+    lacking = {name: load_component(base, name, dtype) for name in family.single_file_parts if name not in parts}
+    pipe = family.pipeline_class().from_single_file(str(file), config=str(base), torch_dtype=dtype,
+                                                    local_files_only=True, **family.pipeline_overrides(), **lacking)
+    return {name: getattr(pipe, name) for name in parts}
 
 
 STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names of the types kept as they are

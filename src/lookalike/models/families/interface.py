@@ -62,6 +62,9 @@ class Family:
     target_modules: dict[str, str]  # [train] target_modules preset -> regex of the adapted layers
     negative_prompt: str | None = None  # encoded once for samples, where generation uses true CFG
     hub_ignore: list[str] = []  # files of a hub repository a diffusers-format download leaves out
+    # The components a single-file checkpoint of the family's bases can hold ([model] checkpoint), each by the prefix
+    # of its keys in the original layout; None: such a file is the denoiser alone (a transformer's fine-tune).
+    single_file_parts: dict[str, str] | None = None
     takes_negative_prompt = False  # its pipeline guides (classifier-free) against a negative prompt a user gives
     kohya_base_version: str | None = None  # ss_base_model_version, as kohya's tools and sites read it
     modelspec_architectures: dict[str, str] = {}  # base -> modelspec.architecture, where one is established

@@ -58,6 +58,7 @@ class TinyStableDiffusionSpec:
     seed: int = 0
     unet_channels: tuple[int, ...] = (16, 32)
     text_hidden: int = 32
+    text_hidden_2: int | None = None  # SDXL's second text encoder's width, if not text_hidden (the real ones differ)
     vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # four blocks: 8x downsampling, as their VAE
 
     @property
@@ -78,6 +79,7 @@ def build_tiny_stable_diffusion(spec: TinyStableDiffusionSpec):
 
     tokenizer = byte_level_clip_tokenizer()
     levels = len(spec.unet_channels)
+    second = spec.text_hidden_2 or spec.text_hidden
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         if spec.xl:  # SDXL's layout: no attention in the first level, the pooled text and sizes as extra input
@@ -86,9 +88,9 @@ def build_tiny_stable_diffusion(spec: TinyStableDiffusionSpec):
                 down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
                 up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"],
                 attention_head_dim=[2] * levels, transformer_layers_per_block=[1] * levels,
-                cross_attention_dim=2 * spec.text_hidden, use_linear_projection=True, norm_num_groups=8,
+                cross_attention_dim=spec.text_hidden + second, use_linear_projection=True, norm_num_groups=8,
                 addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + spec.text_hidden)
+                projection_class_embeddings_input_dim=6 * 8 + second)
         else:
             unet = UNet2DConditionModel(
                 sample_size=8, block_out_channels=spec.unet_channels, layers_per_block=1,
@@ -101,7 +103,7 @@ def build_tiny_stable_diffusion(spec: TinyStableDiffusionSpec):
         text_encoder = tiny_clip_text_encoder(tokenizer, spec.text_hidden, projection=False)
         if spec.xl:
             torch.manual_seed(spec.seed + 3)
-            text_encoder_2 = tiny_clip_text_encoder(tokenizer, spec.text_hidden, projection=True)
+            text_encoder_2 = tiny_clip_text_encoder(tokenizer, second, projection=True)
     if spec.xl:
         scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading")
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -194,6 +196,8 @@ class StableDiffusion1(StableDiffusion):
     text_components = ("text_encoder", "tokenizer")
     native_resolution = 512
     trainable_text_encoders = {"text_encoder": "lora_te"}
+    single_file_parts = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                         "text_encoder": "cond_stage_model."}
     published_text_encoders = {"text_encoder": CLIP_L_TEXT}
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 7.5 (the study's guidance_scales choose), 512 px.
@@ -241,6 +245,8 @@ class StableDiffusionXL(StableDiffusion):
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     native_resolution = 1024
     trainable_text_encoders = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    single_file_parts = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                         "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
     published_text_encoders = {"text_encoder": CLIP_L_TEXT, "text_encoder_2": CLIP_BIG_G_TEXT}
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0, 1024 px.
