@@ -98,14 +98,14 @@ def test_a_hub_sd_base_under_a_checkpoint_is_downloaded_without_the_weights_the_
 
 
 @pytest.mark.slow
-def test_a_run_on_an_sd15_checkpoint_draws_what_the_stock_pipeline_draws_from_that_file_with_the_lora(tiny_config,
-                                                                                                      tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    family = FAMILIES["sd1"]
+@pytest.mark.parametrize("family_name", ["sd1", "sdxl"])
+def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_from_that_file_with_the_lora(tiny_config, tmp_path,
+                                                                                               family_name):
+    family = FAMILIES[family_name]
+    base = "tiny-sd15" if family_name == "sd1" else tiny_sdxl()
     file = tmp_path / "finetune.safetensors"
-    save_file(original_state_dict(fine_tuned(family, "tiny-sd15"), False), str(file))
-    study = load_config(tiny_config(model={"base": "tiny-sd15", "checkpoint": str(file)}, data={"crop": "center"},
+    save_file(original_state_dict(fine_tuned(family, base), family.xl), str(file))
+    study = load_config(tiny_config(model={"base": base, "checkpoint": str(file)}, data={"crop": "center"},
                                     train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
     lora = train(study, "r")
@@ -118,8 +118,9 @@ def test_a_run_on_an_sd15_checkpoint_draws_what_the_stock_pipeline_draws_from_th
                      generator=torch.Generator("cpu").manual_seed(0)).images[0]
         return np.asarray(image).astype(int)
 
-    from_file = StableDiffusionPipeline.from_single_file(str(file), config=str(resolve_base("tiny-sd15")),
-                                                         local_files_only=True, **family.pipeline_overrides())
+    pipeline = family.pipeline_class()
+    from_file = pipeline.from_single_file(str(file), config=str(resolve_base(base)), local_files_only=True,
+                                          **family.pipeline_overrides())
     assert np.abs(ours - stock(from_file)).max() <= 1, "the stock pipeline from the file, with the LoRA"
-    base = StableDiffusionPipeline.from_pretrained(resolve_base("tiny-sd15"), **family.pipeline_overrides())
-    assert np.abs(ours - stock(base)).max() > 1, "the fine-tune's weights made the difference"
+    original = pipeline.from_pretrained(resolve_base(base), **family.pipeline_overrides())
+    assert np.abs(ours - stock(original)).max() > 1, "the fine-tune's weights made the difference"

@@ -3,7 +3,8 @@ and the settings an out-of-memory error suggests.
 
 Weights and LoRA are counted exactly, from the transformer built on the meta device (no memory, no weights);
 quantised linear weights at their packed size. Activations are counted by the family, from figures measured
-on its blocks (bench/activation_figures.py). Check a GPU's own figure with bench/gpu_train_step.py.
+on its blocks (bench/activation_figures.py), then scaled by what a GPU measured under bf16 autocast; quantised
+layers' dequantized weights come on top. Check a GPU's own figure with bench/gpu_train_step.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
 # and softmax, and for nf4 bitsandbytes' own bf16 copy of each layer's input. bf16: 26.5 GB of activations measured
 # for 19.5 counted at 1024 px; with checkpointing 2.4 for 2.3, so there the factor overstates, by 2.6% of the run's
 # total. nf4: 1.85 fits all four measurements (512 and 1024 px, with and without checkpointing) within 3.5% of the
-# total. The measurements: bench/gpu_figures.json.
+# total. int8 was not measured; it takes fp8's figures (both are torchao's weight-only layers). The measurements:
+# bench/gpu_figures.json.
 ACTIVATIONS_UNDER_AUTOCAST = {"none": 1.36, "int8": 1.36, "fp8": 1.36, "nf4": 1.85}
 # torchao's weight-only int8 and fp8 layers also keep a dequantized copy of their weight for the backward pass
 # (counted on the CPU too): with an fp8 base, 17.3 GB more than bf16's at 1024 px, 0.73 of the linear weights in bf16.
