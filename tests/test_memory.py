@@ -199,8 +199,8 @@ def test_sharding_is_refused_where_it_cannot_work(tiny_config):
 
 def test_estimate_is_within_5_percent_of_every_step_measured_on_a_gpu(tiny_config):
     """The GPU's own figures (bench/gpu_figures.json, full-size FLUX.1-dev): the autocast and dequantization
-    factors were read off three of these rows (bf16 and fp8 at 1024 px without checkpointing, nf4 at 1024 px with
-    it); the other four check them."""
+    factors were read off three of these rows (bf16, nf4 and fp8 at 1024 px without checkpointing); the other four
+    check them."""
     from pathlib import Path
 
     figures = json.loads((Path(__file__).parent.parent / "bench" / "gpu_figures.json").read_text())
