@@ -98,6 +98,8 @@ CASES = {
     "a JSON list as config, with --set": lambda c, f: ["train", str(c / "list.json"), "--set", "train.rank=4"],
     "run name escaping the workspace": lambda c, f: ["train", study(c, f), "--run", "../../x"],
     "empty run name": lambda c, f: ["train", study(c, f), "--run", ""],
+    "a LoRA file as an SD checkpoint": lambda c, f: ["train", study(c, f, model={
+        "base": "tiny-sd15", "checkpoint": str(c / "good.safetensors")})],
     "pickle LoRA": lambda c, f: ["generate", study(c, f), "--lora", str(c / "pickle.safetensors.pt")],
     "huge safetensors header": lambda c, f: ["generate", study(c, f), "--lora", str(c / "huge_header.safetensors")],
     "garbled safetensors header": lambda c, f: ["generate", study(c, f), "--lora", str(c / "bad_header.safetensors")],
