@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lookalike.config import ModelConfig, load_config
@@ -109,6 +110,8 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_from_that_fil
                                     train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
     lora = train(study, "r")
+    with safe_open(str(lora), "pt") as handle:
+        assert handle.metadata()["ss_sd_model_name"] == "finetune.safetensors", "the fine-tune it was trained on"
     ours = np.asarray(Image.open(generate(study, run="r") / "p00_s0_g4.png")).astype(int)
 
     def stock(pipe) -> np.ndarray:

@@ -95,6 +95,7 @@ def test_a_lora_file_applies_at_its_trained_strength_where_only_tensors_are_read
     assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == str(RANK)
     assert metadata["lookalike.rank"] == metadata["lookalike.alpha"] == str(RANK), "true of the layers written"
     assert metadata["modelspec.architecture"] == "flux-1-dev/lora" and metadata["ss_base_model_version"] == "flux1"
+    assert metadata["ss_sd_model_name"] == "black-forest-labs/FLUX.1-dev", "the base, as kohya's files name it"
 
 
 @pytest.mark.parametrize("format", ["kohya", "diffusers"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import base_family, denoiser_family, is_base
+from lookalike.models.families import KNOWN_BASES, base_family, denoiser_family, is_base
 from lookalike.workspace import atomic_path
 
 METADATA_PREFIX = "lookalike."
@@ -111,7 +111,7 @@ def scaled(key: str) -> bool:
 def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, Any], dtype=None,
               text_encoder_configs: dict[str, Any] | None = None) -> None:
     """Write a LoRA (or LoKr) file atomically: tensors, diffusers' adapter metadata, our own `lookalike.*` facts,
-    and the facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version,
+    and the facts other tools read (ss_network_dim, ss_network_alpha, ss_base_model_version, ss_sd_model_name,
     modelspec.architecture). `text_encoder_configs`: component -> peft config of each text encoder the tensors hold
     a LoRA of (of the same rank and alpha as the denoiser's).
 
@@ -157,6 +157,11 @@ def file_metadata(rank: int, info: dict[str, Any], peft_config=None) -> dict[str
         metadata["ss_network_args"] = json.dumps({"algo": "lokr", "factor": str(peft_config.decompose_factor)})
     if family.kohya_base_version is not None:
         metadata["ss_base_model_version"] = family.kohya_base_version
+    if base:  # the model it was trained on, as kohya names it and sharing sites show it: a fine-tune's file, else
+        # the base's hub repository or folder
+        known = KNOWN_BASES.get(base)
+        metadata["ss_sd_model_name"] = info.get("checkpoint") or (known.repo if known and known.repo else
+                                                                  Path(base).name)
     if base in family.modelspec_architectures:
         metadata["modelspec.architecture"] = family.modelspec_architectures[base]
     metadata.update({METADATA_PREFIX + key: str(value) for key, value in info.items()})
