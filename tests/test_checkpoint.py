@@ -221,3 +221,24 @@ def test_a_hub_base_under_a_checkpoint_is_downloaded_without_its_transformers_we
     folder = checkpoint_folder(ModelConfig(base="flux-dev", checkpoint=file), tmp_path / "work")
     assert asked == [("black-forest-labs/FLUX.1-dev", ["transformer/*.safetensors"])]
     assert (folder / "transformer" / "config.json").is_file()
+
+
+def test_images_of_the_base_and_of_a_fine_tune_of_it_are_never_taken_for_each_other(tiny_config, tmp_path):
+    """The base's own images (generated/base) and class images are drawn again by the fine-tune, never reused."""
+    import json
+
+    from lookalike.train.prior import class_folder
+
+    file = tmp_path / "finetune.safetensors"
+    save_file(fine_tune(), str(file))
+    drawing = {"prompts": ["a photo of {token}"], "seeds": [0], "num_inference_steps": 2, "guidance_scales": [4.0]}
+    plain = load_config(tiny_config(generate=drawing))
+    tuned = load_config(tiny_config("tuned.toml", model={"checkpoint": str(file)}, generate=drawing))
+    folder = generate(plain)
+    drawn_by_base = (folder / "p00_s0_g4.png").read_bytes()
+    assert "checkpoint" not in json.loads((folder / "p00_s0_g4.json").read_text())["settings"]
+    assert generate(tuned) == folder
+    settings = json.loads((folder / "p00_s0_g4.json").read_text())["settings"]
+    assert settings["checkpoint"].startswith("finetune.safetensors sha256:")
+    assert (folder / "p00_s0_g4.png").read_bytes() != drawn_by_base, "drawn again by the fine-tune"
+    assert class_folder(tuned) != class_folder(plain)

@@ -2,10 +2,10 @@
 base model.
 
 Each image is saved with a JSON sidecar (prompt, seed, guidance, steps, size, LoRA, base) whose `settings` are
-everything that made the image, the LoRA files' contents included. An image whose sidecar holds the settings
-asked for now is skipped, so an interrupted generation continues where it stopped; any other is made again,
-so no image is ever shown under settings that did not make it. The same settings and seed give the same
-image: the starting noise comes from a CPU generator seeded per image.
+everything that made the image, the LoRA files' contents and a fine-tuned base's file included. An image whose
+sidecar holds the settings asked for now is skipped, so an interrupted generation continues where it stopped; any
+other is made again, so no image is ever shown under settings that did not make it. The same settings and seed
+give the same image: the starting noise comes from a CPU generator seeded per image.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from lookalike.models.base import (
     pick_device,
     training_resolution,
 )
-from lookalike.models.checkpoint import resolve_drawing_base
+from lookalike.models.checkpoint import drawn_checkpoint, resolve_drawing_base
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
 from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar
@@ -125,7 +125,9 @@ def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]
                 "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
                 "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
     # Only when given: images made before the setting existed stay current.
-    return settings | ({"negative_prompt": g.negative_prompt} if g.negative_prompt is not None else {})
+    checkpoint = drawn_checkpoint(config)
+    return settings | ({"negative_prompt": g.negative_prompt} if g.negative_prompt is not None else {}) | (
+        {"checkpoint": checkpoint} if checkpoint is not None else {})
 
 
 def image_size(config: StudyConfig) -> int:

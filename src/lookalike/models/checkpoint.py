@@ -39,6 +39,18 @@ def resolve_drawing_base(config) -> Path:
     return trained_base_folder(config) if base == config.model.base else resolve_base(base)
 
 
+def drawn_checkpoint(config) -> str | None:
+    """The single-file checkpoint whose weights the drawing base has, as generated images' settings name it (its
+    file name and SHA-256), so that images of a base alone and of a fine-tune of it are never taken for each other;
+    None when the drawing base has none."""
+    if config.model.checkpoint is None or drawing_base(config) != config.model.base:
+        return None
+    file = Path(config.model.checkpoint)
+    if not file.is_file():  # gone since: no image can be told to be of it any more
+        return f"{file.name} (missing)"
+    return f"{file.name} sha256:{read_json(checkpoint_folder(config.model, config.workspace) / RECORD)['sha256']}"
+
+
 def checkpoint_folder(model, workspace: Path) -> Path:
     """The folder of `model.base` with the components `model.checkpoint` holds, made on first use."""
     file = Path(model.checkpoint)

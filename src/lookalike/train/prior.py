@@ -1,7 +1,8 @@
 """The class images of prior preservation ([prior]): taken from a folder, or drawn once by the base model itself
-(no LoRA) with the class prompt at the run's size, one seed each, into workspace/prior/<base>-<size>/ with
-`lookalike generate`'s sidecars, so an interrupted drawing continues and a changed setting draws again. That
-folder's index.html shows them, and so does data/qa.html."""
+(no LoRA) with the class prompt at the run's size, one seed each, into workspace/prior/<base>-<size>/ (a
+fine-tune's into prior/<base>+<checkpoint>-<size>/) with `lookalike generate`'s sidecars, so an interrupted
+drawing continues and a changed setting draws again. That folder's index.html shows them, and so does
+data/qa.html."""
 
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ def drawing_config(config: StudyConfig) -> StudyConfig:
 
 
 def class_folder(config: StudyConfig) -> Path:
-    return Workspace(config.workspace).root / "prior" / f"{base_label(config.model.base)}-{training_resolution(config)}"
+    """prior/<base>-<size>/, or prior/<base>+<checkpoint>-<size>/ for a fine-tune's: each drawn by its own model."""
+    fine_tune = f"+{config.model.checkpoint.stem}" if config.model.checkpoint is not None else ""
+    return Workspace(config.workspace).root / "prior" / \
+        f"{base_label(config.model.base)}{fine_tune}-{training_resolution(config)}"
 
 
 def class_images(config: StudyConfig, console: Console) -> list[TrainingImage]:
