@@ -167,6 +167,10 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
                              generate={"num_inference_steps": 3, "guidance_scales": [4.0]})
     study = load_config(study_file)
     lora = train(study, "r")
+    from lookalike.store import connect, run_table
+
+    with connect(Workspace(study.workspace).results) as db:
+        assert [row["base"] for row in run_table(db)] == ["tiny + finetune.safetensors"], "never shown as the base's"
     assert "lookalike.checkpoint" in _header(lora) and _header(lora)["lookalike.checkpoint"] == file.name
     ours = np.asarray(Image.open(generate(study, run="r") / "p00_s0_g4.png")).astype(int)
 
