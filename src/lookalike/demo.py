@@ -21,6 +21,7 @@ from pathlib import Path
 from lookalike.config import StudyConfig
 from lookalike.data.images import load_rgb
 from lookalike.demo_guard import LoginThrottle, UploadLimit, is_loopback
+from lookalike.display import trained_base
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import ImageScore, clip_prompt
@@ -250,7 +251,8 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     choices = models.lora_choices()
     with gr.Blocks(title=f"lookalike: {config.name}", delete_cache=(TEMPORARY_FILES_S, TEMPORARY_FILES_S)) as app:
         drawn = "" if drawing_base(config) == config.model.base else f", drawn with `{drawing_base(config)}`"
-        gr.Markdown(f"# lookalike: {config.name}\nBase model `{config.model.base}`{drawn}, subject "
+        base = trained_base(config.model.base, config.model.checkpoint)
+        gr.Markdown(f"# lookalike: {config.name}\nBase model `{base}`{drawn}, subject "
                     f"`{config.subject.token}`."
                     " Every image is scored at once against the reference photos below.")
         references = gr.State(starting_references)

@@ -40,6 +40,12 @@ def result_columns(rows: list[dict]) -> dict[str, str]:
     return columns
 
 
+def trained_base(base: str | None, checkpoint) -> str | None:
+    """A run's base as tables and pages name it: model.base, with the single-file fine-tune it trained on
+    (model.checkpoint) after it, so that a fine-tune's runs are never shown as the base's."""
+    return base if checkpoint is None else f"{base} + {Path(checkpoint).name}"
+
+
 def base_label(base: str) -> str:
     """A base as tables and run names show it: a known base's name, or a local folder's own name."""
     return Path(base).name

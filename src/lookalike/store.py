@@ -14,6 +14,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from lookalike.display import trained_base
 from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, read_metrics
 
@@ -70,14 +71,6 @@ def _reason(state: str, status: dict) -> str | None:
     return status.get("stale") if state == "done" else status.get("reason")
 
 
-def _trained_on(model: dict) -> str | None:
-    """A run's base as its row names it: model.base, with the single-file fine-tune it trained on (model.checkpoint)
-    after it, so that tables never show a fine-tune's runs as the base's."""
-    if model.get("checkpoint") is None:
-        return model.get("base")
-    return f"{model.get('base')} + {Path(model['checkpoint']).name}"
-
-
 def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     config = read_json(run.config) if run.config.is_file() else {}
     train = config.get("train", {})
@@ -85,8 +78,9 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     state = "interrupted" if status["state"] == "running" and run.state() == "interrupted" else status["state"]
     alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
     evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
+    model = config.get("model", {})
     row = {"name": run.name, "state": state, "reason": _reason(state, status), "exit_code": status.get("exit_code"),
-           "base": _trained_on(config.get("model", {})),
+           "base": trained_base(model.get("base"), model.get("checkpoint")),
            "learning_rate": train.get("learning_rate"), "rank": train.get("rank"), "alpha": alpha,
            "max_train_steps": train.get("max_train_steps"), "lr_scheduler": train.get("lr_scheduler"),
            "train": json.dumps(train), "train_seconds": status.get("seconds"), "final_loss": status.get("final_loss"),

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from lookalike.config import StudyConfig
 from lookalike.data.images import list_images
-from lookalike.display import cell
+from lookalike.display import cell, trained_base
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import aggregate, describe_images
@@ -84,7 +84,8 @@ def ablate(config: StudyConfig, console: Console) -> dict:
         for variant in metrics:
             metrics[variant][model] = aggregate([r for r in rows if variant_of[r.image] == variant])
 
-    result = {"run": run, "base_model": config.model.base, "face_backend": evaluator.backend.name,
+    base = trained_base(config.model.base, config.model.checkpoint)
+    result = {"run": run, "base_model": base, "face_backend": evaluator.backend.name,
               "names": variant_names(config),
               "metrics": metrics, "reading": reading(metrics, run)}
     write_json(workspace.root / "ablation" / "results.json", result)

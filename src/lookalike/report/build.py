@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lookalike.config import StudyConfig
-from lookalike.display import cell, result_columns, several_bases, shown
+from lookalike.display import cell, result_columns, several_bases, shown, trained_base
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import drawing_base, guidance_scales
 from lookalike.report import figures
@@ -282,9 +282,10 @@ def _page(config, rows, front, best_lines, failed, shown, grid, effects, sure) -
         for title, path in shown)
     effects_section = f"<h2>{EFFECTS_TITLE}</h2>{effects_html(effects)}" if effects else ""
     drawn = "" if drawing_base(config) == config.model.base else f", drawn with {html.escape(drawing_base(config))}"
+    base = trained_base(config.model.base, config.model.checkpoint)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lookalike: {html.escape(config.name)}</title>"
             f"<style>{STYLE}</style></head><body><h1>Study {html.escape(config.name)}</h1>"
-            f"<p>Base model {html.escape(config.model.base)}{drawn}; subject {html.escape(config.subject.token)} "
+            f"<p>Base model {html.escape(base)}{drawn}; subject {html.escape(config.subject.token)} "
             f"({html.escape(config.subject.class_word)}); {len(rows)} runs: {done} done, {len(failed)} failed. "
             f"Likeness is measured against {html.escape(likeness_measured_against(config))}.</p>"
             f"<h2>Best settings</h2><p>Rule: {html.escape(RANK_RULE)}.</p>{best or '<p>None yet.</p>'}"
