@@ -41,14 +41,16 @@ def resolve_drawing_base(config) -> Path:
 
 def drawn_checkpoint(config) -> str | None:
     """The single-file checkpoint whose weights the drawing base has, as generated images' settings name it (its
-    file name and SHA-256), so that images of a base alone and of a fine-tune of it are never taken for each other;
-    None when the drawing base has none."""
+    file name, size and time: cheap, so that listing which images are current never hashes or converts it), so
+    that images of a base alone and of a fine-tune of it are never taken for each other; None when the drawing
+    base has none."""
     if config.model.checkpoint is None or drawing_base(config) != config.model.base:
         return None
     file = Path(config.model.checkpoint)
     if not file.is_file():  # gone since: no image can be told to be of it any more
         return f"{file.name} (missing)"
-    return f"{file.name} sha256:{read_json(checkpoint_folder(config.model, config.workspace) / RECORD)['sha256']}"
+    stat = file.stat()
+    return f"{file.name}, {stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
 
 
 def checkpoint_folder(model, workspace: Path) -> Path:
