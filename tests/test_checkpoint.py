@@ -4,6 +4,8 @@ with that file's transformer and the run's LoRA; files it cannot read are refuse
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,8 @@ from lookalike.errors import LookalikeError
 from lookalike.generate import generate
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.checkpoint import checkpoint_folder
+from lookalike.store import connect, run_table
+from lookalike.train.prior import class_folder
 from lookalike.train.trained_on import stale_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace
@@ -167,8 +171,6 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
                              generate={"num_inference_steps": 3, "guidance_scales": [4.0]})
     study = load_config(study_file)
     lora = train(study, "r")
-    from lookalike.store import connect, run_table
-
     with connect(Workspace(study.workspace).results) as db:
         assert [row["base"] for row in run_table(db)] == ["tiny + finetune.safetensors"], "never shown as the base's"
     assert "lookalike.checkpoint" in _header(lora) and _header(lora)["lookalike.checkpoint"] == file.name
@@ -229,10 +231,6 @@ def test_a_hub_base_under_a_checkpoint_is_downloaded_without_its_transformers_we
 
 def test_images_of_the_base_and_of_a_fine_tune_of_it_are_never_taken_for_each_other(tiny_config, tmp_path):
     """The base's own images (generated/base) and class images are drawn again by the fine-tune, never reused."""
-    import json
-
-    from lookalike.train.prior import class_folder
-
     file = tmp_path / "finetune.safetensors"
     save_file(fine_tune(), str(file))
     drawing = {"prompts": ["a photo of {token}"], "seeds": [0], "num_inference_steps": 2, "guidance_scales": [4.0]}

@@ -157,8 +157,9 @@ def file_metadata(rank: int, info: dict[str, Any], peft_config=None) -> dict[str
         metadata["ss_network_args"] = json.dumps({"algo": "lokr", "factor": str(peft_config.decompose_factor)})
     if family.kohya_base_version is not None:
         metadata["ss_base_model_version"] = family.kohya_base_version
-    if base:  # the model it was trained on, as kohya names it and sharing sites show it: a fine-tune's file, else
-        # the base's hub repository or folder
+    # The model it was trained on, as kohya names it and sharing sites show it: a fine-tune's file, else the base's
+    # hub repository or folder.
+    if base:
         known = KNOWN_BASES.get(base)
         metadata["ss_sd_model_name"] = info.get("checkpoint") or (known.repo if known and known.repo else
                                                                   Path(base).name)
