@@ -244,3 +244,17 @@ def test_images_of_the_base_and_of_a_fine_tune_of_it_are_never_taken_for_each_ot
     assert settings["checkpoint"].startswith(f"finetune.safetensors, {file.stat().st_size} bytes, modified ")
     assert (folder / "p00_s0_g4.png").read_bytes() != drawn_by_base, "drawn again by the fine-tune"
     assert class_folder(tuned) != class_folder(plain)
+
+
+def test_an_all_in_one_file_is_read_for_its_transformer_and_says_what_else_it_holds(tmp_path, capsys):
+    """ComfyUI's all-in-one files hold text encoders and a VAE beside the transformer: lookalike says it keeps the
+    base's."""
+    tuned = fine_tune()
+    file = tmp_path / "all-in-one.safetensors"
+    save_file({**tuned, "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+               "vae.encoder.conv_in.weight": torch.ones(2, 2)}, str(file))
+    folder = checkpoint_folder(ModelConfig(base="tiny", checkpoint=file), tmp_path / "work")
+    loaded = load_component(folder, "transformer").state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in tuned.items())
+    assert "all-in-one.safetensors also holds text encoders and VAE; lookalike reads its transformer only, and keeps " \
+           "tiny's text encoders and VAE" in " ".join(capsys.readouterr().out.split())

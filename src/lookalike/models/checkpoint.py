@@ -22,6 +22,10 @@ from lookalike.models.families import base_family
 from lookalike.workspace import build_once, read_json, write_json
 
 RECORD = "checkpoint.json"  # in a made folder: the file it was made of (its path, size, time and SHA-256)
+# What an all-in-one file of a transformer base holds beside its transformer, by the prefixes of the original
+# layouts' keys (ComfyUI's and the original repositories'): lookalike reads the transformer only.
+OTHER_PARTS = {"text encoders": ("text_encoders.", "cond_stage_model.", "conditioner."),
+               "VAE": ("first_stage_model.", "vae.")}
 
 
 def trained_base_folder(config) -> Path:
@@ -74,8 +78,12 @@ def checkpoint_folder(model, workspace: Path) -> Path:
     digest = file_sha256(file)
 
     def convert(tmp: Path) -> None:
+        others = _other_parts(file) if family.single_file_parts is None else {}
+        if others:
+            display.console().print(f"note: model.checkpoint: {file.name} also holds {' and '.join(others)}; lookalike "
+                                    f"reads its transformer only, and keeps {model.base}'s {' and '.join(others)}")
         try:
-            models = _read_single_file(file, family, base, parts)
+            models = _read_single_file(file, family, base, parts, {name for names in others.values() for name in names})
         except MemoryError:
             raise
         except Exception as error:  # diffusers' converters fail in many ways on another model's keys
@@ -97,13 +105,7 @@ def held_components(file: Path, family) -> tuple[str, ...]:
     and SDXL, each part whose keys the file has (read from its header only), the UNet at least."""
     if family.single_file_parts is None:
         return (family.denoiser,)
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception as error:  # safetensors' own error for a file that is not one
-        raise LookalikeError(f"model.checkpoint: {file} is not a readable .safetensors file ({error})") from None
+    keys = _file_keys(file)
     held = tuple(name for name, prefix in family.single_file_parts.items() if any(k.startswith(prefix) for k in keys))
     if family.denoiser not in held:
         raise LookalikeError(f"model.checkpoint: {file} holds no {family.name} UNet (no key starts with "
@@ -111,12 +113,41 @@ def held_components(file: Path, family) -> tuple[str, ...]:
     return held
 
 
-def _read_single_file(file: Path, family, base: Path, parts: tuple[str, ...]) -> dict:
-    """The models `file` holds, by component, converted by diffusers with the configs of `base`."""
+def _other_parts(file: Path) -> dict[str, list[str]]:
+    """What beside a transformer `file` holds (OTHER_PARTS), with the names of its tensors."""
+    keys = _file_keys(file)
+    found = {part: [k for k in keys if k.startswith(prefixes)] for part, prefixes in OTHER_PARTS.items()}
+    return {part: names for part, names in found.items() if names}
+
+
+def _tensors_but(file: Path, left_out: set[str]) -> dict:
+    """The file's tensors but those named in `left_out`."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys() if name not in left_out}
+
+
+def _file_keys(file: Path) -> list[str]:
+    """The names of a safetensors file's tensors, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors' own error for a file that is not one
+        raise LookalikeError(f"model.checkpoint: {file} is not a readable .safetensors file ({error})") from None
+
+
+def _read_single_file(file: Path, family, base: Path, parts: tuple[str, ...], others: set[str]) -> dict:
+    """The models `file` holds, by component, converted by diffusers with the configs of `base`; `others`: the
+    tensors of an all-in-one transformer file that are not the transformer's."""
     dtype = _stored_dtype(file)
     if family.single_file_parts is None:
         denoiser = family.component_class(family.denoiser)
-        return {family.denoiser: denoiser.from_single_file(str(file), config=str(base), subfolder=family.denoiser,
+        # Of an all-in-one file, the transformer's tensors alone: diffusers' converters take no other model's.
+        return {family.denoiser: denoiser.from_single_file(_tensors_but(file, others) if others else str(file),
+                                                            config=str(base), subfolder=family.denoiser,
                                                             torch_dtype=dtype, local_files_only=True)}
     # A part the file lacks (many fine-tunes leave the VAE out) is the base's: diffusers would not look for it.
     lacking = {name: load_component(base, name, dtype) for name in family.single_file_parts if name not in parts}
