@@ -22,8 +22,6 @@ from lookalike.models.tiny import ensure_built
 from lookalike.train.trainer import train
 from tests.original_layout import original_state_dict
 
-MODELS = ("unet", "vae", "text_encoder")
-
 
 def tiny_sdxl() -> str:
     """A tiny SDXL whose two text encoders differ in width, as the real ones do (768 and 1280): diffusers tells them
