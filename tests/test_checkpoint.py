@@ -5,6 +5,8 @@ with that file's transformer and the run's LoRA; files it cannot read are refuse
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -160,7 +162,8 @@ def test_a_file_it_cannot_read_is_refused_by_name(tmp_path, tiny_config):
 
 @pytest.mark.slow
 def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_transformer_and_the_lora(tiny_config,
-                                                                                                     tmp_path):
+                                                                                                     tmp_path,
+                                                                                                     monkeypatch):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     file = tmp_path / "finetune.safetensors"
@@ -193,7 +196,16 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
     result = run_in_process("export", str(study_file), "--run", "r", "--format", "diffusers", "--out",
                             str(tmp_path / "shared" / "sks.safetensors"), "--card")
     assert result.returncode == 0, result.stderr
-    assert "| checkpoint | finetune.safetensors |" in (tmp_path / "shared" / "README.md").read_text()
+    card = (tmp_path / "shared" / "README.md").read_text()
+    assert "| checkpoint | finetune.safetensors |" in card and "on tiny + finetune.safetensors" in card
+    # Its code, run in the card's folder with the fine-tune beside it, draws the card's first image (within 1/255).
+    shutil.copy(file, tmp_path / "shared" / file.name)
+    monkeypatch.chdir(tmp_path / "shared")
+    scope: dict = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), scope)
+    first = re.search(r"url: (images/\S+)", card).group(1)
+    assert np.abs(np.asarray(scope["image"]).astype(int) -
+                  np.asarray(Image.open(tmp_path / "shared" / first)).astype(int)).max() <= 1
 
     # The file changed in place: the finished run is named stale, and a started one will not resume on it.
     save_file({k: v + 0.01 for k, v in fine_tune().items()}, str(file))

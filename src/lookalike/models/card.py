@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from lookalike.config import StudyConfig
-from lookalike.display import base_label, cell
+from lookalike.display import base_label, cell, trained_base
 from lookalike.errors import LookalikeError
 from lookalike.models.base import base_info, resolve_base, training_resolution
 from lookalike.models.families import base_family
@@ -42,7 +42,7 @@ def card_plan(run: RunPaths, checkpoint: str, lora_file: Path) -> Shown:
     shown = []
     for sidecar in sorted(path for path in run.images_at(checkpoint).glob("*.json") if path.name != "config.json"):
         facts, image = read_json(sidecar), sidecar.with_suffix(".png")
-        if facts.get("lora_scale", 1.0) == 1.0 and image.is_file():
+        if facts.get("lora_scale") in (None, 1.0) and image.is_file():  # None: one strength, the LoRA's own
             shown.append((image, f"{run.name}-{checkpoint}-{image.name}", facts))
     shown = shown[:SHOWN_IMAGES]
     for image, name, _ in shown if not ours else []:
@@ -88,11 +88,13 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
             front += [f"  - text: {json.dumps(facts['prompt'])}", "    output:", f"      url: images/{name}"]
     front.append("---")
     people_words = ", ".join(f"`{person.token}` ({person.class_word})" for person in trained.people)
-    lines = [*front, MARK, "", f"# {run.name}: a {adapter} of {people_words} on {base_label(base)}", "",
+    on = trained_base(base_label(base), trained.model.checkpoint)
+    lines = [*front, MARK, "", f"# {run.name}: a {adapter} of {people_words} on {on}", "",
              f"Trained by lookalike in the study `{config.name}`, checkpoint {checkpoint} "
              f"(step {cell(step)}). Trigger word: `{trigger}`. File: `{lora_file.name}` ({layout} layout).", "",
              "## Use it", ""]
-    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None, trigger, lokr)
+    fine_tune = trained.model.checkpoint.name if trained.model.checkpoint else None
+    lines += _usage(family, base, repo, lora_file, layout, shown[0][1] if shown else None, trigger, lokr, fine_tune)
     lines += ["", "## How well it learned", ""] + _measured(run, checkpoint)
     t = trained.train
     settings = {"rank": t.rank, "alpha": t.lora_alpha, "learning_rate": t.learning_rate,
@@ -110,10 +112,11 @@ def _card(config: StudyConfig, run: RunPaths, checkpoint: str, lora_file: Path, 
 
 
 def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, example: dict | None,
-           trigger: str, lokr: bool) -> list[str]:
+           trigger: str, lokr: bool, fine_tune: str | None) -> list[str]:
     """How to draw with the file: diffusers' stock pipeline and load_lora_weights (a LoKr: its denoiser's
     load_lora_adapter, which every family's takes), drawing the card's first image as lookalike drew it (a plain
-    prompt where there is none); ComfyUI's loader for the other layouts."""
+    prompt where there is none), on the single-file fine-tune it was trained on where there is one; ComfyUI's
+    loader for the other layouts."""
     if layout != "diffusers":
         return [f"Put `{lora_file.name}` in ComfyUI's `models/loras` folder and load it with a LoraLoader node "
                 "(strength 1.0)" + (", or with kohya's sd-scripts" if layout == "kohya" else "") + "."]
@@ -132,10 +135,26 @@ def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, ex
     file = f"\".\", weight_name={lora_file.name!r}"
     load = (f"pipe.{family.denoiser}.load_lora_adapter({file}, prefix={family.denoiser!r})" if lokr else
             f"pipe.load_lora_weights({file})")
-    return ["```python", "import torch", f"from diffusers import {family.pipeline_class_name}", "",
+    pipeline, denoiser = family.pipeline_class_name, family.components[family.denoiser][1]
+    if fine_tune is None:
+        imported, made = pipeline, [f"pipe = {pipeline}.from_pretrained({source!r}, torch_dtype=dtype).to(device)"]
+    elif family.single_file_parts is not None:  # the whole model is the file's
+        overrides = "".join(f", {key}={value!r}" for key, value in family.pipeline_overrides().items())
+        imported, made = pipeline, [
+            f"# the fine-tune it was trained on, {fine_tune}, beside this card (or its path):",
+            f"pipe = {pipeline}.from_single_file({fine_tune!r}, config={source!r}{overrides}, "
+            "torch_dtype=dtype).to(device)"]
+    else:  # the fine-tune's transformer in the base's pipeline
+        imported, made = f"{denoiser}, {pipeline}", [
+            f"# the fine-tune it was trained on, {fine_tune}, beside this card (or its path):",
+            f"{family.denoiser} = {denoiser}.from_single_file({fine_tune!r}, config={source!r}, "
+            f"subfolder={family.denoiser!r}, torch_dtype=dtype)",
+            f"pipe = {pipeline}.from_pretrained({source!r}, {family.denoiser}={family.denoiser}, "
+            "torch_dtype=dtype).to(device)"]
+    return ["```python", "import torch", f"from diffusers import {imported}", "",
             'device = "cuda" if torch.cuda.is_available() else "cpu"',
-            f"pipe = {family.pipeline_class_name}.from_pretrained({source!r}, "
-            "torch_dtype=torch.bfloat16 if device == \"cuda\" else torch.float32).to(device)",
+            'dtype = torch.bfloat16 if device == "cuda" else torch.float32',
+            *made,
             "# the folder of this card (or its Hub repository):",
             load,
             f"image = pipe(\n{arguments}    generator=torch.Generator(\"cpu\").manual_seed({seed}),\n).images[0]",
