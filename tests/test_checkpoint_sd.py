@@ -4,6 +4,9 @@ what the stock pipeline draws from that file with the run's LoRA."""
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,7 @@ from lookalike.models.families import FAMILIES
 from lookalike.models.families.stable_diffusion import TinyStableDiffusionSpec, build_tiny_stable_diffusion
 from lookalike.models.tiny import ensure_built
 from lookalike.train.trainer import train
+from tests.conftest import run_in_process
 from tests.original_layout import original_state_dict
 
 
@@ -99,14 +103,16 @@ def test_a_hub_sd_base_under_a_checkpoint_is_downloaded_without_the_weights_the_
 @pytest.mark.slow
 @pytest.mark.parametrize("family_name", ["sd1", "sdxl"])
 def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_from_that_file_with_the_lora(tiny_config, tmp_path,
-                                                                                               family_name):
+                                                                                               family_name,
+                                                                                               monkeypatch):
     family = FAMILIES[family_name]
     base = "tiny-sd15" if family_name == "sd1" else tiny_sdxl()
     file = tmp_path / "finetune.safetensors"
     save_file(original_state_dict(fine_tuned(family, base), family.xl), str(file))
-    study = load_config(tiny_config(model={"base": base, "checkpoint": str(file)}, data={"crop": "center"},
-                                    train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
-                                    generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
+    study_file = tiny_config(model={"base": base, "checkpoint": str(file)}, data={"crop": "center"},
+                             train={"max_train_steps": 4, "learning_rate": 1e-2, "sample_every": 0},
+                             generate={"num_inference_steps": 3, "guidance_scales": [4.0]})
+    study = load_config(study_file)
     lora = train(study, "r")
     with safe_open(str(lora), "pt") as handle:
         assert handle.metadata()["ss_sd_model_name"] == "finetune.safetensors", "the fine-tune it was trained on"
@@ -125,3 +131,16 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_from_that_fil
     assert np.abs(ours - stock(from_file)).max() <= 1, "the stock pipeline from the file, with the LoRA"
     original = pipeline.from_pretrained(resolve_base(base), **family.pipeline_overrides())
     assert np.abs(ours - stock(original)).max() > 1, "the fine-tune's weights made the difference"
+
+    # The model card's code, run in its folder with the fine-tune beside it, draws the card's first image.
+    shared = tmp_path / "shared"
+    result = run_in_process("export", str(study_file), "--run", "r", "--format", "diffusers", "--out",
+                            str(shared / "sks.safetensors"), "--card")
+    assert result.returncode == 0, result.stderr
+    card = (shared / "README.md").read_text()
+    shutil.copy(file, shared / file.name)
+    monkeypatch.chdir(shared)
+    scope: dict = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), scope)
+    first = np.asarray(Image.open(shared / re.search(r"url: (images/\S+)", card).group(1))).astype(int)
+    assert np.abs(np.asarray(scope["image"]).astype(int) - first).max() <= 1
