@@ -89,9 +89,10 @@ def open_clip_state(state: dict) -> dict:
 
 
 def _text_model_keys(state: dict) -> dict:
-    """transformers' CLIPTextModel state dict with its `text_model.` prefix (flattened since transformers 5.6)."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
-            if not k.endswith("position_ids")}
+    """A transformers CLIP text model's state dict with its `text_model.` prefix (CLIPTextModel is flattened since
+    transformers 5.6); CLIPTextModelWithProjection's projection stays outside it."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+            for k, v in state.items() if not k.endswith("position_ids")}
 
 
 def original_state_dict(pipe, xl: bool) -> dict:
@@ -109,15 +110,10 @@ def original_state_dict(pipe, xl: bool) -> dict:
     if xl:
         for name, tensor in _text_model_keys(pipe.text_encoder.state_dict()).items():
             out[f"conditioner.embedders.0.transformer.{name}"] = tensor
-        for name, tensor in open_clip_state(_text_model_keys_with_projection(pipe.text_encoder_2.state_dict())).items():
+        for name, tensor in open_clip_state(_text_model_keys(pipe.text_encoder_2.state_dict())).items():
             out[f"conditioner.embedders.1.model.{name}"] = tensor
     else:
         for name, tensor in _text_model_keys(pipe.text_encoder.state_dict()).items():
             out[f"cond_stage_model.transformer.{name}"] = tensor
     return {k: v.contiguous() for k, v in out.items()}
 
-
-def _text_model_keys_with_projection(state: dict) -> dict:
-    """CLIPTextModelWithProjection's state dict: its projection outside `text_model.`, the rest inside."""
-    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
-            for k, v in state.items() if not k.endswith("position_ids")}
