@@ -116,4 +116,3 @@ def original_state_dict(pipe, xl: bool) -> dict:
         for name, tensor in _text_model_keys(pipe.text_encoder.state_dict()).items():
             out[f"cond_stage_model.transformer.{name}"] = tensor
     return {k: v.contiguous() for k, v in out.items()}
-
