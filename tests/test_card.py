@@ -104,11 +104,12 @@ def test_a_readme_the_card_did_not_write_is_never_written_over(evaluated_run, tm
                           str(ours / "sks.safetensors"), "--card").returncode == 0
     assert "LoraLoader" in (ours / "README.md").read_text()
     assert run_in_process("export", str(path), "--run", "r4", "--format", "comfyui", "--out",
-                          str(ours / "sks.safetensors"), "--card").returncode == 0, "its own card: written again"
+                          str(ours / "sks.safetensors"), "--card", "--force").returncode == 0, \
+        "its own card: written again"
     assert sorted(os.listdir(ours / "images")) == ["r4-final-p00_s0_g5_l1.png", "r4-final-p01_s0_g5_l1.png"]
     (ours / "README.md").unlink()  # a card cut short before its README: its own images are no one else's
     assert run_in_process("export", str(path), "--run", "r4", "--format", "comfyui", "--out",
-                          str(ours / "sks.safetensors"), "--card").returncode == 0
+                          str(ours / "sks.safetensors"), "--card", "--force").returncode == 0
 
 
 def test_a_card_needs_a_run(tmp_path):
@@ -126,5 +127,6 @@ def test_a_card_of_a_run_not_drawn_yet_says_how_to_measure_it(tiny_config, tmp_p
     text = (out.parent / "README.md").read_text()
     front = yaml.safe_load(text.split("---\n")[1])
     assert "widget" not in front and not (out.parent / "images").exists()
-    assert "Not evaluated yet: `lookalike evaluate CONFIG --run r4 --checkpoint final` measures it." in text
+    assert ("Not evaluated yet: `lookalike generate CONFIG --run r4 --checkpoint final`, then `lookalike evaluate "
+            "CONFIG --run r4 --checkpoint final` measure it.") in text
     assert "image = pipe(\n    prompt='a photo of sks',\n    generator=" in text

@@ -89,7 +89,7 @@ def test_samples_are_scored_while_training_and_the_best_steps_lora_is_kept_drawn
 
     # merge takes runs at a checkpoint: r@best at weight 1 beside r's final LoRA at weight 0 changes every
     # weight exactly as the best LoRA does.
-    merged = run.root.parent / "merged.safetensors"
+    merged = run.root.parents[2] / "merged.safetensors"  # outside the workspace's managed folders
     result = run_in_process("merge", "r@best", "r", "--config", str(config_file), "--weights", "1,0",
                             "--out", str(merged))
     assert result.returncode == 0, result.stderr

@@ -27,6 +27,7 @@ from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.quantize import check_quantization
 from lookalike.models.resize import kept_share, merge_at_rank, resize_lora
+from lookalike.outputs import check_lora_out
 from lookalike.pipeline import run_study
 from lookalike.report.ablate import ablate as run_ablation
 from lookalike.store import refresh, sort_runs
@@ -43,6 +44,8 @@ console = display.console() if Console().is_terminal or "COLUMNS" in os.environ 
 error_console = display.console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="The study's config file (TOML, JSON or YAML).")]
+ForceOption = Annotated[bool, typer.Option(help="Replace --out if it exists (never a source photo, a file lookalike "
+                                              "manages or a LoRA being read).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")]
 
 
@@ -339,6 +342,7 @@ def merge(
         = "final",
     rank: Annotated[Optional[int], typer.Option(help="Lower the merge to this rank, as `resize` does (kohya's SVD "
                                                 "merge); default: exact, the two ranks added.")] = None,
+    force: ForceOption = False,
 ) -> None:
     """Merge two LoRAs exactly into one file (ranks concatenated, alpha included), or at a lower --rank."""
     pair = _weights(weights)
@@ -347,16 +351,25 @@ def merge(
     if config is None:
         if checkpoint != "final":
             raise LookalikeError("--checkpoint picks a run's LoRA: give --config with run names")
-        sources = [Path(lora_a), Path(lora_b)]
+        study, sources = None, [Path(lora_a), Path(lora_b)]
     else:
-        workspace = Workspace(_load(config, None).workspace)
-        sources = [workspace.lora_of(choice, checkpoint) for choice in (lora_a, lora_b)]
+        study = _load(config, None)
+        sources = [Workspace(study.workspace).lora_of(choice, checkpoint) for choice in (lora_a, lora_b)]
+    _check_out(out, sources, force, study)
     _quiet()
     if rank is None:
         merge_loras(sources[0], sources[1], out, (pair[0], pair[1]))
         console.print(f"merge: {out}")
         return
     _print_lowered("merge", rank, *merge_at_rank(sources[0], sources[1], out, (pair[0], pair[1]), rank))
+
+
+def _check_out(out: Path, sources: list[Path], force: bool, study) -> Path:
+    """Refuse an --out that would replace a source photo, a file lookalike manages or a LoRA being read, and an
+    existing file without --force (outputs.check_lora_out)."""
+    if study is None:
+        return check_lora_out(out, sources, force)
+    return check_lora_out(out, sources, force, study.workspace, study.photo_folders)
 
 
 def _print_lowered(command: str, rank: int, written: Path, norms: dict) -> None:
@@ -373,11 +386,14 @@ def resize(
     config: Annotated[Optional[Path], typer.Option(help="The study's config: the LoRA is its run's.")] = None,
     checkpoint: Annotated[str, typer.Option(help="With --config: the run's final LoRA, its best sample step's "
                                             "(best) or a kept step's number.")] = "final",
+    force: ForceOption = False,
 ) -> None:
     """Lower a LoRA's rank, keeping each layer's largest singular values (kohya's resize_lora)."""
     if config is None and checkpoint != "final":
         raise LookalikeError("--checkpoint picks a run's LoRA: give --config with a run name")
-    source = Workspace(_load(config, None).workspace).lora_of(lora, checkpoint) if config else Path(lora)
+    study = _load(config, None) if config else None
+    source = Workspace(study.workspace).lora_of(lora, checkpoint) if study else Path(lora)
+    _check_out(out, [source], force, study)
     _quiet()
     _print_lowered("resize", rank, *resize_lora(source, out, rank))
 
@@ -394,6 +410,7 @@ def export(
                                             "step's number.")] = "final",
     card: Annotated[bool, typer.Option(help="With --run: also write a model card (README.md, as the Hugging Face Hub "
                                        "reads one) and a few of the run's images beside the file.")] = False,
+    force: ForceOption = False,
 ) -> None:
     """Write a LoRA in the layout ComfyUI, kohya's sd-scripts or diffusers read."""
     if (config is None or run is None) == (lora is None):
@@ -405,6 +422,9 @@ def export(
     paths = Workspace(study.workspace).run(run) if run is not None else None
     source = lora if lora is not None else paths.lora_at(checkpoint)
     target = out or source.with_name(f"{source.stem}.{format}.safetensors")
+    # The default name beside a run's LoRA is the export's own place in the run folder, written again each time.
+    if out is not None or run is None:
+        _check_out(target, [source], force, study)
     shown = card_plan(paths, checkpoint, target) if card else []  # refused before anything is written
     written = export_lora(source, target, format, dtype)
     console.print(f"export: {written}")

@@ -569,6 +569,13 @@ class StudyConfig(Section):
         """[subject] first, then [[more_subjects]]."""
         return [self.subject, *self.more_subjects]
 
+    @property
+    def photo_folders(self) -> list[Path]:
+        """The user's photo folders the study reads: each person's photos and held-out references, and the class
+        images of [prior] images."""
+        folders = [folder for person in self.people for folder in (person.images, person.references)]
+        return [folder for folder in [*folders, self.prior.images] if folder is not None]
+
     def fill(self, text: str, subject: SubjectConfig | None = None) -> str:
         """A prompt or caption template filled in: {token} and {class_word} with `subject`'s (default [subject]),
         {token_1}, {class_word_1}, {token_2}, ... with each person's in order, for group prompts."""

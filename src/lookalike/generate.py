@@ -21,7 +21,7 @@ from rich.console import Console
 
 from lookalike import display
 from lookalike.config import StudyConfig
-from lookalike.data.images import file_sha256
+from lookalike.workspace import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import (
     base_info,

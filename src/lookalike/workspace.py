@@ -35,6 +35,24 @@ def _temporary_name(path: Path) -> Path:
 TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # the names _temporary_name makes, and no user's file
 
 
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in chunks, however big the file."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def lora_sha256_of_image(sidecar: Path) -> str | None:
+    """The SHA-256 of the one LoRA that drew a run's image, as its sidecar (generate's) records it; None for an
+    image of no LoRA, of several, or of a sidecar that cannot be read."""
+    try:
+        loras = json.loads(sidecar.read_text()).get("settings", {}).get("loras", [])
+    except (ValueError, AttributeError, OSError):
+        return None
+    return loras[0].get("sha256") if len(loras) == 1 and isinstance(loras[0], dict) else None
+
+
 def _sync(path: Path) -> None:
     """Flush a file's or folder's contents to the disk (a rename alone may reach the disk before the data)."""
     fd = os.open(path, os.O_RDONLY)
@@ -318,6 +336,35 @@ class RunPaths:
             raise LookalikeError(f"run {self.name!r} kept no LoRA of step {step}: only the best scored "
                                  f"steps' are kept ({', '.join(map(str, kept)) or 'none'})")
         return self.front_lora(step)
+
+    def lora_sha256(self, checkpoint: str) -> str | None:
+        """The SHA-256 of the run's LoRA at `checkpoint` as it is now; None where the run has none there."""
+        try:
+            path = self.lora_at(checkpoint)
+        except LookalikeError:
+            return None
+        return file_sha256(path) if path.is_file() else None
+
+    def images_made_by(self, checkpoint: str, lora_sha256: str | None) -> tuple[list[Path], list[Path]]:
+        """(images of images_at(checkpoint) that the LoRA of `lora_sha256` drew, those another LoRA drew), by the
+        LoRA each image's sidecar records: the one check of whether a checkpoint's images are of the file that
+        now holds that name (a best step that moved, a retrained run)."""
+        ours, others = [], []
+        folder = self.images_at(checkpoint)
+        for image in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+            made_by = lora_sha256_of_image(image.with_suffix(".json"))
+            (ours if made_by is not None and made_by == lora_sha256 else others).append(image)
+        return ours, others
+
+    def current_metrics(self, checkpoint: str, lora_sha256: str | None = None) -> dict[str, Any] | None:
+        """The evaluation (metrics.json) of the run's LoRA at `checkpoint`, where it measured the file that holds
+        that name now (`lora_sha256`, else hashed here); None where there is none, or it measured another file."""
+        path = self.results_at(checkpoint) / "metrics.json"
+        if not path.is_file():
+            return None
+        metrics = read_json(path)
+        current = lora_sha256 or self.lora_sha256(checkpoint)
+        return metrics if current is not None and metrics.get("lora_sha256") == current else None
 
     def images_at(self, checkpoint: str) -> Path:
         """Where the images of the run's LoRA at `checkpoint` go: images/ for the final one."""

@@ -6,19 +6,12 @@ corrupt, truncated, not an image, or so many pixels that decoding it could exhau
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000  # 8000 x 8000: beyond any camera photo worth training on, below a decompression bomb
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, read in chunks, however big the file."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def list_images(folder: Path, what: str = "subject.images") -> list[Path]:

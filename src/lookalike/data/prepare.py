@@ -29,13 +29,13 @@ from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
 from lookalike.data.captions import describe_photos
 from lookalike.data.crop import box_in_crop, bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
-from lookalike.data.images import file_sha256, load_rgb, not_an_image
+from lookalike.data.images import load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
 from lookalike.errors import LookalikeError
 from lookalike.faces import BACKENDS, FaceRule, backend_class, load_backend
 from lookalike.faces.facenet_backend import MtcnnDetector
 from lookalike.progress import progress_bar
-from lookalike.workspace import Workspace, atomic_path, exclusive, read_json, write_json
+from lookalike.workspace import Workspace, atomic_path, exclusive, file_sha256, read_json, write_json
 
 INSPECTION_FORMAT = 2  # bump when what inspect() records changes, so old manifests are re-inspected
 THUMBNAIL = 256

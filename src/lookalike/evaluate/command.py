@@ -17,7 +17,7 @@ from rich.table import Table
 
 from lookalike.config import EvaluateConfig, StudyConfig, SubjectConfig
 from lookalike.data.checks import duplicates, perceptual_hash
-from lookalike.data.images import file_sha256, list_images, load_rgb
+from lookalike.data.images import list_images, load_rgb
 from lookalike.display import cell
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.scoring import SCORING_VERSION, aggregate, aggregate_by, describe_images, write_results
@@ -25,7 +25,7 @@ from lookalike.models.base import quiet_libraries
 from lookalike.models.clip import load_clip
 from lookalike.progress import progress_bar
 from lookalike.store import record_run
-from lookalike.workspace import Workspace, atomic_path, read_json, write_json
+from lookalike.workspace import Workspace, atomic_path, file_sha256, read_json, write_json
 
 SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "bleed_similarity", "faceless", "several_faces",
          "clip_score")
@@ -211,13 +211,13 @@ def _photo_hashes(path: Path) -> tuple[str, int]:
     return file_sha256(path), int(perceptual_hash(load_rgb(path)), 16)
 
 
-def _inputs_digest(config: StudyConfig, images: Path, references: list[Path]) -> str:
-    """What the metrics of a run depend on: its images and sidecars, the references, the settings and how
-    lookalike scores (SCORING_VERSION)."""
+def _inputs_digest(config: StudyConfig, images: Path, references: list[Path], lora_sha256: str) -> str:
+    """What the metrics of a run depend on: the LoRA file, its images and sidecars, the references, the settings
+    and how lookalike scores (SCORING_VERSION)."""
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [*sorted(images.iterdir()), *references]
              if p.is_file() and not p.name.startswith(".") and p.name not in ("metrics.json", "scores.csv")]
-    facts = [files, config.evaluate.model_dump(mode="json"), [p.model_dump(mode="json") for p in config.people],
-             SCORING_VERSION]
+    facts = [lora_sha256, files, config.evaluate.model_dump(mode="json"),
+             [p.model_dump(mode="json") for p in config.people], SCORING_VERSION]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
 
@@ -244,12 +244,23 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
     todo = []
     for name in names:
         paths = workspace.run(name)
-        digest = _inputs_digest(config, paths.images_at(checkpoint), [p for group in photos.values() for p in group])
+        lora = paths.lora_sha256(checkpoint)
+        foreign = paths.images_made_by(checkpoint, lora)[1]
+        if foreign:  # never scores, or calls up to date, images under a LoRA that did not draw them
+            problem = (f"run {name!r}: {len(foreign)} images in {paths.images_at(checkpoint)} were drawn by another "
+                       f"LoRA than its {checkpoint} one now; draw them again first: lookalike generate CONFIG --run "
+                       f"{name}" + (f" --checkpoint {checkpoint}" if checkpoint != "final" else ""))
+            if run is not None:
+                raise LookalikeError(problem)
+            console.print(f"evaluate: skipped {problem}", highlight=False)
+            continue
+        digest = _inputs_digest(config, paths.images_at(checkpoint), [p for group in photos.values() for p in group],
+                                lora)
         done = paths.results_at(checkpoint) / "metrics.json"
         if not force and done.is_file() and read_json(done).get("inputs_digest") == digest:
             console.print(f"evaluate: {name} is up to date")
             continue
-        todo.append((name, digest))
+        todo.append((name, digest, lora))
     if not todo:
         return []
 
@@ -261,7 +272,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
                                                       for t, r in references.items())
                   + "; CLIP prompts have " + ", ".join(f"{t!r} replaced by {w!r}" for t, w in class_words.items()))
     threshold = evaluator.backend.same_person_threshold
-    for name, digest in todo:
+    for name, digest, lora in todo:
         paths = workspace.run(name)
         group_rows: list[dict] = []  # several people: who is in each image, and whose face leaks into whose prompt
 
@@ -273,6 +284,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
         rows, metrics = _score_folder(evaluator, references, images, rows, config.evaluate, console,
                                       class_words=class_words, on_faces=score_people if len(references) > 1 else None)
         metrics["inputs_digest"] = digest
+        metrics["lora_sha256"] = lora  # what card and report check: these figures are of that file
         metrics["references_held_out"] = config.subject.references is not None
         if group_rows:
             order = {row.image: index for index, row in enumerate(rows)}  # rows were scored person by person
@@ -285,4 +297,4 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
             record_run(workspace.results, paths)
         print_metrics(console, f"evaluate run {name}" + (f" ({checkpoint})" if checkpoint != "final" else ""),
                       metrics)
-    return [name for name, _ in todo]
+    return [name for name, _, _ in todo]

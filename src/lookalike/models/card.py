@@ -32,7 +32,7 @@ Shown = list[tuple[Path, str, dict]]  # (a run's image, its name in the card's i
 
 def card_plan(run: RunPaths, checkpoint: str, lora_file: Path) -> Shown:
     """The images the card of `lora_file` will show: the first SHOWN_IMAGES of the run's LoRA at `checkpoint` at
-    full strength. Refused, before anything is written, where the card would write over a file lookalike did not
+    full strength, of those that file drew (an image of a best step since moved on is another LoRA's). Refused, before anything is written, where the card would write over a file lookalike did not
     write: a README.md that is not its card, or an image of another content in a folder without its card."""
     card = lora_file.parent / "README.md"
     ours = card.is_file() and MARK in card.read_text(errors="replace")
@@ -40,9 +40,9 @@ def card_plan(run: RunPaths, checkpoint: str, lora_file: Path) -> Shown:
         raise LookalikeError(f"{card}: a README.md that lookalike did not write is there; export with --out into "
                              "another folder")
     shown = []
-    for sidecar in sorted(path for path in run.images_at(checkpoint).glob("*.json") if path.name != "config.json"):
-        facts, image = read_json(sidecar), sidecar.with_suffix(".png")
-        if facts.get("lora_scale") in (None, 1.0) and image.is_file():  # None: one strength, the LoRA's own
+    for image in run.images_made_by(checkpoint, run.lora_sha256(checkpoint))[0]:
+        facts = read_json(image.with_suffix(".json"))
+        if facts.get("lora_scale") in (None, 1.0):  # None: one strength, the LoRA's own
             shown.append((image, f"{run.name}-{checkpoint}-{image.name}", facts))
     shown = shown[:SHOWN_IMAGES]
     for image, name, _ in shown if not ours else []:
@@ -162,11 +162,10 @@ def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, ex
 
 
 def _measured(run: RunPaths, checkpoint: str) -> list[str]:
-    evaluation = run.results_at(checkpoint) / "metrics.json"
-    if not evaluation.is_file():
-        return [f"Not evaluated yet: `lookalike evaluate CONFIG --run {run.name} --checkpoint {checkpoint}` "
-                "measures it."]
-    metrics = read_json(evaluation)
+    metrics = run.current_metrics(checkpoint)  # of this very file: a best step's figures go when the best moves
+    if metrics is None:
+        return [f"Not evaluated yet: `lookalike generate CONFIG --run {run.name} --checkpoint {checkpoint}`, then "
+                f"`lookalike evaluate CONFIG --run {run.name} --checkpoint {checkpoint}` measure it."]
     # Drawn at several strengths ([generate] lora_scales), the file as it loads is the one at full strength.
     at_full = metrics.get("per_lora_scale", {}).get(str(1.0), metrics)
     references = "held-out photos, never trained on" if metrics.get("references_held_out") else "training photos"

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from lookalike import display
-from lookalike.data.images import file_sha256
+from lookalike.workspace import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import check_drawing_base, drawing_base, load_component, resolve_base
 from lookalike.models.families import base_family

@@ -33,6 +33,7 @@ from lookalike.models.families import base_family
 from lookalike.models.lora import (
     LOKR,
     adapter_config,
+    check_finite,
     file_metadata,
     is_lokr,
     modules_of,
@@ -58,8 +59,6 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         raise LookalikeError(f"--format: unknown format {format!r} (use {', '.join(FORMATS)})")
     if dtype not in DTYPES:
         raise LookalikeError(f"--dtype: unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
-    if Path(out).resolve() == Path(source).resolve():
-        raise LookalikeError(f"--out: {out} is the LoRA being exported; write the export to a new file")
     tensors, config, info = read_lora(source, lokr=True)
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     family = base_family(info.get("base_model") or "")  # a file that names no base: as FLUX.1
@@ -93,6 +92,7 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
         result[f"{name}.alpha"] = torch.tensor(float(alpha))
     # Every layer's scale, its alpha tensor over its own rank, is the source's alpha / rank.
     metadata = {"format": "pt", **file_metadata(config["r"], info), "ss_network_alpha": f"{config['lora_alpha']:g}"}
+    check_finite(result, out)
     with atomic_path(out) as tmp:
         save_file(result, str(tmp), metadata=metadata)
     return out
@@ -127,6 +127,7 @@ def _export_lokr(source: Path, out: Path, format: str, tensors: dict, config: di
         layer = names[module.split(".", 1)[1]].replace(".", "_")
         result[f"lora_unet_{layer}{LOKR}{part}"] = value.to(cast).contiguous()
     metadata = {"format": "pt", **file_metadata(config["r"], info, adapter_config(config))}
+    check_finite(result, out)
     with atomic_path(out) as tmp:
         save_file(result, str(tmp), metadata=metadata)
     return out

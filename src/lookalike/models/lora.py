@@ -135,6 +135,7 @@ def save_lora(path: Path, tensors: dict[str, Any], peft_config, info: dict[str, 
            for config in configs.values()):
         raise ValueError("every component's LoRA must have the denoiser's rank and alpha: one scale is folded in")
     tensors = {key: written(key, value) for key, value in tensors.items()}
+    check_finite(tensors, path)
     info = {**info, "rank": rank, "alpha": rank}  # true of the layers written
     adapter = {f"{component}.{k}": v for component, config in configs.items()
                for k, v in (dataclasses.replace(config, **{alpha_field(config): rank}) if scale != 1 else config
@@ -191,6 +192,17 @@ def check_lora_file(path: Path) -> dict[str, str]:
     if not any("lora" in key or LOKR in key for key in keys):
         raise LookalikeError(f"{path}: holds no LoRA weights (no key contains 'lora' or '{LOKR}')")
     return metadata
+
+
+def check_finite(tensors: dict[str, Any], path: Path) -> None:
+    """Refuse LoRA weights that hold NaN or infinite values (a merge at huge weights, a cast that overflows): every
+    image drawn with them would be noise, labelled with the file."""
+    import torch
+
+    bad = next((key for key, value in tensors.items() if not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise LookalikeError(f"{path}: its LoRA weights would hold NaN or infinite values ({bad}); nothing was "
+                             "written or drawn")
 
 
 def lookalike_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -373,6 +385,7 @@ def load_lora_into(pipe, path: Path, adapter_name: str = "default") -> dict[str,
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
+        check_finite({key: handle.get_tensor(key) for key in keys}, path)
     denoiser = denoiser_of(keys)
     if not is_lokr(keys):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,

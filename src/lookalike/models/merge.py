@@ -23,21 +23,10 @@ from lookalike.models.lora import (
 )
 
 
-def check_merge_out(out: Path, first: Path, second: Path) -> Path:
-    """Refuse an --out that is no safetensors file or is one of the LoRAs being merged (it would be written over)."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise LookalikeError(f"--out: {out} must end in .safetensors (the only LoRA format lookalike writes)")
-    if out.resolve() in (Path(first).resolve(), Path(second).resolve()):
-        raise LookalikeError(f"--out: {out} is one of the LoRAs being merged; write the merge to a new file")
-    return out
-
-
 def merge_loras(first: Path, second: Path, out: Path, weights: tuple[float, float] = (1.0, 1.0)) -> Path:
     import torch
     from peft import LoraConfig
 
-    out = check_merge_out(out, first, second)
     (tensors_a, config_a, info_a), (tensors_b, config_b, info_b) = read_lora(first), read_lora(second)
     base_a, base_b = info_a.get("base_model"), info_b.get("base_model")
     if base_a and base_b and base_a != base_b:

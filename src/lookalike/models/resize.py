@@ -13,7 +13,7 @@ from typing import Any
 
 from lookalike.errors import LookalikeError
 from lookalike.models.lora import TEXT_ENCODERS, denoiser_of, modules_of, read_lora, save_lora, text_encoder_configs
-from lookalike.models.merge import check_merge_out, merge_loras
+from lookalike.models.merge import merge_loras
 
 
 def lower_rank(tensors: dict[str, Any], scale: float, rank: int) -> tuple[dict[str, Any], dict[str, tuple]]:
@@ -44,10 +44,6 @@ def resize_lora(source: Path, out: Path, rank: int, source_name: str | None = No
     out = Path(out)
     if rank < 1:
         raise LookalikeError(f"--rank: a LoRA's rank is 1 or more (got {rank})")
-    if out.suffix != ".safetensors":
-        raise LookalikeError(f"--out: {out} must end in .safetensors (the only LoRA format lookalike writes)")
-    if out.resolve() == Path(source).resolve():
-        raise LookalikeError(f"--out: {out} is the LoRA being resized; write the resized LoRA to a new file")
     tensors, config, info = read_lora(source)
     if rank >= config["r"]:
         raise LookalikeError(f"--rank: {source} has rank {config['r']}; resize lowers it (give a rank below "
@@ -64,8 +60,8 @@ def resize_lora(source: Path, out: Path, rank: int, source_name: str | None = No
 def merge_at_rank(first: Path, second: Path, out: Path, weights: tuple[float, float], rank: int
                   ) -> tuple[Path, dict[str, tuple]]:
     """kohya's SVD merge: the exact merge of two LoRAs (merge_loras, in a temporary file beside `out`) lowered to
-    `rank`; `out` is checked before anything is written."""
-    out = check_merge_out(out, first, second)
+    `rank` (the command checks `out` before anything is written)."""
+    out = Path(out)
     exact_rank = sum(read_lora(source)[1]["r"] for source in (first, second))
     if rank >= exact_rank:
         raise LookalikeError(f"--rank: the merge of {first} and {second} has rank {exact_rank}; give a lower rank, or "

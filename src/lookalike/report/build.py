@@ -57,7 +57,7 @@ def _digest(config: StudyConfig, workspace: Workspace, rows: list[dict]) -> str:
     files = []
     for row in rows:
         run = workspace.run(row["name"])
-        for path in [run.metrics, run.sample_scores, run.status, run.root / "metrics.json",
+        for path in [run.metrics, run.sample_scores, run.status, run.lora, run.best_lora, run.root / "metrics.json",
                      run.images_at("best") / "metrics.json", *sorted(run.images.glob("*.png"))]:
             if path.is_file():
                 files.append((str(path), path.stat().st_size, path.stat().st_mtime_ns))
@@ -177,9 +177,9 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
         grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
         checkpoints = {(name, "final"): metrics for name, metrics in evaluations.items()}
         for row in done:
-            best_metrics = workspace.run(row["name"]).images_at("best") / "metrics.json"
-            if best_metrics.is_file():
-                checkpoints[row["name"], "best"] = read_json(best_metrics)
+            best_metrics = workspace.run(row["name"]).current_metrics("best")  # of the best step now, or none
+            if best_metrics is not None:
+                checkpoints[row["name"], "best"] = best_metrics
         statuses = {row["name"]: workspace.run(row["name"]).read_status() or {} for row in done}
         best_of = [] if unrankable else [
             _best_lora(checkpoints, {name: status.get("best_step") for name, status in statuses.items()}),

@@ -17,7 +17,7 @@ import torch
 
 from lookalike.data.crop import Size
 from lookalike.data.dataset import TrainingImage, load_training_image
-from lookalike.data.images import file_sha256
+from lookalike.workspace import file_sha256
 from lookalike.generate import offload_pipeline
 from lookalike.models.base import component_fingerprint, load_component, load_pipeline, weight_bytes
 from lookalike.models.families import folder_family

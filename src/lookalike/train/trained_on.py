@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lookalike.config import StudyConfig
-from lookalike.data.images import file_sha256
+from lookalike.workspace import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, write_json
 

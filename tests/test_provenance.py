@@ -1,0 +1,95 @@
+"""Every image and figure lookalike shows beside a LoRA's name is of that LoRA's content: a run's best checkpoint
+that moved on (a resumed run found a better step) leaves images and metrics of the old file behind, and evaluate,
+the model card and the report must never pass them off as the new one's."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from lookalike import display
+from lookalike.config import load_config
+from lookalike.evaluate.command import evaluate_runs
+from lookalike.generate import generate
+from lookalike.train.trainer import train
+from lookalike.workspace import Workspace, file_sha256, read_json
+from tests.conftest import run_in_process
+
+
+def shown_images_are_of(folder, lora_sha256: str) -> None:
+    """Every image beside a sidecar in `folder` was drawn by the LoRA of that content, by its own sidecar."""
+    sidecars = [p for p in folder.glob("*.json") if p.with_suffix(".png").is_file()]
+    assert sidecars
+    for sidecar in sidecars:
+        assert [lora["sha256"] for lora in read_json(sidecar)["settings"]["loras"]] == [lora_sha256], sidecar
+
+
+@pytest.mark.slow
+def test_images_and_metrics_of_a_best_step_that_moved_on_are_never_shown_as_the_new_ones(tiny_config, tmp_path):
+    config_file = tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2, "sample_every": 2,
+                                     "sample_steps": 2, "checkpoint_every": 2, "checkpoints_keep": 3},
+                              generate={"num_inference_steps": 2})
+    config = load_config(config_file)
+    quiet = display.console(quiet=True)
+    train(config, "r", console=quiet)
+    run = Workspace(config.workspace).run("r")
+    generate(config, run="r", checkpoint="best", console=quiet)
+    assert evaluate_runs(config, quiet, run="r", checkpoint="best") == ["r"]
+    old_best = file_sha256(run.best_lora)
+    assert read_json(run.images_at("best") / "metrics.json")["lora_sha256"] == old_best
+
+    # What a resume that found a better step leaves: lora-best.safetensors is another file, best_step another step,
+    # and images-best/ with its metrics.json are still the old step's.
+    other = next(p for p in [run.lora, *sorted(run.front.glob("*.safetensors"))] if file_sha256(p) != old_best)
+    shutil.copyfile(other, run.best_lora)
+    status = run.read_status()
+    run.write_status(status.pop("state"), **{**status, "best_step": 99})
+    new_best = file_sha256(run.best_lora)
+
+    # evaluate: never "up to date" for images another LoRA drew; it says to draw them again.
+    result = run_in_process("evaluate", str(config_file), "--run", "r", "--checkpoint", "best")
+    assert result.returncode == 2 and "were drawn by another LoRA than its best one now" in result.stderr, \
+        result.stdout + result.stderr
+    assert "generate CONFIG --run r --checkpoint best" in result.stderr
+    # The card of the new best file: titled step 99, and neither the old step's images nor its figures.
+    out = tmp_path / "shared" / "best.safetensors"
+    result = run_in_process("export", str(config_file), "--run", "r", "--checkpoint", "best", "--format",
+                            "diffusers", "--out", str(out), "--card")
+    assert result.returncode == 0, result.stderr
+    card = (out.parent / "README.md").read_text()
+    assert "(step 99)" in card and "widget" not in yaml.safe_load(card.split("---\n")[1])
+    assert "Not evaluated yet" in card and not (out.parent / "images").exists()
+    # The report ranks checkpoints by figures of the files they name: the old best's are left out.
+    assert run.current_metrics("best") is None
+
+    # Drawn and scored again, everything shown is of the new file.
+    generate(config, run="r", checkpoint="best", console=quiet)
+    assert evaluate_runs(config, quiet, run="r", checkpoint="best") == ["r"]
+    shown_images_are_of(run.images_at("best"), new_best)
+    assert run.current_metrics("best")["lora_sha256"] == new_best
+    result = run_in_process("export", str(config_file), "--run", "r", "--checkpoint", "best", "--format",
+                            "diffusers", "--out", str(out), "--card", "--force")
+    assert result.returncode == 0, result.stderr
+    assert file_sha256(out) != old_best
+    for copied in (out.parent / "images").iterdir():
+        drawn = run.images_at("best") / copied.name.removeprefix("r-best-")
+        assert copied.read_bytes() == drawn.read_bytes()
+        assert read_json(drawn.with_suffix(".json"))["settings"]["loras"][0]["sha256"] == new_best
+    assert "Not evaluated yet" not in (out.parent / "README.md").read_text()
+
+
+def test_metrics_of_another_file_are_not_current(tmp_path):
+    """current_metrics is the one check: figures that name no LoRA, or another, are nobody's."""
+    from lookalike.workspace import RunPaths, write_json
+
+    run = RunPaths(tmp_path / "runs" / "r")
+    run.root.mkdir(parents=True)
+    run.lora.write_bytes(b"weights")
+    write_json(run.root / "metrics.json", {"images": 4})
+    assert run.current_metrics("final") is None
+    write_json(run.root / "metrics.json", {"images": 4, "lora_sha256": "0" * 64})
+    assert run.current_metrics("final") is None
+    write_json(run.root / "metrics.json", {"images": 4, "lora_sha256": file_sha256(run.lora)})
+    assert run.current_metrics("final") == {"images": 4, "lora_sha256": file_sha256(run.lora)}
