@@ -173,11 +173,11 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
                                     "checkpoint_every": 2},
                              generate={"num_inference_steps": 3, "guidance_scales": [4.0]})
     study = load_config(study_file)
-    lora = train(study, "r")
+    lora = train(study, "default")
     with connect(Workspace(study.workspace).results) as db:
         assert [row["base"] for row in run_table(db)] == ["tiny + finetune.safetensors"], "never shown as the base's"
     assert "lookalike.checkpoint" in _header(lora) and _header(lora)["lookalike.checkpoint"] == file.name
-    ours = np.asarray(Image.open(generate(study, run="r") / "p00_s0_g4.png")).astype(int)
+    ours = np.asarray(Image.open(generate(study, run="default") / "p00_s0_g4.png")).astype(int)
 
     def stock(transformer) -> np.ndarray:
         pipe = FluxPipeline.from_pretrained(resolve_base("tiny"), transformer=transformer)
@@ -193,7 +193,7 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
     base = load_component(resolve_base("tiny"), "transformer")
     assert np.abs(ours - stock(base)).max() > 1, "the fine-tune's weights made the difference"
 
-    result = run_in_process("export", str(study_file), "--run", "r", "--format", "diffusers", "--out",
+    result = run_in_process("export", str(study_file), "--run", "default", "--format", "diffusers", "--out",
                             str(tmp_path / "shared" / "sks.safetensors"), "--card")
     assert result.returncode == 0, result.stderr
     card = (tmp_path / "shared" / "README.md").read_text()
@@ -209,12 +209,28 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
 
     # The file changed in place: the finished run is named stale, and a started one will not resume on it.
     save_file({k: v + 0.01 for k, v in fine_tune().items()}, str(file))
-    run = Workspace(study.workspace).run("r")
+    run = Workspace(study.workspace).run("default")
     stale = stale_reason(run, study, training_images(study), study.workspace)
     assert f"model.checkpoint: {file} changed since the run trained on it" in stale
+    # Its LoRA is never drawn on the changed file, nor on the plain base once the key is removed: `lookalike run`
+    # leaves its images as they are, generate refuses by name, the demo does not list it.
+    images = {path.name: path.read_bytes() for path in run.images.iterdir()}
+    result = run_in_process("run", str(study_file))
+    assert "generate: skipped: run 'default' was trained on tiny + finetune.safetensors, and the config now draws on tiny " \
+           "+ finetune.safetensors (a changed file)" in " ".join(result.stdout.split()), result.stdout
+    assert {path.name: path.read_bytes() for path in run.images.iterdir()} == images
+    with pytest.raises(LookalikeError, match=r"drawn only on the base it trained on"):
+        generate(study, run="default")
+    plain = load_config(study_file, ["model.checkpoint="])
+    with pytest.raises(LookalikeError, match=r"trained on tiny \+ finetune.safetensors, and the config now draws on "
+                                             r"tiny: its LoRA is drawn only on the base it trained on"):
+        generate(plain, run="default")
+    from lookalike.demo import DemoModels
+
+    assert DemoModels(plain).lora_choices() == [] and DemoModels(study).lora_choices() == []
     run.write_status("failed", reason="interrupted")  # as if killed after its checkpoint of step 2
-    with pytest.raises(LookalikeError, match="cannot resume run 'r': model.checkpoint .* changed since it started"):
-        train(study, "r", resume=True)
+    with pytest.raises(LookalikeError, match="cannot resume run 'default': model.checkpoint .* changed since it started"):
+        train(study, "default", resume=True)
 
 
 def _header(path) -> dict[str, str]:

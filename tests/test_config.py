@@ -64,6 +64,19 @@ def test_set_overrides_parse_values_as_toml(tmp_path):
     assert config.train.gradient_checkpointing is True
 
 
+def test_set_with_nothing_after_the_equals_sign_unsets_a_key(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "ft.safetensors").write_bytes(b"")
+    path = write_config(tmp_path / "s.toml", {**MINIMAL, "model": {"checkpoint": "ft.safetensors"},
+                                              "train": {"rank": 8}})
+    assert load_config(path).model.checkpoint == tmp_path / "ft.safetensors"
+    config = load_config(path, ["model.checkpoint=", "train.rank= "])
+    assert config.model.checkpoint is None and config.train.rank == load_config(write_config(
+        tmp_path / "plain.toml", MINIMAL)).train.rank, "each key at its default"
+    with pytest.raises(LookalikeError, match="missing key subject.token"):
+        load_config(path, ["subject.token="])
+
+
 def test_set_override_of_unknown_key_is_refused(tmp_path):
     path = write_config(tmp_path / "s.toml", MINIMAL)
     with pytest.raises(LookalikeError, match=r"unknown key train\.rnak"):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from lookalike.config import load_config
 from lookalike.demo import DemoError, DemoModels, build_app, serve_options
+from lookalike.workspace import file_sha256, read_json
 from tests.conftest import run_cli, tiny_study
 
 pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
@@ -61,6 +62,34 @@ def test_generate_shows_the_image_with_its_scores(demo):
     assert set(scores) >= {"clip_score", "face_distance", "identity_similarity"}
     assert isinstance(scores["clip_score"], float) and scores["references"] == 4
     assert "seed 0" in gallery[0]["caption"]
+
+
+def test_a_lora_retrained_while_the_app_is_open_is_drawn_as_the_new_file(demo):
+    """Adapters and images are keyed by the LoRA file's content, and each image's sidecar names it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    url, models, folder = demo
+    client = client_for(url)
+    lora = folder / "work" / "runs" / "r" / "lora.safetensors"
+    original = lora.read_bytes()
+    first = Path(generate(client)[0])
+    kept = models.folder / "images"
+    before = {path.name: path.read_bytes() for path in kept.glob("*.png")}
+    try:
+        with safe_open(str(lora), "pt") as handle:
+            metadata = handle.metadata()
+        save_file({key: value * 3 for key, value in load_file(lora).items()}, str(lora), metadata=metadata)
+        second = Path(generate(client)[0])
+        assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second))), \
+            "drawn with the new weights, not the adapter loaded before"
+        facts = sorted((read_json(path.with_suffix(".json")) for path in kept.glob("*.png")
+                        if path.name not in before), key=str)
+        assert [[entry["sha256"] for entry in fact["loras"]] for fact in facts] == [[file_sha256(lora)]]
+        assert all((kept / name).read_bytes() == content for name, content in before.items()), \
+            "an image of the old file is never written over"
+    finally:
+        lora.write_bytes(original)
 
 
 def test_adding_a_reference_photo_changes_the_scores(demo, faces, monkeypatch):
@@ -258,8 +287,8 @@ def test_an_offloaded_demo_draws_what_the_whole_pipeline_draws(demo):
     _, models, _ = demo
     offloaded = DemoModels(models.config.model_copy(update={"generate": models.config.generate.model_copy(
         update={"offload": True})}))
-    drawn = []
-    for loras in ([("r", 1.0)], [], [("r", 0.5)]):
+    drawn, sha256 = [], file_sha256(models.lora_path("r"))
+    for loras in ([("r", 1.0, sha256)], [], [("r", 0.5, sha256)]):
         expected = np.asarray(models.render(loras, "a photo of sks", seed=0, guidance=5.0, steps=2, size=64))
         got = np.asarray(offloaded.render(loras, "a photo of sks", seed=0, guidance=5.0, steps=2, size=64))
         np.testing.assert_array_equal(got, expected)

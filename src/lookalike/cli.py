@@ -46,7 +46,8 @@ error_console = display.console(stderr=True)
 ConfigArg = Annotated[Path, typer.Argument(help="The study's config file (TOML, JSON or YAML).")]
 ForceOption = Annotated[bool, typer.Option(help="Replace --out if it exists (never a source photo, a file lookalike "
                                               "manages or a LoRA being read).")]
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value.")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: section.key=value; section.key= "
+                                                                   "(nothing after =) unsets it.")]
 
 
 def _load(config: Path, overrides: list[str] | None):

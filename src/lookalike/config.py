@@ -663,7 +663,8 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides to raw config data (validation happens afterwards)."""
+    """Apply `section.key=value` overrides to raw config data (validation happens afterwards); `section.key=`
+    with nothing after the = unsets the key, which then takes its default (an optional file: none)."""
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
@@ -674,7 +675,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(section, {})
             if not isinstance(node, dict):
                 raise LookalikeError(f"--set {override!r}: {section} is not a section")
-        node[leaf] = _parse_value(value.strip())
+        if value.strip():
+            node[leaf] = _parse_value(value.strip())
+        else:
+            node.pop(leaf, None)
     return data
 
 

@@ -13,6 +13,7 @@ take turns on the one model.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -38,7 +39,8 @@ from lookalike.models.base import (
 )
 from lookalike.models.checkpoint import resolve_drawing_base
 from lookalike.models.lora import check_lora_file, load_lora_into, lookalike_metadata
-from lookalike.workspace import Workspace, atomic_path, write_json
+from lookalike.train.trained_on import trained_base_problem
+from lookalike.workspace import Workspace, atomic_path, file_sha256, write_json
 
 NONE = "(none)"
 MAX_UPLOAD_MB = 10  # per file
@@ -80,12 +82,14 @@ class DemoModels:
         self._lock = threading.Lock()
 
     def lora_choices(self) -> list[str]:
-        """The runs of the workspace that have a trained LoRA for the base the app draws with ([model] base): the
-        only LoRAs the app loads (a study across bases lists the others under their own base's config). A run
-        whose best sample step was kept is also listed as `<run>@best`."""
+        """The runs of the workspace that have a trained LoRA for the base the app draws with ([model] base, with
+        its fine-tune where model.checkpoint names one): the only LoRAs the app loads (a study across bases lists
+        the others under their own base's config). A run whose best sample step was kept is also listed as
+        `<run>@best`."""
         runs = self.workspace.runs
         files = sorted(runs.glob("*/lora.safetensors")) if runs.is_dir() else []
-        names = [f.parent.name for f in files if _lora_base(f) in (None, self.config.model.base)]
+        names = [f.parent.name for f in files if _lora_base(f) in (None, self.config.model.base)
+                 and trained_base_problem(self.workspace.run(f.parent.name), self.config) is None]
         return [choice for name in names
                 for choice in [name] + ([f"{name}@best"] if self.workspace.run(name).best_lora.is_file() else [])]
 
@@ -105,18 +109,21 @@ class DemoModels:
             self._pipe = pipe
         return self._pipe
 
-    def render(self, loras: list[tuple[str, float]], prompt: str, seed: int, guidance: float | None, steps: int,
-               size: int, progress=None):
-        """One image with the given LoRAs at their weights (diffusers' weighted adapters; none: the base)."""
+    def render(self, loras: list[tuple[str, float, str]], prompt: str, seed: int, guidance: float | None,
+               steps: int, size: int, progress=None):
+        """One image with the given LoRAs (name, weight, the file's SHA-256) at their weights (diffusers' weighted
+        adapters; none: the base). Adapters are kept by their file's content: a run retrained, or a best step
+        that moved on, while the app is open loads as the new file it is."""
         pipe = self.pipe()
         with self._lock:
-            for name, _ in loras:
-                if name not in self._adapters:
-                    load_lora_into(pipe, self.lora_path(name), adapter_name=name)
-                    self._adapters.add(name)
+            adapters = [f"sha256_{sha256[:16]}" for _, _, sha256 in loras]
+            for (name, _, _), adapter in zip(loras, adapters):
+                if adapter not in self._adapters:
+                    load_lora_into(pipe, self.lora_path(name), adapter_name=adapter)
+                    self._adapters.add(adapter)
             if loras:
                 pipe.enable_lora()
-                pipe.set_adapters([name for name, _ in loras], [weight for _, weight in loras])
+                pipe.set_adapters(adapters, [weight for _, weight, _ in loras])
             elif self._adapters:
                 pipe.disable_lora()
             max_len = max_sequence_length(self.config.model)
@@ -150,7 +157,7 @@ class DemoModels:
 
     def keep_image(self, image, facts: dict) -> Path:
         """Save a generated image with its settings (sidecar first, image last), named by its settings."""
-        digest = hashlib.sha256(repr(sorted(facts.items())).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
         path = self.folder / "images" / f"{digest}.png"
         write_json(path.with_suffix(".json"), facts)
         with atomic_path(path) as tmp:
@@ -193,12 +200,11 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     takes_guidance = guidance_scales(config) != [None]
     starting_references = [str(p) for p in reference_photos(config)]
 
-    def loras_of(lora_a, weight_a, lora_b, weight_b) -> list[tuple[str, float]]:
-        chosen = [(name, float(weight)) for name, weight in ((lora_a, weight_a), (lora_b, weight_b))
-                  if name and name != NONE]
-        for name, _ in chosen:
-            models.lora_path(name)  # refuses anything that is not a trained run of this workspace
-        return chosen
+    def loras_of(lora_a, weight_a, lora_b, weight_b) -> list[tuple[str, float, str]]:
+        """(name, weight, SHA-256 of its file now) of each chosen LoRA; lora_path refuses anything that is not a
+        trained run of this workspace."""
+        return [(name, float(weight), file_sha256(models.lora_path(name)))
+                for name, weight in ((lora_a, weight_a), (lora_b, weight_b)) if name and name != NONE]
 
     def generate(lora_a, weight_a, lora_b, weight_b, prompt, seed, guidance, steps, side, references, history,
                  progress=gr.Progress()):
@@ -211,12 +217,13 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             guidance = float(guidance) if takes_guidance else None
             image = models.render(loras, prompt, int(seed), guidance, int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": guidance, "steps": int(steps),
-                     "size": side, "loras": loras, "base_model": drawing_base(config)}
+                     "size": side, "base_model": drawing_base(config),
+                     "loras": [{"name": name, "weight": weight, "sha256": sha256} for name, weight, sha256 in loras]}
             path = models.keep_image(image, facts)
             scores = models.score(path, prompt, references)
         except DemoError as error:
             raise gr.Error(str(error)) from None
-        caption = f"{' + '.join(f'{n}x{w:g}' for n, w in loras) or 'base'} | seed {int(seed)} | {_brief(scores)}"
+        caption = f"{' + '.join(f'{n}x{w:g}' for n, w, _ in loras) or 'base'} | seed {int(seed)} | {_brief(scores)}"
         history = history + [(str(path), caption)]
         return image, scores, _shown(history), {"path": str(path), "prompt": prompt}, history
 

@@ -39,6 +39,7 @@ from lookalike.models.checkpoint import drawn_checkpoint, resolve_drawing_base
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
 from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar
+from lookalike.train.trained_on import trained_base_problem
 from lookalike.workspace import Workspace, atomic_path, write_json
 
 
@@ -206,9 +207,13 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     if checkpoint != "final" and run is None:
         raise LookalikeError("--checkpoint picks one of a run's LoRAs: give --run NAME")
     if run is not None:
-        loras = [Workspace(config.workspace).run(run).lora_at(checkpoint)]
+        paths = Workspace(config.workspace).run(run)
+        loras = [paths.lora_at(checkpoint)]
         if not loras[0].is_file():
             raise LookalikeError(f"run {run!r} has no trained LoRA yet ({loras[0]}); train it first")
+        problem = trained_base_problem(paths, config)
+        if problem:
+            raise LookalikeError(problem)
     weights = list(weights) if weights is not None else [1.0] * len(loras)
     if len(weights) != len(loras):
         raise LookalikeError(f"--weights: {len(weights)} weights for {len(loras)} LoRA files")

@@ -22,6 +22,7 @@ from lookalike.generate import generate
 from lookalike.models.base import check_drawing_base, quiet_libraries
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep
+from lookalike.train.trained_on import trained_base_problem
 from lookalike.workspace import UNFINISHED, Workspace
 
 
@@ -46,6 +47,10 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     stage("3/4 generate")
     drawn = []  # (run, checkpoint) of every LoRA whose images were made
     for name in trained:
+        wrong_base = trained_base_problem(Workspace(config.workspace).run(name), config_for_run(config, name))
+        if wrong_base:  # its images and figures stay those of the base it trained on
+            console.print(f"generate: skipped: {wrong_base}", highlight=False)
+            continue
         checkpoints = ["final"]
         if config.generate.best_checkpoint and Workspace(config.workspace).run(name).has_distinct_best():
             checkpoints.append("best")

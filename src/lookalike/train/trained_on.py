@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from lookalike.config import StudyConfig
 from lookalike.workspace import file_sha256
+from lookalike.display import trained_base
 from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, write_json
 
@@ -103,6 +104,24 @@ def checkpoint_changed(run: RunPaths, config: StudyConfig) -> bool:
     if (trained.get("size"), trained.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
         return False
     return file_sha256(Path(file)) != trained.get("sha256")
+
+
+def trained_base_problem(run: RunPaths, config: StudyConfig) -> str | None:
+    """Why `config` would draw the run's LoRA on another base than the one it trained on (model.base, with the
+    fine-tune of model.checkpoint and that file's content), or None. A [generate] base of the same family is the
+    user's own choice of another base, checked by check_drawing_base; a run that kept no config has nothing to
+    compare."""
+    if config.generate.base not in (None, config.model.base) or not run.config.is_file():
+        return None
+    model = read_json(run.config).get("model", {})
+    was = (model.get("base"), Path(model["checkpoint"]).resolve() if model.get("checkpoint") else None)
+    now = (config.model.base, Path(config.model.checkpoint).resolve() if config.model.checkpoint else None)
+    if was == now and not checkpoint_changed(run, config):
+        return None
+    trained = trained_base(was[0], was[1])
+    asked = trained_base(now[0], now[1]) + (" (a changed file)" if was == now else "")
+    return (f"run {run.name!r} was trained on {trained}, and the config now draws on {asked}: its LoRA is drawn "
+            "only on the base it trained on (use the config it was trained with, or train a new run)")
 
 
 def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) -> str | None:
