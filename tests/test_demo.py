@@ -172,6 +172,43 @@ def test_the_page_shows_its_main_controls_in_headless_chromium(demo, tmp_path):
     assert shot.std() > 10, "the screenshot is not blank"
 
 
+def test_with_a_login_nothing_of_the_study_reaches_a_visitor_before_login(demo, tmp_path):
+    """gradio embeds its API description (run names, trigger word, prompt, reference photos) in the page it serves
+    before login; the app blanks it until the visitor logs in, and the page is then the login form alone."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    _, models, _ = demo
+    app = build_app(models.config, models)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               **serve_options(("user", "pass word ")))
+    url = f"http://127.0.0.1:{port}/"
+    secrets = ["sks", "a photo of", models.config.subject.images.name, '"r@best"', models.config.name]
+    try:
+        with httpx.Client(base_url=url, timeout=30) as visitor:
+            for path in ("", "?view=api", "manifest.json", "config", "gradio_api/info"):
+                answer = visitor.get(path)
+                assert not [s for s in secrets if s in answer.text], (path, answer.status_code)
+            assert visitor.post("login", data={"username": "user", "password": "pass word"}).status_code == 400, \
+                "the password is kept exactly, its trailing space included"
+            assert visitor.post("login", data={"username": "user", "password": "pass word "}).status_code == 200
+            assert "a photo of sks" in visitor.get("").text, "logged in, the app is whole"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.get_by_label("password").wait_for(state="visible", timeout=30000)
+            page.screenshot(path=str(tmp_path / "login.png"))
+            page.get_by_label("username").fill("user")
+            page.get_by_label("password").fill("pass word ")
+            page.get_by_role("button", name="Login").click()
+            page.get_by_role("button", name="Generate").wait_for(state="visible", timeout=30000)
+            browser.close()
+    finally:
+        app.close()
+
+
 def test_uploads_and_gradio_files_stay_in_the_workspace_and_checked_uploads_are_deleted(demo, faces):
     import gradio
     from gradio_client import handle_file

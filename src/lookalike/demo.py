@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lookalike.config import StudyConfig
 from lookalike.data.images import load_rgb
-from lookalike.demo_guard import LoginThrottle, UploadLimit, is_loopback
+from lookalike.demo_guard import LoginFirst, LoginThrottle, UploadLimit, is_loopback
 from lookalike.display import trained_base
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
@@ -356,7 +356,8 @@ def serve_options(credentials: tuple[str, str] | None) -> dict:
 
     limit = Middleware(UploadLimit, max_files=MAX_FILES_PER_UPLOAD,
                        max_bytes=MAX_FILES_PER_UPLOAD * (MAX_UPLOAD_MB + 1) * 2**20)  # + multipart framing
-    return {"max_file_size": f"{MAX_UPLOAD_MB}mb", "show_error": False, "app_kwargs": {"middleware": [limit]},
+    guards = [limit, Middleware(LoginFirst)] if credentials else [limit]
+    return {"max_file_size": f"{MAX_UPLOAD_MB}mb", "show_error": False, "app_kwargs": {"middleware": guards},
             "auth": LoginThrottle(*credentials) if credentials else None}
 
 

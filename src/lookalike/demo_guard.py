@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def _first_line(path: Path) -> str:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise LookalikeError(f"--auth-file: cannot read {path} ({error.__class__.__name__})") from None
-    return lines[0].strip() if lines else ""
+    return lines[0] if lines else ""  # as written: a password may end in a space
 
 
 class LoginThrottle:
@@ -103,6 +104,57 @@ class UploadLimit:
             return message
 
         return await self.app(scope, counted, send)
+
+
+class LoginFirst:
+    """ASGI middleware for an app with a login: gradio (6.31, routes.py `main`) embeds the app's API description in
+    the page it serves, before login too, and that description holds every endpoint's defaults: run names, the
+    trigger word, the default prompt, reference photo names. For a visitor who is not logged in, every HTML page
+    has it blanked, so what reaches them is the login form alone."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or _logged_in(scope):
+            return await self.app(scope, receive, send)
+        if scope["path"].endswith("/manifest.json"):  # it names the app by its title, the study's name
+            return await _refuse(send, 401, "log in first")
+        start, chunks = None, []
+
+        async def blanked(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                kind = dict(message["headers"]).get(b"content-type", b"")
+                if not kind.startswith(b"text/html"):
+                    return await send(message)
+                start = message
+                return
+            if start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = API_INFO.sub(b"window.gradio_api_info = null;</script>", b"".join(chunks))
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return await self.app(scope, receive, blanked)
+
+
+API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+
+
+def _logged_in(scope) -> bool:
+    """Whether the request carries the cookie of a login gradio granted (its get_current_user's own test)."""
+    from starlette.requests import Request
+
+    app = scope.get("app")
+    cookies = Request(scope).cookies
+    cookie_id = getattr(app, "cookie_id", None)
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return token is not None and token in getattr(app, "tokens", {})
 
 
 async def _refuse(send, status: int, text: str) -> None:
