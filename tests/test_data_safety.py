@@ -363,3 +363,32 @@ def test_names_with_square_brackets_print_whole(tiny_config, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ws ün [old]" in result.stdout and "run '[new]' done" in result.stdout
     assert "prepare [/b]" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_mistake_found_before_the_first_step_does_not_use_up_the_run_name(tiny_config, tmp_path):
+    """A bad model.checkpoint (or a layer_filter that matches nothing) fails after the run's folder is made; the
+    corrected config trains the same run afresh, by name or through `sweep --retry-failed`."""
+    from lookalike.errors import LookalikeError
+    from lookalike.train.trainer import train
+
+    run = Workspace(tmp_path / "work").run("default")
+    missing = tiny_config(model={"checkpoint": str(tmp_path / "gone.safetensors")}, train={"max_train_steps": 2})
+    with pytest.raises(LookalikeError, match="model.checkpoint: file not found"):
+        train(load_config(missing), "default")
+    no_layers = tiny_config("filter.toml", train={"max_train_steps": 2, "layer_filter": "no-such-layer"})
+    result = run_cli("sweep", str(no_layers), "--retry-failed")
+    assert result.returncode == 1 and run.state() == "failed" and "matches none of the layers" in \
+        run.read_status()["reason"], result.stdout + result.stderr
+    corrected = tiny_config("fixed.toml", train={"max_train_steps": 2})
+    result = run_cli("sweep", str(corrected), "--retry-failed")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run.state() == "done" and len(read_metrics_steps(run)) == 2
+    assert not run.checkpoint_record.exists(), "nothing of the first try's config is left"
+    assert json.loads(run.config.read_text())["train"]["layer_filter"] is None
+
+
+def read_metrics_steps(run: RunPaths) -> list[int]:
+    from lookalike.workspace import read_metrics
+
+    return [record["step"] for record in read_metrics(run.metrics)]

@@ -65,7 +65,7 @@ from lookalike.train.trained_on import (
     stale_reason,
     trains_on,
 )
-from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, write_json
+from lookalike.workspace import RunPaths, StepLog, Workspace, atomic_path, read_json, read_metrics, write_json
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -161,6 +161,8 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
     status = run.read_status()
     if (status is None or status["state"] == "pending") and not run.config.exists():
         return False
+    if _stopped_before_its_first_step(run, status):
+        return False  # nothing of it to keep or to match: it starts again, on the config given now
     if not resume:
         if status and status["state"] == "done" and run.lora.is_file():
             return True
@@ -176,6 +178,14 @@ def _check_run_folder(run: RunPaths, config: StudyConfig, resume: bool) -> bool:
             raise LookalikeError(f"cannot resume run {run.name!r}: its config differs in {', '.join(changed)} "
                                  "(start a new --run instead)")
     return bool(status and status["state"] == "done" and run.lora.is_file())
+
+
+def _stopped_before_its_first_step(run: RunPaths, status: dict | None) -> bool:
+    """A run that failed, or was killed, before it trained a step (a bad model.checkpoint, a layer_filter that
+    matches nothing, a bad init_lora): it holds no weights, so its name is not used up by the mistake. Only asked
+    while this process holds the run, so a status that says running is of a process that is gone."""
+    return (status is not None and status["state"] in ("failed", "running") and not run.lora.is_file()
+            and not read_metrics(run.metrics) and not list_checkpoints(run.checkpoints))
 
 
 def _keep_shorter_lora(run: RunPaths, config: StudyConfig, console: Console) -> None:
@@ -235,6 +245,9 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
     before = run.seconds_so_far()
     started = time.time()
     if main:
+        if _stopped_before_its_first_step(run, run.read_status()):  # what its first try wrote is of another config
+            for leftover in (run.checkpoint_record, run.init_lora, run.photos):
+                leftover.unlink(missing_ok=True)
         run.root.mkdir(parents=True, exist_ok=True)
         run.remove_temporary_files()
         _keep_shorter_lora(run, config, console)  # before the saved config becomes the new one
