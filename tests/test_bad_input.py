@@ -45,6 +45,13 @@ def corpus(tmp_path_factory, faces) -> Path:
     (loop / "a").symlink_to(loop / "b")
     (loop / "b").symlink_to(loop / "a")
     (root / "looping").symlink_to(root / "looping")  # a photo folder that is itself a symlink loop
+    for folder in ("latin1", "caption_folder"):  # good photos, with a caption that cannot be read
+        (root / folder).mkdir()
+        for photo in sorted(good_photos.iterdir()):
+            (root / folder / photo.name).write_bytes(photo.read_bytes())
+    (root / "latin1" / "1.txt").write_bytes("a photo of sks at the café".encode("latin-1"))
+    (root / "caption_folder" / "1.txt").mkdir()
+    (root / "taken.safetensors").mkdir()
 
     a = torch.ones(2, 8)
     b = torch.ones(8, 2)
@@ -129,6 +136,16 @@ CASES = {
                                                  str(c / "good.safetensors")],
     "resize: --rank 0": lambda c, f: ["resize", str(c / "good.safetensors"), "--rank", "0", "--out",
                                       str(c / "out" / "r.safetensors")],
+    "a caption in Latin-1": lambda c, f: ["prepare", study(c, f, "latin1", data={"crop": "center"})],
+    "a folder in a caption's place": lambda c, f: ["prepare", study(c, f, "caption_folder", data={"crop": "center"})],
+    "export: --out is a folder": lambda c, f: ["export", "--lora", str(c / "good.safetensors"), "--out",
+                                               str(c / "taken.safetensors")],
+    "export: --out is a photo": lambda c, f: ["export", "--lora", str(c / "good.safetensors"), "--out",
+                                              str(c / "latin1" / "1.jpg")],
+    "merge: weights that overflow": lambda c, f: ["merge", str(c / "good.safetensors"), str(c / "good.safetensors"),
+                                                  "--out", str(c / "out" / "m.safetensors"), "--weights",
+                                                  "1e308,1e308"],
+    "generate: NaN weights in a file": lambda c, f: ["generate", study(c, f), "--lora", str(c / "nan.safetensors")],
     "evaluate: binary prompts file": lambda c, f: ["evaluate", "--images", str(f / "test"), "--references",
                                                    str(f / "train" / "guido_van_rossum"), "--prompts",
                                                    str(c / "prompts.bin"), "--clip-model", "tiny",

@@ -4,8 +4,11 @@ in qa.html, and trained on."""
 
 from __future__ import annotations
 
+import codecs
 import html
 from pathlib import Path
+
+import pytest
 
 from lookalike import display
 from lookalike.config import load_config
@@ -54,3 +57,20 @@ def test_the_caption_command_captions_with_the_model_it_is_given(tiny_config, ti
     assert result.returncode == 2 and "give --model ID, or set [data] captioner" in result.stderr
     assert run_in_process("caption", str(path), "--model", str(tiny_blip)).returncode == 0
     assert len(list((load_config(path).workspace / "data" / "captions").glob("*.txt"))) == 4
+
+
+def test_a_caption_file_is_read_in_the_encoding_its_byte_order_mark_names(tmp_path):
+    """Notepad's UTF-16, and UTF-8 with or without a mark, read alike; another encoding is refused by name."""
+    from lookalike.data.captions import read_caption
+    from lookalike.errors import LookalikeError
+
+    text = "sks at the café, smiling"
+    for name, data in {"utf8": (text + "\n").encode(), "utf8-mark": text.encode("utf-8-sig"),
+                       "utf16": text.encode("utf-16"), "utf16-be": codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+                       "utf32": text.encode("utf-32")}.items():
+        (tmp_path / f"{name}.txt").write_bytes(data)
+        assert read_caption(tmp_path / f"{name}.txt") == text, name
+    (tmp_path / "latin1.txt").write_bytes(text.encode("latin-1"))
+    with pytest.raises(LookalikeError, match=r"latin1.txt: not UTF-8 text"):
+        read_caption(tmp_path / "latin1.txt")
+    assert read_caption(tmp_path / "none.txt") is None

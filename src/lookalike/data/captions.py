@@ -7,6 +7,7 @@ data/captions/<photo>-<its sha256>.txt. A user may edit those files: one that ex
 
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 
@@ -65,6 +66,28 @@ class Captioner:
         return " ".join(self.processor.batch_decode(ids, skip_special_tokens=True)[0].split())
 
 
+# Byte-order marks an editor may begin a text file with (Windows' Notepad saves UTF-16 with one), longest first.
+_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_caption(path: Path) -> str | None:
+    """A caption file's text, stripped: UTF-8, or any encoding its byte-order mark names; None where there is no
+    file. A folder in its place, or text in another encoding, is refused by name."""
+    path = Path(path)
+    if path.is_dir():
+        raise LookalikeError(f"{path}: a folder where a caption file is read; move it away")
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    encoding = next((name for mark, name in _MARKS if data.startswith(mark)), "utf-8")
+    try:
+        return data.decode(encoding).strip()
+    except UnicodeDecodeError:
+        raise LookalikeError(f"{path}: not UTF-8 text; save the caption as UTF-8 (or with a byte-order mark)") \
+            from None
+
+
 def caption_file(data: Path, photo) -> Path:
     return data / "captions" / f"{Path(photo.source).stem}-{photo.sha256[:8]}.txt"
 
@@ -73,15 +96,16 @@ def describe_photos(model: str | None, kept: list, data: Path, resolution: int, 
                     console: Console) -> dict[str, str]:
     """{photo source: its caption template} for every kept photo with a caption file, captioning those without
     one first when a model is given (without one, the files `lookalike caption` wrote are still used)."""
-    missing = [photo for photo in kept if not caption_file(data, photo).is_file()]
+    captions = {photo.source: read_caption(caption_file(data, photo)) for photo in kept}
+    missing = [photo for photo in kept if captions[photo.source] is None]
     if missing and model:
         captioner = Captioner(model)
         with progress_bar(console, "caption", total=len(missing)) as bar:
             for photo in missing:
                 crop = crop_and_resize(load_rgb(Path(photo.source)), tuple(photo.crop_box), resolution)
                 caption_file(data, photo).parent.mkdir(parents=True, exist_ok=True)
+                captions[photo.source] = with_trigger(captioner.describe(crop), class_word)
                 with atomic_path(caption_file(data, photo)) as tmp:
-                    tmp.write_text(with_trigger(captioner.describe(crop), class_word) + "\n")
+                    tmp.write_text(captions[photo.source] + "\n")
                 bar.update()
-    return {photo.source: caption_file(data, photo).read_text().strip() for photo in kept
-            if caption_file(data, photo).is_file()}
+    return {source: caption for source, caption in captions.items() if caption is not None}

@@ -27,7 +27,7 @@ from rich.console import Console
 from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
-from lookalike.data.captions import describe_photos
+from lookalike.data.captions import describe_photos, read_caption
 from lookalike.data.crop import box_in_crop, bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
 from lookalike.data.images import load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
@@ -84,11 +84,8 @@ def source_files(folder: Path) -> list[Path]:
 
 
 def caption_for(photo: Path, default: str) -> str:
-    """A caption .txt beside the photo wins over the config's default caption."""
-    caption_file = photo.with_suffix(".txt")
-    if caption_file.is_file() and caption_file.read_text().strip():
-        return caption_file.read_text().strip()
-    return default
+    """A caption .txt beside the photo wins over the config's default caption (an empty one does not)."""
+    return read_caption(photo.with_suffix(".txt")) or default
 
 
 def inspection_settings(config: StudyConfig) -> str:
