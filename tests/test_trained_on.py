@@ -107,3 +107,25 @@ def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_co
     assert outcome({}) == ("done earlier", None)
     assert "stale" not in json.loads(workspace.run("r4").status.read_text())
     assert lora.read_bytes() == trained, "the run's LoRA is never touched"
+
+
+@pytest.mark.slow
+def test_class_images_taken_from_a_folder_are_recorded_like_the_photos(tiny_config, faces, tmp_path):
+    """[prior] images replaced under a finished run: it is named stale, and a started run will not resume on them."""
+    from lookalike.data.dataset import training_images
+    from lookalike.train.trained_on import stale_reason
+    from lookalike.workspace import Workspace
+
+    classes = tmp_path / "classes"
+    shutil.copytree(faces / "train" / "paul_allen", classes)
+    config = load_config(tiny_config(train={"max_train_steps": 2, "checkpoint_every": 1},
+                                     prior={"num_class_images": 2, "images": str(classes)}, data={"crop": "center"}))
+    train(config, "r")
+    run = Workspace(config.workspace).run("r")
+    assert stale_reason(run, config, training_images(config), config.workspace) is None
+    shutil.copy(faces / "test" / "guido_van_rossum.jpg", classes / "2.jpg")  # the subject among the class images
+    stale = stale_reason(run, config, training_images(config), config.workspace)
+    assert "class images of prior.images (1 changed (2.jpg))" in stale
+    run.write_status("failed", reason="interrupted")  # as if killed after its checkpoint of step 1
+    with pytest.raises(LookalikeError, match=r"cannot resume run 'r': its class images \(prior.images\) changed"):
+        train(config, "r", resume=True)

@@ -255,6 +255,11 @@ class RunPaths:
         return self.root / "photos.json"
 
     @property
+    def class_photos(self) -> Path:
+        """The class images the run takes from [prior] images: file -> SHA-256 (train/trained_on.py)."""
+        return self.root / "class_photos.json"
+
+    @property
     def checkpoint_record(self) -> Path:
         """Of a run on a single-file checkpoint ([model] checkpoint): the file it trained on (path, size, time,
         SHA-256)."""

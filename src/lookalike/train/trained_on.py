@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from lookalike.config import StudyConfig
 from lookalike.workspace import file_sha256
+from lookalike.data.images import list_images
 from lookalike.display import trained_base
 from lookalike.errors import LookalikeError
 from lookalike.workspace import RunPaths, read_json, write_json
@@ -80,6 +81,34 @@ def photo_changes(run: RunPaths, images, workspace: Path) -> str | None:
     return ", ".join(parts) or None
 
 
+def class_photos(config: StudyConfig) -> dict[str, str]:
+    """file -> SHA-256 of the class images a run takes from [prior] images (none when it takes none: drawn ones are
+    the base's, named by their own sidecars; a folder that cannot be read holds none)."""
+    if not config.prior.num_class_images or config.prior.images is None:
+        return {}
+    try:
+        files = list_images(config.prior.images, "prior.images")[:config.prior.num_class_images]
+    except LookalikeError:
+        return {}
+    return {str(path): file_sha256(path) for path in files}
+
+
+def record_class_photos(run: RunPaths, config: StudyConfig) -> None:
+    write_json(run.class_photos, class_photos(config))
+
+
+def class_photo_changes(run: RunPaths, config: StudyConfig) -> str | None:
+    """How the class images of [prior] images differ from those the run trained on, e.g. "1 changed (3.jpg)"; None
+    when they are the same, or the run kept no record (an older one)."""
+    if not run.class_photos.is_file():
+        return None
+    before, now = read_json(run.class_photos), class_photos(config)
+    kinds = (("added", sorted(now.keys() - before.keys())), ("removed", sorted(before.keys() - now.keys())),
+             ("changed", sorted(name for name in now.keys() & before.keys() if now[name] != before[name])))
+    parts = [f"{len(names)} {what} ({_some([Path(name).name for name in names])})" for what, names in kinds if names]
+    return ", ".join(parts) or None
+
+
 def _some(names: list[str], shown: int = 3) -> str:
     """The first few names, and how many more: a line that stays readable in a table."""
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
@@ -140,6 +169,9 @@ def stale_reason(run: RunPaths, config: StudyConfig, images, workspace: Path) ->
     photos = photo_changes(run, images, workspace)
     if photos:
         differences.append(f"photos ({photos})")
+    classes = class_photo_changes(run, config)
+    if classes:
+        differences.append(f"class images of prior.images ({classes})")
     if not differences:
         return None
     return (f"trained on other {' and '.join(differences)} than the study now asks for, so its results are of "

@@ -59,8 +59,10 @@ from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
 from lookalike.train.trained_on import (
     changed_settings,
     checkpoint_changed,
+    class_photo_changes,
     extended_from,
     photo_changes,
+    record_class_photos,
     record_photos,
     stale_reason,
     trains_on,
@@ -246,7 +248,7 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
     started = time.time()
     if main:
         if _stopped_before_its_first_step(run, run.read_status()):  # what its first try wrote is of another config
-            for leftover in (run.checkpoint_record, run.init_lora, run.photos):
+            for leftover in (run.checkpoint_record, run.init_lora, run.photos, run.class_photos):
                 leftover.unlink(missing_ok=True)
         run.root.mkdir(parents=True, exist_ok=True)
         run.remove_temporary_files()
@@ -326,11 +328,16 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
         raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes}; put "
                              "them back and resume it (`lookalike sweep --retry-failed` or `train --resume`), or "
                              "start a new --run")
+    classes = class_photo_changes(run, config) if checkpoints else None
+    if classes:
+        raise LookalikeError(f"cannot resume run {run.name!r}: its class images (prior.images) changed since it "
+                             f"started: {classes}; put them back and resume it, or start a new --run")
     if checkpoints and checkpoint_changed(run, config):
         raise LookalikeError(f"cannot resume run {run.name!r}: model.checkpoint {config.model.checkpoint} changed "
                              "since it started; put the file back and resume it, or start a new --run")
     if accelerator.is_main_process:
         record_photos(run, images, config.workspace)
+        record_class_photos(run, config)
         if config.model.checkpoint is not None:
             write_json(run.checkpoint_record, read_json(folder / RECORD))
     if t.flip:  # each photo mirrored too: an example of its own, encoded from the mirrored pixels
