@@ -4,9 +4,12 @@ with that file's transformer and the run's LoRA; files it cannot read are refuse
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +59,27 @@ def test_a_fine_tunes_single_file_becomes_the_bases_transformer_once(tmp_path, m
 
     monkeypatch.setattr(FluxTransformer2DModel, "from_single_file", never)
     assert checkpoint_folder(model, tmp_path / "work") == folder, "made once, found again without hashing"
+
+    # Touched (the same bytes, a new time): hashed once more, then found by its new time, never converted again.
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
+    hashed = []
+    monkeypatch.setattr("lookalike.models.checkpoint.file_sha256", lambda path: hashed.append(path) or
+                        hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    assert checkpoint_folder(model, tmp_path / "work") == folder and len(hashed) == 1
+    assert checkpoint_folder(model, tmp_path / "work") == folder and len(hashed) == 1, "its record was brought up to date"
+
+    # A conversion killed before its rename leaves a hidden folder with a record: never taken, and cleared.
+    debris = folder.parent / f".{folder.name}.0123abcd.tmp"
+    shutil.copytree(folder, debris, symlinks=True)
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
+    assert checkpoint_folder(model, tmp_path / "work") == folder and not debris.exists()
+
+    # A file that is no safetensors file is told by its header, before it is hashed whole.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{{{{{{{{" + b"\0" * 1000)
+    with pytest.raises(LookalikeError, match="is not a readable .safetensors file"):
+        checkpoint_folder(ModelConfig(base="tiny", checkpoint=bad), tmp_path / "work")
+    assert all(Path(path) != bad for path in hashed)
 
 
 def in_bfl_layout(weights: dict[str, torch.Tensor], double: int, single: int) -> dict[str, torch.Tensor]:

@@ -144,3 +144,21 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_from_that_fil
     exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), scope)
     first = np.asarray(Image.open(shared / re.search(r"url: (images/\S+)", card).group(1))).astype(int)
     assert np.abs(np.asarray(scope["image"]).astype(int) - first).max() <= 1
+
+
+def test_a_file_that_fails_as_its_parts_are_saved_is_refused_by_name(tmp_path, monkeypatch):
+    """An SDXL file whose second text encoder is of another width than the base's (at the real widths) converts,
+    leaving that encoder on the meta device, and fails only as it is saved ("Cannot copy out of meta tensor"):
+    played here by that failure itself. One error line, and no folder left behind."""
+    from transformers import CLIPTextModelWithProjection
+
+    def on_the_meta_device(self, *args, **kwargs):
+        raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+
+    file = tmp_path / "sdxl-finetune.safetensors"
+    save_file(original_state_dict(fine_tuned(FAMILIES["sdxl"], tiny_sdxl()), True), str(file))
+    monkeypatch.setattr(CLIPTextModelWithProjection, "save_pretrained", on_the_meta_device)
+    with pytest.raises(LookalikeError, match=f"model.checkpoint: {file} is not a checkpoint of .*NotImplementedError: "
+                                             "Cannot copy out of meta tensor"):
+        checkpoint_folder(ModelConfig(base=tiny_sdxl(), checkpoint=file), tmp_path / "work")
+    assert not (tmp_path / "work" / "bases").exists() or not any((tmp_path / "work" / "bases").iterdir())

@@ -12,14 +12,14 @@ local diffusers base.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from lookalike import display
-from lookalike.workspace import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import check_drawing_base, drawing_base, load_component, resolve_base
 from lookalike.models.families import base_family
-from lookalike.workspace import build_once, read_json, write_json
+from lookalike.workspace import TEMPORARY_NAME, build_once, exclusive, file_sha256, read_json, write_json
 
 RECORD = "checkpoint.json"  # in a made folder: the file it was made of (its path, size, time and SHA-256)
 # What an all-in-one file of a transformer base holds beside its transformer, by the prefixes of the original
@@ -70,12 +70,40 @@ def checkpoint_folder(model, workspace: Path) -> Path:
     made = workspace / "bases"
     stat = file.stat()
     seen = {"file": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "base": str(base)}
-    for record in made.glob(f"*/{RECORD}") if made.is_dir() else []:  # made before: no need to hash the file again
-        if {k: v for k, v in read_json(record).items() if k in seen} == seen:
+    found = _made_from(made, seen)
+    if found is not None:  # made before: no need to hash the file again
+        return found
+    _file_keys(file)  # a file that is no safetensors file is told by its header, before it is read whole
+    # One process converts at a time; whatever hidden folder a killed one left is then debris.
+    with exclusive(workspace / ".bases.lock"):
+        for debris in made.iterdir() if made.is_dir() else []:
+            if debris.is_dir() and TEMPORARY_NAME.fullmatch(debris.name):
+                shutil.rmtree(debris, ignore_errors=True)
+        return _convert_once(file, model, family, parts, base, made, seen)
+
+
+def _made_from(made: Path, seen: dict) -> Path | None:
+    """The folder made earlier from the file `seen` describes (its path, size, time and base), else None."""
+    for record in made.glob(f"*/{RECORD}") if made.is_dir() else []:
+        if not TEMPORARY_NAME.fullmatch(record.parent.name) and \
+                {k: v for k, v in read_json(record).items() if k in seen} == seen:
             return record.parent
+    return None
+
+
+def _convert_once(file: Path, model, family, parts: tuple[str, ...], base: Path, made: Path, seen: dict) -> Path:
+    """The folder of `file`'s content, converted now unless an earlier conversion holds that content (a file
+    touched or copied since, the same bytes: its record then names it at its new size and time)."""
+    found = _made_from(made, seen)  # made by another process while this one waited
+    if found is not None:
+        return found
     display.console().print(f"model.checkpoint: making {file.name} into a diffusers folder of {model.base} under "
                             f"{made} (once per file; its SHA-256 first)")
     digest = file_sha256(file)
+    folder = made / f"{file.stem}-{digest[:12]}"
+    if (folder / RECORD).is_file() and read_json(folder / RECORD).get("base") == seen["base"]:
+        write_json(folder / RECORD, {**seen, "sha256": digest})
+        return folder
 
     def convert(tmp: Path) -> None:
         others = _other_parts(file) if family.single_file_parts is None else {}
@@ -84,20 +112,24 @@ def checkpoint_folder(model, workspace: Path) -> Path:
                                     f"reads its transformer only, and keeps {model.base}'s {' and '.join(others)}")
         try:
             models = _read_single_file(file, family, base, parts, {name for names in others.values() for name in names})
+            # Saving is where some mismatches first show (a text encoder of another width is left on the meta
+            # device: "Cannot copy out of meta tensor").
+            for name, weights in models.items():
+                weights.save_pretrained(tmp / name)
         except MemoryError:
             raise
         except Exception as error:  # diffusers' converters fail in many ways on another model's keys
+            if isinstance(error, OSError) and error.errno is not None:
+                raise  # a full disk, a read-only folder: the command line says so
             what = model.base if family.single_file_parts else f"{model.base}'s transformer"
             raise LookalikeError(f"model.checkpoint: {file} is not a checkpoint of {what} "
                                  f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-        for name, weights in models.items():
-            weights.save_pretrained(tmp / name)
         for entry in base.iterdir():  # the rest is the base's own, linked
             if entry.name not in models and not entry.name.startswith("."):
                 os.symlink(entry.resolve(), tmp / entry.name)
         write_json(tmp / RECORD, {**seen, "sha256": digest})
 
-    return build_once(made / f"{file.stem}-{digest[:12]}", RECORD, convert)
+    return build_once(folder, RECORD, convert)
 
 
 def held_components(file: Path, family) -> tuple[str, ...]:
