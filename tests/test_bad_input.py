@@ -107,6 +107,8 @@ CASES = {
     "empty run name": lambda c, f: ["train", study(c, f), "--run", ""],
     "a LoRA file as an SD checkpoint": lambda c, f: ["train", study(c, f, model={
         "base": "tiny-sd15", "checkpoint": str(c / "good.safetensors")})],
+    "demo: a fine-tune that is not of the base": lambda c, f: ["demo", study(c, f, model={
+        "base": "tiny-sd15", "checkpoint": str(c / "good.safetensors")}), "--port", "1"],
     "pickle LoRA": lambda c, f: ["generate", study(c, f), "--lora", str(c / "pickle.safetensors.pt")],
     "huge safetensors header": lambda c, f: ["generate", study(c, f), "--lora", str(c / "huge_header.safetensors")],
     "garbled safetensors header": lambda c, f: ["generate", study(c, f), "--lora", str(c / "bad_header.safetensors")],

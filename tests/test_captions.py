@@ -74,3 +74,15 @@ def test_a_caption_file_is_read_in_the_encoding_its_byte_order_mark_names(tmp_pa
     with pytest.raises(LookalikeError, match=r"latin1.txt: not UTF-8 text"):
         read_caption(tmp_path / "latin1.txt")
     assert read_caption(tmp_path / "none.txt") is None
+
+
+def test_an_emptied_caption_file_is_said_and_the_default_caption_trains(tiny_config, faces, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in sorted((faces / "train" / "guido_van_rossum").iterdir()):
+        (photos / photo.name).write_bytes(photo.read_bytes())
+    (photos / "1.txt").write_text("  \n")
+    result = run_in_process("prepare", str(tiny_config(subject={"images": str(photos)}, data={"crop": "center"})))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {photos / '1.txt'} is empty: its photo trains with the default caption" in \
+        " ".join(result.stdout.split())

@@ -93,3 +93,17 @@ def test_metrics_of_another_file_are_not_current(tmp_path):
     assert run.current_metrics("final") is None
     write_json(run.root / "metrics.json", {"images": 4, "lora_sha256": file_sha256(run.lora)})
     assert run.current_metrics("final") == {"images": 4, "lora_sha256": file_sha256(run.lora)}
+
+
+def test_a_step_has_one_spelling_and_the_last_step_is_the_final_checkpoint(tmp_path):
+    from lookalike.errors import LookalikeError
+    from lookalike.workspace import RunPaths
+
+    run = RunPaths(tmp_path / "runs" / "r")
+    run.write_status("done", final_step=10, best_step=5)
+    run.front.mkdir()
+    run.front_lora(5).write_bytes(b"weights")
+    assert run.lora_at("00005") == run.lora_at("5") == run.front_lora(5)
+    assert run.images_at("00005") == run.images_at("5") == run.root / "images-5"
+    with pytest.raises(LookalikeError, match="step 10 is run 'r''s last: its LoRA is --checkpoint final"):
+        run.lora_at("10")

@@ -34,7 +34,7 @@ from lookalike.store import refresh, sort_runs
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep as run_sweep
 from lookalike.train.memory import estimate, fitting_lines, lighter_settings, parse_gpu_memory, size
-from lookalike.workspace import UNFINISHED, Workspace, check_run_name
+from lookalike.workspace import UNFINISHED, Workspace, check_run_name, checked_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach a diffusion model (FLUX.1, FLUX.2 [klein], Z-Image, Qwen-Image, SDXL, SD 1.x) one "
@@ -419,6 +419,7 @@ def export(
     if card and run is None:
         raise LookalikeError("--card describes a run's LoRA: give CONFIG --run NAME")
     _quiet()
+    checkpoint = checked_checkpoint(checkpoint)  # one spelling of a step: the card names it
     study = _load(config, None) if config is not None else None
     paths = Workspace(study.workspace).run(run) if run is not None else None
     source = lora if lora is not None else paths.lora_at(checkpoint)

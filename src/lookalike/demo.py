@@ -221,7 +221,7 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                      "loras": [{"name": name, "weight": weight, "sha256": sha256} for name, weight, sha256 in loras]}
             path = models.keep_image(image, facts)
             scores = models.score(path, prompt, references)
-        except DemoError as error:
+        except (DemoError, LookalikeError) as error:  # said in the page, as the command line says it
             raise gr.Error(str(error)) from None
         caption = f"{' + '.join(f'{n}x{w:g}' for n, w, _ in loras) or 'base'} | seed {int(seed)} | {_brief(scores)}"
         history = history + [(str(path), caption)]
@@ -365,6 +365,7 @@ def launch(config: StudyConfig, host: str = "127.0.0.1", port: int = 7860, share
            credentials: tuple[str, str] | None = None, block: bool = True):
     """Start the app; returns the Blocks (with block=False, once it serves)."""
     check_drawing_base(config)  # a drawing base no LoRA here fits is refused before anything serves
+    resolve_drawing_base(config)  # and a fine-tune (model.checkpoint) that is not of the base, by name
     if credentials is None and (share or not is_loopback(host)):
         reach = "a public gradio.live link" if share else f"every machine that can reach {host}:{port}"
         print(f"WARNING: the demo is open to {reach} without a password: anyone there can generate with your "

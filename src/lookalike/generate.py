@@ -21,7 +21,6 @@ from rich.console import Console
 
 from lookalike import display
 from lookalike.config import StudyConfig
-from lookalike.workspace import file_sha256
 from lookalike.errors import LookalikeError
 from lookalike.models.base import (
     base_info,
@@ -40,7 +39,7 @@ from lookalike.models.families import FAMILIES, base_family, pipeline_family
 from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar
 from lookalike.train.trained_on import trained_base_problem
-from lookalike.workspace import Workspace, atomic_path, write_json
+from lookalike.workspace import Workspace, atomic_path, checked_checkpoint, file_sha256, write_json
 
 
 @dataclass(frozen=True)
@@ -202,6 +201,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
     generated/). The LoRA is the run's at `checkpoint` (final, best, or a kept step), or the given files at
     their weights (diffusers' weighted adapters), or none: the base model."""
     console = console or display.console()
+    checkpoint = checked_checkpoint(checkpoint)
     if run is not None and loras:
         raise LookalikeError("give --run or --lora, not both")
     if checkpoint != "final" and run is None:

@@ -225,10 +225,14 @@ class StepLog:
         self.file.close()
 
 
-def _check_checkpoint(checkpoint: str) -> None:
-    """A checkpoint is named final, best or by its step: never a path (it becomes part of a folder's name)."""
-    if checkpoint not in ("final", "best") and not (checkpoint.isascii() and checkpoint.isdigit()):
+def checked_checkpoint(checkpoint: str) -> str:
+    """A checkpoint is named final, best or by its step: never a path (it becomes part of a folder's name); a step
+    in one spelling only (00005 is 5), so that one step's images never land in two folders."""
+    if checkpoint in ("final", "best"):
+        return checkpoint
+    if not (checkpoint.isascii() and checkpoint.isdigit()):
         raise LookalikeError(f"--checkpoint: {checkpoint!r} is not best, final or a step number")
+    return str(int(checkpoint))
 
 
 @dataclass(frozen=True)
@@ -324,7 +328,7 @@ class RunPaths:
         """The run's LoRA at `checkpoint`: final (lora.safetensors), best (the best sample step's, by the
         report's rule), or the number of a step whose LoRA was kept (one on the front of the scored steps, or the
         final one of a run since trained on)."""
-        _check_checkpoint(checkpoint)
+        checkpoint = checked_checkpoint(checkpoint)
         if checkpoint == "final":
             return self.lora
         if checkpoint == "best":
@@ -337,6 +341,8 @@ class RunPaths:
         if self.step_lora(step).is_file():  # the final LoRA of a run since trained on
             return self.step_lora(step)
         if not self.front_lora(step).is_file():
+            if step == (self.read_status() or {}).get("final_step"):
+                raise LookalikeError(f"step {step} is run {self.name!r}'s last: its LoRA is --checkpoint final")
             kept = sorted(int(p.stem.removeprefix("step-")) for p in self.front.glob("step-*.safetensors"))
             raise LookalikeError(f"run {self.name!r} kept no LoRA of step {step}: only the best scored "
                                  f"steps' are kept ({', '.join(map(str, kept)) or 'none'})")
@@ -373,7 +379,7 @@ class RunPaths:
 
     def images_at(self, checkpoint: str) -> Path:
         """Where the images of the run's LoRA at `checkpoint` go: images/ for the final one."""
-        _check_checkpoint(checkpoint)
+        checkpoint = checked_checkpoint(checkpoint)
         return self.images if checkpoint == "final" else self.root / f"images-{checkpoint}"
 
     def results_at(self, checkpoint: str) -> Path:

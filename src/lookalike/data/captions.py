@@ -88,6 +88,11 @@ def read_caption(path: Path) -> str | None:
             from None
 
 
+def empty_caption(file: Path, console: Console) -> None:
+    console.print(f"warning: {file} is empty: its photo trains with the default caption ([subject] caption)",
+                  highlight=False)
+
+
 def caption_file(data: Path, photo) -> Path:
     return data / "captions" / f"{Path(photo.source).stem}-{photo.sha256[:8]}.txt"
 
@@ -97,6 +102,9 @@ def describe_photos(model: str | None, kept: list, data: Path, resolution: int, 
     """{photo source: its caption template} for every kept photo with a caption file, captioning those without
     one first when a model is given (without one, the files `lookalike caption` wrote are still used)."""
     captions = {photo.source: read_caption(caption_file(data, photo)) for photo in kept}
+    for photo in kept:
+        if captions[photo.source] == "":  # an edited file emptied: said, then the default caption
+            empty_caption(caption_file(data, photo), console)
     missing = [photo for photo in kept if captions[photo.source] is None]
     if missing and model:
         captioner = Captioner(model)

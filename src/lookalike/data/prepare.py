@@ -27,7 +27,7 @@ from rich.console import Console
 from lookalike import display
 from lookalike.config import StudyConfig, SubjectConfig
 from lookalike.data import checks
-from lookalike.data.captions import describe_photos, read_caption
+from lookalike.data.captions import describe_photos, empty_caption, read_caption
 from lookalike.data.crop import box_in_crop, bucket_crop_box, center_crop_box, crop_and_resize, crop_size, face_crop_box
 from lookalike.data.images import load_rgb, not_an_image
 from lookalike.data.qa_report import print_summary, write_qa_page
@@ -83,9 +83,13 @@ def source_files(folder: Path) -> list[Path]:
     return files
 
 
-def caption_for(photo: Path, default: str) -> str:
-    """A caption .txt beside the photo wins over the config's default caption (an empty one does not)."""
-    return read_caption(photo.with_suffix(".txt")) or default
+def caption_for(photo: Path, default: str, console: Console) -> str:
+    """A caption .txt beside the photo wins over the config's default caption; an empty one does not, and says so."""
+    beside = photo.with_suffix(".txt")
+    caption = read_caption(beside)
+    if caption == "":
+        empty_caption(beside, console)
+    return caption or default
 
 
 def inspection_settings(config: StudyConfig) -> str:
@@ -273,7 +277,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
         if photo.status == "kept":
             photo.output = _output_name(photo, config.data.resolution)
             default = described.get(photo.source) or subject.caption
-            photo.caption = config.fill(caption_for(Path(photo.source), default), subject)
+            photo.caption = config.fill(caption_for(Path(photo.source), default, console), subject)
         else:
             photo.output = photo.caption = None
     manifest = json.loads(json.dumps({  # as it reads back from disk, to compare with the previous one

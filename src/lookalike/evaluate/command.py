@@ -25,7 +25,7 @@ from lookalike.models.base import quiet_libraries
 from lookalike.models.clip import load_clip
 from lookalike.progress import progress_bar
 from lookalike.store import record_run
-from lookalike.workspace import Workspace, atomic_path, file_sha256, read_json, write_json
+from lookalike.workspace import Workspace, atomic_path, checked_checkpoint, file_sha256, read_json, write_json
 
 SHOWN = ("face_distance", "identity_similarity", "id_match_rate", "bleed_similarity", "faceless", "several_faces",
          "clip_score")
@@ -230,6 +230,7 @@ def evaluate_runs(config: StudyConfig, console: Console, run: str | None = None,
     from lookalike.evaluate.group import group_row
 
     workspace = Workspace(config.workspace)
+    checkpoint = checked_checkpoint(checkpoint)
     if checkpoint != "final" and run is None:
         raise LookalikeError("--checkpoint picks one of a run's LoRAs: give --run NAME")
     if run is not None:
