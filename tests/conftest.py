@@ -140,3 +140,14 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m lookalike ARGS` as a user would, capturing its output."""
     return subprocess.run([sys.executable, "-m", "lookalike", *args], capture_output=True, text=True,
                           timeout=timeout, env=os.environ.copy())
+
+
+def drawn_by_its_lora(run, facts: dict) -> dict:
+    """A run's image's sidecar facts as generate writes them: its settings name the run's LoRA file by content (a
+    stand-in file is made where the run has none), as evaluate, the card and the report check."""
+    from lookalike.workspace import file_sha256
+
+    if not run.lora.is_file():
+        run.lora.parent.mkdir(parents=True, exist_ok=True)
+        run.lora.write_bytes(b"stands in for the run's LoRA, which the report's image grid fingerprints")
+    return {**facts, "settings": {"loras": [{"sha256": file_sha256(run.lora), "weight": 1.0}]}}

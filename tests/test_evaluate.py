@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import drawn_by_its_lora, run_cli
 
 
 @pytest.mark.slow
@@ -65,7 +65,8 @@ def fake_run(workspace, faces, name="r"):
     for index, (person, prompt, guidance) in enumerate(made):
         stem = f"p{index:02d}_s0_g{guidance:g}"
         Image.open(faces / "test" / f"{person}.jpg").convert("RGB").save(run.images / f"{stem}.png")
-        write_json(run.images / f"{stem}.json", {"prompt": prompt, "seed": 0, "guidance_scale": guidance})
+        write_json(run.images / f"{stem}.json", drawn_by_its_lora(run, {"prompt": prompt, "seed": 0,
+                                                                       "guidance_scale": guidance}))
     write_json(run.config, {"train": {"learning_rate": 5e-4, "rank": 4, "alpha": None, "max_train_steps": 20,
                                       "lr_scheduler": "cosine"}})
     run.write_status("done", seconds=12.5, final_loss=0.25)
@@ -167,7 +168,6 @@ def test_likeness_is_measured_against_held_out_photos_when_given(tiny_config, fa
     assert trained_on["references"] == 4 and not trained_on["references_held_out"]
     assert trained_on["face_distance"] != pytest.approx(ours["face_distance"]), "other references, other distances"
 
-    run.lora.write_bytes(b"stands in for the run's LoRA, which the report's image grid fingerprints")
     assert run_in_process("report", str(config)).returncode == 0
     summary = (tmp_path / "work" / "report" / "summary.md").read_text()
     assert "Likeness is measured against held-out photos of each person ([subject] references)" in summary
@@ -214,7 +214,7 @@ def test_a_results_store_written_before_bleed_gets_its_column_and_keeps_each_met
     import sqlite3
 
     from lookalike.store import refresh
-    from lookalike.workspace import Workspace, write_json
+    from lookalike.workspace import Workspace, file_sha256, write_json
 
     store = tmp_path / "results.sqlite"
     old = sqlite3.connect(store)  # the metrics table as it was: no bleed_similarity
@@ -227,8 +227,9 @@ def test_a_results_store_written_before_bleed_gets_its_column_and_keeps_each_met
     run.root.mkdir(parents=True)
     write_json(run.config, {"train": {"rank": 4}})
     run.write_status("done", seconds=1.0, final_loss=0.5)
+    run.lora.write_bytes(b"stands in for the run's LoRA")
     write_json(run.root / "metrics.json", {"images": 4, "identity_similarity": 0.7, "bleed_similarity": 0.2,
-                                           "clip_score": 0.3, "faceless": 1})
+                                           "clip_score": 0.3, "faceless": 1, "lora_sha256": file_sha256(run.lora)})
     [stored] = refresh(tmp_path / "work" / "runs", store)
     assert (stored["identity_similarity"], stored["bleed_similarity"], stored["clip_score"], stored["faceless"]) == \
         (0.7, 0.2, 0.3, 1)
@@ -242,7 +243,8 @@ def test_an_image_whose_prompt_names_nobody_measures_bleed_not_likeness(tiny_con
     config = tiny_config(evaluate={"face_backend": "dlib", "clip_model": "tiny"})
     run = fake_run(tmp_path / "work", faces)
     Image.open(faces / "test" / "guido_van_rossum.jpg").convert("RGB").save(run.images / "p03_s0_g3.5.png")
-    write_json(run.images / "p03_s0_g3.5.json", {"prompt": "a photo of a man", "seed": 0, "guidance_scale": 3.5})
+    write_json(run.images / "p03_s0_g3.5.json", drawn_by_its_lora(run, {"prompt": "a photo of a man", "seed": 0,
+                                                                      "guidance_scale": 3.5}))
     result = run_cli("evaluate", str(config), "--run", "r")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((run.root / "scores.csv").open()))
@@ -265,7 +267,9 @@ def test_runs_scored_by_an_earlier_meaning_of_the_metrics_are_scored_again(tiny_
 
     config = load_config(tiny_config())
     run = fake_run(tmp_path / "work", faces)
-    now = _inputs_digest(config, run.images, reference_photos(config))
-    assert now == _inputs_digest(config, run.images, reference_photos(config))
+    lora = run.lora_sha256("final")
+    now = _inputs_digest(config, run.images, reference_photos(config), lora)
+    assert now == _inputs_digest(config, run.images, reference_photos(config), lora)
+    assert _inputs_digest(config, run.images, reference_photos(config), "0" * 64) != now, "another LoRA's images"
     monkeypatch.setattr(command, "SCORING_VERSION", command.SCORING_VERSION + 1)
-    assert _inputs_digest(config, run.images, reference_photos(config)) != now
+    assert _inputs_digest(config, run.images, reference_photos(config), lora) != now

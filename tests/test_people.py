@@ -12,7 +12,7 @@ from PIL import Image
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
 from lookalike.workspace import Workspace, write_json
-from tests.conftest import run_cli
+from tests.conftest import drawn_by_its_lora, run_cli
 
 pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
 
@@ -77,7 +77,8 @@ def test_a_run_of_two_people_is_scored_against_the_person_each_prompt_names(tiny
     for stem, (photo, prompt) in {"p00_s0_g5": ("obama", "a photo of obm"), "p01_s0_g5": ("biden", "a photo of bdn"),
                                   "p02_s0_g5": ("obama_and_biden", "obm and bdn standing together")}.items():
         Image.open(faces / "group" / f"{photo}.jpg").convert("RGB").save(run.images / f"{stem}.png")
-        write_json(run.images / f"{stem}.json", {"prompt": prompt, "seed": 0, "guidance_scale": 5.0})
+        write_json(run.images / f"{stem}.json", drawn_by_its_lora(run, {"prompt": prompt, "seed": 0,
+                                                                       "guidance_scale": 5.0}))
     write_json(run.config, {"train": {"rank": 4}})
     run.write_status("done")
 

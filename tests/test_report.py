@@ -14,7 +14,7 @@ from PIL import Image
 from lookalike.display import cell
 from lookalike.report import figures
 from lookalike.workspace import Workspace, write_json
-from tests.conftest import run_cli, tiny_study
+from tests.conftest import drawn_by_its_lora, run_cli, tiny_study
 
 pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `make test` only
 
@@ -216,7 +216,7 @@ def test_runs_generated_at_three_guidance_scales_give_three_points_per_metric(ti
                                                 ("guido_van_rossum", 7.5)]):
         Image.open(faces / "test" / f"{person}.jpg").convert("RGB").save(run.images / f"p00_s{index}_g{guidance:g}.png")
         write_json(run.images / f"p00_s{index}_g{guidance:g}.json",
-                   {"prompt": "a photo of sks", "seed": index, "guidance_scale": guidance})
+                   drawn_by_its_lora(run, {"prompt": "a photo of sks", "seed": index, "guidance_scale": guidance}))
     write_json(run.config, {"train": {"rank": 4}})
     run.write_status("done")
     config = tiny_config(evaluate={"face_backend": "dlib", "clip_model": "tiny"})

@@ -77,7 +77,7 @@ def _record(db: sqlite3.Connection, run: RunPaths) -> None:
     status = run.read_status() or {"state": "pending"}
     state = "interrupted" if status["state"] == "running" and run.state() == "interrupted" else status["state"]
     alpha = train.get("alpha") if train.get("alpha") is not None else train.get("rank")
-    evaluation = read_json(run.root / "metrics.json") if (run.root / "metrics.json").is_file() else None
+    evaluation = run.current_metrics("final")  # of the LoRA file the run holds now, or none
     model = config.get("model", {})
     row = {"name": run.name, "state": state, "reason": _reason(state, status), "exit_code": status.get("exit_code"),
            "base": trained_base(model.get("base"), model.get("checkpoint")),
