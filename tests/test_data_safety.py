@@ -320,18 +320,18 @@ def test_resume_drops_a_cut_off_metrics_line_and_cleans_temporary_files(tiny_con
 
 
 def test_a_killed_child_is_named_by_its_signal_with_what_to_do(tmp_path):
-    from lookalike.sweep.runner import _finish
+    from lookalike.sweep.runner import child_outcome
 
     run = RunPaths(tmp_path / "runs" / "r")
     run.root.mkdir(parents=True)
     run.write_status("running", pid=999999999, started=time.time())
-    outcome = _finish(run, -signal.SIGKILL, 3.0, tmp_path / "results.sqlite")
+    outcome = child_outcome(run, -signal.SIGKILL, 3.0, tmp_path / "results.sqlite")
     assert outcome.state == "failed"
     assert "SIGKILL" in outcome.reason and "out of memory" in outcome.reason
     assert "--retry-failed" in outcome.reason
 
     run.write_status("running", pid=os.getpid())  # another process holds the run: its status stays as it is
-    busy = _finish(run, 75, 1.0, tmp_path / "results.sqlite")
+    busy = child_outcome(run, 75, 1.0, tmp_path / "results.sqlite")
     assert busy.state == "running elsewhere" and run.read_status()["pid"] == os.getpid()
 
 

@@ -21,11 +21,10 @@ from lookalike.display import result_columns, shown
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
 from lookalike.generate import generate as generate_images
-from lookalike.models.base import quiet_libraries, training_sides
+from lookalike.models.base import quiet_libraries
 from lookalike.models.card import card_plan, write_card
 from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
-from lookalike.models.quantize import check_quantization
 from lookalike.models.resize import kept_share, merge_at_rank, resize_lora
 from lookalike.outputs import check_lora_out
 from lookalike.pipeline import run_study
@@ -33,7 +32,7 @@ from lookalike.report.ablate import ablate as run_ablation
 from lookalike.store import refresh, sort_runs
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep as run_sweep
-from lookalike.train.memory import estimate, fitting_lines, lighter_settings, parse_gpu_memory, size
+from lookalike.train.memory import dry_run_lines, parse_gpu_memory
 from lookalike.workspace import UNFINISHED, Workspace, check_run_name, checked_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -213,6 +212,23 @@ def demo(
 
 
 @app.command()
+def studio(
+    path: Annotated[Path, typer.Argument(help="The study's config file (.toml), or a workspace folder (a new one is "
+                                         "made into a study on its Photos page).")],
+    host: Annotated[str, typer.Option(help="Address to bind; beyond this machine it needs --auth-file.")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    auth_file: Annotated[Optional[Path], typer.Option(help="Require a login: user:password on the first line "
+                                                      "of this file (or set LOOKALIKE_DEMO_AUTH).")] = None,
+) -> None:
+    """The whole study in the browser: photos, training jobs with live curves, comparison, trying and sharing."""
+    from lookalike.studio.serve import serve
+
+    _quiet()
+    serve(path, host=host, port=port, credentials=credentials(None, auth_file))
+
+
+@app.command()
 def results(
     config: ConfigArg,
     sort: Annotated[Optional[str], typer.Option(help="Sort by this column (e.g. face_distance, clip_score).")]
@@ -265,37 +281,8 @@ def generate(
 
 
 def _print_estimate(study, gpu_memory: float | None, processes: int) -> None:
-    from lookalike.train.trainer import resolve_mixed_precision
-
-    # For a GPU named by its memory, 'auto' means what it means on today's GPUs: bf16.
-    setting = study.train.mixed_precision
-    precision = "bf16" if gpu_memory is not None and setting == "auto" else resolve_mixed_precision(setting)
-    sides = " and ".join(str(side) for side in training_sides(study))
-    console.print(f"train --dry-run: {study.model.base}, {sides} px, batch "
-                  f"{study.train.batch_size}, rank {study.train.rank}, precision {precision}, gradient checkpointing "
-                  f"{study.train.gradient_checkpointing or study.train.offload}"
-                  + (f", {processes} processes" if processes > 1 else "") + (", sharded" if study.train.shard else "")
-                  + (", offloaded" if study.train.offload else ""), highlight=False)
-    base = estimate(study, precision, processes=processes)
-    for line in base.lines():
-        console.print("  " + line, highlight=False)
-    for label, gigabytes in lighter_settings(study, precision, base, processes):
-        console.print(f"  with {label}: ~{size(gigabytes).strip()}", highlight=False)
-    for line in fitting_lines(study, precision, base, gpu_memory, processes) if gpu_memory is not None else []:
-        console.print("  " + line, highlight=False)
-    try:
-        check_quantization(study.train.base_quantization)
-    except LookalikeError as error:  # the estimate still holds for a machine that can run it
-        console.print(f"  note: {error}", highlight=False)
-    if study.train.offload and not study.generate.offload:
-        console.print("  note: to draw the study's images on a GPU too small for the base, set [generate] offload = "
-                      "true as well", highlight=False)
-    if study.train.init_lora is not None:  # what the file alone can tell, checked now rather than after loading
-        from lookalike.train.init_lora import read_start
-
-        tensors, _ = read_start(study.train.init_lora, study.train.init_lora, study.train.rank, study.model.base,
-                                study.train.train_text_encoder)
-        console.print(f"  starts from {study.train.init_lora} ({len(tensors) // 2} layers)", highlight=False)
+    for line in dry_run_lines(study, gpu_memory, processes):
+        console.print(line, highlight=False)
 
 
 def _launch_processes(processes: int) -> int:

@@ -51,6 +51,11 @@ class SubjectConfig(Section):
     """A folder of other photos of this person, never trained on, that likeness is measured against (held out:
     a LoRA that copies its training photos gains nothing there). None: the photos prepare kept for training, as
     the seed study measured."""
+    exclude: list[str] = []
+    """Names of photos in `images` left out of training whatever prepare's checks find (chosen by hand, as the
+    studio's Exclude does)."""
+    keep: list[str] = []
+    """Names of photos in `images` kept although a check would leave them out (a readable photo prepare can crop)."""
 
     @field_validator("token")
     @classmethod

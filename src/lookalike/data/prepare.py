@@ -155,8 +155,11 @@ def _check(photo: Photo, name: str, action: str, failed: bool, reason: str) -> N
         photo.reasons.append(reason if action == "exclude" else f"warning: {reason}")
 
 
-def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: float) -> None:
-    """Pass 2: fill in each photo's face, crop, checks and status from what inspection found in all of them."""
+def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: float,
+           subject: SubjectConfig | None = None) -> None:
+    """Pass 2: fill in each photo's face, crop, checks and status from what inspection found in all of them, and
+    the person's choices by hand ([subject] exclude and keep) over the checks'."""
+    subject = subject or config.subject
     data, act = config.data, config.data.checks
     names = [Path(p.source).name for p in photos]
     embeddings = [np.asarray(p.embeddings, dtype=np.float32) if p.faces else None for p in photos]
@@ -216,6 +219,12 @@ def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: floa
                    f"face looks like someone else: median distance {strangers.get(index, 0):.2f} to the other "
                    f"photos' faces, over the same-person threshold {same_person_threshold:g}")
         excluded = photo.crop_box is None or any(c["result"] == "exclude" for c in photo.checks.values())
+        if names[index] in subject.exclude:
+            photo.reasons.append("excluded by hand (subject.exclude)")
+            excluded = True
+        elif names[index] in subject.keep and photo.crop_box is not None and excluded:
+            photo.reasons.append("kept by hand (subject.keep), over the checks above")
+            excluded = False
         photo.status = "excluded" if excluded else "kept"
 
 
@@ -269,7 +278,7 @@ def prepare(config: StudyConfig, console: Console | None = None, inspector: Insp
             bar.update()
 
     # 2. Decide across photos; caption the kept ones (the model's words where [data] captioner says so).
-    decide(photos, config, inspector.same_person_threshold)
+    decide(photos, config, inspector.same_person_threshold, subject)
     kept = [p for p in photos if p.status == "kept"]
     described = describe_photos(config.data.captioner, kept, data, config.data.resolution, subject.class_word,
                                 console)

@@ -93,7 +93,7 @@ def _gpu_ids() -> list[str]:
     return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
-def _finish(run: RunPaths, exit_code: int, seconds: float, store: Path) -> Outcome:
+def child_outcome(run: RunPaths, exit_code: int, seconds: float, store: Path) -> Outcome:
     """The run's outcome from its status file; a child that died without saying why gets a status that does."""
     if exit_code == RunBusy.exit_code:  # another process holds the run: its status is that process's to write
         return Outcome(run.name, "running elsewhere", "another process is training it", round(seconds, 1), exit_code)
@@ -171,7 +171,7 @@ class Sweep:
         finally:
             if gpu is not None:
                 gpus.put(gpu)
-        return _finish(paths, code, time.time() - started, self.workspace.results)
+        return child_outcome(paths, code, time.time() - started, self.workspace.results)
 
     def run_local(self, planned: list[Planned], jobs: int) -> list[Outcome]:
         gpus = None
@@ -226,7 +226,7 @@ class Sweep:
                 except ray.exceptions.RayError as error:  # the task itself died (node lost, ...)
                     code, seconds = 1, 0.0
                     self.workspace.run(name).write_status("failed", reason=f"ray task failed: {error}".splitlines()[0])
-                outcomes[name] = _finish(self.workspace.run(name), code, seconds, self.workspace.results)
+                outcomes[name] = child_outcome(self.workspace.run(name), code, seconds, self.workspace.results)
         except KeyboardInterrupt:
             for ref in refs:
                 ray.cancel(ref)  # sends KeyboardInterrupt to the task, which stops its child

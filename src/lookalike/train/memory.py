@@ -365,3 +365,39 @@ def fitting_lines(config: StudyConfig, precision: str, base: Estimate, gpu_memor
         lines.append("nor sharded across 8 such GPUs: use bigger GPUs or a lower train.resolution")
     return lines
 
+
+
+def dry_run_lines(study: StudyConfig, gpu_memory: float | None, processes: int = 1) -> list[str]:
+    """What `train --dry-run` says, before anything is loaded: the run's settings, its memory by part, lighter
+    settings with theirs, and with `gpu_memory` whether it fits that GPU and what would."""
+    from lookalike.models.quantize import check_quantization
+    from lookalike.train.trainer import resolve_mixed_precision
+
+    # For a GPU named by its memory, 'auto' means what it means on today's GPUs: bf16.
+    setting = study.train.mixed_precision
+    precision = "bf16" if gpu_memory is not None and setting == "auto" else resolve_mixed_precision(setting)
+    sides = " and ".join(str(side) for side in training_sides(study))
+    t = study.train
+    lines = [f"train --dry-run: {study.model.base}, {sides} px, batch {t.batch_size}, rank {t.rank}, precision "
+             f"{precision}, gradient checkpointing {t.gradient_checkpointing or t.offload}"
+             + (f", {processes} processes" if processes > 1 else "") + (", sharded" if t.shard else "")
+             + (", offloaded" if t.offload else "")]
+    base = estimate(study, precision, processes=processes)
+    lines += ["  " + line for line in base.lines()]
+    lines += [f"  with {label}: ~{size(gigabytes).strip()}"
+              for label, gigabytes in lighter_settings(study, precision, base, processes)]
+    lines += ["  " + line for line in fitting_lines(study, precision, base, gpu_memory, processes)] \
+        if gpu_memory is not None else []
+    try:
+        check_quantization(t.base_quantization)
+    except LookalikeError as error:  # the estimate still holds for a machine that can run it
+        lines.append(f"  note: {error}")
+    if t.offload and not study.generate.offload:
+        lines.append("  note: to draw the study's images on a GPU too small for the base, set [generate] offload = "
+                     "true as well")
+    if t.init_lora is not None:  # what the file alone can tell, checked now rather than after loading
+        from lookalike.train.init_lora import read_start
+
+        tensors, _ = read_start(t.init_lora, t.init_lora, t.rank, study.model.base, t.train_text_encoder)
+        lines.append(f"  starts from {t.init_lora} ({len(tensors) // 2} layers)")
+    return lines

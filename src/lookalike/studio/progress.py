@@ -1,0 +1,95 @@
+"""What the studio shows of a run while it trains, read from the run's own files (status.json, metrics.jsonl,
+sample_scores.jsonl, samples/, train.log): cheap enough to read every few seconds, and never loading a model, so
+that watching a run costs its training nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.display import cell
+from lookalike.report import figures
+from lookalike.report.pareto import front_steps
+from lookalike.workspace import RunPaths, read_json, read_metrics
+
+LOG_LINES = 40
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    state: str
+    step: int
+    steps: int | None
+    loss: float | None
+    eta_s: float | None  # seconds left at the pace of its last steps; None before it has one
+    best_step: int | None
+
+    def line(self) -> str:
+        """One line: state, step of steps, loss, time left, best step."""
+        parts = [self.state, f"step {self.step} of {cell(self.steps)}"]
+        if self.loss is not None:
+            parts.append(f"loss {cell(self.loss)}")
+        if self.eta_s is not None and self.state == "running":
+            parts.append(f"about {_duration(self.eta_s)} left")
+        if self.best_step is not None:
+            parts.append(f"best step {self.best_step}")
+        return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def run_progress(run: RunPaths) -> RunProgress:
+    records = read_metrics(run.metrics)
+    steps = read_json(run.config).get("train", {}).get("max_train_steps") if run.config.is_file() else None
+    step = records[-1]["step"] if records else 0
+    recent = records[-20:]
+    eta = None
+    if len(recent) > 1 and steps is not None and recent[-1]["step"] > recent[0]["step"]:
+        pace = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+        eta = max(0.0, pace * (steps - step))
+    front = front_steps(read_metrics(run.sample_scores))  # the best step so far, by the report's rule
+    return RunProgress(run.state(), step, steps, records[-1].get("loss") if records else None, eta,
+                       front[0] if front else None)
+
+
+def loss_figure(run: RunPaths):
+    return figures.loss_figure({run.name: [(r["step"], r["loss"]) for r in read_metrics(run.metrics)
+                                           if r.get("loss") is not None]})
+
+
+def scores_figure(run: RunPaths):
+    """Identity and CLIP Score of the scored sample steps, the best one so far starred (the report's own figure)."""
+    records = read_metrics(run.sample_scores)
+    front = front_steps(records)
+    return figures.steps_figure({run.name: records}, {run.name: front[0]} if front else {})
+
+
+def sample_gallery(run: RunPaths) -> list[tuple[str, str]]:
+    """(image, caption) of every training sample, newest step first, each captioned with its step's scores."""
+    scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
+    shown = []
+    for image in sorted(run.samples.glob("step-*.png"), reverse=True) if run.samples.is_dir() else []:
+        step = int(image.stem.split("_")[0].removeprefix("step-"))
+        record = scores.get(step)
+        caption = f"step {step}" + (f": identity {cell(record.get('identity_similarity'))}, CLIP "
+                                    f"{cell(record.get('clip_score'))}" if record else "")
+        shown.append((str(image), caption))
+    return shown
+
+
+def log_tail(run: RunPaths, lines: int = LOG_LINES) -> str:
+    """The last lines of the run's log (a progress bar's redraws, one line each, are kept to the last)."""
+    if not run.log.is_file():
+        return ""
+    text = run.log.read_text(errors="replace").replace("\r\n", "\n")
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+
+def runs_of(runs: Path) -> list[str]:
+    """The runs of a workspace, newest first: those the studio started and those a terminal did."""
+    found = [folder for folder in runs.iterdir() if folder.is_dir() and not folder.name.startswith(".")] \
+        if runs.is_dir() else []
+    return [folder.name for folder in sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)]
