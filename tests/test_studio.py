@@ -79,6 +79,16 @@ def contents(lora: Path) -> tuple[dict, dict]:
         return handle.metadata(), tensors
 
 
+def wait_until(check, timeout: float = 240, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
 def pick(page, dropdown, option: str, timeout: float = 30) -> None:
     """Choose `option` in a dropdown as a person does: open it, click the option (once the page has listed it)."""
     deadline = time.time() + timeout
@@ -183,3 +193,135 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
         assert shot.std() > 10, f"{name} is blank"
     if os.environ.get("LOOKALIKE_SCREENSHOTS"):  # `make screenshots`: the README's picture, made by this test
         shutil.copy(tmp_path / "jobs.png", Path(os.environ["LOOKALIKE_SCREENSHOTS"]) / "studio-jobs.png")
+
+
+def start_server(workspace: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, "-m", "lookalike", "studio", str(workspace), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: _serving(port) or server.poll() is not None, timeout=120)
+    assert server.poll() is None, "the studio did not start"
+    return server
+
+
+def _serving(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def steps_of(run) -> list[int]:
+    return [record["step"] for record in read_metrics(run.metrics)]
+
+
+def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_trains_twice(tmp_path, faces):
+    """Killed alone, its job trains on (a process of its own) and shows as running; killed with its job, the job
+    shows as interrupted, never as running, the queue goes on, and the job resumes from its last checkpoint."""
+    from lookalike.studio.jobs import JobQueue
+
+    workspace = tmp_path / "ws"
+    study = StudioStudy.open(workspace)
+    study.create("sks", "man", None, "tiny")
+    study.add_photos(sorted((faces / "train" / "guido_van_rossum").glob("*.jpg")))
+    study.save(study_toml(workspace, steps=STEPS))
+    queue = JobQueue(study.workspace)
+    first, second, third = (queue.submit(study.snapshot(name), name) for name in ("r1", "r2", "r3"))
+    runs = {name: study.workspace.run(name) for name in ("r1", "r2", "r3")}
+
+    port = free_port()
+    server = start_server(workspace, port)
+    wait_until(lambda: len(steps_of(runs["r1"])) > 8, timeout=180)
+    os.killpg(server.pid, signal.SIGKILL)  # the server alone
+    server.wait()
+    assert queue.state(queue.job(first.id)) == "running", "its job trains on, in a process of its own"
+    server = start_server(workspace, port)
+    wait_until(lambda: queue.state(queue.job(second.id)) == "running" and len(steps_of(runs["r2"])) > 8, timeout=240)
+    assert queue.state(queue.job(first.id)) == "done"
+    job = queue.job(second.id)
+    os.killpg(server.pid, signal.SIGKILL)  # the server, and the job it runs: as a machine's crash would
+    os.killpg(job.pid, signal.SIGKILL)
+    server.wait()
+    wait_until(lambda: queue.state(queue.job(second.id)) == "interrupted", timeout=30)
+    server = start_server(workspace, port)
+    try:
+        wait_until(lambda: queue.state(queue.job(third.id)) == "done", timeout=240)  # the queue goes on
+        assert queue.state(queue.job(second.id)) == "interrupted", "a killed job is never shown as running"
+        queue.requeue(second.id)
+        wait_until(lambda: queue.state(queue.job(second.id)) == "done", timeout=240)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+    for name, run in runs.items():
+        assert steps_of(run) == list(range(1, STEPS + 1)), f"{name}: every step once"
+    resumed = runs["r2"].log.read_text()
+    assert resumed.count("studio job") == 2 and "resum" in resumed.split("studio job")[-1], "r2 resumed"
+
+
+def test_a_run_started_in_a_terminal_shows_on_the_jobs_page_with_its_curves(tmp_path, faces):
+    from playwright.sync_api import sync_playwright
+
+    workspace = tmp_path / "ws"
+    study = StudioStudy.open(workspace)
+    study.create("sks", "man", None, "tiny")
+    study.add_photos(sorted((faces / "train" / "guido_van_rossum").glob("*.jpg")))
+    study.save(study_toml(workspace, steps=12))
+    port = free_port()
+    app, studio = serve(workspace, port=port, block=False)
+    try:
+        terminal = run_in_process("train", str(study.file), "--run", "from-terminal")
+        assert terminal.returncode == 0, terminal.stderr
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("tab", name="Jobs").click()
+            page.get_by_text("terminal", exact=True).last.wait_for(timeout=30000)  # who started it
+            page.get_by_text(re.compile(r"done, step 12 of 12, loss .*best step \d+")).wait_for(timeout=30000)
+            page.get_by_text(re.compile(r"step 12: identity .*, CLIP ")).first.wait_for(timeout=30000)
+            assert page.locator("img").count() >= 2, "the loss and score figures, and samples"
+            browser.close()
+    finally:
+        app.close()
+        studio.close()
+
+
+def test_the_studio_serves_only_workspace_files_limits_uploads_and_needs_a_login_beyond_loopback(tmp_path):
+    import httpx
+
+    from lookalike.demo import MAX_FILES_PER_UPLOAD
+    from lookalike.demo_guard import FAILURE_DELAY_S
+    from lookalike.errors import LookalikeError
+
+    workspace = tmp_path / "ws"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the studio's")
+    refused = run_in_process("studio", str(workspace), "--host", "0.0.0.0")
+    assert refused.returncode == 2 and "needs a login: give --auth-file" in refused.stderr
+    with pytest.raises(LookalikeError, match="needs a login"):
+        serve(workspace, host="0.0.0.0", block=False)
+    port = free_port()
+    app, studio = serve(workspace, port=port, block=False, credentials=("user", "pass"))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/", timeout=60) as client:
+            started = time.time()
+            assert client.post("login", data={"username": "user", "password": "wrong"}).status_code != 200
+            assert time.time() - started >= FAILURE_DELAY_S, "a wrong password waits"
+            assert client.post("login", data={"username": "user", "password": "pass"}).status_code == 200
+            ours = workspace / "studio" / "origin.json"
+            ours.parent.mkdir(parents=True, exist_ok=True)
+            ours.write_text("{}")
+            assert client.get(f"gradio_api/file={ours}").status_code == 200
+            for outside in (secret, Path("/etc/passwd"), workspace / ".." / "secret.txt"):
+                answer = client.get(f"gradio_api/file={outside}")
+                assert answer.status_code in (403, 404) and "not the studio's" not in answer.text, outside
+            too_many = [("files", (f"{i}.jpg", b"\xff\xd8 tiny", "image/jpeg")) for i in range(MAX_FILES_PER_UPLOAD + 4)]
+            huge = [("files", ("big.jpg", b"\xff" * (11 * 2**20), "image/jpeg"))]
+            for files in (too_many, huge):
+                try:
+                    status = client.post("gradio_api/upload", files=files).status_code
+                except httpx.HTTPError:
+                    status = None  # cut off as it streamed in
+                assert status is None or status >= 400, status
+            kept = [path.name for path in (workspace / "studio" / ".gradio").rglob("*") if path.is_file()]
+            assert "big.jpg" not in kept and "0.jpg" not in kept, "nothing of a refused upload is kept"
+    finally:
+        app.close()
+        studio.close()
