@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench venv clean browser
+.PHONY: test test-fast demo bench venv clean browser screenshots
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The README's pictures, taken by the browser tests that show those pages.
+screenshots: $(STAMP) browser
+	mkdir -p docs/images
+	LOOKALIKE_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q tests/test_studio.py -k browser
 
 demo: $(STAMP)
 	$(BIN)/python -m lookalike.data.sample_subject work/quickstart/photos

@@ -38,6 +38,10 @@ def faces() -> Path:
     return folder
 
 
+# Real face photos kept in the repository, with their licence and sources (tests/data/faces/SOURCES.md).
+PHOTOS = REPO / "tests" / "data" / "faces"
+
+
 def toml_value(value) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

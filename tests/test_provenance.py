@@ -107,3 +107,64 @@ def test_a_step_has_one_spelling_and_the_last_step_is_the_final_checkpoint(tmp_p
     assert run.images_at("00005") == run.images_at("5") == run.root / "images-5"
     with pytest.raises(LookalikeError, match="step 10 is run 'r''s last: its LoRA is --checkpoint final"):
         run.lora_at("10")
+
+
+def shown_pairs(config_file, workspace: Workspace, out) -> list[tuple[str, str, str]]:
+    """(what shows it, the SHA-256 of the LoRA that made what is shown, the SHA-256 of the LoRA file named beside
+    it) for every image and figure the study's presenters show of its runs: the results table, the report's best
+    checkpoint, images-<checkpoint>/ as generate leaves them for evaluate, and a model card."""
+    from lookalike.store import connect, run_table
+
+    pairs = []
+    for run in (workspace.run(p.name) for p in workspace.runs.iterdir()):
+        for checkpoint in ("final", "best"):
+            named = run.lora_sha256(checkpoint)
+            metrics = run.current_metrics(checkpoint, named)
+            if metrics is not None:
+                pairs.append((f"{run.name} {checkpoint} metrics", metrics["lora_sha256"], named))
+        with connect(workspace.results) as db:
+            row = next(r for r in run_table(db) if r["name"] == run.name)
+        if row["clip_score"] is not None:  # the results table shows figures: those of the file the run holds
+            pairs.append((f"{run.name} results row", read_json(run.root / "metrics.json")["lora_sha256"],
+                          run.lora_sha256("final")))
+        result = run_in_process("export", str(config_file), "--run", run.name, "--checkpoint", "best", "--format",
+                                "diffusers", "--out", str(out / run.name / "best.safetensors"), "--card", "--force")
+        assert result.returncode == 0, result.stderr
+        for copied in (out / run.name / "images").glob("*.png") if (out / run.name / "images").is_dir() else []:
+            drawn = run.images_at("best") / copied.name.removeprefix(f"{run.name}-best-")
+            pairs.append((f"{run.name} card image {copied.name}",
+                          read_json(drawn.with_suffix(".json"))["settings"]["loras"][0]["sha256"],
+                          run.lora_sha256("best")))
+    summary = (workspace.root / "report" / "summary.md").read_text()
+    for run in (workspace.run(p.name) for p in workspace.runs.iterdir()):
+        if f"Best LoRA: run {run.name}, its best sample step's" in summary:
+            pairs.append((f"{run.name} report best", read_json(run.images_at("best") / "metrics.json")["lora_sha256"],
+                          run.lora_sha256("best")))
+    return pairs
+
+
+@pytest.mark.slow
+def test_everything_shown_of_a_run_is_of_the_lora_file_named_beside_it_before_and_after_its_best_moves(tiny_config,
+                                                                                                      tmp_path):
+    """The property, checked over every presenter at once: after `lookalike run`; after the best step's file is
+    replaced (as a resume that found a better step does); after `lookalike run` again."""
+    config_file = tiny_config(train={"max_train_steps": 6, "learning_rate": 1e-2, "sample_every": 2,
+                                     "sample_steps": 2, "checkpoint_every": 2, "checkpoints_keep": 3},
+                              generate={"num_inference_steps": 2}, data={"crop": "center"})
+    workspace = Workspace(load_config(config_file).workspace)
+    result = run_in_process("run", str(config_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pairs = shown_pairs(config_file, workspace, tmp_path / "cards")
+    assert pairs and all(made == named for _, made, named in pairs), pairs
+    run = workspace.run("default")
+    other = next(p for p in [run.lora, *sorted(run.front.glob("*.safetensors"))]
+                 if file_sha256(p) != file_sha256(run.best_lora))
+    shutil.copyfile(other, run.best_lora)
+    status = run.read_status()
+    run.write_status(status.pop("state"), **{**status, "best_step": 99})
+    assert all(made == named for _, made, named in shown_pairs(config_file, workspace, tmp_path / "cards"))
+    result = run_in_process("run", str(config_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pairs = shown_pairs(config_file, workspace, tmp_path / "cards")
+    assert any("best metrics" in what for what, _, _ in pairs), "drawn and scored again: shown again"
+    assert all(made == named for _, made, named in pairs), pairs

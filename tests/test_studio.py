@@ -23,7 +23,7 @@ from lookalike.studio.app import Studio
 from lookalike.studio.serve import serve
 from lookalike.studio.study import StudioStudy
 from lookalike.workspace import Workspace, read_metrics
-from tests.conftest import run_in_process
+from tests.conftest import PHOTOS, run_in_process
 
 pytestmark = pytest.mark.slow  # trains and serves: `make test` only
 
@@ -103,14 +103,14 @@ def pick(page, dropdown, option: str, timeout: float = 30) -> None:
     page.keyboard.press("Escape")
 
 
-def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path, faces):
+def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path):
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "chromium not found: `make test` installs Debian's chromium package"
     workspace = tmp_path / "ws"
     port = free_port()
     app, studio = serve(workspace, port=port, block=False)
-    photos = sorted((faces / "train" / "guido_van_rossum").glob("*.jpg")) + [faces / "group" / "obama_and_biden.jpg"]
+    photos = sorted((PHOTOS / "obama").glob("[1-4].jpg")) + [PHOTOS / "group" / "obama_and_biden.jpg"]
     run = Workspace(workspace).run("r1")
     try:
         with sync_playwright() as playwright:
@@ -129,15 +129,14 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
             page.get_by_role("button", name="Save config").click()
             page.get_by_text("saved", exact=True).wait_for(timeout=30000)
 
-            # Prepare: the QA grid flags the photo of two people (and leaves it out: the face most like the others'
-            # is still someone else's); a photo the checks keep is left out by hand, and stays out.
+            # Prepare: the QA grid flags the photo of two people (kept, with a warning: the face most like the
+            # others' is the subject's); left out by hand, it stays out.
             page.get_by_role("tab", name="Photos").click()
             page.get_by_role("button", name="Prepare").click()
-            page.get_by_text(re.compile(r"obama_and_biden.jpg: excluded \(warning: 2 faces.*someone else")).wait_for(
-                timeout=60000)
-            pick(page, page.get_by_label("photo", exact=True), "4.jpg")
+            page.get_by_text(re.compile(r"obama_and_biden.jpg: kept \(warning: 2 faces")).wait_for(timeout=60000)
+            pick(page, page.get_by_label("photo", exact=True), "obama_and_biden.jpg")
             page.get_by_role("button", name="Exclude").click()
-            page.get_by_text(re.compile(r"4.jpg: excluded \(excluded by hand")).wait_for(timeout=60000)
+            page.get_by_text(re.compile(r"obama_and_biden.jpg: excluded \(.*excluded by hand")).wait_for(timeout=60000)
             page.screenshot(path=str(tmp_path / "photos.png"), full_page=True)
 
             # Train: one run, queued; the Jobs page fills in while it runs.
@@ -212,7 +211,7 @@ def steps_of(run) -> list[int]:
     return [record["step"] for record in read_metrics(run.metrics)]
 
 
-def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_trains_twice(tmp_path, faces):
+def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_trains_twice(tmp_path):
     """Killed alone, its job trains on (a process of its own) and shows as running; killed with its job, the job
     shows as interrupted, never as running, the queue goes on, and the job resumes from its last checkpoint."""
     from lookalike.studio.jobs import JobQueue
@@ -220,7 +219,7 @@ def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_
     workspace = tmp_path / "ws"
     study = StudioStudy.open(workspace)
     study.create("sks", "man", None, "tiny")
-    study.add_photos(sorted((faces / "train" / "guido_van_rossum").glob("*.jpg")))
+    study.add_photos(sorted((PHOTOS / "obama").glob("[1-4].jpg")))
     study.save(study_toml(workspace, steps=STEPS))
     queue = JobQueue(study.workspace)
     first, second, third = (queue.submit(study.snapshot(name), name) for name in ("r1", "r2", "r3"))
@@ -255,13 +254,13 @@ def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_
     assert resumed.count("studio job") == 2 and "resum" in resumed.split("studio job")[-1], "r2 resumed"
 
 
-def test_a_run_started_in_a_terminal_shows_on_the_jobs_page_with_its_curves(tmp_path, faces):
+def test_a_run_started_in_a_terminal_shows_on_the_jobs_page_with_its_curves(tmp_path):
     from playwright.sync_api import sync_playwright
 
     workspace = tmp_path / "ws"
     study = StudioStudy.open(workspace)
     study.create("sks", "man", None, "tiny")
-    study.add_photos(sorted((faces / "train" / "guido_van_rossum").glob("*.jpg")))
+    study.add_photos(sorted((PHOTOS / "obama").glob("[1-4].jpg")))
     study.save(study_toml(workspace, steps=12))
     port = free_port()
     app, studio = serve(workspace, port=port, block=False)
