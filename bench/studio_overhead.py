@@ -6,7 +6,7 @@ Each run is `lookalike train` in a process of its own, as the studio's jobs are;
 between consecutive steps of metrics.jsonl, the first 10 steps left out (start-up). Runs alternate, unwatched then
 watched, `--rounds` times, so a machine that speeds up or slows down meanwhile touches both alike.
 
-    .venv/bin/python bench/studio_overhead.py [--photos DIR] [--steps 300] [--rounds 2]
+    .venv/bin/python bench/studio_overhead.py [--photos DIR] [--steps 3000] [--rounds 3]
 
 Measure on a quiet machine: nothing else running (the bench itself uses one core for training, one for the
 server).
@@ -46,8 +46,8 @@ def train(study_file: Path, run: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=Path, default=REPO / "tests" / "data" / "faces" / "obama")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     from gradio_client import Client
@@ -60,6 +60,7 @@ def main() -> None:
     study.create("sks", "man", None, "tiny")
     study.add_photos(sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")))
     study.save(study_toml(workspace, args.steps))
+    study.set({"train.sample_every": 250, "train.checkpoint_every": 1000})  # a long run's intervals, scaled down
     port = free_port()
     app, studio = serve(workspace, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -72,9 +73,9 @@ def main() -> None:
 
             name, stop, polls = f"watched-{round_}", threading.Event(), []
 
-            def poll(name=name, stop=stop, polls=polls):
+            def poll(stop=stop, polls=polls):
                 while not stop.wait(2.0):
-                    client.predict(name, api_name="/watch")
+                    client.predict(None, api_name="/watch")  # the page as it opens: the newest run
                     polls.append(time.time())
 
             poller = threading.Thread(target=poll)

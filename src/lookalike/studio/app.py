@@ -24,6 +24,7 @@ from lookalike.train.memory import dry_run_lines, parse_gpu_memory
 from lookalike.workspace import atomic_path, read_json
 
 REFRESH_S = 2.0  # how often the Jobs page reads the runs' files
+SAMPLES_SHOWN = 24  # the Jobs page's newest samples (Compare shows every step of the runs chosen there)
 # Named starting points of the main [train] keys; every other key stays as the study has it.
 PRESETS = {
     "quick": {"train.max_train_steps": 500, "train.rank": 8, "train.learning_rate": 1e-3},
@@ -225,7 +226,7 @@ def build_studio(studio: Studio):
             return table, gr.update(choices=[]), "No run yet.", None, None, [], ""
         paths = study.workspace.run(run)
         return (table, gr.update(choices=names, value=run), run_progress(paths).line(), loss_figure(paths),
-                scores_figure(paths), sample_gallery(paths), log_tail(paths))
+                scores_figure(paths), sample_gallery(paths, newest=SAMPLES_SHOWN), log_tail(paths))
 
     def job_action(run, action):
         try:

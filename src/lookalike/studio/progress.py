@@ -67,11 +67,13 @@ def scores_figure(run: RunPaths):
     return figures.steps_figure({run.name: records}, {run.name: front[0]} if front else {})
 
 
-def sample_gallery(run: RunPaths) -> list[tuple[str, str]]:
-    """(image, caption) of every training sample, newest step first, each captioned with its step's scores."""
+def sample_gallery(run: RunPaths, newest: int | None = None) -> list[tuple[str, str]]:
+    """(image, caption) of the training samples (the `newest` only, where given), newest step first, each captioned
+    with its step's scores."""
     scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
     shown = []
-    for image in sorted(run.samples.glob("step-*.png"), reverse=True) if run.samples.is_dir() else []:
+    images = sorted(run.samples.glob("step-*.png"), reverse=True) if run.samples.is_dir() else []
+    for image in images[:newest]:
         step = int(image.stem.split("_")[0].removeprefix("step-"))
         record = scores.get(step)
         caption = f"step {step}" + (f": identity {cell(record.get('identity_similarity'))}, CLIP "
