@@ -28,7 +28,7 @@ from tests.conftest import PHOTOS, run_in_process
 pytestmark = pytest.mark.slow  # trains and serves: `make test` only
 
 CHROMIUM = shutil.which("chromium")
-STEPS = 160  # long enough to be watched, stopped and resumed (about 40 s on the tiny model)
+STEPS = 200  # long enough to be watched, stopped and resumed (about 50 s on the tiny model)
 
 
 def free_port() -> int:
@@ -167,7 +167,8 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
             pick(page, page.get_by_label("run", exact=True).last, "r1")
             page.get_by_role("button", name="Export").click()
             page.get_by_text("r1-final.comfyui").first.wait_for(timeout=60000)
-            link = page.locator("a[download]").last
+            page.get_by_text("README").first.wait_for(timeout=60000)  # its model card, a download too
+            link = page.locator("a[download='r1-final.comfyui.safetensors']")
             with page.expect_download() as download:
                 link.click()
             downloaded = tmp_path / "download.safetensors"

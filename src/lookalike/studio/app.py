@@ -274,19 +274,44 @@ def build_studio(studio: Studio):
             fail(error)
 
     # ---- Share -------------------------------------------------------------------------------------------------
-    def export(run, checkpoint, layout, dtype):
+    def export(run, checkpoint, layout, dtype, card):
+        """The run's LoRA in `layout`, with its model card (README.md and its images) where asked, each a download;
+        in studio/exports/<run>-<checkpoint>/, written again on each export."""
+        from lookalike.models.card import card_plan, write_card
         from lookalike.models.export import export_lora
         from lookalike.outputs import check_lora_out
 
         try:
-            source = study.workspace.run(run).lora_at(checkpoint)
-            out = study.folder / "exports" / f"{run}-{checkpoint}.{layout}.safetensors"
+            paths = study.workspace.run(run)
+            source = paths.lora_at(checkpoint)
+            out = study.folder / "exports" / f"{run}-{checkpoint}" / f"{run}-{checkpoint}.{layout}.safetensors"
             check_lora_out(out, [source], force=True, workspace=study.workspace.root)
-            return str(export_lora(source, out, layout, dtype)), \
-                f"`lookalike export studio/study.toml --run {run} --checkpoint {checkpoint} --format {layout} " \
-                f"--dtype {dtype} --out {out}`"
+            shown = card_plan(paths, checkpoint, out) if card else []
+            files = [str(export_lora(source, out, layout, dtype))]
+            if card:
+                files.append(str(write_card(study.config(), paths, checkpoint, out, layout, shown)))
+                files += [str(out.parent / "images" / name) for _, name, _ in shown]
         except LookalikeError as error:
             fail(error)
+        return files, (f"`lookalike export studio/study.toml --run {run} --checkpoint {checkpoint} --format {layout} "
+                       f"--dtype {dtype} --out {out}{' --card' if card else ''} --force`")
+
+    def merge(run_a, weight_a, run_b, weight_b):
+        """Two runs' LoRAs merged exactly (two people's, for group photos), a download."""
+        from lookalike.models.merge import merge_loras
+        from lookalike.outputs import check_lora_out
+
+        try:
+            if not run_a or not run_b:
+                raise LookalikeError("choose two runs")
+            sources = [study.workspace.lora_of(run_a), study.workspace.lora_of(run_b)]
+            out = study.folder / "exports" / f"merge-{run_a}-{run_b}.safetensors".replace("@", "-")
+            check_lora_out(out, sources, force=True, workspace=study.workspace.root)
+            merged = merge_loras(sources[0], sources[1], out, (float(weight_a), float(weight_b)))
+        except LookalikeError as error:
+            fail(error)
+        return str(merged), (f"`lookalike merge {run_a} {run_b} --config studio/study.toml --weights "
+                             f"{float(weight_a):g},{float(weight_b):g} --out {out} --force`")
 
     bases = sorted(KNOWN_BASES)
     initial = study.config() if study.exists else None
@@ -346,7 +371,7 @@ def build_studio(studio: Studio):
                 samples = gr.Gallery(label="samples", columns=6, height="auto")
                 log = gr.Code(label="log", language=None)
                 timer = gr.Timer(REFRESH_S)
-            with gr.Tab("Compare"):
+            with gr.Tab("Compare") as compare_tab:
                 results_table = gr.Dataframe(label="results (sortable)", interactive=False)
                 refresh_results = gr.Button("Refresh")
                 runs_to_compare = gr.Dropdown([], multiselect=True, label="runs side by side")
@@ -358,15 +383,24 @@ def build_studio(studio: Studio):
                     build_app(initial, DemoModels(initial)).render()
                 else:
                     gr.Markdown("Add photos and train a run: then draw with it here (restart the studio).")
-            with gr.Tab("Share"):
+            with gr.Tab("Share") as share_tab:
                 with gr.Row():
                     share_run = gr.Dropdown([], label="run")
                     share_checkpoint = gr.Dropdown(["final", "best"], value="final", label="checkpoint")
                     layout = gr.Dropdown(["comfyui", "kohya", "diffusers"], value="comfyui", label="format")
                     dtype = gr.Dropdown(["fp32", "bf16"], value="bf16", label="dtype")
+                    card = gr.Checkbox(label="model card", value=True)
                 export_button = gr.Button("Export")
-                exported = gr.File(label="download")
+                exported = gr.File(label="download", file_count="multiple")
                 export_note = gr.Markdown()
+                with gr.Row():
+                    merge_a = gr.Dropdown([], label="first run")
+                    merge_weight_a = gr.Number(1.0, label="its weight")
+                    merge_b = gr.Dropdown([], label="second run")
+                    merge_weight_b = gr.Number(1.0, label="its weight")
+                merge_button = gr.Button("Merge")
+                merged = gr.File(label="merged LoRA")
+                merge_note = gr.Markdown()
 
         create.click(create_subject, [token, class_word, real_name, new_base], [photos_note, editor]).then(
             lambda: gr.update(interactive=False), None, [create])
@@ -388,11 +422,17 @@ def build_studio(studio: Studio):
         chosen.change(watch, [chosen], watched)
         for button, action in ((stop, "stop"), (resume, "resume"), (cancel, "cancel"), (retry, "retry")):
             button.click(lambda run, action=action: job_action(run, action), [chosen], [job_note])
-        refresh_results.click(lambda: results(), None, [results_table]).then(
-            lambda: gr.update(choices=runs_of(study.workspace.runs)), None, [runs_to_compare]).then(
-            lambda: gr.update(choices=runs_of(study.workspace.runs)), None, [share_run])
+        def trained_runs():
+            choices = runs_of(study.workspace.runs)
+            return (gr.update(choices=choices),) * 4
+
+        run_lists = [runs_to_compare, share_run, merge_a, merge_b]
+        refresh_results.click(results, None, [results_table]).then(trained_runs, None, run_lists)
+        for tab in (compare_tab, share_tab):  # the runs as they are when the page is opened
+            tab.select(trained_runs, None, run_lists)
         runs_to_compare.change(compare, [runs_to_compare], [compared])
         report_button.click(build_report, None, [report_note])
-        export_button.click(export, [share_run, share_checkpoint, layout, dtype], [exported, export_note])
+        export_button.click(export, [share_run, share_checkpoint, layout, dtype, card], [exported, export_note])
+        merge_button.click(merge, [merge_a, merge_weight_a, merge_b, merge_weight_b], [merged, merge_note])
         app.load(qa_view, None, [grid, photo, kept_photo])
     return app
