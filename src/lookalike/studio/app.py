@@ -32,8 +32,9 @@ PRESETS = {
     "best likeness": {"train.max_train_steps": 2000, "train.rank": 32, "train.learning_rate": 3e-4,
                       "train.background_loss_weight": 0.1},
 }
-MAIN_KEYS = ("train.max_train_steps", "train.rank", "train.learning_rate", "train.resolution",
-             "prior.num_class_images", "train.background_loss_weight")
+# The main keys the Train page sets one by one, each with its decimals (0: a whole number; None: any).
+MAIN_KEYS = {"train.max_train_steps": 0, "train.rank": 0, "train.learning_rate": None, "train.resolution": 0,
+             "prior.num_class_images": 0, "train.background_loss_weight": None}
 
 
 class Studio:
@@ -343,7 +344,7 @@ def build_studio(studio: Studio):
                     base = gr.Dropdown(bases, label="base", value=initial.model.base if initial else "flux-dev")
                     preset = gr.Dropdown(["(keep)", *PRESETS], value="(keep)", label="preset")
                 with gr.Row():
-                    fields = [gr.Number(label=key, value=None) for key in MAIN_KEYS]
+                    fields = [gr.Number(label=key, value=None, precision=decimals) for key, decimals in MAIN_KEYS.items()]
                 apply = gr.Button("Apply")
                 with gr.Row():
                     gpu = gr.Textbox(label="GPU memory (e.g. 24GB)")

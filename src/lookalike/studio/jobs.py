@@ -133,8 +133,8 @@ class JobQueue:
         process that died without saying why gets a status that does, and the results table its row)."""
         for job_id, (child, run, began) in list(self._children.items()):
             code = child.poll()
-            if code is not None:
-                del self._children[job_id]
+            # The queue's thread and a Stop both reap: the one that takes the child records it.
+            if code is not None and self._children.pop(job_id, None) is not None:
                 child_outcome(run, code, time.time() - began, self.workspace.results)
 
     def stop(self, job_id: int, wait_s: float = 60) -> None:
