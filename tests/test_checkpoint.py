@@ -66,7 +66,7 @@ def test_a_fine_tunes_single_file_becomes_the_bases_transformer_once(tmp_path, m
     monkeypatch.setattr("lookalike.models.checkpoint.file_sha256", lambda path: hashed.append(path) or
                         hashlib.sha256(Path(path).read_bytes()).hexdigest())
     assert checkpoint_folder(model, tmp_path / "work") == folder and len(hashed) == 1
-    assert checkpoint_folder(model, tmp_path / "work") == folder and len(hashed) == 1, "its record was brought up to date"
+    assert checkpoint_folder(model, tmp_path / "work") == folder and len(hashed) == 1, "its record brought up to date"
 
     # A conversion killed before its rename leaves a hidden folder with a record: never taken, and cleared.
     debris = folder.parent / f".{folder.name}.0123abcd.tmp"
@@ -240,8 +240,8 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
     # leaves its images as they are, generate refuses by name, the demo does not list it.
     images = {path.name: path.read_bytes() for path in run.images.iterdir()}
     result = run_in_process("run", str(study_file))
-    assert "generate: skipped: run 'default' was trained on tiny + finetune.safetensors, and the config now draws on tiny " \
-           "+ finetune.safetensors (a changed file)" in " ".join(result.stdout.split()), result.stdout
+    assert ("generate: skipped: run 'default' was trained on tiny + finetune.safetensors, and the config now draws on "
+            "tiny + finetune.safetensors (a changed file)") in " ".join(result.stdout.split()), result.stdout
     assert {path.name: path.read_bytes() for path in run.images.iterdir()} == images
     with pytest.raises(LookalikeError, match=r"drawn only on the base it trained on"):
         generate(study, run="default")
@@ -253,7 +253,8 @@ def test_a_run_on_a_checkpoint_draws_what_the_stock_pipeline_draws_with_its_tran
 
     assert DemoModels(plain).lora_choices() == [] and DemoModels(study).lora_choices() == []
     run.write_status("failed", reason="interrupted")  # as if killed after its checkpoint of step 2
-    with pytest.raises(LookalikeError, match="cannot resume run 'default': model.checkpoint .* changed since it started"):
+    with pytest.raises(LookalikeError,
+                       match="cannot resume run 'default': model.checkpoint .* changed since it started"):
         train(study, "default", resume=True)
 
 

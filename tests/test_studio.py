@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from lookalike.models.lora import check_lora_file, lookalike_metadata
-from lookalike.studio.app import Studio
 from lookalike.studio.serve import serve
 from lookalike.studio.study import StudioStudy
 from lookalike.workspace import Workspace, read_metrics
@@ -145,7 +144,8 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
             page.get_by_role("button", name="Start run").click()
             page.get_by_text(re.compile("Queued: .*train .*--run r1 --resume")).wait_for(timeout=30000)
             page.get_by_role("tab", name="Jobs").click()
-            page.get_by_text(re.compile(rf"running, step \d+ of {STEPS}, loss .*best step \d+")).wait_for(timeout=180000)
+            running = re.compile(rf"running, step \d+ of {STEPS}, loss .*best step \d+")
+            page.get_by_text(running).wait_for(timeout=180000)
             page.get_by_text(re.compile(r"step \d+: identity .*, CLIP ")).first.wait_for(timeout=60000)  # a sample
             page.screenshot(path=str(tmp_path / "jobs.png"), full_page=True)
             page.get_by_role("button", name="Stop").click()
@@ -312,7 +312,8 @@ def test_the_studio_serves_only_workspace_files_limits_uploads_and_needs_a_login
             for outside in (secret, Path("/etc/passwd"), workspace / ".." / "secret.txt"):
                 answer = client.get(f"gradio_api/file={outside}")
                 assert answer.status_code in (403, 404) and "not the studio's" not in answer.text, outside
-            too_many = [("files", (f"{i}.jpg", b"\xff\xd8 tiny", "image/jpeg")) for i in range(MAX_FILES_PER_UPLOAD + 4)]
+            too_many = [("files", (f"{i}.jpg", b"\xff\xd8 tiny", "image/jpeg"))
+                        for i in range(MAX_FILES_PER_UPLOAD + 4)]
             huge = [("files", ("big.jpg", b"\xff" * (11 * 2**20), "image/jpeg"))]
             for files in (too_many, huge):
                 try:
@@ -325,3 +326,14 @@ def test_the_studio_serves_only_workspace_files_limits_uploads_and_needs_a_login
     finally:
         app.close()
         studio.close()
+
+
+def test_the_train_page_says_each_bases_licence_and_whether_it_is_gated():
+    from lookalike.studio.app import base_note
+
+    assert base_note("flux-dev") == ("`flux-dev`: flux1, from the hub's `black-forest-labs/FLUX.1-dev`; licence: "
+                                     "non-commercial (FLUX.1 [dev] licence); gated: accept its licence on the hub, "
+                                     "then run `hf auth login` once")
+    assert base_note("z-image").endswith("licence: Apache 2.0")
+    assert base_note("krea2-raw").endswith("licence: read its model card")
+    assert base_note("tiny") == "`tiny`: flux1, built here for tests (no download)"

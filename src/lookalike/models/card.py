@@ -32,8 +32,9 @@ Shown = list[tuple[Path, str, dict]]  # (a run's image, its name in the card's i
 
 def card_plan(run: RunPaths, checkpoint: str, lora_file: Path) -> Shown:
     """The images the card of `lora_file` will show: the first SHOWN_IMAGES of the run's LoRA at `checkpoint` at
-    full strength, of those that file drew (an image of a best step since moved on is another LoRA's). Refused, before anything is written, where the card would write over a file lookalike did not
-    write: a README.md that is not its card, or an image of another content in a folder without its card."""
+    full strength, of those that file drew (an image of a best step since moved on is another LoRA's). Refused,
+    before anything is written, where the card would write over a file lookalike did not write: a README.md that is
+    not its card, or an image of another content in a folder without its card."""
     card = lora_file.parent / "README.md"
     ours = card.is_file() and MARK in card.read_text(errors="replace")
     if card.is_file() and not ours:

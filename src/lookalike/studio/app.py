@@ -37,6 +37,19 @@ MAIN_KEYS = {"train.max_train_steps": 0, "train.rank": 0, "train.learning_rate":
              "prior.num_class_images": 0, "train.background_loss_weight": None}
 
 
+def base_note(base: str | None) -> str:
+    """What a user should know of a base before training on it: its family, where it downloads from, its licence
+    and whether the hub asks them to accept it first."""
+    info = KNOWN_BASES.get(base or "")
+    if info is None:
+        return ""
+    if info.repo is None:
+        return f"`{base}`: {info.family}, built here for tests (no download)"
+    licence = info.licence or "read its model card"
+    gated = "; gated: accept its licence on the hub, then run `hf auth login` once" if info.gated else ""
+    return f"`{base}`: {info.family}, from the hub's `{info.repo}`; licence: {licence}{gated}"
+
+
 class Studio:
     """The study, its job queue and the thread that starts queued jobs, shared by every page."""
 
@@ -118,8 +131,8 @@ def build_studio(studio: Studio):
         photos = read_json(manifest)["photos"] if manifest.is_file() else []
         data = manifest.parent
         items = [(str(data / p["thumbnail"]) if p.get("thumbnail") else p["source"],
-                  f"{Path(p['source']).name}: {p['status']}" + (f" ({'; '.join(p['reasons'])})" if p["reasons"] else ""))
-                 for p in photos]
+                  f"{Path(p['source']).name}: {p['status']}" + (f" ({'; '.join(p['reasons'])})" if p["reasons"]
+                                                                 else "")) for p in photos]
         names = [Path(p["source"]).name for p in photos]
         kept = [Path(p["source"]).name for p in photos if p["status"] == "kept"]
         return items, gr.update(choices=names), gr.update(choices=kept)
@@ -211,7 +224,8 @@ def build_studio(studio: Studio):
     def jobs_table():
         jobs = {job.run: job for job in studio.queue.jobs()}  # each run's latest job
         rows = []
-        for run in runs_of(study.workspace.runs) + [name for name in jobs if not study.workspace.run(name).root.exists()]:
+        waiting = [name for name in jobs if not study.workspace.run(name).root.exists()]  # queued, not started yet
+        for run in runs_of(study.workspace.runs) + waiting:
             job = jobs.get(run)
             state = studio.queue.state(job) if job else study.workspace.run(run).state()
             progress = run_progress(study.workspace.run(run))
@@ -343,8 +357,10 @@ def build_studio(studio: Studio):
                 with gr.Row():
                     base = gr.Dropdown(bases, label="base", value=initial.model.base if initial else "flux-dev")
                     preset = gr.Dropdown(["(keep)", *PRESETS], value="(keep)", label="preset")
+                base_facts = gr.Markdown(base_note(initial.model.base if initial else "flux-dev"))
                 with gr.Row():
-                    fields = [gr.Number(label=key, value=None, precision=decimals) for key, decimals in MAIN_KEYS.items()]
+                    fields = [gr.Number(label=key, value=None, precision=decimals)
+                              for key, decimals in MAIN_KEYS.items()]
                 apply = gr.Button("Apply")
                 with gr.Row():
                     gpu = gr.Textbox(label="GPU memory (e.g. 24GB)")
@@ -412,6 +428,7 @@ def build_studio(studio: Studio):
                          [grid, photo, kept_photo, photos_note])
         kept_photo.change(caption_of, [kept_photo], [caption])
         save_caption_button.click(save_caption, [kept_photo, caption], [grid, photo, kept_photo, photos_note])
+        base.change(base_note, [base], [base_facts])
         apply.click(apply_settings, [base, preset, *fields], [editor, validity])
         estimate.click(memory, [gpu], [estimate_out])
         editor.change(check_text, [editor], [validity])

@@ -170,12 +170,14 @@ class Flux1(Family):
     trainable_text_encoders = {"text_encoder": "lora_te1"}
     published_text_encoders = {"text_encoder": CLIP_L_TEXT, "text_encoder_2": T5_XXL_ENCODER}
     bases = {
-        "flux-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-dev", 512, 28, architecture=FLUX_TRANSFORMER),
+        "flux-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-dev", 512, 28, architecture=FLUX_TRANSFORMER,
+                                  licence="non-commercial (FLUX.1 [dev] licence)", gated=True),
         # FLUX.1 Krea [dev]: FLUX.1-dev's architecture, trained further for photographic realism (gated too).
         "flux-krea-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-Krea-dev", 512, 28,
-                                       architecture=FLUX_TRANSFORMER),
+                                       architecture=FLUX_TRANSFORMER,
+                                       licence="non-commercial (FLUX.1 [dev] licence)", gated=True),
         "flux-schnell": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False,
-                                      architecture=dict(FLUX_TRANSFORMER, guidance_embeds=False)),
+                                      architecture=dict(FLUX_TRANSFORMER, guidance_embeds=False), licence="Apache 2.0"),
         "tiny": BaseModelInfo("flux1", None, 32, 28),
     }
     # A local folder: like FLUX.1-dev, or like schnell when its transformer has no guidance embedding.

@@ -112,9 +112,9 @@ class Flux2(Family):
     bases = {
         # Step-distilled: 4 steps, no guidance (the pipeline ignores it).
         "flux2-klein-4b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-4B", 512, 4, guidance=False,
-                                        architecture=KLEIN_4B_TRANSFORMER),
+                                        architecture=KLEIN_4B_TRANSFORMER, licence="Apache 2.0"),
         "flux2-klein-9b": BaseModelInfo("flux2", "black-forest-labs/FLUX.2-klein-9B", 512, 4, guidance=False,
-                                        architecture=KLEIN_9B_TRANSFORMER),
+                                        architecture=KLEIN_9B_TRANSFORMER, licence="non-commercial (FLUX licence)"),
         "tiny-flux2-klein": BaseModelInfo("flux2", None, 32, 4, guidance=False),
     }
     # attention: every attention layer (a single block's two fused layers included); diffusers: the default set of

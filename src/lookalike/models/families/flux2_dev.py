@@ -98,7 +98,8 @@ class Flux2Dev(Flux2):
                       tokenizer=("transformers", "PixtralProcessor"))
     bases = {
         # Guidance-distilled: 50 steps at guidance 4 by default, one transformer pass per step.
-        "flux2-dev": BaseModelInfo("flux2-dev", "black-forest-labs/FLUX.2-dev", 512, 50, architecture=DEV_TRANSFORMER),
+        "flux2-dev": BaseModelInfo("flux2-dev", "black-forest-labs/FLUX.2-dev", 512, 50, architecture=DEV_TRANSFORMER,
+                                   licence="non-commercial (FLUX.2 [dev] licence)", gated=True),
         "tiny-flux2-dev": BaseModelInfo("flux2-dev", None, 32, 28),
     }
     # As FLUX.2 [klein]'s presets, but diffusers' is the default set of train_dreambooth_lora_flux2.py: to_q, to_k,

@@ -47,6 +47,10 @@ class BaseModelInfo:
     # The side a base was trained at, where runs should not go beyond it unless [train] resolution says so
     # (SD 1.x: 512, SDXL: 1024); None: no such limit, runs train at [data] resolution.
     resolution: int | None = None
+    # Its licence as its model card gives it (None: read the model card), and whether the hub asks a user to accept
+    # it before the download (then `hf auth login` once).
+    licence: str | None = None
+    gated: bool = False
 
 
 class Family:

@@ -153,9 +153,10 @@ class QwenImage(QwenImageLatents, UnpaddedPrompts, Family):
     bases = {
         # The pipeline's own defaults: 50 steps, true CFG 4.0. Qwen-Image-2512 is its December 2025 update, of the
         # same architecture (more realistic people, its card says).
-        "qwen-image": BaseModelInfo("qwen-image", "Qwen/Qwen-Image", 512, 50, architecture=QWEN_IMAGE_TRANSFORMER),
+        "qwen-image": BaseModelInfo("qwen-image", "Qwen/Qwen-Image", 512, 50, architecture=QWEN_IMAGE_TRANSFORMER,
+                                    licence="Apache 2.0"),
         "qwen-image-2512": BaseModelInfo("qwen-image", "Qwen/Qwen-Image-2512", 512, 50,
-                                         architecture=QWEN_IMAGE_TRANSFORMER),
+                                         architecture=QWEN_IMAGE_TRANSFORMER, licence="Apache 2.0"),
         "tiny-qwen-image": BaseModelInfo("qwen-image", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_qwen_image.py adapts to_q, to_k, to_v and to_out.0 (the image stream's

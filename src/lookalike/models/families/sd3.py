@@ -117,11 +117,14 @@ class StableDiffusion3(Family):
     bases = {
         # Steps as each model card advises (the guidance scale is the study's guidance_scales).
         "sd3.5-large": BaseModelInfo("sd3", "stabilityai/stable-diffusion-3.5-large", T5_TOKENS, 28,
-                                     architecture=SD35_LARGE_TRANSFORMER),
+                                     architecture=SD35_LARGE_TRANSFORMER,
+                                     licence="Stability AI Community License", gated=True),
         "sd3.5-medium": BaseModelInfo("sd3", "stabilityai/stable-diffusion-3.5-medium", T5_TOKENS, 40,
-                                      architecture=SD35_MEDIUM_TRANSFORMER),
+                                      architecture=SD35_MEDIUM_TRANSFORMER,
+                                      licence="Stability AI Community License", gated=True),
         "sd3-medium": BaseModelInfo("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", T5_TOKENS, 28,
-                                    architecture=SD3_MEDIUM_TRANSFORMER),
+                                    architecture=SD3_MEDIUM_TRANSFORMER,
+                                    licence="Stability AI Community License", gated=True),
         "tiny-sd3": BaseModelInfo("sd3", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_sd3.py adapts, by default, every block's joint attention: the image's

@@ -202,9 +202,9 @@ class StableDiffusion1(StableDiffusion):
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 7.5 (the study's guidance_scales choose), 512 px.
         "sd15": BaseModelInfo("sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5", CLIP_TOKENS, 50,
-                              architecture=SD1_UNET, resolution=native_resolution),
+                              architecture=SD1_UNET, resolution=native_resolution, licence="CreativeML OpenRAIL-M"),
         "sd14": BaseModelInfo("sd1", "CompVis/stable-diffusion-v1-4", CLIP_TOKENS, 50, architecture=SD1_UNET,
-                              resolution=native_resolution),
+                              resolution=native_resolution, licence="CreativeML OpenRAIL-M"),
         "tiny-sd15": BaseModelInfo("sd1", None, CLIP_TOKENS, 50),
     }
     negative_prompt = ""  # the pipeline's unconditional prompt when none is given
@@ -251,7 +251,7 @@ class StableDiffusionXL(StableDiffusion):
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0, 1024 px.
         "sdxl": BaseModelInfo("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", CLIP_TOKENS, 50,
-                              architecture=SDXL_UNET, resolution=native_resolution),
+                              architecture=SDXL_UNET, resolution=native_resolution, licence="CreativeML Open RAIL++-M"),
         "tiny-sdxl": BaseModelInfo("sdxl", None, CLIP_TOKENS, 50),
     }
     # None: SDXL's pipeline guides against zero embeddings when no negative prompt is given

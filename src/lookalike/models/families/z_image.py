@@ -79,9 +79,10 @@ class ZImage(Family):
     text_components = ("text_encoder", "tokenizer")
     bases = {
         # The pipeline's own defaults: 50 steps at CFG 5.0; Turbo is distilled to 8 steps without guidance.
-        "z-image": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image", 512, 50, architecture=Z_IMAGE_TRANSFORMER),
+        "z-image": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image", 512, 50, architecture=Z_IMAGE_TRANSFORMER,
+                                 licence="Apache 2.0"),
         "z-image-turbo": BaseModelInfo("z-image", "Tongyi-MAI/Z-Image-Turbo", 512, 8, guidance=False,
-                                       architecture=Z_IMAGE_TRANSFORMER),
+                                       architecture=Z_IMAGE_TRANSFORMER, licence="Apache 2.0"),
         "tiny-z-image": BaseModelInfo("z-image", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_z_image.py adapts to_q, to_k, to_v and to_out.0 wherever they are: the
