@@ -162,6 +162,14 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
             pick(page, page.get_by_label("runs side by side"), "r1")
             page.get_by_text(re.compile(r"r1 step 4: identity")).first.wait_for(timeout=30000)
 
+            page.get_by_role("button", name="Build report").click()
+            report = page.get_by_role("link", name="Open the report")
+            report.wait_for(timeout=60000)
+            with page.context.expect_page() as opened:  # the whole report, served from the workspace
+                report.click()
+            opened.value.get_by_text("Identity and CLIP Score while training").first.wait_for(timeout=30000)
+            opened.value.close()
+
             # Share: a ComfyUI file, downloaded, that lookalike reads back.
             page.get_by_role("tab", name="Share").click()
             pick(page, page.get_by_label("run", exact=True).last, "r1")

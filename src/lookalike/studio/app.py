@@ -281,12 +281,16 @@ def build_studio(studio: Studio):
         return items
 
     def build_report():
+        """The report, as `lookalike report` writes it: a link to the whole page, and its figures here."""
         from lookalike.report.build import build_report as report
 
         try:
-            return f"Report: `{report(study.config(), display.console(quiet=True))}`"
+            page = report(study.config(), display.console(quiet=True))
         except LookalikeError as error:
             fail(error)
+        figures = [(str(path), path.stem) for path in sorted((page.parent / "figures").glob("*.png"))]
+        return (f"[Open the report](/gradio_api/file={page}) (`lookalike report studio/study.toml`: {page})",
+                figures)
 
     # ---- Share -------------------------------------------------------------------------------------------------
     def export(run, checkpoint, layout, dtype, card):
@@ -395,6 +399,7 @@ def build_studio(studio: Studio):
                 compared = gr.Gallery(label="checkpoints side by side", columns=6, height="auto")
                 report_button = gr.Button("Build report")
                 report_note = gr.Markdown()
+                report_figures = gr.Gallery(label="the report's figures", columns=2, height="auto")
             with gr.Tab("Try"):
                 if initial is not None and initial.subject.images.is_dir() and any(initial.subject.images.iterdir()):
                     build_app(initial, DemoModels(initial)).render()
@@ -449,7 +454,7 @@ def build_studio(studio: Studio):
         for tab in (compare_tab, share_tab):  # the runs as they are when the page is opened
             tab.select(trained_runs, None, run_lists)
         runs_to_compare.change(compare, [runs_to_compare], [compared])
-        report_button.click(build_report, None, [report_note])
+        report_button.click(build_report, None, [report_note, report_figures])
         export_button.click(export, [share_run, share_checkpoint, layout, dtype, card], [exported, export_note])
         merge_button.click(merge, [merge_a, merge_weight_a, merge_b, merge_weight_b], [merged, merge_note])
         app.load(qa_view, None, [grid, photo, kept_photo])
