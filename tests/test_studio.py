@@ -21,7 +21,7 @@ from PIL import Image
 from lookalike.models.lora import check_lora_file, lookalike_metadata
 from lookalike.studio.serve import serve
 from lookalike.studio.study import StudioStudy
-from lookalike.workspace import Workspace, read_metrics
+from lookalike.workspace import Workspace, read_json, read_metrics
 from tests.conftest import PHOTOS, run_in_process
 
 pytestmark = pytest.mark.slow  # trains and serves: `make test` only
@@ -345,3 +345,29 @@ def test_the_train_page_says_each_bases_licence_and_whether_it_is_gated():
     assert base_note("z-image").endswith("licence: Apache 2.0")
     assert base_note("krea2-raw").endswith("licence: read its model card")
     assert base_note("tiny") == "`tiny`: flux1, built here for tests (no download)"
+
+
+def test_the_photos_page_captions_the_kept_photos_as_lookalike_caption_does(tmp_path, tiny_blip):
+    """The Caption button runs `lookalike caption`'s function: each kept photo's caption is written once to
+    data/captions/ and trains from there."""
+    from gradio_client import Client
+
+    workspace = tmp_path / "ws"
+    study = StudioStudy.open(workspace)
+    study.create("sks", "man", None, "tiny")
+    study.add_photos(sorted((PHOTOS / "obama").glob("[1-4].jpg")))
+    study.save(study_toml(workspace, steps=4))
+    port = free_port()
+    app, studio = serve(workspace, port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        *_, note = client.predict(str(tiny_blip), api_name="/caption_photos")
+    finally:
+        app.close()
+        studio.close()
+    assert note.startswith("Captioned. Command: `lookalike caption studio/study.toml --model ")
+    captions = sorted((workspace / "data" / "captions").glob("*.txt"))
+    assert len(captions) == 4
+    manifest = read_json(workspace / "data" / "manifest.json")
+    written = [study.config().fill(caption.read_text().strip()) for caption in captions]  # {token} filled in
+    assert sorted(p["caption"] for p in manifest["photos"]) == sorted(written)

@@ -76,14 +76,11 @@ def caption(
 ) -> None:
     """Caption each subject's kept photos with a vision-language model into data/captions/ (edit them there), then
     prepare with those captions."""
-    from lookalike.data.prepare import prepare_study
+    from lookalike.data.prepare import caption_study
 
-    study = _load(config, set_)
-    chosen = model or study.data.captioner
-    if chosen is None:
-        raise LookalikeError("give --model ID, or set [data] captioner (e.g. Salesforce/blip-image-captioning-large)")
+    study = _load(config, set_)  # a bad config is said before the seconds of importing the models' libraries
     _quiet()
-    prepare_study(study.model_copy(update={"data": study.data.model_copy(update={"captioner": chosen})}), console)
+    caption_study(study, model, console)
 
 
 @app.command()

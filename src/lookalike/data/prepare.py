@@ -394,3 +394,13 @@ def prepared_photos(config: StudyConfig, console: Console) -> list[PreparedPhoto
                           box_in_crop(p.faces[p.face]["box"], tuple(p.crop_box)) if p.face is not None else None)
             for person, photos in zip(config.people, prepare_study(config, console).values())
             for p in photos if p.status == "kept"]
+
+
+def caption_study(config: StudyConfig, model: str | None, console: Console) -> dict[str, list[Photo]]:
+    """`lookalike caption`: each kept photo captioned by `model` (default [data] captioner) into data/captions/,
+    then prepared with those captions."""
+    chosen = model or config.data.captioner
+    if chosen is None:
+        raise LookalikeError("give --model ID, or set [data] captioner (e.g. Salesforce/blip-image-captioning-large)")
+    return prepare_study(config.model_copy(update={"data": config.data.model_copy(update={"captioner": chosen})}),
+                         console)

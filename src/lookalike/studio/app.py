@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from lookalike import display
 from lookalike.data.captions import caption_file
-from lookalike.data.prepare import data_folder, prepare_study
+from lookalike.data.prepare import caption_study, data_folder, prepare_study
 from lookalike.demo import MAX_FILES_PER_UPLOAD, DemoModels, build_app
 from lookalike.display import cell, result_columns, shown
 from lookalike.errors import LookalikeError
@@ -121,6 +121,13 @@ def build_studio(studio: Studio):
         except LookalikeError as error:
             fail(error)
         return (*qa_view(), "Prepared. Command: `lookalike prepare studio/study.toml`")
+
+    def caption_photos(model):
+        try:
+            caption_study(study.config(), model.strip() or None, display.console(quiet=True))
+        except LookalikeError as error:
+            fail(error)
+        return (*qa_view(), f"Captioned. Command: `lookalike caption studio/study.toml --model {model.strip()}`")
 
     def qa_view():
         """The QA grid (each photo's thumbnail, status and every flag) and the names to choose from."""
@@ -347,6 +354,10 @@ def build_studio(studio: Studio):
                 photos_note = gr.Markdown()
                 uploads = gr.File(label="photos", file_count="multiple", file_types=["image"])
                 prepare_button = gr.Button("Prepare", variant="primary")
+                with gr.Row():
+                    captioner = gr.Textbox(label="captioner (an image-to-text model: hub id or folder)",
+                                           value=initial.data.captioner or "" if initial else "")
+                    caption_button = gr.Button("Caption the kept photos")
                 grid = gr.Gallery(label="QA: every photo with what prepare found", columns=6, height="auto")
                 with gr.Row():
                     photo = gr.Dropdown([], label="photo")
@@ -428,6 +439,8 @@ def build_studio(studio: Studio):
             lambda: gr.update(interactive=False), None, [create])
         uploads.upload(add_photos, [uploads], [photos_note])
         prepare_button.click(prepare, None, [grid, photo, kept_photo, photos_note])
+        caption_button.click(caption_photos, [captioner], [grid, photo, kept_photo, photos_note],
+                             api_name="caption_photos")
         for button, choice in ((exclude, "exclude"), (keep, "keep"), (checks, None)):
             button.click(lambda name, choice=choice: choose(name, choice), [photo],
                          [grid, photo, kept_photo, photos_note])
