@@ -47,12 +47,13 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     stage("3/4 generate")
     drawn = []  # (run, checkpoint) of every LoRA whose images were made
     for name in trained:
-        wrong_base = trained_base_problem(Workspace(config.workspace).run(name), config_for_run(config, name))
+        run = Workspace(config.workspace).run(name)
+        wrong_base = trained_base_problem(run, config_for_run(config, name))
         if wrong_base:  # its images and figures stay those of the base it trained on
             console.print(f"generate: skipped: {wrong_base}", highlight=False)
             continue
         checkpoints = ["final"]
-        if config.generate.best_checkpoint and Workspace(config.workspace).run(name).has_distinct_best():
+        if config.generate.best_checkpoint and run.has_distinct_best():
             checkpoints.append("best")
         for checkpoint in checkpoints:
             try:

@@ -26,7 +26,7 @@ from lookalike.report.effects import EFFECTS_TITLE, effects_html, effects_markdo
 from lookalike.report.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.store import refresh
 from lookalike.sweep.plan import config_for_run
-from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_json, read_metrics
+from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_metrics
 
 GRID_RUNS = 4  # columns of the image grid
 THUMBNAIL = 384
@@ -154,8 +154,9 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
             figures.save(figures.pareto_figure(done, best), folder / shown[-1][1])
         elif any(r["clip_score"] is not None for r in done):
             shown.append(("Face distance against CLIP Score", None))  # said in one line instead
-        evaluations = {row["name"]: read_json(workspace.run(row["name"]).root / "metrics.json") for row in done
-                       if (workspace.run(row["name"]).root / "metrics.json").is_file()}
+        # Each run's final LoRA's figures, where they measured the file it holds now (as the results table's).
+        evaluations = {row["name"]: metrics for row in done
+                       if (metrics := workspace.run(row["name"]).current_metrics("final")) is not None}
         for key, factor, file in (("per_guidance_scale", "inference guidance scale", "guidance"),
                                   ("per_lora_scale", "LoRA strength", "lora_strength")):
             per_value = {name: metrics.get(key, {}) for name, metrics in evaluations.items()}

@@ -11,11 +11,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from lookalike.config import StudyConfig
-from lookalike.workspace import file_sha256
 from lookalike.data.images import list_images
 from lookalike.display import trained_base
 from lookalike.errors import LookalikeError
-from lookalike.workspace import RunPaths, read_json, write_json
+from lookalike.workspace import RunPaths, file_sha256, read_json, write_json
 
 # The config sections that shape a LoRA's weights; [generate] or [evaluate] may change between sessions.
 TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train", "prior")
