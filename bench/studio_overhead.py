@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.test_studio import free_port, study_toml  # noqa: E402  (the studio's own test study)
+from tests.test_studio import free_port, studio_study  # noqa: E402  (the studio's own test study)
 
 
 def step_time(metrics: Path) -> float:
@@ -53,13 +53,10 @@ def main() -> None:
     from gradio_client import Client
 
     from lookalike.studio.serve import serve
-    from lookalike.studio.study import StudioStudy
 
     workspace = Path(tempfile.mkdtemp()) / "ws"
-    study = StudioStudy.open(workspace)
-    study.create("sks", "man", None, "tiny")
-    study.add_photos(sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")))
-    study.save(study_toml(workspace, args.steps))
+    study = studio_study(workspace, args.steps,
+                         sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")))
     study.set({"train.sample_every": 250, "train.checkpoint_every": 1000})  # a long run's intervals, scaled down
     port = free_port()
     app, studio = serve(workspace, port=port, block=False)

@@ -78,6 +78,15 @@ def contents(lora: Path) -> tuple[dict, dict]:
         return handle.metadata(), tensors
 
 
+def studio_study(workspace: Path, steps: int, photos: list[Path] | None = None) -> StudioStudy:
+    """A study made as the Photos page makes one (four photos of one person), with study_toml's settings."""
+    study = StudioStudy.open(workspace)
+    study.create("sks", "man", None, "tiny")
+    study.add_photos(photos or sorted((PHOTOS / "obama").glob("[1-4].jpg")))
+    study.save(study_toml(workspace, steps=steps))
+    return study
+
+
 def wait_until(check, timeout: float = 240, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -226,10 +235,7 @@ def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_
     from lookalike.studio.jobs import JobQueue
 
     workspace = tmp_path / "ws"
-    study = StudioStudy.open(workspace)
-    study.create("sks", "man", None, "tiny")
-    study.add_photos(sorted((PHOTOS / "obama").glob("[1-4].jpg")))
-    study.save(study_toml(workspace, steps=STEPS))
+    study = studio_study(workspace, steps=STEPS)
     queue = JobQueue(study.workspace)
     first, second, third = (queue.submit(study.snapshot(name), name) for name in ("r1", "r2", "r3"))
     runs = {name: study.workspace.run(name) for name in ("r1", "r2", "r3")}
@@ -267,10 +273,7 @@ def test_a_run_started_in_a_terminal_shows_on_the_jobs_page_with_its_curves(tmp_
     from playwright.sync_api import sync_playwright
 
     workspace = tmp_path / "ws"
-    study = StudioStudy.open(workspace)
-    study.create("sks", "man", None, "tiny")
-    study.add_photos(sorted((PHOTOS / "obama").glob("[1-4].jpg")))
-    study.save(study_toml(workspace, steps=12))
+    study = studio_study(workspace, steps=12)
     port = free_port()
     app, studio = serve(workspace, port=port, block=False)
     try:
@@ -353,10 +356,7 @@ def test_the_photos_page_captions_the_kept_photos_as_lookalike_caption_does(tmp_
     from gradio_client import Client
 
     workspace = tmp_path / "ws"
-    study = StudioStudy.open(workspace)
-    study.create("sks", "man", None, "tiny")
-    study.add_photos(sorted((PHOTOS / "obama").glob("[1-4].jpg")))
-    study.save(study_toml(workspace, steps=4))
+    study = studio_study(workspace, steps=4)
     port = free_port()
     app, studio = serve(workspace, port=port, block=False)
     try:
