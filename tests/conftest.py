@@ -73,7 +73,8 @@ def tiny_study(folder: Path, faces: Path, name: str = "study.toml", **sections) 
         "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
         "data": {"resolution": 64},
         "train": {"max_train_steps": 20, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
-        "generate": {"seeds": [0], "num_inference_steps": 4},
+        # One guidance scale for every base, so that image names (p00_s0_g5) do not follow each base's own default.
+        "generate": {"seeds": [0], "num_inference_steps": 4, "guidance_scales": [5.0]},
         "evaluate": {"face_backend": "dlib", "clip_model": "tiny"},  # offline: facenet and CLIP cannot be downloaded
     }
     for section, keys in sections.items():

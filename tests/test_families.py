@@ -29,11 +29,13 @@ from tests.test_train import assert_a_killed_run_resumes_exactly
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
         "qwen-image": "tiny-qwen-image", "qwen-image21": "tiny-qwen-image21", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
 # The layers each reference script adapts by default (--lora_layers unset), by their own rule: a linear layer
-# whose name ends in one of these (FLUX.2's script names each single block's attn.to_out; a double block's
-# attn.to_out is a list, not a linear layer).
+# whose name ends in one of these. FLUX.2's scripts (train_dreambooth_lora_flux2.py and _flux2_klein.py, both since
+# diffusers PR #13011 "Add train flux2 series lora config", merged 2026-01-21) name to_k, to_q, to_v, to_out.0,
+# to_qkv_mlp_proj and each single block's attn.to_out (a double block's attn.to_out is a list, not a linear layer).
+FLUX2_SCRIPT_LAYERS = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out")
 REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
-                    "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
-                    "flux2-dev": ("to_k", "to_q", "to_v", "to_out.0"),
+                    "flux2": FLUX2_SCRIPT_LAYERS,
+                    "flux2-dev": FLUX2_SCRIPT_LAYERS,
                     "qwen-image": ("to_k", "to_q", "to_v", "to_out.0"),
                     "qwen-image21": ("to_k", "to_q", "to_v", "to_out.0"),
                     "krea2": ("img_in", "final_layer.linear", "to_q", "to_k", "to_v", "to_out.0", "to_gate", "ff.up",

@@ -208,10 +208,12 @@ class TrainConfig(Section):
     """A regular expression: of the layers target_modules adapts, only those whose names it matches anywhere, as
     kohya's train_double_block_indices / train_single_block_indices and ai-toolkit's only_if_contains single out
     blocks; e.g. 'single_transformer_blocks\\.(7|20)\\.' adapts two of FLUX.1's single blocks. None: all of them."""
-    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
-    """logit_normal: sigma = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; what other trainers call
-    'sigmoid' sampling is logit_normal with logit_mean 0 and logit_std = their scale; mode: the SD3 paper's mode
-    sampling with mode_scale (diffusers' reference scripts' --weighting_scheme mode)."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
+    """How each example's noise level is drawn, as diffusers' reference scripts draw it (their --weighting_scheme):
+    u uniform, logit_normal (u = sigmoid(N(logit_mean, logit_std)), the SD3 paper's choice; other trainers'
+    'sigmoid' sampling) or mode (the SD3 paper's mode sampling with mode_scale); u then picks one of the 1,000
+    noise levels of the base's scheduler, the noisiest first (so a logit_mean above 0 trains on less noise, as in
+    the scripts). None: the base's reference script's (uniform; SD3's logit_normal)."""
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = Field(1.29, ge=-1, le=1.75)
@@ -220,9 +222,14 @@ class TrainConfig(Section):
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Flow-matching bases: each example's loss weighted by its noise level, as the SD3 paper's and diffusers'
     reference scripts' --weighting_scheme: sigma_sqrt (sigma^-2), cosmap (2 / (pi (1 - 2 sigma + 2 sigma^2))); none:
-    plain. Stable Diffusion bases weight by snr_gamma instead."""
-    timestep_shift: float = Field(1.0, gt=0)
-    """sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps."""
+    plain (every reference script's default). Stable Diffusion bases weight by snr_gamma instead."""
+    timestep_shift: float | None = Field(None, gt=0)
+    """The noise levels' shift, sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 trains more on noisy timesteps.
+    None: the base scheduler's, as its reference script trains (3 for SD3 and Z-Image, whose schedulers shift by 3;
+    1 where the scheduler shifts by image size only when drawing: FLUX, Qwen-Image, Krea 2)."""
+    vae_posterior: Literal["sample", "mode"] | None = None
+    """Each photo's latents as a new draw of the VAE's posterior at every step (sample) or its mean (mode). None:
+    the base's reference script's (mode for FLUX.2 and Z-Image, sample elsewhere)."""
     guidance: float = Field(1.0, ge=0)
     """Guidance fed to guidance-distilled models (FLUX.1-dev, FLUX.2 [dev]) while training: 1.0, as FLUX trainers
     advise (diffusers' scripts default to 3.5)."""
@@ -401,8 +408,12 @@ class GenerateConfig(Section):
     guidance apply. A local diffusers folder is taken relative to the config file."""
     prompts: list[str] = Field(["a photo of {token}"], min_length=1)
     seeds: list[int] = Field([0], min_length=1)
-    guidance_scales: list[float] = Field([5.0], min_length=1)
-    """Not used by a base without guidance (FLUX.1-schnell): its images are made once per prompt and seed."""
+    guidance_scales: list[float] | None = Field(None, min_length=1)
+    """None: each drawing base's own (its model card's, else its pipeline's default: 3.5 for FLUX.1-dev, 4.0 for
+    FLUX.2 [dev] and Qwen-Image, 4.5 for Krea 2 and SD3.5 Medium, 3.5 for SD3.5 Large, 5.0 for Z-Image and SDXL,
+    7.5 for SD 1.x), so that a sweep across bases draws each as its authors advise. Not used by a base without
+    guidance (FLUX.1-schnell, the distilled FLUX.2 [klein] and turbo models): its images are made once per prompt
+    and seed."""
     num_inference_steps: int | None = Field(None, ge=1)
     """None: the base's own (28 for FLUX.1-dev and local folders like it, 4 for schnell)."""
     resolution: int | None = Field(None, ge=16, le=MAX_RESOLUTION)

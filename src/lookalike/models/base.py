@@ -74,10 +74,19 @@ def inference_steps(config) -> int:
 
 
 def guidance_scales(config, base: str | None = None) -> list[float | None]:
-    """The guidance scales images are made at: [generate] guidance_scales, or [None] for a base that takes no
-    guidance (schnell), whose images would be the same at every scale. `base`: the one drawing (default the
-    drawing base; training samples and class images are drawn by the trained one)."""
-    return list(config.generate.guidance_scales) if base_info(base or drawing_base(config)).guidance else [None]
+    """The guidance scales images are made at: [generate] guidance_scales, else the base's own; [None] for a base
+    that takes no guidance (schnell), whose images would be the same at every scale. `base`: the one drawing
+    (default the drawing base; training samples and class images are drawn by the trained one)."""
+    base = base or drawing_base(config)
+    if not base_info(base).guidance:
+        return [None]
+    return list(config.generate.guidance_scales or [default_guidance(base)])
+
+
+def default_guidance(base: str) -> float:
+    """The guidance scale a base is drawn at when the study sets none: its model card's, else its pipeline's."""
+    info = base_info(base)
+    return info.guidance_scale if info.guidance_scale is not None else base_family(base).pipeline_guidance
 
 
 def training_resolution(config) -> int:

@@ -26,10 +26,17 @@ from lookalike.workspace import atomic_path
 
 @dataclass(frozen=True)
 class LatentStats:
-    """The VAE's posterior for one image: a latent is drawn as mean + std * noise at every step."""
+    """The VAE's posterior for one image."""
 
     mean: torch.Tensor
     std: torch.Tensor
+
+    def latent(self, generator: torch.Generator, posterior: str) -> torch.Tensor:
+        """One training latent: the posterior's mode (its mean), or a new draw mean + std * noise from
+        `generator` (train.vae_posterior)."""
+        if posterior == "mode":
+            return self.mean
+        return self.mean + self.std * torch.randn(self.mean.shape, generator=generator)
 
 
 def _key(*parts: object) -> str:

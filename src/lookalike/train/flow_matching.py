@@ -10,23 +10,32 @@ from __future__ import annotations
 import torch
 
 
+# The noise levels a flow-matching scheduler trains with (FlowMatchEulerDiscreteScheduler's num_train_timesteps):
+# every family's base has 1,000.
+TRAIN_TIMESTEPS = 1000
+
+
 def sample_sigmas(
     batch: int, sampling: str, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
     shift: float = 1.0, mode_scale: float = 1.29,
 ) -> torch.Tensor:
-    """Noise levels in (0, 1), one per example: uniform, logit-normal, or the SD3 paper's mode sampling (diffusers'
-    own, with its mode_scale: heavier in the middle); then shifted towards noise if shift > 1."""
-    if sampling == "uniform":
-        sigmas = torch.rand(batch, generator=generator)
-    elif sampling == "logit_normal":
-        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator))
-    elif sampling == "mode":
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+    """Noise levels in (0, 1], one per example, drawn as diffusers' reference scripts draw them: u from
+    diffusers' own density (uniform, logit-normal, or the SD3 paper's mode sampling with mode_scale), then the
+    level at index u x 1000 of the scheduler's 1,000 levels (noisiest first), shifted by `shift`."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        sigmas = compute_density_for_timestep_sampling("mode", batch, mode_scale=mode_scale, generator=generator)
-    else:
-        raise ValueError(f"unknown timestep sampling {sampling!r}")
-    return shift_sigmas(sigmas, shift)
+    u = compute_density_for_timestep_sampling("none" if sampling == "uniform" else sampling, batch, logit_mean,
+                                              logit_std, mode_scale, generator=generator)
+    # A logit-normal u rounds to 1.0 in float32 beyond about 17 standard deviations: the last level, not an error.
+    index = (u * TRAIN_TIMESTEPS).long().clamp(max=TRAIN_TIMESTEPS - 1)
+    return noise_levels(shift)[index]
+
+
+def noise_levels(shift: float) -> torch.Tensor:
+    """The scheduler's training noise levels, as FlowMatchEulerDiscreteScheduler makes them: 1000/1000 down to
+    1/1000, shifted."""
+    levels = torch.arange(TRAIN_TIMESTEPS, 0, -1, dtype=torch.float32) / TRAIN_TIMESTEPS
+    return shift_sigmas(levels, shift)
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

@@ -49,10 +49,11 @@ from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_c
 from lookalike.train.face_weights import batch_weights, photo_weights
 from lookalike.train.init_lora import keep_copy, read_start, start_from
 from lookalike.train.memory import out_of_memory_message
-from lookalike.train.objectives import with_prior
+from lookalike.train.objectives import FlowMatching, with_prior
 from lookalike.train.offload import BlockOffload
 from lookalike.train.preservation import preservation_loss, preserved_caption
 from lookalike.train.prior import class_images
+from lookalike.train.reference_recipe import recipe_line, with_reference_recipe
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
@@ -381,6 +382,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                                                         "LoRA and optimizer state" if sharded else ""))
     normalisation = family.latent_normalisation(folder)
     objective = family.objective(folder)
+    t = with_reference_recipe(t, family, folder)  # the keys left unset: the base's reference script's
+    if isinstance(objective, FlowMatching) and accelerator.is_main_process:
+        console.print(f"train: {recipe_line(t)}")
     face_weights = photo_weights(images, sizes, latents, t.background_loss_weight) \
         if t.background_loss_weight < 1 else None
 
@@ -513,8 +517,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     if class_order is not None:
                         examples += [(class_latents[sizes[picked[0]]][i], class_examples[i].caption)
                                      for i in class_order.next(generator)]
-                    x0 = torch.stack([stats.mean + stats.std * torch.randn(stats.mean.shape, generator=generator)
-                                      for stats, _ in examples])
+                    x0 = torch.stack([stats.latent(generator, t.vae_posterior) for stats, _ in examples])
                     weights = None if face_weights is None else batch_weights(
                         family, [face_weights[i] for i in picked] + [None] * (len(examples) - len(picked)),
                         x0.shape[1:])[rows]

@@ -159,6 +159,7 @@ def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None
 class Flux1(Family):
     name = "flux1"
     pipeline_class_name = "FluxPipeline"
+    pipeline_guidance = 3.5
     components = {"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
                   "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "AutoTokenizer"),
@@ -174,7 +175,7 @@ class Flux1(Family):
                                   licence="non-commercial (FLUX.1 [dev] licence)", gated=True),
         # FLUX.1 Krea [dev]: FLUX.1-dev's architecture, trained further for photographic realism (gated too).
         "flux-krea-dev": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-Krea-dev", 512, 28,
-                                       architecture=FLUX_TRANSFORMER,
+                                       architecture=FLUX_TRANSFORMER, guidance_scale=4.5,
                                        licence="non-commercial (FLUX.1 [dev] licence)", gated=True),
         "flux-schnell": BaseModelInfo("flux1", "black-forest-labs/FLUX.1-schnell", 256, 4, guidance=False,
                                       architecture=dict(FLUX_TRANSFORMER, guidance_embeds=False), licence="Apache 2.0"),

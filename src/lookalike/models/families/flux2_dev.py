@@ -94,6 +94,7 @@ def build_tiny_flux2_dev(spec: TinyFlux2DevSpec = TinyFlux2DevSpec()):
 class Flux2Dev(Flux2):
     name = "flux2-dev"
     pipeline_class_name = "Flux2Pipeline"
+    pipeline_guidance = 4.0  # train_dreambooth_lora_flux2.py trains on the posterior's mode too, as [klein]'s
     components = dict(Flux2.components, text_encoder=("transformers", "Mistral3ForConditionalGeneration"),
                       tokenizer=("transformers", "PixtralProcessor"))
     bases = {
@@ -102,11 +103,7 @@ class Flux2Dev(Flux2):
                                    licence="non-commercial (FLUX.2 [dev] licence)", gated=True),
         "tiny-flux2-dev": BaseModelInfo("flux2-dev", None, 32, 28),
     }
-    # As FLUX.2 [klein]'s presets, but diffusers' is the default set of train_dreambooth_lora_flux2.py: to_q, to_k,
-    # to_v and to_out.0, which name the double blocks' image attention only (a single block's layers are
-    # to_qkv_mlp_proj and to_out).
-    target_modules = dict(Flux2.target_modules,
-                          diffusers=r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)")
+    # The presets are FLUX.2 [klein]'s: train_dreambooth_lora_flux2.py adapts the same layers as its script.
     negative_prompt = None  # the guidance is distilled: no classifier-free guidance, so no negative prompt
 
     def owns(self, denoiser_config) -> bool:

@@ -51,6 +51,9 @@ class BaseModelInfo:
     # it before the download (then `hf auth login` once).
     licence: str | None = None
     gated: bool = False
+    # The guidance scale its model card draws with, where that differs from its pipeline's default
+    # (Family.pipeline_guidance): [generate] guidance_scales when the study sets none.
+    guidance_scale: float | None = None
 
 
 class Family:
@@ -86,6 +89,21 @@ class Family:
     # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
     activation_figures: dict[str, float]
     backward_working: float
+    # The training recipe of the family's diffusers reference script (train_dreambooth_lora_<family>.py), which a
+    # [train] key left unset takes (train/reference_recipe.py): how its noise levels are drawn (its
+    # --weighting_scheme default: "none" draws them uniformly), and whether it trains on the VAE posterior's sample
+    # or its mode. The grid they index is the base's scheduler's (grid_shift).
+    reference_sampling = "uniform"
+    reference_posterior = "sample"
+    # The guidance scale its pipeline's __call__ defaults to (guidance_scale, or true_cfg_scale for Qwen-Image).
+    pipeline_guidance: float
+
+    def grid_shift(self, folder: Path) -> float:
+        """The shift of the noise levels the reference script indexes: its scheduler's sigmas at construction,
+        shifted by `shift` unless the scheduler shifts per image size at inference (use_dynamic_shifting), as
+        FlowMatchEulerDiscreteScheduler builds them. Read from the base's scheduler config."""
+        config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+        return 1.0 if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
 
     def pipeline_class(self):
         import diffusers

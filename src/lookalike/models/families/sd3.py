@@ -105,6 +105,8 @@ def build_tiny_sd3(spec: TinySD3Spec = TinySD3Spec()):
 class StableDiffusion3(Family):
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    pipeline_guidance = 7.0
+    reference_sampling = "logit_normal"  # train_dreambooth_lora_sd3.py: --weighting_scheme logit_normal
     components = {"transformer": ("diffusers", "SD3Transformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
                   "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
@@ -115,12 +117,12 @@ class StableDiffusion3(Family):
                   "tokenizer_3": ("transformers", "T5TokenizerFast")}
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     bases = {
-        # Steps as each model card advises (the guidance scale is the study's guidance_scales).
+        # Steps and guidance scales as each model card advises (SD3 Medium's: the pipeline's 7.0).
         "sd3.5-large": BaseModelInfo("sd3", "stabilityai/stable-diffusion-3.5-large", T5_TOKENS, 28,
-                                     architecture=SD35_LARGE_TRANSFORMER,
+                                     architecture=SD35_LARGE_TRANSFORMER, guidance_scale=3.5,
                                      licence="Stability AI Community License", gated=True),
         "sd3.5-medium": BaseModelInfo("sd3", "stabilityai/stable-diffusion-3.5-medium", T5_TOKENS, 40,
-                                      architecture=SD35_MEDIUM_TRANSFORMER,
+                                      architecture=SD35_MEDIUM_TRANSFORMER, guidance_scale=4.5,
                                       licence="Stability AI Community License", gated=True),
         "sd3-medium": BaseModelInfo("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", T5_TOKENS, 28,
                                     architecture=SD3_MEDIUM_TRANSFORMER,

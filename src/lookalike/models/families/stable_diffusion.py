@@ -190,6 +190,7 @@ class StableDiffusion(Family):
 class StableDiffusion1(StableDiffusion):
     name = "sd1"
     pipeline_class_name = "StableDiffusionPipeline"
+    pipeline_guidance = 7.5
     components = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "PNDMScheduler"), "text_encoder": ("transformers", "CLIPTextModel"),
                   "tokenizer": ("transformers", "CLIPTokenizer")}
@@ -237,6 +238,7 @@ class StableDiffusion1(StableDiffusion):
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    pipeline_guidance = 5.0
     components = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "EulerDiscreteScheduler"),
                   "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),

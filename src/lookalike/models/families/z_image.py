@@ -73,6 +73,8 @@ def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
 class ZImage(Family):
     name = "z-image"
     pipeline_class_name = "ZImagePipeline"
+    pipeline_guidance = 5.0
+    reference_posterior = "mode"  # train_dreambooth_lora_z_image.py: vae.encode(...).latent_dist.mode()
     components = {"transformer": ("diffusers", "ZImageTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
                   "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "AutoTokenizer")}
