@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench venv clean browser screenshots
+.PHONY: test test-fast demo bench venv clean browser screenshots docs
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test-fast: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# docs/configuration.md, written from the config's schema (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m lookalike.config_reference docs/configuration.md
 
 # The README's pictures, taken by the browser tests that show those pages.
 screenshots: $(STAMP) browser

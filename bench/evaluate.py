@@ -1,7 +1,7 @@
 """Evaluate's throughput against a plain per-image loop, on the same images, checking both agree.
 
-The images: 64 generated-size (1024 x 1024) PNGs with sidecars, made from the shared photos (crops, flips,
-the group photo) plus noise and blank frames, each with one of the study's 11 prompts. The face backend is
+The images: 64 generated-size (1024 x 1024) PNGs with sidecars, made from the repository's test photos
+(tests/data/faces: crops, flips, the group photo) plus noise and blank frames, each with one of the study's 11 prompts. The face backend is
 the study's (MTCNN + InceptionResnetV1; random embedding weights, as the VGGFace2 ones cannot be downloaded
 here: the same work, meaningless numbers); CLIP is the tiny offline model unless --clip-model names another.
 
@@ -39,7 +39,7 @@ from lookalike.models.base import quiet_libraries
 from lookalike.models.clip import load_clip
 
 REPO = Path(__file__).resolve().parents[1]
-FACES = REPO.parent / "shared" / "faces"
+FACES = REPO / "tests" / "data" / "faces"
 PROMPTS = ["a photo of a man", "a man with a beard and a white shirt.", "a man in casual clothes",
            "a man, cinematic style, dramatic lighting, movie poster aesthetic, high contrast",
            "a man, fashion magazine style, editorial photography, stylish outfit, modern aesthetic",
@@ -48,7 +48,7 @@ PROMPTS = ["a photo of a man", "a man with a beard and a white shirt.", "a man i
 
 
 def make_images(folder: Path, count: int) -> None:
-    photos = sorted(FACES.glob("train/*/*")) + sorted(FACES.glob("test/*")) + sorted(FACES.glob("group/*"))
+    photos = sorted(p for p in FACES.glob("*/*") if p.suffix.lower() in (".jpg", ".png"))
     rng = np.random.default_rng(0)
     for index in range(count):
         if index % 16 == 15:
@@ -113,7 +113,7 @@ def main() -> None:
     settings = EvaluateConfig()
     evaluator = Evaluator(backend, FaceRule.for_backend(backend, settings.min_face_score, settings.min_face_size),
                           ClipScorer(*load_clip(args.clip_model)))
-    reference = evaluator.reference(list_images(FACES / "train" / "guido_van_rossum", "references"))
+    reference = evaluator.reference(list_images(FACES / "obama", "references"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_images(folder, args.images)

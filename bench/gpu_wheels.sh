@@ -13,6 +13,4 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     diffusers==0.42.1 torchao==0.18.0 bitsandbytes==0.50.2 pydantic==2.14.3 pydantic-core==2.50.4 \
     typing-inspection==0.4.5 annotated-types==0.8.0 importlib-metadata facenet-pytorch==2.6.0
 du -sh .whl
-# bench/score_cost.py's reference photos (carried, never committed: see ../shared/faces/README.md).
-grep -qsx '/.bench-faces/' .git/info/exclude || echo '/.bench-faces/' >> .git/info/exclude
-mkdir -p .bench-faces && cp ../shared/faces/train/guido_van_rossum/* .bench-faces/
+# bench/score_cost.py's reference photos are the repository's own (tests/data/faces/obama).

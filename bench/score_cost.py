@@ -62,7 +62,7 @@ def clip_vit_l14():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "faces" / "train" / "guido_van_rossum")
+    parser.add_argument("--photos", type=Path, default=REPO / "tests" / "data" / "faces" / "obama")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=len(TrainConfig().sample_prompts))
     parser.add_argument("--repeats", type=int, default=5)

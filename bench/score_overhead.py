@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--every", type=int, default=250)
-    parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "faces" / "train" / "guido_van_rossum")
+    parser.add_argument("--photos", type=Path, default=REPO / "tests" / "data" / "faces" / "obama")
     args = parser.parse_args()
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ The trainer's figure is wall time per step over its whole loop (batch assembly, 
 included), read from metrics.jsonl timestamps; the bare figure is forward + backward + AdamW on one fixed
 batch. Both run in this process, one after the other, after warm-up steps.
 
-    .venv/bin/python bench/train_step.py [--steps 40] [--photos ../shared/faces/train/guido_van_rossum]
+    .venv/bin/python bench/train_step.py [--steps 40] [--photos tests/data/faces/obama]
                                          [--background-loss-weight 0.1]   # masked training's cost
 
 Last line: overhead_ratio=<trainer / bare>.
@@ -82,7 +82,7 @@ def bare_seconds_per_step(folder: Path, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "faces" / "train" / "guido_van_rossum")
+    parser.add_argument("--photos", type=Path, default=REPO / "tests" / "data" / "faces" / "obama")
     parser.add_argument("--background-loss-weight", type=float, default=1.0,
                         help="train.background_loss_weight of the trainer's run (below 1: masked training's cost)")
     args = parser.parse_args()

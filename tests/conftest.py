@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated lookalike home (the tiny model is built once per test session), the shared
-real faces, a writer of study configs on the tiny model, and a tiny random captioning model."""
+"""Shared fixtures: an isolated lookalike home (the tiny model is built once per test session), the real test
+faces laid out as a study uses them, a writer of study configs on the tiny model, and a tiny random captioning model."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +31,39 @@ def lookalike_home(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def faces() -> Path:
-    folder = Path(os.environ.get("LOOKALIKE_TEST_FACES", REPO.parent / "shared" / "faces"))
-    if not (folder / "train").is_dir():
-        pytest.fail(f"real test faces not found at {folder} (set LOOKALIKE_TEST_FACES)")
-    return folder
-
-
 # Real face photos kept in the repository, with their licence and sources (tests/data/faces/SOURCES.md).
 PHOTOS = REPO / "tests" / "data" / "faces"
+# Each person's photos in the repository, and the one of them held out of training (test/<person>.jpg).
+PEOPLE = {"obama": (["1.jpg", "2.jpg", "3.jpg", "4.jpg"], "held_out.jpg"),
+          "biden": (["1.jpg"], "2.jpg"),
+          "alex_lacamoire": (["1.png"], "2.jpg")}
+
+
+@pytest.fixture(scope="session")
+def faces(tmp_path_factory) -> Path:
+    """The test photos laid out as a study uses them: train/<person>/1..4.jpg (a person with fewer photos of their
+    own gets them mirrored, and turned by a few degrees, as more photos), test/<person>.jpg held out of training,
+    test/lin_manuel_miranda.jpg a person seen nowhere else, and group/ a photo of two people with a reference
+    photo of each. Made once per session from tests/data/faces."""
+    from PIL import Image, ImageOps
+
+    folder = tmp_path_factory.mktemp("faces")
+    for person, (training, held_out) in PEOPLE.items():
+        photos = [Image.open(PHOTOS / person / name).convert("RGB") for name in training]
+        variants = photos + [ImageOps.mirror(photo) for photo in photos] + \
+            [photo.rotate(angle, resample=Image.BICUBIC) for angle in (6, -6) for photo in photos]
+        (folder / "train" / person).mkdir(parents=True)
+        for index, photo in enumerate(variants[:4], start=1):
+            photo.save(folder / "train" / person / f"{index}.jpg", quality=95)
+        (folder / "test").mkdir(exist_ok=True)
+        Image.open(PHOTOS / person / held_out).convert("RGB").save(folder / "test" / f"{person}.jpg", quality=95)
+    Image.open(PHOTOS / "unknown" / "lin_manuel_miranda.png").convert("RGB").save(
+        folder / "test" / "lin_manuel_miranda.jpg", quality=95)
+    (folder / "group").mkdir()
+    shutil.copy(PHOTOS / "group" / "obama_and_biden.jpg", folder / "group" / "obama_and_biden.jpg")
+    shutil.copy(PHOTOS / "obama" / "1.jpg", folder / "group" / "obama.jpg")
+    shutil.copy(PHOTOS / "biden" / "1.jpg", folder / "group" / "biden.jpg")
+    return folder
 
 
 def toml_value(value) -> str:
@@ -70,7 +94,7 @@ def tiny_study(folder: Path, faces: Path, name: str = "study.toml", **sections) 
     base = {
         "": {"name": "test", "workspace": str(folder / "work")},
         "model": {"base": "tiny"},
-        "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "guido_van_rossum")},
+        "subject": {"token": "sks", "class_word": "man", "images": str(faces / "train" / "obama")},
         "data": {"resolution": 64},
         "train": {"max_train_steps": 20, "checkpoint_every": 0, "sample_every": 0, "rank": 4},
         # One guidance scale for every base, so that image names (p00_s0_g5) do not follow each base's own default.

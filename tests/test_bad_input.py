@@ -31,7 +31,7 @@ def header_only(path: Path, length: int, header: bytes) -> Path:
 def corpus(tmp_path_factory, faces) -> Path:
     """Every bad input, made once: folders of non-photos, broken images, hostile LoRA files, odd configs."""
     root = tmp_path_factory.mktemp("corpus")
-    good_photos = faces / "train" / "guido_van_rossum"
+    good_photos = faces / "train" / "obama"
     (root / "empty").mkdir()
     (root / "texts").mkdir()
     (root / "texts" / "notes.jpg").write_text("not an image")
@@ -79,7 +79,7 @@ def corpus(tmp_path_factory, faces) -> Path:
 def study(corpus: Path, faces: Path, images: str | Path | None = None, name: str = "study.toml", **sections) -> str:
     config = tiny_study(corpus, faces, name, **sections)
     if images is not None:
-        config.write_text(config.read_text().replace(str(faces / "train" / "guido_van_rossum"),
+        config.write_text(config.read_text().replace(str(faces / "train" / "obama"),
                                                      str(corpus / images if isinstance(images, str) else images)))
     return str(config)
 
@@ -149,7 +149,7 @@ CASES = {
                                                   "1e308,1e308"],
     "generate: NaN weights in a file": lambda c, f: ["generate", study(c, f), "--lora", str(c / "nan.safetensors")],
     "evaluate: binary prompts file": lambda c, f: ["evaluate", "--images", str(f / "test"), "--references",
-                                                   str(f / "train" / "guido_van_rossum"), "--prompts",
+                                                   str(f / "train" / "obama"), "--prompts",
                                                    str(c / "prompts.bin"), "--clip-model", "tiny",
                                                    "--face-backend", "dlib", "--out", str(c / "out")],
 }
@@ -181,7 +181,7 @@ def test_the_corpus_config_writer_makes_valid_configs(corpus, faces):
     the inputs', not the harness's)."""
     config = write_config(corpus / "good.toml", {"": {"name": "g", "workspace": str(corpus / "good_work")},
                                                  "subject": {"token": "sks", "images": str(faces / "train" /
-                                                                                            "guido_van_rossum")},
+                                                                                            "obama")},
                                                  "data": {"resolution": 64, "crop": "center"},
                                                  "evaluate": {"face_backend": "dlib"}})
     assert run_in_process("prepare", str(config)).returncode == 0

@@ -98,12 +98,12 @@ def test_adding_a_reference_photo_changes_the_scores(demo, faces, monkeypatch):
     from gradio_client import handle_file
 
     url, models, _ = demo
-    portrait = Image.open(faces / "test" / "guido_van_rossum.jpg").convert("RGB")
+    portrait = Image.open(faces / "test" / "obama.jpg").convert("RGB")
     monkeypatch.setattr(models, "render", lambda *args, **kwargs: portrait)
     client = client_for(url)
     _, before, _ = generate(client)
     assert before["faces"] == 1 and before["identity_similarity"] is not None
-    after, shown, _ = client.predict([handle_file(faces / "test" / "paul_allen.jpg")], api_name="/add_references")
+    after, shown, _ = client.predict([handle_file(faces / "test" / "biden.jpg")], api_name="/add_references")
     assert after["references"] == 5 and len(shown) == 5
     assert after["face_distance"] != pytest.approx(before["face_distance"])
     assert after["identity_similarity"] < before["identity_similarity"], "another man's face joined the references"
@@ -216,8 +216,8 @@ def test_uploads_and_gradio_files_stay_in_the_workspace_and_checked_uploads_are_
     url, models, _ = demo
     upload_folder = Path(gradio.utils.get_upload_folder())
     assert upload_folder == models.folder / ".gradio" and upload_folder.stat().st_mode & 0o777 == 0o700
-    client_for(url).predict([handle_file(faces / "test" / "guido_van_rossum.jpg")], api_name="/add_references")
-    uploads = [p for p in upload_folder.rglob("guido_van_rossum.jpg")]
+    client_for(url).predict([handle_file(faces / "test" / "obama.jpg")], api_name="/add_references")
+    uploads = [p for p in upload_folder.rglob("obama.jpg")]
     assert uploads == [], "the checked upload is deleted; its re-encoded copy lives in demo/references"
     assert list((models.folder / "references").glob("*.png"))
 

@@ -15,7 +15,7 @@ from tests.conftest import drawn_by_its_lora, run_cli
 def test_evaluate_folders_scores_every_image_and_counts_face_failures(faces, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    for person in ("paul_allen", "elon_musk"):
+    for person in ("biden", "lin_manuel_miranda"):
         shutil.copy(faces / "test" / f"{person}.jpg", images / f"{person}.jpg")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
         images / "noise.png")
@@ -23,23 +23,23 @@ def test_evaluate_folders_scores_every_image_and_counts_face_failures(faces, tmp
     (images / "broken.jpg").write_text("a text file named .jpg")
     (tmp_path / "prompts.txt").write_text("a photo of a man\n")
 
-    result = run_cli("evaluate", "--images", str(images), "--references", str(faces / "train" / "paul_allen"),
+    result = run_cli("evaluate", "--images", str(images), "--references", str(faces / "train" / "biden"),
                      "--prompts", str(tmp_path / "prompts.txt"), "--face-backend", "dlib", "--clip-model", "tiny",
                      "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     rows = {row["image"]: row for row in csv.DictReader((tmp_path / "out" / "scores.csv").open())}
-    assert set(rows) == {"paul_allen.jpg", "elon_musk.jpg", "noise.png", "blank.png", "broken.jpg"}
-    assert rows["paul_allen.jpg"]["id_match"] == "True" and rows["elon_musk.jpg"]["id_match"] == "False"
-    assert float(rows["paul_allen.jpg"]["face_distance"]) < float(rows["elon_musk.jpg"]["face_distance"])
+    assert set(rows) == {"biden.jpg", "lin_manuel_miranda.jpg", "noise.png", "blank.png", "broken.jpg"}
+    assert rows["biden.jpg"]["id_match"] == "True" and rows["lin_manuel_miranda.jpg"]["id_match"] == "False"
+    assert float(rows["biden.jpg"]["face_distance"]) < float(rows["lin_manuel_miranda.jpg"]["face_distance"])
     assert rows["noise.png"]["face_found"] == "False" and rows["blank.png"]["face_found"] == "False"
     assert "unreadable" in rows["broken.jpg"]["error"]
-    assert all(rows[name]["clip_score"] for name in ("paul_allen.jpg", "noise.png"))
+    assert all(rows[name]["clip_score"] for name in ("biden.jpg", "noise.png"))
 
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["images"], metrics["unreadable"], metrics["faceless"]) == (5, 1, 2)
     assert metrics["id_match_rate"] == 0.25
     assert metrics["face_distance"] == np.mean([float(rows[n]["face_distance"])
-                                                for n in ("paul_allen.jpg", "elon_musk.jpg")])
+                                                for n in ("biden.jpg", "lin_manuel_miranda.jpg")])
     assert metrics["face_backend"] == "dlib" and metrics["face_backend_version"]
 
 
@@ -60,8 +60,8 @@ def fake_run(workspace, faces, name="r"):
 
     run = Workspace(workspace).run(name)
     run.images.mkdir(parents=True)
-    made = [("guido_van_rossum", "a photo of sks", 3.5), ("guido_van_rossum", "sks smiling", 5.0),
-            ("paul_allen", "sks smiling", 3.5)]
+    made = [("obama", "a photo of sks", 3.5), ("obama", "sks smiling", 5.0),
+            ("biden", "sks smiling", 3.5)]
     for index, (person, prompt, guidance) in enumerate(made):
         stem = f"p{index:02d}_s0_g{guidance:g}"
         Image.open(faces / "test" / f"{person}.jpg").convert("RGB").save(run.images / f"{stem}.png")
@@ -148,7 +148,7 @@ def test_likeness_is_measured_against_held_out_photos_when_given(tiny_config, fa
 
     held_out = tmp_path / "held_out"
     held_out.mkdir()
-    shutil.copy(faces / "test" / "guido_van_rossum.jpg", held_out / "guido.jpg")
+    shutil.copy(faces / "test" / "obama.jpg", held_out / "guido.jpg")
     config = tiny_config(subject={"references": "held_out"})  # relative to the config file, as every path
     run = fake_run(tmp_path / "work", faces)
     result = run_in_process("evaluate", str(config), "--run", "r")
@@ -174,7 +174,7 @@ def test_likeness_is_measured_against_held_out_photos_when_given(tiny_config, fa
 
     # Once prepared, training photos are known by the hashes prepare recorded.
     assert run_in_process("prepare", str(config)).returncode == 0
-    training_photo = sorted((faces / "train" / "guido_van_rossum").iterdir())[0]
+    training_photo = sorted((faces / "train" / "obama").iterdir())[0]
     with Image.open(training_photo) as photo:  # the same photo, smaller and recompressed: a near copy
         photo.convert("RGB").resize((photo.width // 2, photo.height // 2)).save(held_out / "smaller.jpg", quality=70)
     refused = run_in_process("evaluate", str(config), "--run", "r", "--force")
@@ -242,7 +242,7 @@ def test_an_image_whose_prompt_names_nobody_measures_bleed_not_likeness(tiny_con
 
     config = tiny_config(evaluate={"face_backend": "dlib", "clip_model": "tiny"})
     run = fake_run(tmp_path / "work", faces)
-    Image.open(faces / "test" / "guido_van_rossum.jpg").convert("RGB").save(run.images / "p03_s0_g3.5.png")
+    Image.open(faces / "test" / "obama.jpg").convert("RGB").save(run.images / "p03_s0_g3.5.png")
     write_json(run.images / "p03_s0_g3.5.json", drawn_by_its_lora(run, {"prompt": "a photo of a man", "seed": 0,
                                                                       "guidance_scale": 3.5}))
     result = run_cli("evaluate", str(config), "--run", "r")

@@ -19,9 +19,9 @@ from tests.test_merge import random_lora
 def study(tmp_path, faces, tiny_config):
     """A study whose runs `a`, `b` and `c` hold LoRAs, with its photos and class images in folders of its own."""
     photos = tmp_path / "photos"
-    shutil.copytree(faces / "train" / "guido_van_rossum", photos)
+    shutil.copytree(faces / "train" / "obama", photos)
     classes = tmp_path / "classes"
-    shutil.copytree(faces / "train" / "paul_allen", classes)
+    shutil.copytree(faces / "train" / "biden", classes)
     config = tiny_config(subject={"images": str(photos)}, prior={"images": str(classes), "num_class_images": 2})
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         run = tmp_path / "work" / "runs" / name

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # trains, serves or starts lookalike processes: `
 def two_people(tiny_config, faces, **sections):
     path = tiny_config(**sections)
     path.write_text(path.read_text() + f'[[more_subjects]]\ntoken = "pal"\nclass_word = "man"\n'
-                    f'images = "{faces / "train" / "paul_allen"}"\n')
+                    f'images = "{faces / "train" / "biden"}"\n')
     return path
 
 

@@ -19,7 +19,7 @@ from lookalike.faces import FaceRule
 from lookalike.faces.facenet_backend import MtcnnDetector
 from tests.conftest import run_cli
 
-PEOPLE = ("guido_van_rossum", "paul_allen", "steve_wozniak")
+PEOPLE = ("obama", "biden", "alex_lacamoire")
 
 
 def run_prepare(tiny_config, photos, checks=None, **data):
@@ -53,7 +53,7 @@ def test_every_training_photo_gets_a_crop_at_the_size_around_its_face(person, ti
 
 def test_exif_orientation_is_applied_before_cropping(tiny_config, faces, tmp_path):
     """A photo stored sideways with an EXIF 'rotate 90' tag gives the same crop as the upright photo."""
-    upright = Image.open(faces / "train" / "paul_allen" / "1.jpg").convert("RGB")
+    upright = Image.open(faces / "train" / "biden" / "1.jpg").convert("RGB")
     folder = tmp_path / "photos"
     folder.mkdir()
     upright.save(folder / "a_upright.jpg", quality=95)
@@ -69,8 +69,8 @@ def test_exif_orientation_is_applied_before_cropping(tiny_config, faces, tmp_pat
 
 def test_a_stranger_among_the_photos_is_the_only_identity_outlier(tiny_config, faces, tmp_path):
     folder = tmp_path / "photos"
-    shutil.copytree(faces / "train" / "guido_van_rossum", folder)
-    shutil.copy(faces / "test" / "paul_allen.jpg", folder / "5.jpg")
+    shutil.copytree(faces / "train" / "obama", folder)
+    shutil.copy(faces / "test" / "biden.jpg", folder / "5.jpg")
     _, photos = run_prepare(tiny_config, folder)
     flagged = {name for name, p in by_name(photos).items() if p.checks["identity_outlier"]["result"] != "pass"}
     assert flagged == {"5.jpg"}
@@ -94,7 +94,7 @@ def test_a_group_photo_is_flagged_and_the_subjects_face_is_used(tiny_config, fac
 
 def bad_corpus(folder, faces):
     """Broken and awkward files, plus one real photo in several encodings."""
-    portrait = Image.open(faces / "test" / "guido_van_rossum.jpg").convert("RGB")
+    portrait = Image.open(faces / "test" / "obama.jpg").convert("RGB")
     jpeg = io.BytesIO()
     portrait.save(jpeg, format="JPEG")
     (folder / "zero_bytes.jpg").write_bytes(b"")
@@ -115,7 +115,7 @@ def bad_corpus(folder, faces):
 
 def test_bad_files_each_get_a_reason_and_stop_nothing(tiny_config, faces, tmp_path):
     folder = tmp_path / "photos"
-    shutil.copytree(faces / "train" / "guido_van_rossum", folder)
+    shutil.copytree(faces / "train" / "obama", folder)
     bad_corpus(folder, faces)
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
@@ -141,7 +141,7 @@ def test_bad_files_each_get_a_reason_and_stop_nothing(tiny_config, faces, tmp_pa
 @pytest.mark.slow
 def test_rerun_does_nothing_and_a_changed_photo_is_redone(tiny_config, faces, tmp_path):
     folder = tmp_path / "photos"
-    shutil.copytree(faces / "train" / "steve_wozniak", folder)
+    shutil.copytree(faces / "train" / "alex_lacamoire", folder)
     config_file = tiny_config(subject={"images": str(folder)}, data={"resolution": 128})
     assert run_cli("prepare", str(config_file)).returncode == 0
     data = tmp_path / "work" / "data"
@@ -151,7 +151,7 @@ def test_rerun_does_nothing_and_a_changed_photo_is_redone(tiny_config, faces, tm
     assert again.returncode == 0 and "prepare sks: up to date (4 photos kept" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == stamps
 
-    shutil.copy(faces / "test" / "steve_wozniak.jpg", folder / "2.jpg")
+    shutil.copy(faces / "test" / "alex_lacamoire.jpg", folder / "2.jpg")
     changed = run_cli("prepare", str(config_file))
     assert changed.returncode == 0 and "1 photos inspected" in changed.stdout
     manifest = json.loads((data / "manifest.json").read_text())
@@ -164,7 +164,7 @@ def test_rerun_does_nothing_and_a_changed_photo_is_redone(tiny_config, faces, tm
 def test_too_few_photos_is_an_error_that_points_at_the_report(tiny_config, faces, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    shutil.copy(faces / "test" / "paul_allen.jpg", folder / "1.jpg")
+    shutil.copy(faces / "test" / "biden.jpg", folder / "1.jpg")
     result = run_cli("prepare", str(tiny_config(subject={"images": str(folder)})))
     assert result.returncode == 2
     assert "only 1 usable photos" in result.stderr and "data.min_photos is 3" in result.stderr

@@ -190,7 +190,7 @@ def test_class_images_from_a_folder_must_be_enough(tiny_config, tmp_path, faces)
     from lookalike import display
     from lookalike.train.prior import class_images
 
-    folder = faces / "train" / "guido_van_rossum"
+    folder = faces / "train" / "obama"
     config = load_config(tiny_config(prior={"num_class_images": 2, "images": str(folder)}))
     taken = class_images(config, display.console(quiet=True))
     assert len(taken) == 2 and all(image.caption == "a photo of a man" for image in taken)

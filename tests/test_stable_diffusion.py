@@ -266,7 +266,7 @@ def test_a_vae_that_overflows_in_float16_encodes_in_float32(tmp_path, faces):
     """SDXL's VAE config says force_upcast: under fp16 training its latents are cached as float32 encodes them."""
     from lookalike.data.dataset import TrainingImage
 
-    photo = TrainingImage(next((faces / "train" / "guido_van_rossum").iterdir()), "sks")
+    photo = TrainingImage(next((faces / "train" / "obama").iterdir()), "sks")
     folder = resolve_base("tiny-sdxl")
     assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"]
     half = EmbeddingCache(tmp_path / "half", folder, torch.device("cpu"), torch.float16).latents([photo], [(64, 64)])[0]

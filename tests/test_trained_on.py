@@ -25,7 +25,7 @@ from lookalike.workspace import Workspace
 def own_photos(tmp_path, faces):
     """A copy of one person's photos that a test may change (the shared ones are never touched)."""
     folder = tmp_path / "photos"
-    shutil.copytree(faces / "train" / "guido_van_rossum", folder)
+    shutil.copytree(faces / "train" / "obama", folder)
     return folder
 
 
@@ -49,7 +49,7 @@ def test_a_run_resumes_only_on_the_photos_it_started_with(tiny_config, own_photo
     assert len(recorded) == 4 and set(recorded.values()) == {"a photo of sks"}
     monkeypatch.undo()
 
-    shutil.copy(faces / "test" / "guido_van_rossum.jpg", own_photos / "5.jpg")
+    shutil.copy(faces / "test" / "obama.jpg", own_photos / "5.jpg")
     (own_photos / "1.txt").write_text("{token} at a desk\n")
     with pytest.raises(LookalikeError) as refused:
         train(config, "run", resume=True)
@@ -86,7 +86,7 @@ def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_co
         return left[0].reason, stored
 
     assert outcome({}) == ("done earlier", None)
-    shutil.copy(faces / "test" / "guido_van_rossum.jpg", own_photos / "5.jpg")
+    shutil.copy(faces / "test" / "obama.jpg", own_photos / "5.jpg")
     reason, stored = outcome({})
     assert reason.startswith("done earlier, trained on other photos (1 added (data/images/5_")
     assert stored == reason.removeprefix("done earlier, ") and "rename the experiment" in stored
@@ -117,13 +117,13 @@ def test_class_images_taken_from_a_folder_are_recorded_like_the_photos(tiny_conf
     from lookalike.workspace import Workspace
 
     classes = tmp_path / "classes"
-    shutil.copytree(faces / "train" / "paul_allen", classes)
+    shutil.copytree(faces / "train" / "biden", classes)
     config = load_config(tiny_config(train={"max_train_steps": 2, "checkpoint_every": 1},
                                      prior={"num_class_images": 2, "images": str(classes)}, data={"crop": "center"}))
     train(config, "r")
     run = Workspace(config.workspace).run("r")
     assert stale_reason(run, config, training_images(config), config.workspace) is None
-    shutil.copy(faces / "test" / "guido_van_rossum.jpg", classes / "2.jpg")  # the subject among the class images
+    shutil.copy(faces / "test" / "obama.jpg", classes / "2.jpg")  # the subject among the class images
     stale = stale_reason(run, config, training_images(config), config.workspace)
     assert "class images of prior.images (1 changed (2.jpg))" in stale
     run.write_status("failed", reason="interrupted")  # as if killed after its checkpoint of step 1

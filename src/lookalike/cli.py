@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.exceptions import TyperException
 
 from lookalike import display
@@ -22,6 +23,7 @@ from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.evaluate.command import evaluate_folder, evaluate_group_folder, evaluate_runs
 from lookalike.generate import generate as generate_images
 from lookalike.models.base import quiet_libraries
+from lookalike.models.families import KNOWN_BASES, family_titles
 from lookalike.models.card import card_plan, write_card
 from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
@@ -36,8 +38,8 @@ from lookalike.train.memory import dry_run_lines, parse_gpu_memory
 from lookalike.workspace import UNFINISHED, Workspace, check_run_name, checked_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Teach a diffusion model (FLUX.1, FLUX.2 [klein], Z-Image, Qwen-Image, SDXL, SD 1.x) one "
-                       "person's face with LoRA, and prove how well it learned.")
+                  help=f"Teach a diffusion model ({escape(family_titles())}) one person's face with LoRA, and prove how well "
+                       "it learned.")
 # Captured output (a sweep's log, a pipe) is read in wide editors, not an 80-column terminal.
 console = display.console() if Console().is_terminal or "COLUMNS" in os.environ else display.console(width=140)
 error_console = display.console(stderr=True)
@@ -57,6 +59,22 @@ def _quiet() -> None:
     """Before loading models: diffusers and transformers notices off (importing them takes seconds, so only
     commands that load models do)."""
     quiet_libraries()
+
+
+@app.command()
+def init(
+    config: Annotated[Path, typer.Argument(help="The study file to write (a new .toml file).")],
+    base: Annotated[str, typer.Option(help=f"The base to train: {', '.join(KNOWN_BASES)}.")] = "flux-dev",
+    photos: Annotated[str, typer.Option(help="The folder of the person's photos, relative to the study file.")]
+    = "photos",
+    token: Annotated[str, typer.Option(help="The trigger word the LoRA learns the person by.")] = "sks",
+) -> None:
+    """Write a commented starter study for a base: edit it, then `lookalike run` it."""
+    from lookalike.starter import write_starter
+
+    written = write_starter(config, base, photos, token)
+    console.print(f"init: wrote {written}; check it with `lookalike train {written} --dry-run`, then "
+                  f"`lookalike run {written}`")
 
 
 @app.command()

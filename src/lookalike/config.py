@@ -22,15 +22,17 @@ from lookalike.workspace import run_name_problem
 
 class Section(BaseModel):
     # allow_inf_nan: no setting means anything at infinity or NaN; such a value is a typo or an overflow.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # use_attribute_docstrings: each key's docstring is its description (docs/configuration.md is written from them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
     base: str = "flux-dev"
-    """A base of one of the model families (models/families/: flux-dev, flux2-klein-4b, flux2-dev, z-image,
-    qwen-image, sdxl, sd15, sd3.5-large, ..., and their tiny models), or a local diffusers folder, its family told
-    by its model_index.json."""
+    """A base of one of the model families by its name (docs/bases.md lists them, and so does `lookalike init
+    --help`), or a local diffusers folder, its family told by its model_index.json."""
     revision: str | None = None
+    """The hub revision (branch, tag or commit) of a hub base; None: its main branch."""
     checkpoint: Path | None = None
     """A single-file checkpoint of the base (a community fine-tune): a transformer base's transformer, as ComfyUI's
     diffusion_models folder holds one (its original layout or diffusers'), or an SD 1.x / SDXL model in its original
@@ -42,9 +44,15 @@ class ModelConfig(Section):
 
 class SubjectConfig(Section):
     token: str = Field(min_length=1)
+    """The trigger word the LoRA learns the person by, one word (e.g. sks); prompts write it as {token}."""
     class_word: str = "person"
+    """What the person is (man, woman, person): captions and class images use it, and CLIP Score reads it in
+    place of the trigger word."""
     images: Path
+    """The folder of the person's photos (only read, never changed). Taken relative to the config file."""
     real_name: str | None = None
+    """The person's real name, if the base might know them: the ablation compares drawing by it with the trigger
+    word."""
     caption: str = "a photo of {token}"
     """Caption of every photo without a .txt caption beside it; {token} and {class_word} are filled in."""
     references: Path | None = None
@@ -72,10 +80,16 @@ class DataChecks(Section):
     """What prepare does with a photo that fails each check: keep it with a warning, leave it out, or not check."""
 
     no_face: CheckAction = "exclude"
+    """A photo in which no face is found."""
     several_faces: CheckAction = "warn"
+    """A photo with more than one face (the one most like the other photos' faces is used)."""
     face_too_small: CheckAction = "warn"
+    """A face whose crop must be enlarged more than [data] max_upscale."""
     duplicate: CheckAction = "exclude"
+    """A photo with the same bytes as another, or within [data] near_duplicate_bits of its perceptual hash."""
     identity_outlier: CheckAction = "exclude"
+    """A face whose median distance to the other photos' faces is over the face backend's same-person threshold
+    (probably someone else)."""
     too_few: Literal["warn", "error"] = "error"
     """Fewer than [data].min_photos photos kept: stop with an error, or go on with a warning."""
 
@@ -89,7 +103,10 @@ class DataConfig(Section):
     that describes each kept photo; its caption, with the trigger word in place of the person, is written once to
     data/captions/ (edit it there). None: every photo gets [subject] caption."""
     resolution: int = Field(1024, ge=16, le=MAX_RESOLUTION)
+    """The side of the square crops prepare writes (a multiple of 16); runs train at it unless the base's own size
+    is smaller or [train] resolution says otherwise."""
     crop: Literal["face", "center"] = "face"
+    """face: a square around the face prepare finds; center: the centred square (subjects without a face)."""
     face_scale: float = Field(0.4, gt=0, le=1)
     """The face box's side as a share of the square crop's side (0.4: head and shoulders)."""
     buckets: bool = False
@@ -101,7 +118,9 @@ class DataConfig(Section):
     near_duplicate_bits: int = Field(8, ge=0, le=64)
     """Photos whose perceptual hashes differ in at most this many of 64 bits are near duplicates."""
     min_photos: int = Field(3, ge=1)
+    """Fewer photos kept than this stops prepare with an error ([data.checks] too_few = "warn" goes on)."""
     checks: DataChecks = DataChecks()
+    """What prepare does with a photo that fails each check: [data.checks]."""
 
     @field_validator("resolution")
     @classmethod
@@ -123,10 +142,13 @@ class StopRule(Section):
 
 class TrainConfig(Section):
     learning_rate: float = Field(5e-4, gt=0)
+    """The LoRA's peak learning rate (AdamW's step size; with prodigy, a multiplier of its own estimate)."""
     rank: int = Field(16, ge=1)
+    """The LoRA's rank: the width of each layer's low-rank change."""
     alpha: float | None = Field(None, gt=0)
     """LoRA alpha; None means alpha = rank (scale 1). The study's script had it stuck at rank."""
     max_train_steps: int = Field(1000, ge=1)
+    """Optimizer steps the run trains for."""
     lr_scheduler: Literal["constant", "cosine", "linear", "cosine_with_restarts", "polynomial"] = "cosine"
     """How the learning rate moves after the warm-up, as diffusers' get_scheduler (its reference scripts'
     --lr_scheduler) shapes it: constant; cosine (half a cosine, down to 0); linear (down to 0); cosine_with_restarts
@@ -142,14 +164,19 @@ class TrainConfig(Section):
     times this, the A (down) matrices at learning_rate; 16 is the paper's advice for such fine-tuning. None: one
     learning rate for both."""
     batch_size: int = Field(1, ge=1)
+    """Subject examples per step and process (with prior preservation, as many class examples beside them)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Batches whose gradients add up to one optimizer step: an effective batch of batch_size times this."""
     checkpoint_every: int = Field(250, ge=0)
     """Steps between checkpoints; 0 turns them off. --resume continues from the latest."""
     checkpoints_keep: int = Field(2, ge=1)
+    """How many of the latest checkpoints are kept."""
     sample_every: int = Field(250, ge=0)
     """Steps between fixed-seed sample images; 0 turns them off."""
     sample_prompts: list[str] = ["a photo of {token}"]
+    """The prompts of the sample images drawn every sample_every steps ({token}, {class_word} filled in)."""
     sample_steps: int = Field(20, ge=1)
+    """Inference steps of each sample image."""
     score_samples: bool = True
     """Score each sample step's images as `lookalike evaluate` would ([evaluate]: face backend, CLIP model) into
     runs/<name>/sample_scores.jsonl, and keep the best step's LoRA by the report's rule as lora-best.safetensors."""
@@ -157,9 +184,13 @@ class TrainConfig(Section):
     """Early stopping (off by default), e.g. `stop_when = { identity_plateau = 3, clip_below = 0.9 }`: either
     rule stops the run, which keeps the LoRA of the step it stopped at; status.json says why and when."""
     seed: int = 0
+    """Seeds the LoRA's initialisation and every random draw of training (data order, noise, levels): the same seed
+    trains the same LoRA."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on a GPU that supports it, full precision on the CPU."""
     gradient_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass instead of keeping its values: much less memory, a
+    slower step."""
     gradient_checkpointing_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every k-th transformer block only (1: every block, the least memory)."""
     captions: bool = True
@@ -215,7 +246,9 @@ class TrainConfig(Section):
     noise levels of the base's scheduler, the noisiest first (so a logit_mean above 0 trains on less noise, as in
     the scripts). None: the base's reference script's (uniform; SD3's logit_normal)."""
     logit_mean: float = 0.0
+    """timestep_sampling = "logit_normal": the mean of the normal draw u's logit is taken from."""
     logit_std: float = Field(1.0, gt=0)
+    """timestep_sampling = "logit_normal": its standard deviation."""
     mode_scale: float = Field(1.29, ge=-1, le=1.75)
     """timestep_sampling = "mode": how much heavier the middle noise levels are (0: uniform; diffusers' 1.29; the
     SD3 paper's range, where it stays a density on (0, 1): -1 to 2 / (pi - 2))."""
@@ -282,8 +315,11 @@ class TrainConfig(Section):
     warms up as min((1 + step) / (10 + step), ema_decay)). The samples, the best step and lora.safetensors are
     then the average's; the raw weights are kept as lora-raw.safetensors. None: off."""
     weight_decay: float = Field(1e-4, ge=0)
+    """AdamW's decoupled weight decay on the LoRA weights (the reference scripts' 1e-4)."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this norm before each step."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on each LoRA layer's input while training (peft's lora_dropout)."""
 
     @property
     def lora_alpha(self) -> float:
@@ -407,7 +443,9 @@ class GenerateConfig(Section):
     recipe: trained on krea2-raw, drawn with krea2-turbo; z-image and z-image-turbo alike). Its own steps and
     guidance apply. A local diffusers folder is taken relative to the config file."""
     prompts: list[str] = Field(["a photo of {token}"], min_length=1)
+    """The prompts images are drawn and scored with ({token}, {class_word}, {token_1}, ... filled in)."""
     seeds: list[int] = Field([0], min_length=1)
+    """One image per seed for each prompt, guidance scale and strength."""
     guidance_scales: list[float] | None = Field(None, min_length=1)
     """None: each drawing base's own (its model card's, else its pipeline's default: 3.5 for FLUX.1-dev, 4.0 for
     FLUX.2 [dev] and Qwen-Image, 4.5 for Krea 2 and SD3.5 Medium, 3.5 for SD3.5 Large, 5.0 for Z-Image and SDXL,
@@ -458,7 +496,10 @@ class GenerateConfig(Section):
 
 class EvaluateConfig(Section):
     face_backend: Literal["facenet", "dlib"] = "facenet"
+    """The face detector and embedding likeness is measured with: facenet (MTCNN + InceptionResnetV1 VGGFace2, the
+    study's) or dlib (offline)."""
     clip_model: str = "openai/clip-vit-large-patch14"
+    """The CLIP model of CLIP Score (hub id or folder; "tiny": the random offline model tests use)."""
     min_face_score: float | None = None
     """Detections below this confidence are no face; None: the backend's own (MTCNN 0.95, dlib 0.0)."""
     min_face_size: float = Field(0.05, gt=0, lt=1)
@@ -545,19 +586,30 @@ class SweepConfig(Section):
 
 class StudyConfig(Section):
     name: str = Field(min_length=1)
+    """The study's name, shown in its report and results."""
     workspace: Path
+    """The folder where the study writes everything (data/, runs/, report/, ...). Taken relative to the config file."""
     model: ModelConfig = ModelConfig()
+    """[model]: the base trained on."""
     subject: SubjectConfig
+    """[subject]: the person and their photos."""
     more_subjects: list[SubjectConfig] = []
     """More people, each with their own token, class word and photos: trained into the same LoRA as [subject]
     (captions name each person's token), for group photos; `train --subject TOKEN` trains one person alone."""
     data: DataConfig = DataConfig()
+    """[data]: how prepare crops, captions and checks the photos."""
     train: TrainConfig = TrainConfig()
+    """[train]: the run's training settings."""
     generate: GenerateConfig = GenerateConfig()
+    """[generate]: the images drawn and scored."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """[evaluate]: how likeness and prompt adherence are measured."""
     prior: PriorConfig = PriorConfig()
+    """[prior]: prior preservation."""
     ablate: AblateConfig = AblateConfig()
+    """[ablate]: what `lookalike ablate` compares."""
     sweep: SweepConfig = SweepConfig()
+    """[sweep]: the experiments, listed or made by a design over factors."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "StudyConfig":

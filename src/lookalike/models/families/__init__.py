@@ -38,6 +38,11 @@ KNOWN_BASES: dict[str, BaseModelInfo] = {name: info for family in FAMILIES.value
 _BY_PIPELINE = {family.pipeline_class_name: family for family in FAMILIES.values()}
 
 
+def family_titles() -> str:
+    """Every family's name as people write it, for help and messages: "FLUX.1, FLUX.2 [klein], ..."."""
+    return ", ".join(family.title for family in FAMILIES.values())
+
+
 def folder_family(folder: Path) -> Family:
     """The family of a local diffusers folder, from the pipeline class its model_index.json names."""
     index = Path(folder) / "model_index.json"

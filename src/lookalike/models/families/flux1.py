@@ -159,6 +159,7 @@ def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None
 class Flux1(Family):
     name = "flux1"
     pipeline_class_name = "FluxPipeline"
+    title = "FLUX.1"
     pipeline_guidance = 3.5
     components = {"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),

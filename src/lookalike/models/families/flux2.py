@@ -105,6 +105,7 @@ def build_tiny_flux2(spec: TinyFlux2Spec = TinyFlux2Spec()):
 class Flux2(Family):
     name = "flux2"
     pipeline_class_name = "Flux2KleinPipeline"
+    title = "FLUX.2 [klein]"
     pipeline_guidance = 4.0  # what an undistilled [klein] base draws at
     reference_posterior = "mode"  # train_dreambooth_lora_flux2_klein.py: vae.encode(...).latent_dist.mode()
     components = {"transformer": ("diffusers", "Flux2Transformer2DModel"), "vae": ("diffusers", "AutoencoderKLFlux2"),

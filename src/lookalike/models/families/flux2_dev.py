@@ -94,6 +94,7 @@ def build_tiny_flux2_dev(spec: TinyFlux2DevSpec = TinyFlux2DevSpec()):
 class Flux2Dev(Flux2):
     name = "flux2-dev"
     pipeline_class_name = "Flux2Pipeline"
+    title = "FLUX.2 [dev]"
     pipeline_guidance = 4.0  # train_dreambooth_lora_flux2.py trains on the posterior's mode too, as [klein]'s
     components = dict(Flux2.components, text_encoder=("transformers", "Mistral3ForConditionalGeneration"),
                       tokenizer=("transformers", "PixtralProcessor"))

@@ -61,6 +61,7 @@ class Family:
     tensors."""
 
     name: str
+    title: str  # the family's name as people write it (FLUX.2 [klein]), in help and docs
     pipeline_class_name: str  # diffusers' pipeline, as model_index.json names it
     denoiser = "transformer"  # the pipeline component that denoises, which the LoRA adapts (transformer or unet)
     components: dict[str, tuple[str, str]]  # component -> (library, class name) for loading it on its own

@@ -114,6 +114,7 @@ def build_tiny_krea2(spec: TinyKrea2Spec = TinyKrea2Spec()):
 class Krea2(QwenImageLatents, Family):
     name = "krea2"
     pipeline_class_name = "Krea2Pipeline"
+    title = "Krea 2"
     pipeline_guidance = 4.5
     components = {"transformer": ("diffusers", "Krea2Transformer2DModel"),
                   "vae": ("diffusers", "AutoencoderKLQwenImage"),

@@ -144,6 +144,7 @@ class UnpaddedPrompts:
 class QwenImage(QwenImageLatents, UnpaddedPrompts, Family):
     name = "qwen-image"
     pipeline_class_name = "QwenImagePipeline"
+    title = "Qwen-Image"
     pipeline_guidance = 4.0  # its true_cfg_scale
     components = {"transformer": ("diffusers", "QwenImageTransformer2DModel"),
                   "vae": ("diffusers", "AutoencoderKLQwenImage"),

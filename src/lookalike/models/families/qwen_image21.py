@@ -109,6 +109,7 @@ def build_tiny_qwen_image21(spec: TinyQwenImage21Spec = TinyQwenImage21Spec()):
 class QwenImage21(QwenImageLatents, UnpaddedPrompts, Family):
     name = "qwen-image21"
     pipeline_class_name = "QwenImage21Pipeline"
+    title = "Qwen-Image 2.1"
     pipeline_guidance = 1.0  # its true_cfg_scale: no guidance
     components = {"transformer": ("diffusers", "QwenImage21Transformer2DModel"),
                   "vae": ("diffusers", "AutoencoderKLQwenImage21"),

@@ -105,6 +105,7 @@ def build_tiny_sd3(spec: TinySD3Spec = TinySD3Spec()):
 class StableDiffusion3(Family):
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    title = "SD3 and 3.5"
     pipeline_guidance = 7.0
     reference_sampling = "logit_normal"  # train_dreambooth_lora_sd3.py: --weighting_scheme logit_normal
     components = {"transformer": ("diffusers", "SD3Transformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),

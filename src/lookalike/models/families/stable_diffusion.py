@@ -190,6 +190,7 @@ class StableDiffusion(Family):
 class StableDiffusion1(StableDiffusion):
     name = "sd1"
     pipeline_class_name = "StableDiffusionPipeline"
+    title = "SD 1.x"
     pipeline_guidance = 7.5
     components = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "PNDMScheduler"), "text_encoder": ("transformers", "CLIPTextModel"),
@@ -238,6 +239,7 @@ class StableDiffusion1(StableDiffusion):
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    title = "SDXL"
     pipeline_guidance = 5.0
     components = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "EulerDiscreteScheduler"),

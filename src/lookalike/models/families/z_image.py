@@ -73,6 +73,7 @@ def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
 class ZImage(Family):
     name = "z-image"
     pipeline_class_name = "ZImagePipeline"
+    title = "Z-Image"
     pipeline_guidance = 5.0
     reference_posterior = "mode"  # train_dreambooth_lora_z_image.py: vae.encode(...).latent_dist.mode()
     components = {"transformer": ("diffusers", "ZImageTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
