@@ -32,9 +32,10 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# docs/configuration.md, written from the config's schema (a test fails when it is stale).
+# docs/configuration.md from the config's schema, and the README's table of bases from the registry (a test fails
+# when either is stale).
 docs: $(STAMP)
-	$(BIN)/python -m lookalike.config_reference docs/configuration.md
+	$(BIN)/python -m lookalike.generated_docs docs/configuration.md README.md
 
 # The README's pictures, taken by the browser tests that show those pages.
 screenshots: $(STAMP) browser

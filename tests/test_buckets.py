@@ -64,8 +64,22 @@ def test_bucket_batches_never_mix_sizes_and_use_every_example_each_epoch():
 
 
 @pytest.fixture
-def bucketed(tiny_config):
-    return tiny_config(data={"resolution": 128, "buckets": True},
+def framed(tmp_path, faces):
+    """Four photos of one person in two framings: two landscape 16:9 (1280 x 720) and two 5:4 (1350 x 1080), each
+    a photo of tests/data/faces padded whole into that frame, so that every face stays inside it."""
+    from PIL import ImageOps
+
+    folder = tmp_path / "framed"
+    folder.mkdir()
+    for index, size in enumerate([(1280, 720), (1280, 720), (1350, 1080), (1350, 1080)], start=1):
+        with Image.open(faces / "train" / "obama" / f"{index}.jpg") as photo:
+            ImageOps.pad(photo.convert("RGB"), size, color=(128, 128, 128)).save(folder / f"{index}.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture
+def bucketed(tiny_config, framed):
+    return tiny_config(subject={"images": str(framed)}, data={"resolution": 128, "buckets": True},
                        train={"max_train_steps": 12, "checkpoint_every": 4, "checkpoints_keep": 2,
                               "batch_size": 3, "learning_rate": 1e-3, "offload": True,
                               "background_loss_weight": 0.2, "flip": True},
@@ -105,14 +119,15 @@ def test_a_bucketed_run_with_class_images_caches_latents_per_size_and_resumes_ex
 
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny-flux2-klein", "tiny-qwen-image", "tiny-z-image", "tiny-sdxl", "tiny-sd15"])
-def test_every_family_trains_on_buckets(tiny_config, base):
+def test_every_family_trains_on_buckets(tiny_config, framed, base):
     """(The FLUX.1 family's run above.) SDXL conditions on each bucket's size; a transformer gets its latents'
     layout, and the face's loss weights laid out as them."""
     from safetensors.torch import load_file
 
     from lookalike.train.trainer import train
 
-    config = load_config(tiny_config(model={"base": base}, data={"resolution": 128, "buckets": True},
+    config = load_config(tiny_config(model={"base": base}, subject={"images": str(framed)},
+                                     data={"resolution": 128, "buckets": True},
                                      train={"max_train_steps": 2, "batch_size": 2, "background_loss_weight": 0.5}))
     assert load_file(train(config, "bucketed")), "a LoRA"
     sides = {load_file(path)["mean"].shape[-2:] for path in (config.workspace / "cache" / "latents").glob("*")}

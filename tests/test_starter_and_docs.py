@@ -1,12 +1,13 @@
 """`lookalike init` writes, for every base the registry knows, a study that `train --dry-run` accepts; every config
-key has a docstring, and docs/configuration.md is what the schema writes now (`make docs`)."""
+key has a docstring, and docs/configuration.md and the README's table of bases are what the code writes now
+(`make docs`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from lookalike.config import load_config
-from lookalike.config_reference import keys_without_docstrings, reference_markdown
+from lookalike.generated_docs import keys_without_docstrings, reference_markdown, with_bases_table
 from lookalike.errors import LookalikeError
 from lookalike.models.families import KNOWN_BASES
 from lookalike.starter import write_starter
@@ -14,12 +15,14 @@ from lookalike.train.memory import dry_run_lines
 from tests.conftest import REPO, run_cli
 
 
-def test_every_key_has_a_docstring_and_the_configuration_reference_is_current():
+def test_every_key_has_a_docstring_and_the_docs_written_from_the_code_are_current():
     assert keys_without_docstrings() == []
     written = (REPO / "docs" / "configuration.md").read_text()
     assert written == reference_markdown(), "docs/configuration.md is stale: run `make docs`"
-    for base in KNOWN_BASES:  # the bases' own defaults come from the registry
-        assert f"| `{base}` |" in written
+    readme = (REPO / "README.md").read_text()
+    assert readme == with_bases_table(readme), "the README's table of bases is stale: run `make docs`"
+    for base in KNOWN_BASES:  # both list every base the registry knows
+        assert f"| `{base}` |" in written and f"`{base}`" in readme
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The one schema of a study (the README's "A study is one config file"), loading from TOML/JSON/YAML, and `--set
+"""The one schema of a study (docs/configuration.md lists every key), loading from TOML/JSON/YAML, and `--set
 section.key=value` overrides.
 
 Unknown keys and bad values are errors that name the key: every model forbids extra fields, and

@@ -506,7 +506,7 @@ def check_run_name(name: str, what: str = "--run") -> str:
 
 @dataclass(frozen=True)
 class Workspace:
-    """Everything a study writes lives under `root` (the README's "Workspace" lists what goes where)."""
+    """Everything a study writes lives under `root` (docs/sweeps.md's "Workspace" lists what goes where)."""
 
     root: Path
 

@@ -1,8 +1,9 @@
-"""docs/configuration.md, written from the config's own schema (config.py): every key with its type, default,
-bounds and docstring, then the defaults each base brings. `make docs` rewrites the file; a test fails when it is
-stale.
+"""The docs written from the code, so that they never drift from it: docs/configuration.md from the config's own
+schema (config.py: every key with its type, default, bounds and docstring, then the defaults each base brings), and
+the README's table of bases from the registry (models/families/). `make docs` rewrites both; a test fails when either
+is stale.
 
-    python -m lookalike.config_reference docs/configuration.md
+    python -m lookalike.generated_docs docs/configuration.md README.md
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ INTRO = """# Configuration
 
 A study is one TOML file (JSON and YAML with the same keys load too); `configs/quickstart.toml` is a small one and
 `lookalike init` writes a commented one for any base. Relative paths are taken relative to the config file. An
-unknown key or a bad value is an error that names the key. `--set section.key=value` overrides any key from the
+unknown key or a bad value is an error that names the key: so are NaN or infinite numbers, a photo folder inside
+(or containing) the workspace's `data/`, where prepare writes, and, once the base is loaded, a rank wider than its
+narrowest adapted layer. `--set section.key=value` overrides any key from the
 command line (values read as TOML: `--set train.learning_rate=1e-3`), and `--set section.key=` unsets one. A run
 keeps its fully resolved config in `runs/<name>/config.json`, so it can be repeated from its own folder.
 
@@ -152,8 +155,33 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+# Where the README's table of bases lies, between these two lines.
+BASES_START = "<!-- the bases: written from the registry by `make docs` -->"
+BASES_END = "<!-- end of the bases -->"
+
+
+def bases_table() -> str:
+    """Each family and its bases: hub repository, licence (as the model card gives it), gated or not."""
+    rows = ["| family | bases: hub repository (licence) | tiny model |", "|---|---|---|"]
+    for family in FAMILIES.values():
+        hub = [f"`{name}`: {info.repo} ({info.licence or 'see its model card'}{'; gated' if info.gated else ''})"
+               for name, info in family.bases.items() if info.repo]
+        tiny = [f"`{name}`" for name, info in family.bases.items() if not info.repo]
+        rows.append(f"| {family.title} | {'<br>'.join(hub)} | {', '.join(tiny)} |")
+    return "\n".join(rows)
+
+
+def with_bases_table(readme: str) -> str:
+    """The README with its table of bases written anew."""
+    head, _, rest = readme.partition(BASES_START + "\n")
+    _, _, tail = rest.partition(BASES_END)
+    return f"{head}{BASES_START}\n{bases_table()}\n{BASES_END}{tail}"
+
+
 def main() -> None:
-    Path(sys.argv[1]).write_text(reference_markdown())
+    configuration, readme = Path(sys.argv[1]), Path(sys.argv[2])
+    configuration.write_text(reference_markdown())
+    readme.write_text(with_bases_table(readme.read_text()))
 
 
 if __name__ == "__main__":
