@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Two workers (pytest-xdist): most tests run one single-threaded process, so two at once use both cores of a
+# The layers first (import-linter: imports point down, pyproject.toml), then the tests on two workers
+# (pytest-xdist): most tests run one single-threaded process, so two at once use both cores of a
 # 2-core machine (8 minutes instead of 14 for the whole suite).
 test: $(STAMP) browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2
 
 # The edit-test loop: everything but the tests marked slow.

@@ -25,7 +25,7 @@ from lookalike.models.base import load_component, resolve_base
 from lookalike.models.checkpoint import checkpoint_folder
 from lookalike.store import connect, run_table
 from lookalike.train.prior import class_folder
-from lookalike.train.trained_on import stale_reason
+from lookalike.trained_on import stale_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace
 from tests.conftest import run_in_process

@@ -24,6 +24,7 @@ from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents
 from lookalike.train.trainer import train
+from lookalike.train.objectives import family_objective
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
@@ -48,6 +49,24 @@ TRAINING_GUIDANCE = 3.5
 # How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt; Qwen-Image 2.1
 # draws without guidance.
 STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}, "qwen-image21": {}}
+
+
+def test_every_family_has_what_the_interface_asks_and_one_that_lacks_a_method_cannot_be_made():
+    """Family is an abstract base class: its abstract methods, and the class attributes it (or TransformerFamily)
+    declares without a value, are each family's to give."""
+    from lookalike.models.families import FAMILIES
+    from lookalike.models.families.interface import Family, TransformerFamily
+
+    for family in FAMILIES.values():
+        required = [name for cls in type(family).__mro__ if cls in (Family, TransformerFamily)
+                    for name in cls.__annotations__ if not hasattr(cls, name)]
+        assert required and all(hasattr(family, name) for name in required), family.name
+
+    class Unfinished(TransformerFamily):
+        name = "unfinished"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Unfinished()
 
 
 @pytest.mark.parametrize("family", TINY)
@@ -293,7 +312,7 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
         prediction = lookalike_family.predict(transformer, transformer.config, noisy_latents(x0, packed_noise, sigmas),
                                               sigmas, [texts[c] for c in captions], TRAINING_GUIDANCE, layout,
                                               torch.device("cpu"), torch.float32)
-        ours = lookalike_family.objective(folder).loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
+        ours = family_objective(lookalike_family, folder).loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
         reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
                      "flux2-dev": partial(flux2_reference_loss, dev=True),
                      "qwen-image": qwen_image_reference_loss, "qwen-image21": qwen_image21_reference_loss,

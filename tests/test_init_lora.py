@@ -16,7 +16,7 @@ from lookalike.models.export import export_lora
 from lookalike.models.lora import add_lora, lora_state_dict, modules_of, read_lora, save_lora
 from lookalike.sweep.designs import experiment_name
 from lookalike.train.init_lora import read_start, start_from
-from lookalike.train.trained_on import stale_reason
+from lookalike.trained_on import stale_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace
 from tests.test_train import assert_a_killed_run_resumes_exactly

@@ -1,6 +1,6 @@
 """Pareto selection of the best runs on hand-made metric tables."""
 
-from lookalike.report.pareto import dominates, pareto_front
+from lookalike.evaluate.pareto import dominates, pareto_front
 
 
 def run(name, identity, clip, faceless):

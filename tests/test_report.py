@@ -88,7 +88,7 @@ def test_a_study_scored_by_the_random_tiny_clip_declares_no_winner(finished_stud
 def test_best_settings_are_numbered_once_and_a_faceless_run_shows_one_identity(tmp_path):
     from lookalike.config import load_config
     from lookalike.report.build import _best_lines, _summary
-    from lookalike.report.pareto import pareto_front
+    from lookalike.evaluate.pareto import pareto_front
     from tests.conftest import write_config
 
     runs = [{"name": name, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, "max_train_steps": 10,

@@ -16,7 +16,7 @@ from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import evaluate_runs
 from lookalike.generate import generate
 from lookalike.models.lora import modules_of, read_lora
-from lookalike.report.pareto import front_steps
+from lookalike.evaluate.pareto import front_steps
 from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.sample_scores import stop_reason
 from lookalike.train.trainer import train

@@ -21,6 +21,7 @@ from lookalike.models.families import denoiser_family, folder_family
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.objectives import NoisePrediction
+from lookalike.train.objectives import family_objective
 from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.test_train import assert_a_killed_run_resumes_exactly
 
@@ -129,7 +130,7 @@ def test_the_training_loss_equals_the_reference_scripts_on_one_batch(tmp_path, f
     settings = TrainConfig(snr_gamma=snr_gamma)
 
     texts = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32).texts(captions, 77)
-    objective = lookalike_family.objective(folder)
+    objective = family_objective(lookalike_family, folder)
     x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
     with torch.no_grad():
         prediction = lookalike_family.predict(unet, unet.config, objective.noisy(x0, noise, timesteps), timesteps,

@@ -27,6 +27,7 @@ from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.init_lora import read_start, start_from
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
 from lookalike.train.trainer import train
+from lookalike.train.objectives import family_objective
 from tests.test_families import denoiser_with_a_lora, sd3_reference_loss, stock_image, train_sampled_run
 from tests.test_stable_diffusion import reference_loss, reference_text_encoders
 from tests.test_train import assert_a_killed_run_resumes_exactly
@@ -67,7 +68,7 @@ def backpropagated_loss(folder, denoiser, texts, channels: int, levels):
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(2, channels, 8, 8, generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    objective = family.objective(folder)
+    objective = family_objective(family, folder)
     x0, layout = family.model_input(latents, family.latent_normalisation(folder))
     prediction = family.predict(denoiser, denoiser.config, objective.noisy(x0, noise, levels), levels,
                                 [texts[c] for c in CAPTIONS], 1.0, layout, CPU, torch.float32)

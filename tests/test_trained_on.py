@@ -113,7 +113,7 @@ def test_a_finished_run_of_other_photos_or_settings_is_named_so_and_kept(tiny_co
 def test_class_images_taken_from_a_folder_are_recorded_like_the_photos(tiny_config, faces, tmp_path):
     """[prior] images replaced under a finished run: it is named stale, and a started run will not resume on them."""
     from lookalike.data.dataset import training_images
-    from lookalike.train.trained_on import stale_reason
+    from lookalike.trained_on import stale_reason
     from lookalike.workspace import Workspace
 
     classes = tmp_path / "classes"

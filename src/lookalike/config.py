@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families import KNOWN_BASES
 from lookalike.workspace import run_name_problem
 
 
@@ -800,10 +799,15 @@ def validate(data: dict[str, Any], source: str, base_dir: Path) -> StudyConfig:
 
 
 def _base(base: str | None, base_dir: Path) -> str | None:
-    """A known base's name as it is; a local diffusers folder relative to the config file, like every path."""
-    if base is None or base in KNOWN_BASES:
-        return base
-    return str((base_dir / base).resolve())
+    """A base's name as it is; a local diffusers folder relative to the config file, like every path: a base that
+    is written as a path (a separator, or a leading . or ~) or names a folder beside the config file. (Whether a
+    name is a known base is for the models layer to say: models.base.is_base.)"""
+    if base is None:
+        return None
+    if any(separator in base for separator in ("/", "\\")) or base.startswith((".", "~")) or \
+            (base_dir / base).is_dir():
+        return str((base_dir / Path(base).expanduser()).resolve())
+    return base
 
 
 def _path(path: Path | str | None, base_dir: Path) -> Path | None:

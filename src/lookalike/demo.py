@@ -39,7 +39,7 @@ from lookalike.models.base import (
 )
 from lookalike.models.checkpoint import resolve_drawing_base
 from lookalike.models.lora import check_lora_file, load_lora_into, lookalike_metadata
-from lookalike.train.trained_on import trained_base_problem
+from lookalike.trained_on import trained_base_problem
 from lookalike.workspace import Workspace, atomic_path, file_sha256, write_json
 
 NONE = "(none)"

@@ -38,7 +38,7 @@ from lookalike.models.checkpoint import drawn_checkpoint, resolve_drawing_base
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
 from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar
-from lookalike.train.trained_on import trained_base_problem
+from lookalike.trained_on import trained_base_problem
 from lookalike.workspace import Workspace, atomic_path, checked_checkpoint, file_sha256, write_json
 
 

@@ -22,7 +22,7 @@ from lookalike.generate import generate
 from lookalike.models.base import check_drawing_base, quiet_libraries
 from lookalike.sweep.plan import config_for_run, experiments
 from lookalike.sweep.runner import sweep
-from lookalike.train.trained_on import trained_base_problem
+from lookalike.trained_on import trained_base_problem
 from lookalike.workspace import UNFINISHED, Workspace
 
 

@@ -254,12 +254,12 @@ class RunPaths:
 
     @property
     def photos(self) -> Path:
-        """The examples the run trains on: crop -> caption (train/trained_on.py)."""
+        """The examples the run trains on: crop -> caption (trained_on.py)."""
         return self.root / "photos.json"
 
     @property
     def class_photos(self) -> Path:
-        """The class images the run takes from [prior] images: file -> SHA-256 (train/trained_on.py)."""
+        """The class images the run takes from [prior] images: file -> SHA-256 (trained_on.py)."""
         return self.root / "class_photos.json"
 
     @property

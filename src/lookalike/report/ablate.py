@@ -21,7 +21,7 @@ from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
 from lookalike.evaluate.scoring import aggregate, describe_images
 from lookalike.generate import generate
-from lookalike.report.pareto import pareto_front
+from lookalike.evaluate.pareto import pareto_front
 from lookalike.store import refresh
 from lookalike.workspace import Workspace, atomic_path, write_json
 

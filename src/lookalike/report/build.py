@@ -23,7 +23,7 @@ from lookalike.models.base import drawing_base, guidance_scales
 from lookalike.report import figures
 from lookalike.report.confidence import confidence, confidence_html, confidence_markdown, image_scores
 from lookalike.report.effects import EFFECTS_TITLE, effects_html, effects_markdown, factor_effects
-from lookalike.report.pareto import RANK_RULE, front_steps, pareto_front
+from lookalike.evaluate.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.store import refresh
 from lookalike.sweep.plan import config_for_run
 from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_metrics

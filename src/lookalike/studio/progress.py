@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lookalike.display import cell
 from lookalike.report import figures
-from lookalike.report.pareto import front_steps
+from lookalike.evaluate.pareto import front_steps
 from lookalike.workspace import RunPaths, read_json, read_metrics
 
 LOG_LINES = 40

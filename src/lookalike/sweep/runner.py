@@ -31,7 +31,7 @@ from lookalike.errors import RunBusy
 from lookalike.processes import how_it_ended
 from lookalike.store import record_run
 from lookalike.sweep.plan import Planned
-from lookalike.train.trained_on import stale_reason, trains_on
+from lookalike.trained_on import stale_reason, trains_on
 from lookalike.workspace import RunPaths, Workspace, read_metrics
 
 STOP_GRACE_S = 60  # how long an interrupted run may take to write its status before it is killed

@@ -1,5 +1,5 @@
 """Training objectives: how a batch of clean latents is noised, and what the denoiser learns to predict. A family
-names its objective (Family.objective); the trainer draws every random number through it from the run's one
+names its objective (Family.objective_kind); the trainer draws every random number through it from the run's one
 generator, so a resumed run draws exactly what an uninterrupted one would.
 
 - FlowMatching (FLUX.1, FLUX.2, Z-Image, Qwen-Image and 2.1, Krea 2, SD3): x_t = (1 - sigma) x0 + sigma noise,
@@ -109,6 +109,13 @@ class NoisePrediction:
         snr = compute_snr(self.scheduler, timesteps)
         snr_weights = torch.clamp(snr, max=t.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
         return (per_example * snr_weights.to(prediction.device)).mean()
+
+
+def family_objective(family, folder: Path):
+    """The objective a family's base trains with (Family.objective_kind), for the base in `folder`."""
+    if family.objective_kind == "noise_prediction":
+        return NoisePrediction(folder)
+    return FlowMatching(preconditioned=family.objective_kind == "preconditioned_flow_matching")
 
 
 def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

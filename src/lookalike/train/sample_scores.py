@@ -1,6 +1,6 @@
 """Identity in the training loop: each sample step's fixed-seed images are scored as `lookalike evaluate` scores a
 run's images ([evaluate]'s face backend and CLIP, against the subject's reference photos), recorded per step in
-runs/<name>/sample_scores.jsonl, and the best step is chosen by the report's rule (report/pareto.py: the Pareto
+runs/<name>/sample_scores.jsonl, and the best step is chosen by the report's rule (evaluate/pareto.py: the Pareto
 front of identity similarity, CLIP Score and faceless images, ranked by mean rank).
 
 The best step's LoRA is kept as lora-best.safetensors. Only the LoRAs of steps on the front are kept
@@ -18,7 +18,7 @@ from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos, score_named
 from lookalike.evaluate.scoring import ImageScore, aggregate, clip_prompt
-from lookalike.report.pareto import front_steps
+from lookalike.evaluate.pareto import front_steps
 from lookalike.workspace import RunPaths, StepLog, atomic_path, read_metrics
 
 

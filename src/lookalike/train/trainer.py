@@ -49,7 +49,7 @@ from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_c
 from lookalike.train.face_weights import batch_weights, photo_weights
 from lookalike.train.init_lora import keep_copy, read_start, start_from
 from lookalike.train.memory import out_of_memory_message
-from lookalike.train.objectives import FlowMatching, with_prior
+from lookalike.train.objectives import FlowMatching, family_objective, with_prior
 from lookalike.train.offload import BlockOffload
 from lookalike.train.preservation import preservation_loss, preserved_caption
 from lookalike.train.prior import class_images
@@ -57,7 +57,7 @@ from lookalike.train.reference_recipe import recipe_line, with_reference_recipe
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
-from lookalike.train.trained_on import (
+from lookalike.trained_on import (
     changed_settings,
     checkpoint_changed,
     class_photo_changes,
@@ -381,7 +381,7 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                       " (not scaled with the batch)" + (f"; sharded: each process holds 1/{processes} of the model, "
                                                         "LoRA and optimizer state" if sharded else ""))
     normalisation = family.latent_normalisation(folder)
-    objective = family.objective(folder)
+    objective = family_objective(family, folder)
     t = with_reference_recipe(t, family, folder)  # the keys left unset: the base's reference script's
     if isinstance(objective, FlowMatching) and accelerator.is_main_process:
         console.print(f"train: {recipe_line(t)}")

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo, Family
+from lookalike.models.families.interface import (CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo,
+                                                 TransformerFamily)
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -156,7 +157,7 @@ def ensure_tiny_model(spec: TinySpec = TinySpec(), cache_dir: Path | None = None
 
 
 
-class Flux1(Family):
+class Flux1(TransformerFamily):
     name = "flux1"
     pipeline_class_name = "FluxPipeline"
     title = "FLUX.1"

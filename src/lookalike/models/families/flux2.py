@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family, is_distilled
+from lookalike.models.families.interface import BaseModelInfo, TransformerFamily, is_distilled
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
@@ -102,7 +102,7 @@ def build_tiny_flux2(spec: TinyFlux2Spec = TinyFlux2Spec()):
                               transformer=transformer, is_distilled=spec.distilled)
 
 
-class Flux2(Family):
+class Flux2(TransformerFamily):
     name = "flux2"
     pipeline_class_name = "Flux2KleinPipeline"
     title = "FLUX.2 [klein]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,9 @@ class BaseModelInfo:
     guidance_scale: float | None = None
 
 
-class Family:
-    """The interface every family implements (what each part is for: families/__init__.py). Tensors are torch
-    tensors."""
+class Family(ABC):
+    """The interface every family implements (what each part is for: families/__init__.py): the abstract methods
+    below, and the class attributes declared without a value. Tensors are torch tensors."""
 
     name: str
     title: str  # the family's name as people write it (FLUX.2 [klein]), in help and docs
@@ -86,16 +87,15 @@ class Family:
     # Every text encoder's config as the family's hub bases publish it, where a run can train one: what a run that
     # does holds (`--dry-run` counts them without a download).
     published_text_encoders: dict[str, dict] = {}
-    # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
-    # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
-    activation_figures: dict[str, float]
-    backward_working: float
     # The training recipe of the family's diffusers reference script (train_dreambooth_lora_<family>.py), which a
     # [train] key left unset takes (train/reference_recipe.py): how its noise levels are drawn (its
     # --weighting_scheme default: "none" draws them uniformly), and whether it trains on the VAE posterior's sample
     # or its mode. The grid they index is the base's scheduler's (grid_shift).
     reference_sampling = "uniform"
     reference_posterior = "sample"
+    # How training noises clean latents and what the denoiser learns to predict (train/objectives.py): flow
+    # matching; preconditioned flow matching (SD3's script); DDPM noise prediction (SD 1.x, SDXL).
+    objective_kind = "flow_matching"
     # The guidance scale its pipeline's __call__ defaults to (guidance_scale, or true_cfg_scale for Qwen-Image).
     pipeline_guidance: float
 
@@ -117,14 +117,14 @@ class Family:
         library, name = self.components[component]
         return getattr(importlib.import_module(library), name)
 
+    @abstractmethod
     def local_info(self, folder: Path) -> BaseModelInfo:
         """The generation defaults of a local folder of this family (its configs are read, no weights)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def ensure_tiny(self, name: str) -> Path:
         """The folder of the tiny model `name` (one of the family's bases without a repo), built offline and
         deterministically on first use, then reused."""
-        raise NotImplementedError
 
     def adjust_pipeline(self, pipe) -> None:
         """Settings a loaded pipeline needs whatever its folder's configs say (none by default)."""
@@ -135,13 +135,6 @@ class Family:
     def owns(self, denoiser_config) -> bool:
         """Whether a denoiser of this family's class is this family's (for families sharing one class)."""
         return True
-
-    def objective(self, folder: Path):
-        """How training noises clean latents and what the denoiser learns to predict (train/objectives.py): flow
-        matching, by default."""
-        from lookalike.train.objectives import FlowMatching
-
-        return FlowMatching()
 
     def pipeline_overrides(self) -> dict[str, Any]:
         """Components every pipeline of the family is loaded with instead of its folder's (none by default)."""
@@ -157,9 +150,9 @@ class Family:
         """The pipeline's keyword arguments for the prompt's length in tokens."""
         return {"max_sequence_length": max_sequence_length}
 
+    @abstractmethod
     def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
         """One caption's embeddings as cached: named tensors without a batch dimension."""
-        raise NotImplementedError
 
     def encode_pixels(self, vae, pixels):
         """The VAE's posterior (mean, std) for one image (3, H, W) in [-1, 1], each (C, h, w)."""
@@ -188,12 +181,12 @@ class Family:
         shift, scale = normalisation
         return (latents - shift) * scale, latents.shape[-2:]
 
+    @abstractmethod
     def predict(self, transformer, config, noisy, levels, texts: list[dict[str, Any]], guidance: float, layout,
                 device, dtype):
         """The denoiser's prediction at noise levels `levels`, in its objective's terms: the flow velocity (noise -
         clean latents) at sigmas, or the noise (or v) at DDPM timesteps. `config`: the denoiser's own config
         (`transformer` may be wrapped for distributed training)."""
-        raise NotImplementedError
 
     def latent_channels(self, architecture: dict) -> int:
         """The VAE latent channels the transformer reads (by default packed 2x2 into its in_channels)."""
@@ -207,15 +200,46 @@ class Family:
         """The transformer's hidden size: what activation figures are counted per."""
         return architecture["num_attention_heads"] * architecture["attention_head_dim"]
 
-    def blocks(self, architecture: dict, image_tokens: int, text_tokens: int) -> list[tuple[str, int]]:
-        """The transformer's blocks in the order its model holds them (the order gradient checkpointing counts
-        them in): each block's kind, a key of activation_figures, and the tokens it runs on."""
-        raise NotImplementedError
-
     def checkpointed_block_types(self, model) -> set[str]:
         """The class names of the denoiser's blocks gradient checkpointing recomputes (by default its repeated
         blocks)."""
         return set(model._repeated_blocks)
+
+    @abstractmethod
+    def activation_values(self, architecture: dict, resolution: int, text_tokens: int, checkpointing: bool,
+                          every: int) -> float:
+        """Activation values one example keeps at the peak of a training step (what `--dry-run` counts)."""
+
+    def fused_layers(self, modules: dict[str, tuple], alpha: float) -> dict[str, tuple] | None:
+        """For a family with a kohya layout: kohya's layer name (dotted) -> (down, up, alpha) for every layer a
+        LoRA's modules (diffusers name -> (down, up)) touch, where kohya names layers as the original checkpoint
+        does and may fuse several into one. None (the default): no kohya layout; its tools read diffusers'
+        names."""
+        return None
+
+    def kohya_layer_names(self, names) -> dict[str, str] | None:
+        """For a family whose kohya layout names each layer apart (the SD UNets): diffusers' layer name -> kohya's
+        (dotted). None (the default): its kohya layout fuses layers (FLUX.1's q, k and v are one), or it has none."""
+        return None
+
+    @abstractmethod
+    def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
+        """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""
+
+
+class TransformerFamily(Family):
+    """A family whose denoiser is a transformer of repeated blocks (all but the SD UNets): its activations are
+    counted block by block, from figures measured per token and hidden unit."""
+
+    # Values each kind of transformer block keeps for the backward pass, per token and hidden unit, measured on
+    # the family's blocks (bench/activation_figures.py), and the backward pass's own working values.
+    activation_figures: dict[str, float]
+    backward_working: float
+
+    @abstractmethod
+    def blocks(self, architecture: dict, image_tokens: int, text_tokens: int) -> list[tuple[str, int]]:
+        """The transformer's blocks in the order its model holds them (the order gradient checkpointing counts
+        them in): each block's kind, a key of activation_figures, and the tokens it runs on."""
 
     def activation_values(self, architecture: dict, resolution: int, text_tokens: int, checkpointing: bool,
                           every: int) -> float:
@@ -232,19 +256,3 @@ class Family:
                    for index, (values, block_input) in enumerate(blocks))
         recomputed = max((blocks[index][0] for index in checkpointed), default=0.0)
         return kept + recomputed + self.backward_working * (image_tokens + text_tokens) * hidden
-
-    def fused_layers(self, modules: dict[str, tuple], alpha: float) -> dict[str, tuple] | None:
-        """For a family with a kohya layout: kohya's layer name (dotted) -> (down, up, alpha) for every layer a
-        LoRA's modules (diffusers name -> (down, up)) touch, where kohya names layers as the original checkpoint
-        does and may fuse several into one. None (the default): no kohya layout; its tools read diffusers'
-        names."""
-        return None
-
-    def kohya_layer_names(self, names) -> dict[str, str] | None:
-        """For a family whose kohya layout names each layer apart (the SD UNets): diffusers' layer name -> kohya's
-        (dotted). None (the default): its kohya layout fuses layers (FLUX.1's q, k and v are one), or it has none."""
-        return None
-
-    def pipeline_embeddings(self, text: dict[str, Any], negative: dict[str, Any] | None, device, dtype) -> dict:
-        """The pipeline's keyword arguments that hand it one prompt's cached embeddings instead of a prompt."""
-        raise NotImplementedError

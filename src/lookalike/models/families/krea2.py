@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family, is_distilled
+from lookalike.models.families.interface import BaseModelInfo, TransformerFamily, is_distilled
 from lookalike.models.families.qwen_image import QwenImageLatents, tiny_qwen_image_vae
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
@@ -111,7 +111,7 @@ def build_tiny_krea2(spec: TinyKrea2Spec = TinyKrea2Spec()):
                          transformer=transformer, text_encoder_select_layers=tuple(range(1, spec.text_layers + 1)))
 
 
-class Krea2(QwenImageLatents, Family):
+class Krea2(QwenImageLatents, TransformerFamily):
     name = "krea2"
     pipeline_class_name = "Krea2Pipeline"
     title = "Krea 2"

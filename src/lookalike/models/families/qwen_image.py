@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import BaseModelInfo, TransformerFamily
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 # The published transformer of Qwen-Image (20B parameters; joint_attention_dim: Qwen2.5-VL-7B's hidden size).
@@ -141,7 +141,7 @@ class UnpaddedPrompts:
         return embeddings
 
 
-class QwenImage(QwenImageLatents, UnpaddedPrompts, Family):
+class QwenImage(QwenImageLatents, UnpaddedPrompts, TransformerFamily):
     name = "qwen-image"
     pipeline_class_name = "QwenImagePipeline"
     title = "Qwen-Image"

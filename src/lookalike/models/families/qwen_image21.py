@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import BaseModelInfo, TransformerFamily
 from lookalike.models.families.qwen_image import QwenImageLatents, UnpaddedPrompts
 from lookalike.models.tiny import QWEN_SPECIAL_TOKENS, byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
@@ -106,7 +106,7 @@ def build_tiny_qwen_image21(spec: TinyQwenImage21Spec = TinyQwenImage21Spec()):
                                transformer=transformer)
 
 
-class QwenImage21(QwenImageLatents, UnpaddedPrompts, Family):
+class QwenImage21(QwenImageLatents, UnpaddedPrompts, TransformerFamily):
     name = "qwen-image21"
     pipeline_class_name = "QwenImage21Pipeline"
     title = "Qwen-Image 2.1"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo, Family
+from lookalike.models.families.interface import (CLIP_BIG_G_TEXT, CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo,
+                                                 TransformerFamily)
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -102,11 +103,12 @@ def build_tiny_sd3(spec: TinySD3Spec = TinySD3Spec()):
         tokenizer_3=t5_tokenizer)
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(TransformerFamily):
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
     title = "SD3 and 3.5"
     pipeline_guidance = 7.0
+    objective_kind = "preconditioned_flow_matching"  # the script's default --precondition_outputs 1
     reference_sampling = "logit_normal"  # train_dreambooth_lora_sd3.py: --weighting_scheme logit_normal
     components = {"transformer": ("diffusers", "SD3Transformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
@@ -155,11 +157,6 @@ class StableDiffusion3(Family):
     # (11.0 / 13.2).
     activation_figures = {"joint": 17.6, "dual": 22.5}
     backward_working = 14.7
-
-    def objective(self, folder: Path):
-        from lookalike.train.objectives import FlowMatching
-
-        return FlowMatching(preconditioned=True)
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         return BaseModelInfo("sd3", None, T5_TOKENS, 28)

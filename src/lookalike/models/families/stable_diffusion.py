@@ -131,6 +131,7 @@ class StableDiffusion(Family):
     native_resolution: int  # the side the base was trained at (BaseModelInfo.resolution)
     xl = False
     comfyui_reads_kohya = True  # ComfyUI's key map takes kohya's lora_unet_<layer> names for these UNets
+    objective_kind = "noise_prediction"  # DDPM, as train_dreambooth_lora.py and _sdxl.py train
 
     def kohya_name(self, name: str, layers_per_block: int) -> str:
         """The layer's name in kohya's files (diffusers' own for SD 1.x: kohya trains SD 1.x on diffusers' UNet)."""
@@ -149,11 +150,6 @@ class StableDiffusion(Family):
 
     def owns(self, denoiser_config) -> bool:
         return (denoiser_config.get("addition_embed_type") == "text_time") == self.xl
-
-    def objective(self, folder: Path):
-        from lookalike.train.objectives import NoisePrediction
-
-        return NoisePrediction(folder)
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         return BaseModelInfo(self.name, None, CLIP_TOKENS, 50, resolution=self.native_resolution)
@@ -179,7 +175,7 @@ class StableDiffusion(Family):
         return {"ResnetBlock2D", "BasicTransformerBlock"}  # the units diffusers' UNet blocks checkpoint
 
     def activation_values(self, architecture, resolution, text_tokens, checkpointing, every) -> float:
-        from lookalike.train.activation_count import counted_activations
+        from lookalike.models.activation_count import counted_activations
 
         return counted_activations(self, architecture, resolution, text_tokens, checkpointing, every)
 

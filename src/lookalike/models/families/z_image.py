@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, Family
+from lookalike.models.families.interface import BaseModelInfo, TransformerFamily
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
 _ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
@@ -70,7 +70,7 @@ def build_tiny_z_image(spec: TinyZImageSpec = TinyZImageSpec()):
                           transformer=transformer)
 
 
-class ZImage(Family):
+class ZImage(TransformerFamily):
     name = "z-image"
     pipeline_class_name = "ZImagePipeline"
     title = "Z-Image"
