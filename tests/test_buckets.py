@@ -15,7 +15,7 @@ from lookalike.config import load_config
 from lookalike.data.crop import bucket_crop_box, bucket_size, nearest_ratio
 from lookalike.data.prepare import prepare_study
 from lookalike.train.batches import BatchOrder, BucketBatches, batch_order
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly
 
 
 def test_a_photo_takes_the_nearest_ratio_and_a_bucket_of_about_the_same_pixels():

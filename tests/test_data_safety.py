@@ -18,11 +18,7 @@ import pytest
 from lookalike.config import load_config
 from lookalike.workspace import RunPaths, Workspace
 from tests.conftest import run_cli
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.helpers import digests
 
 
 def strict_json(path: Path):

@@ -11,12 +11,10 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from lookalike.config import TrainConfig, load_config
 from lookalike.errors import LookalikeError
-from lookalike.generate import generate
 from lookalike.models.base import base_info, load_component, load_pipeline, resolve_base
 from lookalike.models.export import export_lora
 from lookalike.models.families import folder_family
@@ -25,7 +23,11 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents
 from lookalike.train.trainer import train
 from lookalike.train.objectives import family_objective
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import (STOCK_GUIDANCE, assert_a_killed_run_resumes_exactly, comfyui_lora_keys, denoiser_with_a_lora,
+                           stock_image, train_sampled_run)
+from tests.references import (TRAINING_GUIDANCE, flux2_reference_loss, krea2_reference_loss,
+                              qwen_image21_reference_loss, qwen_image_reference_loss, sd3_reference_loss,
+                              z_image_reference_loss)
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
         "qwen-image": "tiny-qwen-image", "qwen-image21": "tiny-qwen-image21", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
@@ -44,11 +46,6 @@ REFERENCE_LAYERS = {"z-image": ("to_k", "to_q", "to_v", "to_out.0"),
                               "time_embed.linear_1", "time_embed.linear_2", "time_mod_proj"),
                     "sd3": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                             "attn.to_out.0", "attn.to_q", "attn.to_v")}
-# The guidance scale fed to a guidance-distilled transformer while training (the reference scripts' default).
-TRAINING_GUIDANCE = 3.5
-# How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt; Qwen-Image 2.1
-# draws without guidance.
-STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}, "qwen-image21": {}}
 
 
 def test_every_family_has_what_the_interface_asks_and_one_that_lacks_a_method_cannot_be_made():
@@ -102,182 +99,6 @@ def test_the_diffusers_preset_is_the_reference_scripts_default_layers(family):
     assert adapted == reference and adapted
 
 
-def z_image_reference_loss(folder, transformer, captions, latents, noise, sigmas):
-    """train_dreambooth_lora_z_image.py's loss, written out: latents (x - shift) * scale, a list of (C, 1, H, W)
-    frames, timestep (1000 - t) / 1000, the output negated, target noise - x."""
-    from diffusers import AutoencoderKL, ZImagePipeline
-
-    vae = AutoencoderKL.load_config(folder, subfolder="vae")
-    stock = ZImagePipeline.from_pretrained(folder, transformer=None, vae=None)
-    with torch.no_grad():
-        embeds, _ = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
-    model_input = (latents - vae["shift_factor"]) * vae["scaling_factor"]
-    sigma = sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - sigma) * model_input + sigma * noise
-    timesteps = sigmas * 1000  # the script draws timesteps; its sigma is timestep / 1000
-    output = transformer(list(noisy.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, embeds, return_dict=False)[0]
-    prediction = -torch.stack(output).squeeze(2)
-    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
-
-
-def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas, dev=False):
-    """train_dreambooth_lora_flux2_klein.py's loss, written out: 2x2 patches normalised by the VAE's batch-norm
-    statistics, packed tokens with 4-D ids, timestep t / 1000, the output unpacked by its ids, target
-    noise - x. dev: train_dreambooth_lora_flux2.py's, which differs in its stock pipeline (Flux2Pipeline, whose
-    prompt encoding is Mistral's) and in feeding the guidance scale to the transformer."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline
-
-    pipeline = Flux2Pipeline if dev else Flux2KleinPipeline
-    vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae")
-    stock = pipeline.from_pretrained(folder, transformer=None, vae=None)
-    with torch.no_grad():
-        prompt_embeds, text_ids = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
-    mean = vae.bn.running_mean.view(1, -1, 1, 1)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    model_input = (pipeline._patchify_latents(latents) - mean) / std
-    ids = pipeline._prepare_latent_ids(model_input)
-    sigma = sigmas.view(-1, 1, 1, 1)
-    noisy = pipeline._pack_latents((1.0 - sigma) * model_input + sigma * noise)
-    timesteps = sigmas * 1000
-    guidance = torch.full([1], TRAINING_GUIDANCE).expand(len(captions)) if dev else None
-    prediction = transformer(hidden_states=noisy, timestep=timesteps / 1000, guidance=guidance,
-                             encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-    prediction = pipeline._unpack_latents_with_ids(prediction[:, :noisy.size(1)], ids)
-    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
-
-
-def one_frame_noisy(vae: dict, latents, noise, sigmas):
-    """What the scripts of the families with a Qwen-Image kind of VAE (Qwen-Image and 2.1, Krea 2) each do first:
-    one-frame latents normalised per channel ((x - mean) * (1 / std)), (B, C, 1, H, W), and their noisy mix
-    (1 - sigma) x + sigma noise."""
-    mean = torch.tensor(vae["latents_mean"]).view(1, -1, 1, 1, 1)
-    inverse_std = 1.0 / torch.tensor(vae["latents_std"]).view(1, -1, 1, 1, 1)
-    model_input = (latents[:, :, None] - mean) * inverse_std
-    sigma = sigmas.view(-1, 1, 1, 1, 1)
-    return model_input, (1.0 - sigma) * model_input + sigma * noise
-
-
-def qwen_image_reference_loss(folder, transformer, captions, latents, noise, sigmas):
-    """train_dreambooth_lora_qwen_image.py's loss, written out: one-frame latents normalised per channel
-    ((x - mean) * (1 / std)), packed 2x2 tokens, the batch's prompt embeddings with their mask, timestep
-    t / 1000, the output unpacked, target noise - x."""
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
-
-    vae = AutoencoderKLQwenImage.load_config(folder, subfolder="vae")
-    stock = QwenImagePipeline.from_pretrained(folder, transformer=None, vae=None)
-    with torch.no_grad():
-        prompt_embeds, prompt_embeds_mask = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
-    model_input, noisy = one_frame_noisy(vae, latents, noise, sigmas)
-    noisy = noisy.permute(0, 2, 1, 3, 4)
-    batch, channels, _, height, width = model_input.shape
-    packed = QwenImagePipeline._pack_latents(noisy, batch, channels, height, width)
-    timesteps = sigmas * 1000
-    prediction = transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds,
-                             encoder_hidden_states_mask=prompt_embeds_mask, timestep=timesteps / 1000,
-                             img_shapes=[(1, height // 2, width // 2)] * batch, return_dict=False)[0]
-    prediction = QwenImagePipeline._unpack_latents(prediction, height * 8, width * 8, 8)
-    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
-
-
-def qwen_image21_reference_loss(folder, transformer, captions, latents, noise, sigmas):
-    """train_dreambooth_lora_qwenimage21.py's loss, written out: the stock pipeline's prompt encoding (its
-    embeddings and mask), one-frame latents normalised per channel ((x - mean) * (1 / std)), flattened one latent a
-    token, img_shapes and the image slots (one per 2x2 latents) after the prompt's, timestep t / 1000, the
-    prediction's tail unpacked, target noise - x."""
-    from diffusers import AutoencoderKLQwenImage21, QwenImage21Pipeline
-
-    vae = AutoencoderKLQwenImage21.load_config(folder, subfolder="vae")
-    stock = QwenImage21Pipeline.from_pretrained(folder, transformer=None, vae=None)
-    with torch.no_grad():
-        prompt_embeds, prompt_embeds_mask, _ = stock.encode_prompt(captions, device="cpu")
-    model_input, noisy = one_frame_noisy(vae, latents, noise, sigmas)
-    batch, channels, _, height, width = model_input.shape
-    packed = QwenImage21Pipeline._pack_latents(noisy, batch, channels, height, width)
-    slots = torch.cat([torch.zeros(batch, prompt_embeds.shape[1], dtype=torch.bool),
-                       torch.ones(batch, height * width // 4, dtype=torch.bool)], dim=1)
-    timesteps = sigmas * 1000
-    prediction = transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds,
-                             encoder_hidden_states_mask=prompt_embeds_mask, timestep=timesteps / 1000,
-                             img_shapes=[[(1, height, width)]] * batch, img_mask=slots, return_dict=False)[0]
-    prediction = QwenImage21Pipeline._unpack_latents(prediction[:, -packed.shape[1]:], height * 16, width * 16, 16)
-    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
-
-
-def krea2_reference_loss(folder, transformer, captions, latents, noise, sigmas):
-    """train_dreambooth_lora_krea2.py's loss, written out: the stock pipeline's prompt encoding (its fixed-length
-    template, padding included, and the mask), one-frame latents normalised per channel ((x - mean) * (1 / std)),
-    2x2 patches packed as the script inlines it, rotary ids from Krea2Pipeline.prepare_position_ids, timestep
-    t / 1000, the output unpacked, target noise - x."""
-    from diffusers import AutoencoderKLQwenImage, Krea2Pipeline
-
-    vae = AutoencoderKLQwenImage.load_config(folder, subfolder="vae")
-    stock = Krea2Pipeline.from_pretrained(folder, transformer=None, vae=None)
-    with torch.no_grad():
-        prompt_embeds, prompt_embeds_mask = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
-    model_input, noisy = one_frame_noisy(vae, latents, noise, sigmas)
-    noisy = noisy.permute(0, 2, 1, 3, 4)
-    batch, channels, _, height, width = model_input.shape
-    packed = noisy.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    packed = packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
-    ids = Krea2Pipeline.prepare_position_ids(prompt_embeds.shape[1], height // 2, width // 2, "cpu")
-    timesteps = sigmas * 1000
-    prediction = transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds, timestep=timesteps / 1000,
-                             position_ids=ids, encoder_attention_mask=prompt_embeds_mask, return_dict=False)[0]
-    prediction = prediction.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    prediction = prediction.reshape(batch, channels, 1, height, width)
-    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
-
-
-def sd3_reference_loss(folder, transformer, captions, latents, noise, sigmas, encoders=None):
-    """train_dreambooth_lora_sd3.py's loss, written out from its own prompt encoding: each CLIP's second-to-last
-    hidden states over 77 tokens (padded to the longest) side by side, padded to T5's width and followed by T5's
-    tokens; both CLIPs' projected pooled outputs side by side; latents (x - shift) * scale, timestep sigma x 1000;
-    the output preconditioned (output x -sigma + noisy latents) against the clean latents. encoders: the three text
-    encoders by component name (with --train_text_encoder, the CLIPs with its LoRA); default the base's own."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    encoders = encoders or {
-        "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder"),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
-        "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3")}
-    vae = AutoencoderKL.load_config(folder, subfolder="vae")
-    hidden, pooled = [], []
-    for suffix in ("", "_2"):
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{suffix}")
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        output = encoders[f"text_encoder{suffix}"](ids, output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-        pooled.append(output[0])
-    t5_tokenizer = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3")
-    ids = t5_tokenizer(captions, padding="max_length", max_length=32, truncation=True, add_special_tokens=True,
-                       return_tensors="pt").input_ids
-    t5_embeds = encoders["text_encoder_3"](ids)[0]
-    clip_embeds = torch.cat(hidden, dim=-1)
-    clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
-    prompt_embeds = torch.cat([clip_embeds, t5_embeds], dim=-2)
-    model_input = (latents - vae["shift_factor"]) * vae["scaling_factor"]
-    sigma = sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - sigma) * model_input + sigma * noise
-    output = transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
-                         pooled_projections=torch.cat(pooled, dim=-1), return_dict=False)[0]
-    prediction = output * (-sigma) + noisy
-    return ((prediction.float() - model_input.float()) ** 2).reshape(len(captions), -1).mean(1).mean()
-
-
-def denoiser_with_a_lora(folder, component: str):
-    """The base's denoiser with a seeded rank-4 LoRA of the diffusers preset that changes something (peft starts
-    its B matrices at zero)."""
-    denoiser = load_component(folder, component)
-    torch.manual_seed(0)
-    add_lora(denoiser, 4, 4.0, "diffusers")
-    with torch.no_grad():
-        for name, parameter in denoiser.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
-    return denoiser
-
-
 @pytest.mark.parametrize("family", TINY)
 def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_path, family):
     """One fixed batch (VAE latents, noise, sigmas, two captions): lookalike's loss, from its cached embeddings
@@ -312,7 +133,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
         prediction = lookalike_family.predict(transformer, transformer.config, noisy_latents(x0, packed_noise, sigmas),
                                               sigmas, [texts[c] for c in captions], TRAINING_GUIDANCE, layout,
                                               torch.device("cpu"), torch.float32)
-        ours = family_objective(lookalike_family, folder).loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
+        objective = family_objective(lookalike_family, folder)
+        ours = objective.loss(prediction, x0, packed_noise, sigmas, TrainConfig()).item()
         reference = {"z-image": z_image_reference_loss, "flux2": flux2_reference_loss,
                      "flux2-dev": partial(flux2_reference_loss, dev=True),
                      "qwen-image": qwen_image_reference_loss, "qwen-image21": qwen_image21_reference_loss,
@@ -322,42 +144,6 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
     print(f"{family} loss: lookalike {ours:.8f}, reference script {reference:.8f}, "
           f"difference {abs(ours - reference):.2e}")
     assert abs(ours - reference) < 1e-5
-
-
-def comfyui_lora_keys(family: str, transformer) -> set[str]:
-    """The diffusers-named layers ComfyUI's LoRA loader takes as `transformer.<layer>` for each family, transcribed
-    from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.1 and FLUX.2 through
-    flux_to_diffusers (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), SD3 through
-    mmdit_to_diffusers, Qwen-Image every weight of its model, whose layers have diffusers' names."""
-    config = transformer.config
-    if family == "flux1":  # flux_to_diffusers: FLUX.1's layers, each mapped onto its part of a fused one
-        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
-                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
-        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
-        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
-    elif family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
-        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                  "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
-                  "ff_context.linear_out"]
-        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "attn.to_qkv_mlp_proj", "attn.to_out"]
-        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
-        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
-    elif family == "z-image":
-        block = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
-                 "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]
-        prefixes = [f"layers.{i}" for i in range(config.n_layers)] + [
-            f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(config.n_refiner_layers)]
-        names = [f"{prefix}.{layer}" for prefix in prefixes for layer in block]
-    elif family == "sd3":  # mmdit_to_diffusers: each joint block's layers (none of SD3.5 Medium's attn2)
-        block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                 "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                 "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
-        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in block]
-    else:
-        names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
-    return {f"transformer.{name}" for name in names}
 
 
 def assert_comfyui_reads(family: str, folder, tensors: dict) -> None:
@@ -371,37 +157,6 @@ def assert_comfyui_reads(family: str, folder, tensors: dict) -> None:
     for layer in layers:  # each change has the shape of the layer it changes
         weight = transformer.get_submodule(layer.removeprefix("transformer.")).weight
         assert (tensors[f"{layer}.lora_B.weight"] @ tensors[f"{layer}.lora_A.weight"]).shape == weight.shape
-
-
-def train_sampled_run(tiny_config, base: str, **settings):
-    """A 10-step run of `base` (with [train] `settings`) with samples at steps 5 and 10 (checked), and its first image
-    drawn by lookalike at guidance 4 (where the base takes guidance): (the LoRA file, that image's pixels)."""
-    config = load_config(tiny_config(model={"base": base}, data={"crop": "center"},
-                                     train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
-                                            "sample_steps": 2, **settings},
-                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
-    lora = train(config, "r")
-    samples = sorted(p.name for p in (lora.parent / "samples").glob("*.png"))
-    assert samples == ["step-000005_p0.png", "step-000010_p0.png"]
-    stem = "p00_s0_g4" if base_info(base).guidance else "p00_s0"
-    return lora, np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)
-
-
-def stock_image(base: str, lora_file=None, through_denoiser: bool = False, **arguments) -> np.ndarray:
-    """The image the stock pipeline of `base` draws for the first prompt and seed at 64 px in 3 steps, with the
-    LoRA file loaded by load_lora_weights (or none); `through_denoiser`: by its denoiser's load_lora_adapter
-    (diffusers' loader for a LoKr, which most pipelines' load_lora_weights do not pass on)."""
-    family = folder_family(resolve_base(base))
-    pipe = family.pipeline_class().from_pretrained(resolve_base(base))
-    if lora_file is not None and through_denoiser:
-        getattr(pipe, family.denoiser).load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name,
-                                                         prefix=family.denoiser)
-    elif lora_file is not None:
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
-                 generator=torch.Generator("cpu").manual_seed(0), **arguments).images[0]
-    return np.asarray(image.convert("RGB")).astype(int)  # Qwen-Image 2.1 draws RGBA; lookalike keeps the colour
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from lookalike.train.init_lora import read_start, start_from
 from lookalike.trained_on import stale_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly
 
 
 def made_lora(path, base="tiny", rank=4, alpha=2.0, target="attention", seed=0, named=True):

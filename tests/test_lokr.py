@@ -24,9 +24,8 @@ from lookalike.models.lora import add_lora, lora_state_dict, read_lora, save_lor
 from lookalike.models.merge import merge_loras
 from lookalike.models.resize import resize_lora
 from lookalike.train.memory import changes_held, count_parameters, estimate
-from tests.test_families import STOCK_GUIDANCE, comfyui_lora_keys, stock_image, train_sampled_run
-from tests.test_memory import MEASURING, PEAK_OF_A_STEP
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import (MEASURING, PEAK_OF_A_STEP, STOCK_GUIDANCE, assert_a_killed_run_resumes_exactly,
+                           comfyui_lora_keys, stock_image, train_sampled_run)
 
 
 def comfyui_lokr_change(tensors: dict, layer: str, shape) -> torch.Tensor:

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from lookalike.workspace import write_json
-from tests.test_data_safety import digests
+from tests.helpers import digests, random_lora
 from tests.conftest import run_in_process
-from tests.test_merge import random_lora
 
 
 @pytest.fixture

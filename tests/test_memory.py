@@ -4,7 +4,6 @@ the whole estimate against the memory a real training step of the tiny model tak
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from lookalike.models.base import base_info
 from lookalike.models.families import base_family
 from lookalike.train.memory import count_parameters, estimate, out_of_memory_message, transformer_config
 from tests.conftest import run_cli
+from tests.helpers import MEASURING, PEAK_OF_A_STEP
 
 
 def test_parameter_counts_are_those_of_the_real_tiny_transformer_with_its_lora(tiny_config):
@@ -56,22 +56,6 @@ def test_dry_run_prints_the_estimate_and_loads_or_writes_nothing(tiny_config, tm
     assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "data").exists()
 
 
-# What a training step adds to the resident size at its peak (VmHWM, reset before it), `step` run twice: in a
-# process run with MEASURING, whose allocations of 64 KB and more are mapped and unmapped one by one (glibc
-# otherwise keeps freed memory resident), that is the step's own peak.
-PEAK_OF_A_STEP = """
-import ctypes, re
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-def peak_of(step):
-    step()  # the optimizer's state and the kernels' caches exist from here on
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM
-    before = status("VmRSS")
-    step()
-    return status("VmHWM") - before
-"""
-MEASURING = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 # One training step of each tiny transformer asked for (base, checkpointing), with its LoRA and AdamW, called
 # through its family as the trainer calls it, in one fresh process; each model is freed before the next.
 MEASURE_STEPS = PEAK_OF_A_STEP + """

@@ -6,36 +6,9 @@ import pytest
 import torch
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.flux1 import ensure_tiny_model
-from lookalike.models.lora import add_lora, lora_state_dict, save_lora
+from lookalike.models.lora import save_lora
 from lookalike.models.merge import merge_loras
-
-
-def random_lora(path, rank, alpha, target, seed, base="tiny", std=0.05):
-    """A LoRA of the tiny transformer with random A and B (a trained LoRA's B is not zero either)."""
-    from diffusers import FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel.from_pretrained(ensure_tiny_model(), subfolder="transformer")
-    add_lora(transformer, rank, alpha, target)
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in transformer.named_parameters():
-        if "lora_" in name:
-            parameter.data = torch.randn(parameter.shape, generator=generator) * std
-    save_lora(path, lora_state_dict(transformer), transformer.peft_config["default"],
-              {"base_model": base, "rank": rank, "alpha": alpha})
-    return path
-
-
-def fused_weights(lora=None):
-    """The transformer's linear weights after diffusers loads and fuses the LoRA file (none: the base)."""
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(ensure_tiny_model())
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    return {k: v.clone() for k, v in pipe.transformer.state_dict().items() if k.endswith(".weight")}
+from tests.helpers import fused_weights, random_lora
 
 
 def test_merged_file_changes_the_weights_by_exactly_a_delta_a_plus_b_delta_b(tmp_path):

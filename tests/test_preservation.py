@@ -19,8 +19,7 @@ from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.preservation import preservation_loss, preserved_caption
 from lookalike.train.trainer import train
-from tests.test_families import denoiser_with_a_lora
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly, denoiser_with_a_lora
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ from lookalike.train.caption_draws import tag_orders
 from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.memory import estimate
 from lookalike.train.trainer import train
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly
 
 
 def test_the_lora_is_the_moving_average_of_the_raw_weights_step_by_step(tiny_config):
@@ -120,7 +120,7 @@ def test_a_dora_adapter_draws_what_the_stock_pipeline_draws_and_is_refused_by_me
                                                                                                 tmp_path):
     from lookalike.models.export import export_lora
     from lookalike.models.merge import merge_loras
-    from tests.test_families import stock_image, train_sampled_run
+    from tests.helpers import stock_image, train_sampled_run
 
     lora, ours = train_sampled_run(tiny_config, "tiny", adapter="dora")
     assert any(key.endswith(".lora_magnitude_vector") for key in load_file(lora))

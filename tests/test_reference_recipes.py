@@ -13,15 +13,14 @@ import torch
 
 from lookalike.config import load_config
 from lookalike.models.base import guidance_scales, resolve_base
-from lookalike.models.families import FAMILIES, KNOWN_BASES, folder_family
+from lookalike.models.families import FAMILIES, KNOWN_BASES
 from lookalike.train.cache import EmbeddingCache, LatentStats
 from lookalike.train.reference_recipe import with_reference_recipe
 from lookalike.train.objectives import family_objective
-from tests.test_families import (denoiser_with_a_lora, flux2_reference_loss, krea2_reference_loss,
-                                 qwen_image21_reference_loss, qwen_image_reference_loss, sd3_reference_loss,
-                                 z_image_reference_loss)
-from tests.test_stable_diffusion import reference_loss as stable_diffusion_reference_loss
-from tests.test_text_encoder_training import flux1_reference_loss
+from tests.helpers import denoiser_with_a_lora
+from tests.references import (flux1_reference_loss, flux2_reference_loss, krea2_reference_loss,
+                              qwen_image21_reference_loss, qwen_image_reference_loss, reference_loss as
+                              stable_diffusion_reference_loss, sd3_reference_loss, z_image_reference_loss)
 
 CPU = torch.device("cpu")
 TINY = {"flux1": "tiny", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev", "z-image": "tiny-z-image",
@@ -77,7 +76,8 @@ def test_the_default_noise_levels_are_drawn_as_the_reference_script_draws_them(t
     """100,000 levels each: lookalike's at the defaults against the script's sampling, quantile by quantile, within
     sampling error (a quantile's standard error at n = 100,000 is below 0.002 here)."""
     t, folder = default_train(tiny_config, family)
-    ours = family_objective(FAMILIES[family], folder).draw(torch.Size([100_000, 1]), torch.Generator().manual_seed(1), t)[1]
+    objective = family_objective(FAMILIES[family], folder)
+    ours = objective.draw(torch.Size([100_000, 1]), torch.Generator().manual_seed(1), t)[1]
     torch.manual_seed(2)
     theirs = script_sigmas(folder, SCRIPT[family][1], 100_000)
     quantiles = torch.tensor([0.1, 0.5, 0.9])
@@ -93,8 +93,8 @@ def test_sd3_and_z_image_train_at_high_noise_as_their_scripts_do(tiny_config):
     expected = {"sd3": [0.46, 0.75, 0.92], "z-image": [0.25, 0.75, 0.96]}
     for family, quantiles in expected.items():
         t, folder = default_train(tiny_config, family)
-        sigmas = family_objective(FAMILIES[family], folder).draw(torch.Size([100_000, 1]), torch.Generator().manual_seed(0),
-                                                         t)[1]
+        objective = family_objective(FAMILIES[family], folder)
+        sigmas = objective.draw(torch.Size([100_000, 1]), torch.Generator().manual_seed(0), t)[1]
         torch.testing.assert_close(torch.quantile(sigmas, torch.tensor([0.1, 0.5, 0.9])), torch.tensor(quantiles),
                                    atol=0.01, rtol=0)
 

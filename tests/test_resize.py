@@ -13,7 +13,7 @@ from lookalike.models.lora import read_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.resize import kept_share, resize_lora
 from tests.conftest import run_in_process
-from tests.test_merge import fused_weights, random_lora
+from tests.helpers import fused_weights, random_lora
 
 
 def best_approximation(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:

@@ -22,7 +22,7 @@ from lookalike.train.sample_scores import stop_reason
 from lookalike.train.trainer import train
 from lookalike.workspace import Workspace, read_metrics
 from tests.conftest import run_in_process
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly
 
 
 def record(step, identity, clip, faceless=0, images=4):

@@ -22,8 +22,8 @@ from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.objectives import NoisePrediction
 from lookalike.train.objectives import family_objective
-from tests.test_families import denoiser_with_a_lora, stock_image, train_sampled_run
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly, denoiser_with_a_lora, stock_image, train_sampled_run
+from tests.references import reference_loss
 
 TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}
 
@@ -48,66 +48,6 @@ def test_the_diffusers_preset_is_the_reference_scripts_layers(family):
     reference = sorted(name for name, module in load_component(folder, "unet").named_modules()
                        if isinstance(module, torch.nn.Linear) and name.endswith(("to_k", "to_q", "to_v", "to_out.0")))
     assert adapted == reference and adapted
-
-
-def reference_text_encoders(folder, family: str) -> dict:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    encoders = {"text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")}
-    if family == "sdxl":
-        encoders["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
-    return encoders
-
-
-def reference_text(folder, family: str, captions: list[str], encoders: dict | None = None) -> dict:
-    """The scripts' own prompt encoding (by `encoders`, else the base's): each tokenizer pads to its
-    model_max_length; SD 1.x takes the text encoder's last hidden states, SDXL each encoder's second-to-last side by
-    side and the second's pooled output."""
-    from transformers import CLIPTokenizer
-
-    def ids(tokenizer):
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    encoders = encoders or reference_text_encoders(folder, family)
-    tokenizer, encoder = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"), encoders["text_encoder"]
-    if family == "sd1":
-        return {"encoder_hidden_states": encoder(ids(tokenizer))[0]}
-    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-    encoder_2 = encoders["text_encoder_2"]
-    first = encoder(ids(tokenizer), output_hidden_states=True)
-    second = encoder_2(ids(tokenizer_2), output_hidden_states=True)
-    return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
-            "pooled": second[0]}
-
-
-def reference_loss(folder, family, unet, captions, latents, noise, timesteps, resolution, snr_gamma=None,
-                   encoders=None):
-    """train_dreambooth_lora.py's and train_dreambooth_lora_sdxl.py's loss, written out: latents times the VAE's
-    scaling factor, DDPM's noising by the scheduler's cumulative alphas, the UNet called with the text (SDXL: and
-    time ids of the original size, crop corner and target size), target noise or v, and min-SNR weights."""
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    betas = torch.linspace(schedule["beta_start"] ** 0.5, schedule["beta_end"] ** 0.5, 1000, dtype=torch.float32) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[timesteps].view(-1, 1, 1, 1)
-    model_input = latents * vae["scaling_factor"]
-    noisy = alphas_cumprod.sqrt() * model_input + (1 - alphas_cumprod).sqrt() * noise
-    text = reference_text(folder, family, captions, encoders)
-    added = None
-    if family == "sdxl":
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions),
-                                dtype=torch.float32)
-        added = {"time_ids": time_ids, "text_embeds": text["pooled"]}
-    prediction = unet(noisy, timesteps, text["encoder_hidden_states"], added_cond_kwargs=added).sample
-    v_prediction = schedule.get("prediction_type") == "v_prediction"
-    target = alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * model_input if v_prediction else noise
-    if snr_gamma is None:
-        return torch.nn.functional.mse_loss(prediction.float(), target.float())
-    snr = alphas_cumprod.flatten() / (1 - alphas_cumprod.flatten())
-    weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-    weights = weights / (snr + 1) if v_prediction else weights / snr
-    loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.dim()))) * weights).mean()
 
 
 @pytest.mark.parametrize("family", TINY)

@@ -6,7 +6,6 @@ encoders' part; misuse is refused."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -28,9 +27,8 @@ from lookalike.train.init_lora import read_start, start_from
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
 from lookalike.train.trainer import train
 from lookalike.train.objectives import family_objective
-from tests.test_families import denoiser_with_a_lora, sd3_reference_loss, stock_image, train_sampled_run
-from tests.test_stable_diffusion import reference_loss, reference_text_encoders
-from tests.test_train import assert_a_killed_run_resumes_exactly
+from tests.helpers import assert_a_killed_run_resumes_exactly, denoiser_with_a_lora, stock_image, train_sampled_run
+from tests.references import flux1_reference_loss, reference_loss, reference_text_encoders, sd3_reference_loss
 
 TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}  # FLUX.1's CLIPs and SD3's have tests of their own here
 CPU = torch.device("cpu")
@@ -107,34 +105,6 @@ def test_the_loss_and_the_text_encoders_gradients_equal_the_reference_scripts(fa
                 compared += 1
     assert compared == 8 * len(encoders) * 2, "q, k, v and out of both tiny layers, A and B, in every encoder"
     assert any(parameter.grad.abs().max() > 0 for parameter in texts.parameters())
-
-
-def flux1_reference_loss(folder, transformer, encoders, captions, latents, noise, sigmas, guidance):
-    """train_dreambooth_lora_flux.py's loss with --train_text_encoder, written out: its prompt encoding (CLIP's
-    pooled output of 77 padded tokens, T5's last hidden states of 32), latents (x - shift) * scale, packed 2x2,
-    timestep t / 1000 and the guidance scale, the output unpacked, target noise - x."""
-    from diffusers import FluxPipeline
-    from transformers import AutoTokenizer
-
-    def ids(subfolder: str, length: int):
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder=subfolder)
-        return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    pooled = encoders["text_encoder"](ids("tokenizer", 77), output_hidden_states=False).pooler_output
-    prompt_embeds = encoders["text_encoder_2"](ids("tokenizer_2", 32))[0]
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    model_input = (latents - vae["shift_factor"]) * vae["scaling_factor"]
-    batch, channels, height, width = model_input.shape
-    sigma = sigmas.view(-1, 1, 1, 1)
-    noisy = FluxPipeline._pack_latents((1.0 - sigma) * model_input + sigma * noise, batch, channels, height, width)
-    prediction = transformer(hidden_states=noisy, timestep=sigmas * 1000 / 1000,
-                             guidance=torch.tensor([guidance]).expand(batch), pooled_projections=pooled,
-                             encoder_hidden_states=prompt_embeds, txt_ids=torch.zeros(prompt_embeds.shape[1], 3),
-                             img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, CPU,
-                                                                            torch.float32), return_dict=False)[0]
-    prediction = FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
-    return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(batch, -1).mean(1).mean()
 
 
 def test_flux1s_loss_and_its_clip_gradients_equal_the_reference_scripts():

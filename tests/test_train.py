@@ -1,11 +1,7 @@
 """The trainer on the tiny model: it learns, it resumes exactly, its LoRA loads in diffusers, it caches."""
 
 import json
-import signal
 import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from lookalike.models.base import load_pipeline, resolve_base
 from lookalike.models.lora import load_lora_into
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.trainer import train
+from tests.helpers import assert_a_killed_run_resumes_exactly
 
 
 def packed_training_latents(config):
@@ -66,47 +63,12 @@ def test_lora_learns_the_subject(tiny_config):
     assert tuned < 0.85 * base, f"generations did not move towards the photos: base {base:.3f}, LoRA {tuned:.3f}"
 
 
-def _train_process(config_path, run, *extra):
-    return subprocess.Popen([sys.executable, "-m", "lookalike", "train", str(config_path), "--run", run, *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tiny_config):
     path = tiny_config(train={"max_train_steps": 150, "checkpoint_every": 25, "checkpoints_keep": 2,
                               "learning_rate": 1e-3, "batch_size": 2, "timestep_sampling": "mode",
                               "loss_weighting": "cosmap"})
     assert_a_killed_run_resumes_exactly(path, steps=150, killed_after="step-000050")
-
-
-def assert_a_killed_run_resumes_exactly(path, steps: int, killed_after: str):
-    """A run killed (SIGKILL, as a process) once its checkpoint `killed_after` exists, then resumed, ends with
-    the weights of an uninterrupted run, every step logged once, no more checkpoints kept than asked. The
-    uninterrupted run and the resume train in this process: the same code as `lookalike train [--resume]`."""
-    config = load_config(path)
-    runs = config.workspace / "runs"
-    train(config, "straight")
-
-    killed = _train_process(path, "killed")
-    checkpoint = runs / "killed" / "checkpoints" / killed_after
-    deadline = time.time() + 240
-    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert checkpoint.exists(), "the run never reached its second checkpoint"
-    assert not (runs / "killed" / "lora.safetensors").exists(), "the run finished before it could be killed"
-
-    train(config, "killed", resume=True)
-
-    a = load_file(runs / "straight" / "lora.safetensors")
-    b = load_file(runs / "killed" / "lora.safetensors")
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
-    logged = [json.loads(line)["step"] for line in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, steps + 1)), "metrics.jsonl must hold every step exactly once after a resume"
-    assert len(list((runs / "killed" / "checkpoints").glob("step-*"))) <= config.train.checkpoints_keep
 
 
 def load_metadata(path) -> dict[str, str]:

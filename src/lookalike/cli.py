@@ -38,8 +38,8 @@ from lookalike.train.memory import dry_run_lines, parse_gpu_memory
 from lookalike.workspace import UNFINISHED, Workspace, check_run_name, checked_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help=f"Teach a diffusion model ({escape(family_titles())}) one person's face with LoRA, and prove how well "
-                       "it learned.")
+                  help=f"Teach a diffusion model ({escape(family_titles())}) one person's face with LoRA, and prove "
+                       "how well it learned.")
 # Captured output (a sweep's log, a pipe) is read in wide editors, not an 80-column terminal.
 console = display.console() if Console().is_terminal or "COLUMNS" in os.environ else display.console(width=140)
 error_console = display.console(stderr=True)

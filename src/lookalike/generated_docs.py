@@ -145,8 +145,8 @@ def reference_markdown() -> str:
     """The whole of docs/configuration.md."""
     lines = [INTRO, "## Keys", "", "| key | type | default | bounds | what it does |", "|---|---|---|---|---|"]
     lines += _rows(StudyConfig, "")
-    lines += ["", "An entry of `[[sweep.experiments]]` is a `name` plus any `[train]` key, `base` and `prior`; an entry "
-              "of `[[more_subjects]]` holds the keys of `[subject]`.", "",
+    lines += ["", "An entry of `[[sweep.experiments]]` is a `name` plus any `[train]` key, `base` and `prior`; an "
+              "entry of `[[more_subjects]]` holds the keys of `[subject]`.", "",
               "## Defaults each base brings", "",
               "The steps, guidance scale and text length `[generate]` and `[model]` take when unset; the size runs "
               "train at where the base has one of its own; how noise levels are drawn and which of the VAE "

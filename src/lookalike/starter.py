@@ -9,15 +9,17 @@ from pathlib import Path
 
 from lookalike.errors import LookalikeError
 from lookalike.models.families import FAMILIES, KNOWN_BASES
+from lookalike.presets import presets
 
-# The settings a first run on a real GPU starts from: lookalike's defaults, written out so they are easy to change.
+# The settings a first run on a real GPU starts from: the "balanced" preset's (presets.py), written out so they are
+# easy to change.
 STARTER_TRAIN = """[train]
 # The keys left out take their defaults: the base's reference recipe for how noise levels are drawn and which VAE
-# latents train (docs/bases.md), lookalike's own for the rest (docs/configuration.md lists every key).
-rank = 16
-learning_rate = 5e-4
-lr_scheduler = "cosine"
-max_train_steps = 1000
+# latents train (docs/bases.md), lookalike's own for the rest (docs/configuration.md lists every key). The studio's
+# presets: quick, balanced (these), best likeness, reference script.
+rank = {rank}
+learning_rate = {learning_rate:g}
+max_train_steps = {max_train_steps}
 # "diffusers": the reference script's layers.
 target_modules = "attention"
 # Samples scored for likeness while training; the best step's LoRA is kept.
@@ -46,6 +48,7 @@ def starter_config(base: str, photos: str, token: str, path_hint: str = "study.t
         about.append(f"# Licence: {info.licence} (read the model card before use).")
     about.append(f"# Check what a run needs first: lookalike train {path_hint} --dry-run --gpu-memory 24GB")
     side = info.resolution or 1024
+    balanced = presets(base)["balanced"]
     return "\n".join(about) + f"""
 name = {json.dumps(f"{token}-{base}")}
 # Everything the study writes; relative to this file.
@@ -65,7 +68,7 @@ images = {json.dumps(photos)}
 [data]
 resolution = {side}
 
-{STARTER_TRAIN}
+{STARTER_TRAIN.format(**{key.removeprefix("train."): value for key, value in balanced.items()})}
 [generate]
 # Steps and guidance scale: the base's own unless set here.
 prompts = ["a photo of {{token}}", "{{token}} smiling at the camera", "portrait of {{token}}, studio lighting"]

@@ -19,9 +19,9 @@ from lookalike.data.images import list_images
 from lookalike.display import cell, trained_base
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos
+from lookalike.evaluate.pareto import pareto_front
 from lookalike.evaluate.scoring import aggregate, describe_images
 from lookalike.generate import generate
-from lookalike.evaluate.pareto import pareto_front
 from lookalike.store import refresh
 from lookalike.workspace import Workspace, atomic_path, write_json
 

@@ -18,12 +18,12 @@ from rich.console import Console
 
 from lookalike.config import StudyConfig
 from lookalike.display import cell, result_columns, several_bases, shown, trained_base
+from lookalike.evaluate.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.generate import current_image, image_jobs, job_settings, lora_fingerprints
 from lookalike.models.base import drawing_base, guidance_scales
 from lookalike.report import figures
 from lookalike.report.confidence import confidence, confidence_html, confidence_markdown, image_scores
 from lookalike.report.effects import EFFECTS_TITLE, effects_html, effects_markdown, factor_effects
-from lookalike.evaluate.pareto import RANK_RULE, front_steps, pareto_front
 from lookalike.store import refresh
 from lookalike.sweep.plan import config_for_run
 from lookalike.workspace import UNFINISHED, Workspace, atomic_dir, read_metrics

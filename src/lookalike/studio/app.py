@@ -17,7 +17,9 @@ from lookalike.errors import LookalikeError
 from lookalike.models.families import KNOWN_BASES
 from lookalike.store import refresh
 from lookalike.studio.jobs import JobQueue
-from lookalike.studio.progress import log_tail, loss_figure, run_progress, runs_of, sample_gallery, scores_figure
+from lookalike.presets import family_title, presets
+from lookalike.studio.progress import (log_tail, loss_figure, run_progress, runs_of, sample_gallery, sample_grid,
+                                       scores_figure)
 from lookalike.studio.study import StudioStudy
 from lookalike.sweep.plan import experiments
 from lookalike.train.memory import dry_run_lines, parse_gpu_memory
@@ -25,13 +27,6 @@ from lookalike.workspace import atomic_path, read_json
 
 REFRESH_S = 2.0  # how often the Jobs page reads the runs' files
 SAMPLES_SHOWN = 24  # the Jobs page's newest samples (Compare shows every step of the runs chosen there)
-# Named starting points of the main [train] keys; every other key stays as the study has it.
-PRESETS = {
-    "quick": {"train.max_train_steps": 500, "train.rank": 8, "train.learning_rate": 1e-3},
-    "balanced": {"train.max_train_steps": 1000, "train.rank": 16, "train.learning_rate": 5e-4},
-    "best likeness": {"train.max_train_steps": 2000, "train.rank": 32, "train.learning_rate": 3e-4,
-                      "train.background_loss_weight": 0.1},
-}
 # The main keys the Train page sets one by one, each with its decimals (0: a whole number; None: any).
 MAIN_KEYS = {"train.max_train_steps": 0, "train.rank": 0, "train.learning_rate": None, "train.resolution": 0,
              "prior.num_class_images": 0, "train.background_loss_weight": None}
@@ -44,10 +39,10 @@ def base_note(base: str | None) -> str:
     if info is None:
         return ""
     if info.repo is None:
-        return f"`{base}`: {info.family}, built here for tests (no download)"
+        return f"`{base}`: {family_title(base)}, built here for tests (no download)"
     licence = info.licence or "read its model card"
     gated = "; gated: accept its licence on the hub, then run `hf auth login` once" if info.gated else ""
-    return f"`{base}`: {info.family}, from the hub's `{info.repo}`; licence: {licence}{gated}"
+    return f"`{base}`: {family_title(base)}, from the hub's `{info.repo}`; licence: {licence}{gated}"
 
 
 class Studio:
@@ -199,13 +194,18 @@ def build_studio(studio: Studio):
         return "saved"
 
     def apply_settings(base, preset, *values):
-        settings = {"model.base": base, **PRESETS.get(preset, {})}
+        """The base, the preset's keys and the main keys typed in, into the study; the Photos page's base follows."""
+        settings = {"model.base": base, **presets(base).get(preset, {})}
         settings.update({key: value for key, value in zip(MAIN_KEYS, values) if value not in (None, "")})
         try:
             study.set(settings)
         except LookalikeError as error:
             fail(error)
-        return study.text(), "applied"
+        return study.text(), "applied", gr.update(value=base)
+
+    def choose_base(base):
+        """A base's facts, and its presets to choose from."""
+        return base_note(base), gr.update(choices=["(keep)", *presets(base)], value="(keep)")
 
     def memory(gpu):
         try:
@@ -276,16 +276,16 @@ def build_studio(studio: Studio):
         return pandas.DataFrame([[shown(row, key) for key in columns] for row in rows], columns=list(columns.values()))
 
     def compare(chosen):
-        """The chosen runs' checkpoints side by side: each sample step's images (prompt by prompt), then the
-        images generate drew with the final and best LoRAs (only those that LoRA drew)."""
+        """The chosen runs' checkpoints side by side: a grid of each sample step's images, a row per prompt and a
+        column per (run, step); then the images generate drew with the final and best LoRAs (only those that
+        LoRA drew)."""
         items = []
         for run in chosen or []:
             paths = study.workspace.run(run)
-            items += [(image, f"{run} {caption}") for image, caption in reversed(sample_gallery(paths))]
             for checkpoint in ("final", "best"):
                 for image in paths.images_made_by(checkpoint, paths.lora_sha256(checkpoint))[0]:
                     items.append((str(image), f"{run} ({checkpoint}): {image.stem}"))
-        return items
+        return sample_grid([study.workspace.run(run) for run in chosen or []]), items
 
     def build_report():
         """The report, as `lookalike report` writes it: a link to the whole page, and its figures here."""
@@ -371,7 +371,8 @@ def build_studio(studio: Studio):
             with gr.Tab("Train"):
                 with gr.Row():
                     base = gr.Dropdown(bases, label="base", value=initial.model.base if initial else "flux-dev")
-                    preset = gr.Dropdown(["(keep)", *PRESETS], value="(keep)", label="preset")
+                    first_base = initial.model.base if initial else "flux-dev"
+                    preset = gr.Dropdown(["(keep)", *presets(first_base)], value="(keep)", label="preset")
                 base_facts = gr.Markdown(base_note(initial.model.base if initial else "flux-dev"))
                 with gr.Row():
                     fields = [gr.Number(label=key, value=None, precision=decimals)
@@ -407,7 +408,8 @@ def build_studio(studio: Studio):
                 results_table = gr.Dataframe(label="results (sortable)", interactive=False)
                 refresh_results = gr.Button("Refresh")
                 runs_to_compare = gr.Dropdown([], multiselect=True, label="runs side by side")
-                compared = gr.Gallery(label="checkpoints side by side", columns=6, height="auto")
+                compared_grid = gr.HTML(label="samples: a row per prompt, a column per run and step")
+                compared = gr.Gallery(label="drawn by each run's final and best LoRA", columns=6, height="auto")
                 report_button = gr.Button("Build report")
                 report_note = gr.Markdown()
                 report_figures = gr.Gallery(label="the report's figures", columns=2, height="auto")
@@ -446,8 +448,8 @@ def build_studio(studio: Studio):
                          [grid, photo, kept_photo, photos_note])
         kept_photo.change(caption_of, [kept_photo], [caption])
         save_caption_button.click(save_caption, [kept_photo, caption], [grid, photo, kept_photo, photos_note])
-        base.change(base_note, [base], [base_facts])
-        apply.click(apply_settings, [base, preset, *fields], [editor, validity])
+        base.change(choose_base, [base], [base_facts, preset])
+        apply.click(apply_settings, [base, preset, *fields], [editor, validity, new_base])
         estimate.click(memory, [gpu], [estimate_out])
         editor.change(check_text, [editor], [validity])
         save.click(save_text, [editor], [validity])
@@ -466,7 +468,7 @@ def build_studio(studio: Studio):
         refresh_results.click(results, None, [results_table]).then(trained_runs, None, run_lists)
         for tab in (compare_tab, share_tab):  # the runs as they are when the page is opened
             tab.select(trained_runs, None, run_lists)
-        runs_to_compare.change(compare, [runs_to_compare], [compared])
+        runs_to_compare.change(compare, [runs_to_compare], [compared_grid, compared])
         report_button.click(build_report, None, [report_note, report_figures])
         export_button.click(export, [share_run, share_checkpoint, layout, dtype, card], [exported, export_note])
         merge_button.click(merge, [merge_a, merge_weight_a, merge_b, merge_weight_b], [merged, merge_note])

@@ -4,12 +4,13 @@ that watching a run costs its training nothing."""
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 
 from lookalike.display import cell
-from lookalike.report import figures
 from lookalike.evaluate.pareto import front_steps
+from lookalike.report import figures
 from lookalike.workspace import RunPaths, read_json, read_metrics
 
 LOG_LINES = 40
@@ -80,6 +81,37 @@ def sample_gallery(run: RunPaths, newest: int | None = None) -> list[tuple[str, 
                                     f"{cell(record.get('clip_score'))}" if record else "")
         shown.append((str(image), caption))
     return shown
+
+
+def sample_grid(runs: list[RunPaths]) -> str:
+    """The runs' training samples as one table: a row per sample prompt, a column per (run, sample step), each
+    column headed by its step's identity and CLIP Score, so checkpoints are compared prompt by prompt. An HTML
+    table whose images the studio serves from the workspace."""
+    columns, prompts = [], {}
+    for run in runs:
+        scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
+        settings = read_json(run.config) if run.config.is_file() else {}
+        for index, prompt in enumerate(settings.get("train", {}).get("sample_prompts", [])):
+            prompts.setdefault(index, prompt)
+        by_step: dict[int, dict[int, Path]] = {}
+        for image in sorted(run.samples.glob("step-*_p*.png")) if run.samples.is_dir() else []:
+            step_part, prompt_part = image.stem.split("_", 1)
+            by_step.setdefault(int(step_part.removeprefix("step-")), {})[int(prompt_part.removeprefix("p"))] = image
+            prompts.setdefault(int(prompt_part.removeprefix("p")), f"prompt {prompt_part.removeprefix('p')}")
+        for step, images in sorted(by_step.items()):
+            record = scores.get(step, {})
+            scores = f"<br>identity {cell(record.get('identity_similarity'))}, CLIP {cell(record.get('clip_score'))}"
+            head = f"{html.escape(run.name)}<br>step {step}" + (scores if record else "")
+            columns.append((head, images))
+    if not columns:
+        return "No samples yet: a run draws them every train.sample_every steps."
+    rows = ["<tr><th>prompt</th>" + "".join(f"<th>{head}</th>" for head, _ in columns) + "</tr>"]
+    for index, prompt in sorted(prompts.items()):
+        cells = "".join(f'<td><img src="/gradio_api/file={html.escape(str(images[index]))}" width="128" '
+                        f'alt="{html.escape(prompt)}"></td>' if index in images else "<td></td>"
+                        for _, images in columns)
+        rows.append(f"<tr><th>{html.escape(prompt)}</th>{cells}</tr>")
+    return '<table class="sample-grid">' + "".join(rows) + "</table>"
 
 
 def log_tail(run: RunPaths, lines: int = LOG_LINES) -> str:

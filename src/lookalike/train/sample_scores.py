@@ -17,8 +17,8 @@ from typing import Any, Callable
 from lookalike.config import StudyConfig
 from lookalike.errors import LookalikeError
 from lookalike.evaluate.command import load_evaluator, reference_photos, score_named
-from lookalike.evaluate.scoring import ImageScore, aggregate, clip_prompt
 from lookalike.evaluate.pareto import front_steps
+from lookalike.evaluate.scoring import ImageScore, aggregate, clip_prompt
 from lookalike.workspace import RunPaths, StepLog, atomic_path, read_metrics
 
 

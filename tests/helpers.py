@@ -1,0 +1,197 @@
+"""Helpers several test modules share: runs that check exact resume, LoRAs and denoisers to compare with,
+the stock pipelines' images, file digests, and the measured figures the memory tests hold estimates to."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import torch
+from safetensors.torch import load_file
+from lookalike.train.trainer import train
+import numpy as np
+from PIL import Image
+from lookalike.config import load_config
+from lookalike.generate import generate
+from lookalike.models.base import load_component, resolve_base
+from lookalike.models.families import folder_family
+from lookalike.models.families.flux1 import ensure_tiny_model
+from lookalike.models.lora import add_lora, lora_state_dict, save_lora
+import os
+from lookalike.models.base import base_info
+import hashlib
+from pathlib import Path
+
+
+def _train_process(config_path, run, *extra):
+    return subprocess.Popen([sys.executable, "-m", "lookalike", "train", str(config_path), "--run", run, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def assert_a_killed_run_resumes_exactly(path, steps: int, killed_after: str):
+    """A run killed (SIGKILL, as a process) once its checkpoint `killed_after` exists, then resumed, ends with
+    the weights of an uninterrupted run, every step logged once, no more checkpoints kept than asked. The
+    uninterrupted run and the resume train in this process: the same code as `lookalike train [--resume]`."""
+    config = load_config(path)
+    runs = config.workspace / "runs"
+    train(config, "straight")
+
+    killed = _train_process(path, "killed")
+    checkpoint = runs / "killed" / "checkpoints" / killed_after
+    deadline = time.time() + 240
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists(), "the run never reached its second checkpoint"
+    assert not (runs / "killed" / "lora.safetensors").exists(), "the run finished before it could be killed"
+
+    train(config, "killed", resume=True)
+
+    a = load_file(runs / "straight" / "lora.safetensors")
+    b = load_file(runs / "killed" / "lora.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    logged = [json.loads(line)["step"] for line in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1)), "metrics.jsonl must hold every step exactly once after a resume"
+    assert len(list((runs / "killed" / "checkpoints").glob("step-*"))) <= config.train.checkpoints_keep
+
+
+# How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt; Qwen-Image 2.1
+# draws without guidance.
+STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}, "qwen-image21": {}}
+
+
+def denoiser_with_a_lora(folder, component: str):
+    """The base's denoiser with a seeded rank-4 LoRA of the diffusers preset that changes something (peft starts
+    its B matrices at zero)."""
+    denoiser = load_component(folder, component)
+    torch.manual_seed(0)
+    add_lora(denoiser, 4, 4.0, "diffusers")
+    with torch.no_grad():
+        for name, parameter in denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return denoiser
+
+
+def comfyui_lora_keys(family: str, transformer) -> set[str]:
+    """The diffusers-named layers ComfyUI's LoRA loader takes as `transformer.<layer>` for each family, transcribed
+    from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.1 and FLUX.2 through
+    flux_to_diffusers (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), SD3 through
+    mmdit_to_diffusers, Qwen-Image every weight of its model, whose layers have diffusers' names."""
+    config = transformer.config
+    if family == "flux1":  # flux_to_diffusers: FLUX.1's layers, each mapped onto its part of a fused one
+        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
+        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
+        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
+    elif family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
+        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                  "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+                  "ff_context.linear_out"]
+        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "attn.to_qkv_mlp_proj", "attn.to_out"]
+        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
+        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
+    elif family == "z-image":
+        block = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                 "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]
+        prefixes = [f"layers.{i}" for i in range(config.n_layers)] + [
+            f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(config.n_refiner_layers)]
+        names = [f"{prefix}.{layer}" for prefix in prefixes for layer in block]
+    elif family == "sd3":  # mmdit_to_diffusers: each joint block's layers (none of SD3.5 Medium's attn2)
+        block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                 "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
+        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in block]
+    else:
+        names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    return {f"transformer.{name}" for name in names}
+
+
+def train_sampled_run(tiny_config, base: str, **settings):
+    """A 10-step run of `base` (with [train] `settings`) with samples at steps 5 and 10 (checked), and its first image
+    drawn by lookalike at guidance 4 (where the base takes guidance): (the LoRA file, that image's pixels)."""
+    config = load_config(tiny_config(model={"base": base}, data={"crop": "center"},
+                                     train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
+                                            "sample_steps": 2, **settings},
+                                     generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))
+    lora = train(config, "r")
+    samples = sorted(p.name for p in (lora.parent / "samples").glob("*.png"))
+    assert samples == ["step-000005_p0.png", "step-000010_p0.png"]
+    stem = "p00_s0_g4" if base_info(base).guidance else "p00_s0"
+    return lora, np.asarray(Image.open(generate(config, run="r") / f"{stem}.png")).astype(int)
+
+
+def stock_image(base: str, lora_file=None, through_denoiser: bool = False, **arguments) -> np.ndarray:
+    """The image the stock pipeline of `base` draws for the first prompt and seed at 64 px in 3 steps, with the
+    LoRA file loaded by load_lora_weights (or none); `through_denoiser`: by its denoiser's load_lora_adapter
+    (diffusers' loader for a LoKr, which most pipelines' load_lora_weights do not pass on)."""
+    family = folder_family(resolve_base(base))
+    pipe = family.pipeline_class().from_pretrained(resolve_base(base))
+    if lora_file is not None and through_denoiser:
+        getattr(pipe, family.denoiser).load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name,
+                                                         prefix=family.denoiser)
+    elif lora_file is not None:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt="a photo of sks", height=64, width=64, num_inference_steps=3,
+                 generator=torch.Generator("cpu").manual_seed(0), **arguments).images[0]
+    return np.asarray(image.convert("RGB")).astype(int)  # Qwen-Image 2.1 draws RGBA; lookalike keeps the colour
+
+
+def random_lora(path, rank, alpha, target, seed, base="tiny", std=0.05):
+    """A LoRA of the tiny transformer with random A and B (a trained LoRA's B is not zero either)."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(ensure_tiny_model(), subfolder="transformer")
+    add_lora(transformer, rank, alpha, target)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in transformer.named_parameters():
+        if "lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * std
+    save_lora(path, lora_state_dict(transformer), transformer.peft_config["default"],
+              {"base_model": base, "rank": rank, "alpha": alpha})
+    return path
+
+
+def fused_weights(lora=None):
+    """The transformer's linear weights after diffusers loads and fuses the LoRA file (none: the base)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(ensure_tiny_model())
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return {k: v.clone() for k, v in pipe.transformer.state_dict().items() if k.endswith(".weight")}
+
+
+MEASURING = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+
+
+# What a training step adds to the resident size at its peak (VmHWM, reset before it), `step` run twice: in a
+# process run with MEASURING, whose allocations of 64 KB and more are mapped and unmapped one by one (glibc
+# otherwise keeps freed memory resident), that is the step's own peak.
+PEAK_OF_A_STEP = """
+import ctypes, re
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+def peak_of(step):
+    step()  # the optimizer's state and the kernels' caches exist from here on
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM
+    before = status("VmRSS")
+    step()
+    return status("VmHWM") - before
+"""
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
