@@ -319,6 +319,34 @@ def test_the_app_lists_only_the_loras_of_the_base_it_draws_with(tiny_config):
         DemoModels(config).lora_path("zimage")
 
 
+def test_the_studios_try_page_follows_a_change_of_base_without_a_restart(tiny_config):
+    """DemoModels following a study (the studio's Try page): the LoRAs listed and the pipeline loaded are the
+    study's base's as it is now; a change of base lets the old pipeline go, and the next image loads the new one."""
+    import torch
+    from peft import LoraConfig
+
+    from lookalike.models.lora import save_lora
+    from lookalike.workspace import Workspace
+
+    studies = {base: load_config(tiny_config(model={"base": base})) for base in ("tiny", "tiny-sd15")}
+    workspace = Workspace(studies["tiny"].workspace)
+    save_lora(workspace.run("flux").lora, {"transformer.x.lora_A.weight": torch.zeros(2, 4),
+                                           "transformer.x.lora_B.weight": torch.zeros(4, 2)},
+              LoraConfig(r=2, lora_alpha=2), {"base_model": "tiny"})
+    save_lora(workspace.run("sd").lora, {"unet.x.lora_A.weight": torch.zeros(2, 4),
+                                         "unet.x.lora_B.weight": torch.zeros(4, 2)},
+              LoraConfig(r=2, lora_alpha=2), {"base_model": "tiny-sd15"})
+    current = ["tiny"]
+    models = DemoModels(studies["tiny"], follow=lambda: studies[current[0]])
+    assert models.lora_choices() == ["flux"]
+    assert type(models.pipe()).__name__ == "FluxPipeline"
+    current[0] = "tiny-sd15"  # the Train page applies another base
+    assert models.lora_choices() == ["sd"]
+    assert type(models.pipe()).__name__ == "StableDiffusionPipeline"
+    image = models.render([], "a photo of sks", seed=0, guidance=5.0, steps=2, size=64)
+    assert image.size == (64, 64)
+
+
 def test_an_offloaded_demo_draws_what_the_whole_pipeline_draws(demo):
     """[generate] offload in the app: the LoRA is loaded after the pipeline is offloaded, as a user picks it."""
     _, models, _ = demo

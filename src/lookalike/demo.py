@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from lookalike.config import StudyConfig
@@ -69,10 +70,16 @@ def _lora_base(path: Path) -> str | None:
 
 class DemoModels:
     """The pipeline, its loaded LoRAs and the evaluator, loaded once and shared by every user (the queue lets
-    one request run at a time, so the pipeline's adapters are never switched under another request)."""
+    one request run at a time, so the pipeline's adapters are never switched under another request).
 
-    def __init__(self, config: StudyConfig):
+    follow: where the study's config comes from while the app runs (the studio's study, which its Train page
+    edits). Each request then reads it again; a change of what draws (the base, its fine-tune, the drawing base,
+    offloading) lets the loaded pipeline and its adapters go, and one of the evaluation settings or the people the
+    evaluator."""
+
+    def __init__(self, config: StudyConfig, follow: Callable[[], StudyConfig] | None = None):
         self.config = config
+        self._follow = follow
         self.workspace = Workspace(config.workspace)
         self.folder = self.workspace.root / "demo"
         self._pipe = None
@@ -81,11 +88,26 @@ class DemoModels:
         self._references: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
 
+    def _refresh(self) -> None:
+        """The followed study's config, now; what the change makes stale is let go (loaded again when asked)."""
+        if self._follow is None:
+            return
+        config = self._follow()
+        drawing = (config.model.base, config.model.checkpoint, config.generate.base, config.generate.offload)
+        if drawing != (self.config.model.base, self.config.model.checkpoint, self.config.generate.base,
+                       self.config.generate.offload):
+            with self._lock:
+                self._pipe, self._adapters = None, set()
+        if (config.evaluate, config.people) != (self.config.evaluate, self.config.people):
+            self._evaluator, self._references = None, {}
+        self.config = config
+
     def lora_choices(self) -> list[str]:
         """The runs of the workspace that have a trained LoRA for the base the app draws with ([model] base, with
         its fine-tune where model.checkpoint names one): the only LoRAs the app loads (a study across bases lists
         the others under their own base's config). A run whose best sample step was kept is also listed as
         `<run>@best`."""
+        self._refresh()
         runs = self.workspace.runs
         files = sorted(runs.glob("*/lora.safetensors")) if runs.is_dir() else []
         names = [f.parent.name for f in files if _lora_base(f) in (None, self.config.model.base)
@@ -99,6 +121,7 @@ class DemoModels:
         return self.workspace.lora_of(name)
 
     def pipe(self):
+        self._refresh()
         if self._pipe is None:
             device = pick_device()
             pipe = load_pipeline(resolve_drawing_base(self.config), dtype=inference_dtype(device))
@@ -148,6 +171,7 @@ class DemoModels:
         return self._references[key]
 
     def score(self, image_path: Path, prompt: str, photos: list[str]) -> dict:
+        self._refresh()
         row = ImageScore(image=image_path.name, prompt=prompt,
                          clip_prompt=clip_prompt(prompt, {p.token: p.class_word for p in self.config.people}))
         self.evaluator().score([image_path], [row], self.reference(photos))

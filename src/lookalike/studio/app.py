@@ -1,6 +1,7 @@
 """The studio's pages (Gradio): Photos, Train, Jobs, Compare, Try and Share. Each action calls the function its
 command calls, and says that command, so it can be repeated in a terminal. The pages read the workspace's files
-on a timer; the web process never loads a model, except on Try (the demo's own pipeline) and Share."""
+on a timer; the web process never loads a model, except on Try (the demo's own pipeline, which follows the study's
+base as the Train page changes it) and Share."""
 
 from __future__ import annotations
 
@@ -415,7 +416,7 @@ def build_studio(studio: Studio):
                 report_figures = gr.Gallery(label="the report's figures", columns=2, height="auto")
             with gr.Tab("Try"):
                 if initial is not None and initial.subject.images.is_dir() and any(initial.subject.images.iterdir()):
-                    build_app(initial, DemoModels(initial)).render()
+                    build_app(initial, DemoModels(initial, follow=study.config)).render()
                 else:
                     gr.Markdown("Add photos and train a run: then draw with it here (restart the studio).")
             with gr.Tab("Share") as share_tab:
