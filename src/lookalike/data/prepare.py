@@ -155,77 +155,120 @@ def _check(photo: Photo, name: str, action: str, failed: bool, reason: str) -> N
         photo.reasons.append(reason if action == "exclude" else f"warning: {reason}")
 
 
+@dataclass(frozen=True)
+class _Across:
+    """What prepare finds across one person's photos: each photo's name, the face chosen in it, whether a
+    consistent identity anchored that choice, the duplicates (index -> (kind, earlier index, bits)) and the
+    identity outliers (index -> median distance)."""
+
+    names: list[str]
+    chosen: list[int | None]
+    anchored: bool
+    repeats: dict
+    strangers: dict
+
+
+def _across(photos: list[Photo], data, act, same_person_threshold: float) -> _Across:
+    embeddings = [np.asarray(p.embeddings, dtype=np.float32) if p.faces else None for p in photos]
+    areas = [[(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in p.faces] for p in photos]
+    chosen = checks.choose_faces(embeddings, areas)
+    repeats = checks.duplicates([p.sha256 if p.error is None else None for p in photos],
+                                [int(p.phash, 16) if p.phash else None for p in photos], data.near_duplicate_bits)
+    candidates = {i: embeddings[i][chosen[i]] for i in range(len(photos)) if chosen[i] is not None
+                  and i not in repeats}
+    strangers = checks.identity_outliers(candidates, same_person_threshold) if act.identity_outlier != "off" else {}
+    return _Across([Path(p.source).name for p in photos], chosen, checks.identity_anchor(embeddings) is not None,
+                   repeats, strangers)
+
+
 def decide(photos: list[Photo], config: StudyConfig, same_person_threshold: float,
            subject: SubjectConfig | None = None) -> None:
     """Pass 2: fill in each photo's face, crop, checks and status from what inspection found in all of them, and
     the person's choices by hand ([subject] exclude and keep) over the checks'."""
     subject = subject or config.subject
     data, act = config.data, config.data.checks
-    names = [Path(p.source).name for p in photos]
-    embeddings = [np.asarray(p.embeddings, dtype=np.float32) if p.faces else None for p in photos]
-    areas = [[(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in p.faces] for p in photos]
-    chosen = checks.choose_faces(embeddings, areas)
-    anchored = checks.identity_anchor(embeddings) is not None
-    repeats = checks.duplicates([p.sha256 if p.error is None else None for p in photos],
-                                [int(p.phash, 16) if p.phash else None for p in photos], data.near_duplicate_bits)
-    candidates = {i: embeddings[i][chosen[i]] for i in range(len(photos)) if chosen[i] is not None
-                  and i not in repeats}
-    strangers = checks.identity_outliers(candidates, same_person_threshold) if act.identity_outlier != "off" else {}
-
+    across = _across(photos, data, act, same_person_threshold)
     for index, photo in enumerate(photos):
-        photo.checks, photo.reasons, photo.face, photo.crop_box, photo.upscale = {}, [], chosen[index], None, None
+        photo.checks, photo.reasons, photo.face = {}, [], across.chosen[index]
+        photo.crop_box, photo.upscale = None, None
         photo.checks["readable"] = {"result": "exclude" if photo.error else "pass", "reason": photo.error}
         if photo.error:
             photo.reasons.append(photo.error)
             photo.status = "excluded"
             continue
-        if photo.frames > 1:
-            photo.reasons.append(f"warning: animated image, the first of its {photo.frames} frames is used")
-        if photo.mode in CONVERSIONS:
-            photo.reasons.append(f"note: {CONVERSIONS[photo.mode]}")
+        _notes(photo)
         if data.crop == "face":
-            _check(photo, "no_face", act.no_face, photo.face is None, "no face found")
-            if len(photo.faces) > 1 and photo.face is not None:
-                box = ", ".join(str(round(v)) for v in photo.faces[photo.face]["box"])
-                why = "the one most like the other photos" if anchored else "the largest"
-                _check(photo, "several_faces", act.several_faces, True,
-                       f"{len(photo.faces)} faces; used face {photo.face + 1} at ({box}), {why}")
-            else:
-                _check(photo, "several_faces", act.several_faces, False, "")
-        face_box = tuple(photo.faces[photo.face]["box"]) if photo.face is not None else None
-        cropped = face_box is not None or data.crop == "center" or act.no_face != "exclude"  # else excluded below
-        if cropped and data.buckets:
-            photo.crop_box = list(bucket_crop_box(face_box, tuple(photo.size)))
-        elif cropped and face_box is not None:
-            photo.crop_box = list(face_crop_box(face_box, tuple(photo.size), data.face_scale))
-        elif cropped:
-            photo.crop_box = list(center_crop_box(tuple(photo.size)))
-        if photo.crop_box is not None:
-            width, height = photo.crop_box[2] - photo.crop_box[0], photo.crop_box[3] - photo.crop_box[1]
-            size = crop_size(tuple(photo.crop_box), data.resolution)
-            photo.upscale = round(size[0] / width, 3)
-            what = "face crop" if photo.face is not None and not data.buckets else "photo"
-            _check(photo, "face_too_small", act.face_too_small, photo.upscale > data.max_upscale,
-                   f"{what} is {_dimensions((width, height))} px, enlarged {photo.upscale:.1f}x to "
-                   f"{_dimensions(size)} px (limit {data.max_upscale:g}x)")
-        if index in repeats:
-            kind, earlier, bits = repeats[index]
-            detail = "same bytes" if kind == "exact" else f"perceptual hashes {bits} of 64 bits apart"
-            _check(photo, "duplicate", act.duplicate, True, f"{kind} duplicate of {names[earlier]} ({detail})")
-        else:
-            _check(photo, "duplicate", act.duplicate, False, "")
+            _face_checks(photo, act, across.anchored)
+        _crop(photo, data, act)
+        _duplicate_check(photo, act, across, index)
         if data.crop == "face":
-            _check(photo, "identity_outlier", act.identity_outlier, index in strangers,
-                   f"face looks like someone else: median distance {strangers.get(index, 0):.2f} to the other "
-                   f"photos' faces, over the same-person threshold {same_person_threshold:g}")
-        excluded = photo.crop_box is None or any(c["result"] == "exclude" for c in photo.checks.values())
-        if names[index] in subject.exclude:
-            photo.reasons.append("excluded by hand (subject.exclude)")
-            excluded = True
-        elif names[index] in subject.keep and photo.crop_box is not None and excluded:
-            photo.reasons.append("kept by hand (subject.keep), over the checks above")
-            excluded = False
-        photo.status = "excluded" if excluded else "kept"
+            _check(photo, "identity_outlier", act.identity_outlier, index in across.strangers,
+                   f"face looks like someone else: median distance {across.strangers.get(index, 0):.2f} to the "
+                   f"other photos' faces, over the same-person threshold {same_person_threshold:g}")
+        photo.status = _status(photo, across.names[index], subject)
+
+
+def _notes(photo: Photo) -> None:
+    """What the user should know of how a readable photo was read."""
+    if photo.frames > 1:
+        photo.reasons.append(f"warning: animated image, the first of its {photo.frames} frames is used")
+    if photo.mode in CONVERSIONS:
+        photo.reasons.append(f"note: {CONVERSIONS[photo.mode]}")
+
+
+def _face_checks(photo: Photo, act, anchored: bool) -> None:
+    """no_face and several_faces, where crops are made around the face."""
+    _check(photo, "no_face", act.no_face, photo.face is None, "no face found")
+    if len(photo.faces) > 1 and photo.face is not None:
+        box = ", ".join(str(round(v)) for v in photo.faces[photo.face]["box"])
+        why = "the one most like the other photos" if anchored else "the largest"
+        _check(photo, "several_faces", act.several_faces, True,
+               f"{len(photo.faces)} faces; used face {photo.face + 1} at ({box}), {why}")
+    else:
+        _check(photo, "several_faces", act.several_faces, False, "")
+
+
+def _crop(photo: Photo, data, act) -> None:
+    """The photo's crop box (around its face, its bucket's framing, or the centre; none for a photo without a face
+    that no_face leaves out), and face_too_small, judged by how much the crop is enlarged."""
+    face_box = tuple(photo.faces[photo.face]["box"]) if photo.face is not None else None
+    cropped = face_box is not None or data.crop == "center" or act.no_face != "exclude"  # else excluded
+    if cropped and data.buckets:
+        photo.crop_box = list(bucket_crop_box(face_box, tuple(photo.size)))
+    elif cropped and face_box is not None:
+        photo.crop_box = list(face_crop_box(face_box, tuple(photo.size), data.face_scale))
+    elif cropped:
+        photo.crop_box = list(center_crop_box(tuple(photo.size)))
+    if photo.crop_box is None:
+        return
+    width, height = photo.crop_box[2] - photo.crop_box[0], photo.crop_box[3] - photo.crop_box[1]
+    size = crop_size(tuple(photo.crop_box), data.resolution)
+    photo.upscale = round(size[0] / width, 3)
+    what = "face crop" if photo.face is not None and not data.buckets else "photo"
+    _check(photo, "face_too_small", act.face_too_small, photo.upscale > data.max_upscale,
+           f"{what} is {_dimensions((width, height))} px, enlarged {photo.upscale:.1f}x to {_dimensions(size)} px "
+           f"(limit {data.max_upscale:g}x)")
+
+
+def _duplicate_check(photo: Photo, act, across: _Across, index: int) -> None:
+    if index in across.repeats:
+        kind, earlier, bits = across.repeats[index]
+        detail = "same bytes" if kind == "exact" else f"perceptual hashes {bits} of 64 bits apart"
+        _check(photo, "duplicate", act.duplicate, True, f"{kind} duplicate of {across.names[earlier]} ({detail})")
+    else:
+        _check(photo, "duplicate", act.duplicate, False, "")
+
+
+def _status(photo: Photo, name: str, subject: SubjectConfig) -> str:
+    """kept or excluded: by the checks and the crop, then by the person's own choice ([subject] exclude and keep)."""
+    excluded = photo.crop_box is None or any(c["result"] == "exclude" for c in photo.checks.values())
+    if name in subject.exclude:
+        photo.reasons.append("excluded by hand (subject.exclude)")
+        excluded = True
+    elif name in subject.keep and photo.crop_box is not None and excluded:
+        photo.reasons.append("kept by hand (subject.keep), over the checks above")
+        excluded = False
+    return "excluded" if excluded else "kept"
 
 
 def _dimensions(size: tuple[int, int]) -> str:

@@ -143,49 +143,16 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
     others = sorted((r for r in done if r["name"] not in best), key=lambda r: -(r["clip_score"] or -1e9))
     chosen = (front + others)[:GRID_RUNS]
 
+    # Each run's final LoRA's figures, where they measured the file it holds now (as the results table's), and
+    # each run's scored training samples.
+    evaluations = {row["name"]: metrics for row in done
+                   if (metrics := workspace.run(row["name"]).current_metrics("final")) is not None}
+    scores = {r["name"]: records for r in rows if (records := read_metrics(workspace.run(r["name"]).sample_scores))}
     with atomic_dir(report) as folder:
-        shown = []  # (title, file) of each figure
-        for factor, title in figures.FACTORS.items():
-            if len({r[factor] for r in done}) > 1:
-                shown.append((f"Metrics against {title}", f"figures/by_{factor}.png"))
-                figures.save(figures.factor_figure(done, factor), folder / shown[-1][1])
-        if any(r["clip_score"] is not None and r["face_distance"] is not None for r in done):
-            shown.append(("Face distance against CLIP Score", "figures/pareto.png"))
-            figures.save(figures.pareto_figure(done, best), folder / shown[-1][1])
-        elif any(r["clip_score"] is not None for r in done):
-            shown.append(("Face distance against CLIP Score", None))  # said in one line instead
-        # Each run's final LoRA's figures, where they measured the file it holds now (as the results table's).
-        evaluations = {row["name"]: metrics for row in done
-                       if (metrics := workspace.run(row["name"]).current_metrics("final")) is not None}
-        for key, factor, file in (("per_guidance_scale", "inference guidance scale", "guidance"),
-                                  ("per_lora_scale", "LoRA strength", "lora_strength")):
-            per_value = {name: metrics.get(key, {}) for name, metrics in evaluations.items()}
-            if any(per_value.values()):
-                shown.append((f"Metrics against the {factor}", f"figures/{file}.png"))
-                figures.save(figures.inference_figure(per_value, factor), folder / shown[-1][1])
-        curves = {r["name"]: _loss_curve(workspace.run(r["name"]).metrics) for r in rows}
-        if any(curves.values()):
-            shown.append(("Training loss", "figures/loss.png"))
-            figures.save(figures.loss_figure({k: v for k, v in curves.items() if v}), folder / shown[-1][1])
-        scores = {r["name"]: read_metrics(workspace.run(r["name"]).sample_scores) for r in rows}
-        scores = {name: records for name, records in scores.items() if records}
-        best_steps = {name: steps[0] for name, records in scores.items() if (steps := front_steps(records))}
-        if scores:
-            shown.append(("Identity and CLIP Score while training (each run's best step starred)",
-                          "figures/steps.png"))
-            figures.save(figures.steps_figure(scores, best_steps), folder / shown[-1][1])
-
+        shown = _figures(folder, workspace, rows, done, best, evaluations, scores)
         grid = _grid(config, workspace, chosen, folder) if chosen else "<p>No run has finished yet.</p>"
-        checkpoints = {(name, "final"): metrics for name, metrics in evaluations.items()}
-        for row in done:
-            best_metrics = workspace.run(row["name"]).current_metrics("best")  # of the best step now, or none
-            if best_metrics is not None:
-                checkpoints[row["name"], "best"] = best_metrics
-        statuses = {row["name"]: workspace.run(row["name"]).read_status() or {} for row in done}
-        best_of = [] if unrankable else [
-            _best_lora(checkpoints, {name: status.get("best_step") for name, status in statuses.items()}),
-            _best_checkpoint(scores)]
         stale = [r for r in done if r["reason"]]  # finished on other settings or photos than asked for now
+        best_of = [] if unrankable else _best_of(workspace, done, evaluations, scores)
         best_lines = _best_lines(front, unplaced, failed + stale, unrankable, best_of)
         effects = factor_effects(config, done)
         per_image = {r["name"]: image_scores(workspace.run(r["name"]).root / "scores.csv") for r in done}
@@ -196,6 +163,51 @@ def build_report(config: StudyConfig, console: Console, force: bool = False) -> 
         (folder / ".inputs").write_text(digest)
     console.print(f"report: {report / 'index.html'}")
     return report / "index.html"
+
+
+def _figures(folder: Path, workspace: Workspace, rows: list[dict], done: list[dict], best: list[str],
+             evaluations: dict[str, dict], scores: dict[str, list[dict]]) -> list[tuple[str, str | None]]:
+    """The report's figures, drawn into figures/: (title, file) of each, a file of None where a figure has nothing
+    to show and says so in one line."""
+    shown = []
+    for factor, title in figures.FACTORS.items():
+        if len({r[factor] for r in done}) > 1:
+            shown.append((f"Metrics against {title}", f"figures/by_{factor}.png"))
+            figures.save(figures.factor_figure(done, factor), folder / shown[-1][1])
+    if any(r["clip_score"] is not None and r["face_distance"] is not None for r in done):
+        shown.append(("Face distance against CLIP Score", "figures/pareto.png"))
+        figures.save(figures.pareto_figure(done, best), folder / shown[-1][1])
+    elif any(r["clip_score"] is not None for r in done):
+        shown.append(("Face distance against CLIP Score", None))  # said in one line instead
+    for key, factor, file in (("per_guidance_scale", "inference guidance scale", "guidance"),
+                              ("per_lora_scale", "LoRA strength", "lora_strength")):
+        per_value = {name: metrics.get(key, {}) for name, metrics in evaluations.items()}
+        if any(per_value.values()):
+            shown.append((f"Metrics against the {factor}", f"figures/{file}.png"))
+            figures.save(figures.inference_figure(per_value, factor), folder / shown[-1][1])
+    curves = {r["name"]: _loss_curve(workspace.run(r["name"]).metrics) for r in rows}
+    if any(curves.values()):
+        shown.append(("Training loss", "figures/loss.png"))
+        figures.save(figures.loss_figure({k: v for k, v in curves.items() if v}), folder / shown[-1][1])
+    if scores:
+        best_steps = {name: steps[0] for name, records in scores.items() if (steps := front_steps(records))}
+        shown.append(("Identity and CLIP Score while training (each run's best step starred)", "figures/steps.png"))
+        figures.save(figures.steps_figure(scores, best_steps), folder / shown[-1][1])
+    return shown
+
+
+def _best_of(workspace: Workspace, done: list[dict], evaluations: dict[str, dict],
+             scores: dict[str, list[dict]]) -> list[str | None]:
+    """The headline's lines: the best LoRA over every run's evaluated checkpoints (final and best) and strengths,
+    and the best checkpoint over every run's scored training samples."""
+    checkpoints = {(name, "final"): metrics for name, metrics in evaluations.items()}
+    for row in done:
+        best_metrics = workspace.run(row["name"]).current_metrics("best")  # of the best step now, or none
+        if best_metrics is not None:
+            checkpoints[row["name"], "best"] = best_metrics
+    statuses = {row["name"]: workspace.run(row["name"]).read_status() or {} for row in done}
+    return [_best_lora(checkpoints, {name: status.get("best_step") for name, status in statuses.items()}),
+            _best_checkpoint(scores)]
 
 
 def _runs_table(rows: list[dict], best: list[str]) -> str:
