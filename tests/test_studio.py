@@ -3,6 +3,7 @@ workspace to an exported LoRA; its job queue across a server restart; a run star
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -169,7 +170,11 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
             page.get_by_role("button", name="Refresh").click()
             page.get_by_text("sched", exact=True).wait_for(timeout=30000)  # the results table's header
             pick(page, page.get_by_label("runs side by side"), "r1")
-            page.get_by_text(re.compile(r"r1 step 4: identity")).first.wait_for(timeout=30000)
+            first_sample = page.locator("table.sample-grid img").first  # a row per prompt, a column per step
+            first_sample.wait_for(timeout=30000)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=first_sample.element_handle())
+            assert page.locator("table.sample-grid th", has_text=re.compile(r"step 4.*identity")).count() == 1
+            page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
 
             page.get_by_role("button", name="Build report").click()
             report = page.get_by_role("link", name="Open the report")
@@ -205,7 +210,7 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
     assert steps == list(range(1, STEPS + 1))
     manifest = (workspace / "data" / "manifest.json").read_text()
     assert '"excluded by hand (subject.exclude)"' in manifest
-    for name in ("photos.png", "jobs.png", "jobs-done.png"):
+    for name in ("photos.png", "jobs.png", "jobs-done.png", "compare.png"):
         shot = np.asarray(Image.open(tmp_path / name).convert("L"), dtype=float)
         assert shot.std() > 10, f"{name} is blank"
     if os.environ.get("LOOKALIKE_SCREENSHOTS"):  # `make screenshots`: the README's picture, made by this test
@@ -342,12 +347,32 @@ def test_the_studio_serves_only_workspace_files_limits_uploads_and_needs_a_login
 def test_the_train_page_says_each_bases_licence_and_whether_it_is_gated():
     from lookalike.studio.app import base_note
 
-    assert base_note("flux-dev") == ("`flux-dev`: flux1, from the hub's `black-forest-labs/FLUX.1-dev`; licence: "
+    assert base_note("flux-dev") == ("`flux-dev`: FLUX.1, from the hub's `black-forest-labs/FLUX.1-dev`; licence: "
                                      "non-commercial (FLUX.1 [dev] licence); gated: accept its licence on the hub, "
                                      "then run `hf auth login` once")
     assert base_note("z-image").endswith("licence: Apache 2.0")
     assert base_note("krea2-raw").endswith("licence: read its model card")
-    assert base_note("tiny") == "`tiny`: flux1, built here for tests (no download)"
+    assert base_note("tiny") == "`tiny`: FLUX.1, built here for tests (no download)"
+
+
+def test_each_base_has_its_presets_and_init_writes_the_balanced_one(tmp_path):
+    """The Train page's presets: the same three for every base, and each base's reference script's layers,
+    schedule and (for the guidance-distilled bases) training guidance, transcribed from the scripts:
+    train_dreambooth_lora_flux.py and _flux2.py default --guidance_scale to 3.5 and --lr_scheduler to constant."""
+    from lookalike.config import load_config
+    from lookalike.presets import presets
+    from lookalike.starter import write_starter
+
+    assert list(presets("sdxl")) == ["quick", "balanced", "best likeness", "reference script"]
+    assert presets("flux-dev")["reference script"] == {"train.target_modules": "diffusers",
+                                                        "train.lr_scheduler": "constant", "train.guidance": 3.5}
+    assert presets("flux2-dev")["reference script"]["train.guidance"] == 3.5
+    assert "train.guidance" not in presets("flux-schnell")["reference script"], "schnell takes no guidance"
+    assert "train.guidance" not in presets("z-image")["reference script"]
+    study = load_config(write_starter(tmp_path / "starter.toml", "sdxl", "photos", "sks"))
+    balanced = presets("sdxl")["balanced"]
+    assert (study.train.max_train_steps, study.train.rank, study.train.learning_rate) == (
+        balanced["train.max_train_steps"], balanced["train.rank"], balanced["train.learning_rate"])
 
 
 def test_the_photos_page_captions_the_kept_photos_as_lookalike_caption_does(tmp_path, tiny_blip):
@@ -371,3 +396,30 @@ def test_the_photos_page_captions_the_kept_photos_as_lookalike_caption_does(tmp_
     manifest = read_json(workspace / "data" / "manifest.json")
     written = [study.config().fill(caption.read_text().strip()) for caption in captions]  # {token} filled in
     assert sorted(p["caption"] for p in manifest["photos"]) == sorted(written)
+
+
+def test_compare_lays_out_each_runs_samples_as_prompts_by_steps(tmp_path):
+    """The Compare page's grid: a row per sample prompt, a column per (run, step) headed by its scores, every image
+    in the cell of its prompt and step, and the user's text (run names, prompts) shown as text."""
+    from lookalike.studio.progress import sample_grid
+    from lookalike.workspace import write_json
+
+    workspace = Workspace(tmp_path / "ws")
+    runs = []
+    for name, steps in (("a<b", (5, 10)), ("plain", (5,))):
+        run = workspace.run(name)
+        run.samples.mkdir(parents=True)
+        write_json(run.config, {"train": {"sample_prompts": ["a photo of sks", "sks <smiling>"]}})
+        for step in steps:
+            for prompt in (0, 1):
+                Image.new("RGB", (8, 8)).save(run.samples / f"step-{step:06d}_p{prompt}.png")
+        run.sample_scores.write_text('{"step": 5, "identity_similarity": 0.5, "clip_score": 0.25}\n')
+        runs.append(run)
+    grid = sample_grid(runs)
+    rows = grid.split("</tr>")[:-1]
+    assert len(rows) == 3, "a header and a row per prompt"
+    assert rows[0].count("<th>") == 1 + 3 and "a&lt;b<br>step 10" in rows[0] and "plain<br>step 5" in rows[0]
+    assert "identity 0.5, CLIP 0.25" in rows[0]
+    assert "<th>sks &lt;smiling&gt;</th>" in rows[2]
+    assert rows[2].count("<img") == 3 and html.escape(f"{runs[0].samples}/step-000010_p1.png") in rows[2]
+    assert sample_grid([workspace.run("none")]).startswith("No samples yet")

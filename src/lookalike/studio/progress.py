@@ -100,8 +100,8 @@ def sample_grid(runs: list[RunPaths]) -> str:
             prompts.setdefault(int(prompt_part.removeprefix("p")), f"prompt {prompt_part.removeprefix('p')}")
         for step, images in sorted(by_step.items()):
             record = scores.get(step, {})
-            scores = f"<br>identity {cell(record.get('identity_similarity'))}, CLIP {cell(record.get('clip_score'))}"
-            head = f"{html.escape(run.name)}<br>step {step}" + (scores if record else "")
+            measured = f"<br>identity {cell(record.get('identity_similarity'))}, CLIP {cell(record.get('clip_score'))}"
+            head = f"{html.escape(run.name)}<br>step {step}" + (measured if record else "")
             columns.append((head, images))
     if not columns:
         return "No samples yet: a run draws them every train.sample_every steps."

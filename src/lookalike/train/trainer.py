@@ -1,10 +1,11 @@
 """The LoRA trainer of a base's denoiser (its family says how to feed it and what it learns), on accelerate.
 
-`train()` reads top to bottom: check the run folder, encode (cached), build the LoRA, optimizer and
-schedule, restore a checkpoint, then one linear loop. All randomness of the loop (data order, caption orders and
-dropout, class examples, latent draws, noise, timesteps) comes from one CPU generator whose state is saved in every
-checkpoint, with the optimizer's and the moving average's, so a resumed run ends with exactly the weights of an
-uninterrupted one.
+`train()` checks the run folder and records the run's status; `_train` then reads top to bottom in one screen, each
+stage a method of `Training`, which holds the run's state: prepare the data (encoded once, cached), build the model
+with its LoRA, optimizer and schedule, restore a checkpoint, then one linear loop, then save the LoRA. All randomness
+of the loop (data order, caption orders and dropout, class examples, latent draws, noise, timesteps) comes from one
+CPU generator whose state is saved in every checkpoint, with the optimizer's and the moving average's, so a resumed
+run ends with exactly the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -287,332 +288,411 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
 
 
 def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from peft.utils import set_peft_model_state_dict
+    """One run's training, stage by stage (each a method of Training): the run's photos, captions and settings;
+    the denoiser with its LoRA and optimizer; the state a checkpoint restores; then the loop, one optimizer step
+    an iteration; then the LoRA."""
+    training = Training(config, run, console)
+    training.prepare_data(resume)
+    training.build_model()
+    training.restore()
+    t = training.t
+    with progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=training.start_step) as bar:
+        for step in range(training.start_step + 1, t.max_train_steps + 1):
+            started = time.perf_counter()
+            for _ in range(t.gradient_accumulation_steps):
+                with training.accelerator.accumulate(training.transformer):
+                    training.optimize(training.batch_loss())
+            if not training.after_step(step, started, bar):
+                break
+    return training.save()
 
-    t = config.train
-    precision = resolve_mixed_precision(t.mixed_precision)
-    check_quantization(t.base_quantization)
-    # accelerate keeps one mixed precision per process and refuses another: a second run in the same process (the
-    # demo, tests, a notebook) starts from a fresh state. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    processes, rank = accelerator.num_processes, accelerator.process_index
-    sharded = t.shard
-    if sharded and t.ema_decay:
-        raise LookalikeError("train.ema_decay averages whole LoRA weights, and train.shard splits them across "
-                             "processes: choose one")
-    if sharded and processes == 1:
-        raise LookalikeError("train.shard = true splits the model across processes, and this run has one: train "
-                             "with --processes N (or under torchrun / accelerate launch), or set train.shard = false")
-    # The main process prepares, downloads or builds the base, and caches; the others then read. (A tiny model
-    # built by another rank would lack its text encoder's weights: transformers saves them on rank 0 only.)
-    with accelerator.main_process_first():
-        images = training_images(config, console)  # bad photo folders fail before any model is loaded
-        folder = trained_base_folder(config)
+
+class Training:
+    """A run's training state (accelerator, data and its cached encodings, the denoiser with its LoRA, optimizer,
+    schedule, moving average, random generator and batch orders) and the stages that make and use it. Every random
+    number of the loop comes from `generator`, whose state every checkpoint keeps, so a resumed run ends with
+    exactly the weights of an uninterrupted one."""
+
+    def __init__(self, config: StudyConfig, run: RunPaths, console: Console):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        self.config, self.run, self.console = config, run, console
+        self.t = t = config.train
+        self.precision = resolve_mixed_precision(t.mixed_precision)
+        check_quantization(t.base_quantization)
+        # accelerate keeps one mixed precision per process and refuses another: a second run in the same process
+        # (the demo, tests, a notebook) starts from a fresh state. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=self.precision,
+                                       gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                       cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.processes, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.sharded = t.shard
+        if self.sharded and t.ema_decay:
+            raise LookalikeError("train.ema_decay averages whole LoRA weights, and train.shard splits them across "
+                                 "processes: choose one")
+        if self.sharded and self.processes == 1:
+            raise LookalikeError("train.shard = true splits the model across processes, and this run has one: "
+                                 "train with --processes N (or under torchrun / accelerate launch), or set "
+                                 "train.shard = false")
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self.loss_value = float("nan")
+        self.latest: dict[str, str] = {}  # the latest sample step's identity and CLIP Score, beside the loss
+        self.stopped: dict[str, Any] = {}  # where and why train.stop_when stopped the run
+
+    # 1. The photos, captions and class images, checked against what a resumed run trained on; their latents and
+    # text embeddings encoded once (cached on disk), the encoders gone before the loop starts.
+    def prepare_data(self, resume: bool) -> None:
+        config, run, t, accelerator, console = self.config, self.run, self.t, self.accelerator, self.console
+        # The main process prepares, downloads or builds the base, and caches; the others then read. (A tiny model
+        # built by another rank would lack its text encoder's weights: transformers saves them on rank 0 only.)
+        with accelerator.main_process_first():
+            images = training_images(config, console)  # bad photo folders fail before any model is loaded
+            self.folder = folder = trained_base_folder(config)
+            if t.train_text_encoder:
+                check_trainable(folder_family(folder))
+            self.checkpoints = list_checkpoints(run.checkpoints) if resume else []
+            # The LoRA a new run starts from (a resumed one's weights are its checkpoint's), kept in the run's
+            # folder and checked before anything slow is made.
+            self.start = None
+            if t.init_lora is not None and not self.checkpoints:
+                own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
+                self.start = read_start(own_copy, t.init_lora, t.rank, config.model.base, t.train_text_encoder)
+            self.class_examples = class_images(config, console)  # prior preservation's, drawn once by the base
+        self._check_resumable(images)
+        if accelerator.is_main_process:
+            record_photos(run, images, config.workspace)
+            record_class_photos(run, config)
+            if config.model.checkpoint is not None:
+                write_json(run.checkpoint_record, read_json(folder / RECORD))
+        if t.flip:  # each photo mirrored too: an example of its own, encoded from the mirrored pixels
+            images = images + [mirrored(image) for image in images]
+        self.family = family = folder_family(folder)
+        self.max_len = max_sequence_length(config.model)
+        # Each photo's size in this run: one square, or ([data] buckets) its aspect ratio's bucket; with
+        # train.extra_resolutions, an example of each photo at each side.
+        multiple = family.pixel_multiple(read_json(folder / family.denoiser / "config.json"))
+        sides = training_sides(config)
+        for side in sides:
+            if side % multiple:
+                raise LookalikeError(f"train.resolution: the run trains at {side} px ([train] resolution, else "
+                                     f"[data] resolution, and train.extra_resolutions), and {config.model.base} "
+                                     f"takes sides that are multiples of {multiple} px: set one that is")
+        self.sizes = [training_size(image, side, multiple) for side in sides for image in images]
+        self.images = images = [image for _ in sides for image in images]
+
+        cache = EmbeddingCache(Workspace(config.workspace).cache, folder, self.device, self.weight_dtype,
+                               offload=t.offload)
+        self.sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
+        with accelerator.main_process_first():
+            self.latents = cache.latents(images, self.sizes)
+            # Class examples join subject batches of every size: each class image fitted to each size.
+            self.class_latents = {size: cache.latents(self.class_examples, [size] * len(self.class_examples))
+                                  for size in dict.fromkeys(self.sizes)}
+            negative = [family.negative_prompt] if self.sample_prompts and family.negative_prompt is not None else []
+            self.subject_captions = CaptionDraws([image.caption for image in images], t.tag_shuffle,
+                                                 t.caption_dropout, t.seed)
+            # train.output_preservation: each caption a subject example may train with, its trigger words made
+            # class words
+            self.preserved = {caption: preserved_caption(caption, config.people)
+                              for caption in self.subject_captions.texts()} if t.output_preservation else {}
+            self.texts = None
+            if not t.train_text_encoder:  # else encoded at every step, by the text encoders as they learn
+                self.texts = cache.texts(self.subject_captions.texts() + [image.caption for image in
+                                                                          self.class_examples]
+                                         + self.sample_prompts + negative + list(self.preserved.values()),
+                                         self.max_len)
+        if self.processes > 1 and accelerator.is_main_process:
+            console.print(f"train: {self.processes} processes x batch {t.batch_size} x accumulation "
+                          f"{t.gradient_accumulation_steps} = effective batch "
+                          f"{self.processes * t.batch_size * t.gradient_accumulation_steps}; learning rate "
+                          f"{t.learning_rate:g} (not scaled with the batch)"
+                          + (f"; sharded: each process holds 1/{self.processes} of the model, LoRA and optimizer "
+                             "state" if self.sharded else ""))
+        self.normalisation = family.latent_normalisation(folder)
+        self.objective = family_objective(family, folder)
+        self.t = t = with_reference_recipe(t, family, folder)  # the keys left unset: the base's reference script's
+        if isinstance(self.objective, FlowMatching) and accelerator.is_main_process:
+            console.print(f"train: {recipe_line(t)}")
+        self.face_weights = photo_weights(images, self.sizes, self.latents, t.background_loss_weight) \
+            if t.background_loss_weight < 1 else None
+
+    def _check_resumable(self, images) -> None:
+        """A resumed run goes on only with the photos, class images and fine-tune it started with."""
+        run, config = self.run, self.config
+        if not self.checkpoints:
+            return
+        changes = photo_changes(run, images, config.workspace)
+        if changes:
+            raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes}; "
+                                 "put them back and resume it (`lookalike sweep --retry-failed` or `train "
+                                 "--resume`), or start a new --run")
+        classes = class_photo_changes(run, config)
+        if classes:
+            raise LookalikeError(f"cannot resume run {run.name!r}: its class images (prior.images) changed since it "
+                                 f"started: {classes}; put them back and resume it, or start a new --run")
+        if checkpoint_changed(run, config):
+            raise LookalikeError(f"cannot resume run {run.name!r}: model.checkpoint {config.model.checkpoint} "
+                                 "changed since it started; put the file back and resume it, or start a new --run")
+
+    # 2. The frozen denoiser (transformer or UNet) with a trainable LoRA, its optimizer and schedule; LoRA weights
+    # stay in float32 under mixed precision. A sharded one stays on the CPU until its shards move to each device.
+    def build_model(self) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        t, family, device, console = self.t, self.family, self.device, self.console
+        transformer = load_component(self.folder, family.denoiser, dtype=self.weight_dtype,
+                                     quantization=t.base_quantization)
+        # Sharded, or offloaded block by block: the whole model never goes to the device (peft initialises a LoRA
+        # on the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
+        transformer = transformer if self.sharded or t.offload else transformer.to(device)
+        torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
+        add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor,
+                 t.layer_filter)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.text_encoders = None
         if t.train_text_encoder:
-            check_trainable(folder_family(folder))
-        checkpoints = list_checkpoints(run.checkpoints) if resume else []
-        # The LoRA a new run starts from (a resumed one's weights are its checkpoint's), kept in the run's folder
-        # and checked before anything slow is made.
-        start = None
-        if t.init_lora is not None and not checkpoints:
-            own_copy = keep_copy(t.init_lora, run) if accelerator.is_main_process else run.init_lora
-            start = read_start(own_copy, t.init_lora, t.rank, config.model.base, t.train_text_encoder)
-        class_examples = class_images(config, console)  # prior preservation's, drawn once by the base
-    changes = photo_changes(run, images, config.workspace) if checkpoints else None
-    if changes:
-        raise LookalikeError(f"cannot resume run {run.name!r}: its photos changed since it started: {changes}; put "
-                             "them back and resume it (`lookalike sweep --retry-failed` or `train --resume`), or "
-                             "start a new --run")
-    classes = class_photo_changes(run, config) if checkpoints else None
-    if classes:
-        raise LookalikeError(f"cannot resume run {run.name!r}: its class images (prior.images) changed since it "
-                             f"started: {classes}; put them back and resume it, or start a new --run")
-    if checkpoints and checkpoint_changed(run, config):
-        raise LookalikeError(f"cannot resume run {run.name!r}: model.checkpoint {config.model.checkpoint} changed "
-                             "since it started; put the file back and resume it, or start a new --run")
-    if accelerator.is_main_process:
-        record_photos(run, images, config.workspace)
-        record_class_photos(run, config)
-        if config.model.checkpoint is not None:
-            write_json(run.checkpoint_record, read_json(folder / RECORD))
-    if t.flip:  # each photo mirrored too: an example of its own, encoded from the mirrored pixels
-        images = images + [mirrored(image) for image in images]
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    family = folder_family(folder)
-    max_len = max_sequence_length(config.model)
-    # Each photo's size in this run: one square, or ([data] buckets) its aspect ratio's bucket; with
-    # train.extra_resolutions, an example of each photo at each side.
-    multiple = family.pixel_multiple(read_json(folder / family.denoiser / "config.json"))
-    sides = training_sides(config)
-    for side in sides:
-        if side % multiple:
-            raise LookalikeError(f"train.resolution: the run trains at {side} px ([train] resolution, else [data] "
-                                 f"resolution, and train.extra_resolutions), and {config.model.base} takes sides "
-                                 f"that are multiples of {multiple} px: set one that is")
-    sizes = [training_size(image, side, multiple) for side in sides for image in images]
-    images = [image for _ in sides for image in images]
-
-    # 1. Encode photos and captions once (cached on disk); the encoders are gone before the loop starts.
-    cache = EmbeddingCache(Workspace(config.workspace).cache, folder, device, weight_dtype, offload=t.offload)
-    sample_prompts = [config.fill(p) for p in t.sample_prompts] if t.sample_every else []
-    with accelerator.main_process_first():
-        latents = cache.latents(images, sizes)
-        # Class examples join subject batches of every size: each class image fitted to each size.
-        class_latents = {size: cache.latents(class_examples, [size] * len(class_examples))
-                         for size in dict.fromkeys(sizes)}
-        negative = [family.negative_prompt] if sample_prompts and family.negative_prompt is not None else []
-        subject_captions = CaptionDraws([image.caption for image in images], t.tag_shuffle, t.caption_dropout, t.seed)
-        # train.output_preservation: each caption a subject example may train with, its trigger words made class words
-        preserved = {caption: preserved_caption(caption, config.people) for caption in subject_captions.texts()} \
-            if t.output_preservation else {}
-        if not t.train_text_encoder:  # else encoded at every step, by the text encoders as they learn
-            texts = cache.texts(subject_captions.texts() + [image.caption for image in class_examples]
-                                + sample_prompts + negative + list(preserved.values()), max_len)
-    if processes > 1 and accelerator.is_main_process:
-        console.print(f"train: {processes} processes x batch {t.batch_size} x accumulation "
-                      f"{t.gradient_accumulation_steps} = effective batch "
-                      f"{processes * t.batch_size * t.gradient_accumulation_steps}; learning rate {t.learning_rate:g}"
-                      " (not scaled with the batch)" + (f"; sharded: each process holds 1/{processes} of the model, "
-                                                        "LoRA and optimizer state" if sharded else ""))
-    normalisation = family.latent_normalisation(folder)
-    objective = family_objective(family, folder)
-    t = with_reference_recipe(t, family, folder)  # the keys left unset: the base's reference script's
-    if isinstance(objective, FlowMatching) and accelerator.is_main_process:
-        console.print(f"train: {recipe_line(t)}")
-    face_weights = photo_weights(images, sizes, latents, t.background_loss_weight) \
-        if t.background_loss_weight < 1 else None
-
-    # 2. The frozen denoiser (transformer or UNet) with a trainable LoRA; LoRA weights stay in float32 under mixed
-    # precision. A sharded one stays on the CPU until its shards move to each process's device.
-    transformer = load_component(folder, family.denoiser, dtype=weight_dtype, quantization=t.base_quantization)
-    # Sharded, or offloaded block by block: the whole model never goes to the device (peft initialises a LoRA on
-    # the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
-    transformer = transformer if sharded or t.offload else transformer.to(device)
-    torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
-    add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor,
-             t.layer_filter)
-    for p in transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    text_encoders = None
-    if t.train_text_encoder:
-        texts = text_encoders = TrainedTextEncoders(folder, family, t, device, weight_dtype, max_len)
-    if start is not None:
-        layers = start_from(transformer, family.denoiser, start, t.init_lora, t.rank, t.lora_alpha,
-                            text_encoders.encoders if text_encoders is not None else None)
-        console.print(f"train: starting from the LoRA {t.init_lora} ({layers} layers)")
-    if t.offload:
-        if processes > 1:
-            raise LookalikeError("train.offload = true trains in one process: set it false to train with several")
-        offload = BlockOffload(transformer, family.checkpointed_block_types(transformer), device)
-        transformer = transformer.to(device)  # the LoRA and what lies outside the blocks
-        console.print(f"train: the frozen weights of the {family.denoiser}'s blocks ("
-                      f"{offload.offloaded_parameters / 1e6:,.0f} M parameters) stay in CPU memory, each block's "
-                      "brought to the device while it runs")
-    # A resumed run's LoRA weights, set while the model is whole (before it is sharded or wrapped).
-    lora, state = load_checkpoint(checkpoints[-1]) if checkpoints else (None, None)
-    if lora is not None:
-        set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v for k, v in lora.items()
-                                                if k.startswith(f"{family.denoiser}.")})
-        if text_encoders is not None:
-            text_encoders.load_lora(lora)
-    if t.gradient_checkpointing and not t.offload:  # offloaded blocks are checkpointed by the offload
-        enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
-    if t.compile:
-        transformer.compile_repeated_blocks(fullgraph=True)
-    if sharded:
-        shard_transformer(transformer, weight_dtype, device)
-    groups = parameter_groups(transformer, t)
-    if text_encoders is not None:
-        groups.append({"params": text_encoders.parameters(), "lr": t.text_encoder_lr or t.learning_rate})
-    params = [p for group in groups for p in group["params"]]
-    optimizer = make_optimizer(config, groups)
-    scheduler = make_scheduler(t, optimizer, accelerator.num_processes)
-    if sharded:  # sharding reduces the gradients itself: accelerate wraps no data-parallel layer around it
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    else:
-        transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    model = accelerator.unwrap_model(transformer)
-    ema = None
-    if t.ema_decay:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(params, decay=t.ema_decay)
-
-    # 3. Continue from the latest checkpoint, restoring every piece of state the loop depends on. Every
-    # process draws the same random numbers for the whole global batch and trains on its own slice of it, so
-    # N processes of batch b train exactly as one process of batch N x b would.
-    generator = torch.Generator("cpu").manual_seed(t.seed)
-    order = batch_order(sizes, t.batch_size * processes)
-    # With prior preservation every step also draws as many class examples, from their own order.
-    class_order = BatchOrder(len(class_examples), t.batch_size * processes) if class_examples else None
-    mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
-    # This process's rows of the global batch: its subject examples, then (prior preservation) its class ones.
-    rows = list(range(processes * t.batch_size))[mine]
-    rows += [processes * t.batch_size + row for row in rows] if class_examples else []
-    start_step = 0
-    if state is not None:
-        if sharded:
-            load_optimizer_state(model, optimizer.optimizer, state["optimizer"])
+            self.texts = self.text_encoders = TrainedTextEncoders(self.folder, family, t, device, self.weight_dtype,
+                                                                  self.max_len)
+        if self.start is not None:
+            layers = start_from(transformer, family.denoiser, self.start, t.init_lora, t.rank, t.lora_alpha,
+                                self.text_encoders.encoders if self.text_encoders is not None else None)
+            console.print(f"train: starting from the LoRA {t.init_lora} ({layers} layers)")
+        if t.offload:
+            if self.processes > 1:
+                raise LookalikeError("train.offload = true trains in one process: set it false to train with "
+                                     "several")
+            offload = BlockOffload(transformer, family.checkpointed_block_types(transformer), device)
+            transformer = transformer.to(device)  # the LoRA and what lies outside the blocks
+            console.print(f"train: the frozen weights of the {family.denoiser}'s blocks ("
+                          f"{offload.offloaded_parameters / 1e6:,.0f} M parameters) stay in CPU memory, each block's "
+                          "brought to the device while it runs")
+        # A resumed run's LoRA weights, set while the model is whole (before it is sharded or wrapped).
+        lora, self.state = load_checkpoint(self.checkpoints[-1]) if self.checkpoints else (None, None)
+        if lora is not None:
+            set_peft_model_state_dict(transformer, {k.removeprefix(f"{family.denoiser}."): v
+                                                    for k, v in lora.items() if k.startswith(f"{family.denoiser}.")})
+            if self.text_encoders is not None:
+                self.text_encoders.load_lora(lora)
+        if t.gradient_checkpointing and not t.offload:  # offloaded blocks are checkpointed by the offload
+            enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
+        if t.compile:
+            transformer.compile_repeated_blocks(fullgraph=True)
+        if self.sharded:
+            shard_transformer(transformer, self.weight_dtype, device)
+        groups = parameter_groups(transformer, t)
+        if self.text_encoders is not None:
+            groups.append({"params": self.text_encoders.parameters(), "lr": t.text_encoder_lr or t.learning_rate})
+        self.params = [p for group in groups for p in group["params"]]
+        optimizer = make_optimizer(self.config, groups)
+        scheduler = make_scheduler(t, optimizer, self.accelerator.num_processes)
+        if self.sharded:  # sharding reduces the gradients itself: accelerate wraps no data-parallel layer around it
+            optimizer, scheduler = self.accelerator.prepare(optimizer, scheduler)
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        order.load_state_dict(state["order"])
-        if class_order is not None:
-            class_order.load_state_dict(state["class_order"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_step = state["step"]
-        console.print(f"train: resuming {run.name!r} from step {start_step} ({checkpoints[-1].name})")
-    metrics = StepLog(run.metrics, start_step) if accelerator.is_main_process else None
-    vae = load_component(folder, "vae", dtype=weight_dtype).to(device) if t.sample_every else None
-    scoring = bool(t.sample_every and t.score_samples)
-    scores = SampleScores(config, run, start_step) if scoring and accelerator.is_main_process else None
+            transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
+        self.transformer, self.optimizer, self.scheduler = transformer, optimizer, scheduler
+        self.model = self.accelerator.unwrap_model(transformer)
+        self.ema = None
+        if t.ema_decay:
+            from diffusers.training_utils import EMAModel
 
-    def lora_tensors() -> dict[str, torch.Tensor]:
+            self.ema = EMAModel(self.params, decay=t.ema_decay)
+
+    # 3. The loop's random generator and batch orders, restored from the latest checkpoint with every other piece
+    # of state the loop depends on. Every process draws the same random numbers for the whole global batch and
+    # trains on its own slice of it, so N processes of batch b train exactly as one process of batch N x b would.
+    def restore(self) -> None:
+        t, processes, state, accelerator = self.t, self.processes, self.state, self.accelerator
+        self.generator = torch.Generator("cpu").manual_seed(t.seed)
+        self.order = batch_order(self.sizes, t.batch_size * processes)
+        # With prior preservation every step also draws as many class examples, from their own order.
+        self.class_order = BatchOrder(len(self.class_examples), t.batch_size * processes) \
+            if self.class_examples else None
+        mine = slice(self.rank * t.batch_size, (self.rank + 1) * t.batch_size)
+        # This process's rows of the global batch: its subject examples, then (prior preservation) its class ones.
+        rows = list(range(processes * t.batch_size))[mine]
+        self.rows = rows + ([processes * t.batch_size + row for row in rows] if self.class_examples else [])
+        self.start_step = 0
+        if state is not None:
+            if self.sharded:
+                load_optimizer_state(self.model, self.optimizer.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["generator"])
+            self.order.load_state_dict(state["order"])
+            if self.class_order is not None:
+                self.class_order.load_state_dict(state["class_order"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.start_step = state["step"]
+            self.console.print(f"train: resuming {self.run.name!r} from step {self.start_step} "
+                               f"({self.checkpoints[-1].name})")
+        self.metrics = StepLog(self.run.metrics, self.start_step) if accelerator.is_main_process else None
+        self.vae = load_component(self.folder, "vae", dtype=self.weight_dtype).to(self.device) \
+            if t.sample_every else None
+        self.scoring = bool(t.sample_every and t.score_samples)
+        self.scores = SampleScores(self.config, self.run, self.start_step) \
+            if self.scoring and accelerator.is_main_process else None
+
+    # 4. One micro-batch's loss: the examples drawn, their latents noised, the denoiser's prediction against its
+    # objective's target (with prior preservation's class term and output preservation's where asked).
+    def batch_loss(self) -> torch.Tensor:
+        t, family, generator, rows, objective = self.t, self.family, self.generator, self.rows, self.objective
+        picked = self.order.next(generator)
+        captions = self.subject_captions.draw([self.images[i].caption for i in picked], generator)
+        examples = [(self.latents[i], caption) for i, caption in zip(picked, captions)]
+        if self.class_order is not None:
+            examples += [(self.class_latents[self.sizes[picked[0]]][i], self.class_examples[i].caption)
+                         for i in self.class_order.next(generator)]
+        x0 = torch.stack([stats.latent(generator, t.vae_posterior) for stats, _ in examples])
+        weights = None if self.face_weights is None else batch_weights(
+            family, [self.face_weights[i] for i in picked] + [None] * (len(examples) - len(picked)),
+            x0.shape[1:])[rows]
+        x0, layout = family.model_input(x0, self.normalisation)
+        noise, levels = objective.draw(x0.shape, generator, t)
+        x0, noise, levels = x0[rows], noise[rows], levels[rows]
+        noisy = objective.noisy(x0, noise, levels)
+        subject_rows = len(rows) // 2 if self.class_order is not None else len(rows)  # the first ones
+        texts = self.texts
+        noisy_in, levels_in, texts_in = noisy, levels, [texts[examples[row][1]] for row in rows]
+        if self.preserved:  # the subject's rows again with their preserved captions, in the same forward
+            preserved_texts = [texts[self.preserved[examples[row][1]]] for row in rows[:subject_rows]]
+            noisy_in = torch.cat([noisy, noisy[:subject_rows]])
+            levels_in = torch.cat([levels, levels[:subject_rows]])
+            texts_in = texts_in + preserved_texts
+        prediction = family.predict(self.transformer, self.model.config, noisy_in, levels_in, texts_in, t.guidance,
+                                    layout, self.device, self.weight_dtype)
+        prediction, kept = prediction[:len(rows)], prediction[len(rows):]
+        if self.class_order is None:
+            loss = objective.loss(prediction, x0, noise, levels, t, weights)
+        else:
+            loss = with_prior(objective, prediction, x0, noise, levels, t, subject_rows, self.config.prior.weight,
+                              weights)
+        if self.preserved:
+            loss = loss + t.output_preservation * preservation_loss(
+                family, self.transformer, self.model, noisy[:subject_rows], levels[:subject_rows], preserved_texts,
+                kept, t.guidance, layout, self.device, self.weight_dtype)
+        self.loss = loss
+        return loss
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """The backward pass, and the optimizer's step where the accumulation ends."""
+        accelerator = self.accelerator
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            if self.text_encoders is not None and self.processes > 1:  # outside the denoiser's data parallelism
+                self.text_encoders.average_gradients(accelerator)
+            accelerator.clip_grad_norm_(self.params, self.t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and accelerator.sync_gradients:  # once per optimizer step
+            self.ema.step(self.params)
+
+    # 5. After each step: its metrics; then samples, their scores and the stopping rule, before the step's
+    # checkpoint (a run killed between the two resumes from the checkpoint before and makes them again, never skips
+    # them). False: the stopping rule stopped the run.
+    def after_step(self, step: int, started: float, bar) -> bool:
+        t, accelerator, run, device = self.t, self.accelerator, self.run, self.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started  # the step's time, its GPU work finished
+        self.loss_value = accelerator.gather(self.loss.detach()).mean().item()
+        lr = self.scheduler.get_last_lr()[0]
+        if self.metrics is not None:
+            self.metrics.write({"step": step, "time": time.time(), "loss": self.loss_value, "lr": lr,
+                                "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
+                                "epoch": self.order.epoch})
+        bar.update(loss=f"{self.loss_value:.4f}", lr=f"{lr:.2e}", **self.latest)
+        _stop_if_not_finite(step, self.loss_value, run.checkpoints)
+        if (accelerator.is_main_process or self.sharded) and t.sample_every and step % t.sample_every == 0:
+            self._samples(step)
+        if t.stop_when is not None and step % t.sample_every == 0 and step < t.max_train_steps:
+            reason = stop_reason(self.scores.records, t.stop_when) if self.scores is not None else None
+            # Judged by the main process, which scores; every process stops at the same step.
+            if accelerator.gather(torch.tensor([float(reason is not None)], device=device)).max().item():
+                self.stopped = {"stopped_at": step, "stop_reason": reason}
+                self.console.print(f"train: run {run.name!r} stopped early at step {step}: {reason}")
+                return False
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
+            _stop_if_not_finite(step, self.loss_value, run.checkpoints, self.whole_params())  # every rank: together
+            if accelerator.is_main_process or self.sharded:  # gathering a sharded state takes every process
+                checkpoint = self.lora_tensors(), self.training_state(step)
+            if accelerator.is_main_process:
+                save_checkpoint(run.checkpoints, step, *checkpoint, t.checkpoints_keep)
+        return True
+
+    def _samples(self, step: int) -> None:
+        """The step's samples and, where the run scores them, their scores. A sharded transformer draws with every
+        process (each forward gathers its blocks); the main one writes the images. With an EMA, the samples (and so
+        the best step) are the average's."""
+        with averaged_weights(self.ema, self.params):
+            samples = _save_samples(self.config, self.run, step, self.model, self.vae, self.folder, self.family,
+                                    self.texts, self.sample_prompts, self.max_len,
+                                    write=self.accelerator.is_main_process)
+            tensors = self.lora_tensors() if self.scoring else None  # every process of a sharded run gathers
+        if self.scores is not None:
+            record = self.scores.record(step, samples, self.sample_prompts,
+                                        lambda path: self.lora_file(path, tensors, step))
+            self.latest = {"identity": cell(record["identity_similarity"]), "clip": cell(record["clip_score"])}
+
+    # 6. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process; the ranks'
+    # copies are compared first (gradient synchronisation keeps them identical).
+    def save(self) -> dict[str, Any]:
+        accelerator, run = self.accelerator, self.run
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.scores is not None:
+            self.scores.close()
+        accelerator.wait_for_everyone()
+        whole = self.whole_params()
+        copies = accelerator.gather(torch.cat([p.float().flatten() for p in whole]).to(self.device)[None])
+        spread = (copies - copies[0]).abs().max().item()
+        last_step = self.stopped.get("stopped_at", self.t.max_train_steps)
+        _stop_if_not_finite(last_step, self.loss_value, run.checkpoints, whole)
+        with averaged_weights(self.ema, self.params):
+            final = self.lora_tensors() if accelerator.is_main_process or self.sharded else None
+        if accelerator.is_main_process:
+            if self.ema is not None:  # the run's LoRA is the average; the raw weights stay beside it (never sharded)
+                self.lora_file(run.raw_lora, self.lora_tensors(), last_step)
+            self.lora_file(run.lora, final, last_step)
+        return {"final_loss": self.loss_value, "processes": self.processes, "sharded": self.sharded,
+                "rank_weight_spread": spread, "best_step": self.scores.best if self.scores is not None else None,
+                "final_step": last_step, **self.stopped}
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
         """The run's LoRA: the denoiser's, and the text encoders' where it trains them (of a sharded transformer,
         every process must call it)."""
-        return {**lora_state_dict(model), **(text_encoders.lora_state_dict() if text_encoders is not None else {})}
+        return {**lora_state_dict(self.model),
+                **(self.text_encoders.lora_state_dict() if self.text_encoders is not None else {})}
 
-    def lora_file(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+    def lora_file(self, path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
         """The LoRA in diffusers' layout with our facts in its header (the final one, or a sample step's)."""
-        save_lora(path, tensors, model.peft_config["default"], {
+        config, t = self.config, self.t
+        save_lora(path, tensors, self.model.peft_config["default"], {
             "base_model": config.model.base, "trigger_word": " ".join(p.token for p in config.people),
             "class_word": " ".join(p.class_word for p in config.people), "rank": t.rank, "alpha": t.lora_alpha,
-            "adapter": t.adapter, "steps": step, "learning_rate": t.learning_rate, "run": run.name,
+            "adapter": t.adapter, "steps": step, "learning_rate": t.learning_rate, "run": self.run.name,
             "version": __version__, **({"checkpoint": config.model.checkpoint.name} if config.model.checkpoint else {}),
-        }, text_encoder_configs=text_encoders.configs if text_encoders is not None else None)
+        }, text_encoder_configs=self.text_encoders.configs if self.text_encoders is not None else None)
 
-    def training_state(step: int) -> dict[str, Any]:
+    def training_state(self, step: int) -> dict[str, Any]:
         """What a resume restores (sharded: gathered from every process, so every process calls it)."""
-        return {"step": step, "optimizer": optimizer_state(model, optimizer.optimizer) if sharded else
-                optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "order": order.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
-                **({"class_order": class_order.state_dict()} if class_order is not None else {})}
+        return {"step": step, "optimizer": optimizer_state(self.model, self.optimizer.optimizer) if self.sharded
+                else self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "order": self.order.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **({"class_order": self.class_order.state_dict()} if self.class_order is not None else {})}
 
-    def whole_params() -> list[torch.Tensor]:
+    def whole_params(self) -> list[torch.Tensor]:
         """The LoRA's weights, gathered whole where sharded: every process then sees (and judges) the same."""
-        return [full_tensor(p.detach()) for p in params] if sharded else params
-
-    loss_value = float("nan")
-    latest: dict[str, str] = {}  # the latest sample step's identity and CLIP Score, shown beside the loss
-    stopped: dict[str, Any] = {}  # where and why train.stop_when stopped the run
-
-    # 4. The loop: one optimizer step per iteration, gradient accumulation inside.
-    with progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=start_step) as bar:
-        for step in range(start_step + 1, t.max_train_steps + 1):
-            step_started = time.perf_counter()
-            for _ in range(t.gradient_accumulation_steps):
-                with accelerator.accumulate(transformer):
-                    picked = order.next(generator)
-                    captions = subject_captions.draw([images[i].caption for i in picked], generator)
-                    examples = [(latents[i], caption) for i, caption in zip(picked, captions)]
-                    if class_order is not None:
-                        examples += [(class_latents[sizes[picked[0]]][i], class_examples[i].caption)
-                                     for i in class_order.next(generator)]
-                    x0 = torch.stack([stats.latent(generator, t.vae_posterior) for stats, _ in examples])
-                    weights = None if face_weights is None else batch_weights(
-                        family, [face_weights[i] for i in picked] + [None] * (len(examples) - len(picked)),
-                        x0.shape[1:])[rows]
-                    x0, layout = family.model_input(x0, normalisation)
-                    noise, levels = objective.draw(x0.shape, generator, t)
-                    x0, noise, levels = x0[rows], noise[rows], levels[rows]
-                    noisy = objective.noisy(x0, noise, levels)
-                    subject_rows = len(rows) // 2 if class_order is not None else len(rows)  # the first ones
-                    noisy_in, levels_in, texts_in = noisy, levels, [texts[examples[row][1]] for row in rows]
-                    if preserved:  # the subject's rows again with their preserved captions, in the same forward
-                        preserved_texts = [texts[preserved[examples[row][1]]] for row in rows[:subject_rows]]
-                        noisy_in = torch.cat([noisy, noisy[:subject_rows]])
-                        levels_in = torch.cat([levels, levels[:subject_rows]])
-                        texts_in = texts_in + preserved_texts
-                    prediction = family.predict(transformer, model.config, noisy_in, levels_in, texts_in, t.guidance,
-                                                layout, device, weight_dtype)
-                    prediction, kept = prediction[:len(rows)], prediction[len(rows):]
-                    if class_order is None:
-                        loss = objective.loss(prediction, x0, noise, levels, t, weights)
-                    else:
-                        loss = with_prior(objective, prediction, x0, noise, levels, t, subject_rows,
-                                          config.prior.weight, weights)
-                    if preserved:
-                        loss = loss + t.output_preservation * preservation_loss(
-                            family, transformer, model, noisy[:subject_rows], levels[:subject_rows], preserved_texts,
-                            kept, t.guidance, layout, device, weight_dtype)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if text_encoders is not None and processes > 1:  # outside the denoiser's data parallelism
-                            text_encoders.average_gradients(accelerator)
-                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None and accelerator.sync_gradients:  # once per optimizer step
-                        ema.step(params)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - step_started
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            lr = scheduler.get_last_lr()[0]
-            if metrics is not None:
-                metrics.write({"step": step, "time": time.time(), "loss": loss_value, "lr": lr,
-                               "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
-                               "epoch": order.epoch})
-            bar.update(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **latest)
-            _stop_if_not_finite(step, loss_value, run.checkpoints)
-
-            # Samples, their scores and the stopping rule come before the step's checkpoint: a run killed between
-            # the two resumes from the checkpoint before and makes them again, never skips them.
-            if (accelerator.is_main_process or sharded) and t.sample_every and step % t.sample_every == 0:
-                # A sharded transformer draws with every process (each forward gathers its blocks); the main
-                # one writes the images. With an EMA, the samples (and so the best step) are the average's.
-                with averaged_weights(ema, params):
-                    samples = _save_samples(config, run, step, model, vae, folder, family, texts, sample_prompts,
-                                            max_len, write=accelerator.is_main_process)
-                    tensors = lora_tensors() if scoring else None  # every process of a sharded run gathers
-                if scores is not None:
-                    record = scores.record(step, samples, sample_prompts,
-                                           lambda path: lora_file(path, tensors, step))
-                    latest = {"identity": cell(record["identity_similarity"]), "clip": cell(record["clip_score"])}
-            if t.stop_when is not None and step % t.sample_every == 0 and step < t.max_train_steps:
-                reason = stop_reason(scores.records, t.stop_when) if scores is not None else None
-                # Judged by the main process, which scores; every process stops at the same step.
-                if accelerator.gather(torch.tensor([float(reason is not None)], device=device)).max().item():
-                    stopped = {"stopped_at": step, "stop_reason": reason}
-                    console.print(f"train: run {run.name!r} stopped early at step {step}: {reason}")
-                    break
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_train_steps:
-                _stop_if_not_finite(step, loss_value, run.checkpoints, whole_params())  # every rank: together
-                if accelerator.is_main_process or sharded:  # gathering a sharded state takes every process
-                    checkpoint = lora_tensors(), training_state(step)
-                if accelerator.is_main_process:
-                    save_checkpoint(run.checkpoints, step, *checkpoint, t.checkpoints_keep)
-    if metrics is not None:
-        metrics.close()
-    if scores is not None:
-        scores.close()
-
-    # 5. The LoRA, in diffusers' layout with our facts in its header, saved once by the main process; the
-    # ranks' copies are compared first (gradient synchronisation keeps them identical).
-    accelerator.wait_for_everyone()
-    whole = whole_params()
-    copies = accelerator.gather(torch.cat([p.float().flatten() for p in whole]).to(device)[None])
-    spread = (copies - copies[0]).abs().max().item()
-    last_step = stopped.get("stopped_at", t.max_train_steps)
-    _stop_if_not_finite(last_step, loss_value, run.checkpoints, whole)
-    with averaged_weights(ema, params):
-        final = lora_tensors() if accelerator.is_main_process or sharded else None
-    if accelerator.is_main_process:
-        if ema is not None:  # the run's LoRA is the average; the raw weights stay beside it (never sharded)
-            lora_file(run.raw_lora, lora_tensors(), last_step)
-        lora_file(run.lora, final, last_step)
-    return {"final_loss": loss_value, "processes": processes, "sharded": sharded, "rank_weight_spread": spread,
-            "best_step": scores.best if scores is not None else None, "final_step": last_step, **stopped}
+        return [full_tensor(p.detach()) for p in self.params] if self.sharded else self.params
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
