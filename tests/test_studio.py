@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow  # trains and serves: `make test` only
 
 CHROMIUM = shutil.which("chromium")
 STEPS = 200  # long enough to be watched, stopped and resumed (about 50 s on the tiny model)
+# The runs of the studio killed mid-job: still training when a server is killed 8 steps in (a few seconds more).
+KILLED_STEPS = 60
 
 
 def free_port() -> int:
@@ -173,7 +175,7 @@ def test_a_new_user_goes_from_photos_to_an_exported_lora_in_the_browser(tmp_path
             first_sample = page.locator("table.sample-grid img").first  # a row per prompt, a column per step
             first_sample.wait_for(timeout=30000)
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=first_sample.element_handle())
-            assert page.locator("table.sample-grid th", has_text=re.compile(r"step 4.*identity")).count() == 1
+            assert page.locator("table.sample-grid th", has_text=re.compile(r"step 4(?!\d).*identity")).count() == 1
             page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
 
             page.get_by_role("button", name="Build report").click()
@@ -240,7 +242,7 @@ def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_
     from lookalike.studio.jobs import JobQueue
 
     workspace = tmp_path / "ws"
-    study = studio_study(workspace, steps=STEPS)
+    study = studio_study(workspace, steps=KILLED_STEPS)
     queue = JobQueue(study.workspace)
     first, second, third = (queue.submit(study.snapshot(name), name) for name in ("r1", "r2", "r3"))
     runs = {name: study.workspace.run(name) for name in ("r1", "r2", "r3")}
@@ -269,7 +271,7 @@ def test_a_studio_killed_mid_job_shows_the_truth_when_started_again_and_nothing_
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
     for name, run in runs.items():
-        assert steps_of(run) == list(range(1, STEPS + 1)), f"{name}: every step once"
+        assert steps_of(run) == list(range(1, KILLED_STEPS + 1)), f"{name}: every step once"
     resumed = runs["r2"].log.read_text()
     assert resumed.count("studio job") == 2 and "resum" in resumed.split("studio job")[-1], "r2 resumed"
 

@@ -29,7 +29,7 @@ from lookalike.models.export import export_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.resize import kept_share, merge_at_rank, resize_lora
 from lookalike.outputs import check_lora_out
-from lookalike.pipeline import run_study
+from lookalike.study import run_study
 from lookalike.report.ablate import ablate as run_ablation
 from lookalike.store import refresh, sort_runs
 from lookalike.sweep.plan import config_for_run, experiments
