@@ -59,7 +59,7 @@ def test_a_failed_run_stops_nothing_and_a_second_sweep_runs_nothing(tiny_config,
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
 def test_a_stopped_sweep_resumes_the_interrupted_run_from_its_checkpoint(tiny_config, tmp_path, stop):
-    config = sweep_config(tiny_config, [{"name": "a"}, {"name": "b"}], max_train_steps=200, checkpoint_every=10)
+    config = sweep_config(tiny_config, [{"name": "a"}, {"name": "b"}], max_train_steps=40, checkpoint_every=10)
     # As from an interactive shell: Ctrl-C's SIGINT handled, whatever this test process inherited (a process
     # started with SIGINT ignored, as a background job is, keeps ignoring it).
     sweep = subprocess.Popen([sys.executable, "-m", "lookalike", "sweep", str(config)], stdout=subprocess.DEVNULL,

@@ -229,6 +229,7 @@ def test_sd3s_loss_and_its_clip_gradients_equal_the_reference_scripts():
     assert compared == 2 * 8 * 2, "q, k, v and out of both tiny layers, A and B, in both CLIPs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", {"flux1": "tiny", **TINY, "sd3": "tiny-sd3"})
 def test_a_run_that_trains_its_text_encoders_draws_what_the_stock_pipeline_draws(tiny_config, tmp_path, family):
     base = {"flux1": "tiny", **TINY, "sd3": "tiny-sd3"}[family]
