@@ -1,4 +1,4 @@
-"""Face backends and identity metrics on the real photos of ../shared/faces."""
+"""Face backends and identity metrics on the real test photos (tests/data/faces, laid out by the faces fixture)."""
 
 import numpy as np
 import pytest
