@@ -68,6 +68,11 @@ def _lora_base(path: Path) -> str | None:
         return None
 
 
+def _what_draws(config: StudyConfig) -> tuple:
+    """The settings the app's pipeline is loaded by: another value of any of them needs another pipeline."""
+    return config.model.base, config.model.checkpoint, config.generate.base, config.generate.offload
+
+
 class DemoModels:
     """The pipeline, its loaded LoRAs and the evaluator, loaded once and shared by every user (the queue lets
     one request run at a time, so the pipeline's adapters are never switched under another request).
@@ -93,9 +98,7 @@ class DemoModels:
         if self._follow is None:
             return
         config = self._follow()
-        drawing = (config.model.base, config.model.checkpoint, config.generate.base, config.generate.offload)
-        if drawing != (self.config.model.base, self.config.model.checkpoint, self.config.generate.base,
-                       self.config.generate.offload):
+        if _what_draws(config) != _what_draws(self.config):
             with self._lock:
                 self._pipe, self._adapters = None, set()
         if (config.evaluate, config.people) != (self.config.evaluate, self.config.people):

@@ -14,9 +14,9 @@ GENERAL = {
     "best likeness": {"train.max_train_steps": 2000, "train.rank": 32, "train.learning_rate": 3e-4,
                       "train.background_loss_weight": 0.1},
 }
-# Families whose transformer takes a distilled guidance scale while training (FLUX.1-dev, FLUX.2 [dev]): their
-# scripts feed it 3.5 (--guidance_scale), lookalike 1.0 by default (docs/bases.md).
-DISTILLED_GUIDANCE_FAMILIES = ("flux1", "flux2-dev")
+# The training guidance the reference scripts feed a guidance-distilled transformer (their --guidance_scale);
+# lookalike trains at 1.0 by default (docs/bases.md).
+SCRIPT_TRAINING_GUIDANCE = 3.5
 
 
 def presets(base: str) -> dict[str, dict[str, Any]]:
@@ -24,12 +24,7 @@ def presets(base: str) -> dict[str, dict[str, Any]]:
     training guidance of the base's diffusers reference script, which lookalike's defaults differ from by choice."""
     script: dict[str, Any] = {"train.target_modules": "diffusers", "train.lr_scheduler": "constant"}
     info = KNOWN_BASES.get(base)
-    if info is not None and info.family in DISTILLED_GUIDANCE_FAMILIES and info.guidance:
-        script["train.guidance"] = 3.5
+    if info is not None and FAMILIES[info.family].distilled_guidance and info.guidance:
+        script["train.guidance"] = SCRIPT_TRAINING_GUIDANCE
     return {**GENERAL, "reference script": script}
 
-
-def family_title(base: str) -> str:
-    """The base's family as people write it, or "" for a name the registry does not know."""
-    info = KNOWN_BASES.get(base)
-    return FAMILIES[info.family].title if info is not None else ""

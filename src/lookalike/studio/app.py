@@ -15,10 +15,10 @@ from lookalike.data.prepare import caption_study, data_folder, prepare_study
 from lookalike.demo import MAX_FILES_PER_UPLOAD, DemoModels, build_app
 from lookalike.display import cell, result_columns, shown
 from lookalike.errors import LookalikeError
-from lookalike.models.families import KNOWN_BASES
+from lookalike.models.families import FAMILIES, KNOWN_BASES
 from lookalike.store import refresh
 from lookalike.studio.jobs import JobQueue
-from lookalike.presets import family_title, presets
+from lookalike.presets import presets
 from lookalike.studio.progress import (log_tail, loss_figure, run_progress, runs_of, sample_gallery, sample_grid,
                                        scores_figure)
 from lookalike.studio.study import StudioStudy
@@ -40,10 +40,10 @@ def base_note(base: str | None) -> str:
     if info is None:
         return ""
     if info.repo is None:
-        return f"`{base}`: {family_title(base)}, built here for tests (no download)"
+        return f"`{base}`: {FAMILIES[info.family].title}, built here for tests (no download)"
     licence = info.licence or "read its model card"
     gated = "; gated: accept its licence on the hub, then run `hf auth login` once" if info.gated else ""
-    return f"`{base}`: {family_title(base)}, from the hub's `{info.repo}`; licence: {licence}{gated}"
+    return f"`{base}`: {FAMILIES[info.family].title}, from the hub's `{info.repo}`; licence: {licence}{gated}"
 
 
 class Studio:
@@ -286,7 +286,7 @@ def build_studio(studio: Studio):
             for checkpoint in ("final", "best"):
                 for image in paths.images_made_by(checkpoint, paths.lora_sha256(checkpoint))[0]:
                     items.append((str(image), f"{run} ({checkpoint}): {image.stem}"))
-        return sample_grid([study.workspace.run(run) for run in chosen or []]), items
+        return sample_grid([study.workspace.run(run) for run in chosen or []], study.config().fill), items
 
     def build_report():
         """The report, as `lookalike report` writes it: a link to the whole page, and its figures here."""

@@ -162,6 +162,7 @@ class Flux1(TransformerFamily):
     pipeline_class_name = "FluxPipeline"
     title = "FLUX.1"
     pipeline_guidance = 3.5
+    distilled_guidance = True
     components = {"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
                   "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "AutoTokenizer"),

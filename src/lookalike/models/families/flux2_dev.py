@@ -96,6 +96,7 @@ class Flux2Dev(Flux2):
     pipeline_class_name = "Flux2Pipeline"
     title = "FLUX.2 [dev]"
     pipeline_guidance = 4.0  # train_dreambooth_lora_flux2.py trains on the posterior's mode too, as [klein]'s
+    distilled_guidance = True
     components = dict(Flux2.components, text_encoder=("transformers", "Mistral3ForConditionalGeneration"),
                       tokenizer=("transformers", "PixtralProcessor"))
     bases = {

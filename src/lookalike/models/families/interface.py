@@ -98,6 +98,9 @@ class Family(ABC):
     objective_kind = "flow_matching"
     # The guidance scale its pipeline's __call__ defaults to (guidance_scale, or true_cfg_scale for Qwen-Image).
     pipeline_guidance: float
+    # Its guidance-embedding bases take a distilled guidance scale in the transformer, while training too
+    # (train.guidance): FLUX.1-dev and FLUX.2 [dev].
+    distilled_guidance = False
 
     def grid_shift(self, folder: Path) -> float:
         """The shift of the noise levels the reference script indexes: its scheduler's sigmas at construction,
