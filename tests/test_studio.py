@@ -425,3 +425,5 @@ def test_compare_lays_out_each_runs_samples_as_prompts_by_steps(tmp_path):
     assert "<th>sks &lt;smiling&gt;</th>" in rows[2]
     assert rows[2].count("<img") == 3 and html.escape(f"{runs[0].samples}/step-000010_p1.png") in rows[2]
     assert sample_grid([workspace.run("none")]).startswith("No samples yet")
+    filled = sample_grid(runs, fill=lambda prompt: prompt.replace("sks", "alice"))
+    assert "<th>alice &lt;smiling&gt;</th>" in filled, "each prompt shown as the trainer filled it"

@@ -5,6 +5,7 @@ that watching a run costs its training nothing."""
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,40 +69,47 @@ def scores_figure(run: RunPaths):
     return figures.steps_figure({run.name: records}, {run.name: front[0]} if front else {})
 
 
+def _samples(run: RunPaths) -> list[tuple[int, int, Path]]:
+    """(step, prompt index, image) of each of the run's training samples, as the trainer names them
+    (step-<step>_p<index>.png), in step and prompt order."""
+    found = []
+    for image in run.samples.glob("step-*_p*.png") if run.samples.is_dir() else []:
+        step, prompt = image.stem.removeprefix("step-").split("_p", 1)
+        found.append((int(step), int(prompt), image))
+    return sorted(found)
+
+
+def _scored(record: dict) -> str:
+    """A sample step's scores as the pages show them."""
+    return f"identity {cell(record.get('identity_similarity'))}, CLIP {cell(record.get('clip_score'))}"
+
+
 def sample_gallery(run: RunPaths, newest: int | None = None) -> list[tuple[str, str]]:
     """(image, caption) of the training samples (the `newest` only, where given), newest step first, each captioned
     with its step's scores."""
     scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
-    shown = []
-    images = sorted(run.samples.glob("step-*.png"), reverse=True) if run.samples.is_dir() else []
-    for image in images[:newest]:
-        step = int(image.stem.split("_")[0].removeprefix("step-"))
-        record = scores.get(step)
-        caption = f"step {step}" + (f": identity {cell(record.get('identity_similarity'))}, CLIP "
-                                    f"{cell(record.get('clip_score'))}" if record else "")
-        shown.append((str(image), caption))
-    return shown
+    return [(str(image), f"step {step}" + (f": {_scored(scores[step])}" if step in scores else ""))
+            for step, _, image in reversed(_samples(run))][:newest]
 
 
-def sample_grid(runs: list[RunPaths]) -> str:
-    """The runs' training samples as one table: a row per sample prompt, a column per (run, sample step), each
-    column headed by its step's identity and CLIP Score, so checkpoints are compared prompt by prompt. An HTML
-    table whose images the studio serves from the workspace."""
+def sample_grid(runs: list[RunPaths], fill: Callable[[str], str] = str) -> str:
+    """The runs' training samples as one table: a row per sample prompt (its template filled in by `fill`, as the
+    trainer fills it), a column per (run, sample step), each column headed by its step's identity and CLIP Score,
+    so checkpoints are compared prompt by prompt. An HTML table whose images the studio serves from the workspace,
+    in a box that scrolls sideways when the steps are more than the page is wide."""
     columns, prompts = [], {}
     for run in runs:
         scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
         settings = read_json(run.config) if run.config.is_file() else {}
         for index, prompt in enumerate(settings.get("train", {}).get("sample_prompts", [])):
-            prompts.setdefault(index, prompt)
+            prompts.setdefault(index, fill(prompt))
         by_step: dict[int, dict[int, Path]] = {}
-        for image in sorted(run.samples.glob("step-*_p*.png")) if run.samples.is_dir() else []:
-            step_part, prompt_part = image.stem.split("_", 1)
-            by_step.setdefault(int(step_part.removeprefix("step-")), {})[int(prompt_part.removeprefix("p"))] = image
-            prompts.setdefault(int(prompt_part.removeprefix("p")), f"prompt {prompt_part.removeprefix('p')}")
+        for step, index, image in _samples(run):
+            by_step.setdefault(step, {})[index] = image
+            prompts.setdefault(index, f"prompt {index}")
         for step, images in sorted(by_step.items()):
-            record = scores.get(step, {})
-            measured = f"<br>identity {cell(record.get('identity_similarity'))}, CLIP {cell(record.get('clip_score'))}"
-            head = f"{html.escape(run.name)}<br>step {step}" + (measured if record else "")
+            scored = f"<br>{_scored(scores[step])}" if step in scores else ""
+            head = f"{html.escape(run.name)}<br>step {step}{scored}"
             columns.append((head, images))
     if not columns:
         return "No samples yet: a run draws them every train.sample_every steps."
@@ -111,7 +119,7 @@ def sample_grid(runs: list[RunPaths]) -> str:
                         f'alt="{html.escape(prompt)}"></td>' if index in images else "<td></td>"
                         for _, images in columns)
         rows.append(f"<tr><th>{html.escape(prompt)}</th>{cells}</tr>")
-    return '<table class="sample-grid">' + "".join(rows) + "</table>"
+    return '<div style="overflow-x: auto"><table class="sample-grid">' + "".join(rows) + "</table></div>"
 
 
 def log_tail(run: RunPaths, lines: int = LOG_LINES) -> str:
