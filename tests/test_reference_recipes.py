@@ -200,13 +200,17 @@ def test_the_loss_at_the_defaults_equals_the_reference_scripts_on_one_batch(tiny
     assert abs(ours - reference) < 1e-5
 
 
+def stock_guidance_default(family) -> float:
+    """The guidance scale the family's stock pipeline's __call__ defaults to (guidance_scale; true_cfg_scale for
+    Qwen-Image and 2.1), read from diffusers itself."""
+    parameters = inspect.signature(family.pipeline_class().__call__).parameters
+    return parameters["true_cfg_scale" if family.name.startswith("qwen-image") else "guidance_scale"].default
+
+
 def test_each_familys_guidance_is_its_stock_pipelines_default():
-    """The scale a base of the family draws at unless its model card says otherwise: the stock pipeline's own
-    __call__ default (guidance_scale; true_cfg_scale for Qwen-Image and 2.1), read from diffusers itself."""
+    """The scale a base of the family draws at unless its model card says otherwise."""
     for family in FAMILIES.values():
-        parameters = inspect.signature(family.pipeline_class().__call__).parameters
-        name = "true_cfg_scale" if family.name.startswith("qwen-image") else "guidance_scale"
-        assert family.pipeline_guidance == parameters[name].default, family.name
+        assert family.pipeline_guidance == stock_guidance_default(family), family.name
 
 
 # Model cards whose example draws at another scale than their pipeline's default: FLUX.1 Krea [dev]'s (4.5),
@@ -222,7 +226,7 @@ def without_guidance_scales(config):
 def test_every_base_draws_at_its_own_guidance_unless_the_study_sets_one(tiny_config):
     for base, info in KNOWN_BASES.items():
         config = without_guidance_scales(load_config(tiny_config(model={"base": base})))
-        expected = MODEL_CARD_GUIDANCE.get(base, FAMILIES[info.family].pipeline_guidance)
+        expected = MODEL_CARD_GUIDANCE.get(base) or stock_guidance_default(FAMILIES[info.family])
         assert guidance_scales(config) == ([expected] if info.guidance else [None]), base
     study = without_guidance_scales(load_config(tiny_config(model={"base": "tiny"})))
     sweep_run = study.with_experiment({"base": "tiny-sd3"}, "experiment sd3")
