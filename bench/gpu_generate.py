@@ -29,6 +29,7 @@ from lookalike.generate import apply_loras, render
 from lookalike.models.base import load_component, quiet_libraries, resolve_base
 from lookalike.models.families import FAMILIES, KNOWN_BASES
 from lookalike.models.families.flux1 import FLUX_SCHEDULER, FLUX_VAE
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.families.stable_diffusion import SD_SCHEDULE
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 
@@ -64,7 +65,7 @@ def seconds_per_image(pipe, args, embeddings: dict, guidance: float | None, imag
     for seed in range(images):
         started = time.perf_counter()
         render(pipe, seed=seed, guidance=guidance, steps=args.steps, size=args.resolution,
-               max_sequence_length=TEXT_TOKENS, embeddings=embeddings)
+               text=TextEncoding(TEXT_TOKENS), embeddings=embeddings)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)

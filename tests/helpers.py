@@ -114,10 +114,11 @@ def comfyui_lora_keys(family: str, transformer) -> set[str]:
     return {f"transformer.{name}" for name in names}
 
 
-def train_sampled_run(tiny_config, base: str, **settings):
-    """A 10-step run of `base` (with [train] `settings`) with samples at steps 5 and 10 (checked), and its first image
-    drawn by lookalike at guidance 4 (where the base takes guidance): (the LoRA file, that image's pixels)."""
-    config = load_config(tiny_config(model={"base": base}, data={"crop": "center"},
+def train_sampled_run(tiny_config, base: str, model: dict | None = None, **settings):
+    """A 10-step run of `base` (with [model] `model` and [train] `settings`) with samples at steps 5 and 10 (checked),
+    and its first image drawn by lookalike at guidance 4 (where the base takes guidance): (the LoRA file, that image's
+    pixels)."""
+    config = load_config(tiny_config(model={"base": base, **(model or {})}, data={"crop": "center"},
                                      train={"max_train_steps": 10, "learning_rate": 1e-2, "sample_every": 5,
                                             "sample_steps": 2, **settings},
                                      generate={"num_inference_steps": 3, "guidance_scales": [4.0]}))

@@ -31,18 +31,22 @@ def z_image_reference_loss(folder, transformer, captions, latents, noise, sigmas
     return ((prediction.float() - (noise - model_input).float()) ** 2).reshape(len(captions), -1).mean(1).mean()
 
 
-def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas, dev=False):
+def flux2_reference_loss(folder, transformer, captions, latents, noise, sigmas, dev=False,
+                         text_encoder_out_layers=None):
     """train_dreambooth_lora_flux2_klein.py's loss, written out: 2x2 patches normalised by the VAE's batch-norm
     statistics, packed tokens with 4-D ids, timestep t / 1000, the output unpacked by its ids, target
     noise - x. dev: train_dreambooth_lora_flux2.py's, which differs in its stock pipeline (Flux2Pipeline, whose
-    prompt encoding is Mistral's) and in feeding the guidance scale to the transformer."""
+    prompt encoding is Mistral's) and in feeding the guidance scale to the transformer. text_encoder_out_layers:
+    the script's --text_encoder_out_layers, which its compute_text_embeddings passes to encode_prompt (None: that
+    argument left to the pipeline's default)."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline
 
     pipeline = Flux2Pipeline if dev else Flux2KleinPipeline
     vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae")
     stock = pipeline.from_pretrained(folder, transformer=None, vae=None)
     with torch.no_grad():
-        prompt_embeds, text_ids = stock.encode_prompt(captions, device="cpu", max_sequence_length=32)
+        layers = {} if text_encoder_out_layers is None else {"text_encoder_out_layers": text_encoder_out_layers}
+        prompt_embeds, text_ids = stock.encode_prompt(captions, device="cpu", max_sequence_length=32, **layers)
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     model_input = (pipeline._patchify_latents(latents) - mean) / std

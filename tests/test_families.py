@@ -5,6 +5,7 @@ fixed batch, and generation equal to the stock pipeline with the LoRA file loade
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from functools import partial
 
@@ -18,16 +19,29 @@ from lookalike.errors import LookalikeError
 from lookalike.models.base import base_info, load_component, load_pipeline, resolve_base
 from lookalike.models.export import export_lora
 from lookalike.models.families import folder_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents
-from lookalike.train.trainer import train
 from lookalike.train.objectives import family_objective
-from tests.helpers import (STOCK_GUIDANCE, assert_a_killed_run_resumes_exactly, comfyui_lora_keys, denoiser_with_a_lora,
-                           stock_image, train_sampled_run)
-from tests.references import (TRAINING_GUIDANCE, flux2_reference_loss, krea2_reference_loss,
-                              qwen_image21_reference_loss, qwen_image_reference_loss, sd3_reference_loss,
-                              z_image_reference_loss)
+from lookalike.train.trainer import train
+from tests.helpers import (
+    STOCK_GUIDANCE,
+    assert_a_killed_run_resumes_exactly,
+    comfyui_lora_keys,
+    denoiser_with_a_lora,
+    stock_image,
+    train_sampled_run,
+)
+from tests.references import (
+    TRAINING_GUIDANCE,
+    flux2_reference_loss,
+    krea2_reference_loss,
+    qwen_image21_reference_loss,
+    qwen_image_reference_loss,
+    sd3_reference_loss,
+    z_image_reference_loss,
+)
 
 TINY = {"z-image": "tiny-z-image", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev",
         "qwen-image": "tiny-qwen-image", "qwen-image21": "tiny-qwen-image21", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
@@ -114,7 +128,8 @@ def test_the_training_objective_equals_the_reference_scripts_on_one_batch(tmp_pa
     latents = torch.randn(2, channels, 8, 8, generator=generator)  # as the VAE gives them, before normalisation
     sigmas = torch.tensor([0.3, 0.8])
 
-    texts = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
+    cache = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32)
+    texts = cache.texts(captions, TextEncoding(32))
     x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
     if family.startswith("flux2"):  # the script draws noise beside the unpacked patches; lookalike beside its tokens
         from diffusers import Flux2KleinPipeline
@@ -169,8 +184,11 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
         metadata = handle.metadata()
     assert metadata["lookalike.base_model"] == TINY[family]
     assert "ss_base_model_version" not in metadata, "never labelled as another family's (FLUX.1's) LoRA"
-    text_length = folder_family(resolve_base(TINY[family])).text_arguments(32)  # the tiny text encoder's length
-    stock = dict(STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0}), **text_length)
+    # The tiny text encoder's length, where the stock pipeline takes one; everything else at its own defaults.
+    takes_length = "max_sequence_length" in inspect.signature(folder_family(resolve_base(TINY[family])).pipeline_class()
+                                                                 .__call__).parameters
+    stock = dict(STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0}), **({"max_sequence_length": 32} if takes_length
+                                                                           else {}))
     assert np.abs(ours - stock_image(TINY[family], lora, **stock)).max() <= 1, \
         "within 1/255 of the stock pipeline with the LoRA"
     assert np.abs(ours - stock_image(TINY[family], **stock)).max() > 1, "the LoRA changed the image"

@@ -9,6 +9,7 @@ from PIL import Image
 from lookalike.config import load_config
 from lookalike.generate import generate
 from lookalike.models.families.flux1 import Flux1
+from lookalike.models.families.interface import TextEncoding
 from lookalike.train.trainer import train
 
 
@@ -114,7 +115,7 @@ def test_images_are_what_the_stock_pipeline_draws_with_the_lora_file_loaded(tiny
         pipe = load_pipeline(ensure_tiny_model(), dtype=torch.bfloat16)
         pipe.set_progress_bar_config(disable=True)
         apply_loras(pipe, [(lora, 1.0)], fuse=fuse)
-        return render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=3, size=64, max_sequence_length=32,
+        return render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=3, size=64, text=TextEncoding(32),
                       output_type="latent").float()
 
     moved = (latents(True) - latents(False)).abs().max().item()

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
+from lookalike.models.families.interface import TextEncoding
 from lookalike.train import offload as offload_module
 from lookalike.train.memory import GB, estimate
 from lookalike.train.trainer import train
@@ -108,7 +109,7 @@ def test_captions_are_encoded_the_same_by_offloaded_text_encoders(tmp_path, monk
     folder = resolve_base("tiny")
     captions = ["a photo of sks", "sks man, smiling"]
     whole, offloaded = (EmbeddingCache(tmp_path / name, folder, torch.device("cpu"), torch.float32, offload=offload)
-                        .texts(captions, 32) for name, offload in (("whole", False), ("offloaded", True)))
+                        .texts(captions, TextEncoding(32)) for name, offload in (("whole", False), ("offloaded", True)))
     for caption in captions:
         assert whole[caption].keys() == offloaded[caption].keys()
         for name in whole[caption]:
@@ -144,10 +145,11 @@ def test_text_encoders_bigger_than_the_gpus_free_memory_run_block_by_block(tmp_p
     monkeypatch.setattr(cache_module, "offload_pipeline",
                         lambda pipe, device: (offload(pipe, device), offloaded_encoders.append(pipe)))
     captions = ["a photo of sks", "sks man, smiling"]
-    whole = EmbeddingCache(tmp_path / "whole", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
+    text = TextEncoding(32)
+    whole = EmbeddingCache(tmp_path / "whole", folder, torch.device("cpu"), torch.float32).texts(captions, text)
     assert not offloaded_encoders
     monkeypatch.setattr(EmbeddingCache, "text_encoders_fit", lambda self: False)
-    by_blocks = EmbeddingCache(tmp_path / "by-blocks", folder, torch.device("cpu"), torch.float32).texts(captions, 32)
+    by_blocks = EmbeddingCache(tmp_path / "by-blocks", folder, torch.device("cpu"), torch.float32).texts(captions, text)
     assert len(offloaded_encoders) == 1
     for caption in captions:
         assert torch.equal(by_blocks[caption]["prompt_embeds"], whole[caption]["prompt_embeds"]), caption

@@ -15,6 +15,7 @@ from lookalike.config import load_config
 from lookalike.errors import LookalikeError
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.families import folder_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.preservation import preservation_loss, preserved_caption
@@ -40,7 +41,7 @@ def inputs(folder, tmp_path, captions):
     latents = torch.randn(len(captions), 16, 8, 8, generator=generator)
     x0, layout = family.model_input(latents, family.latent_normalisation(folder))
     noisy = 0.6 * x0 + 0.4 * torch.randn(x0.shape, generator=generator)
-    texts = EmbeddingCache(tmp_path / "cache", folder, CPU, torch.float32).texts(captions, 32)
+    texts = EmbeddingCache(tmp_path / "cache", folder, CPU, torch.float32).texts(captions, TextEncoding(32))
     return family, noisy, torch.tensor([0.4] * len(captions)), [texts[c] for c in captions], layout
 
 

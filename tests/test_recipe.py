@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
-from lookalike.models.base import max_sequence_length, resolve_base
+from lookalike.models.base import resolve_base, text_encoding
 from lookalike.train.caption_draws import tag_orders
 from lookalike.train.checkpoint import list_checkpoints
 from lookalike.train.memory import estimate
@@ -169,8 +169,8 @@ def test_class_images_are_drawn_once_by_the_base_and_a_killed_run_with_them_resu
     assert_a_killed_run_resumes_exactly(path, steps=30, killed_after="step-000010")
     cache = EmbeddingCache(config.workspace / "cache", resolve_base("tiny"), torch.device("cpu"), torch.float32)
     orders = tag_orders("a photo of sks, smiling, indoors, sharp focus", 3, config.train.seed)
-    tokens = max_sequence_length(config.model)
-    assert len(orders) == 3 and all(cache.text_path(order, tokens).is_file() for order in orders), "each encoded"
+    text = text_encoding(config.model)
+    assert len(orders) == 3 and all(cache.text_path(order, text).is_file() for order in orders), "each encoded"
     folder = class_folder(config)
     assert sorted(p.name for p in folder.glob("*.png")) == ["p00_s0_g5.png", "p00_s1_g5.png", "p00_s2_g5.png"]
     assert "a photo of a man" in (folder / "index.html").read_text()

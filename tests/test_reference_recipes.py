@@ -7,20 +7,35 @@ lookalike's side and the comparison made there."""
 from __future__ import annotations
 
 import inspect
+import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lookalike.config import load_config
-from lookalike.models.base import guidance_scales, resolve_base
+from lookalike.errors import LookalikeError
+from lookalike.models.base import guidance_scales, resolve_base, text_encoding
+from lookalike.models.card import card_plan, write_card
 from lookalike.models.families import FAMILIES, KNOWN_BASES
+from lookalike.models.families.interface import TextEncoding
 from lookalike.train.cache import EmbeddingCache, LatentStats
-from lookalike.train.reference_recipe import with_reference_recipe
 from lookalike.train.objectives import family_objective
-from tests.helpers import denoiser_with_a_lora
-from tests.references import (flux1_reference_loss, flux2_reference_loss, krea2_reference_loss,
-                              qwen_image21_reference_loss, qwen_image_reference_loss, reference_loss as
-                              stable_diffusion_reference_loss, sd3_reference_loss, z_image_reference_loss)
+from lookalike.train.reference_recipe import with_reference_recipe
+from lookalike.workspace import Workspace, read_json
+from tests.conftest import run_in_process
+from tests.helpers import denoiser_with_a_lora, stock_image, train_sampled_run
+from tests.references import (
+    flux1_reference_loss,
+    flux2_reference_loss,
+    krea2_reference_loss,
+    qwen_image21_reference_loss,
+    qwen_image_reference_loss,
+    sd3_reference_loss,
+    z_image_reference_loss,
+)
+from tests.references import reference_loss as stable_diffusion_reference_loss
 
 CPU = torch.device("cpu")
 TINY = {"flux1": "tiny", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev", "z-image": "tiny-z-image",
@@ -63,19 +78,19 @@ def script_sigmas(folder, weighting_scheme: str, count: int) -> torch.Tensor:
     return scheduler.sigmas[(u * scheduler.config.num_train_timesteps).long()]
 
 
-def default_train(tiny_config, family: str):
-    """A study's [train] on the family's tiny base at every default, with the unset recipe keys filled in as the
-    trainer fills them."""
+def default_train(tiny_config, family: str, **model):
+    """A study's [train] on the family's tiny base at every default (and [model] `model`), with the unset recipe keys
+    filled in as the trainer fills them; and its [model]."""
     folder = resolve_base(TINY[family])
-    config = load_config(tiny_config(model={"base": TINY[family]}))
-    return with_reference_recipe(config.train, FAMILIES[family], folder), folder
+    config = load_config(tiny_config(model={"base": TINY[family], **model}))
+    return with_reference_recipe(config.train, FAMILIES[family], folder), folder, config.model
 
 
 @pytest.mark.parametrize("family", FLOW_MATCHING)
 def test_the_default_noise_levels_are_drawn_as_the_reference_script_draws_them(tiny_config, family):
     """100,000 levels each: lookalike's at the defaults against the script's sampling, quantile by quantile, within
     sampling error (a quantile's standard error at n = 100,000 is below 0.002 here)."""
-    t, folder = default_train(tiny_config, family)
+    t, folder, _ = default_train(tiny_config, family)
     objective = family_objective(FAMILIES[family], folder)
     ours = objective.draw(torch.Size([100_000, 1]), torch.Generator().manual_seed(1), t)[1]
     torch.manual_seed(2)
@@ -92,7 +107,7 @@ def test_sd3_and_z_image_train_at_high_noise_as_their_scripts_do(tiny_config):
     Z-Image's (uniform, shifted by 3) 0.25 / 0.75 / 0.96 at 10 / 50 / 90 %: where identity and composition are set."""
     expected = {"sd3": [0.46, 0.75, 0.92], "z-image": [0.25, 0.75, 0.96]}
     for family, quantiles in expected.items():
-        t, folder = default_train(tiny_config, family)
+        t, folder, _ = default_train(tiny_config, family)
         objective = family_objective(FAMILIES[family], folder)
         sigmas = objective.draw(torch.Size([100_000, 1]), torch.Generator().manual_seed(0), t)[1]
         torch.testing.assert_close(torch.quantile(sigmas, torch.tensor([0.1, 0.5, 0.9])), torch.tensor(quantiles),
@@ -127,8 +142,10 @@ def script_layout_noise(family: str, latents: torch.Tensor) -> tuple[torch.Tenso
     return noise, noise
 
 
-def reference_loss(family: str, folder, transformer, captions, latents, noise, levels) -> torch.Tensor:
-    """The family's script's loss of one batch (tests/test_families.py and its neighbours transcribe them)."""
+def reference_loss(family: str, folder, transformer, captions, latents, noise, levels,
+                   text_encoder_out_layers=None) -> torch.Tensor:
+    """The family's script's loss of one batch (tests/test_families.py and its neighbours transcribe them);
+    text_encoder_out_layers: FLUX.2 [klein]'s script's argument, where the test sets it."""
     if family == "flux1":
         from transformers import CLIPTextModel, T5EncoderModel
 
@@ -140,20 +157,31 @@ def reference_loss(family: str, folder, transformer, captions, latents, noise, l
         return stable_diffusion_reference_loss(folder, family, transformer, captions, latents, noise, levels, 64)
     if family == "flux2-dev":
         return flux2_reference_loss(folder, transformer, captions, latents, noise, levels, dev=True)
-    return {"flux2": flux2_reference_loss, "z-image": z_image_reference_loss, "qwen-image": qwen_image_reference_loss,
+    if family == "flux2":
+        return flux2_reference_loss(folder, transformer, captions, latents, noise, levels,
+                                    text_encoder_out_layers=text_encoder_out_layers)
+    return {"z-image": z_image_reference_loss, "qwen-image": qwen_image_reference_loss,
             "qwen-image21": qwen_image21_reference_loss, "krea2": krea2_reference_loss,
             "sd3": sd3_reference_loss}[family](folder, transformer, captions, latents, noise, levels)
 
 
-@pytest.mark.parametrize("family", TINY)
-def test_the_loss_at_the_defaults_equals_the_reference_scripts_on_one_batch(tiny_config, tmp_path, family):
+# FLUX.2 [klein]'s one deliberate difference set to the script's value: train_dreambooth_lora_flux2_klein.py's
+# --text_encoder_out_layers default (argparse: nargs="+", default=[10, 20, 30]), which its compute_text_embeddings
+# passes to Flux2KleinPipeline.encode_prompt as text_encoder_out_layers.
+KLEIN_SCRIPT_TEXT_LAYERS = [10, 20, 30]
+AT_THE_DEFAULTS = [(family, {}) for family in TINY] + [("flux2", {"text_encoder_out_layers": KLEIN_SCRIPT_TEXT_LAYERS})]
+
+
+@pytest.mark.parametrize("family, model", AT_THE_DEFAULTS,
+                         ids=[family + ("-script-text-layers" if model else "") for family, model in AT_THE_DEFAULTS])
+def test_the_loss_at_the_defaults_equals_the_reference_scripts_on_one_batch(tiny_config, tmp_path, family, model):
     """One batch at every default (no pinned noise level, posterior or guidance): lookalike draws the photos'
     latents, the noise and the levels from one generator seeded with 7, the script from torch's global generator
     seeded with 7 (its --seed), in the script's order (posterior, noise, levels), and both draw the same latents and
     levels. The noise is the same draw too, in another order: the script draws it beside its latents (or patches)
     and packs it into tokens, lookalike draws it in token order. The losses are compared on the script's noise, packed
     as lookalike lays it out."""
-    t, folder = default_train(tiny_config, family)
+    t, folder, model_config = default_train(tiny_config, family, **model)
     if family in ("flux1", "flux2-dev"):  # lookalike trains distilled guidance at 1.0 by choice: set the script's
         t = t.model_copy(update={"guidance": SCRIPT_TRAINING_GUIDANCE})
     lookalike_family = FAMILIES[family]
@@ -186,15 +214,18 @@ def test_the_loss_at_the_defaults_equals_the_reference_scripts_on_one_batch(tiny
     torch.testing.assert_close(levels, script_levels, rtol=0, atol=0)
     torch.testing.assert_close(our_noise.flatten().sort().values, noise.flatten().sort().values, rtol=0, atol=0)
 
-    texts = EmbeddingCache(tmp_path / "cache", folder, CPU, torch.float32).texts(captions, 32 if family in SCRIPT
-                                                                                 else 77)
+    # The scripts' text length pinned to the tiny encoders' (32 tokens; SD's CLIP: its 77); the layers as the study
+    # sets them.
+    text = TextEncoding(32 if family in SCRIPT else 77, text_encoding(model_config).layers)
+    texts = EmbeddingCache(tmp_path / "cache", folder, CPU, torch.float32).texts(captions, text)
     with torch.no_grad():
         noisy = objective.noisy(x0_in, packed_noise, levels)
         prediction = lookalike_family.predict(denoiser, denoiser.config, noisy, levels, [texts[c] for c in captions],
                                               t.guidance, layout, CPU, torch.float32)
         ours = objective.loss(prediction, x0_in, packed_noise, levels, t).item()
-        reference = reference_loss(family, folder, denoiser, captions, latents, noise, levels).item()
-    print(f"{family} at the defaults: levels {[round(v, 4) for v in levels.tolist()]}, posterior's "
+        reference = reference_loss(family, folder, denoiser, captions, latents, noise, levels, **model).item()
+    print(f"{family} at the defaults{' and ' + str(model) if model else ''}: levels "
+          f"{[round(v, 4) for v in levels.tolist()]}, posterior's "
           f"{t.vae_posterior}; loss lookalike {ours:.8f}, reference script {reference:.8f}, "
           f"difference {abs(ours - reference):.2e}")
     assert abs(ours - reference) < 1e-5
@@ -261,3 +292,56 @@ def test_the_flux2_dev_diffusers_preset_is_its_scripts_layers_on_the_published_a
     reference, ours = adapted(script), adapted("diffusers")
     assert ours.keys() == reference.keys()
     assert len(ours) // 2 == 128 and round(sum(ours.values()) / 1e6, 1) == 77.1
+
+
+@pytest.mark.slow
+def test_a_klein_run_at_the_scripts_text_layers_draws_at_them_as_the_stock_pipeline_does(tiny_config, monkeypatch):
+    """[model] text_encoder_out_layers reaches every place a prompt is encoded: training (the one-batch test above),
+    generate (its image within 1/255 of Flux2KleinPipeline's with text_encoder_out_layers and load_lora_weights, and
+    its settings record the layers), drawing (render at the study's text encoding equal to the stock pipeline at
+    those layers; on the tiny model the layers move pixels by less than 1/255, so this is compared in floats), and
+    the model card's code, which draws the card's first image."""
+    from lookalike.generate import render
+
+    layers = {"text_encoder_out_layers": KLEIN_SCRIPT_TEXT_LAYERS}
+    lora, ours = train_sampled_run(tiny_config, "tiny-flux2-klein", model=layers)
+    stock = {"guidance_scale": 4.0, "max_sequence_length": 32}
+    assert np.abs(ours - stock_image("tiny-flux2-klein", lora, **stock, **layers)).max() <= 1
+    config = load_config(tiny_config(model={"base": "tiny-flux2-klein", **layers}))
+    run = Workspace(config.workspace).run("r")
+    assert read_json(run.images / "p00_s0.json")["settings"]["text_encoder_out_layers"] == [10, 20, 30]
+
+    pipe = FAMILIES["flux2"].pipeline_class().from_pretrained(resolve_base("tiny-flux2-klein"))
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    pipe.set_progress_bar_config(disable=True)
+    drawn = {"prompt": "a photo of sks", "height": 64, "width": 64, "num_inference_steps": 3, "output_type": "np"}
+    ours = render(pipe, seed=0, guidance=None, steps=3, size=64, text=text_encoding(config.model),
+                  prompt="a photo of sks", output_type="np")
+    at_script_layers = pipe(**drawn, **layers, max_sequence_length=32,
+                            generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    at_pipeline_layers = pipe(**drawn, max_sequence_length=32,
+                              generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.abs(ours - at_script_layers).max() == 0
+    assert np.abs(ours - at_pipeline_layers).max() > 1e-3, "the layers change the image"
+
+    card = write_card(config, run, "final", lora, "diffusers", card_plan(run, "final", lora))
+    code = re.search(r"```python\n(.*?)```", card.read_text(), re.S).group(1)
+    assert "text_encoder_out_layers=(10, 20, 30)" in code
+    monkeypatch.chdir(lora.parent)
+    scope: dict = {}
+    exec(code, scope)
+    first = np.asarray(Image.open(run.images / "p00_s0.png")).astype(int)
+    assert np.abs(np.asarray(scope["image"]).astype(int) - first).max() <= 1
+
+
+def test_text_layers_are_refused_by_name_where_the_base_stacks_none_or_another_count(tiny_config):
+    for model, message in [({"base": "tiny"}, "model.text_encoder_out_layers: tiny is a flux1 base, whose pipeline "
+                                              "stacks no text-encoder layers"),
+                           ({"base": "tiny-flux2-klein", "text_encoder_out_layers": [10, 20]},
+                            r"model.text_encoder_out_layers: \[10, 20\] must be 3 layer numbers")]:
+        path = tiny_config(model={"text_encoder_out_layers": [1, 2, 3], **model})
+        with pytest.raises(LookalikeError, match=message):
+            text_encoding(load_config(path).model)
+        result = run_in_process("generate", str(path))
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+            "error: model.text_encoder_out_layers"), result.stderr

@@ -18,10 +18,10 @@ from lookalike.config import TrainConfig, load_config
 from lookalike.generate import generate
 from lookalike.models.base import base_info, load_component, resolve_base
 from lookalike.models.families import denoiser_family, folder_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import add_lora
 from lookalike.train.cache import EmbeddingCache
-from lookalike.train.objectives import NoisePrediction
-from lookalike.train.objectives import family_objective
+from lookalike.train.objectives import NoisePrediction, family_objective
 from tests.helpers import assert_a_killed_run_resumes_exactly, denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.references import reference_loss
 
@@ -69,7 +69,8 @@ def test_the_training_loss_equals_the_reference_scripts_on_one_batch(tmp_path, f
     timesteps = torch.tensor([100, 700])
     settings = TrainConfig(snr_gamma=snr_gamma)
 
-    texts = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32).texts(captions, 77)
+    cache = EmbeddingCache(tmp_path / "cache", folder, torch.device("cpu"), torch.float32)
+    texts = cache.texts(captions, TextEncoding(77))
     objective = family_objective(lookalike_family, folder)
     x0, layout = lookalike_family.model_input(latents, lookalike_family.latent_normalisation(folder))
     with torch.no_grad():

@@ -6,7 +6,6 @@ encoders' part; misuse is refused."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,14 +18,15 @@ from lookalike.errors import LookalikeError
 from lookalike.models.base import resolve_base
 from lookalike.models.export import export_lora
 from lookalike.models.families import folder_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import lora_state_dict, modules_of, save_lora, text_layer_in_model
 from lookalike.models.merge import merge_loras
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.flow_matching import noisy_latents, velocity_target
 from lookalike.train.init_lora import read_start, start_from
+from lookalike.train.objectives import family_objective
 from lookalike.train.text_encoders import TEXT_ENCODER_LAYERS, TrainedTextEncoders
 from lookalike.train.trainer import train
-from lookalike.train.objectives import family_objective
 from tests.helpers import assert_a_killed_run_resumes_exactly, denoiser_with_a_lora, stock_image, train_sampled_run
 from tests.references import flux1_reference_loss, reference_loss, reference_text_encoders, sd3_reference_loss
 
@@ -34,11 +34,11 @@ TINY = {"sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}  # FLUX.1's CLIPs and SD3's hav
 CPU = torch.device("cpu")
 
 
-def text_encoders_with_a_lora(folder, rank: int = 4, max_sequence_length: int = 77) -> TrainedTextEncoders:
+def text_encoders_with_a_lora(folder, rank: int = 4, tokens: int = 77) -> TrainedTextEncoders:
     """The base's text encoders with a seeded LoRA that changes something (peft starts its B matrices at zero)."""
     torch.manual_seed(0)
     texts = TrainedTextEncoders(folder, folder_family(folder), TrainConfig(rank=rank, train_text_encoder=True), CPU,
-                                torch.float32, max_sequence_length)
+                                torch.float32, TextEncoding(tokens))
     with torch.no_grad():
         for encoder in texts.encoders.values():
             for name, parameter in encoder.named_parameters():
@@ -114,7 +114,7 @@ def test_flux1s_loss_and_its_clip_gradients_equal_the_reference_scripts():
 
     folder = resolve_base("tiny")
     family = folder_family(folder)
-    texts = text_encoders_with_a_lora(folder, max_sequence_length=32)
+    texts = text_encoders_with_a_lora(folder, tokens=32)
     transformer = denoiser_with_a_lora(folder, "transformer")
     captions = CAPTIONS
     generator = torch.Generator().manual_seed(1)
@@ -202,7 +202,7 @@ def test_sd3s_loss_and_its_clip_gradients_equal_the_reference_scripts():
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     folder = resolve_base("tiny-sd3")
-    texts = text_encoders_with_a_lora(folder, max_sequence_length=32)
+    texts = text_encoders_with_a_lora(folder, tokens=32)
     transformer = denoiser_with_a_lora(folder, "transformer")
     sigmas = torch.tensor([0.3, 0.8])
     ours, latents, noise = backpropagated_loss(folder, transformer, texts, 16, sigmas)

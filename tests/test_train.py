@@ -11,6 +11,7 @@ from lookalike.config import load_config
 from lookalike.data.dataset import training_images
 from lookalike.generate import render
 from lookalike.models.base import load_pipeline, resolve_base
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import load_lora_into
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.trainer import train
@@ -35,7 +36,7 @@ def distance_to_nearest(pipe, prompt, targets, seeds=range(8)):
     """Mean over seeds of the mean squared distance from a generated latent to its nearest training latent."""
     distances = []
     for seed in seeds:
-        latent = render(pipe, prompt=prompt, seed=seed, guidance=5.0, steps=20, size=64, max_sequence_length=32,
+        latent = render(pipe, prompt=prompt, seed=seed, guidance=5.0, steps=20, size=64, text=TextEncoding(32),
                         output_type="latent")[None]
         distances.append(((latent - targets) ** 2).mean(dim=(1, 2)).min().item())
     return statistics.mean(distances)
@@ -91,11 +92,11 @@ def test_saved_lora_loads_in_diffusers_with_its_alpha(tiny_config):
 
     pipe = FluxPipeline.from_pretrained(resolve_base("tiny"))
     pipe.set_progress_bar_config(disable=True)
-    before = render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=4, size=64, max_sequence_length=32,
+    before = render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=4, size=64, text=TextEncoding(32),
                     output_type="latent")
     weight_before = pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach().clone()
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    after = render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=4, size=64, max_sequence_length=32,
+    after = render(pipe, prompt="a photo of sks", seed=0, guidance=5.0, steps=4, size=64, text=TextEncoding(32),
                    output_type="latent")
     assert not torch.allclose(before, after), "the LoRA did not change the pipeline's output"
 

@@ -39,6 +39,10 @@ class ModelConfig(Section):
     folder (models/checkpoint.py). Taken relative to the config file."""
     max_sequence_length: int | None = Field(None, ge=1, le=512)
     """Text tokens per prompt; None takes the base model's own default (512 for dev and Z-Image, 256 for schnell)."""
+    text_encoder_out_layers: list[int] | None = None
+    """FLUX.2 only: which hidden layers of its text encoder are stacked into the prompt's embeddings, as many as its
+    pipeline stacks; None: its pipeline's ([klein]: 9, 18, 27; [dev]: 10, 20, 30). train_dreambooth_lora_flux2_klein.py
+    trains [klein] at 10, 20, 30; images are drawn at the same layers as training."""
 
 
 class SubjectConfig(Section):

@@ -35,8 +35,8 @@ from lookalike.models.base import (
     inference_dtype,
     inference_steps,
     load_pipeline,
-    max_sequence_length,
     pick_device,
+    text_encoding,
 )
 from lookalike.models.checkpoint import resolve_drawing_base
 from lookalike.models.lora import check_lora_file, load_lora_into, lookalike_metadata
@@ -152,7 +152,6 @@ class DemoModels:
                 pipe.set_adapters(adapters, [weight for _, weight, _ in loras])
             elif self._adapters:
                 pipe.disable_lora()
-            max_len = max_sequence_length(self.config.model)
             pipe.set_progress_bar_config(disable=True)
             callback = None
             if progress is not None:
@@ -160,7 +159,7 @@ class DemoModels:
                     progress((step + 1) / steps, desc="generating")
                     return kwargs
             return render(pipe, prompt=prompt, seed=seed, guidance=guidance, steps=steps, size=size,
-                          max_sequence_length=max_len, callback=callback)
+                          text=text_encoding(self.config.model), callback=callback)
 
     def evaluator(self):
         if self._evaluator is None:

@@ -30,12 +30,13 @@ from lookalike.models.base import (
     inference_dtype,
     inference_steps,
     load_pipeline,
-    max_sequence_length,
     pick_device,
+    text_encoding,
     training_resolution,
 )
 from lookalike.models.checkpoint import drawn_checkpoint, resolve_drawing_base
 from lookalike.models.families import FAMILIES, base_family, pipeline_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import check_lora_base, load_lora_into
 from lookalike.progress import progress_bar
 from lookalike.trained_on import trained_base_problem
@@ -65,7 +66,7 @@ def offload_pipeline(pipe, device) -> None:
                               use_stream=device.type == "cuda")
 
 
-def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, max_sequence_length: int,
+def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, text: TextEncoding,
            prompt: str | None = None, embeddings: dict | None = None, output_type: str = "pil", callback=None,
            negative_prompt: str | None = None):
     """One image from a base's pipeline: by prompt (and a negative prompt, where the family takes one), or by
@@ -84,7 +85,7 @@ def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, ma
         width=size,
         num_inference_steps=steps,
         **guided,
-        **family.text_arguments(max_sequence_length),
+        **family.text_arguments(text),
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
         callback_on_step_end=callback,
@@ -118,16 +119,17 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
 def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything that makes a job's image what it is; an image is current only while its sidecar holds these
     (a LoRA's weight there is the one the image was made at: its own times the job's strength)."""
-    g = config.generate
+    g, text = config.generate, text_encoding(config.model)
     loras = [{**lora, "weight": lora["weight"] * strength(job)} for lora in loras]
     settings = {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance,
                 "steps": inference_steps(config), "size": image_size(config), "base_model": drawing_base(config),
-                "revision": config.model.revision, "max_sequence_length": max_sequence_length(config.model),
+                "revision": config.model.revision, "max_sequence_length": text.tokens,
                 "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
     # Only when given: images made before the setting existed stay current.
     checkpoint = drawn_checkpoint(config)
-    return settings | ({"negative_prompt": g.negative_prompt} if g.negative_prompt is not None else {}) | (
-        {"checkpoint": checkpoint} if checkpoint is not None else {})
+    given = {"negative_prompt": g.negative_prompt, "checkpoint": checkpoint,
+             "text_encoder_out_layers": None if text.layers is None else list(text.layers)}
+    return settings | {key: value for key, value in given.items() if value is not None}
 
 
 def image_size(config: StudyConfig) -> int:
@@ -258,7 +260,7 @@ def generate(config: StudyConfig, run: str | None = None, loras: list[Path] = ()
                 applied = strength(job)
                 pipe.set_adapters(adapter_names(len(adapters)), [weight * applied for _, weight in adapters])
             image = render(pipe, prompt=job.prompt, seed=job.seed, guidance=job.guidance, steps=settings["steps"],
-                           size=settings["size"], max_sequence_length=settings["max_sequence_length"],
+                           size=settings["size"], text=TextEncoding.of_image(settings),
                            negative_prompt=config.generate.negative_prompt)
             # An old image of this name loses its sidecar first and gets the new one last: the sidecar marks the
             # job done, and at no moment does an image sit beside settings that did not make it.

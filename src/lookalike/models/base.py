@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lookalike.errors import LookalikeError
 from lookalike.models.families import FAMILIES, KNOWN_BASES, base_family, folder_family, is_base
-from lookalike.models.families.interface import BaseModelInfo
+from lookalike.models.families.interface import BaseModelInfo, TextEncoding
 from lookalike.models.quantize import quantization_config
 
 # Only the diffusers-format folders: FLUX repos also hold single-file checkpoints of the same weights.
@@ -104,6 +104,22 @@ def training_sides(config) -> list[int]:
 def max_sequence_length(model) -> int:
     """Text tokens per prompt: [model] max_sequence_length, else the base's own default."""
     return model.max_sequence_length or base_info(model.base).max_sequence_length
+
+
+def text_encoding(model) -> TextEncoding:
+    """How prompts are encoded for training and drawing alike: [model] max_sequence_length and
+    text_encoder_out_layers, else the base's own."""
+    layers = model.text_encoder_out_layers
+    if layers is not None:
+        family = base_family(model.base)
+        if family.text_layers is None:
+            raise LookalikeError(f"model.text_encoder_out_layers: {model.base} is a {family.name} base, whose pipeline "
+                                 "stacks no text-encoder layers (only FLUX.2's does): leave it unset")
+        if len(layers) != len(family.text_layers) or min(layers) < 0:
+            raise LookalikeError(f"model.text_encoder_out_layers: {list(layers)} must be {len(family.text_layers)} "
+                                 f"layer numbers, 0 or more, as {family.name}'s transformer reads "
+                                 f"{len(family.text_layers)} (its pipeline's: {list(family.text_layers)})")
+    return TextEncoding(max_sequence_length(model), None if layers is None else tuple(layers))
 
 
 def _download(repo: str, revision: str | None, ignore: list[str]) -> Path:

@@ -14,6 +14,7 @@ from lookalike.display import base_label, cell, trained_base
 from lookalike.errors import LookalikeError
 from lookalike.models.base import base_info, resolve_base, training_resolution
 from lookalike.models.families import base_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.workspace import RunPaths, atomic_path, read_json
 
 # The card's first line after its front matter: a README.md without it is someone else's and is never written over.
@@ -130,7 +131,7 @@ def _usage(family, base: str, repo: str | None, lora_file: Path, layout: str, ex
                 "num_inference_steps": settings["steps"], **family.guidance_arguments(guidance, False),
                 **({"negative_prompt": settings["negative_prompt"]}
                    if "negative_prompt" in settings and guidance is not None else {}),
-                **family.text_arguments(settings["max_sequence_length"])}
+                **family.text_arguments(TextEncoding.of_image(settings))}
         seed = settings["seed"]
     arguments = "".join(f"    {key}={value!r},\n" for key, value in call.items())
     file = f"\".\", weight_name={lora_file.name!r}"

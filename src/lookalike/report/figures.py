@@ -107,14 +107,20 @@ def inference_figure(per_value: dict[str, dict[str, dict]], factor: str):
     return figure
 
 
+def smoothed_loss(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(step, loss) smoothed by an exponential moving average (0.9), as every loss curve of lookalike's is drawn."""
+    smoothed, value = [], None
+    for step, loss in points:
+        value = loss if value is None else 0.9 * value + 0.1 * loss
+        smoothed.append((step, value))
+    return smoothed
+
+
 def loss_figure(curves: dict[str, list[tuple[int, float]]]):
-    """Training loss of every run against the step, smoothed (exponential moving average, 0.9)."""
+    """Training loss of every run against the step, smoothed (smoothed_loss)."""
     figure, axis = plt.subplots(figsize=(7, 4))
     for run, points in sorted(curves.items()):
-        smoothed, value = [], None
-        for step, loss in points:
-            value = loss if value is None else 0.9 * value + 0.1 * loss
-            smoothed.append((step, value))
+        smoothed = smoothed_loss(points)
         if smoothed:
             axis.plot(*zip(*smoothed), label=run, linewidth=1.2)
     axis.set_xlabel("step")

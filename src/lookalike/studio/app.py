@@ -16,11 +16,19 @@ from lookalike.demo import MAX_FILES_PER_UPLOAD, DemoModels, build_app
 from lookalike.display import cell, result_columns, shown
 from lookalike.errors import LookalikeError
 from lookalike.models.families import FAMILIES, KNOWN_BASES
+from lookalike.presets import presets
 from lookalike.store import refresh
 from lookalike.studio.jobs import JobQueue
-from lookalike.presets import presets
-from lookalike.studio.progress import (log_tail, loss_figure, run_progress, runs_of, sample_gallery, sample_grid,
-                                       scores_figure)
+from lookalike.studio.progress import (
+    file_signature,
+    log_tail,
+    loss_points,
+    run_progress,
+    runs_of,
+    sample_gallery,
+    sample_grid,
+    scores_figure,
+)
 from lookalike.studio.study import StudioStudy
 from lookalike.sweep.plan import experiments
 from lookalike.train.memory import dry_run_lines, parse_gpu_memory
@@ -241,15 +249,34 @@ def build_studio(studio: Studio):
                          f"job {job.id}" if job else "terminal"])
         return rows
 
-    def watch(run):
+    def watch(run, sent):
+        """The Jobs page's parts, each sent only when it changed since this page last got it (`sent`: what each
+        was made from then): a refresh while a run trains sends its progress line and loss chart, and draws the
+        scores figure only when a sample step was scored."""
+        sent = dict(sent or {})
+
+        def fresh(part: str, made_from, make):
+            if sent.get(part) == made_from:
+                return gr.skip()
+            sent[part] = made_from
+            return make()
+
         table = jobs_table()
         names = [row[0] for row in table]
         run = run if run in names else (names[0] if names else None)
         if run is None:
-            return table, gr.update(choices=[]), "No run yet.", None, None, [], ""
+            return table, gr.update(choices=[]), "No run yet.", None, None, [], "", {}
         paths = study.workspace.run(run)
-        return (table, gr.update(choices=names, value=run), run_progress(paths).line(), loss_figure(paths),
-                scores_figure(paths), sample_gallery(paths, newest=SAMPLES_SHOWN), log_tail(paths))
+        line, log_text = run_progress(paths).line(), log_tail(paths)
+        gallery = sample_gallery(paths, newest=SAMPLES_SHOWN)
+        return (fresh("table", table, lambda: table),
+                fresh("chosen", (names, run), lambda: gr.update(choices=names, value=run)),
+                fresh("line", line, lambda: line),
+                fresh("loss", (run, file_signature(paths.metrics)), lambda: loss_points(paths)),
+                fresh("scores", (run, file_signature(paths.sample_scores)), lambda: scores_figure(paths)),
+                fresh("samples", gallery, lambda: gallery),
+                fresh("log", log_text, lambda: log_text),
+                sent)
 
     def job_action(run, action):
         try:
@@ -400,7 +427,7 @@ def build_studio(studio: Studio):
                 job_note = gr.Markdown()
                 progress_line = gr.Markdown()
                 with gr.Row():
-                    loss_plot = gr.Plot(label="loss")
+                    loss_plot = gr.LinePlot(x="step", y="loss (smoothed)", label="training loss", height=320)
                     scores_plot = gr.Plot(label="identity and CLIP Score (best step starred)")
                 samples = gr.Gallery(label="samples", columns=6, height="auto")
                 log = gr.Code(label="log", language=None)
@@ -456,9 +483,10 @@ def build_studio(studio: Studio):
         save.click(save_text, [editor], [validity])
         start.click(start_run, [run_name], [train_note])
         sweep.click(start_sweep, None, [train_note])
-        watched = [table, chosen, progress_line, loss_plot, scores_plot, samples, log]
-        timer.tick(watch, [chosen], watched)
-        chosen.change(watch, [chosen], watched)
+        sent = gr.State({})  # what this page was last sent of each part of the Jobs page
+        watched = [table, chosen, progress_line, loss_plot, scores_plot, samples, log, sent]
+        timer.tick(watch, [chosen, sent], watched)
+        chosen.change(watch, [chosen, sent], watched)
         for button, action in ((stop, "stop"), (resume, "resume"), (cancel, "cancel"), (retry, "retry")):
             button.click(lambda run, action=action: job_action(run, action), [chosen], [job_note])
         def trained_runs():

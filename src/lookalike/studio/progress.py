@@ -1,10 +1,13 @@
 """What the studio shows of a run while it trains, read from the run's own files (status.json, metrics.jsonl,
 sample_scores.jsonl, samples/, train.log): cheap enough to read every few seconds, and never loading a model, so
-that watching a run costs its training nothing."""
+that watching a run costs its training nothing. A step-records file is parsed again only from where it grew, and a
+log only at its end, so a page's refresh costs the same at step 100,000 as at step 100."""
 
 from __future__ import annotations
 
 import html
+import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +15,81 @@ from pathlib import Path
 from lookalike.display import cell
 from lookalike.evaluate.pareto import front_steps
 from lookalike.report import figures
-from lookalike.workspace import RunPaths, read_json, read_metrics
+from lookalike.workspace import RunPaths, read_json
 
 LOG_LINES = 40
+LOG_TAIL_BYTES = 64 * 1024  # the end of a log read for its last lines (progress bars make long logs)
+LOSS_POINTS = 500  # the most points the loss chart draws (a long run's curve, thinned evenly)
+_CHECK_BYTES = 64  # the bytes before where a file was read to, compared to tell a file grown from one replaced
+
+
+@dataclass(frozen=True)
+class _ReadTo:
+    offset: int  # the bytes read and parsed: whole lines only
+    before: bytes  # the last _CHECK_BYTES of them
+    records: list[dict]
+
+
+class StepRecords:
+    """The step records of JSON-lines files (metrics.jsonl, sample_scores.jsonl), each parsed once: a file that
+    grew is read from where it was read to, one replaced (a resumed run rewrites it without the steps it will make
+    again) or cut shorter is read whole again. A line still being written waits for its end."""
+
+    def __init__(self):
+        self._files: dict[Path, _ReadTo] = {}
+        self._lock = threading.Lock()  # the pages' handlers run in threads of their own
+
+    def __call__(self, path: Path) -> list[dict]:
+        with self._lock:
+            try:
+                with path.open("rb") as file:
+                    known = self._unchanged_so_far(file, self._files.get(path))
+                    file.seek(known.offset)
+                    data = file.read()
+            except FileNotFoundError:
+                self._files.pop(path, None)
+                return []
+            whole = data[:data.rfind(b"\n") + 1]
+            if whole:
+                read = known.offset + len(whole)
+                known = _ReadTo(read, (known.before + whole)[-_CHECK_BYTES:], known.records + _parsed(whole))
+            self._files[path] = known
+            return known.records
+
+    @staticmethod
+    def _unchanged_so_far(file, known: _ReadTo | None) -> _ReadTo:
+        """What was read of the file before, if the file still holds it; else nothing read yet."""
+        if known is not None and known.offset >= len(known.before):
+            file.seek(known.offset - len(known.before))
+            if file.read(len(known.before)) == known.before:
+                return known
+        return _ReadTo(0, b"", [])
+
+
+def _parsed(lines: bytes) -> list[dict]:
+    """The step records among whole JSON lines; a line a kill cut short (and the next run appended to) is skipped,
+    as workspace.read_metrics skips it."""
+    records = []
+    for line in lines.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+step_records = StepRecords()
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever the file does (its inode, size and time of change); None while it does not exist."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -44,7 +119,7 @@ def _duration(seconds: float) -> str:
 
 
 def run_progress(run: RunPaths) -> RunProgress:
-    records = read_metrics(run.metrics)
+    records = step_records(run.metrics)
     steps = read_json(run.config).get("train", {}).get("max_train_steps") if run.config.is_file() else None
     step = records[-1]["step"] if records else 0
     recent = records[-20:]
@@ -52,19 +127,26 @@ def run_progress(run: RunPaths) -> RunProgress:
     if len(recent) > 1 and steps is not None and recent[-1]["step"] > recent[0]["step"]:
         pace = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
         eta = max(0.0, pace * (steps - step))
-    front = front_steps(read_metrics(run.sample_scores))  # the best step so far, by the report's rule
+    front = front_steps(step_records(run.sample_scores))  # the best step so far, by the report's rule
     return RunProgress(run.state(), step, steps, records[-1].get("loss") if records else None, eta,
                        front[0] if front else None)
 
 
-def loss_figure(run: RunPaths):
-    return figures.loss_figure({run.name: [(r["step"], r["loss"]) for r in read_metrics(run.metrics)
-                                           if r.get("loss") is not None]})
+def loss_points(run: RunPaths, most: int = LOSS_POINTS):
+    """The training loss against the step, smoothed as the report's loss figure smooths it, at most `most` points
+    (every k-th, the last kept): a table for the page's chart, which the browser draws."""
+    import pandas
+
+    points = figures.smoothed_loss([(record["step"], record["loss"]) for record in step_records(run.metrics)
+                                    if record.get("loss") is not None])
+    every = -(-len(points) // most) if points else 1
+    thinned = points[::every] + (points[-1:] if points and (len(points) - 1) % every else [])
+    return pandas.DataFrame(thinned, columns=["step", "loss (smoothed)"])
 
 
 def scores_figure(run: RunPaths):
     """Identity and CLIP Score of the scored sample steps, the best one so far starred (the report's own figure)."""
-    records = read_metrics(run.sample_scores)
+    records = step_records(run.sample_scores)
     front = front_steps(records)
     return figures.steps_figure({run.name: records}, {run.name: front[0]} if front else {})
 
@@ -87,7 +169,7 @@ def _scored(record: dict) -> str:
 def sample_gallery(run: RunPaths, newest: int | None = None) -> list[tuple[str, str]]:
     """(image, caption) of the training samples (the `newest` only, where given), newest step first, each captioned
     with its step's scores."""
-    scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
+    scores = {record["step"]: record for record in step_records(run.sample_scores)}
     return [(str(image), f"step {step}" + (f": {_scored(scores[step])}" if step in scores else ""))
             for step, _, image in reversed(_samples(run))][:newest]
 
@@ -99,7 +181,7 @@ def sample_grid(runs: list[RunPaths], fill: Callable[[str], str] = str) -> str:
     in a box that scrolls sideways when the steps are more than the page is wide."""
     columns, prompts = [], {}
     for run in runs:
-        scores = {record["step"]: record for record in read_metrics(run.sample_scores)}
+        scores = {record["step"]: record for record in step_records(run.sample_scores)}
         settings = read_json(run.config) if run.config.is_file() else {}
         for index, prompt in enumerate(settings.get("train", {}).get("sample_prompts", [])):
             prompts.setdefault(index, fill(prompt))
@@ -123,11 +205,18 @@ def sample_grid(runs: list[RunPaths], fill: Callable[[str], str] = str) -> str:
 
 
 def log_tail(run: RunPaths, lines: int = LOG_LINES) -> str:
-    """The last lines of the run's log (a progress bar's redraws, one line each, are kept to the last)."""
-    if not run.log.is_file():
+    """The last lines of the run's log, read from its end (a progress bar's redraws, one line each, are kept to the
+    last)."""
+    try:
+        with run.log.open("rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - LOG_TAIL_BYTES))
+            text = file.read().decode(errors="replace").replace("\r\n", "\n")
+    except FileNotFoundError:
         return ""
-    text = run.log.read_text(errors="replace").replace("\r\n", "\n")
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+    # Lines end at "\n" only: a progress bar redraws its line after each "\r" (splitlines would split there too).
+    whole = text.rstrip("\n").split("\n")[0 if size <= LOG_TAIL_BYTES else 1:]  # the first one read may be cut
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in whole[-lines:])
 
 
 def runs_of(runs: Path) -> list[str]:

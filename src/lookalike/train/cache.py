@@ -17,11 +17,11 @@ import torch
 
 from lookalike.data.crop import Size
 from lookalike.data.dataset import TrainingImage, load_training_image
-from lookalike.workspace import file_sha256
 from lookalike.generate import offload_pipeline
 from lookalike.models.base import component_fingerprint, load_component, load_pipeline, weight_bytes
 from lookalike.models.families import folder_family
-from lookalike.workspace import atomic_path
+from lookalike.models.families.interface import TextEncoding
+from lookalike.workspace import atomic_path, file_sha256
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,10 @@ class EmbeddingCache:
                    *(["mirrored"] if image.mirrored else []))
         return self.cache_dir / "latents" / f"{key}.safetensors"
 
-    def text_path(self, caption: str, max_sequence_length: int) -> Path:
+    def text_path(self, caption: str, text: TextEncoding) -> Path:
         fingerprints = [component_fingerprint(self.model_folder, c) for c in self.family.text_components]
-        key = _key(self.family.name, *fingerprints, caption, max_sequence_length)
+        # Layers only when chosen: the embeddings cached before the choice existed keep their keys.
+        key = _key(self.family.name, *fingerprints, caption, text.tokens, *([list(text.layers)] if text.layers else []))
         return self.cache_dir / "text" / f"{key}.safetensors"
 
     def latents(self, images: list[TrainingImage], sizes: list[Size]) -> list[LatentStats]:
@@ -118,10 +119,10 @@ class EmbeddingCache:
         free, _ = torch.cuda.mem_get_info(self.device)
         return needed <= 0.9 * free
 
-    def texts(self, captions: list[str], max_sequence_length: int) -> dict[str, dict[str, torch.Tensor]]:
+    def texts(self, captions: list[str], text: TextEncoding) -> dict[str, dict[str, torch.Tensor]]:
         """Embeddings of every caption, as the family encodes them (named tensors); the text encoders are loaded
         only if one is missing."""
-        paths = {caption: self.text_path(caption, max_sequence_length) for caption in dict.fromkeys(captions)}
+        paths = {caption: self.text_path(caption, text) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, path in paths.items() if not path.exists()]
         if missing:
             encoder = load_pipeline(self.model_folder, dtype=self.dtype, vae=None, **{self.family.denoiser: None})
@@ -131,7 +132,7 @@ class EmbeddingCache:
                 encoder.to(self.device)
             for caption in missing:
                 with torch.no_grad():
-                    encoded = self.family.encode(encoder, caption, max_sequence_length, self.device)
+                    encoded = self.family.encode(encoder, caption, text, self.device)
                 _save(paths[caption], {name: tensor.float().cpu() for name, tensor in encoded.items()})
             _release(encoder)
         return {caption: _load(path) for caption, path in paths.items()}

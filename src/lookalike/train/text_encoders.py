@@ -18,6 +18,7 @@ import torch
 from lookalike.errors import LookalikeError
 from lookalike.models.base import load_pipeline
 from lookalike.models.families import FAMILIES
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import component_of, text_layer_in_file, text_layer_in_model
 
 # The layers diffusers' reference scripts (train_dreambooth_lora.py, _sdxl.py, _flux.py) adapt in a CLIP text encoder.
@@ -44,11 +45,11 @@ def check_trainable(family) -> None:
 class TrainedTextEncoders:
     """The base's text encoders on the device, frozen, with a trainable LoRA on each of the family's trainable ones."""
 
-    def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
+    def __init__(self, folder: Path, family, t, device: torch.device, dtype: torch.dtype, text: TextEncoding):
         check_trainable(family)
         self.family = family
         self.device = device
-        self.max_sequence_length = max_sequence_length
+        self.text = text
         self.pipe = load_pipeline(folder, dtype=dtype, vae=None, **{family.denoiser: None}).to(device)
         for component in self.pipe.components.values():  # frozen, and (as loaded) in eval mode: FLUX.1's T5 stays so
             if isinstance(component, torch.nn.Module):
@@ -65,7 +66,7 @@ class TrainedTextEncoders:
 
     def __getitem__(self, caption: str) -> dict[str, torch.Tensor]:
         """The caption's embeddings through the text encoders as they are now (with gradients where enabled)."""
-        return self.family.encode(self.pipe, caption, self.max_sequence_length, self.device)
+        return self.family.encode(self.pipe, caption, self.text, self.device)
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for encoder in self.encoders.values() for p in encoder.parameters() if p.requires_grad]

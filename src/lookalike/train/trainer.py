@@ -28,15 +28,10 @@ from lookalike.data.dataset import mirrored, training_images, training_size
 from lookalike.display import cell
 from lookalike.errors import LookalikeError, filesystem_problem
 from lookalike.generate import render
-from lookalike.models.base import (
-    guidance_scales,
-    load_component,
-    max_sequence_length,
-    training_resolution,
-    training_sides,
-)
+from lookalike.models.base import guidance_scales, load_component, text_encoding, training_resolution, training_sides
 from lookalike.models.checkpoint import RECORD, trained_base_folder
 from lookalike.models.families import folder_family
+from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
 from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
@@ -371,7 +366,7 @@ class Training:
         if t.flip:  # each photo mirrored too: an example of its own, encoded from the mirrored pixels
             images = images + [mirrored(image) for image in images]
         self.family = family = folder_family(folder)
-        self.max_len = max_sequence_length(config.model)
+        self.text = text_encoding(config.model)
         # Each photo's size in this run: one square, or ([data] buckets) its aspect ratio's bucket; with
         # train.extra_resolutions, an example of each photo at each side.
         multiple = family.pixel_multiple(read_json(folder / family.denoiser / "config.json"))
@@ -404,7 +399,7 @@ class Training:
                 self.texts = cache.texts(self.subject_captions.texts() + [image.caption for image in
                                                                           self.class_examples]
                                          + self.sample_prompts + negative + list(self.preserved.values()),
-                                         self.max_len)
+                                         self.text)
         if self.processes > 1 and accelerator.is_main_process:
             console.print(f"train: {self.processes} processes x batch {t.batch_size} x accumulation "
                           f"{t.gradient_accumulation_steps} = effective batch "
@@ -458,7 +453,7 @@ class Training:
         self.text_encoders = None
         if t.train_text_encoder:
             self.texts = self.text_encoders = TrainedTextEncoders(self.folder, family, t, device, self.weight_dtype,
-                                                                  self.max_len)
+                                                                  self.text)
         if self.start is not None:
             layers = start_from(transformer, family.denoiser, self.start, t.init_lora, t.rank, t.lora_alpha,
                                 self.text_encoders.encoders if self.text_encoders is not None else None)
@@ -634,7 +629,7 @@ class Training:
         the best step) are the average's."""
         with averaged_weights(self.ema, self.params):
             samples = _save_samples(self.config, self.run, step, self.model, self.vae, self.folder, self.family,
-                                    self.texts, self.sample_prompts, self.max_len,
+                                    self.texts, self.sample_prompts, self.text,
                                     write=self.accelerator.is_main_process)
             tensors = self.lora_tensors() if self.scoring else None  # every process of a sharded run gathers
         if self.scores is not None:
@@ -696,7 +691,7 @@ class Training:
 
 
 def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, vae, folder: Path, family, texts,
-                  prompts: list[str], max_len: int, write: bool = True) -> list[Path]:
+                  prompts: list[str], text: TextEncoding, write: bool = True) -> list[Path]:
     """Fixed-seed samples of the current LoRA, made in eval mode (gradient checkpointing is inert: the pipeline
     runs without gradients), from the cached embeddings: the text encoders stay unloaded (or, where the run trains
     them, `texts` encodes each prompt through them as they are now). `write`: this process saves them (a sharded
@@ -713,7 +708,7 @@ def _save_samples(config: StudyConfig, run: RunPaths, step: int, transformer, va
     paths = [run.samples / f"step-{step:06d}_p{index}.png" for index in range(len(prompts))]
     for prompt_embeddings, path in zip(embeddings, paths):
         image = render(pipe, seed=config.train.seed, guidance=guidance_scales(config, config.model.base)[0],
-                       steps=config.train.sample_steps, size=training_resolution(config), max_sequence_length=max_len,
+                       steps=config.train.sample_steps, size=training_resolution(config), text=text,
                        embeddings=prompt_embeddings)
         if write:
             with atomic_path(path) as tmp:

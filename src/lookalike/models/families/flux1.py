@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import (CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo,
-                                                 TransformerFamily)
+from lookalike.models.families.interface import (
+    CLIP_L_TEXT,
+    T5_XXL_ENCODER,
+    BaseModelInfo,
+    TextEncoding,
+    TransformerFamily,
+)
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -233,9 +238,9 @@ class Flux1(TransformerFamily):
             pipe.tokenizer.model_max_length = CLIP_TOKENS
             pipe.tokenizer_max_length = CLIP_TOKENS
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         prompt_embeds, pooled, _ = pipe.encode_prompt(caption, prompt_2=None, device=device,
-                                                      max_sequence_length=max_sequence_length)
+                                                      max_sequence_length=text.tokens)
         return {"prompt_embeds": prompt_embeds[0], "pooled": pooled[0]}
 
     def model_input(self, latents, normalisation):

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, TransformerFamily, is_distilled
+from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily, is_distilled
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
-TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
-TEXT_LAYERS = (9, 18, 27)  # the pipeline's default text_encoder_out_layers
+TINY_FORMAT = 2  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
+# The tiny text encoder's depth: its pipeline's layers and train_dreambooth_lora_flux2_klein.py's (10, 20, 30) can
+# both be read ([model] text_encoder_out_layers).
+TINY_TEXT_ENCODER_LAYERS = 31
 
 # What the published FLUX.2 transformers share, and those of FLUX.2 [klein] 4B and 9B (their joint_attention_dim:
 # three stacked layers of Qwen3-4B's 2560 and Qwen3-8B's 4096 hidden units).
@@ -36,7 +38,7 @@ _DOUBLE_MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)
 @dataclass(frozen=True)
 class TinyFlux2Sizes:
     """Sizes of a tiny FLUX.2 ([klein] or [dev]): its real classes at sizes a CPU trains at 64 px in milliseconds a
-    step. The text encoder keeps every layer up to the last one read, each tiny."""
+    step. The text encoder keeps every layer up to the last one read, each tiny; the transformer reads three."""
 
     seed: int = 0
     num_layers: int = 1
@@ -90,11 +92,11 @@ def build_tiny_flux2(spec: TinyFlux2Spec = TinyFlux2Spec()):
 
     tokenizer = byte_level_qwen_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        transformer, vae = tiny_flux2_transformer_and_vae(spec, len(TEXT_LAYERS), guidance_embeds=False)
+        transformer, vae = tiny_flux2_transformer_and_vae(spec, len(Flux2.text_layers), guidance_embeds=False)
         torch.manual_seed(spec.seed + 2)
         text_encoder = Qwen3ForCausalLM(Qwen3Config(
             hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
-            num_hidden_layers=max(TEXT_LAYERS) + 1,
+            num_hidden_layers=TINY_TEXT_ENCODER_LAYERS,
             num_attention_heads=2, num_key_value_heads=2, head_dim=spec.text_hidden // 2, vocab_size=len(tokenizer),
             max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
@@ -108,6 +110,9 @@ class Flux2(TransformerFamily):
     title = "FLUX.2 [klein]"
     pipeline_guidance = 4.0  # what an undistilled [klein] base draws at
     reference_posterior = "mode"  # train_dreambooth_lora_flux2_klein.py: vae.encode(...).latent_dist.mode()
+    # The pipeline's text_encoder_out_layers, which lookalike trains at too so that training reads the prompt as
+    # drawing does; the script reads (10, 20, 30) by default ([model] text_encoder_out_layers sets it).
+    text_layers = (9, 18, 27)
     components = {"transformer": ("diffusers", "Flux2Transformer2DModel"), "vae": ("diffusers", "AutoencoderKLFlux2"),
                   "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
                   "text_encoder": ("transformers", "Qwen3ForCausalLM"), "tokenizer": ("transformers", "AutoTokenizer")}
@@ -150,8 +155,11 @@ class Flux2(TransformerFamily):
     def ensure_tiny(self, name: str) -> Path:
         return ensure_built(TinyFlux2Spec().folder_name, build_tiny_flux2)
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
-        prompt_embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)
+    def text_arguments(self, text: TextEncoding) -> dict[str, Any]:
+        return {"max_sequence_length": text.tokens, "text_encoder_out_layers": text.layers or self.text_layers}
+
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
+        prompt_embeds, _ = pipe.encode_prompt(caption, device=device, **self.text_arguments(text))
         return {"prompt_embeds": prompt_embeds[0]}
 
     def latent_normalisation(self, folder: Path):

@@ -14,7 +14,6 @@ from lookalike.models.families.interface import BaseModelInfo
 from lookalike.models.tiny import ensure_built, spec_folder_name
 
 TINY_FORMAT = 1  # bump when the tiny model's architecture or tokenizer changes, so old folders are not reused
-TEXT_LAYERS = (10, 20, 30)  # the pipeline's default text_encoder_out_layers
 
 # The published transformer of FLUX.2 [dev] (Flux2Transformer2DModel's defaults): joint_attention_dim is three
 # stacked layers of Mistral Small 3.1's 5120 hidden units.
@@ -74,12 +73,12 @@ def build_tiny_flux2_dev(spec: TinyFlux2DevSpec = TinyFlux2DevSpec()):
     processor = tiny_mistral_processor()
     tokenizer = processor.tokenizer
     with torch.random.fork_rng(devices=[]):
-        transformer, vae = tiny_flux2_transformer_and_vae(spec, len(TEXT_LAYERS), guidance_embeds=True)
+        transformer, vae = tiny_flux2_transformer_and_vae(spec, len(Flux2Dev.text_layers), guidance_embeds=True)
         torch.manual_seed(spec.seed + 2)
         text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
             text_config=MistralConfig(
                 hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
-                num_hidden_layers=max(TEXT_LAYERS) + 1, num_attention_heads=2, num_key_value_heads=2,
+                num_hidden_layers=max(Flux2Dev.text_layers) + 1, num_attention_heads=2, num_key_value_heads=2,
                 head_dim=spec.text_hidden // 2, vocab_size=len(tokenizer), max_position_embeddings=512,
                 pad_token_id=tokenizer.pad_token_id),
             # The vision tower reads images a prompt never carries here; one tiny layer keeps the class whole.
@@ -97,6 +96,7 @@ class Flux2Dev(Flux2):
     title = "FLUX.2 [dev]"
     pipeline_guidance = 4.0  # train_dreambooth_lora_flux2.py trains on the posterior's mode too, as [klein]'s
     distilled_guidance = True
+    text_layers = (10, 20, 30)  # the pipeline's text_encoder_out_layers, and train_dreambooth_lora_flux2.py's
     components = dict(Flux2.components, text_encoder=("transformers", "Mistral3ForConditionalGeneration"),
                       tokenizer=("transformers", "PixtralProcessor"))
     bases = {

@@ -57,6 +57,21 @@ class BaseModelInfo:
     guidance_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class TextEncoding:
+    """How a prompt becomes embeddings: its length in tokens, and for a family whose pipeline stacks hidden layers
+    of its text encoder (Family.text_layers), which layers (None: the pipeline's own)."""
+
+    tokens: int
+    layers: tuple[int, ...] | None = None
+
+    @classmethod
+    def of_image(cls, settings: dict[str, Any]) -> TextEncoding:
+        """As an image's settings record it (generate.job_settings)."""
+        layers = settings.get("text_encoder_out_layers")
+        return cls(settings["max_sequence_length"], None if layers is None else tuple(layers))
+
+
 class Family(ABC):
     """The interface every family implements (what each part is for: families/__init__.py): the abstract methods
     below, and the class attributes declared without a value. Tensors are torch tensors."""
@@ -101,6 +116,9 @@ class Family(ABC):
     # Its guidance-embedding bases take a distilled guidance scale in the transformer, while training too
     # (train.guidance): FLUX.1-dev and FLUX.2 [dev].
     distilled_guidance = False
+    # The hidden layers of its text encoder its pipeline stacks into a prompt's embeddings (text_encoder_out_layers),
+    # where a study may choose others ([model] text_encoder_out_layers); None: its pipeline takes no such choice.
+    text_layers: tuple[int, ...] | None = None
 
     def grid_shift(self, folder: Path) -> float:
         """The shift of the noise levels the reference script indexes: its scheduler's sigmas at construction,
@@ -149,12 +167,12 @@ class Family(ABC):
         return self.pipeline_class()(scheduler=scheduler, vae=vae, **{self.denoiser: denoiser},
                                      **{name: None for name in self.text_components}, **self.pipeline_overrides())
 
-    def text_arguments(self, max_sequence_length: int) -> dict[str, Any]:
-        """The pipeline's keyword arguments for the prompt's length in tokens."""
-        return {"max_sequence_length": max_sequence_length}
+    def text_arguments(self, text: TextEncoding) -> dict[str, Any]:
+        """The pipeline's keyword arguments for how it encodes the prompt."""
+        return {"max_sequence_length": text.tokens}
 
     @abstractmethod
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         """One caption's embeddings as cached: named tensors without a batch dimension."""
 
     def encode_pixels(self, vae, pixels):

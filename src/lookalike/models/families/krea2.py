@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, TransformerFamily, is_distilled
+from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily, is_distilled
 from lookalike.models.families.qwen_image import QwenImageLatents, tiny_qwen_image_vae
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
@@ -174,8 +174,8 @@ class Krea2(QwenImageLatents, TransformerFamily):
         return self.pipeline_class()(scheduler=scheduler, vae=vae, transformer=denoiser, text_encoder=None,
                                      tokenizer=None, **settings)
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
-        embeds, mask = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
+        embeds, mask = pipe.encode_prompt(caption, device=device, max_sequence_length=text.tokens)
         return {"prompt_embeds": embeds[0][mask[0]], "prompt_embeds_mask": mask[0]}
 
     def padded(self, text: dict[str, Any]):

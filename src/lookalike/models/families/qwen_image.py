@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, TransformerFamily
+from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 # The published transformer of Qwen-Image (20B parameters; joint_attention_dim: Qwen2.5-VL-7B's hidden size).
@@ -184,8 +184,8 @@ class QwenImage(QwenImageLatents, UnpaddedPrompts, TransformerFamily):
     def ensure_tiny(self, name: str) -> Path:
         return ensure_built(TinyQwenImageSpec().folder_name, build_tiny_qwen_image)
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
-        embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=max_sequence_length)
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
+        embeds, _ = pipe.encode_prompt(caption, device=device, max_sequence_length=text.tokens)
         return {"prompt_embeds": embeds[0]}  # one caption: no padding, every token is its own
 
     def guidance_arguments(self, guidance, by_embeddings) -> dict:

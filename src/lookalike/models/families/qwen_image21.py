@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, TransformerFamily
+from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily
 from lookalike.models.families.qwen_image import QwenImageLatents, UnpaddedPrompts
 from lookalike.models.tiny import QWEN_SPECIAL_TOKENS, byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
@@ -165,10 +165,10 @@ class QwenImage21(QwenImageLatents, UnpaddedPrompts, TransformerFamily):
         return self.pipeline_class()(scheduler=scheduler, vae=vae, transformer=denoiser, text_encoder=None,
                                      processor=processor, sample_sigmas=index.get("sample_sigmas"))
 
-    def text_arguments(self, max_sequence_length: int) -> dict[str, Any]:
+    def text_arguments(self, text: TextEncoding) -> dict[str, Any]:
         return {}  # each prompt at its own length
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         embeds, _, _ = pipe.encode_prompt(caption, device=device)
         return {"prompt_embeds": embeds[0]}  # one caption: no padding, every token is its own
 

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import (CLIP_BIG_G_TEXT, CLIP_L_TEXT, T5_XXL_ENCODER, BaseModelInfo,
-                                                 TransformerFamily)
+from lookalike.models.families.interface import (
+    CLIP_BIG_G_TEXT,
+    CLIP_L_TEXT,
+    T5_XXL_ENCODER,
+    BaseModelInfo,
+    TextEncoding,
+    TransformerFamily,
+)
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -183,10 +189,10 @@ class StableDiffusion3(TransformerFamily):
         return [("dual" if index in dual else "joint", image_tokens + CLIP_TOKENS + text_tokens)
                 for index in range(architecture["num_layers"])]
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         embeds, _, pooled, _ = pipe.encode_prompt(caption, prompt_2=None, prompt_3=None, device=device,
                                                   do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
+                                                  max_sequence_length=text.tokens)
         return {"prompt_embeds": embeds[0], "pooled": pooled[0]}
 
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import LookalikeError
-from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, BaseModelInfo, Family
+from lookalike.models.families.interface import CLIP_BIG_G_TEXT, CLIP_L_TEXT, BaseModelInfo, Family, TextEncoding
 from lookalike.models.tiny import (
     byte_level_clip_tokenizer,
     ensure_built,
@@ -158,7 +158,7 @@ class StableDiffusion(Family):
         spec = TinyStableDiffusionSpec(xl=self.xl)
         return ensure_built(spec.folder_name, lambda: build_tiny_stable_diffusion(spec))
 
-    def text_arguments(self, max_sequence_length: int) -> dict[str, Any]:
+    def text_arguments(self, text: TextEncoding) -> dict[str, Any]:
         return {}  # the CLIP encoders' own 77 tokens
 
     def model_input(self, latents, normalisation):
@@ -216,7 +216,7 @@ class StableDiffusion1(StableDiffusion):
     def text_shapes(self, architecture, tokens):
         return {"prompt_embeds": (CLIP_TOKENS, architecture["cross_attention_dim"])}
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         embeds, _ = pipe.encode_prompt(caption, device, 1, False)
         return {"prompt_embeds": embeds[0]}
 
@@ -284,7 +284,7 @@ class StableDiffusionXL(StableDiffusion):
                 "pooled": (architecture["projection_class_embeddings_input_dim"]
                            - 6 * architecture["addition_time_embed_dim"],)}
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         embeds, _, pooled, _ = pipe.encode_prompt(caption, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds[0], "pooled": pooled[0]}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, TransformerFamily
+from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name, tiny_autoencoder
 
 _ATTENTION = r"attention\.(to_q|to_k|to_v|to_out\.0)"
@@ -123,9 +123,9 @@ class ZImage(TransformerFamily):
     def ensure_tiny(self, name: str) -> Path:
         return ensure_built(TinyZImageSpec().folder_name, build_tiny_z_image)
 
-    def encode(self, pipe, caption: str, max_sequence_length: int, device) -> dict[str, Any]:
+    def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         embeds, _ = pipe.encode_prompt(caption, device=device, do_classifier_free_guidance=False,
-                                       max_sequence_length=max_sequence_length)
+                                       max_sequence_length=text.tokens)
         return {"prompt_embeds": embeds[0]}
 
     def predict(self, transformer, config, noisy, sigmas, texts, guidance, layout, device, dtype):
