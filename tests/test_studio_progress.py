@@ -83,4 +83,6 @@ def test_the_loss_chart_is_the_reports_smoothed_curve_thinned_to_its_most_points
     small.root.mkdir()
     small.metrics.write_text(records(range(1, 6)))
     assert list(loss_points(small)["step"]) == [1, 2, 3, 4, 5]
-    assert loss_points(Workspace(tmp_path / "ws").run("none")).empty
+    none = loss_points(Workspace(tmp_path / "ws").run("none"))
+    assert none.empty and list(none.dtypes) == ["int64", "float64"], "numbers even before the first step (the chart " \
+        "keeps the kind of its first columns)"

@@ -141,7 +141,9 @@ def loss_points(run: RunPaths, most: int = LOSS_POINTS):
                                     if record.get("loss") is not None])
     every = -(-len(points) // most) if points else 1
     thinned = points[::every] + (points[-1:] if points and (len(points) - 1) % every else [])
-    return pandas.DataFrame(thinned, columns=["step", "loss (smoothed)"])
+    # Typed even when empty: a chart first sent columns of no type keeps them as categories once the numbers come.
+    return pandas.DataFrame(thinned, columns=["step", "loss (smoothed)"]).astype({"step": "int64",
+                                                                                 "loss (smoothed)": "float64"})
 
 
 def scores_figure(run: RunPaths):
