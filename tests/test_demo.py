@@ -359,3 +359,31 @@ def test_an_offloaded_demo_draws_what_the_whole_pipeline_draws(demo):
         np.testing.assert_array_equal(got, expected)
         drawn.append(got)
     assert not np.array_equal(drawn[0], drawn[1]), "the LoRA changes the image"
+
+
+def test_the_studios_try_page_shows_the_new_bases_settings_when_the_base_changes(tiny_config):
+    """The page's header, guidance, steps and size follow the study's base as the Train page changes it, and are
+    left as the user set them while the base stays (each refresh would otherwise undo their choice)."""
+    studies = {"tiny": load_config(tiny_config(model={"base": "tiny"})),
+               "tiny-flux2-klein": load_config(tiny_config(model={"base": "tiny-flux2-klein"},
+                                                           data={"resolution": 128},
+                                                           generate={"num_inference_steps": 7}))}
+    current = ["tiny"]
+    app = build_app(studies["tiny"], DemoModels(studies["tiny"], follow=lambda: studies[current[0]]))
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **serve_options(None))
+    try:
+        client = client_for(f"http://127.0.0.1:{port}/")
+        config = client.view_api(return_format="dict", print_info=False)
+        assert "/refresh" in config["named_endpoints"]
+        unchanged = {"__type__": "update"}  # what the client gets of a part the server left as it was
+        assert client.predict(api_name="/refresh")[2:6] == (unchanged,) * 4, "the user's settings stay"
+        current[0] = "tiny-flux2-klein"  # the Train page applies another base
+        header, guidance, steps, side = client.predict(api_name="/refresh")[2:6]
+        again = client.predict(api_name="/refresh")[2:6]
+    finally:
+        app.close()
+    assert "Base model `tiny-flux2-klein`" in header
+    assert (steps["value"], side["value"]) == (7, 128), "the new base's steps and size"
+    assert guidance["value"] == 0.0 and not guidance["interactive"], "FLUX.2 [klein] is distilled: no guidance"
+    assert again == (unchanged,) * 4, "shown once: then the user's again"

@@ -93,6 +93,11 @@ class DemoModels:
         self._references: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
 
+    def current(self) -> StudyConfig:
+        """The study as it is now (the followed one's config, read again)."""
+        self._refresh()
+        return self.config
+
     def _refresh(self) -> None:
         """The followed study's config, now; what the change makes stale is let go (loaded again when asked)."""
         if self._follow is None:
@@ -222,9 +227,21 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
 
     models = models or DemoModels(config)
     keep_temporary_files_in(models.folder / ".gradio")
-    size = image_size(config)
-    takes_guidance = guidance_scales(config) != [None]
     starting_references = [str(p) for p in reference_photos(config)]
+
+    def drawing_settings(current: StudyConfig) -> tuple:
+        """The page's header and its guidance, steps and size at the study's drawing defaults (the studio's Train
+        page may change the base while the page is open)."""
+        takes_guidance, size = guidance_scales(current) != [None], image_size(current)
+        drawn = "" if drawing_base(current) == current.model.base else f", drawn with `{drawing_base(current)}`"
+        header = (f"# lookalike: {current.name}\nBase model "
+                  f"`{trained_base(current.model.base, current.model.checkpoint)}`{drawn}, subject "
+                  f"`{current.subject.token}`. Every image is scored at once against the reference photos below.")
+        return (header,
+                gr.update(value=guidance_scales(current)[0] or 0.0, interactive=takes_guidance,
+                          label="guidance scale" if takes_guidance else "guidance (this base takes none)"),
+                gr.update(value=inference_steps(current)),
+                gr.update(value=size // SIDE_STEP * SIDE_STEP, maximum=max(1536, size)))
 
     def loras_of(lora_a, weight_a, lora_b, weight_b) -> list[tuple[str, float, str]]:
         """(name, weight, SHA-256 of its file now) of each chosen LoRA; lora_path refuses anything that is not a
@@ -239,11 +256,11 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
             if not prompt or not prompt.strip():
                 raise DemoError("write a prompt first")
             _check_settings(seed, steps, side, guidance)
-            side = int(side) // SIDE_STEP * SIDE_STEP
-            guidance = float(guidance) if takes_guidance else None
+            side, current = int(side) // SIDE_STEP * SIDE_STEP, models.current()
+            guidance = float(guidance) if guidance_scales(current) != [None] else None
             image = models.render(loras, prompt, int(seed), guidance, int(steps), side, progress)
             facts = {"prompt": prompt, "seed": int(seed), "guidance_scale": guidance, "steps": int(steps),
-                     "size": side, "base_model": drawing_base(config),
+                     "size": side, "base_model": drawing_base(current),
                      "loras": [{"name": name, "weight": weight, "sha256": sha256} for name, weight, sha256 in loras]}
             path = models.keep_image(image, facts)
             scores = models.score(path, prompt, references)
@@ -277,17 +294,21 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     def _rescore(last, references):
         return models.score(Path(last["path"]), last["prompt"], references) if last else None
 
-    def refresh():
+    def refresh(shown):
+        """The runs' LoRAs as they are now; and, where the study now draws with something else than the page
+        shows (`shown`), the page's drawing settings at its defaults (else the user's own stay)."""
         choices = models.lora_choices()
-        return gr.update(choices=choices), gr.update(choices=[NONE, *choices])
+        lists = gr.update(choices=choices), gr.update(choices=[NONE, *choices])
+        current = models.current()
+        if _what_draws(current) == shown:
+            return *lists, *(gr.skip(),) * 4, shown
+        return *lists, *drawing_settings(current), _what_draws(current)
 
     choices = models.lora_choices()
     with gr.Blocks(title=f"lookalike: {config.name}", delete_cache=(TEMPORARY_FILES_S, TEMPORARY_FILES_S)) as app:
-        drawn = "" if drawing_base(config) == config.model.base else f", drawn with `{drawing_base(config)}`"
-        base = trained_base(config.model.base, config.model.checkpoint)
-        gr.Markdown(f"# lookalike: {config.name}\nBase model `{base}`{drawn}, subject "
-                    f"`{config.subject.token}`."
-                    " Every image is scored at once against the reference photos below.")
+        header, *starting = drawing_settings(config)
+        title = gr.Markdown(header)
+        shown = gr.State(_what_draws(config))  # what draws, as the page's settings show it
         references = gr.State(starting_references)
         history = gr.State([])
         last = gr.State(None)
@@ -301,12 +322,9 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                 prompt = gr.Textbox(config.fill(config.generate.prompts[0]), label="prompt")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    guidance = gr.Slider(0.0, 10.0, value=guidance_scales(config)[0] or 0.0, step=0.5,
-                                         interactive=takes_guidance, label="guidance scale" if takes_guidance
-                                         else "guidance (this base takes none)")
-                    steps = gr.Slider(1, 50, value=inference_steps(config), step=1, label="steps")
-                    side = gr.Slider(64, max(1536, size), value=size // SIDE_STEP * SIDE_STEP, step=SIDE_STEP,
-                                     label="size (pixels)")
+                    guidance = gr.Slider(0.0, 10.0, step=0.5, **_settings(starting[0]))
+                    steps = gr.Slider(1, 50, step=1, label="steps", **_settings(starting[1]))
+                    side = gr.Slider(64, step=SIDE_STEP, label="size (pixels)", **_settings(starting[2]))
                 go = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(type="pil", label="image", interactive=False, format="png", height=360)
@@ -328,9 +346,15 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                   api_name="add_references")
         remove.click(remove_references, [to_remove, references, last],
                      [references, scores, reference_gallery, to_remove], api_name="remove_references")
-        refresh_button.click(refresh, None, [lora_a, lora_b], api_name="refresh")
-        gr.Timer(REFRESH_S).tick(refresh, None, [lora_a, lora_b], api_name=False)  # runs finishing meanwhile
+        followed = [lora_a, lora_b, title, guidance, steps, side, shown]
+        refresh_button.click(refresh, [shown], followed, api_name="refresh")
+        gr.Timer(REFRESH_S).tick(refresh, [shown], followed, api_name=False)  # runs finishing, a base changed
     return app.queue(default_concurrency_limit=1, max_size=32)
+
+
+def _settings(update: dict) -> dict:
+    """A slider's constructor arguments from the update that sets it later (gr.update's dict, less its marker)."""
+    return {key: value for key, value in update.items() if key != "__type__"}
 
 
 def _shown(items: list[tuple[str, str]]) -> list:
