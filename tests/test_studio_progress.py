@@ -48,12 +48,12 @@ def test_a_page_reads_a_long_run_in_time_that_does_not_grow_with_it(tmp_path, mo
     path, read = tmp_path / "metrics.jsonl", StepRecords()
     path.write_text(records(range(1, 100_001)))
     assert len(read(path)) == 100_000
-    parsed, parse = [], progress._parsed
-    monkeypatch.setattr(progress, "_parsed", lambda lines: parsed.append(lines) or parse(lines))
+    parsed, parse = [], progress.step_records_of
+    monkeypatch.setattr(progress, "step_records_of", lambda lines: parsed.append(lines) or parse(lines))
     with path.open("a") as file:
         file.write(records([100_001]))
     assert read(path)[-1]["step"] == 100_001 and len(read(path)) == 100_001
-    assert parsed == [records([100_001]).encode()], "only the new line parsed"
+    assert parsed == [[records([100_001]).encode().rstrip(b"\n")]], "only the new line parsed"
 
 
 def test_the_log_tail_is_its_last_lines_as_the_terminal_showed_them(tmp_path):

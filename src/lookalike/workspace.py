@@ -195,8 +195,13 @@ def read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The step records of metrics.jsonl; a line cut short by a kill mid-write is skipped."""
+    return step_records_of(path.read_bytes().splitlines()) if path.is_file() else []
+
+
+def step_records_of(lines: list[bytes]) -> list[dict[str, Any]]:
+    """The step records among JSON lines; a line cut short by a kill mid-write is skipped."""
     records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in lines:
         try:
             record = json.loads(line)
         except ValueError:

@@ -6,7 +6,6 @@ log only at its end, so a page's refresh costs the same at step 100,000 as at st
 from __future__ import annotations
 
 import html
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 from lookalike.display import cell
 from lookalike.evaluate.pareto import front_steps
 from lookalike.report import figures
-from lookalike.workspace import RunPaths, read_json
+from lookalike.workspace import RunPaths, read_json, step_records_of
 
 LOG_LINES = 40
 LOG_TAIL_BYTES = 64 * 1024  # the end of a log read for its last lines (progress bars make long logs)
@@ -51,8 +50,8 @@ class StepRecords:
                 return []
             whole = data[:data.rfind(b"\n") + 1]
             if whole:
-                read = known.offset + len(whole)
-                known = _ReadTo(read, (known.before + whole)[-_CHECK_BYTES:], known.records + _parsed(whole))
+                known = _ReadTo(known.offset + len(whole), (known.before + whole)[-_CHECK_BYTES:],
+                                known.records + step_records_of(whole.splitlines()))
             self._files[path] = known
             return known.records
 
@@ -64,20 +63,6 @@ class StepRecords:
             if file.read(len(known.before)) == known.before:
                 return known
         return _ReadTo(0, b"", [])
-
-
-def _parsed(lines: bytes) -> list[dict]:
-    """The step records among whole JSON lines; a line a kill cut short (and the next run appended to) is skipped,
-    as workspace.read_metrics skips it."""
-    records = []
-    for line in lines.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
 
 
 step_records = StepRecords()
