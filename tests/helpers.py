@@ -3,26 +3,27 @@ the stock pipelines' images, file digests, and the measured figures the memory t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-import torch
-from safetensors.torch import load_file
-from lookalike.train.trainer import train
+from pathlib import Path
+
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file
+
 from lookalike.config import load_config
 from lookalike.generate import generate
-from lookalike.models.base import load_component, resolve_base
+from lookalike.models.base import base_info, load_component, resolve_base
 from lookalike.models.families import folder_family
 from lookalike.models.families.flux1 import ensure_tiny_model
 from lookalike.models.lora import add_lora, lora_state_dict, save_lora
-import os
-from lookalike.models.base import base_info
-import hashlib
-from pathlib import Path
+from lookalike.train.trainer import train
 
 
 def _train_process(config_path, run, *extra):
@@ -76,42 +77,6 @@ def denoiser_with_a_lora(folder, component: str):
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
     return denoiser
-
-
-def comfyui_lora_keys(family: str, transformer) -> set[str]:
-    """The diffusers-named layers ComfyUI's LoRA loader takes as `transformer.<layer>` for each family, transcribed
-    from ComfyUI's comfy/lora.py (model_lora_keys_unet) and comfy/utils.py: FLUX.1 and FLUX.2 through
-    flux_to_diffusers (the Flux branch), Z-Image through z_image_to_diffusers (the Lumina2 branch), SD3 through
-    mmdit_to_diffusers, Qwen-Image every weight of its model, whose layers have diffusers' names."""
-    config = transformer.config
-    if family == "flux1":  # flux_to_diffusers: FLUX.1's layers, each mapped onto its part of a fused one
-        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                  "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
-                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
-        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
-        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
-    elif family.startswith("flux2"):  # ComfyUI's one FLUX.2 model: [klein] and [dev] alike
-        double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                  "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
-                  "ff_context.linear_out"]
-        single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "attn.to_qkv_mlp_proj", "attn.to_out"]
-        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in double]
-        names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config.num_single_layers) for layer in single]
-    elif family == "z-image":
-        block = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
-                 "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]
-        prefixes = [f"layers.{i}" for i in range(config.n_layers)] + [
-            f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(config.n_refiner_layers)]
-        names = [f"{prefix}.{layer}" for prefix in prefixes for layer in block]
-    elif family == "sd3":  # mmdit_to_diffusers: each joint block's layers (none of SD3.5 Medium's attn2)
-        block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                 "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                 "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
-        names = [f"transformer_blocks.{i}.{layer}" for i in range(config.num_layers) for layer in block]
-    else:
-        names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
-    return {f"transformer.{name}" for name in names}
 
 
 def train_sampled_run(tiny_config, base: str, model: dict | None = None, **settings):

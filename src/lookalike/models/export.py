@@ -15,8 +15,9 @@ lora_te1_ and lora_te2_; FLUX.1's CLIP: lora_te1_) with the text model's layer n
 (lora_te_text_model_encoder_layers_0_self_attn_q_proj).
 
 For the other families ComfyUI reads diffusers' own layer names (its key maps take `transformer.<layer>` for
-FLUX.2, Z-Image, Qwen-Image and SD3), so their ComfyUI layout is diffusers', and kohya has none. Krea 2 and
-Qwen-Image 2.1 have no layout ComfyUI is known to read: their LoRAs export in diffusers' layout only.
+FLUX.2, Z-Image, Qwen-Image and 2.1, Krea 2 and SD3, and place each in its part of a layer ComfyUI fuses), so their
+ComfyUI layout is diffusers', and kohya has none. ComfyUI 0.38.1 reads every family's file (tests/comfyui.py
+transcribes its loader; Krea 2 and Qwen-Image 2.1 need a ComfyUI with their models, which 0.38.1 has).
 
 A LoKr (train.adapter = 'lokr') keeps each layer apart, so its ComfyUI layout is diffusers' for every transformer
 (ComfyUI maps FLUX.1's diffusers names onto the parts of its fused layers), and kohya's only for the SD UNets
@@ -68,9 +69,6 @@ def export_lora(source: Path, out: Path, format: str, dtype: str = "fp32") -> Pa
     if fused is None and format == "kohya":
         raise LookalikeError(f"--format kohya: kohya's layout exists for FLUX.1, SDXL and SD 1.x LoRAs only; {source} "
                              f"is for {info['base_model']}: export it with --format comfyui or diffusers")
-    if format == "comfyui" and not family.comfyui_layout_known:
-        raise LookalikeError(f"--format comfyui: no ComfyUI layout is known for {family.name} LoRAs; {source} is for "
-                             f"{info['base_model']}: export it with --format diffusers")
     if fused is None:  # diffusers' layout, which ComfyUI reads for this family too
         save_lora(out, tensors, adapter_config(config), base_model_of(info), dtype=cast,
                   text_encoder_configs=text_encoder_configs(tensors, config["r"], config["lora_alpha"]))
@@ -115,9 +113,6 @@ def _export_lokr(source: Path, out: Path, format: str, tensors: dict, config: di
         raise LookalikeError(f"--format kohya: {source} is a LoKr, and kohya's layout exists for LoKrs of SDXL and SD "
                              f"1.x only (FLUX.1's fuses layers a LoKr cannot be split across); {source} is for "
                              f"{info.get('base_model')}: export it with --format comfyui or diffusers")
-    if format == "comfyui" and not family.comfyui_layout_known:
-        raise LookalikeError(f"--format comfyui: no ComfyUI layout is known for {family.name} LoKrs; {source} is for "
-                             f"{info['base_model']}: export it with --format diffusers")
     if format == "diffusers" or names is None:  # diffusers' layout, which ComfyUI reads for these transformers
         save_lora(out, tensors, adapter_config(config), base_model_of(info), dtype=cast)
         return out

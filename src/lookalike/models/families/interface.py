@@ -95,7 +95,6 @@ class Family(ABC):
     comfyui_reads_kohya = False  # ComfyUI's layout is kohya's (SD UNets), not diffusion_model.<layer> (FLUX.1)
     vae_factor = VAE_FACTOR  # pixels per latent side
     latent_patch = 2  # latents per token side: the transformers' 2x2 patches
-    comfyui_layout_known = True  # ComfyUI is known to read this family's LoRAs (in diffusers' layout, or kohya's)
     # The text encoders a run may train a LoRA on (train.train_text_encoder), as the family's reference script does
     # with --train_text_encoder, and each one's prefix in kohya's layout (lora_te_<layer>).
     trainable_text_encoders: dict[str, str] = {}

@@ -141,7 +141,6 @@ class Krea2(QwenImageLatents, TransformerFamily):
     }
     takes_negative_prompt = True
     negative_prompt = ""  # the pipeline's own negative prompt when none is given
-    comfyui_layout_known = False
     # Measured by bench/activation_figures.py on Krea 2's blocks; the backward pass's working values from the tiny
     # model's measured step (tests/test_memory.py): FLUX.1's ratio to the block's figure (11.0 / 13.2) gave 15.3,
     # 20% above what it holds.

@@ -130,7 +130,6 @@ class QwenImage21(QwenImageLatents, UnpaddedPrompts, TransformerFamily):
         "diffusers": _ATTENTION,
         "attention+mlp": rf"{_ATTENTION}|transformer_blocks\.\d+\.img_mlp\.(proj|gate_layer|out)",
     }
-    comfyui_layout_known = False  # no Qwen-Image 2.1 key map of ComfyUI's is known here
     vae_factor = 16
     latent_patch = 1  # one token per latent (the 2x2 groups are the text encoder's image slots)
     # Measured by bench/activation_figures.py on Qwen-Image 2.1's blocks; the backward pass's working values from the

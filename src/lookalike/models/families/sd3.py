@@ -49,6 +49,7 @@ SD3_MEDIUM_TRANSFORMER = dict(SD35_LARGE_TRANSFORMER, num_layers=24, num_attenti
 _PROJECTIONS = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _BLOCK = r"transformer_blocks\.\d+"
 _MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
+_ATTENTION2 = r"attn2\.(to_q|to_k|to_v|to_out\.0)"  # SD3.5 Medium's dual-attention blocks: a second image attention
 
 # The transformer's repeated block, which diffusers' SD3Transformer2DModel does not name (its _repeated_blocks is
 # empty): what gradient checkpointing, offloading, sharding and regional compilation work block by block on.
@@ -139,14 +140,13 @@ class StableDiffusion3(TransformerFamily):
         "tiny-sd3": BaseModelInfo("sd3", None, 32, 28),
     }
     # diffusers' train_dreambooth_lora_sd3.py adapts, by default, every block's joint attention: the image's
-    # to_q/k/v/out.0 and the text's add_q/k/v_proj and to_add_out (its peft suffixes `attn.<layer>`); attention
-    # is that set too, and attention+mlp adds both streams' feed-forward. No preset adapts SD3.5 Medium's second
-    # attention over the image (attn2), as the script does not: ComfyUI's SD3 key map has no names for it, so a
-    # LoRA of it would not load there.
+    # to_q/k/v/out.0 and the text's add_q/k/v_proj and to_add_out (its peft suffixes `attn.<layer>`). attention
+    # adds SD3.5 Medium's second attention over the image (attn2, in its dual-attention blocks), which ComfyUI's
+    # SD3 key map places in x_block.attn2's fused qkv and proj; attention+mlp adds both streams' feed-forward.
     target_modules = {
-        "attention": rf"{_BLOCK}\.attn\.{_PROJECTIONS}",
+        "attention": rf"{_BLOCK}\.(attn\.{_PROJECTIONS}|{_ATTENTION2})",
         "diffusers": rf"{_BLOCK}\.attn\.{_PROJECTIONS}",
-        "attention+mlp": rf"{_BLOCK}\.(attn\.{_PROJECTIONS}|{_MLP})",
+        "attention+mlp": rf"{_BLOCK}\.(attn\.{_PROJECTIONS}|{_ATTENTION2}|{_MLP})",
     }
     # The single-file checkpoints beside the diffusers folders (ComfyUI's: the model and its text encoders).
     hub_ignore = ["sd3*.safetensors", "text_encoders/*"]
