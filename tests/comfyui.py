@@ -1,9 +1,12 @@
 """ComfyUI's LoRA loading, transcribed for the tests from ComfyUI 0.38.1 (Comfy-Org/ComfyUI as stored; its
 comfyui_version.py says 0.38.1), never from lookalike's constants:
 
-- comfy/utils.py (commit 09708ea): flux_to_diffusers, z_image_to_diffusers, krea2_to_diffusers and
-  mmdit_to_diffusers, the maps from diffusers' layer names to ComfyUI's (with the slice of a fused layer each
-  takes);
+- comfy/utils.py (commit 09708ea): flux_to_diffusers, z_image_to_diffusers, krea2_to_diffusers,
+  mmdit_to_diffusers and unet_to_diffusers, the maps from diffusers' layer names to ComfyUI's (with the slice of a
+  fused layer each takes);
+- comfy/model_detection.py: the UNet config unet_to_diffusers reads (per input block its transformer depth, and
+  per output block, listed from the last output block to the first, its own), here told from the diffusers
+  UNet's config instead of the original checkpoint's weights;
 - comfy/lora.py (commit 17358c8): model_lora_keys_unet (which names in a LoRA file reach which weight of the
   model), load_lora (which of the file's keys load, and which are left over) and calculate_weight (a patch into a
   slice: weight.narrow(dim, start, length));
@@ -108,6 +111,55 @@ def mmdit_to_diffusers(depth: int, num_blocks: int) -> dict:
     return key_map
 
 
+# TRANSFORMER_BLOCKS' weights (comfy/utils.py): the layers of a UNet's transformer block.
+UNET_TRANSFORMER_WEIGHTS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                            "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def unet_config(config) -> dict:
+    """ComfyUI's UNet config of an SD 1.x or SDXL UNet: res blocks and transformer depth per level, the input
+    blocks' depths in order, the output blocks' from the last to the first, the middle block's."""
+    levels = len(config.block_out_channels)
+    per_block = config.layers_per_block
+    layers = config.transformer_layers_per_block
+    layers = [layers] * levels if isinstance(layers, int) else list(layers)
+    down = [layers[x] if config.down_block_types[x].startswith("CrossAttn") else 0 for x in range(levels)]
+    up = [layers[levels - 1 - x] if config.up_block_types[x].startswith("CrossAttn") else 0 for x in range(levels)]
+    output_order = [up[x] for x in range(levels) for _ in range(per_block + 1)]  # output_blocks 0, 1, ...
+    return {"num_res_blocks": [per_block] * levels, "channel_mult": list(range(1, levels + 1)),
+            "transformer_depth": [down[x] for x in range(levels) for _ in range(per_block)],
+            "transformer_depth_output": list(reversed(output_order)), "transformer_depth_middle": layers[-1]}
+
+
+def unet_to_diffusers(unet: dict) -> dict:
+    """comfy/utils.py unet_to_diffusers, its transformer blocks' weights: diffusers' name -> the original UNet's."""
+    key_map = {}
+    depth, depth_output = list(unet["transformer_depth"]), list(unet["transformer_depth_output"])
+    num_res_blocks = unet["num_res_blocks"]
+    for x in range(len(unet["channel_mult"])):
+        n = 1 + (num_res_blocks[x] + 1) * x
+        for i in range(num_res_blocks[x]):
+            for t in range(depth.pop(0)):
+                for b in UNET_TRANSFORMER_WEIGHTS:
+                    key_map[f"down_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}.weight"] = \
+                        f"input_blocks.{n}.1.transformer_blocks.{t}.{b}.weight"
+            n += 1
+    for t in range(unet["transformer_depth_middle"]):
+        for b in UNET_TRANSFORMER_WEIGHTS:
+            key_map[f"mid_block.attentions.0.transformer_blocks.{t}.{b}.weight"] = \
+                f"middle_block.1.transformer_blocks.{t}.{b}.weight"
+    reversed_blocks = list(reversed(num_res_blocks))
+    for x in range(len(unet["channel_mult"])):
+        n = (reversed_blocks[x] + 1) * x
+        for i in range(reversed_blocks[x] + 1):
+            for t in range(depth_output.pop()):
+                for b in UNET_TRANSFORMER_WEIGHTS:
+                    key_map[f"up_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}.weight"] = \
+                        f"output_blocks.{n}.1.transformer_blocks.{t}.{b}.weight"
+            n += 1
+    return key_map
+
+
 def diffusers_map(family: str, config) -> dict | None:
     """The family's map from diffusers' weights to ComfyUI's, with ComfyUI's model config as its detection reads it
     from the weights; None where ComfyUI's model keeps diffusers' names (Qwen-Image and 2.1)."""
@@ -120,6 +172,8 @@ def diffusers_map(family: str, config) -> dict | None:
         return krea2_to_diffusers(config.num_layers)
     if family == "sd3":  # model_detection: depth = x_embedder's width // 64, num_blocks = the joint blocks counted
         return mmdit_to_diffusers(config.num_attention_heads * config.attention_head_dim // 64, config.num_layers)
+    if family in ("sd1", "sdxl"):
+        return {key: (PREFIX + original, None) for key, original in unet_to_diffusers(unet_config(config)).items()}
     return None
 
 
@@ -200,6 +254,16 @@ def model_lora_keys_unet(family: str, config, comfy: dict[str, torch.Tensor]) ->
                 key_map[key_lora] = to
                 key_map[f"transformer.{key_lora}"] = to
                 key_map["lycoris_{}".format(key_lora.replace(".", "_"))] = to
+    elif family in ("sd1", "sdxl"):  # every UNet: kohya's names of diffusers' layers, and diffusers' own
+        for k, (to, _) in mapping.items():
+            name = k[:-len(".weight")]
+            key_map["lora_unet_{}".format(name.replace(".", "_"))] = to
+            key_map["lycoris_{}".format(name.replace(".", "_"))] = to
+            for p in ("", "unet."):
+                diffusers_lora_key = "{}{}".format(p, name.replace(".to_", ".processor.to_"))
+                if diffusers_lora_key.endswith(".to_out.0"):
+                    diffusers_lora_key = diffusers_lora_key[:-2]
+                key_map[diffusers_lora_key] = to
     elif family in ("krea2", "z-image"):  # model_base.Krea2, model_base.Lumina2
         for k, (to, where) in mapping.items():
             target = to if where is None else (to, where)

@@ -17,7 +17,8 @@ from lookalike.models.lora import add_lora, lora_state_dict, save_lora
 from tests import comfyui
 
 TINY = {"flux1": "tiny", "flux2": "tiny-flux2-klein", "flux2-dev": "tiny-flux2-dev", "z-image": "tiny-z-image",
-        "qwen-image": "tiny-qwen-image", "qwen-image21": "tiny-qwen-image21", "krea2": "tiny-krea2", "sd3": "tiny-sd3"}
+        "qwen-image": "tiny-qwen-image", "qwen-image21": "tiny-qwen-image21", "krea2": "tiny-krea2", "sd3": "tiny-sd3",
+        "sd1": "tiny-sd15", "sdxl": "tiny-sdxl"}
 RANK, ALPHA = 4, 8.0  # a scale of 2: ComfyUI reads it from the file's alpha tensors, or none (scale folded in)
 # Each family's preset that adapts the most layers (every other preset's are among them): Krea 2's `diffusers`, the
 # authors' set with its input, output, text and timestep projections and text-fusion blocks; attention+mlp else.
@@ -77,7 +78,7 @@ def diffusers_fused(family: str, fresh, exported_diffusers, strength: float) -> 
         folder = resolve_base(TINY[family])
         pipe = folder_family(folder).pipeline_class().from_pretrained(folder)
         pipe.load_lora_weights(str(exported_diffusers.parent), weight_name=exported_diffusers.name)
-        model = pipe.transformer
+        model = getattr(pipe, folder_family(folder).denoiser)
     model.fuse_lora(lora_scale=strength)
     return linear_weights(model)
 
