@@ -61,6 +61,20 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
     transformer.add_adapter(config)
 
 
+def share_lora_inputs(model) -> int:
+    """Let every LoRA layer of `model` take its input as it comes, as peft casts it to the LoRA's float32 first:
+    under mixed-precision autocast the matmul casts it back to bf16 (or fp16), so the values are the same, but each
+    layer kept a copy of its own for the backward pass, where now the layers that read one input (q, k and v) keep
+    that input once. Only for a plain LoRA without dropout (dropout on the float32 copy rounds otherwise), and only
+    under autocast (without it, a float32 LoRA needs the cast). Returns the layers changed."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def full_tensor(tensor):
     """A tensor sharded across processes (train.shard) gathered whole, a collective step; any other as it is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

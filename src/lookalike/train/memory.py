@@ -34,7 +34,9 @@ QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
 # for 19.5 counted at 1024 px; with checkpointing 2.4 for 2.3, so there the factor overstates, by 2.6% of the run's
 # total. nf4: 1.85 fits all four measurements (512 and 1024 px, with and without checkpointing) within 3.5% of the
 # total. int8 was not measured; it takes fp8's figures (both are torchao's weight-only layers). The measurements:
-# bench/gpu_figures.json.
+# bench/gpu_figures.json. They were measured while peft still cast each LoRA layer's input to float32; the LoRA
+# layers now share their inputs (models/lora.share_lora_inputs), so these factors overstate until a GPU measures
+# them again.
 ACTIVATIONS_UNDER_AUTOCAST = {"none": 1.36, "int8": 1.36, "fp8": 1.36, "nf4": 1.85}
 # torchao's weight-only int8 and fp8 layers also keep a dequantized copy of their weight for the backward pass
 # (counted on the CPU too): with an fp8 base, 17.3 GB more than bf16's at 1024 px, 0.73 of the linear weights in bf16.

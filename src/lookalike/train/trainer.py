@@ -32,7 +32,7 @@ from lookalike.models.base import guidance_scales, load_component, text_encoding
 from lookalike.models.checkpoint import RECORD, trained_base_folder
 from lookalike.models.families import folder_family
 from lookalike.models.families.interface import TextEncoding
-from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora
+from lookalike.models.lora import add_lora, full_tensor, lora_state_dict, save_lora, share_lora_inputs
 from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
 from lookalike.progress import progress_bar
@@ -450,6 +450,8 @@ class Training:
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if self.precision != "no" and t.adapter == "lora" and not t.lora_dropout:
+            share_lora_inputs(transformer)  # the same values, fewer activations kept (models/lora.py)
         self.text_encoders = None
         if t.train_text_encoder:
             self.texts = self.text_encoders = TrainedTextEncoders(self.folder, family, t, device, self.weight_dtype,
