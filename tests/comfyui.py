@@ -314,5 +314,9 @@ def lora_names(family: str, transformer) -> set[str]:
     """Every layer name in a LoRA file that ComfyUI's key map takes for this model."""
     weights = {f"{name}.weight": module.weight for name, module in transformer.named_modules()
                if isinstance(module, torch.nn.Linear)}
-    comfy, _ = comfyui_weights(family, transformer.config, weights)
+    mapping = diffusers_map(family, transformer.config)
+    if mapping is None:  # ComfyUI's model has diffusers' names (Qwen-Image 2.1's fused layer sized from its parts)
+        comfy, _ = comfyui_weights(family, transformer.config, weights)
+    else:  # the names alone: a tiny SD3 narrower than 64, whose fused layers ComfyUI cannot size, still has them
+        comfy = {to: None for key, (to, _) in mapping.items() if key in weights}
     return set(model_lora_keys_unet(family, transformer.config, comfy))
