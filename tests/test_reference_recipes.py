@@ -345,3 +345,8 @@ def test_text_layers_are_refused_by_name_where_the_base_stacks_none_or_another_c
         result = run_in_process("generate", str(path))
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
             "error: model.text_encoder_out_layers"), result.stderr
+    beyond = tiny_config(model={"base": "tiny-flux2-klein", "text_encoder_out_layers": [10, 20, 32]})
+    result = run_in_process("generate", str(beyond))  # the tiny encoder's hidden states are numbered 0 to 31
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: model.text_encoder_out_layers: [10, 20, 32] reads beyond this base's text encoder, whose hidden states "
+        "are numbered 0 to 31"), result.stderr

@@ -75,6 +75,8 @@ def render(pipe, *, seed: int, guidance: float | None, steps: int, size: int, te
     import torch
 
     family = pipeline_family(pipe)
+    if embeddings is None:  # the pipeline encodes the prompt
+        family.check_text(pipe, text)
     guided = family.guidance_arguments(guidance, by_embeddings=embeddings is not None)
     if negative_prompt is not None and guidance is not None:
         guided["negative_prompt"] = negative_prompt

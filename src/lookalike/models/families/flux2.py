@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lookalike.errors import LookalikeError
 from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily, is_distilled
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
@@ -158,7 +159,15 @@ class Flux2(TransformerFamily):
     def text_arguments(self, text: TextEncoding) -> dict[str, Any]:
         return {"max_sequence_length": text.tokens, "text_encoder_out_layers": text.layers or self.text_layers}
 
+    def check_text(self, pipe, text: TextEncoding) -> None:
+        config = pipe.text_encoder.config
+        depth = getattr(config, "text_config", config).num_hidden_layers  # Mistral 3 nests its language model's
+        if text.layers is not None and max(text.layers) > depth:
+            raise LookalikeError(f"model.text_encoder_out_layers: {list(text.layers)} reads beyond this base's text "
+                                 f"encoder, whose hidden states are numbered 0 to {depth}")
+
     def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
+        self.check_text(pipe, text)
         prompt_embeds, _ = pipe.encode_prompt(caption, device=device, **self.text_arguments(text))
         return {"prompt_embeds": prompt_embeds[0]}
 

@@ -170,6 +170,9 @@ class Family(ABC):
         """The pipeline's keyword arguments for how it encodes the prompt."""
         return {"max_sequence_length": text.tokens}
 
+    def check_text(self, pipe, text: TextEncoding) -> None:
+        """Refuse, by its key, a text encoding the pipeline's text encoders cannot give (none by default)."""
+
     @abstractmethod
     def encode(self, pipe, caption: str, text: TextEncoding, device) -> dict[str, Any]:
         """One caption's embeddings as cached: named tensors without a batch dimension."""
