@@ -4,6 +4,7 @@ the stock pipelines' images, file digests, and the measured figures the memory t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -64,6 +65,14 @@ def assert_a_killed_run_resumes_exactly(path, steps: int, killed_after: str):
 # How a user asks the stock pipeline for guidance 4: Qwen-Image's true CFG needs a negative prompt; Qwen-Image 2.1
 # draws without guidance.
 STOCK_GUIDANCE = {"qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": " "}, "qwen-image21": {}}
+
+
+def stock_arguments(family) -> dict:
+    """How a user asks the family's stock pipeline for an image at guidance 4 from the tiny text encoders (32
+    tokens, where its __call__ takes a length); everything else at the pipeline's own defaults."""
+    takes_length = "max_sequence_length" in inspect.signature(family.pipeline_class().__call__).parameters
+    return dict(STOCK_GUIDANCE.get(family.name, {"guidance_scale": 4.0}),
+                **({"max_sequence_length": 32} if takes_length else {}))
 
 
 def denoiser_with_a_lora(folder, component: str):

@@ -5,7 +5,6 @@ fixed batch, and generation equal to the stock pipeline with the LoRA file loade
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from functools import partial
 
@@ -26,9 +25,9 @@ from lookalike.train.flow_matching import noisy_latents
 from lookalike.train.objectives import family_objective
 from lookalike.train.trainer import train
 from tests.helpers import (
-    STOCK_GUIDANCE,
     assert_a_killed_run_resumes_exactly,
     denoiser_with_a_lora,
+    stock_arguments,
     stock_image,
     train_sampled_run,
 )
@@ -170,11 +169,7 @@ def test_a_run_trains_samples_draws_what_the_stock_pipeline_draws_and_exports(ti
         metadata = handle.metadata()
     assert metadata["lookalike.base_model"] == TINY[family]
     assert "ss_base_model_version" not in metadata, "never labelled as another family's (FLUX.1's) LoRA"
-    # The tiny text encoder's length, where the stock pipeline takes one; everything else at its own defaults.
-    takes_length = "max_sequence_length" in inspect.signature(folder_family(resolve_base(TINY[family])).pipeline_class()
-                                                                 .__call__).parameters
-    stock = dict(STOCK_GUIDANCE.get(family, {"guidance_scale": 4.0}), **({"max_sequence_length": 32} if takes_length
-                                                                           else {}))
+    stock = stock_arguments(folder_family(resolve_base(TINY[family])))
     assert np.abs(ours - stock_image(TINY[family], lora, **stock)).max() <= 1, \
         "within 1/255 of the stock pipeline with the LoRA"
     assert np.abs(ours - stock_image(TINY[family], **stock)).max() > 1, "the LoRA changed the image"

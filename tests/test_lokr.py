@@ -20,7 +20,6 @@ from lookalike.errors import LookalikeError
 from lookalike.models.base import load_component, resolve_base
 from lookalike.models.export import export_lora
 from lookalike.models.families import base_family
-from lookalike.models.families.interface import TextEncoding
 from lookalike.models.lora import add_lora, lora_state_dict, read_lora, save_lora
 from lookalike.models.merge import merge_loras
 from lookalike.models.resize import resize_lora
@@ -29,8 +28,8 @@ from tests import comfyui as comfyui_reference
 from tests.helpers import (
     MEASURING,
     PEAK_OF_A_STEP,
-    STOCK_GUIDANCE,
     assert_a_killed_run_resumes_exactly,
+    stock_arguments,
     stock_image,
     train_sampled_run,
 )
@@ -180,7 +179,7 @@ def test_a_lokr_run_draws_what_the_stock_pipeline_draws_with_its_file(tiny_confi
     tensors = load_file(lora)
     assert tensors and all(".lokr_" in key for key in tensors)
     family = base_family(base)
-    stock = dict(STOCK_GUIDANCE.get(family.name, {"guidance_scale": 4.0}), **family.text_arguments(TextEncoding(32)))
+    stock = stock_arguments(family)
     with_file = stock_image(base, lora, through_denoiser=not PIPELINE_TAKES_LOKR[base], **stock)
     assert np.abs(ours - with_file).max() <= 1, "within 1/255 of the stock pipeline with the LoKr"
     assert np.abs(ours - stock_image(base, **stock)).max() > 1, "the LoKr changed the image"

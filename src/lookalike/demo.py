@@ -230,18 +230,18 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
     starting_references = [str(p) for p in reference_photos(config)]
 
     def drawing_settings(current: StudyConfig) -> tuple:
-        """The page's header and its guidance, steps and size at the study's drawing defaults (the studio's Train
-        page may change the base while the page is open)."""
+        """The page's header, and its guidance, steps and size sliders' settings at the study's drawing defaults
+        (the studio's Train page may change the base while the page is open)."""
         takes_guidance, size = guidance_scales(current) != [None], image_size(current)
         drawn = "" if drawing_base(current) == current.model.base else f", drawn with `{drawing_base(current)}`"
         header = (f"# lookalike: {current.name}\nBase model "
                   f"`{trained_base(current.model.base, current.model.checkpoint)}`{drawn}, subject "
                   f"`{current.subject.token}`. Every image is scored at once against the reference photos below.")
         return (header,
-                gr.update(value=guidance_scales(current)[0] or 0.0, interactive=takes_guidance,
-                          label="guidance scale" if takes_guidance else "guidance (this base takes none)"),
-                gr.update(value=inference_steps(current)),
-                gr.update(value=size // SIDE_STEP * SIDE_STEP, maximum=max(1536, size)))
+                {"value": guidance_scales(current)[0] or 0.0, "interactive": takes_guidance,
+                 "label": "guidance scale" if takes_guidance else "guidance (this base takes none)"},
+                {"value": inference_steps(current)},
+                {"value": size // SIDE_STEP * SIDE_STEP, "maximum": max(1536, size)})
 
     def loras_of(lora_a, weight_a, lora_b, weight_b) -> list[tuple[str, float, str]]:
         """(name, weight, SHA-256 of its file now) of each chosen LoRA; lora_path refuses anything that is not a
@@ -302,7 +302,8 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
         current = models.current()
         if _what_draws(current) == shown:
             return *lists, *(gr.skip(),) * 4, shown
-        return *lists, *drawing_settings(current), _what_draws(current)
+        header, *sliders = drawing_settings(current)
+        return *lists, header, *(gr.update(**slider) for slider in sliders), _what_draws(current)
 
     choices = models.lora_choices()
     with gr.Blocks(title=f"lookalike: {config.name}", delete_cache=(TEMPORARY_FILES_S, TEMPORARY_FILES_S)) as app:
@@ -322,9 +323,9 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
                 prompt = gr.Textbox(config.fill(config.generate.prompts[0]), label="prompt")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    guidance = gr.Slider(0.0, 10.0, step=0.5, **_settings(starting[0]))
-                    steps = gr.Slider(1, 50, step=1, label="steps", **_settings(starting[1]))
-                    side = gr.Slider(64, step=SIDE_STEP, label="size (pixels)", **_settings(starting[2]))
+                    guidance = gr.Slider(0.0, 10.0, step=0.5, **starting[0])
+                    steps = gr.Slider(1, 50, step=1, label="steps", **starting[1])
+                    side = gr.Slider(64, step=SIDE_STEP, label="size (pixels)", **starting[2])
                 go = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(type="pil", label="image", interactive=False, format="png", height=360)
@@ -350,11 +351,6 @@ def build_app(config: StudyConfig, models: DemoModels | None = None):
         refresh_button.click(refresh, [shown], followed, api_name="refresh")
         gr.Timer(REFRESH_S).tick(refresh, [shown], followed, api_name=False)  # runs finishing, a base changed
     return app.queue(default_concurrency_limit=1, max_size=32)
-
-
-def _settings(update: dict) -> dict:
-    """A slider's constructor arguments from the update that sets it later (gr.update's dict, less its marker)."""
-    return {key: value for key, value in update.items() if key != "__type__"}
 
 
 def _shown(items: list[tuple[str, str]]) -> list:

@@ -121,17 +121,16 @@ def lora_fingerprints(adapters: list[tuple[Path, float]]) -> list[dict[str, Any]
 def job_settings(config: StudyConfig, job: ImageJob, loras: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything that makes a job's image what it is; an image is current only while its sidecar holds these
     (a LoRA's weight there is the one the image was made at: its own times the job's strength)."""
-    g, text = config.generate, text_encoding(config.model)
+    g = config.generate
     loras = [{**lora, "weight": lora["weight"] * strength(job)} for lora in loras]
     settings = {"prompt": job.prompt, "seed": job.seed, "guidance_scale": job.guidance,
                 "steps": inference_steps(config), "size": image_size(config), "base_model": drawing_base(config),
-                "revision": config.model.revision, "max_sequence_length": text.tokens,
+                "revision": config.model.revision, **text_encoding(config.model).settings(),
                 "vae_tiling": g.vae_tiling, "fuse_lora": g.fuse_lora and bool(loras), "loras": loras}
     # Only when given: images made before the setting existed stay current.
     checkpoint = drawn_checkpoint(config)
-    given = {"negative_prompt": g.negative_prompt, "checkpoint": checkpoint,
-             "text_encoder_out_layers": None if text.layers is None else list(text.layers)}
-    return settings | {key: value for key, value in given.items() if value is not None}
+    return settings | ({"negative_prompt": g.negative_prompt} if g.negative_prompt is not None else {}) | (
+        {"checkpoint": checkpoint} if checkpoint is not None else {})
 
 
 def image_size(config: StudyConfig) -> int:

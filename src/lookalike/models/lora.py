@@ -62,11 +62,11 @@ def add_lora(transformer, rank: int, alpha: float, target: str, dropout: float =
 
 
 def share_lora_inputs(model) -> int:
-    """Let every LoRA layer of `model` take its input as it comes, as peft casts it to the LoRA's float32 first:
-    under mixed-precision autocast the matmul casts it back to bf16 (or fp16), so the values are the same, but each
-    layer kept a copy of its own for the backward pass, where now the layers that read one input (q, k and v) keep
-    that input once. Only for a plain LoRA without dropout (dropout on the float32 copy rounds otherwise), and only
-    under autocast (without it, a float32 LoRA needs the cast). Returns the layers changed."""
+    """Let every LoRA layer of `model` take its input as it comes, where peft would cast it to the LoRA's float32
+    first. Under mixed-precision autocast the matmul casts it back to bf16 (or fp16), so the values are the same, but
+    each layer kept a copy of its own for the backward pass; now the layers that read one input (q, k and v) keep it
+    once. For the caller to use only with a plain LoRA without dropout (dropout on the float32 copy rounds
+    otherwise), and only under autocast (without it, a float32 LoRA needs the cast). Returns the layers changed."""
     from peft.tuners.lora import LoraLayer
 
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]

@@ -65,9 +65,15 @@ class TextEncoding:
     tokens: int
     layers: tuple[int, ...] | None = None
 
+    def settings(self) -> dict[str, Any]:
+        """As an image's settings record it (generate.job_settings): the layers only where chosen, so that images
+        made before the choice existed stay current."""
+        return {"max_sequence_length": self.tokens,
+                **({} if self.layers is None else {"text_encoder_out_layers": list(self.layers)})}
+
     @classmethod
     def of_image(cls, settings: dict[str, Any]) -> TextEncoding:
-        """As an image's settings record it (generate.job_settings)."""
+        """As an image's settings record it (settings())."""
         layers = settings.get("text_encoder_out_layers")
         return cls(settings["max_sequence_length"], None if layers is None else tuple(layers))
 
