@@ -141,6 +141,28 @@ def train(
             PartialState().destroy_process_group()
 
 
+WorkersOption = Annotated[str, typer.Option(help="warm: one long-lived process per GPU trains its runs one after "
+                                            "another on the base it holds; separate: a new process per run.")]
+
+
+def _check_backend(backend: str, workers: str) -> None:
+    if backend not in ("local", "ray"):
+        raise LookalikeError(f"--backend: unknown backend {backend!r} (use local or ray)")
+    if workers not in ("warm", "separate"):
+        raise LookalikeError(f"--workers: unknown kind {workers!r} (use warm or separate)")
+
+
+@app.command(hidden=True)
+def worker() -> None:
+    """A sweep's warm worker: trains the runs it is sent on stdin, one JSON line each (sweep/warm.py)."""
+    from lookalike.sweep.warm import serve
+
+    _quiet()
+    code = serve(sys.stdin, console, error_console)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def sweep(
     config: ConfigArg,
@@ -152,10 +174,10 @@ def sweep(
         = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed runs again (interrupted ones always resume).")]
         = False,
+    workers: WorkersOption = "warm",
 ) -> None:
-    """Train every experiment of the config, each in its own process; finished runs are skipped."""
-    if backend not in ("local", "ray"):
-        raise LookalikeError(f"--backend: unknown backend {backend!r} (use local or ray)")
+    """Train every experiment of the config; finished runs are skipped."""
+    _check_backend(backend, workers)
     study = _load(config, set_)
     planned = experiments(study)
     if plan:
@@ -163,7 +185,7 @@ def sweep(
             console.print(experiment.describe(), highlight=False)
         return
     outcomes = run_sweep(study, config.resolve(), planned, console, set_ or [], jobs=jobs, backend=backend,
-                         address=address, retry_failed=retry_failed)
+                         address=address, retry_failed=retry_failed, workers=workers)
     if any(o.state in UNFINISHED for o in outcomes):
         raise typer.Exit(1)
 
@@ -176,12 +198,15 @@ def run_all(
     backend: Annotated[str, typer.Option(help="local (processes here) or ray (a Ray cluster).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")]
         = None,
+    workers: WorkersOption = "warm",
 ) -> None:
     """The whole study: prepare, train every experiment, generate, evaluate; what is done is skipped."""
     from lookalike.report.build import build_report
 
+    _check_backend(backend, workers)
     study = _load(config, set_)
-    problems = run_study(study, config.resolve(), set_ or [], console, jobs=jobs, backend=backend, address=address)
+    problems = run_study(study, config.resolve(), set_ or [], console, jobs=jobs, backend=backend, address=address,
+                         workers=workers)
     _print_results(study, sort=None)
     build_report(study, console)
     for problem in problems:

@@ -27,7 +27,7 @@ from lookalike.workspace import UNFINISHED, Workspace
 
 
 def run_study(config: StudyConfig, config_file: Path, overrides: list[str], console: Console, jobs: int = 1,
-              backend: str = "local", address: str | None = None) -> list[str]:
+              backend: str = "local", address: str | None = None, workers: str = "warm") -> list[str]:
     """Every stage of the study; returns the problems met (empty when every run went through)."""
     from lookalike.data.prepare import prepare_study
 
@@ -40,7 +40,8 @@ def run_study(config: StudyConfig, config_file: Path, overrides: list[str], cons
     prepare_study(config, console)
 
     stage("2/4 train (sweep)")
-    outcomes = sweep(config, config_file, plan, console, overrides, jobs=jobs, backend=backend, address=address)
+    outcomes = sweep(config, config_file, plan, console, overrides, jobs=jobs, backend=backend, address=address,
+                     workers=workers)
     problems = [f"run {o.name} {o.state}: {o.reason}" for o in outcomes if o.state in UNFINISHED]
     trained = [o.name for o in outcomes if o.state in ("done", "skipped")]
 

@@ -1,10 +1,11 @@
-"""lookalike sweep: every experiment of a study as its own `python -m lookalike train` process.
+"""lookalike sweep: every experiment of a study trained in a process of its own, or (by default) on a warm worker
+(sweep/warm.py): one long-lived process per slot that trains its runs one after another on the base it holds.
 
 A run's output is streamed line by line to the console, prefixed with its name, and appended to
 runs/<name>/train.log; the trainer keeps runs/<name>/status.json. A run that fails never stops the others.
 Finished runs are skipped; interrupted ones (Ctrl-C, SIGTERM, a killed sweep, a dead process) are resumed
 from their latest checkpoint; failed ones are left alone unless retry_failed. Runs go to local processes
-(`jobs` at once, one GPU each where there are GPUs) or to a Ray cluster, one GPU per task.
+(`jobs` at once, one GPU each where there are GPUs) or to a Ray cluster, one GPU and one process per task.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lookalike.errors import RunBusy
 from lookalike.processes import how_it_ended
 from lookalike.store import record_run
 from lookalike.sweep.plan import Planned
+from lookalike.sweep.warm import WarmWorker
 from lookalike.trained_on import stale_reason, trains_on
 from lookalike.workspace import RunPaths, Workspace, read_metrics
 
@@ -116,11 +118,14 @@ def child_outcome(run: RunPaths, exit_code: int, seconds: float, store: Path) ->
 
 
 class Sweep:
-    def __init__(self, config: StudyConfig, config_file: Path, overrides: list[str], console: Console):
+    def __init__(self, config: StudyConfig, config_file: Path, overrides: list[str], console: Console,
+                 workers: str = "warm"):
         self.config, self.config_file, self.overrides, self.console = config, config_file, overrides, console
+        self.workers = workers  # warm (a worker process per slot, runs one after another) | separate (one per run)
         self.workspace = Workspace(config.workspace)
-        self.children: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, subprocess.Popen] = {}  # the process training each run now
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
 
     def emit(self, line: str) -> None:
         with self.lock:
@@ -160,47 +165,97 @@ class Sweep:
         images = training_images(config, display.console(quiet=True))  # prepares what is out of date, as a run would
         return stale_reason(paths, config, images, config.workspace)
 
-    def _run_local(self, experiment: Planned, gpus: queue.Queue | None) -> Outcome:
-        paths = self.workspace.run(experiment.name)
-        gpu = gpus.get() if gpus is not None else None
-        started = time.time()
-        try:
-            env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
-            code = stream_child(train_command(self.config_file, experiment.name, self.overrides), experiment.name,
-                                paths.log, self.emit, env, self.children)
-        finally:
-            if gpu is not None:
-                gpus.put(gpu)
-        return child_outcome(paths, code, time.time() - started, self.workspace.results)
+    def base_of(self, experiment: Planned) -> tuple:
+        """What a warm worker holds for the experiment's run: its base, precision and quantisation."""
+        config = self.experiment_config(experiment)
+        return (config.model.base, str(config.model.checkpoint), config.train.mixed_precision,
+                config.train.base_quantization)
 
     def run_local(self, planned: list[Planned], jobs: int) -> list[Outcome]:
-        gpus = None
+        """The runs on `jobs` slots (one GPU each where there are GPUs), each slot taking the next run when its
+        last one ends."""
         ids = _gpu_ids()
-        if ids:
-            gpus = queue.Queue()
-            for gpu in ids:
-                gpus.put(gpu)
-            if jobs > len(ids):
-                self.console.print(f"sweep: {len(ids)} GPUs, so {len(ids)} runs at a time, not {jobs}")
-                jobs = len(ids)
+        if ids and jobs > len(ids):
+            self.console.print(f"sweep: {len(ids)} GPUs, so {len(ids)} runs at a time, not {jobs}")
+            jobs = len(ids)
+        waiting: queue.SimpleQueue[Planned] = queue.SimpleQueue()
+        for experiment in planned:
+            waiting.put(experiment)
         pool = ThreadPoolExecutor(max(1, jobs))
-        futures = [pool.submit(self._run_local, experiment, gpus) for experiment in planned]
+        futures = [pool.submit(self._slot, waiting, ids[slot] if ids else None) for slot in range(max(1, jobs))]
         try:
-            return [future.result() for future in futures]
+            by_name = {o.name: o for future in futures for o in future.result()}
+            return [by_name[e.name] for e in planned]
         except KeyboardInterrupt:
             self.console.print("sweep: stopping the running runs; they will resume where they stopped")
-            for future in futures:
-                future.cancel()
+            self.stopping.set()
             self._stop_children()
             raise
         finally:
             pool.shutdown(wait=True)
 
+    def _slot(self, waiting: queue.SimpleQueue, gpu: str | None) -> list[Outcome]:
+        env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+        outcomes, worker = [], None
+        try:
+            while not self.stopping.is_set():
+                try:
+                    experiment = waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if self.workers == "separate":
+                    outcomes.append(self._run_separately(experiment, env))
+                    continue
+                if worker is not None and worker.key != self.base_of(experiment):
+                    worker.close()  # another base, precision or quantisation: a fresh worker loads it
+                    worker = None
+                outcome, worker = self._run_warm(experiment, worker, env)
+                outcomes.append(outcome)
+        finally:
+            if worker is not None:
+                worker.close()
+        return outcomes
+
+    def _run_separately(self, experiment: Planned, env: dict[str, str]) -> Outcome:
+        paths = self.workspace.run(experiment.name)
+        started = time.time()
+        code = stream_child(train_command(self.config_file, experiment.name, self.overrides), experiment.name,
+                            paths.log, self.emit, env, self.children)
+        return child_outcome(paths, code, time.time() - started, self.workspace.results)
+
+    def _run_warm(self, experiment: Planned, worker: WarmWorker | None,
+                  env: dict[str, str]) -> tuple[Outcome, WarmWorker | None]:
+        """The run on `worker` (a new one if None); its outcome, and the worker if it is there for the next run. A
+        worker that dies during a run (killed, a crash in native code) is replaced once, and its run resumed from
+        its last checkpoint."""
+        paths = self.workspace.run(experiment.name)
+        started = time.time()
+        for attempt in (1, 2):
+            if worker is None:
+                worker = WarmWorker(self.base_of(experiment), env)
+            with self.lock:
+                self.children[experiment.name] = worker.process
+            try:
+                code, died = worker.train(self.config_file, experiment.name, self.overrides, paths.log, self.emit)
+            finally:
+                with self.lock:
+                    self.children.pop(experiment.name, None)
+            if code:  # a worker ends with a run that did not end well
+                worker = None
+            interrupted = code in (130, -signal.SIGINT, -signal.SIGTERM, 143) or self.stopping.is_set()
+            if not died or interrupted or attempt == 2:
+                break
+            self.emit(f"[{experiment.name}] sweep: its worker ended ({how_it_ended(code)}); a new worker resumes "
+                      "the run from its last checkpoint")
+        return child_outcome(paths, code, time.time() - started, self.workspace.results), worker
+
     def _stop_children(self) -> None:
-        for child in list(self.children.values()):
+        with self.lock:
+            children = list(self.children.values())
+        for child in children:
             child.send_signal(signal.SIGINT)
         deadline = time.time() + STOP_GRACE_S
-        for child in list(self.children.values()):
+        for child in children:
             try:
                 child.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
@@ -262,13 +317,14 @@ def summary_table(outcomes: list[Outcome]) -> Table:
 
 def sweep(config: StudyConfig, config_file: Path, planned: list[Planned], console: Console, overrides: list[str],
           jobs: int = 1, backend: str = "local", address: str | None = None,
-          retry_failed: bool = False) -> list[Outcome]:
-    """Run every experiment not finished yet; return every experiment's outcome, in plan order."""
-    runner = Sweep(config, config_file, overrides, console)
+          retry_failed: bool = False, workers: str = "warm") -> list[Outcome]:
+    """Run every experiment not finished yet; return every experiment's outcome, in plan order. `workers`: warm
+    (local runs on long-lived workers) or separate (a process per run)."""
+    runner = Sweep(config, config_file, overrides, console, workers)
     to_run, left = runner.todo(planned, retry_failed)
     if to_run:
         console.print(f"sweep: {len(to_run)} to run ({', '.join(e.name for e in to_run)}), {len(left)} left as "
-                      f"they are; backend {backend}" + (f", {jobs} at a time" if backend == "local" else ""))
+                      f"they are; backend {backend}" + (f", {jobs} at a time, {workers} workers" if backend == "local" else ""))
     ran = runner.run_ray(to_run, address) if backend == "ray" and to_run else runner.run_local(to_run, jobs)
     by_name = {o.name: o for o in ran + left}
     outcomes = [by_name[e.name] for e in planned]

@@ -43,6 +43,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.face_weights import batch_weights, photo_weights
+from lookalike.train.held_base import HeldBase, base_key
 from lookalike.train.init_lora import keep_copy, read_start, start_from
 from lookalike.train.memory import out_of_memory_message
 from lookalike.train.objectives import FlowMatching, family_objective, with_prior
@@ -215,20 +216,22 @@ def _stop_if_not_finite(step: int, loss: float, checkpoints: Path, params=()) ->
 
 
 def train(config: StudyConfig, run_name: str = "default", resume: bool = False,
-          console: Console | None = None) -> Path:
+          console: Console | None = None, held: HeldBase | None = None) -> Path:
     """Train one LoRA run; return the path of its lora.safetensors. Under torchrun or `accelerate launch`
     every process runs this; only the main one writes the run's files, and holds the run (a second process
-    asked to train it meanwhile stops with RunBusy)."""
+    asked to train it meanwhile stops with RunBusy). `held`: a warm sweep worker's base, lent to the run and
+    given back when it ends well."""
     from accelerate import PartialState
 
     # One process, or this process's rank when launched distributed (gloo between CPU processes).
     state = PartialState(cpu=not torch.cuda.is_available())
     run = Workspace(config.workspace).run(run_name)
     with run.hold() if state.is_main_process else contextlib.nullcontext():
-        return _train_held(config, run, resume, console or display.console(), state)
+        return _train_held(config, run, resume, console or display.console(), state, held)
 
 
-def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Console, state) -> Path:
+def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Console, state,
+                held: HeldBase | None) -> Path:
     main = state.is_main_process
     done = _check_run_folder(run, config, resume)
     state.wait_for_everyone()  # every rank has looked at the run folder before the main one writes to it
@@ -260,7 +263,7 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
 
     try:
         with training_attention():
-            result = _train(config, run, resume, console)
+            result = _train(config, run, resume, console, held)
         if main:
             run.write_status("done", seconds=round(before + time.time() - started, 2), **result)
     except KeyboardInterrupt:
@@ -282,11 +285,12 @@ def _train_held(config: StudyConfig, run: RunPaths, resume: bool, console: Conso
     return run.lora
 
 
-def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -> dict[str, Any]:
+def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console,
+           held: HeldBase | None = None) -> dict[str, Any]:
     """One run's training, stage by stage (each a method of Training): the run's photos, captions and settings;
     the denoiser with its LoRA and optimizer; the state a checkpoint restores; then the loop, one optimizer step
     an iteration; then the LoRA."""
-    training = Training(config, run, console)
+    training = Training(config, run, console, held)
     training.prepare_data(resume)
     training.build_model()
     training.restore()
@@ -299,7 +303,9 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console) -
                     training.optimize(training.batch_loss())
             if not training.after_step(step, started, bar):
                 break
-    return training.save()
+    result = training.save()
+    training.give_back_base()
+    return result
 
 
 class Training:
@@ -308,11 +314,13 @@ class Training:
     number of the loop comes from `generator`, whose state every checkpoint keeps, so a resumed run ends with
     exactly the weights of an uninterrupted one."""
 
-    def __init__(self, config: StudyConfig, run: RunPaths, console: Console):
+    def __init__(self, config: StudyConfig, run: RunPaths, console: Console, held: HeldBase | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
 
         self.config, self.run, self.console = config, run, console
+        # A warm worker's base, lent to this run; an offloaded or sharded base is changed past undoing: loaded anew.
+        self.held = held if held is not None and not (config.train.offload or config.train.shard) else None
         self.t = t = config.train
         self.precision = resolve_mixed_precision(t.mixed_precision)
         check_quantization(t.base_quantization)
@@ -439,8 +447,17 @@ class Training:
         from peft.utils import set_peft_model_state_dict
 
         t, family, device, console = self.t, self.family, self.device, self.console
-        transformer = load_component(self.folder, family.denoiser, dtype=self.weight_dtype,
-                                     quantization=t.base_quantization)
+        def load():
+            return load_component(self.folder, family.denoiser, dtype=self.weight_dtype,
+                                  quantization=t.base_quantization)
+
+        if self.held is not None:
+            key = base_key(self.folder, family.denoiser, self.weight_dtype, t.base_quantization)
+            if self.held.holds(key):
+                console.print(f"train: the {family.denoiser} is the one this worker loaded for its last run")
+            transformer = self.held.take(key, load)
+        else:
+            transformer = load()
         # Sharded, or offloaded block by block: the whole model never goes to the device (peft initialises a LoRA
         # on the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
         transformer = transformer if self.sharded or t.offload else transformer.to(device)
@@ -662,6 +679,12 @@ class Training:
         return {"final_loss": self.loss_value, "processes": self.processes, "sharded": self.sharded,
                 "rank_weight_spread": spread, "best_step": self.scores.best if self.scores is not None else None,
                 "final_step": last_step, **self.stopped}
+
+    def give_back_base(self) -> None:
+        """A warm worker keeps the base for its next run; this run's references to it go."""
+        if self.held is not None:
+            self.held.give_back(self.model)
+        self.transformer = self.model = self.optimizer = self.scheduler = self.ema = None
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """The run's LoRA: the denoiser's, and the text encoders' where it trains them (of a sharded transformer,
