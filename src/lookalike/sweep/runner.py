@@ -323,8 +323,9 @@ def sweep(config: StudyConfig, config_file: Path, planned: list[Planned], consol
     runner = Sweep(config, config_file, overrides, console, workers)
     to_run, left = runner.todo(planned, retry_failed)
     if to_run:
+        local = f", {jobs} at a time, {workers} workers" if backend == "local" else ""
         console.print(f"sweep: {len(to_run)} to run ({', '.join(e.name for e in to_run)}), {len(left)} left as "
-                      f"they are; backend {backend}" + (f", {jobs} at a time, {workers} workers" if backend == "local" else ""))
+                      f"they are; backend {backend}{local}")
     ran = runner.run_ray(to_run, address) if backend == "ray" and to_run else runner.run_local(to_run, jobs)
     by_name = {o.name: o for o in ran + left}
     outcomes = [by_name[e.name] for e in planned]
