@@ -166,10 +166,11 @@ class Sweep:
         return stale_reason(paths, config, images, config.workspace)
 
     def base_of(self, experiment: Planned) -> tuple:
-        """What a warm worker holds for the experiment's run: its base, precision and quantisation."""
+        """What a warm worker holds for the experiment's run: its base, precision and quantisation (float8 compute
+        included: its layers are not a plain base's)."""
         config = self.experiment_config(experiment)
         return (config.model.base, str(config.model.checkpoint), config.train.mixed_precision,
-                config.train.base_quantization)
+                config.train.base_quantization, config.train.fp8_compute)
 
     def run_local(self, planned: list[Planned], jobs: int) -> list[Outcome]:
         """The runs on `jobs` slots (one GPU each where there are GPUs), each slot taking the next run when its

@@ -43,6 +43,7 @@ from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lookalike.train.face_weights import batch_weights, photo_weights
+from lookalike.train.fp8 import convert_to_fp8_compute, fp8_problem
 from lookalike.train.held_base import HeldBase, base_key
 from lookalike.train.init_lora import keep_copy, read_start, start_from
 from lookalike.train.memory import out_of_memory_message
@@ -341,6 +342,11 @@ class Training:
             raise LookalikeError("train.shard = true splits the model across processes, and this run has one: "
                                  "train with --processes N (or under torchrun / accelerate launch), or set "
                                  "train.shard = false")
+        if t.fp8_compute:
+            problem = fp8_problem(self.precision, torch.cuda.get_device_capability(self.device)
+                                  if self.device.type == "cuda" else None)
+            if problem:
+                raise LookalikeError(problem)
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.loss_value = float("nan")
         self.latest: dict[str, str] = {}  # the latest sample step's identity and CLIP Score, beside the loss
@@ -461,6 +467,9 @@ class Training:
         # Sharded, or offloaded block by block: the whole model never goes to the device (peft initialises a LoRA
         # on the CPU wherever its base layer is, so the same seed gives the same LoRA either way).
         transformer = transformer if self.sharded or t.offload else transformer.to(device)
+        if t.fp8_compute:  # the float8 layers first: the LoRA wraps them (the scripts' order)
+            converted = convert_to_fp8_compute(transformer)
+            console.print(f"train: {converted} linear layers of the {family.denoiser} compute in float8")
         torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
         add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor,
                  t.layer_filter)
