@@ -129,3 +129,15 @@ def test_class_images_taken_from_a_folder_are_recorded_like_the_photos(tiny_conf
     run.write_status("failed", reason="interrupted")  # as if killed after its checkpoint of step 1
     with pytest.raises(LookalikeError, match=r"cannot resume run 'r': its class images \(prior.images\) changed"):
         train(config, "r", resume=True)
+
+
+def test_compiling_or_not_is_the_same_run(tiny_config):
+    """train.compile changes only speed: a run saved with compile = false (this version's default is auto) is not
+    stale, and resumes; a setting that shapes the weights is still named."""
+    from lookalike.trained_on import changed_settings
+
+    run = Workspace(load_config(tiny_config()).workspace).run("older")
+    run.root.mkdir(parents=True)
+    run.config.write_text(json.dumps(load_config(tiny_config(train={"compile": False})).to_json_dict()))
+    assert changed_settings(run, load_config(tiny_config())) == []
+    assert changed_settings(run, load_config(tiny_config(train={"rank": 8}))) == ["train.rank"]

@@ -303,9 +303,11 @@ class TrainConfig(Section):
     --do_fp8_training), the LoRA in its own precision: faster steps on GPUs with float8 tensor cores (compute
     capability 8.9+: Ada, Hopper, Blackwell), no memory saved, the loss slightly off bf16's. Needs
     mixed_precision = 'bf16'."""
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
     """torch.compile each of the transformer's repeated blocks (regional compilation: the blocks of a kind share
-    one compiled graph). Faster steps after a compile of a minute or so at the start."""
+    one compiled graph). Faster steps after a compile of a minute or so at the first step, whose time the progress
+    line shows. auto: on a CUDA GPU for runs of 1,000 steps or more, where the settings allow it (not with a
+    quantised base, offload, shard or a LoKr); never on the CPU."""
     offload: bool = False
     """Keep the frozen weights of the denoiser's blocks in CPU memory and bring each block's to the GPU while it
     runs: a base bigger than the GPU (FLUX.1's 12B on 12-16 GB) trains, slower, with as much CPU memory as the
@@ -367,7 +369,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _compile_without_torchao(self) -> "TrainConfig":
         # Measured: torch.compile's autograd refuses torchao's weight tensors (a graph with aliased outputs).
-        if self.compile and self.base_quantization in ("int8", "fp8"):
+        if self.compile is True and self.base_quantization in ("int8", "fp8"):
             raise ValueError(f"compile = true cannot train on base_quantization = {self.base_quantization!r} "
                              "(torch.compile does not train through torchao's quantised weights yet); choose one")
         return self
@@ -423,7 +425,7 @@ class TrainConfig(Section):
                    "train_text_encoder": (self.train_text_encoder, "it trains a LoRA of the text encoders"),
                    "base_quantization": (self.base_quantization == "nf4",
                                          "'nf4' packs the weights into a shape peft's LoKr layers cannot read"),
-                   "compile": (self.compile, "peft's LoKr layers branch on a random draw while training, which "
+                   "compile": (self.compile is True, "peft's LoKr layers branch on a random draw while training, which "
                                "torch.compile cannot trace")}
         for setting, (used, why) in refused.items():
             if used:
@@ -443,7 +445,7 @@ class TrainConfig(Section):
         if not self.offload:
             return self
         other = ("base_quantization = " + repr(self.base_quantization) if self.base_quantization != "none" else
-                 "compile = true" if self.compile else "shard = true" if self.shard else None)
+                 "compile = true" if self.compile is True else "shard = true" if self.shard else None)
         if other:
             raise ValueError(f"offload = true cannot be combined with {other}: offload plain weights on one GPU")
         return self
@@ -451,7 +453,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _shard_alone(self) -> "TrainConfig":
         # Sharding splits plain weights across processes; quantised weights and compiled blocks are not split so.
-        if self.shard and (self.base_quantization != "none" or self.compile):
+        if self.shard and (self.base_quantization != "none" or self.compile is True):
             what = f"base_quantization = {self.base_quantization!r}" if self.base_quantization != "none" \
                 else "compile = true"
             raise ValueError(f"shard = true cannot be combined with {what}: shard the base, or quantise (or "

@@ -18,6 +18,9 @@ from lookalike.workspace import RunPaths, file_sha256, read_json, write_json
 
 # The config sections that shape a LoRA's weights; [generate] or [evaluate] may change between sessions.
 TRAINING_SECTIONS = ("model", "subject", "more_subjects", "data", "train", "prior")
+# Keys of those sections that change only how fast the same weights are made: compiled blocks compute what eager
+# ones do (tests/test_compile.py). A run trained or resumed with another value is the same run.
+SPEED_ONLY_KEYS = ("train.compile",)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,7 +56,7 @@ def changed_settings(run: RunPaths, config: StudyConfig, references: bool = True
     are scored again against new ones; a run in progress keeps its own, so its sample steps compare alike)."""
     views = [_with_current_defaults(read_json(run.config)), config.to_json_dict()]
     before, now = ({k: v for k, v in _flatten(data if references else _without_references(data)).items()
-                    if k.split(".")[0] in TRAINING_SECTIONS} for data in views)
+                    if k.split(".")[0] in TRAINING_SECTIONS and k not in SPEED_ONLY_KEYS} for data in views)
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 

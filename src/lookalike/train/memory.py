@@ -288,7 +288,7 @@ def lighter_settings(config: StudyConfig, precision: str, base: Estimate, proces
 
 def offloadable(train) -> bool:
     """Whether train.offload could be turned on with these settings (plain weights, one device)."""
-    return not train.offload and train.base_quantization == "none" and not train.compile and not train.shard
+    return not train.offload and train.base_quantization == "none" and train.compile is not True and not train.shard
 
 
 def out_of_memory_message(config: StudyConfig, precision: str, processes: int = 1) -> str:

@@ -42,6 +42,7 @@ from lookalike.train.batches import BatchOrder, batch_order
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
 from lookalike.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lookalike.train.compilation import compiles
 from lookalike.train.face_weights import batch_weights, photo_weights
 from lookalike.train.fp8 import convert_to_fp8_compute, fp8_problem
 from lookalike.train.held_base import HeldBase, base_key
@@ -350,6 +351,7 @@ class Training:
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.loss_value = float("nan")
         self.latest: dict[str, str] = {}  # the latest sample step's identity and CLIP Score, beside the loss
+        self.first_step: dict[str, str] = {}  # a compiled run's first step, which compiles, beside them
         self.stopped: dict[str, Any] = {}  # where and why train.stop_when stopped the run
 
     # 1. The photos, captions and class images, checked against what a resumed run trained on; their latents and
@@ -504,8 +506,11 @@ class Training:
                 self.text_encoders.load_lora(lora)
         if t.gradient_checkpointing and not t.offload:  # offloaded blocks are checkpointed by the offload
             enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
-        if t.compile:
+        self.compiled = compiles(t, device.type)
+        if self.compiled:
             transformer.compile_repeated_blocks(fullgraph=True)
+            console.print(f"train: the {family.denoiser}'s repeated blocks compile at the first step (train.compile"
+                          f"{' = auto: a GPU run of 1,000 steps or more' if t.compile == 'auto' else ''})")
         if self.sharded:
             shard_transformer(transformer, self.weight_dtype, device)
         groups = parameter_groups(transformer, t)
@@ -632,7 +637,9 @@ class Training:
             self.metrics.write({"step": step, "time": time.time(), "loss": self.loss_value, "lr": lr,
                                 "s_per_step": round(seconds, 5), "peak_memory_mb": round(peak_memory_mb(device), 1),
                                 "epoch": self.order.epoch})
-        bar.update(loss=f"{self.loss_value:.4f}", lr=f"{lr:.2e}", **self.latest)
+        if self.compiled and step == self.start_step + 1:  # its compile's cost, shown in every progress line after
+            self.first_step = {"first step": f"{seconds:.1f}s (compiling)"}
+        bar.update(loss=f"{self.loss_value:.4f}", lr=f"{lr:.2e}", **self.latest, **self.first_step)
         _stop_if_not_finite(step, self.loss_value, run.checkpoints)
         if (accelerator.is_main_process or self.sharded) and t.sample_every and step % t.sample_every == 0:
             self._samples(step)
