@@ -8,7 +8,7 @@ then quantised with the trainer's own settings (models/quantize.py) where asked.
 
 The matrix: base `bf16`, `bf16+compile` (regional compilation of the repeated blocks), `nf4` (bitsandbytes)
 and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2; and on
-request `bf16+offload` (train.offload: built in host memory, each block's weights copied in while it runs; always
+request `fp8c` and `fp8c+compile` (train.fp8_compute: bf16 weights, float8 matmuls) and `bf16+offload` (train.offload: built in host memory, each block's weights copied in while it runs; always
 checkpointed). Each
 base runs in its own process (a clean GPU and compile cache); a failing base is reported and the others go on.
 For each combination: seconds/step (median after warm-up), peak GPU memory beside what `lookalike train
@@ -123,7 +123,8 @@ def estimated_gb(model: str, resolution: int, checkpointing: bool, kind: str, ra
                        "subject": {"token": "sks", "images": "photos"},
                        "data": {"resolution": resolution},
                        "train": {"rank": rank, "gradient_checkpointing": checkpointing, "offload": offload,
-                                 "base_quantization": "none" if kind == "bf16" else kind, "adapter": adapter,
+                                 "base_quantization": "none" if kind in ("bf16", "fp8c") else kind,
+                                 "adapter": adapter,
                                  "lokr_factor": lokr_factor}}, "bench", Path.cwd())
     return estimate(config, "bf16", _parameter_counts(model, rank, adapter, lokr_factor)).total * 2**30 / 1e9
 
@@ -138,7 +139,11 @@ def measure_base(model: str, base: str, resolutions: list[int], checkpointing: l
     offloaded = variant == "offload"  # built in host memory, its blocks' weights kept there (train.offload)
     transformer = build_transformer(architecture_of(model, tiny), torch.device("cpu") if offloaded else device, dtype,
                                     family.name)
-    if kind not in ("bf16", "fp32"):
+    if kind == "fp8c":  # float8 compute, as the trainer converts before adding the LoRA
+        from lookalike.train.fp8 import convert_to_fp8_compute
+
+        convert_to_fp8_compute(transformer)
+    elif kind not in ("bf16", "fp32"):
         quantize_base(transformer, kind, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -176,7 +181,7 @@ def step_tflop(resolution: int, checkpointing: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bases", help="comma-separated: bf16, bf16+compile, nf4, fp8, int8 "
+    parser.add_argument("--bases", help="comma-separated: bf16, bf16+compile, nf4, fp8, int8, fp8c, fp8c+compile "
                                         "(default: bf16,bf16+compile,nf4,fp8; --tiny: fp32,int8,fp8)")
     parser.add_argument("--resolutions", default="512,1024")
     parser.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")

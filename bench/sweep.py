@@ -10,7 +10,9 @@ wall time is overhead: the sweep's own start, the processes with their imports, 
 model loads and the cached embeddings. A run's start-up is the time from the previous run's last step to its own
 first one (saving the previous run included), for the second and later runs.
 
-    .venv/bin/python bench/sweep.py [--steps 200] [--rounds 2]
+    .venv/bin/python bench/sweep.py [--steps 200] [--rounds 2] [--base tiny|FOLDER] [--resolution 64]
+
+bench/gpu_sweep.py runs the same comparison on a GPU, on a base of FLUX.1-dev's size.
 
 Measure on a quiet machine. Last line: warm_startup_ratio=<warm start-up over separate start-up, median>.
 """
@@ -35,15 +37,15 @@ def records(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines() if line]
 
 
-def one_sweep(steps: int, workers: str) -> tuple[float, list[float], list[float]]:
+def one_sweep(steps: int, workers: str, base: str, resolution: int) -> tuple[float, list[float], list[float]]:
     """Wall time, each run's training time, and the start-up of each run after the first."""
     with tempfile.TemporaryDirectory() as tmp:
         write_sample_subject(Path(tmp) / "photos")
         config = Path(tmp) / "bench.toml"
         config.write_text(
-            'name = "bench"\nworkspace = "work"\n[model]\nbase = "tiny"\n'
+            f'name = "bench"\nworkspace = "work"\n[model]\nbase = "{base}"\n'
             '[subject]\ntoken = "hpr"\nclass_word = "woman"\nimages = "photos"\n'
-            '[data]\nresolution = 64\n[evaluate]\nface_backend = "dlib"\n'
+            f'[data]\nresolution = {resolution}\n[evaluate]\nface_backend = "dlib"\n'
             f'[train]\nmax_train_steps = {steps}\ncheckpoint_every = 100\nsample_every = 0\n'
             + "".join(f'[[sweep.experiments]]\nname = "{name}"\nrank = {4 * (i + 1)}\n' for i, name in enumerate(RUNS)))
         # Prepare and the embedding cache once beforehand, as after a study's first run: what remains is the
@@ -63,12 +65,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--base", default="tiny", help="a known base or a diffusers folder")
+    parser.add_argument("--resolution", type=int, default=64)
     args = parser.parse_args()
+    compare(args.steps, args.rounds, args.base, args.resolution)
+
+
+def compare(steps: int, rounds: int, base: str, resolution: int) -> None:
     overheads: dict[str, list[float]] = {"separate": [], "warm": []}
     startups: dict[str, list[float]] = {"separate": [], "warm": []}
-    for round_ in range(args.rounds):
+    for round_ in range(rounds):
         for workers in ("separate", "warm"):
-            wall, training, startup = one_sweep(args.steps, workers)
+            wall, training, startup = one_sweep(steps, workers, base, resolution)
             overheads[workers].append((wall - sum(training)) / len(RUNS))
             startups[workers].extend(startup)
             print(f"round {round_ + 1}, {workers:8s}: {wall:5.1f} s wall, training "
