@@ -8,8 +8,8 @@ then quantised with the trainer's own settings (models/quantize.py) where asked.
 
 The matrix: base `bf16`, `bf16+compile` (regional compilation of the repeated blocks), `nf4` (bitsandbytes)
 and `fp8` (torchao, weight-only), each with and without gradient checkpointing, at 512^2 and 1024^2; and on
-request `fp8c` and `fp8c+compile` (train.fp8_compute: bf16 weights, float8 matmuls) and `bf16+offload` (train.offload: built in host memory, each block's weights copied in while it runs; always
-checkpointed). Each
+request `fp8c` and `fp8c+compile` (train.fp8_compute: bf16 weights, float8 matmuls) and `bf16+offload`
+(train.offload: built in host memory, each block's weights copied in while it runs; always checkpointed). Each
 base runs in its own process (a clean GPU and compile cache); a failing base is reported and the others go on.
 For each combination: seconds/step (median after warm-up), peak GPU memory beside what `lookalike train
 --dry-run` estimates for the same settings, and model-FLOPs utilisation: one forward at 1024^2 with 512 text
