@@ -303,6 +303,15 @@ class TrainConfig(Section):
     --do_fp8_training), the LoRA in its own precision: faster steps on GPUs with float8 tensor cores (compute
     capability 8.9+: Ada, Hopper, Blackwell), no memory saved, the loss slightly off bf16's. Needs
     mixed_precision = 'bf16'."""
+    tread_ratio: float | None = Field(None, gt=0, lt=1)
+    """TREAD token routing (FLUX.1 so far): while training, this share of the image tokens skips the blocks
+    tread_blocks names, and joins the others again after them; cheaper steps, at some cost in what the LoRA learns
+    (the scores of a run with sample scoring show it). Images are drawn with every token. None: off. TREAD's
+    authors and SimpleTuner route 0.5."""
+    tread_blocks: tuple[int, int] = (2, -2)
+    """The first and last block of the route (counted over the denoiser's blocks in the order they run, double then
+    single for FLUX.1; negative ones from the end): by default from the third to the second-to-last, as SimpleTuner
+    routes."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each of the transformer's repeated blocks (regional compilation: the blocks of a kind share
     one compiled graph). Faster steps after a compile of a minute or so at the first step, whose time the progress
@@ -350,6 +359,19 @@ class TrainConfig(Section):
         if resolution is not None and resolution % 16:
             raise ValueError(f"must be a multiple of 16 (got {resolution})")
         return resolution
+
+    @model_validator(mode="after")
+    def _tread_on_plain_blocks(self) -> "TrainConfig":
+        # The route hooks the blocks' calls: compiled blocks trace them (the draw breaks a full graph), and offload
+        # and shard wrap the same calls with hooks of their own.
+        if self.tread_ratio is None:
+            return self
+        other = ("compile = true" if self.compile is True else "offload = true" if self.offload else
+                 "shard = true" if self.shard else None)
+        if other:
+            raise ValueError(f"tread_ratio cannot be combined with {other}: route tokens on plain blocks, or leave "
+                             "tread_ratio unset")
+        return self
 
     @model_validator(mode="after")
     def _fp8_compute_on_plain_weights(self) -> "TrainConfig":

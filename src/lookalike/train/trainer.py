@@ -56,6 +56,7 @@ from lookalike.train.reference_recipe import recipe_line, with_reference_recipe
 from lookalike.train.sample_scores import SampleScores, stop_reason
 from lookalike.train.sharding import load_optimizer_state, optimizer_state, shard_transformer
 from lookalike.train.text_encoders import TrainedTextEncoders, check_trainable
+from lookalike.train.tread import TokenRoute
 from lookalike.trained_on import (
     changed_settings,
     checkpoint_changed,
@@ -506,6 +507,15 @@ class Training:
                 self.text_encoders.load_lora(lora)
         if t.gradient_checkpointing and not t.offload:  # offloaded blocks are checkpointed by the offload
             enable_checkpointing(transformer, family, t.gradient_checkpointing_every)
+        self.route = None
+        if t.tread_ratio is not None:
+            layout = family.route_layout(transformer)
+            if layout is None:
+                raise LookalikeError(f"train.tread_ratio: token routing is built for FLUX.1's blocks so far, and "
+                                     f"{self.config.model.base} is {family.title}: leave tread_ratio unset")
+            self.route = TokenRoute(layout, t.tread_ratio, *t.tread_blocks)
+            console.print(f"train: {t.tread_ratio:g} of the image tokens skip blocks {self.route.first} to "
+                          f"{self.route.last} of {len(layout.blocks)} at each step (train.tread_ratio)")
         self.compiled = compiles(t, device.type)
         if self.compiled:
             transformer.compile_repeated_blocks(fullgraph=True)
@@ -525,6 +535,9 @@ class Training:
             transformer, optimizer, scheduler = self.accelerator.prepare(transformer, optimizer, scheduler)
         self.transformer, self.optimizer, self.scheduler = transformer, optimizer, scheduler
         self.model = self.accelerator.unwrap_model(transformer)
+        # Training mode, as the scripts set it at each epoch: the LoRA's dropout and token routing act only in it
+        # (a loaded model is in eval mode; samples switch to eval and back).
+        self.model.train()
         self.ema = None
         if t.ema_decay:
             from diffusers.training_utils import EMAModel
@@ -572,6 +585,8 @@ class Training:
     # objective's target (with prior preservation's class term and output preservation's where asked).
     def batch_loss(self) -> torch.Tensor:
         t, family, generator, rows, objective = self.t, self.family, self.generator, self.rows, self.objective
+        if t.lora_dropout:  # dropout draws from torch's own generator: seeded from the run's, so that a resumed run
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))  # drops as an uninterrupted one
         picked = self.order.next(generator)
         captions = self.subject_captions.draw([self.images[i].caption for i in picked], generator)
         examples = [(self.latents[i], caption) for i, caption in zip(picked, captions)]
@@ -594,6 +609,8 @@ class Training:
             noisy_in = torch.cat([noisy, noisy[:subject_rows]])
             levels_in = torch.cat([levels, levels[:subject_rows]])
             texts_in = texts_in + preserved_texts
+        if self.route is not None:
+            self.route.next_forward(generator)
         prediction = family.predict(self.transformer, self.model.config, noisy_in, levels_in, texts_in, t.guidance,
                                     layout, self.device, self.weight_dtype)
         prediction, kept = prediction[:len(rows)], prediction[len(rows):]
@@ -698,6 +715,8 @@ class Training:
 
     def give_back_base(self) -> None:
         """A warm worker keeps the base for its next run; this run's references to it go."""
+        if self.route is not None:
+            self.route.remove()
         if self.held is not None:
             self.held.give_back(self.model)
         self.transformer = self.model = self.optimizer = self.scheduler = self.ema = None

@@ -14,6 +14,7 @@ from lookalike.models.families.interface import (
     CLIP_L_TEXT,
     T5_XXL_ENCODER,
     BaseModelInfo,
+    RouteLayout,
     TextEncoding,
     TransformerFamily,
 )
@@ -211,6 +212,14 @@ class Flux1(TransformerFamily):
     kohya_base_version = "flux1"
     modelspec_architectures = {"flux-dev": "flux-1-dev/lora", "flux-krea-dev": "flux-1-dev/lora",
                                "flux-schnell": "flux-1-schnell/lora"}
+
+    def route_layout(self, model) -> RouteLayout:
+        # Double and single blocks alike take (hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...)
+        # and give (encoder_hidden_states, hidden_states), in diffusers' FluxTransformer2DModel.forward, whose
+        # rotary embedding covers the text ids, then the image ids.
+        return RouteLayout(blocks=[*model.transformer_blocks, *model.single_transformer_blocks],
+                           image=("hidden_states", 0), text=("encoder_hidden_states", 1),
+                           rotary=("image_rotary_emb", 3))
 
     def text_shapes(self, architecture, tokens):
         return {"prompt_embeds": (tokens, architecture["joint_attention_dim"]),

@@ -78,6 +78,19 @@ class TextEncoding:
         return cls(settings["max_sequence_length"], None if layers is None else tuple(layers))
 
 
+@dataclass(frozen=True)
+class RouteLayout:
+    """How a denoiser's blocks take and give their tokens, for token routing (train/tread.py): the blocks in the
+    order they run, and each block call's image tokens, text tokens and rotary embedding as (keyword, position);
+    each block returns (text tokens, image tokens), and its rotary embedding's rows are the text tokens' then the
+    image tokens'."""
+
+    blocks: list
+    image: tuple[str, int]
+    text: tuple[str, int]
+    rotary: tuple[str, int]
+
+
 class Family(ABC):
     """The interface every family implements (what each part is for: families/__init__.py): the abstract methods
     below, and the class attributes declared without a value. Tensors are torch tensors."""
@@ -228,6 +241,10 @@ class Family(ABC):
     def hidden_size(self, architecture: dict) -> int:
         """The transformer's hidden size: what activation figures are counted per."""
         return architecture["num_attention_heads"] * architecture["attention_head_dim"]
+
+    def route_layout(self, model) -> RouteLayout | None:
+        """How train.tread routes tokens around the denoiser's blocks; None where it is not built for this family."""
+        return None
 
     def checkpointed_block_types(self, model) -> set[str]:
         """The class names of the denoiser's blocks gradient checkpointing recomputes (by default its repeated
