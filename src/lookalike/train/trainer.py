@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from rich.console import Console
+from torch.nn.attention import SDPBackend
 
 from lookalike import __version__, display
 from lookalike.config import StudyConfig
@@ -37,7 +38,7 @@ from lookalike.models.quantize import check_quantization
 from lookalike.processes import identity
 from lookalike.progress import progress_bar
 from lookalike.store import record_run
-from lookalike.train.attention import training_attention
+from lookalike.train.attention import TRAINING_ATTENTION, fastest_exact, training_attention
 from lookalike.train.batches import BatchOrder, batch_order
 from lookalike.train.cache import EmbeddingCache
 from lookalike.train.caption_draws import CaptionDraws
@@ -297,8 +298,10 @@ def _train(config: StudyConfig, run: RunPaths, resume: bool, console: Console,
     training.prepare_data(resume)
     training.build_model()
     training.restore()
+    training.choose_attention()
     t = training.t
-    with progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=training.start_step) as bar:
+    with training_attention(training.attention), \
+            progress_bar(console, f"train {run.name}", total=t.max_train_steps, completed=training.start_step) as bar:
         for step in range(training.start_step + 1, t.max_train_steps + 1):
             started = time.perf_counter()
             for _ in range(t.gradient_accumulation_steps):
@@ -581,6 +584,24 @@ class Training:
         self.scores = SampleScores(self.config, self.run, self.start_step) \
             if self.scoring and accelerator.is_main_process else None
 
+    def choose_attention(self) -> None:
+        """On one GPU, the exact attention kernels in the order of their speed at this run's shape (a resumed run
+        keeps the order it started with, so that it computes as the uninterrupted run did); elsewhere, and for a
+        UNet (whose attention shapes differ by level), PyTorch's order without cuDNN."""
+        self.attention = TRAINING_ATTENTION
+        if self.device.type != "cuda" or self.processes > 1:  # several processes: one order for all, PyTorch's
+            return
+        if self.state is not None and "attention" in self.state:
+            self.attention = [getattr(SDPBackend, name) for name in self.state["attention"]]
+            return
+        heads, head_dim = (self.model.config.get(key) for key in ("num_attention_heads", "attention_head_dim"))
+        if not (isinstance(heads, int) and isinstance(head_dim, int)):
+            return
+        tokens = (training_resolution(self.config) // 16) ** 2 + self.text.tokens
+        self.attention, found = fastest_exact(heads, head_dim, tokens, self.device, self.weight_dtype)
+        self.console.print(f"train: attention, fastest first at {tokens} tokens: {self.attention[0].name} ("
+                           + "; ".join(f"{name} {what}" for name, what in found.items()) + ")")
+
     # 4. One micro-batch's loss: the examples drawn, their latents noised, the denoiser's prediction against its
     # objective's target (with prior preservation's class term and output preservation's where asked).
     def batch_loss(self) -> torch.Tensor:
@@ -742,6 +763,7 @@ class Training:
         return {"step": step, "optimizer": optimizer_state(self.model, self.optimizer.optimizer) if self.sharded
                 else self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "generator": self.generator.get_state(), "order": self.order.state_dict(),
+                "attention": [backend.name for backend in self.attention],
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 **({"class_order": self.class_order.state_dict()} if self.class_order is not None else {})}
 
