@@ -21,23 +21,24 @@ EXPERIMENTS = [{"name": "a", "gradient_checkpointing": True},  # the worker take
                {"name": "c", "mixed_precision": "bf16"}]  # another precision: a worker of its own
 
 
-def study(folder, faces):
+def study(folder, faces, experiments):
     folder.mkdir()
     path = tiny_study(folder, faces, train={"max_train_steps": 6, "checkpoint_every": 3})
     path.write_text(path.read_text() + "".join(
         "[[sweep.experiments]]\n" + "".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}\n"
-                                             for k, v in e.items()) for e in EXPERIMENTS))
+                                             for k, v in e.items()) for e in experiments))
     return path
 
 
 def test_warm_workers_train_the_same_loras_as_a_process_per_run(tmp_path, faces):
-    warm, separate = study(tmp_path / "warm", faces), study(tmp_path / "separate", faces)
+    # c's run only shows that another precision gets a worker of its own: a process per run is compared on a and b.
+    warm, separate = study(tmp_path / "warm", faces, EXPERIMENTS), study(tmp_path / "separate", faces, EXPERIMENTS[:2])
     for config, workers in ((warm, "warm"), (separate, "separate")):
         result = run_cli("sweep", str(config), "--workers", workers)
         assert result.returncode == 0, result.stdout + result.stderr
-    runs = {kind: {name: Workspace(tmp_path / kind / "work").run(name) for name in "abc"}
-            for kind in ("warm", "separate")}
-    for name in "abc":
+    runs = {kind: {name: Workspace(tmp_path / kind / "work").run(name) for name in names}
+            for kind, names in (("warm", "abc"), ("separate", "ab"))}
+    for name in "ab":
         mine, theirs = load_file(runs["warm"][name].lora), load_file(runs["separate"][name].lora)
         assert mine.keys() == theirs.keys() and mine
         for key in mine:
