@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lookalike.config import load_config
 from lookalike.errors import LookalikeError
 from lookalike.models.base import load_component, resolve_base
-from lookalike.models.families import FAMILIES
+from lookalike.models.families import FAMILIES, KNOWN_BASES
 from lookalike.train.trainer import train
 from lookalike.train.tread import TokenRoute
 from tests.helpers import assert_a_killed_run_resumes_exactly
@@ -74,6 +74,58 @@ def test_routed_tokens_skip_the_span_and_the_others_go_through_it():
         handle.remove()
     torch.testing.assert_close(routed[:, skipped], expected_skipped[:, skipped])
     assert not torch.allclose(routed[:, kept], whole[:, kept]), "the kept tokens attend among themselves only"
+
+
+def family_forward(base: str, seed: int = 0):
+    """The family's tiny denoiser (float32) and a function giving its prediction for one fixed random example
+    at 64 px with 8 text tokens, called through the family as the trainer calls it."""
+    family = FAMILIES[KNOWN_BASES[base].family]
+    transformer = load_component(resolve_base(base), family.denoiser, torch.float32)
+    config = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    side = 64 // family.vae_factor
+    latents = torch.randn(1, family.latent_channels(config), side, side, generator=g)
+    noisy, layout = family.model_input(latents, (0.0, 1.0))
+    text = {name: torch.randn(shape, generator=g) for name, shape in family.text_shapes(config, 8).items()}
+
+    def forward():
+        with torch.no_grad():
+            return family.predict(transformer, config, noisy, torch.tensor([0.5]), [text], 4.0, layout,
+                                  torch.device("cpu"), torch.float32)
+    return family, transformer, forward
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-sd3", "tiny-qwen-image"])
+def test_each_routing_family_passes_routed_tokens_by_and_keeps_all_when_none_are_routed(base):
+    """For every family with a route layout: in eval mode nothing is routed; the routed tokens leave the span as
+    they entered it; and a route that keeps every token computes the unrouted forward exactly (the text, image and
+    rotary rows are where the layout says)."""
+    family, transformer, forward = family_forward(base)
+    layout = family.route_layout(transformer)
+    plain = forward()
+    transformer.train()
+    plain_training = forward()
+    last = layout.blocks[0]
+    seen = {}
+    everything = TokenRoute(layout, 0.01, 0, 0)  # 16 image tokens: round(0.16) = 0 routed
+    everything.next_forward(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(forward(), plain_training, rtol=0, atol=0)
+    everything.remove()
+
+    route = TokenRoute(layout, 0.5, 0, 0)
+    handles = [last.register_forward_pre_hook(lambda b, a, k: seen.update(entered=route.skipped), with_kwargs=True),
+               last.register_forward_hook(lambda b, a, k, out: seen.update(left=out[1]), with_kwargs=True)]
+    route.next_forward(torch.Generator().manual_seed(0))
+    routed = forward()
+    skipped = sorted(set(range(seen["left"].shape[1])) - set(route.kept.tolist()))
+    assert len(skipped) == seen["left"].shape[1] // 2
+    assert torch.equal(seen["left"][:, skipped], seen["entered"][:, skipped]), "routed tokens skip the block"
+    assert not torch.allclose(routed, plain_training)
+    transformer.eval()
+    assert torch.equal(forward(), plain), "an image is drawn with every token"
+    for handle in handles:
+        handle.remove()
+    route.remove()
 
 
 def test_a_route_outside_the_blocks_is_refused_by_name():

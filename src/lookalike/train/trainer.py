@@ -514,8 +514,8 @@ class Training:
         if t.tread_ratio is not None:
             layout = family.route_layout(transformer)
             if layout is None:
-                raise LookalikeError(f"train.tread_ratio: token routing is built for FLUX.1's blocks so far, and "
-                                     f"{self.config.model.base} is {family.title}: leave tread_ratio unset")
+                raise LookalikeError(f"train.tread_ratio: token routing is not built for the blocks of "
+                                     f"{self.config.model.base} ({family.title}): leave tread_ratio unset")
             self.route = TokenRoute(layout, t.tread_ratio, *t.tread_blocks)
             console.print(f"train: {t.tread_ratio:g} of the image tokens skip blocks {self.route.first} to "
                           f"{self.route.last} of {len(layout.blocks)} at each step (train.tread_ratio)")

@@ -3,7 +3,8 @@ tokens skips a span of the denoiser's blocks and joins the others again after it
 tokens; the loss is still taken over every token. Steps get cheaper, at some cost in what the LoRA learns, which
 the identity-in-the-loop scores show (bench/tread.py). Images are always drawn with every token through every block.
 
-The route is a pair of hooks on the family's blocks (Family.route_layout), not a copy of its forward: the first
+Built for the families whose blocks keep image and text tokens apart (FLUX.1, SD3, Qwen-Image: Family.route_layout).
+The route is a pair of hooks on the family's blocks, not a copy of its forward: the first
 block of the span keeps the chosen tokens and the rotary embedding's rows for them, the blocks inside it get those
 rows too, and the last one puts the routed tokens back where they were. The tokens are drawn from the run's
 generator (whose state every checkpoint keeps), once per forward, so a resumed run routes as the uninterrupted one.
@@ -56,11 +57,15 @@ class TokenRoute:
         return self._inside(block, args, kwargs) or (args, kwargs)
 
     def _inside(self, block, args, kwargs):
-        if not block.training:
+        if not block.training or self.layout.rotary is None:
             return None
-        text_tokens = _argument(args, kwargs, self.layout.text).shape[1]
-        rows = torch.cat([torch.arange(text_tokens, device=self.kept.device), text_tokens + self.kept])
-        rotary = tuple(part.index_select(0, rows) for part in _argument(args, kwargs, self.layout.rotary))
+        rotary = _argument(args, kwargs, self.layout.rotary)
+        if self.layout.rotary_rows == "image of a pair":
+            rotary = (rotary[0].index_select(0, self.kept), rotary[1])
+        else:
+            text_tokens = _argument(args, kwargs, self.layout.text).shape[1]
+            rows = torch.cat([torch.arange(text_tokens, device=self.kept.device), text_tokens + self.kept])
+            rotary = tuple(part.index_select(0, rows) for part in rotary)
         return _replaced(args, kwargs, self.layout.rotary, rotary)
 
     def _leave(self, block, args, kwargs, output):

@@ -82,13 +82,15 @@ class TextEncoding:
 class RouteLayout:
     """How a denoiser's blocks take and give their tokens, for token routing (train/tread.py): the blocks in the
     order they run, and each block call's image tokens, text tokens and rotary embedding as (keyword, position);
-    each block returns (text tokens, image tokens), and its rotary embedding's rows are the text tokens' then the
-    image tokens'."""
+    each block returns (text tokens, image tokens). `rotary_rows` says where the image tokens' rotary rows are:
+    after the text tokens' ("text then image"), or the first of an (image, text) pair ("image of a pair"); a family
+    without a rotary embedding has `rotary` None."""
 
     blocks: list
     image: tuple[str, int]
     text: tuple[str, int]
-    rotary: tuple[str, int]
+    rotary: tuple[str, int] | None = None
+    rotary_rows: str = "text then image"
 
 
 class Family(ABC):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.models.families.interface import BaseModelInfo, TextEncoding, TransformerFamily
+from lookalike.models.families.interface import BaseModelInfo, RouteLayout, TextEncoding, TransformerFamily
 from lookalike.models.tiny import byte_level_qwen_tokenizer, ensure_built, spec_folder_name
 
 # The published transformer of Qwen-Image (20B parameters; joint_attention_dim: Qwen2.5-VL-7B's hidden size).
@@ -174,6 +174,17 @@ class QwenImage(QwenImageLatents, UnpaddedPrompts, TransformerFamily):
     # measured ratio to its largest block's figure (11.0 / 13.2).
     activation_figures = {"block": 13.1}
     backward_working = 10.9
+
+    def route_layout(self, model) -> RouteLayout | None:
+        # Its blocks take (hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
+        # ...) and give (encoder_hidden_states, hidden_states), in diffusers' QwenImageTransformer2DModel.forward;
+        # the rotary embedding is an (image, text) pair. A transformer that modulates each image token by an index
+        # (zero_cond_t, for editing) would need that index routed too: not built.
+        if model.config.get("zero_cond_t"):
+            return None
+        return RouteLayout(blocks=list(model.transformer_blocks), image=("hidden_states", 0),
+                           text=("encoder_hidden_states", 1), rotary=("image_rotary_emb", 4),
+                           rotary_rows="image of a pair")
 
     def blocks(self, architecture, image_tokens, text_tokens):
         return [("block", image_tokens + text_tokens)] * architecture["num_layers"]

@@ -19,6 +19,7 @@ from lookalike.models.families.interface import (
     CLIP_L_TEXT,
     T5_XXL_ENCODER,
     BaseModelInfo,
+    RouteLayout,
     TextEncoding,
     TransformerFamily,
 )
@@ -163,6 +164,12 @@ class StableDiffusion3(TransformerFamily):
     # (11.0 / 13.2).
     activation_figures = {"joint": 17.6, "dual": 22.5}
     backward_working = 14.7
+
+    def route_layout(self, model) -> RouteLayout:
+        # Its joint blocks take (hidden_states, encoder_hidden_states, temb, ...) and give (encoder_hidden_states,
+        # hidden_states), in diffusers' SD3Transformer2DModel.forward; positions are added before the blocks.
+        return RouteLayout(blocks=list(model.transformer_blocks), image=("hidden_states", 0),
+                           text=("encoder_hidden_states", 1))
 
     def local_info(self, folder: Path) -> BaseModelInfo:
         return BaseModelInfo("sd3", None, T5_TOKENS, 28)
