@@ -73,3 +73,13 @@ def test_fp8_compute_names_the_gpu_the_precision_or_the_library_it_lacks(monkeyp
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
     assert fp8_problem("bf16", (9, 0)) == "train.fp8_compute = true needs torchao: pip install torchao"
+
+
+@pytest.mark.slow
+def test_a_base_without_a_layer_float8_can_multiply_is_refused_by_name(tiny_config, monkeypatch):
+    from lookalike.train import fp8
+
+    monkeypatch.setattr(fp8, "computes_in_fp8", lambda name, module: False)  # as a base of odd widths would be
+    with pytest.raises(LookalikeError, match=r"train.fp8_compute = true: no linear layer of tiny's transformer has "
+                                             r"sides that are multiples of 16"):
+        train(load_config(tiny_config(train={"max_train_steps": 1, **FP8})), "odd")

@@ -38,7 +38,7 @@ class HeldBase:
         self.key: tuple | None = None
         self.model = None
         self.as_loaded: tuple | None = None  # the fingerprint of the model as it was loaded
-        self.flags: dict[str, tuple[bool, bool]] = {}  # each module's training mode, each parameter's requires_grad
+        self.flags: dict[str, bool] = {}  # each module's training mode, each parameter's requires_grad
 
     def holds(self, key: tuple) -> bool:
         return self.model is not None and self.key == key

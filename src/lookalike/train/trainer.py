@@ -475,6 +475,10 @@ class Training:
         transformer = transformer if self.sharded or t.offload else transformer.to(device)
         if t.fp8_compute:  # the float8 layers first: the LoRA wraps them (the scripts' order)
             converted = convert_to_fp8_compute(transformer)
+            if not converted:
+                raise LookalikeError(f"train.fp8_compute = true: no linear layer of {self.config.model.base}'s "
+                                     f"{family.denoiser} has sides that are multiples of 16, as float8 matmuls "
+                                     "need: leave fp8_compute unset")
             console.print(f"train: {converted} linear layers of the {family.denoiser} compute in float8")
         torch.manual_seed(t.seed)  # the LoRA's random initialisation: the same seed gives the same run
         add_lora(transformer, t.rank, t.lora_alpha, t.target_modules, t.lora_dropout, t.adapter, t.lokr_factor,
