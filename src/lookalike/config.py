@@ -304,9 +304,9 @@ class TrainConfig(Section):
     capability 8.9+: Ada, Hopper, Blackwell), no memory saved, the loss slightly off bf16's. Needs
     mixed_precision = 'bf16'."""
     tread_ratio: float | None = Field(None, gt=0, lt=1)
-    """TREAD token routing (FLUX.1, SD3 and 3.5, Qwen-Image): while training, this share of the image tokens skips the blocks
-    tread_blocks names, and joins the others again after them; cheaper steps, at some cost in what the LoRA learns
-    (the scores of a run with sample scoring show it). Images are drawn with every token. None: off. TREAD's
+    """TREAD token routing (FLUX.1, SD3 and 3.5, Qwen-Image): while training, this share of the image tokens skips
+    the blocks tread_blocks names, and joins the others again after them; cheaper steps, at some cost in what the
+    LoRA learns (the scores of a run with sample scoring show it). Images are drawn with every token. None: off. TREAD's
     authors and SimpleTuner route 0.5."""
     tread_blocks: tuple[int, int] = (2, -2)
     """The first and last block of the route (counted over the denoiser's blocks in the order they run, double then
