@@ -6,7 +6,8 @@ COMPILE_PAYS_FROM_STEPS steps or more, with settings torch.compile can train (pl
 process, a LoRA or DoRA, no token routing). The threshold is an estimate until a lent GPU measures it
 (bench/gpu_train_step.py's bf16+compile rows): a compile of about a minute at the first step (train.compile's own
 docs), against regional compilation's published 10-25 % off a FLUX.1-dev step of 0.55 s (H200,
-bench/gpu_figures.json), pays back after roughly 450 to 1,100 steps. On the CPU the compile takes longer than any tiny run, so `auto` leaves it off.
+bench/gpu_figures.json), pays back after roughly 450 to 1,100 steps. On the CPU the compile takes longer than any
+tiny run, so `auto` leaves it off.
 """
 
 from __future__ import annotations
