@@ -10,6 +10,7 @@ process, so nothing a failed run left behind (memory, a broken CUDA context) rea
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -32,6 +33,8 @@ DONE_MARK = "\x1elookalike-worker: run ended, exit code"  # begins with a record
 def serve(requests: TextIO, console: Console, errors: Console) -> int:
     """The worker's side: train each requested run in this process; its exit code (0 when the sweep closed its
     requests, else the exit code of the run that ended it)."""
+    import torch
+
     from lookalike.train.held_base import HeldBase
 
     held = HeldBase()
@@ -40,6 +43,9 @@ def serve(requests: TextIO, console: Console, errors: Console) -> int:
         print(f"{DONE_MARK} {code}", flush=True)
         if code:
             return code
+        gc.collect()  # the finished run's optimizer, activations and cached blocks go before the next run starts
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 0
 
 
