@@ -306,8 +306,8 @@ class TrainConfig(Section):
     tread_ratio: float | None = Field(None, gt=0, lt=1)
     """TREAD token routing (FLUX.1, SD3 and 3.5, Qwen-Image): while training, this share of the image tokens skips
     the blocks tread_blocks names, and joins the others again after them; cheaper steps, at some cost in what the
-    LoRA learns (the scores of a run with sample scoring show it). Images are drawn with every token. None: off. TREAD's
-    authors and SimpleTuner route 0.5."""
+    LoRA learns (the scores of a run with sample scoring show it). Images are drawn with every token. None: off.
+    TREAD's authors and SimpleTuner route 0.5."""
     tread_blocks: tuple[int, int] = (2, -2)
     """The first and last block of the route (counted over the denoiser's blocks in the order they run, double then
     single for FLUX.1; negative ones from the end): by default from the third to the second-to-last, as SimpleTuner
@@ -510,11 +510,6 @@ class GenerateConfig(Section):
     """Merge the LoRAs into the transformer's weights: no cost per step, but in bf16 about 1% of a LoRA's
     weight changes round away. Off: the LoRA applies as `load_lora_weights` applies it, so the images scored
     are the ones users of the file get."""
-    fp8_compute: bool = False
-    """The frozen base's linear layers multiply in float8 (torchao's float8 training, as diffusers' scripts'
-    --do_fp8_training), the LoRA in its own precision: faster steps on GPUs with float8 tensor cores (compute
-    capability 8.9+: Ada, Hopper, Blackwell), no memory saved, the loss slightly off bf16's. Needs
-    mixed_precision = 'bf16'."""
     compile: bool = False
     """torch.compile each of the transformer's repeated blocks, once the LoRAs are loaded: faster images once
     the first one has paid for the compile."""

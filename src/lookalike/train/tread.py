@@ -4,9 +4,9 @@ tokens; the loss is still taken over every token. Steps get cheaper, at some cos
 the identity-in-the-loop scores show (bench/tread.py). Images are always drawn with every token through every block.
 
 Built for the families whose blocks keep image and text tokens apart (FLUX.1, SD3, Qwen-Image: Family.route_layout).
-The route is a pair of hooks on the family's blocks, not a copy of its forward: the first
-block of the span keeps the chosen tokens and the rotary embedding's rows for them, the blocks inside it get those
-rows too, and the last one puts the routed tokens back where they were. The tokens are drawn from the run's
+The route is a pair of hooks on the family's blocks, not a copy of its forward: the first block of the span keeps
+the chosen tokens and the rotary embedding's rows for them, the blocks inside it get those rows too, and the last one
+puts the routed tokens back where they were. The tokens are drawn from the run's
 generator (whose state every checkpoint keeps), once per forward, so a resumed run routes as the uninterrupted one.
 """
 
