@@ -236,6 +236,8 @@ class Sweep:
                 worker = WarmWorker(self.base_of(experiment), env)
             with self.lock:
                 self.children[experiment.name] = worker.process
+                if self.stopping.is_set():  # the sweep was stopped after _stop_children saw its children
+                    worker.process.send_signal(signal.SIGINT)
             try:
                 code, died = worker.train(self.config_file, experiment.name, self.overrides, paths.log, self.emit)
             finally:
@@ -251,6 +253,7 @@ class Sweep:
         return child_outcome(paths, code, time.time() - started, self.workspace.results), worker
 
     def _stop_children(self) -> None:
+        """Every run's process told to stop as on Ctrl-C; a run starting meanwhile stops itself (_run_warm)."""
         with self.lock:
             children = list(self.children.values())
         for child in children:
