@@ -55,8 +55,8 @@ class HeldBase:
                       **{f"parameter:{name}": p.requires_grad for name, p in model.named_parameters()}}
         return model
 
-    def give_back(self, model) -> bool:
-        """Take the run's additions off `model` and keep it for the next run; True if it is kept."""
+    def give_back(self, model) -> None:
+        """Take the run's additions off `model` and keep it for the next run, if it is then as it was loaded."""
         _strip(model)
         for name, module in model.named_modules():
             module.train(self.flags.get(f"module:{name}", module.training))
@@ -64,9 +64,8 @@ class HeldBase:
             parameter.requires_grad_(self.flags.get(f"parameter:{name}", parameter.requires_grad))
         if _fingerprint(model) != self.as_loaded:
             self.drop()
-            return False
+            return
         self.model = model
-        return True
 
     def drop(self) -> None:
         self.model = self.key = self.as_loaded = None

@@ -601,7 +601,8 @@ class Training:
         heads, head_dim = (self.model.config.get(key) for key in ("num_attention_heads", "attention_head_dim"))
         if not (isinstance(heads, int) and isinstance(head_dim, int)):
             return
-        tokens = (training_resolution(self.config) // 16) ** 2 + self.text.tokens
+        side = training_resolution(self.config) // self.family.pixel_multiple(self.model.config)
+        tokens = side * side + self.text.tokens
         self.attention, found = fastest_exact(heads, head_dim, tokens, self.device, self.weight_dtype)
         self.console.print(f"train: attention, fastest first at {tokens} tokens: {self.attention[0].name} ("
                            + "; ".join(f"{name} {what}" for name, what in found.items()) + ")")
